@@ -1,0 +1,173 @@
+// Speed baseline of the single-process engine on a bench-size generated model (hidden 1024,
+// 64 routed experts), with the machine's own limits measured in the same run:
+//   BM_PeakSgemm         OpenBLAS sgemm 2048^3: the fp32 GEMM rate this machine reaches
+//   BM_MemoryRead        streaming read bandwidth over 1 GiB (8 accumulators)
+//   BM_LayerGemm/...     the engine's own GEMM shapes (prefill and decode) through OpenBLAS
+//   BM_Prefill/T         prompt tokens/s (one sequence of T tokens)
+//   BM_Decode/B          generated tokens/s with B sequences decoding together (context 256)
+// Counters: GFLOPs, GBps, tokens_per_s and fractions of the measured peaks. Run:
+//   build/bench/engine_bench --benchmark_counters_tabular=true
+// SPLITMOE_BENCH_SMALL=1 uses a tiny model (the ctest smoke run).
+#include <benchmark/benchmark.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <numeric>
+
+#include "common/engine/engine.h"
+#include "common/kernels/cpu_ops.h"
+#include "common/model/tiny.h"
+
+namespace splitmoe {
+namespace {
+
+bool Small() { return std::getenv("SPLITMOE_BENCH_SMALL") != nullptr; }
+
+model::TinyModelOptions BenchOptions() {
+  model::TinyModelOptions o;
+  o.style = "v3";
+  o.mtp_layers = 0;
+  if (Small()) {
+    o.vocab_size = 1024;
+    return o;
+  }
+  o.vocab_size = 32768;
+  o.hidden_size = 1024;
+  o.num_hidden_layers = 4;
+  o.first_k_dense_replace = 1;
+  o.num_attention_heads = 16;
+  o.q_lora_rank = 384;
+  o.kv_lora_rank = 256;
+  o.qk_nope_head_dim = 64;
+  o.qk_rope_head_dim = 32;
+  o.v_head_dim = 64;
+  o.intermediate_size = 2816;
+  o.moe_intermediate_size = 512;
+  o.n_routed_experts = 64;
+  o.n_shared_experts = 1;
+  o.num_experts_per_tok = 6;
+  o.n_group = 8;
+  o.topk_group = 4;
+  return o;
+}
+
+engine::Engine& BenchEngine() {
+  static std::unique_ptr<engine::Engine> engine = [] {
+    std::string dir = (std::filesystem::temp_directory_path() /
+                       (Small() ? "splitmoe_bench_small" : "splitmoe_bench_model")).string();
+    if (!std::filesystem::exists(dir + "/config.json")) {
+      absl::Status s = model::WriteTinyModel(BenchOptions(), dir, "");
+      if (!s.ok()) {
+        std::fprintf(stderr, "make bench model: %s\n", s.ToString().c_str());
+        std::exit(1);
+      }
+    }
+    auto e = engine::Engine::Load(dir);
+    if (!e.ok()) {
+      std::fprintf(stderr, "load bench model: %s\n", e.status().ToString().c_str());
+      std::exit(1);
+    }
+    return std::move(*e);
+  }();
+  return *engine;
+}
+
+void BM_PeakSgemm(benchmark::State& state) {
+  const int64_t n = Small() ? 256 : 2048;
+  std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
+  for (auto _ : state) {
+    kernels::Gemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    benchmark::DoNotOptimize(c.data());
+  }
+  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * n * state.iterations(), benchmark::Counter::kIsRate,
+                                                benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_PeakSgemm)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_MemoryRead(benchmark::State& state) {
+  const size_t n = (Small() ? 16u : 256u) << 20;  // floats: 1 GiB at full size
+  std::vector<float> a(n, 1.0f);
+  for (auto _ : state) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t i = 0; i < n; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += a[i + j];
+    benchmark::DoNotOptimize(acc);
+  }
+  state.counters["GBps"] = benchmark::Counter(static_cast<double>(n * 4) * state.iterations(),
+                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_MemoryRead)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// [m, k] x [n, k]^T, the engine's Linear.
+void BM_LayerGemm(benchmark::State& state) {
+  const int64_t m = state.range(0), k = state.range(1), n = state.range(2);
+  model::Matrix w{n, k, std::vector<float>(n * k, 0.01f)};
+  std::vector<float> x(m * k, 1.0f), y(m * n);
+  for (auto _ : state) {
+    kernels::Linear(x.data(), m, w, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["GFLOPs"] = benchmark::Counter(2.0 * m * n * k * state.iterations(), benchmark::Counter::kIsRate,
+                                                benchmark::Counter::kIs1000);
+  state.counters["GBps_weights"] = benchmark::Counter(4.0 * n * k * state.iterations(), benchmark::Counter::kIsRate,
+                                                      benchmark::Counter::kIs1000);
+}
+// Prefill shapes (128 tokens): q_a, kv_a, expert up, dense up, lm_head; decode shapes (1 token).
+BENCHMARK(BM_LayerGemm)
+    ->Args({128, 1024, 384})->Args({128, 1024, 288})->Args({128, 1024, 512})->Args({128, 1024, 2816})
+    ->Args({1, 1024, 384})->Args({1, 1024, 512})->Args({1, 1024, 32768})->Args({8, 1024, 512})
+    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+void BM_Prefill(benchmark::State& state) {
+  engine::Engine& e = BenchEngine();
+  const auto& c = e.config();
+  std::vector<int32_t> prompt(state.range(0));
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 11) % c.vocab_size);
+  std::vector<float> hidden, logits(c.vocab_size);
+  for (auto _ : state) {
+    engine::LatentCache cache(c.num_hidden_layers, c.latent_dim());
+    std::vector<engine::SequenceChunk> batch = {{prompt, &cache}};
+    if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok()) state.SkipWithError("forward");
+    e.transformer().Logits(hidden.data() + (prompt.size() - 1) * c.hidden_size, 1, logits.data());
+  }
+  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(prompt.size()) * state.iterations(),
+                                                      benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_Prefill)->Arg(32)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+void BM_Decode(benchmark::State& state) {
+  engine::Engine& e = BenchEngine();
+  const auto& c = e.config();
+  const int64_t batch_size = state.range(0), context = 256;
+  std::vector<std::unique_ptr<engine::LatentCache>> caches;
+  std::vector<float> hidden;
+  for (int64_t b = 0; b < batch_size; ++b) {
+    caches.push_back(std::make_unique<engine::LatentCache>(c.num_hidden_layers, c.latent_dim()));
+    std::vector<int32_t> prompt(context);
+    for (int64_t i = 0; i < context; ++i) prompt[i] = static_cast<int32_t>((i * 31 + b * 17) % c.vocab_size);
+    std::vector<engine::SequenceChunk> one = {{prompt, caches.back().get()}};
+    if (!e.transformer().Forward(one, engine::AttentionForm::kAbsorbed, &hidden).ok()) state.SkipWithError("prefill");
+  }
+  std::vector<std::vector<int32_t>> next(batch_size, std::vector<int32_t>{42});
+  std::vector<float> logits(batch_size * c.vocab_size);
+  for (auto _ : state) {
+    state.PauseTiming();
+    for (auto& cache : caches) cache->set_length(context);  // decode always at the same context
+    std::vector<engine::SequenceChunk> batch;
+    for (int64_t b = 0; b < batch_size; ++b) batch.push_back({next[b], caches[b].get()});
+    state.ResumeTiming();
+    if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok()) state.SkipWithError("decode");
+    e.transformer().Logits(hidden.data(), batch_size, logits.data());
+  }
+  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(batch_size) * state.iterations(),
+                                                      benchmark::Counter::kIsRate);
+  state.counters["weight_GB"] = static_cast<double>(e.weights().bytes()) / 1e9;
+}
+BENCHMARK(BM_Decode)->Arg(1)->Arg(8)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+}  // namespace splitmoe
+
+BENCHMARK_MAIN();

@@ -1,0 +1,36 @@
+# Small helpers so each folder's CMakeLists.txt reads as a list of targets.
+#
+#   splitmoe_cc_library(NAME model SRCS config.cc HDRS config.h DEPS absl::status)
+#     -> target splitmoe_model, alias splitmoe::model
+#   splitmoe_cc_test(NAME config_test SRCS config_test.cc DEPS splitmoe::model LABELS unit)
+
+function(splitmoe_cc_library)
+  cmake_parse_arguments(ARG "" "NAME" "SRCS;HDRS;DEPS;PUBLIC_DEPS" ${ARGN})
+  set(target splitmoe_${ARG_NAME})
+  if(ARG_SRCS)
+    add_library(${target} STATIC ${ARG_SRCS} ${ARG_HDRS})
+    target_include_directories(${target} PUBLIC ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+    target_link_libraries(${target} PUBLIC ${ARG_PUBLIC_DEPS} PRIVATE ${ARG_DEPS})
+  else()
+    add_library(${target} INTERFACE ${ARG_HDRS})
+    target_include_directories(${target} INTERFACE ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR})
+    target_link_libraries(${target} INTERFACE ${ARG_PUBLIC_DEPS} ${ARG_DEPS})
+  endif()
+  add_library(splitmoe::${ARG_NAME} ALIAS ${target})
+endfunction()
+
+function(splitmoe_cc_test)
+  cmake_parse_arguments(ARG "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS;ARGS" ${ARGN})
+  add_executable(${ARG_NAME} ${ARG_SRCS})
+  set_target_properties(${ARG_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main)
+  add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME} ${ARG_ARGS})
+  if(NOT ARG_LABELS)
+    set(ARG_LABELS unit)
+  endif()
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 300)
+  endif()
+  set_tests_properties(${ARG_NAME} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
+    ENVIRONMENT "SPLITMOE_SOURCE_DIR=${PROJECT_SOURCE_DIR};SPLITMOE_BINARY_DIR=${PROJECT_BINARY_DIR};OPENBLAS_NUM_THREADS=1")
+endfunction()

@@ -1,0 +1,149 @@
+#include "common/engine/engine.h"
+
+#include <algorithm>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+
+namespace splitmoe::engine {
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_dir,
+                                                     const EngineOptions& options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->options_ = options;
+  SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(model_dir));
+  engine->config_ = ckpt->config();
+  model::LoadOptions load;
+  load.mtp = options.load_mtp;
+  SPLITMOE_ASSIGN_OR_RETURN(engine->weights_, model::LoadWeights(*ckpt, load));
+  if (std::ifstream(model_dir + "/tokenizer.json")) {
+    SPLITMOE_ASSIGN_OR_RETURN(engine->tokenizer_, tokenizer::Tokenizer::LoadFromDir(model_dir));
+  }
+  engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_);
+  engine->transformer_ = std::make_unique<Transformer>(engine->config_, engine->weights_, engine->moe_.get());
+  return engine;
+}
+
+absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, int64_t top_logprobs,
+                                          bool with_mtp) {
+  if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
+  if (top_logprobs < 0) return absl::InvalidArgumentError("top_logprobs must be >= 0");
+  const int64_t n = static_cast<int64_t>(tokens.size()), vocab = config_.vocab_size;
+  LatentCache cache(config_.num_hidden_layers, config_.latent_dim());
+  std::vector<SequenceChunk> batch = {{tokens, &cache}};
+  std::vector<float> hidden;
+  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, options_.prefill_form, &hidden));
+  ScoreResult result;
+  result.tokens = tokens;
+  result.prompt_logprobs.resize(static_cast<size_t>(n));
+  std::vector<float> logits(static_cast<size_t>(vocab));
+  for (int64_t i = 1; i < n; ++i) {
+    transformer_->Logits(hidden.data() + (i - 1) * config_.hidden_size, 1, logits.data());
+    result.prompt_logprobs[static_cast<size_t>(i)] = ComputeLogprob(logits, tokens[i], top_logprobs);
+  }
+  if (with_mtp) {
+    if (transformer_->mtp_modules() == 0) {
+      return absl::FailedPreconditionError("the model has no MTP module");
+    }
+    if (n >= 3) {
+      LatentCache mtp_cache(1, config_.latent_dim());
+      std::vector<int32_t> next(tokens.begin() + 1, tokens.end() - 1);  // t_{i+1}, i in [0, n-2)
+      std::vector<SequenceChunk> mtp_batch = {{next, &mtp_cache}};
+      std::vector<float> mtp_logits;
+      SPLITMOE_RETURN_IF_ERROR(transformer_->MtpForward(0, mtp_batch, hidden.data(),
+                                                        options_.prefill_form, &mtp_logits));
+      for (int64_t i = 0; i + 2 < n; ++i) {
+        result.mtp_logprobs.push_back(ComputeLogprob(
+            absl::MakeConstSpan(mtp_logits.data() + i * vocab, static_cast<size_t>(vocab)), tokens[i + 2],
+            top_logprobs));
+      }
+    }
+  }
+  return result;
+}
+
+absl::Status Engine::ValidateRequest(const GenerateRequest& r) const {
+  if (r.prompt.empty()) return absl::InvalidArgumentError("empty prompt");
+  for (int32_t t : r.prompt) {
+    if (t < 0 || t >= config_.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token id ", t, " outside the vocabulary [0, ", config_.vocab_size, ")"));
+    }
+  }
+  if (r.max_tokens <= 0) return absl::InvalidArgumentError(absl::StrCat("max_tokens must be > 0, got ", r.max_tokens));
+  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
+  if (total > config_.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_tokens (",
+                                                   r.max_tokens, ") exceeds the context of ",
+                                                   config_.max_position_embeddings, " tokens"));
+  }
+  if (r.logprobs > 20) return absl::InvalidArgumentError("logprobs must be <= 20");
+  if (!r.stop.empty() && tokenizer_ == nullptr) {
+    return absl::InvalidArgumentError("stop strings need a tokenizer, and the model directory has none");
+  }
+  for (const std::string& s : r.stop) {
+    if (s.empty()) return absl::InvalidArgumentError("empty stop string");
+  }
+  return ValidateSamplingParams(r.sampling);
+}
+
+absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, const TokenCallback& on_token) {
+  SPLITMOE_RETURN_IF_ERROR(ValidateRequest(request));
+  const int64_t vocab = config_.vocab_size, hidden_size = config_.hidden_size;
+  LatentCache cache(config_.num_hidden_layers, config_.latent_dim());
+  std::vector<float> hidden, logits(static_cast<size_t>(vocab));
+  std::vector<SequenceChunk> batch = {{request.prompt, &cache}};
+  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, options_.prefill_form, &hidden));
+  transformer_->Logits(hidden.data() + (static_cast<int64_t>(request.prompt.size()) - 1) * hidden_size, 1,
+                       logits.data());
+
+  std::optional<tokenizer::IncrementalDetokenizer> detok;
+  if (tokenizer_ != nullptr) detok.emplace(*tokenizer_, /*skip_special_tokens=*/true);
+  size_t max_stop = 0;
+  for (const std::string& s : request.stop) max_stop = std::max(max_stop, s.size());
+  size_t emitted = 0;  // bytes of result.text already passed to on_token
+
+  GenerateResult result;
+  result.finish_reason = "length";
+  for (int64_t i = 0; i < request.max_tokens; ++i) {
+    const int64_t position = static_cast<int64_t>(request.prompt.size()) + i;
+    const int32_t token = SampleToken(logits, request.sampling, position);
+    result.tokens.push_back(token);
+    if (request.logprobs >= 0) result.logprobs.push_back(ComputeLogprob(logits, token, request.logprobs));
+    bool stop = (!request.ignore_eos && token == config_.eos_token_id) ||
+                std::find(request.stop_token_ids.begin(), request.stop_token_ids.end(), token) !=
+                    request.stop_token_ids.end();
+    if (detok) {
+      SPLITMOE_ASSIGN_OR_RETURN(std::string piece, detok->Push(token));
+      result.text += piece;
+      for (const std::string& s : request.stop) {
+        size_t at = result.text.find(s, emitted > s.size() ? emitted - s.size() : 0);
+        if (at != std::string::npos) {
+          result.text.resize(at);
+          stop = true;
+        }
+      }
+    }
+    const bool last = stop || i + 1 == request.max_tokens;
+    if (last && detok && !stop) result.text += detok->Finish();
+    // Hold back a tail that could still become a stop string.
+    size_t safe = result.text.size();
+    if (!last && max_stop > 0) safe = safe >= max_stop - 1 ? safe - (max_stop - 1) : 0;
+    safe = std::max(safe, emitted);
+    if (on_token) on_token(token, absl::string_view(result.text).substr(emitted, safe - emitted));
+    emitted = safe;
+    if (stop) {
+      result.finish_reason = "stop";
+      break;
+    }
+    if (last) break;
+    std::vector<int32_t> next = {token};
+    std::vector<SequenceChunk> step = {{next, &cache}};
+    SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(step, AttentionForm::kAbsorbed, &hidden));
+    transformer_->Logits(hidden.data(), 1, logits.data());
+  }
+  return result;
+}
+
+}  // namespace splitmoe::engine

@@ -1,0 +1,93 @@
+// Engine: the single-process splitmoe engine — one model directory loaded whole, prompts
+// prefetched in one pass, decoding incrementally from the latent cache (the absorbed form), with
+// sampling, stop conditions and logprobs. It is the reference the cluster must reproduce and the
+// baseline of every benchmark. One caller at a time.
+//
+//   SPLITMOE_ASSIGN_OR_RETURN(auto engine, Engine::Load(dir));
+//   GenerateRequest req;
+//   req.prompt = {0, 3923, 374};
+//   req.max_tokens = 16;
+//   SPLITMOE_ASSIGN_OR_RETURN(GenerateResult out, engine->Generate(req, nullptr));
+#ifndef SPLITMOE_COMMON_ENGINE_ENGINE_H_
+#define SPLITMOE_COMMON_ENGINE_ENGINE_H_
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/engine/sampler.h"
+#include "common/engine/transformer.h"
+#include "common/model/checkpoint.h"
+#include "common/model/weights.h"
+#include "common/tokenizer/tokenizer.h"
+
+namespace splitmoe::engine {
+
+struct EngineOptions {
+  // Attention form of prompt passes; decode always uses the absorbed form over the latents.
+  AttentionForm prefill_form = AttentionForm::kAbsorbed;
+  bool load_mtp = true;
+};
+
+struct ScoreResult {
+  std::vector<int32_t> tokens;
+  std::vector<std::optional<TokenLogprob>> prompt_logprobs;  // [0] is empty
+  // MTP module 0: entry i is log p(token i+2 | ...), for i in [0, n-2).
+  std::vector<TokenLogprob> mtp_logprobs;
+};
+
+struct GenerateRequest {
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  int64_t max_tokens = 16;
+  int64_t logprobs = -1;  // < 0: none; K >= 0: the chosen token's logprob and the top K
+  std::vector<std::string> stop;         // stop strings (need the tokenizer)
+  std::vector<int32_t> stop_token_ids;   // besides eos
+  bool ignore_eos = false;
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::vector<TokenLogprob> logprobs;
+  std::string finish_reason;  // "length" | "stop"
+};
+
+// Called as tokens are produced: the new token and the text that became final with it.
+using TokenCallback = std::function<void(int32_t token, absl::string_view text)>;
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Load(const std::string& model_dir,
+                                                      const EngineOptions& options = {});
+
+  const model::ModelConfig& config() const { return config_; }
+  const model::ModelWeights& weights() const { return weights_; }
+  // Null when the model directory has no tokenizer.json.
+  const tokenizer::Tokenizer* tokenizer() const { return tokenizer_.get(); }
+  Transformer& transformer() { return *transformer_; }
+
+  absl::StatusOr<ScoreResult> Score(const std::vector<int32_t>& tokens, int64_t top_logprobs,
+                                    bool with_mtp);
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const TokenCallback& on_token);
+
+  // Checks a request before any compute: prompt non-empty, ids in range, context, sampling.
+  absl::Status ValidateRequest(const GenerateRequest& request) const;
+
+ private:
+  Engine() = default;
+  EngineOptions options_;
+  model::ModelConfig config_;
+  model::ModelWeights weights_;
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
+  std::unique_ptr<LocalMoeExecutor> moe_;
+  std::unique_ptr<Transformer> transformer_;
+};
+
+}  // namespace splitmoe::engine
+
+#endif  // SPLITMOE_COMMON_ENGINE_ENGINE_H_

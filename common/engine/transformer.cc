@@ -1,0 +1,304 @@
+#include "common/engine/transformer.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/engine/routing.h"
+#include "common/kernels/cpu_ops.h"
+
+namespace splitmoe::engine {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t TotalRows(absl::Span<const SequenceChunk> batch) {
+  int64_t rows = 0;
+  for (const SequenceChunk& c : batch) rows += static_cast<int64_t>(c.tokens.size());
+  return rows;
+}
+
+// Softmax of each row of scores [rows, keys] over its first valid[r] keys; the rest get 0.
+void CausalSoftmax(float* scores, int64_t rows, int64_t keys, const int64_t* valid) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * keys;
+    kernels::SoftmaxInPlace(s, valid[r]);
+    std::fill(s + valid[r], s + keys, 0.0f);
+  }
+}
+
+}  // namespace
+
+void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
+                      absl::Span<const int32_t> rows, absl::Span<const float> weight, float* out) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  const int64_t inter = expert.gate.rows;
+  std::vector<float> xs(static_cast<size_t>(n * hidden));
+  for (int64_t i = 0; i < n; ++i) std::memcpy(&xs[i * hidden], x + rows[i] * hidden, hidden * sizeof(float));
+  std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
+  kernels::Linear(xs.data(), n, expert.gate, g.data());
+  kernels::Linear(xs.data(), n, expert.up, u.data());
+  kernels::SiluMul(g.data(), u.data(), n * inter);
+  kernels::Linear(g.data(), n, expert.down, xs.data());
+  for (int64_t i = 0; i < n; ++i) {
+    float* o = out + rows[i] * hidden;
+    const float* y = &xs[i * hidden];
+    for (int64_t j = 0; j < hidden; ++j) o[j] += weight[i] * y[j];
+  }
+}
+
+absl::Status LocalMoeExecutor::RoutedExperts(int64_t layer, const float* x, const float* scores,
+                                             int64_t rows, float* out) {
+  const model::LayerWeights& w =
+      layer < config_.num_hidden_layers
+          ? weights_.layers[static_cast<size_t>(layer)]
+          : weights_.mtp[static_cast<size_t>(layer - config_.num_hidden_layers)].block;
+  const int64_t n = config_.n_routed_experts, hidden = config_.hidden_size;
+  std::vector<std::vector<int32_t>> token_rows(static_cast<size_t>(n));
+  std::vector<std::vector<float>> token_weights(static_cast<size_t>(n));
+  for (int64_t t = 0; t < rows; ++t) {
+    ExpertChoice choice = SelectExperts(config_, absl::MakeConstSpan(scores + t * n, static_cast<size_t>(n)),
+                                        w.gate_bias);
+    for (size_t i = 0; i < choice.experts.size(); ++i) {
+      token_rows[choice.experts[i]].push_back(static_cast<int32_t>(t));
+      token_weights[choice.experts[i]].push_back(choice.weights[i]);
+    }
+  }
+  std::fill(out, out + rows * hidden, 0.0f);
+  for (int64_t e = 0; e < n; ++e) {
+    if (token_rows[e].empty()) continue;
+    const model::MlpWeights* expert = w.experts[static_cast<size_t>(e)].get();
+    if (expert == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("layer ", layer, ": routed expert ", e, " is not loaded in this process"));
+    }
+    AccumulateExpert(*expert, x, hidden, token_rows[e], token_weights[e], out);
+  }
+  return absl::OkStatus();
+}
+
+Transformer::Transformer(const model::ModelConfig& config, const model::ModelWeights& weights,
+                         MoeExecutor* moe)
+    : config_(config), weights_(weights), moe_(moe), rope_(config),
+      softmax_scale_(static_cast<float>(config.SoftmaxScale())) {}
+
+void Transformer::Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out) {
+  const int64_t inter = w.gate.rows;
+  std::vector<float> g(static_cast<size_t>(rows * inter)), u(static_cast<size_t>(rows * inter));
+  kernels::Linear(x, rows, w.gate, g.data());
+  kernels::Linear(x, rows, w.up, u.data());
+  kernels::SiluMul(g.data(), u.data(), rows * inter);
+  kernels::Linear(g.data(), rows, w.down, out);
+}
+
+void Transformer::Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
+                            absl::Span<const SequenceChunk> batch, AttentionForm form, float* out,
+                            int64_t rows) {
+  const model::ModelConfig& c = config_;
+  const int64_t heads = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
+  const int64_t dv = c.v_head_dim, kvr = c.kv_lora_rank, qk = c.qk_head_dim(), lat = c.latent_dim();
+  const int64_t hidden = c.hidden_size;
+
+  // Queries q [rows, heads, qk].
+  std::vector<float> q(static_cast<size_t>(rows * heads * qk));
+  if (c.q_lora_rank > 0) {
+    std::vector<float> qa(static_cast<size_t>(rows * c.q_lora_rank));
+    kernels::Linear(x, rows, w.q_a_proj, qa.data());
+    kernels::RmsNorm(qa.data(), rows, c.q_lora_rank, c.q_lora_rank, w.q_a_norm.data(),
+                     static_cast<float>(c.rms_norm_eps), qa.data(), c.q_lora_rank);
+    kernels::Linear(qa.data(), rows, w.q_b_proj, q.data());
+  } else {
+    kernels::Linear(x, rows, w.q_proj, q.data());
+  }
+  // Latents: kv [rows, kv_lora_rank + rope] -> cache rows (normalised c_kv, rotated k_pe).
+  std::vector<float> kv(static_cast<size_t>(rows * lat));
+  kernels::Linear(x, rows, w.kv_a_proj, kv.data());
+  std::vector<float> cos_sin(static_cast<size_t>(dr));
+  int64_t row = 0;
+  for (const SequenceChunk& chunk : batch) {
+    const int64_t start = chunk.cache->length();
+    for (int64_t i = 0; i < static_cast<int64_t>(chunk.tokens.size()); ++i, ++row) {
+      rope_.CosSin(start + i, cos_sin.data());
+      float* cached = chunk.cache->Row(cache_layer, start + i);
+      const float* kvr_row = kv.data() + row * lat;
+      kernels::RmsNorm(kvr_row, 1, kvr, kvr, w.kv_a_norm.data(), static_cast<float>(c.rms_norm_eps),
+                       cached, kvr);
+      std::memcpy(cached + kvr, kvr_row + kvr, dr * sizeof(float));
+      kernels::ApplyRope(cached + kvr, cos_sin.data(), dr);
+      for (int64_t h = 0; h < heads; ++h) {
+        kernels::ApplyRope(q.data() + (row * heads + h) * qk + dn, cos_sin.data(), dr);
+      }
+    }
+  }
+
+  // Attention per chunk into o [rows, heads, dv].
+  std::vector<float> o(static_cast<size_t>(rows * heads * dv));
+  const float* wkvb = w.kv_b_proj.data.data();  // [heads * (dn + dv), kvr]
+  row = 0;
+  for (const SequenceChunk& chunk : batch) {
+    const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+    const int64_t start = chunk.cache->length();
+    const int64_t keys = start + n;
+    const float* latents = chunk.cache->Layer(cache_layer);  // [keys, lat]
+    const float* qc = q.data() + row * heads * qk;
+    float* oc = o.data() + row * heads * dv;
+    if (form == AttentionForm::kAbsorbed) {
+      // qf [n, heads, lat] = [q_nope @ W_UK[h], q_pe]
+      std::vector<float> qf(static_cast<size_t>(n * heads * lat));
+      for (int64_t h = 0; h < heads; ++h) {
+        kernels::Gemm(false, false, n, kvr, dn, 1.0f, qc + h * qk, heads * qk,
+                      wkvb + h * (dn + dv) * kvr, kvr, 0.0f, qf.data() + h * lat, heads * lat);
+        for (int64_t t = 0; t < n; ++t) {
+          std::memcpy(&qf[(t * heads + h) * lat + kvr], qc + (t * heads + h) * qk + dn, dr * sizeof(float));
+        }
+      }
+      std::vector<float> scores(static_cast<size_t>(n * heads * keys));
+      kernels::Gemm(false, true, n * heads, keys, lat, softmax_scale_, qf.data(), lat, latents, lat,
+                    0.0f, scores.data(), keys);
+      std::vector<int64_t> valid(static_cast<size_t>(n * heads));
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < heads; ++h) valid[t * heads + h] = start + t + 1;
+      CausalSoftmax(scores.data(), n * heads, keys, valid.data());
+      std::vector<float> olat(static_cast<size_t>(n * heads * kvr));
+      kernels::Gemm(false, false, n * heads, kvr, keys, 1.0f, scores.data(), keys, latents, lat, 0.0f,
+                    olat.data(), kvr);
+      for (int64_t h = 0; h < heads; ++h) {
+        kernels::Gemm(false, true, n, dv, kvr, 1.0f, olat.data() + h * kvr, heads * kvr,
+                      wkvb + (h * (dn + dv) + dn) * kvr, kvr, 0.0f, oc + h * dv, heads * dv);
+      }
+    } else {
+      // Expand every key: kvfull [keys, heads * (dn + dv)] = c_kv @ kv_b_proj^T.
+      const int64_t kvw = heads * (dn + dv);
+      std::vector<float> kvfull(static_cast<size_t>(keys * kvw));
+      kernels::Gemm(false, true, keys, kvw, kvr, 1.0f, latents, lat, wkvb, kvr, 0.0f, kvfull.data(), kvw);
+      std::vector<float> k(static_cast<size_t>(keys * qk));
+      std::vector<float> scores(static_cast<size_t>(n * keys));
+      std::vector<int64_t> valid(static_cast<size_t>(n));
+      for (int64_t t = 0; t < n; ++t) valid[t] = start + t + 1;
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t s = 0; s < keys; ++s) {
+          std::memcpy(&k[s * qk], &kvfull[s * kvw + h * (dn + dv)], dn * sizeof(float));
+          std::memcpy(&k[s * qk + dn], latents + s * lat + kvr, dr * sizeof(float));
+        }
+        kernels::Gemm(false, true, n, keys, qk, softmax_scale_, qc + h * qk, heads * qk, k.data(), qk,
+                      0.0f, scores.data(), keys);
+        CausalSoftmax(scores.data(), n, keys, valid.data());
+        kernels::Gemm(false, false, n, dv, keys, 1.0f, scores.data(), keys,
+                      kvfull.data() + h * (dn + dv) + dn, kvw, 0.0f, oc + h * dv, heads * dv);
+      }
+    }
+    row += n;
+  }
+  kernels::Linear(o.data(), rows, w.o_proj, out);
+  (void)hidden;
+}
+
+absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_index, int64_t cache_layer,
+                                absl::Span<const SequenceChunk> batch, AttentionForm form, float* h,
+                                int64_t rows) {
+  const model::ModelConfig& c = config_;
+  const int64_t hidden = c.hidden_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  std::vector<float> xn(static_cast<size_t>(rows * hidden)), delta(static_cast<size_t>(rows * hidden));
+  kernels::RmsNorm(h, rows, hidden, hidden, w.input_norm.data(), eps, xn.data(), hidden);
+  Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows);
+  for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
+  kernels::RmsNorm(h, rows, hidden, hidden, w.post_attention_norm.data(), eps, xn.data(), hidden);
+  if (!w.is_moe) {
+    Mlp(w.dense, xn.data(), rows, delta.data());
+  } else {
+    std::vector<float> scores(static_cast<size_t>(rows * c.n_routed_experts));
+    GateScores(c, xn.data(), rows, w.gate, scores.data());
+    SPLITMOE_RETURN_IF_ERROR(Annotate(moe_->RoutedExperts(layer_index, xn.data(), scores.data(), rows, delta.data()),
+                                      absl::StrCat("MoE layer ", layer_index)));
+    if (c.n_shared_experts > 0) {
+      std::vector<float> shared(static_cast<size_t>(rows * hidden));
+      Mlp(w.shared, xn.data(), rows, shared.data());
+      for (int64_t i = 0; i < rows * hidden; ++i) delta[i] += shared[i];
+    }
+  }
+  for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
+                                  std::vector<float>* hidden_out) {
+  const model::ModelConfig& c = config_;
+  const int64_t hidden = c.hidden_size;
+  const int64_t rows = TotalRows(batch);
+  for (const SequenceChunk& chunk : batch) {
+    for (int32_t t : chunk.tokens) {
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
+      }
+    }
+    const int64_t end = chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size());
+    if (end > c.max_position_embeddings) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence of ", end, " tokens exceeds max_position_embeddings ",
+                                                     c.max_position_embeddings));
+    }
+    chunk.cache->EnsureCapacity(end);
+  }
+  std::vector<float>& h = *hidden_out;
+  h.assign(static_cast<size_t>(rows * hidden), 0.0f);
+  int64_t row = 0;
+  for (const SequenceChunk& chunk : batch) {
+    for (int32_t t : chunk.tokens) {
+      std::memcpy(&h[row * hidden], weights_.embed.row(t), hidden * sizeof(float));
+      ++row;
+    }
+  }
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch, form,
+                                   h.data(), rows));
+  }
+  for (const SequenceChunk& chunk : batch) {
+    chunk.cache->set_length(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
+  }
+  kernels::RmsNorm(h.data(), rows, hidden, hidden, weights_.final_norm.data(),
+                   static_cast<float>(c.rms_norm_eps), h.data(), hidden);
+  return absl::OkStatus();
+}
+
+void Transformer::Logits(const float* hidden, int64_t rows, float* logits) const {
+  kernels::Linear(hidden, rows, weights_.lm_head, logits);
+}
+
+absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> batch,
+                                     const float* main_hidden, AttentionForm form,
+                                     std::vector<float>* mtp_logits) {
+  if (k < 0 || k >= mtp_modules()) {
+    return absl::FailedPreconditionError(absl::StrCat("MTP module ", k, " is not loaded (",
+                                                      mtp_modules(), " present)"));
+  }
+  const model::MtpWeights& m = weights_.mtp[static_cast<size_t>(k)];
+  const model::ModelConfig& c = config_;
+  const int64_t hidden = c.hidden_size, rows = TotalRows(batch);
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  std::vector<float> cat(static_cast<size_t>(rows * 2 * hidden));
+  int64_t row = 0;
+  for (const SequenceChunk& chunk : batch) {
+    chunk.cache->EnsureCapacity(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
+    for (int32_t t : chunk.tokens) {
+      if (t < 0 || t >= c.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
+      kernels::RmsNorm(m.embed.row(t), 1, hidden, hidden, m.enorm.data(), eps, &cat[row * 2 * hidden], hidden);
+      kernels::RmsNorm(main_hidden + row * hidden, 1, hidden, hidden, m.hnorm.data(), eps,
+                       &cat[row * 2 * hidden + hidden], hidden);
+      ++row;
+    }
+  }
+  std::vector<float> h(static_cast<size_t>(rows * hidden));
+  kernels::Linear(cat.data(), rows, m.eh_proj, h.data());
+  SPLITMOE_RETURN_IF_ERROR(Block(m.block, c.num_hidden_layers + k, 0, batch, form, h.data(), rows));
+  for (const SequenceChunk& chunk : batch) {
+    chunk.cache->set_length(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
+  }
+  kernels::RmsNorm(h.data(), rows, hidden, hidden, m.head_norm.data(), eps, h.data(), hidden);
+  mtp_logits->resize(static_cast<size_t>(rows * c.vocab_size));
+  kernels::Linear(h.data(), rows, m.head, mtp_logits->data());
+  return absl::OkStatus();
+}
+
+}  // namespace splitmoe::engine

@@ -1,0 +1,110 @@
+// Transformer: the DeepSeek-V2/V3 forward pass on the CPU in fp32 — embeddings, MLA (naive or
+// absorbed form over the latent cache), dense SwiGLU and DeepSeekMoE layers, the final norm,
+// the output head and the MTP module — exactly the math of DeepSeek's reference
+// (inference/model.py). Routed experts are reached through a MoeExecutor, so the same code runs
+// with local experts (single-process engine) or remote ones (the cluster).
+//
+// A forward call takes a batch of sequence chunks: each chunk is some new tokens of one
+// sequence, starting at that sequence's cache length (a whole prompt for prefill, one token for
+// decode). Projections and experts run over all rows of the batch at once; attention runs per
+// chunk. Not thread-safe: one caller at a time (the owner of the sequences' caches).
+//
+//   LocalMoeExecutor moe(config, weights);
+//   Transformer model(config, weights, &moe);
+//   LatentCache cache(config.num_hidden_layers, config.latent_dim());
+//   std::vector<SequenceChunk> batch = {{prompt, &cache}};
+//   SPLITMOE_RETURN_IF_ERROR(model.Forward(batch, AttentionForm::kAbsorbed, &hidden));
+//   model.Logits(hidden.data() + (n - 1) * hidden_size, 1, logits.data());
+#ifndef SPLITMOE_COMMON_ENGINE_TRANSFORMER_H_
+#define SPLITMOE_COMMON_ENGINE_TRANSFORMER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "common/engine/latent_cache.h"
+#include "common/engine/rope.h"
+#include "common/model/config.h"
+#include "common/model/weights.h"
+
+namespace splitmoe::engine {
+
+// Computes the routed-expert part of a MoE layer.
+class MoeExecutor {
+ public:
+  virtual ~MoeExecutor() = default;
+  // out[rows, hidden] = sum over each row's selected experts of gate weight * expert(x[row]).
+  // `scores` [rows, n_routed] are the gate scores (after softmax/sigmoid, before any bias).
+  // `layer` counts main layers first, then MTP blocks (num_hidden_layers + k).
+  virtual absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores,
+                                     int64_t rows, float* out) = 0;
+};
+
+// Selection and expert compute with experts held in this process.
+class LocalMoeExecutor : public MoeExecutor {
+ public:
+  LocalMoeExecutor(const model::ModelConfig& config, const model::ModelWeights& weights)
+      : config_(config), weights_(weights) {}
+  absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores, int64_t rows,
+                             float* out) override;
+
+ private:
+  const model::ModelConfig& config_;
+  const model::ModelWeights& weights_;
+};
+
+// Runs `expert` on `rows` rows of x and adds weight[r] * expert(x[r]) to out[index[r]].
+void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
+                      absl::Span<const int32_t> rows, absl::Span<const float> weight, float* out);
+
+enum class AttentionForm {
+  kAbsorbed,  // W_UK folded into the query, attention over the latents, W_UV after (decode)
+  kNaive,     // K and V expanded from the latents per head (what prefill does in the reference)
+};
+
+struct SequenceChunk {
+  absl::Span<const int32_t> tokens;  // new tokens; the first sits at position cache->length()
+  LatentCache* cache;                // main layers: num_hidden_layers; MTP: one layer per module
+};
+
+class Transformer {
+ public:
+  Transformer(const model::ModelConfig& config, const model::ModelWeights& weights, MoeExecutor* moe);
+
+  const model::ModelConfig& config() const { return config_; }
+
+  // Runs all main layers. hidden_out [total_rows, hidden] holds the final-normed hidden states,
+  // rows in batch order. Caches grow by each chunk's token count.
+  absl::Status Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
+                       std::vector<float>* hidden_out);
+
+  // logits[rows, vocab] = hidden[rows, hidden] @ lm_head^T
+  void Logits(const float* hidden, int64_t rows, float* logits) const;
+
+  // MTP module k. For each chunk row at position p, `next_tokens` holds token p+1 and
+  // `main_hidden` the main model's final-normed hidden state at p (rows in batch order, as
+  // Forward produced). The chunks' caches are the module's own (one layer). mtp_logits
+  // [total_rows, vocab] predict the token at p+2.
+  absl::Status MtpForward(int64_t k, absl::Span<const SequenceChunk> batch, const float* main_hidden,
+                          AttentionForm form, std::vector<float>* mtp_logits);
+  int64_t mtp_modules() const { return static_cast<int64_t>(weights_.mtp.size()); }
+
+ private:
+  // One decoder block over h [rows, hidden] in place. `cache_layer` indexes the chunk caches.
+  absl::Status Block(const model::LayerWeights& w, int64_t layer_index, int64_t cache_layer,
+                     absl::Span<const SequenceChunk> batch, AttentionForm form, float* h, int64_t rows);
+  void Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
+                 absl::Span<const SequenceChunk> batch, AttentionForm form, float* out, int64_t rows);
+  void Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out);
+
+  const model::ModelConfig& config_;
+  const model::ModelWeights& weights_;
+  MoeExecutor* moe_;
+  RopeTable rope_;
+  float softmax_scale_;
+};
+
+}  // namespace splitmoe::engine
+
+#endif  // SPLITMOE_COMMON_ENGINE_TRANSFORMER_H_

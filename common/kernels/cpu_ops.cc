@@ -1,0 +1,85 @@
+#include "common/kernels/cpu_ops.h"
+
+#include <cblas.h>
+
+#include <cmath>
+#include <limits>
+
+namespace splitmoe::kernels {
+
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+          int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+              static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
+              static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
+              static_cast<blasint>(ldc));
+}
+
+namespace {
+void LinearImpl(const float* x, int64_t m, const model::Matrix& w, float* y, float beta) {
+  if (m == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(w.rows), static_cast<blasint>(w.cols),
+                1.0f, w.data.data(), static_cast<blasint>(w.cols), x, 1, beta, y, 1);
+    return;
+  }
+  Gemm(false, true, m, w.rows, w.cols, 1.0f, x, w.cols, w.data.data(), w.cols, beta, y, w.rows);
+}
+}  // namespace
+
+void Linear(const float* x, int64_t m, const model::Matrix& w, float* y) { LinearImpl(x, m, w, y, 0.0f); }
+void LinearAccumulate(const float* x, int64_t m, const model::Matrix& w, float* y) {
+  LinearImpl(x, m, w, y, 1.0f);
+}
+
+void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const float* weight,
+             float eps, float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * x_stride;
+    float* o = out + r * out_stride;
+    double sum = 0.0;
+    for (int64_t i = 0; i < dim; ++i) sum += static_cast<double>(xr[i]) * xr[i];
+    const float inv = static_cast<float>(1.0 / std::sqrt(sum / static_cast<double>(dim) + eps));
+    for (int64_t i = 0; i < dim; ++i) o[i] = xr[i] * inv * weight[i];
+  }
+}
+
+void SiluMul(float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void SoftmaxInPlace(float* x, int64_t n) {
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) max = x[i] > max ? x[i] : max;
+  if (!std::isfinite(max)) {
+    for (int64_t i = 0; i < n; ++i) x[i] = 0.0f;
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - max);
+    sum += x[i];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void ApplyRope(float* x, const float* cos_sin, int64_t dim) {
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    const float c = cos_sin[2 * i], s = cos_sin[2 * i + 1];
+    const float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c - b * s;
+    x[2 * i + 1] = a * s + b * c;
+  }
+}
+
+}  // namespace splitmoe::kernels

@@ -1,0 +1,43 @@
+// fp32 CPU kernels of the engine: GEMMs through the BLAS (OpenBLAS), and the small
+// element-wise ops (RMSNorm, SwiGLU, softmax, RoPE) written as plain loops that vectorise.
+// Stateless functions; any thread may call them. Shapes are given in comments as [rows, cols],
+// row-major.
+//
+//   // y[T, out] = x[T, in] @ W^T, W a Hugging Face linear weight [out, in]
+//   kernels::Linear(x.data(), T, w, y.data());
+#ifndef SPLITMOE_COMMON_KERNELS_CPU_OPS_H_
+#define SPLITMOE_COMMON_KERNELS_CPU_OPS_H_
+
+#include <cstdint>
+
+#include "common/model/tensor.h"
+
+namespace splitmoe::kernels {
+
+// y[m, w.rows] = x[m, w.cols] @ w^T (beta = 0: y is overwritten).
+void Linear(const float* x, int64_t m, const model::Matrix& w, float* y);
+// y[m, w.rows] += x[m, w.cols] @ w^T
+void LinearAccumulate(const float* x, int64_t m, const model::Matrix& w, float* y);
+
+// General row-major GEMM: C[m, n] = alpha * op(A) @ op(B) + beta * C, with leading dimensions.
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+          int64_t ldc);
+
+// out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight, for r < rows. out may alias x.
+void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const float* weight,
+             float eps, float* out, int64_t out_stride);
+
+// gate[i] = silu(gate[i]) * up[i]
+void SiluMul(float* gate, const float* up, int64_t n);
+
+// In place over x[0..n): x = softmax(x). Entries equal to -inf get probability 0.
+void SoftmaxInPlace(float* x, int64_t n);
+
+// Rotates consecutive pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i] (DeepSeek's
+// interleaved "complex" RoPE). cos_sin holds [dim/2] (cos, sin) pairs for the position.
+void ApplyRope(float* x, const float* cos_sin, int64_t dim);
+
+}  // namespace splitmoe::kernels
+
+#endif  // SPLITMOE_COMMON_KERNELS_CPU_OPS_H_

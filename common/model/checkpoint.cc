@@ -1,0 +1,169 @@
+#include "common/model/checkpoint.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/model/numeric.h"
+#include "nlohmann/json.hpp"
+
+namespace splitmoe::model {
+namespace {
+
+using nlohmann::json;
+
+bool FileExists(const std::string& path) {
+  std::ifstream in(path);
+  return static_cast<bool>(in);
+}
+
+bool IsFloatDType(DType d) {
+  return d == DType::kF32 || d == DType::kF16 || d == DType::kBF16 || d == DType::kF8E4M3;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
+  std::unique_ptr<Checkpoint> ckpt(new Checkpoint());
+  ckpt->dir_ = dir;
+  SPLITMOE_ASSIGN_OR_RETURN(ckpt->config_, LoadModelConfig(dir));
+  const std::string index_path = dir + "/model.safetensors.index.json";
+  const std::string single_path = dir + "/model.safetensors";
+  if (FileExists(index_path)) {
+    std::ifstream in(index_path);
+    std::stringstream text;
+    text << in.rdbuf();
+    json index = json::parse(text.str(), nullptr, false);
+    if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
+        !index["weight_map"].is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(index_path, ": no weight_map object"));
+    }
+    for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
+      if (!it.value().is_string()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(index_path, ": tensor '", it.key(), "' maps to a non-string"));
+      }
+      std::string file = it.value().get<std::string>();
+      if (file.empty() || absl::StrContains(file, "/") || absl::StrContains(file, "..")) {
+        return absl::InvalidArgumentError(absl::StrCat(index_path, ": tensor '", it.key(),
+                                                       "' maps to an invalid file name '", file, "'"));
+      }
+      ckpt->weight_map_.emplace(it.key(), file);
+      ckpt->names_.push_back(it.key());
+    }
+  } else if (FileExists(single_path)) {
+    SPLITMOE_ASSIGN_OR_RETURN(const SafetensorsFile* file, ckpt->OpenFile("model.safetensors"));
+    for (const auto& [name, info] : file->tensors()) {
+      ckpt->weight_map_.emplace(name, "model.safetensors");
+      ckpt->names_.push_back(name);
+    }
+  } else {
+    return absl::NotFoundError(
+        absl::StrCat(dir, ": neither model.safetensors nor model.safetensors.index.json"));
+  }
+  return ckpt;
+}
+
+bool Checkpoint::Has(absl::string_view name) const { return weight_map_.count(name) > 0; }
+
+absl::StatusOr<const SafetensorsFile*> Checkpoint::OpenFile(const std::string& file_name) {
+  auto it = files_.find(file_name);
+  if (it != files_.end()) return it->second.get();
+  SPLITMOE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir_ + "/" + file_name));
+  const SafetensorsFile* raw = file.get();
+  files_.emplace(file_name, std::move(file));
+  return raw;
+}
+
+absl::StatusOr<Checkpoint::Located> Checkpoint::Locate(const std::string& name) {
+  auto it = weight_map_.find(name);
+  if (it == weight_map_.end()) {
+    return absl::NotFoundError(absl::StrCat(dir_, ": missing tensor '", name, "'"));
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(const SafetensorsFile* file, OpenFile(it->second));
+  const TensorInfo* info = file->Find(name);
+  if (info == nullptr) {
+    return absl::NotFoundError(absl::StrCat(file->path(), ": missing tensor '", name,
+                                            "' (the index says it is in this file)"));
+  }
+  return Located{file, info};
+}
+
+absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name,
+                                                         const std::vector<int64_t>& shape) {
+  SPLITMOE_ASSIGN_OR_RETURN(Located loc, Locate(name));
+  const TensorInfo& info = *loc.info;
+  const std::string& path = loc.file->path();
+  if (info.shape != shape) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "': expected shape ",
+                                                   ShapeString(shape), ", found ",
+                                                   ShapeString(info.shape)));
+  }
+  if (!IsFloatDType(info.dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "': dtype ",
+                                                   DTypeName(info.dtype),
+                                                   " is not a weight dtype (BF16, F16, F32, F8_E4M3)"));
+  }
+  std::vector<float> out(static_cast<size_t>(info.numel()));
+  ConvertToFloat(info.dtype, loc.file->Data(info).data(), info.numel(), out.data());
+  bytes_read_ += info.nbytes;
+  consumed_.insert(name);
+  const std::string scale_name = name + "_scale_inv";
+  if (info.dtype == DType::kF8E4M3) {
+    if (shape.size() != 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor '", name, "': F8_E4M3 is only supported for 2-D weights"));
+    }
+    const int64_t rows = shape[0], cols = shape[1];
+    const int64_t srows = (rows + kFp8BlockSize - 1) / kFp8BlockSize;
+    const int64_t scols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
+    if (!Has(scale_name)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name,
+                                                     "' is F8_E4M3 but '", scale_name,
+                                                     "' is missing"));
+    }
+    SPLITMOE_ASSIGN_OR_RETURN(Located sloc, Locate(scale_name));
+    if (sloc.info->dtype != DType::kF32 && sloc.info->dtype != DType::kBF16) {
+      return absl::InvalidArgumentError(absl::StrCat(sloc.file->path(), ": tensor '", scale_name,
+                                                     "': dtype ", DTypeName(sloc.info->dtype),
+                                                     ", expected F32"));
+    }
+    if (sloc.info->shape != std::vector<int64_t>{srows, scols}) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          sloc.file->path(), ": tensor '", scale_name, "': expected shape ",
+          ShapeString({srows, scols}), " (one scale per 128x128 block of ", ShapeString(shape),
+          "), found ", ShapeString(sloc.info->shape)));
+    }
+    std::vector<float> scales(static_cast<size_t>(srows * scols));
+    ConvertToFloat(sloc.info->dtype, sloc.file->Data(*sloc.info).data(), srows * scols, scales.data());
+    bytes_read_ += sloc.info->nbytes;
+    consumed_.insert(scale_name);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* srow = scales.data() + (r / kFp8BlockSize) * scols;
+      float* orow = out.data() + r * cols;
+      for (int64_t c = 0; c < cols; ++c) orow[c] *= srow[c / kFp8BlockSize];
+    }
+  } else if (Has(scale_name)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' is ",
+                                                   DTypeName(info.dtype), " but has a '",
+                                                   scale_name, "' (only F8_E4M3 weights are scaled)"));
+  }
+  return out;
+}
+
+absl::StatusOr<Matrix> Checkpoint::LoadMatrix(const std::string& name, int64_t rows, int64_t cols) {
+  Matrix m;
+  m.rows = rows;
+  m.cols = cols;
+  SPLITMOE_ASSIGN_OR_RETURN(m.data, LoadFloat(name, {rows, cols}));
+  return m;
+}
+
+absl::StatusOr<std::vector<float>> Checkpoint::LoadVector(const std::string& name, int64_t size) {
+  return LoadFloat(name, {size});
+}
+
+}  // namespace splitmoe::model

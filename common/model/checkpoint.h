@@ -1,0 +1,72 @@
+// Checkpoint: a model directory in the Hugging Face layout — config.json plus either
+// model.safetensors or shards listed by model.safetensors.index.json. Shards are opened (header
+// parsed, file memory-mapped) only when one of their tensors is asked for, so loading a subset
+// of layers or experts never touches the other shards. Not thread-safe while loading (the lazy
+// shard table); load from one thread, then share the resulting weights.
+//
+//   SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));
+//   SPLITMOE_ASSIGN_OR_RETURN(Matrix wo, ckpt->LoadMatrix("model.layers.0.self_attn.o_proj.weight",
+//                                                         hidden, heads * v_head_dim));
+#ifndef SPLITMOE_COMMON_MODEL_CHECKPOINT_H_
+#define SPLITMOE_COMMON_MODEL_CHECKPOINT_H_
+
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/model/config.h"
+#include "common/model/safetensors.h"
+#include "common/model/tensor.h"
+
+namespace splitmoe::model {
+
+// FP8 checkpoints carry one fp32 scale per kFp8BlockSize x kFp8BlockSize block of a weight.
+inline constexpr int64_t kFp8BlockSize = 128;
+
+class Checkpoint {
+ public:
+  static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  const ModelConfig& config() const { return config_; }
+  // Every tensor name the checkpoint declares (the index's weight_map, or the single file's header).
+  const std::vector<std::string>& tensor_names() const { return names_; }
+  bool Has(absl::string_view name) const;
+
+  // Loads a weight as fp32 after checking its shape; FP8 weights are dequantised with their
+  // `<name>_scale_inv` block scales. Errors name the file and the tensor.
+  absl::StatusOr<Matrix> LoadMatrix(const std::string& name, int64_t rows, int64_t cols);
+  absl::StatusOr<std::vector<float>> LoadVector(const std::string& name, int64_t size);
+
+  // Names that were loaded (with their scales); used to find tensors nobody asked for.
+  const std::set<std::string>& consumed() const { return consumed_; }
+  // Bytes of tensor data touched so far (what a subset load really reads).
+  uint64_t bytes_read() const { return bytes_read_; }
+  // Number of shard files opened so far.
+  size_t files_opened() const { return files_.size(); }
+
+ private:
+  struct Located {
+    const SafetensorsFile* file;
+    const TensorInfo* info;
+  };
+  absl::StatusOr<Located> Locate(const std::string& name);
+  absl::StatusOr<const SafetensorsFile*> OpenFile(const std::string& file_name);
+  absl::StatusOr<std::vector<float>> LoadFloat(const std::string& name, const std::vector<int64_t>& shape);
+
+  std::string dir_;
+  ModelConfig config_;
+  std::map<std::string, std::string, std::less<>> weight_map_;  // tensor -> file name
+  std::vector<std::string> names_;
+  std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
+  std::set<std::string> consumed_;
+  uint64_t bytes_read_ = 0;
+};
+
+}  // namespace splitmoe::model
+
+#endif  // SPLITMOE_COMMON_MODEL_CHECKPOINT_H_

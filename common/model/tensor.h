@@ -1,0 +1,25 @@
+// Matrix: a dense row-major fp32 matrix, the one weight container of the CPU engine.
+// A Hugging Face linear weight [out_features, in_features] is stored as-is (rows = out), so
+// y = x @ W^T is a GEMM with W transposed. Plain value type; no sharing, no views.
+#ifndef SPLITMOE_COMMON_MODEL_TENSOR_H_
+#define SPLITMOE_COMMON_MODEL_TENSOR_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace splitmoe::model {
+
+struct Matrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<float> data;  // rows * cols
+
+  bool empty() const { return data.empty(); }
+  float* row(int64_t r) { return data.data() + r * cols; }
+  const float* row(int64_t r) const { return data.data() + r * cols; }
+  uint64_t bytes() const { return data.size() * sizeof(float); }
+};
+
+}  // namespace splitmoe::model
+
+#endif  // SPLITMOE_COMMON_MODEL_TENSOR_H_

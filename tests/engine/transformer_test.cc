@@ -1,0 +1,280 @@
+// The engine against itself and against the definitions: the two attention forms agree,
+// incremental decoding from the latent cache equals a full recompute, batching does not change
+// results, and the cache holds exactly the latents. The engine against DeepSeek's semantics
+// (the PyTorch reference) is golden_test.cc.
+#include "common/engine/transformer.h"
+
+#include <cmath>
+
+#include "common/engine/engine.h"
+#include "common/kernels/cpu_ops.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_models.h"
+
+namespace splitmoe::engine {
+namespace {
+
+using model::TinyModelOptions;
+
+struct Loaded {
+  std::unique_ptr<Engine> engine;
+};
+
+std::unique_ptr<Engine> LoadEngine(const std::string& dir, AttentionForm form = AttentionForm::kAbsorbed) {
+  EngineOptions options;
+  options.prefill_form = form;
+  auto e = Engine::Load(dir, options);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? std::move(*e) : nullptr;
+}
+
+std::vector<int32_t> Prompt(int64_t n, int64_t vocab, int seed = 0) {
+  std::vector<int32_t> t;
+  for (int64_t i = 0; i < n; ++i) t.push_back(static_cast<int32_t>((i * 7919 + 13 + seed * 101) % vocab));
+  return t;
+}
+
+// Logits of every row of a single-sequence forward pass.
+std::vector<float> AllLogits(Engine& e, const std::vector<int32_t>& tokens, AttentionForm form) {
+  const auto& c = e.config();
+  LatentCache cache(c.num_hidden_layers, c.latent_dim());
+  std::vector<SequenceChunk> batch = {{tokens, &cache}};
+  std::vector<float> hidden;
+  absl::Status s = e.transformer().Forward(batch, form, &hidden);
+  EXPECT_TRUE(s.ok()) << s;
+  std::vector<float> logits(tokens.size() * c.vocab_size);
+  e.transformer().Logits(hidden.data(), static_cast<int64_t>(tokens.size()), logits.data());
+  return logits;
+}
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  return m;
+}
+
+class TransformerTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  std::string ModelDir() {
+    const std::string style = GetParam();
+    return testing::TinyModel("tf_" + style, [&](TinyModelOptions& o) {
+      if (style == "v3_fp8") {
+        o.fp8 = true;
+      } else {
+        o.style = style;
+      }
+    });
+  }
+};
+
+TEST_P(TransformerTest, NaiveAndAbsorbedFormsAgree) {
+  auto e = LoadEngine(ModelDir());
+  auto tokens = Prompt(37, e->config().vocab_size);
+  auto absorbed = AllLogits(*e, tokens, AttentionForm::kAbsorbed);
+  auto naive = AllLogits(*e, tokens, AttentionForm::kNaive);
+  EXPECT_LT(MaxAbsDiff(absorbed, naive), 2e-4);
+}
+
+TEST_P(TransformerTest, IncrementalDecodeEqualsFullRecompute) {
+  auto e = LoadEngine(ModelDir());
+  const auto& c = e->config();
+  auto tokens = Prompt(30, c.vocab_size, 1);
+  auto full = AllLogits(*e, tokens, AttentionForm::kNaive);
+  LatentCache cache(c.num_hidden_layers, c.latent_dim());
+  const size_t prefill = 20;
+  std::vector<int32_t> head(tokens.begin(), tokens.begin() + prefill);
+  std::vector<float> hidden, logits(c.vocab_size);
+  std::vector<SequenceChunk> batch = {{head, &cache}};
+  SPLITMOE_ASSERT_OK(e->transformer().Forward(batch, AttentionForm::kAbsorbed, &hidden));
+  for (size_t i = prefill; i < tokens.size(); ++i) {
+    std::vector<int32_t> one = {tokens[i]};
+    std::vector<SequenceChunk> step = {{one, &cache}};
+    SPLITMOE_ASSERT_OK(e->transformer().Forward(step, AttentionForm::kAbsorbed, &hidden));
+    e->transformer().Logits(hidden.data(), 1, logits.data());
+    std::vector<float> expect(full.begin() + i * c.vocab_size, full.begin() + (i + 1) * c.vocab_size);
+    EXPECT_LT(MaxAbsDiff(logits, expect), 2e-4) << "position " << i;
+  }
+  EXPECT_EQ(cache.length(), static_cast<int64_t>(tokens.size()));
+}
+
+TEST_P(TransformerTest, BatchingChunksDoesNotChangeResults) {
+  auto e = LoadEngine(ModelDir());
+  const auto& c = e->config();
+  auto a = Prompt(9, c.vocab_size, 2), b = Prompt(17, c.vocab_size, 3);
+  auto la = AllLogits(*e, a, AttentionForm::kAbsorbed), lb = AllLogits(*e, b, AttentionForm::kAbsorbed);
+  LatentCache ca(c.num_hidden_layers, c.latent_dim()), cb(c.num_hidden_layers, c.latent_dim());
+  std::vector<SequenceChunk> batch = {{a, &ca}, {b, &cb}};
+  std::vector<float> hidden;
+  SPLITMOE_ASSERT_OK(e->transformer().Forward(batch, AttentionForm::kAbsorbed, &hidden));
+  std::vector<float> logits((a.size() + b.size()) * c.vocab_size);
+  e->transformer().Logits(hidden.data(), static_cast<int64_t>(a.size() + b.size()), logits.data());
+  std::vector<float> got_a(logits.begin(), logits.begin() + a.size() * c.vocab_size);
+  std::vector<float> got_b(logits.begin() + a.size() * c.vocab_size, logits.end());
+  EXPECT_LT(MaxAbsDiff(got_a, la), 1e-4);
+  EXPECT_LT(MaxAbsDiff(got_b, lb), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Styles, TransformerTest, ::testing::Values("v3", "v2", "v2-greedy", "v3_fp8"));
+
+TEST(LatentCacheTest, HoldsExactlyTheLatentsOfEachToken) {
+  auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
+  const auto& c = e->config();
+  const auto& w = e->weights();
+  LatentCache cache(c.num_hidden_layers, c.latent_dim());
+  EXPECT_EQ(cache.latent_dim(), c.kv_lora_rank + c.qk_rope_head_dim);
+  EXPECT_EQ(cache.bytes_per_token(), c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4);
+  std::vector<int32_t> tokens = {5, 9, 11};
+  std::vector<SequenceChunk> batch = {{tokens, &cache}};
+  std::vector<float> hidden;
+  SPLITMOE_ASSERT_OK(e->transformer().Forward(batch, AttentionForm::kAbsorbed, &hidden));
+  // Layer 0 sees the embeddings: its cache row must be [kv_norm(c_kv), rope(k_pe)] of them.
+  const int64_t h = c.hidden_size, kvr = c.kv_lora_rank, dr = c.qk_rope_head_dim;
+  RopeTable rope(c);
+  for (int64_t p = 0; p < 3; ++p) {
+    std::vector<float> xn(h), kv(c.latent_dim()), expect(c.latent_dim()), cs(dr);
+    kernels::RmsNorm(w.embed.row(tokens[p]), 1, h, h, w.layers[0].input_norm.data(), 1e-6f, xn.data(), h);
+    kernels::Linear(xn.data(), 1, w.layers[0].attn.kv_a_proj, kv.data());
+    kernels::RmsNorm(kv.data(), 1, kvr, kvr, w.layers[0].attn.kv_a_norm.data(), 1e-6f, expect.data(), kvr);
+    std::copy(kv.begin() + kvr, kv.end(), expect.begin() + kvr);
+    rope.CosSin(p, cs.data());
+    kernels::ApplyRope(expect.data() + kvr, cs.data(), dr);
+    const float* row = cache.Row(0, p);
+    for (int64_t i = 0; i < c.latent_dim(); ++i) EXPECT_NEAR(row[i], expect[i], 1e-5) << p << "," << i;
+  }
+}
+
+TEST(EngineTest, GreedyGenerationMatchesTeacherForcedArgmax) {
+  auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
+  GenerateRequest req;
+  req.prompt = Prompt(11, e->config().vocab_size, 4);
+  req.max_tokens = 12;
+  req.logprobs = 3;
+  req.ignore_eos = true;
+  auto out = e->Generate(req, nullptr);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->tokens.size(), 12u);
+  EXPECT_EQ(out->finish_reason, "length");
+  std::vector<int32_t> all = req.prompt;
+  all.insert(all.end(), out->tokens.begin(), out->tokens.end());
+  auto score = e->Score(all, 3, /*with_mtp=*/false);
+  ASSERT_TRUE(score.ok()) << score.status();
+  for (size_t i = 0; i < out->tokens.size(); ++i) {
+    const auto& lp = *score->prompt_logprobs[req.prompt.size() + i];
+    EXPECT_EQ(lp.top[0].first, out->tokens[i]) << i;
+    EXPECT_NEAR(lp.logprob, out->logprobs[i].logprob, 1e-4) << i;
+  }
+}
+
+TEST(EngineTest, SeededSamplingIsReproducible) {
+  auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
+  GenerateRequest req;
+  req.prompt = Prompt(5, e->config().vocab_size, 5);
+  req.max_tokens = 10;
+  req.ignore_eos = true;
+  req.sampling.temperature = 1.5;
+  req.sampling.top_p = 0.95;
+  req.sampling.seed = 1234;
+  auto a = e->Generate(req, nullptr);
+  auto b = e->Generate(req, nullptr);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->tokens, b->tokens);
+  std::set<std::vector<int32_t>> distinct;
+  for (uint64_t seed = 0; seed < 8; ++seed) {
+    req.sampling.seed = seed;
+    auto r = e->Generate(req, nullptr);
+    ASSERT_TRUE(r.ok());
+    distinct.insert(r->tokens);
+  }
+  EXPECT_GT(distinct.size(), 1u);  // temperature 1.5 on a tiny model: seeds must matter
+}
+
+TEST(EngineTest, RefusesBadRequests) {
+  auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
+  GenerateRequest ok;
+  ok.prompt = {1, 2, 3};
+  auto expect_invalid = [&](GenerateRequest r, const std::string& needle) {
+    auto out = e->Generate(r, nullptr);
+    ASSERT_FALSE(out.ok()) << needle;
+    EXPECT_EQ(out.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(out.status().message().find(needle), std::string::npos) << out.status();
+  };
+  GenerateRequest r = ok;
+  r.prompt.clear();
+  expect_invalid(r, "empty prompt");
+  r = ok;
+  r.prompt.push_back(100000);
+  expect_invalid(r, "100000");
+  r = ok;
+  r.max_tokens = e->config().max_position_embeddings;
+  expect_invalid(r, "exceeds the context");
+  r = ok;
+  r.sampling.temperature = -1;
+  expect_invalid(r, "temperature");
+  r = ok;
+  r.sampling.top_p = 0;
+  expect_invalid(r, "top_p");
+  r = ok;
+  r.max_tokens = 0;
+  expect_invalid(r, "max_tokens");
+  EXPECT_FALSE(e->Score({}, 5, false).ok());
+  EXPECT_FALSE(e->Score({-1}, 5, false).ok());
+}
+
+TEST(EngineTest, StopsAtStopTokenIds) {
+  auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
+  GenerateRequest req;
+  req.prompt = Prompt(6, e->config().vocab_size, 6);
+  req.max_tokens = 8;
+  req.ignore_eos = true;
+  auto free_run = e->Generate(req, nullptr);
+  ASSERT_TRUE(free_run.ok());
+  req.stop_token_ids = {free_run->tokens[3]};
+  auto stopped = e->Generate(req, nullptr);
+  ASSERT_TRUE(stopped.ok());
+  EXPECT_EQ(stopped->finish_reason, "stop");
+  auto first = std::find(free_run->tokens.begin(), free_run->tokens.end(), free_run->tokens[3]);
+  EXPECT_EQ(stopped->tokens.size(), static_cast<size_t>(first - free_run->tokens.begin()) + 1);
+}
+
+TEST(EngineTest, MtpPredictsTwoAhead) {
+  auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
+  ASSERT_EQ(e->transformer().mtp_modules(), 1);
+  auto tokens = Prompt(10, e->config().vocab_size, 7);
+  auto r = e->Score(tokens, 2, /*with_mtp=*/true);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->mtp_logprobs.size(), tokens.size() - 2);
+  for (size_t i = 0; i < r->mtp_logprobs.size(); ++i) {
+    EXPECT_EQ(r->mtp_logprobs[i].token, tokens[i + 2]);
+    EXPECT_TRUE(std::isfinite(r->mtp_logprobs[i].logprob));
+    EXPECT_LE(r->mtp_logprobs[i].logprob, 0.0f);
+  }
+}
+
+// Greedy decoding is only meaningful when the next-token distributions are peaked.
+TEST(TinyModelTest, FullVocabularyModelHasPeakedDistributions) {
+  auto e = LoadEngine(testing::TinyModel("full_vocab", [](TinyModelOptions& o) { o.vocab_size = 129280; }));
+  auto tokens = Prompt(24, e->config().vocab_size, 8);
+  auto r = e->Score(tokens, 2, false);
+  ASSERT_TRUE(r.ok());
+  double top1 = 0, gap = 0;
+  for (size_t i = 1; i < tokens.size(); ++i) {
+    top1 += std::exp(r->prompt_logprobs[i]->top[0].second);
+    gap += r->prompt_logprobs[i]->top[0].second - r->prompt_logprobs[i]->top[1].second;
+  }
+  top1 /= static_cast<double>(tokens.size() - 1);
+  gap /= static_cast<double>(tokens.size() - 1);
+  std::printf("mean top-1 probability %.3f, mean top1-top2 logprob gap %.3f (uniform would be %.2e)\n", top1,
+              gap, 1.0 / 129280);
+  EXPECT_GT(top1, 0.2);
+  EXPECT_GT(gap, 0.3);
+}
+
+}  // namespace
+}  // namespace splitmoe::engine
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
+  return RUN_ALL_TESTS();
+}

@@ -1,0 +1,252 @@
+// `splitmoe`: the command-line entry point. Single-process subcommands:
+//   splitmoe make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] ...
+//   splitmoe inspect  --model DIR [--json]
+//   splitmoe score    --model DIR (--prompt TEXT | --prompt-tokens 1,2,3) [--top-logprobs K] [--mtp] --json
+//   splitmoe generate --model DIR (--prompt TEXT | --prompt-tokens ...) [--max-tokens N]
+//                     [--temperature T] [--top-p P] [--top-k K] [--seed S] [--logprobs K]
+//                     [--stop STR]... [--json]
+// Errors print one line "error: <message>" on stderr and exit 1 (2 for usage errors).
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/engine/engine.h"
+#include "common/model/checkpoint.h"
+#include "common/model/tiny.h"
+#include "common/model/weights.h"
+#include "nlohmann/json.hpp"
+#include "tools/cli/flags.h"
+
+namespace splitmoe::cli {
+namespace {
+
+using nlohmann::json;
+
+std::string DefaultTokenizerDir() {
+  if (const char* env = std::getenv("SPLITMOE_TOKENIZER_DIR")) return env;
+  return SPLITMOE_DEFAULT_TOKENIZER_DIR;
+}
+
+json LogprobJson(const engine::TokenLogprob& lp) {
+  json top = json::array();
+  for (const auto& [id, value] : lp.top) top.push_back({id, value});
+  return {{"token", lp.token}, {"logprob", lp.logprob}, {"top_logprobs", top}};
+}
+
+absl::Status MakeTiny(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
+      {"out", "style", "seed", "mtp", "shards", "vocab", "hidden", "layers", "dense-layers", "heads",
+       "q-lora-rank", "kv-lora-rank", "qk-nope-head-dim", "qk-rope-head-dim", "v-head-dim", "inter",
+       "moe-inter", "experts", "shared-experts", "experts-per-tok", "groups", "topk-groups",
+       "max-position", "tokenizer-dir", "logit-scale"},
+      {"fp8", "no-tokenizer"}));
+  if (!f.Has("out")) return absl::InvalidArgumentError("make-tiny needs --out DIR");
+  model::TinyModelOptions o;
+  o.style = f.Get("style", "v3");
+  o.fp8 = f.Has("fp8");
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
+  o.seed = static_cast<uint64_t>(seed);
+  SPLITMOE_ASSIGN_OR_RETURN(o.mtp_layers, f.GetInt("mtp", -1));
+  SPLITMOE_ASSIGN_OR_RETURN(o.shards, f.GetInt("shards", 1));
+  SPLITMOE_ASSIGN_OR_RETURN(o.vocab_size, f.GetInt("vocab", o.vocab_size));
+  SPLITMOE_ASSIGN_OR_RETURN(o.hidden_size, f.GetInt("hidden", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.num_hidden_layers, f.GetInt("layers", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.first_k_dense_replace, f.GetInt("dense-layers", -1));
+  SPLITMOE_ASSIGN_OR_RETURN(o.num_attention_heads, f.GetInt("heads", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.q_lora_rank, f.GetInt("q-lora-rank", -1));
+  SPLITMOE_ASSIGN_OR_RETURN(o.kv_lora_rank, f.GetInt("kv-lora-rank", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.qk_nope_head_dim, f.GetInt("qk-nope-head-dim", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.qk_rope_head_dim, f.GetInt("qk-rope-head-dim", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.v_head_dim, f.GetInt("v-head-dim", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.intermediate_size, f.GetInt("inter", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.moe_intermediate_size, f.GetInt("moe-inter", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.n_routed_experts, f.GetInt("experts", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.n_shared_experts, f.GetInt("shared-experts", -1));
+  SPLITMOE_ASSIGN_OR_RETURN(o.num_experts_per_tok, f.GetInt("experts-per-tok", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.n_group, f.GetInt("groups", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.topk_group, f.GetInt("topk-groups", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.max_position_embeddings, f.GetInt("max-position", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(o.logit_scale, f.GetDouble("logit-scale", o.logit_scale));
+  std::string tokenizer_dir = f.Has("no-tokenizer") ? "" : f.Get("tokenizer-dir", DefaultTokenizerDir());
+  SPLITMOE_RETURN_IF_ERROR(model::WriteTinyModel(o, f.Get("out"), tokenizer_dir));
+  std::cout << "wrote " << f.Get("out") << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status Inspect(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"model"}, {"json"}));
+  if (!f.Has("model")) return absl::InvalidArgumentError("inspect needs --model DIR");
+  SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(f.Get("model")));
+  const model::ModelConfig& c = ckpt->config();
+  // Validates every tensor by loading the model once (this is also what a server does at start).
+  SPLITMOE_ASSIGN_OR_RETURN(model::ModelWeights w, model::LoadWeights(*ckpt, model::LoadOptions{}));
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.IsMoeLayer(l) ? 1 : 0;
+  uint64_t expert_bytes = 0;
+  for (const auto& layer : w.layers)
+    for (const auto& e : layer.experts) expert_bytes += e ? e->bytes() : 0;
+  json out = {
+      {"model_dir", ckpt->dir()},
+      {"config", json::parse(model::ModelConfigToJson(c))},
+      {"tensors", ckpt->tensor_names().size()},
+      {"checkpoint_bytes_read", ckpt->bytes_read()},
+      {"resident_fp32_bytes", w.bytes()},
+      {"routed_expert_fp32_bytes", expert_bytes},
+      {"attention_side_fp32_bytes", w.bytes() - expert_bytes},
+      {"moe_layers", moe_layers},
+      {"dense_layers", c.num_hidden_layers - moe_layers},
+      {"mtp_modules_loaded", w.mtp.size()},
+      {"latent_values_per_token_per_layer", c.latent_dim()},
+      {"latent_cache_bytes_per_token_fp32", c.latent_dim() * c.num_hidden_layers * 4},
+      {"latent_cache_bytes_per_token_bf16", c.latent_dim() * c.num_hidden_layers * 2},
+      {"softmax_scale", c.SoftmaxScale()},
+  };
+  if (f.Has("json")) {
+    std::cout << out.dump(2) << "\n";
+    return absl::OkStatus();
+  }
+  std::cout << "model: " << ckpt->dir() << "\n"
+            << "  layers " << c.num_hidden_layers << " (" << c.first_k_dense_replace << " dense first, "
+            << moe_layers << " MoE), hidden " << c.hidden_size << ", heads " << c.num_attention_heads
+            << ", vocab " << c.vocab_size << "\n"
+            << "  MLA: q_lora_rank " << (c.q_lora_rank ? std::to_string(c.q_lora_rank) : "null")
+            << ", kv_lora_rank " << c.kv_lora_rank << ", qk_nope " << c.qk_nope_head_dim << ", qk_rope "
+            << c.qk_rope_head_dim << ", v " << c.v_head_dim << ", yarn " << (c.yarn.enabled ? "on" : "off")
+            << " (factor " << c.yarn.factor << ")\n"
+            << "  MoE: " << c.n_routed_experts << " routed + " << c.n_shared_experts << " shared, top-"
+            << c.num_experts_per_tok << ", " << model::ScoringFuncName(c.scoring_func) << " / "
+            << model::TopkMethodName(c.topk_method) << ", groups " << c.n_group << " keep " << c.topk_group
+            << ", norm_topk_prob " << (c.norm_topk_prob ? "true" : "false") << ", scale "
+            << c.routed_scaling_factor << "\n"
+            << "  MTP modules: " << w.mtp.size() << " (config: " << c.num_nextn_predict_layers << ")\n"
+            << "  tensors: " << ckpt->tensor_names().size() << ", checkpoint bytes " << ckpt->bytes_read()
+            << ", resident fp32 bytes " << w.bytes() << " (routed experts " << expert_bytes << ")\n"
+            << "  latent cache: " << c.latent_dim() << " values per token per layer = "
+            << c.latent_dim() * c.num_hidden_layers * 2 << " bytes/token in bf16, "
+            << c.latent_dim() * c.num_hidden_layers * 4 << " in fp32\n";
+  return absl::OkStatus();
+}
+
+// The prompt as token ids: --prompt-tokens, or --prompt encoded with the model's tokenizer (BOS
+// added as tokenizer_config.json says).
+absl::StatusOr<std::vector<int32_t>> PromptTokens(const Flags& f, const engine::Engine& e) {
+  if (f.Has("prompt-tokens") == f.Has("prompt")) {
+    return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-tokens IDS");
+  }
+  if (f.Has("prompt-tokens")) return f.GetIntList("prompt-tokens");
+  if (e.tokenizer() == nullptr) {
+    return absl::FailedPreconditionError("--prompt needs tokenizer.json in the model directory; use --prompt-tokens");
+  }
+  return e.tokenizer()->Encode(f.Get("prompt"), /*add_special_tokens=*/true);
+}
+
+absl::StatusOr<engine::AttentionForm> FormFlag(const Flags& f) {
+  std::string form = f.Get("attention", "absorbed");
+  if (form == "absorbed") return engine::AttentionForm::kAbsorbed;
+  if (form == "naive") return engine::AttentionForm::kNaive;
+  return absl::InvalidArgumentError("--attention must be absorbed or naive");
+}
+
+absl::Status Score(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"model", "prompt", "prompt-tokens", "top-logprobs", "attention"},
+                                   {"json", "mtp"}));
+  if (!f.Has("model")) return absl::InvalidArgumentError("score needs --model DIR");
+  engine::EngineOptions options;
+  SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
+  SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, PromptTokens(f, *eng));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-logprobs", 5));
+  if (k < 0 || k > 100) return absl::InvalidArgumentError("--top-logprobs must be in [0, 100]");
+  SPLITMOE_ASSIGN_OR_RETURN(engine::ScoreResult r, eng->Score(tokens, k, f.Has("mtp")));
+  json lps = json::array();
+  for (const auto& lp : r.prompt_logprobs) lps.push_back(lp ? LogprobJson(*lp) : json(nullptr));
+  json out = {{"prompt_tokens", r.tokens}, {"prompt_logprobs", lps}};
+  if (f.Has("mtp")) {
+    json mtp = json::array();
+    for (const auto& lp : r.mtp_logprobs) mtp.push_back(LogprobJson(lp));
+    out["mtp_logprobs"] = mtp;
+  }
+  std::cout << out.dump() << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status Generate(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
+      {"model", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p", "top-k", "seed", "logprobs",
+       "stop", "stop-token-ids", "attention"},
+      {"json", "ignore-eos"}));
+  if (!f.Has("model")) return absl::InvalidArgumentError("generate needs --model DIR");
+  engine::EngineOptions options;
+  SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
+  engine::GenerateRequest req;
+  SPLITMOE_ASSIGN_OR_RETURN(req.prompt, PromptTokens(f, *eng));
+  SPLITMOE_ASSIGN_OR_RETURN(req.max_tokens, f.GetInt("max-tokens", 16));
+  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.temperature, f.GetDouble("temperature", 0.0));
+  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.top_p, f.GetDouble("top-p", 1.0));
+  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.top_k, f.GetInt("top-k", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 0));
+  req.sampling.seed = static_cast<uint64_t>(seed);
+  SPLITMOE_ASSIGN_OR_RETURN(req.logprobs, f.GetInt("logprobs", -1));
+  req.stop = f.GetAll("stop");
+  if (f.Has("stop-token-ids")) {
+    SPLITMOE_ASSIGN_OR_RETURN(req.stop_token_ids, f.GetIntList("stop-token-ids"));
+  }
+  req.ignore_eos = f.Has("ignore-eos");
+  const bool as_json = f.Has("json");
+  engine::TokenCallback stream;
+  if (!as_json) {
+    stream = [](int32_t, absl::string_view text) {
+      std::cout << text << std::flush;
+    };
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateResult r, eng->Generate(req, stream));
+  if (!as_json) {
+    std::cout << "\n";
+    return absl::OkStatus();
+  }
+  json lps = json::array();
+  for (const auto& lp : r.logprobs) lps.push_back(LogprobJson(lp));
+  json out = {{"tokens", r.tokens}, {"text", r.text}, {"logprobs", lps}, {"finish_reason", r.finish_reason}};
+  std::cout << out.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+  return absl::OkStatus();
+}
+
+int Usage() {
+  std::cerr << "usage: splitmoe <make-tiny|inspect|score|generate> [flags]\n"
+               "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp N]\n"
+               "  inspect   --model DIR [--json]\n"
+               "  score     --model DIR (--prompt TEXT | --prompt-tokens IDS) [--top-logprobs K] [--mtp] --json\n"
+               "  generate  --model DIR (--prompt TEXT | --prompt-tokens IDS) [--max-tokens N] [--temperature T]\n"
+               "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n";
+  return 2;
+}
+
+}  // namespace
+}  // namespace splitmoe::cli
+
+int main(int argc, char** argv) {
+  using namespace splitmoe::cli;
+  if (argc < 2) return Usage();
+  const std::string cmd = argv[1];
+  absl::Status status;
+  if (cmd == "make-tiny") status = MakeTiny(argc, argv);
+  else if (cmd == "inspect") status = Inspect(argc, argv);
+  else if (cmd == "score") status = Score(argc, argv);
+  else if (cmd == "generate") status = Generate(argc, argv);
+  else if (cmd == "--help" || cmd == "help") return Usage() - 2;
+  else return Usage();
+  if (!status.ok()) {
+    std::cerr << "error: " << status.ToString() << "\n";
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}
