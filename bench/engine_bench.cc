@@ -1,8 +1,8 @@
 // Speed baseline of the single-process engine on a bench-size generated model (hidden 1024,
 // 64 routed experts), with the machine's own limits measured in the same run:
-//   BM_PeakSgemm         OpenBLAS sgemm 2048^3: the fp32 GEMM rate this machine reaches
+//   BM_PeakSgemm         fp32 GEMM 2048^3 (oneDNN): the GEMM rate this machine reaches
 //   BM_MemoryRead        streaming read bandwidth over 1 GiB (8 accumulators)
-//   BM_LayerGemm/...     the engine's own GEMM shapes (prefill and decode) through OpenBLAS
+//   BM_LayerGemm/...     the engine's own GEMM shapes (prefill and decode), packed as the engine runs them
 //   BM_Prefill/T         prompt tokens/s (one sequence of T tokens)
 //   BM_Decode/B          generated tokens/s with B sequences decoding together (context 256)
 // Counters: GFLOPs, GBps, tokens_per_s and fractions of the measured peaks. Run:
@@ -18,6 +18,7 @@
 
 #include "common/engine/engine.h"
 #include "common/kernels/cpu_ops.h"
+#include "common/kernels/packed_linear.h"
 #include "common/model/tiny.h"
 
 namespace splitmoe {
@@ -74,11 +75,16 @@ engine::Engine& BenchEngine() {
   return *engine;
 }
 
+// The machine's fp32 GEMM peak: oneDNN (the faster library here) on a 2048^3 problem, every core.
 void BM_PeakSgemm(benchmark::State& state) {
   const int64_t n = Small() ? 256 : 2048;
-  std::vector<float> a(n * n, 0.5f), b(n * n, 0.25f), c(n * n);
+  model::Matrix w{n, n, std::vector<float>(n * n, 0.25f)};
+  auto packed = kernels::PackedLinear::Create(w);
+  if (!packed.ok()) state.SkipWithError("pack");
+  w.packed = *packed;
+  std::vector<float> a(n * n, 0.5f), c(n * n);
   for (auto _ : state) {
-    kernels::Gemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    kernels::Linear(a.data(), n, w, c.data());
     benchmark::DoNotOptimize(c.data());
   }
   state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * n * state.iterations(), benchmark::Counter::kIsRate,
@@ -104,6 +110,9 @@ BENCHMARK(BM_MemoryRead)->Unit(benchmark::kMillisecond)->UseRealTime();
 void BM_LayerGemm(benchmark::State& state) {
   const int64_t m = state.range(0), k = state.range(1), n = state.range(2);
   model::Matrix w{n, k, std::vector<float>(n * k, 0.01f)};
+  auto packed = kernels::PackedLinear::Create(w);  // as the engine runs them
+  if (!packed.ok()) state.SkipWithError("pack");
+  w.packed = *packed;
   std::vector<float> x(m * k, 1.0f), y(m * n);
   for (auto _ : state) {
     kernels::Linear(x.data(), m, w, y.data());

@@ -8,7 +8,7 @@ APT_PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev libbenchmark-dev
-  nlohmann-json3-dev libpcre2-dev libopenblas-dev libgoogle-glog-dev
+  nlohmann-json3-dev libpcre2-dev libopenblas-dev libdnnl-dev libgoogle-glog-dev
   python3-torch python3-numpy python3-grpcio python3-protobuf
 )
 # Node.js may come from elsewhere with npm bundled (Debian's npm then conflicts): only ask

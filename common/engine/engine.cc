@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
+#include "common/kernels/cpu_ops.h"
 
 namespace splitmoe::engine {
 
@@ -17,6 +18,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   model::LoadOptions load;
   load.mtp = options.load_mtp;
   SPLITMOE_ASSIGN_OR_RETURN(engine->weights_, model::LoadWeights(*ckpt, load));
+  if (options.pack_weights) {
+    SPLITMOE_RETURN_IF_ERROR(PackForInference(&engine->weights_));
+    kernels::SetBlasThreads(1);  // oneDNN owns the cores; OpenBLAS only runs attention GEMMs
+  }
   if (std::ifstream(model_dir + "/tokenizer.json")) {
     SPLITMOE_ASSIGN_OR_RETURN(engine->tokenizer_, tokenizer::Tokenizer::LoadFromDir(model_dir));
   }

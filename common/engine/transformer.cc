@@ -8,6 +8,7 @@
 #include "common/base/status_macros.h"
 #include "common/engine/routing.h"
 #include "common/kernels/cpu_ops.h"
+#include "common/kernels/packed_linear.h"
 
 namespace splitmoe::engine {
 namespace {
@@ -75,6 +76,48 @@ absl::Status LocalMoeExecutor::RoutedExperts(int64_t layer, const float* x, cons
           absl::StrCat("layer ", layer, ": routed expert ", e, " is not loaded in this process"));
     }
     AccumulateExpert(*expert, x, hidden, token_rows[e], token_weights[e], out);
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status Pack(model::Matrix* m) {
+  if (m->data.empty()) return absl::OkStatus();  // absent in this model or this role
+  SPLITMOE_ASSIGN_OR_RETURN(m->packed, kernels::PackedLinear::Create(*m));
+  m->packed_bytes = m->packed->bytes();
+  m->data = std::vector<float>();
+  return absl::OkStatus();
+}
+
+absl::Status PackMlp(model::MlpWeights* mlp) {
+  SPLITMOE_RETURN_IF_ERROR(Pack(&mlp->gate));
+  SPLITMOE_RETURN_IF_ERROR(Pack(&mlp->up));
+  return Pack(&mlp->down);
+}
+
+absl::Status PackLayer(model::LayerWeights* l) {
+  for (model::Matrix* m : {&l->attn.q_proj, &l->attn.q_a_proj, &l->attn.q_b_proj, &l->attn.kv_a_proj,
+                           &l->attn.o_proj, &l->gate}) {
+    SPLITMOE_RETURN_IF_ERROR(Pack(m));
+  }
+  SPLITMOE_RETURN_IF_ERROR(PackMlp(&l->dense));
+  SPLITMOE_RETURN_IF_ERROR(PackMlp(&l->shared));
+  for (auto& e : l->experts) {
+    if (e) SPLITMOE_RETURN_IF_ERROR(PackMlp(e.get()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status PackForInference(model::ModelWeights* w) {
+  for (auto& layer : w->layers) SPLITMOE_RETURN_IF_ERROR(PackLayer(&layer));
+  SPLITMOE_RETURN_IF_ERROR(Pack(&w->lm_head));
+  for (auto& m : w->mtp) {
+    SPLITMOE_RETURN_IF_ERROR(Pack(&m.eh_proj));
+    SPLITMOE_RETURN_IF_ERROR(Pack(&m.head));
+    SPLITMOE_RETURN_IF_ERROR(PackLayer(&m.block));
   }
   return absl::OkStatus();
 }

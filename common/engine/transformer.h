@@ -58,6 +58,12 @@ class LocalMoeExecutor : public MoeExecutor {
 void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
                       absl::Span<const int32_t> rows, absl::Span<const float> weight, float* out);
 
+// Packs, for oneDNN, every weight the forward pass only uses through kernels::Linear (all
+// projections, experts, gate, output heads; not the embeddings nor kv_b_proj, whose per-head
+// slices are read directly) and releases their plain copies. Call once after loading, before
+// any Transformer uses the weights.
+absl::Status PackForInference(model::ModelWeights* weights);
+
 enum class AttentionForm {
   kAbsorbed,  // W_UK folded into the query, attention over the latents, W_UV after (decode)
   kNaive,     // K and V expanded from the latents per head (what prefill does in the reference)

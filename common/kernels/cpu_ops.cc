@@ -2,10 +2,14 @@
 
 #include <cblas.h>
 
+#include "common/kernels/packed_linear.h"
+
 #include <cmath>
 #include <limits>
 
 namespace splitmoe::kernels {
+
+void SetBlasThreads(int threads) { openblas_set_num_threads(threads); }
 
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
@@ -22,20 +26,18 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
               static_cast<blasint>(ldc));
 }
 
-namespace {
-void LinearImpl(const float* x, int64_t m, const model::Matrix& w, float* y, float beta) {
+void Linear(const float* x, int64_t m, const model::Matrix& w, float* y) {
+  if (w.packed != nullptr) {
+    w.packed->Run(x, m, y);
+    return;
+  }
+  const float beta = 0.0f;
   if (m == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(w.rows), static_cast<blasint>(w.cols),
                 1.0f, w.data.data(), static_cast<blasint>(w.cols), x, 1, beta, y, 1);
     return;
   }
   Gemm(false, true, m, w.rows, w.cols, 1.0f, x, w.cols, w.data.data(), w.cols, beta, y, w.rows);
-}
-}  // namespace
-
-void Linear(const float* x, int64_t m, const model::Matrix& w, float* y) { LinearImpl(x, m, w, y, 0.0f); }
-void LinearAccumulate(const float* x, int64_t m, const model::Matrix& w, float* y) {
-  LinearImpl(x, m, w, y, 1.0f);
 }
 
 void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const float* weight,

@@ -14,10 +14,15 @@
 
 namespace splitmoe::kernels {
 
-// y[m, w.rows] = x[m, w.cols] @ w^T (beta = 0: y is overwritten).
+// y[m, w.rows] = x[m, w.cols] @ w^T (y is overwritten). Packed weights run through oneDNN,
+// plain ones through OpenBLAS.
 void Linear(const float* x, int64_t m, const model::Matrix& w, float* y);
-// y[m, w.rows] += x[m, w.cols] @ w^T
-void LinearAccumulate(const float* x, int64_t m, const model::Matrix& w, float* y);
+
+// OpenBLAS and oneDNN (OpenMP) each keep a pool of spinning threads; on a small machine the two
+// pools fight for the cores (measured: decode spent >30% in sched_yield). The engine runs its
+// large GEMMs through oneDNN and gives OpenBLAS, which serves the per-sequence attention GEMMs,
+// `threads` threads (1 by default from Engine::Load). Process-wide; call before serving.
+void SetBlasThreads(int threads);
 
 // General row-major GEMM: C[m, n] = alpha * op(A) @ op(B) + beta * C, with leading dimensions.
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
