@@ -21,8 +21,9 @@ void BM_OpenBlas(benchmark::State& state) {
     kernels::Linear(x.data(), m, w, y.data());
     benchmark::DoNotOptimize(y.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * m * n * k * state.iterations(), benchmark::Counter::kIsRate,
-                                                benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * m * n * k * state.iterations(), benchmark::Counter::kIsRate,
+                         benchmark::Counter::kIs1000);
 }
 
 void BM_OneDnn(benchmark::State& state) {
@@ -32,9 +33,11 @@ void BM_OneDnn(benchmark::State& state) {
   dnnl::stream strm(eng);
   memory::desc src_md({m, k}, memory::data_type::f32, memory::format_tag::ab);
   memory::desc wei_any({k, n}, memory::data_type::f32, memory::format_tag::any);
-  memory::desc wei_plain({k, n}, memory::data_type::f32, memory::format_tag::ba);  // [n, k] row-major = W^T
+  memory::desc wei_plain({k, n}, memory::data_type::f32,
+                         memory::format_tag::ba);  // [n, k] row-major = W^T
   memory::desc dst_md({m, n}, memory::data_type::f32, memory::format_tag::ab);
-  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_any, dst_md), eng);  // oneDNN 2.x API
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_any, dst_md),
+                                  eng);  // oneDNN 2.x API
   std::vector<float> x(m * k, 1.0f), w(n * k, 0.01f), y(m * n);
   memory src(src_md, eng, x.data()), dst(dst_md, eng, y.data()), wplain(wei_plain, eng, w.data());
   memory wei(pd.weights_desc(), eng);
@@ -45,14 +48,23 @@ void BM_OneDnn(benchmark::State& state) {
     strm.wait();
     benchmark::DoNotOptimize(y.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * m * n * k * state.iterations(), benchmark::Counter::kIsRate,
-                                                benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * m * n * k * state.iterations(), benchmark::Counter::kIsRate,
+                         benchmark::Counter::kIs1000);
 }
 
-#define SHAPES                                                                                       \
-  Args({128, 1024, 384})->Args({128, 1024, 512})->Args({128, 1024, 2816})->Args({512, 1024, 512})    \
-      ->Args({1, 1024, 384})->Args({1, 1024, 512})->Args({8, 1024, 512})->Args({1, 1024, 32768})     \
-      ->Args({2048, 2048, 2048})->Unit(benchmark::kMicrosecond)->UseRealTime()
+#define SHAPES                        \
+  Args({128, 1024, 384})              \
+      ->Args({128, 1024, 512})        \
+      ->Args({128, 1024, 2816})       \
+      ->Args({512, 1024, 512})        \
+      ->Args({1, 1024, 384})          \
+      ->Args({1, 1024, 512})          \
+      ->Args({8, 1024, 512})          \
+      ->Args({1, 1024, 32768})        \
+      ->Args({2048, 2048, 2048})      \
+      ->Unit(benchmark::kMicrosecond) \
+      ->UseRealTime()
 BENCHMARK(BM_OpenBlas)->SHAPES;
 BENCHMARK(BM_OneDnn)->SHAPES;
 

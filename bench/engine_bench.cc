@@ -2,9 +2,9 @@
 // 64 routed experts), with the machine's own limits measured in the same run:
 //   BM_PeakSgemm         fp32 GEMM 2048^3 (oneDNN): the GEMM rate this machine reaches
 //   BM_MemoryRead        streaming read bandwidth over 1 GiB (8 accumulators)
-//   BM_LayerGemm/...     the engine's own GEMM shapes (prefill and decode), packed as the engine runs them
-//   BM_Prefill/T         prompt tokens/s (one sequence of T tokens)
-//   BM_Decode/B          generated tokens/s with B sequences decoding together (context 256)
+//   BM_LayerGemm/...     the engine's own GEMM shapes (prefill and decode), packed as the engine
+//   runs them BM_Prefill/T         prompt tokens/s (one sequence of T tokens) BM_Decode/B generated
+//   tokens/s with B sequences decoding together (context 256)
 // Counters: GFLOPs, GBps, tokens_per_s and fractions of the measured peaks. Run:
 //   build/bench/engine_bench --benchmark_counters_tabular=true
 // SPLITMOE_BENCH_SMALL=1 uses a tiny model (the ctest smoke run).
@@ -57,7 +57,8 @@ model::TinyModelOptions BenchOptions() {
 engine::Engine& BenchEngine() {
   static std::unique_ptr<engine::Engine> engine = [] {
     std::string dir = (std::filesystem::temp_directory_path() /
-                       (Small() ? "splitmoe_bench_small" : "splitmoe_bench_model")).string();
+                       (Small() ? "splitmoe_bench_small" : "splitmoe_bench_model"))
+                          .string();
     if (!std::filesystem::exists(dir + "/config.json")) {
       absl::Status s = model::WriteTinyModel(BenchOptions(), dir, "");
       if (!s.ok()) {
@@ -87,8 +88,9 @@ void BM_PeakSgemm(benchmark::State& state) {
     kernels::Linear(a.data(), n, w, c.data());
     benchmark::DoNotOptimize(c.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * n * n * n * state.iterations(), benchmark::Counter::kIsRate,
-                                                benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * n * n * n * state.iterations(), benchmark::Counter::kIsRate,
+                         benchmark::Counter::kIs1000);
 }
 BENCHMARK(BM_PeakSgemm)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -101,8 +103,9 @@ void BM_MemoryRead(benchmark::State& state) {
       for (int j = 0; j < 8; ++j) acc[j] += a[i + j];
     benchmark::DoNotOptimize(acc);
   }
-  state.counters["GBps"] = benchmark::Counter(static_cast<double>(n * 4) * state.iterations(),
-                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["GBps"] =
+      benchmark::Counter(static_cast<double>(n * 4) * state.iterations(),
+                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 BENCHMARK(BM_MemoryRead)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -118,31 +121,41 @@ void BM_LayerGemm(benchmark::State& state) {
     kernels::Linear(x.data(), m, w, y.data());
     benchmark::DoNotOptimize(y.data());
   }
-  state.counters["GFLOPs"] = benchmark::Counter(2.0 * m * n * k * state.iterations(), benchmark::Counter::kIsRate,
-                                                benchmark::Counter::kIs1000);
-  state.counters["GBps_weights"] = benchmark::Counter(4.0 * n * k * state.iterations(), benchmark::Counter::kIsRate,
-                                                      benchmark::Counter::kIs1000);
+  state.counters["GFLOPs"] =
+      benchmark::Counter(2.0 * m * n * k * state.iterations(), benchmark::Counter::kIsRate,
+                         benchmark::Counter::kIs1000);
+  state.counters["GBps_weights"] = benchmark::Counter(
+      4.0 * n * k * state.iterations(), benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 // Prefill shapes (128 tokens): q_a, kv_a, expert up, dense up, lm_head; decode shapes (1 token).
 BENCHMARK(BM_LayerGemm)
-    ->Args({128, 1024, 384})->Args({128, 1024, 288})->Args({128, 1024, 512})->Args({128, 1024, 2816})
-    ->Args({1, 1024, 384})->Args({1, 1024, 512})->Args({1, 1024, 32768})->Args({8, 1024, 512})
-    ->Unit(benchmark::kMicrosecond)->UseRealTime();
+    ->Args({128, 1024, 384})
+    ->Args({128, 1024, 288})
+    ->Args({128, 1024, 512})
+    ->Args({128, 1024, 2816})
+    ->Args({1, 1024, 384})
+    ->Args({1, 1024, 512})
+    ->Args({1, 1024, 32768})
+    ->Args({8, 1024, 512})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 
 void BM_Prefill(benchmark::State& state) {
   engine::Engine& e = BenchEngine();
   const auto& c = e.config();
   std::vector<int32_t> prompt(state.range(0));
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 7919 + 11) % c.vocab_size);
+  for (size_t i = 0; i < prompt.size(); ++i)
+    prompt[i] = static_cast<int32_t>((i * 7919 + 11) % c.vocab_size);
   std::vector<float> hidden, logits(c.vocab_size);
   for (auto _ : state) {
     engine::LatentCache cache(c.num_hidden_layers, c.latent_dim());
     std::vector<engine::SequenceChunk> batch = {{prompt, &cache}};
-    if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok()) state.SkipWithError("forward");
+    if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok())
+      state.SkipWithError("forward");
     e.transformer().Logits(hidden.data() + (prompt.size() - 1) * c.hidden_size, 1, logits.data());
   }
-  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(prompt.size()) * state.iterations(),
-                                                      benchmark::Counter::kIsRate);
+  state.counters["tokens_per_s"] = benchmark::Counter(
+      static_cast<double>(prompt.size()) * state.iterations(), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_Prefill)->Arg(32)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -155,9 +168,11 @@ void BM_Decode(benchmark::State& state) {
   for (int64_t b = 0; b < batch_size; ++b) {
     caches.push_back(std::make_unique<engine::LatentCache>(c.num_hidden_layers, c.latent_dim()));
     std::vector<int32_t> prompt(context);
-    for (int64_t i = 0; i < context; ++i) prompt[i] = static_cast<int32_t>((i * 31 + b * 17) % c.vocab_size);
+    for (int64_t i = 0; i < context; ++i)
+      prompt[i] = static_cast<int32_t>((i * 31 + b * 17) % c.vocab_size);
     std::vector<engine::SequenceChunk> one = {{prompt, caches.back().get()}};
-    if (!e.transformer().Forward(one, engine::AttentionForm::kAbsorbed, &hidden).ok()) state.SkipWithError("prefill");
+    if (!e.transformer().Forward(one, engine::AttentionForm::kAbsorbed, &hidden).ok())
+      state.SkipWithError("prefill");
   }
   std::vector<std::vector<int32_t>> next(batch_size, std::vector<int32_t>{42});
   std::vector<float> logits(batch_size * c.vocab_size);
@@ -167,11 +182,12 @@ void BM_Decode(benchmark::State& state) {
     std::vector<engine::SequenceChunk> batch;
     for (int64_t b = 0; b < batch_size; ++b) batch.push_back({next[b], caches[b].get()});
     state.ResumeTiming();
-    if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok()) state.SkipWithError("decode");
+    if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok())
+      state.SkipWithError("decode");
     e.transformer().Logits(hidden.data(), batch_size, logits.data());
   }
-  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(batch_size) * state.iterations(),
-                                                      benchmark::Counter::kIsRate);
+  state.counters["tokens_per_s"] = benchmark::Counter(
+      static_cast<double>(batch_size) * state.iterations(), benchmark::Counter::kIsRate);
   state.counters["weight_GB"] = static_cast<double>(e.weights().bytes()) / 1e9;
 }
 BENCHMARK(BM_Decode)->Arg(1)->Arg(8)->Unit(benchmark::kMillisecond)->UseRealTime();

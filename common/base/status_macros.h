@@ -25,9 +25,9 @@ inline absl::Status Annotate(const absl::Status& status, absl::string_view conte
 
 }  // namespace splitmoe
 
-#define SPLITMOE_RETURN_IF_ERROR(expr)              \
-  do {                                              \
-    const absl::Status splitmoe_status_ = (expr);   \
+#define SPLITMOE_RETURN_IF_ERROR(expr)                   \
+  do {                                                   \
+    const absl::Status splitmoe_status_ = (expr);        \
     if (!splitmoe_status_.ok()) return splitmoe_status_; \
   } while (0)
 

@@ -24,9 +24,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   }
   if (std::ifstream(model_dir + "/tokenizer.json")) {
     SPLITMOE_ASSIGN_OR_RETURN(engine->tokenizer_, tokenizer::Tokenizer::LoadFromDir(model_dir));
+    if (engine->tokenizer_->vocab_size() > engine->config_.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(model_dir, "/tokenizer.json has ", engine->tokenizer_->vocab_size(),
+                       " ids but config.json's vocab_size is ", engine->config_.vocab_size));
+    }
   }
   engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_);
-  engine->transformer_ = std::make_unique<Transformer>(engine->config_, engine->weights_, engine->moe_.get());
+  engine->transformer_ =
+      std::make_unique<Transformer>(engine->config_, engine->weights_, engine->moe_.get());
   return engine;
 }
 
@@ -45,7 +51,8 @@ absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, in
   std::vector<float> logits(static_cast<size_t>(vocab));
   for (int64_t i = 1; i < n; ++i) {
     transformer_->Logits(hidden.data() + (i - 1) * config_.hidden_size, 1, logits.data());
-    result.prompt_logprobs[static_cast<size_t>(i)] = ComputeLogprob(logits, tokens[i], top_logprobs);
+    result.prompt_logprobs[static_cast<size_t>(i)] =
+        ComputeLogprob(logits, tokens[i], top_logprobs);
   }
   if (with_mtp) {
     if (transformer_->mtp_modules() == 0) {
@@ -60,8 +67,8 @@ absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, in
                                                         options_.prefill_form, &mtp_logits));
       for (int64_t i = 0; i + 2 < n; ++i) {
         result.mtp_logprobs.push_back(ComputeLogprob(
-            absl::MakeConstSpan(mtp_logits.data() + i * vocab, static_cast<size_t>(vocab)), tokens[i + 2],
-            top_logprobs));
+            absl::MakeConstSpan(mtp_logits.data() + i * vocab, static_cast<size_t>(vocab)),
+            tokens[i + 2], top_logprobs));
       }
     }
   }
@@ -72,20 +79,22 @@ absl::Status Engine::ValidateRequest(const GenerateRequest& r) const {
   if (r.prompt.empty()) return absl::InvalidArgumentError("empty prompt");
   for (int32_t t : r.prompt) {
     if (t < 0 || t >= config_.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("prompt token id ", t, " outside the vocabulary [0, ", config_.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", t, " outside the vocabulary [0, ", config_.vocab_size, ")"));
     }
   }
-  if (r.max_tokens <= 0) return absl::InvalidArgumentError(absl::StrCat("max_tokens must be > 0, got ", r.max_tokens));
+  if (r.max_tokens <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be > 0, got ", r.max_tokens));
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
   if (total > config_.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_tokens (",
-                                                   r.max_tokens, ") exceeds the context of ",
-                                                   config_.max_position_embeddings, " tokens"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_tokens (", r.max_tokens,
+                     ") exceeds the context of ", config_.max_position_embeddings, " tokens"));
   }
   if (r.logprobs > 20) return absl::InvalidArgumentError("logprobs must be <= 20");
   if (!r.stop.empty() && tokenizer_ == nullptr) {
-    return absl::InvalidArgumentError("stop strings need a tokenizer, and the model directory has none");
+    return absl::InvalidArgumentError(
+        "stop strings need a tokenizer, and the model directory has none");
   }
   for (const std::string& s : r.stop) {
     if (s.empty()) return absl::InvalidArgumentError("empty stop string");
@@ -93,15 +102,17 @@ absl::Status Engine::ValidateRequest(const GenerateRequest& r) const {
   return ValidateSamplingParams(r.sampling);
 }
 
-absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, const TokenCallback& on_token) {
+absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
+                                                const TokenCallback& on_token) {
   SPLITMOE_RETURN_IF_ERROR(ValidateRequest(request));
   const int64_t vocab = config_.vocab_size, hidden_size = config_.hidden_size;
   LatentCache cache(config_.num_hidden_layers, config_.latent_dim());
   std::vector<float> hidden, logits(static_cast<size_t>(vocab));
   std::vector<SequenceChunk> batch = {{request.prompt, &cache}};
   SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, options_.prefill_form, &hidden));
-  transformer_->Logits(hidden.data() + (static_cast<int64_t>(request.prompt.size()) - 1) * hidden_size, 1,
-                       logits.data());
+  transformer_->Logits(
+      hidden.data() + (static_cast<int64_t>(request.prompt.size()) - 1) * hidden_size, 1,
+      logits.data());
 
   std::optional<tokenizer::IncrementalDetokenizer> detok;
   if (tokenizer_ != nullptr) detok.emplace(*tokenizer_, /*skip_special_tokens=*/true);
@@ -115,7 +126,8 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, 
     const int64_t position = static_cast<int64_t>(request.prompt.size()) + i;
     const int32_t token = SampleToken(logits, request.sampling, position);
     result.tokens.push_back(token);
-    if (request.logprobs >= 0) result.logprobs.push_back(ComputeLogprob(logits, token, request.logprobs));
+    if (request.logprobs >= 0)
+      result.logprobs.push_back(ComputeLogprob(logits, token, request.logprobs));
     bool stop = (!request.ignore_eos && token == config_.eos_token_id) ||
                 std::find(request.stop_token_ids.begin(), request.stop_token_ids.end(), token) !=
                     request.stop_token_ids.end();

@@ -46,9 +46,9 @@ struct GenerateRequest {
   std::vector<int32_t> prompt;
   SamplingParams sampling;
   int64_t max_tokens = 16;
-  int64_t logprobs = -1;  // < 0: none; K >= 0: the chosen token's logprob and the top K
-  std::vector<std::string> stop;         // stop strings (need the tokenizer)
-  std::vector<int32_t> stop_token_ids;   // besides eos
+  int64_t logprobs = -1;          // < 0: none; K >= 0: the chosen token's logprob and the top K
+  std::vector<std::string> stop;  // stop strings (need the tokenizer)
+  std::vector<int32_t> stop_token_ids;  // besides eos
   bool ignore_eos = false;
 };
 
@@ -75,7 +75,8 @@ class Engine {
 
   absl::StatusOr<ScoreResult> Score(const std::vector<int32_t>& tokens, int64_t top_logprobs,
                                     bool with_mtp);
-  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const TokenCallback& on_token);
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
+                                          const TokenCallback& on_token);
 
   // Checks a request before any compute: prompt non-empty, ids in range, context, sampling.
   absl::Status ValidateRequest(const GenerateRequest& request) const;

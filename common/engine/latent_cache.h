@@ -38,7 +38,9 @@ class LatentCache {
   }
   const float* Layer(int64_t layer) const { return per_layer_[static_cast<size_t>(layer)].data(); }
   // Bytes a token occupies across all layers (fp32).
-  int64_t bytes_per_token() const { return layers_ * latent_dim_ * static_cast<int64_t>(sizeof(float)); }
+  int64_t bytes_per_token() const {
+    return layers_ * latent_dim_ * static_cast<int64_t>(sizeof(float));
+  }
 
  private:
   int64_t latent_dim_;

@@ -27,8 +27,10 @@ RopeTable::RopeTable(const model::ModelConfig& config) : dim_(config.qk_rope_hea
   }
   const model::YarnScaling& y = config.yarn;
   if (y.enabled) {
-    double low = std::floor(CorrectionDim(y.beta_fast, dim_, config.rope_theta, y.original_max_position_embeddings));
-    double high = std::ceil(CorrectionDim(y.beta_slow, dim_, config.rope_theta, y.original_max_position_embeddings));
+    double low = std::floor(
+        CorrectionDim(y.beta_fast, dim_, config.rope_theta, y.original_max_position_embeddings));
+    double high = std::ceil(
+        CorrectionDim(y.beta_slow, dim_, config.rope_theta, y.original_max_position_embeddings));
     low = std::max(low, 0.0);
     high = std::min(high, static_cast<double>(dim_ - 1));
     if (low == high) high += 0.001;

@@ -49,7 +49,8 @@ ExpertChoice SelectExperts(const model::ModelConfig& config, absl::Span<const fl
     const int64_t groups = config.n_group, per_group = n / groups;
     std::vector<float> group_score(static_cast<size_t>(groups));
     for (int64_t g = 0; g < groups; ++g) {
-      absl::Span<const float> members(choice.data() + g * per_group, static_cast<size_t>(per_group));
+      absl::Span<const float> members(choice.data() + g * per_group,
+                                      static_cast<size_t>(per_group));
       if (config.topk_method == model::TopkMethod::kNoauxTc) {
         std::vector<int32_t> top2 = TopK(members, 2);
         group_score[g] = members[top2[0]] + members[top2[1]];

@@ -28,7 +28,9 @@ std::vector<int32_t> TopIds(absl::Span<const float> values, int64_t k) {
   std::vector<int32_t> ids(values.size());
   std::iota(ids.begin(), ids.end(), 0);
   k = std::min<int64_t>(k, static_cast<int64_t>(ids.size()));
-  auto cmp = [&](int32_t a, int32_t b) { return values[a] != values[b] ? values[a] > values[b] : a < b; };
+  auto cmp = [&](int32_t a, int32_t b) {
+    return values[a] != values[b] ? values[a] > values[b] : a < b;
+  };
   std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), cmp);
   ids.resize(static_cast<size_t>(k));
   return ids;
@@ -38,12 +40,14 @@ std::vector<int32_t> TopIds(absl::Span<const float> values, int64_t k) {
 
 absl::Status ValidateSamplingParams(const SamplingParams& p) {
   if (!(p.temperature >= 0.0) || !std::isfinite(p.temperature)) {
-    return absl::InvalidArgumentError(absl::StrCat("temperature must be a finite number >= 0, got ", p.temperature));
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be a finite number >= 0, got ", p.temperature));
   }
   if (!(p.top_p > 0.0 && p.top_p <= 1.0)) {
     return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", p.top_p));
   }
-  if (p.top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", p.top_k));
+  if (p.top_k < 0)
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", p.top_k));
   return absl::OkStatus();
 }
 

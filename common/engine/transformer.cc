@@ -37,7 +37,8 @@ void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t h
   const int64_t n = static_cast<int64_t>(rows.size());
   const int64_t inter = expert.gate.rows;
   std::vector<float> xs(static_cast<size_t>(n * hidden));
-  for (int64_t i = 0; i < n; ++i) std::memcpy(&xs[i * hidden], x + rows[i] * hidden, hidden * sizeof(float));
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(&xs[i * hidden], x + rows[i] * hidden, hidden * sizeof(float));
   std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
   kernels::Linear(xs.data(), n, expert.gate, g.data());
   kernels::Linear(xs.data(), n, expert.up, u.data());
@@ -60,8 +61,8 @@ absl::Status LocalMoeExecutor::RoutedExperts(int64_t layer, const float* x, cons
   std::vector<std::vector<int32_t>> token_rows(static_cast<size_t>(n));
   std::vector<std::vector<float>> token_weights(static_cast<size_t>(n));
   for (int64_t t = 0; t < rows; ++t) {
-    ExpertChoice choice = SelectExperts(config_, absl::MakeConstSpan(scores + t * n, static_cast<size_t>(n)),
-                                        w.gate_bias);
+    ExpertChoice choice = SelectExperts(
+        config_, absl::MakeConstSpan(scores + t * n, static_cast<size_t>(n)), w.gate_bias);
     for (size_t i = 0; i < choice.experts.size(); ++i) {
       token_rows[choice.experts[i]].push_back(static_cast<int32_t>(t));
       token_weights[choice.experts[i]].push_back(choice.weights[i]);
@@ -97,8 +98,8 @@ absl::Status PackMlp(model::MlpWeights* mlp) {
 }
 
 absl::Status PackLayer(model::LayerWeights* l) {
-  for (model::Matrix* m : {&l->attn.q_proj, &l->attn.q_a_proj, &l->attn.q_b_proj, &l->attn.kv_a_proj,
-                           &l->attn.o_proj, &l->gate}) {
+  for (model::Matrix* m : {&l->attn.q_proj, &l->attn.q_a_proj, &l->attn.q_b_proj,
+                           &l->attn.kv_a_proj, &l->attn.o_proj, &l->gate}) {
     SPLITMOE_RETURN_IF_ERROR(Pack(m));
   }
   SPLITMOE_RETURN_IF_ERROR(PackMlp(&l->dense));
@@ -124,7 +125,10 @@ absl::Status PackForInference(model::ModelWeights* w) {
 
 Transformer::Transformer(const model::ModelConfig& config, const model::ModelWeights& weights,
                          MoeExecutor* moe)
-    : config_(config), weights_(weights), moe_(moe), rope_(config),
+    : config_(config),
+      weights_(weights),
+      moe_(moe),
+      rope_(config),
       softmax_scale_(static_cast<float>(config.SoftmaxScale())) {}
 
 void Transformer::Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out) {
@@ -194,7 +198,8 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
         kernels::Gemm(false, false, n, kvr, dn, 1.0f, qc + h * qk, heads * qk,
                       wkvb + h * (dn + dv) * kvr, kvr, 0.0f, qf.data() + h * lat, heads * lat);
         for (int64_t t = 0; t < n; ++t) {
-          std::memcpy(&qf[(t * heads + h) * lat + kvr], qc + (t * heads + h) * qk + dn, dr * sizeof(float));
+          std::memcpy(&qf[(t * heads + h) * lat + kvr], qc + (t * heads + h) * qk + dn,
+                      dr * sizeof(float));
         }
       }
       std::vector<float> scores(static_cast<size_t>(n * heads * keys));
@@ -205,8 +210,8 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
         for (int64_t h = 0; h < heads; ++h) valid[t * heads + h] = start + t + 1;
       CausalSoftmax(scores.data(), n * heads, keys, valid.data());
       std::vector<float> olat(static_cast<size_t>(n * heads * kvr));
-      kernels::Gemm(false, false, n * heads, kvr, keys, 1.0f, scores.data(), keys, latents, lat, 0.0f,
-                    olat.data(), kvr);
+      kernels::Gemm(false, false, n * heads, kvr, keys, 1.0f, scores.data(), keys, latents, lat,
+                    0.0f, olat.data(), kvr);
       for (int64_t h = 0; h < heads; ++h) {
         kernels::Gemm(false, true, n, dv, kvr, 1.0f, olat.data() + h * kvr, heads * kvr,
                       wkvb + (h * (dn + dv) + dn) * kvr, kvr, 0.0f, oc + h * dv, heads * dv);
@@ -215,7 +220,8 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
       // Expand every key: kvfull [keys, heads * (dn + dv)] = c_kv @ kv_b_proj^T.
       const int64_t kvw = heads * (dn + dv);
       std::vector<float> kvfull(static_cast<size_t>(keys * kvw));
-      kernels::Gemm(false, true, keys, kvw, kvr, 1.0f, latents, lat, wkvb, kvr, 0.0f, kvfull.data(), kvw);
+      kernels::Gemm(false, true, keys, kvw, kvr, 1.0f, latents, lat, wkvb, kvr, 0.0f, kvfull.data(),
+                    kvw);
       std::vector<float> k(static_cast<size_t>(keys * qk));
       std::vector<float> scores(static_cast<size_t>(n * keys));
       std::vector<int64_t> valid(static_cast<size_t>(n));
@@ -225,8 +231,8 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
           std::memcpy(&k[s * qk], &kvfull[s * kvw + h * (dn + dv)], dn * sizeof(float));
           std::memcpy(&k[s * qk + dn], latents + s * lat + kvr, dr * sizeof(float));
         }
-        kernels::Gemm(false, true, n, keys, qk, softmax_scale_, qc + h * qk, heads * qk, k.data(), qk,
-                      0.0f, scores.data(), keys);
+        kernels::Gemm(false, true, n, keys, qk, softmax_scale_, qc + h * qk, heads * qk, k.data(),
+                      qk, 0.0f, scores.data(), keys);
         CausalSoftmax(scores.data(), n, keys, valid.data());
         kernels::Gemm(false, false, n, dv, keys, 1.0f, scores.data(), keys,
                       kvfull.data() + h * (dn + dv) + dn, kvw, 0.0f, oc + h * dv, heads * dv);
@@ -238,13 +244,14 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
   (void)hidden;
 }
 
-absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_index, int64_t cache_layer,
-                                absl::Span<const SequenceChunk> batch, AttentionForm form, float* h,
-                                int64_t rows) {
+absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_index,
+                                int64_t cache_layer, absl::Span<const SequenceChunk> batch,
+                                AttentionForm form, float* h, int64_t rows) {
   const model::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  std::vector<float> xn(static_cast<size_t>(rows * hidden)), delta(static_cast<size_t>(rows * hidden));
+  std::vector<float> xn(static_cast<size_t>(rows * hidden)),
+      delta(static_cast<size_t>(rows * hidden));
   kernels::RmsNorm(h, rows, hidden, hidden, w.input_norm.data(), eps, xn.data(), hidden);
   Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows);
   for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
@@ -254,8 +261,9 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
   } else {
     std::vector<float> scores(static_cast<size_t>(rows * c.n_routed_experts));
     GateScores(c, xn.data(), rows, w.gate, scores.data());
-    SPLITMOE_RETURN_IF_ERROR(Annotate(moe_->RoutedExperts(layer_index, xn.data(), scores.data(), rows, delta.data()),
-                                      absl::StrCat("MoE layer ", layer_index)));
+    SPLITMOE_RETURN_IF_ERROR(
+        Annotate(moe_->RoutedExperts(layer_index, xn.data(), scores.data(), rows, delta.data()),
+                 absl::StrCat("MoE layer ", layer_index)));
     if (c.n_shared_experts > 0) {
       std::vector<float> shared(static_cast<size_t>(rows * hidden));
       Mlp(w.shared, xn.data(), rows, shared.data());
@@ -274,12 +282,14 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
   for (const SequenceChunk& chunk : batch) {
     for (int32_t t : chunk.tokens) {
       if (t < 0 || t >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
       }
     }
     const int64_t end = chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size());
     if (end > c.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence of ", end, " tokens exceeds max_position_embeddings ",
+      return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
+                                                     " tokens exceeds max_position_embeddings ",
                                                      c.max_position_embeddings));
     }
     chunk.cache->EnsureCapacity(end);
@@ -294,8 +304,8 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
     }
   }
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch, form,
-                                   h.data(), rows));
+    SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch,
+                                   form, h.data(), rows));
   }
   for (const SequenceChunk& chunk : batch) {
     chunk.cache->set_length(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
@@ -313,8 +323,8 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
                                      const float* main_hidden, AttentionForm form,
                                      std::vector<float>* mtp_logits) {
   if (k < 0 || k >= mtp_modules()) {
-    return absl::FailedPreconditionError(absl::StrCat("MTP module ", k, " is not loaded (",
-                                                      mtp_modules(), " present)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("MTP module ", k, " is not loaded (", mtp_modules(), " present)"));
   }
   const model::MtpWeights& m = weights_.mtp[static_cast<size_t>(k)];
   const model::ModelConfig& c = config_;
@@ -325,8 +335,10 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
   for (const SequenceChunk& chunk : batch) {
     chunk.cache->EnsureCapacity(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
     for (int32_t t : chunk.tokens) {
-      if (t < 0 || t >= c.vocab_size) return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
-      kernels::RmsNorm(m.embed.row(t), 1, hidden, hidden, m.enorm.data(), eps, &cat[row * 2 * hidden], hidden);
+      if (t < 0 || t >= c.vocab_size)
+        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
+      kernels::RmsNorm(m.embed.row(t), 1, hidden, hidden, m.enorm.data(), eps,
+                       &cat[row * 2 * hidden], hidden);
       kernels::RmsNorm(main_hidden + row * hidden, 1, hidden, hidden, m.hnorm.data(), eps,
                        &cat[row * 2 * hidden + hidden], hidden);
       ++row;

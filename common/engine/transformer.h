@@ -76,7 +76,8 @@ struct SequenceChunk {
 
 class Transformer {
  public:
-  Transformer(const model::ModelConfig& config, const model::ModelWeights& weights, MoeExecutor* moe);
+  Transformer(const model::ModelConfig& config, const model::ModelWeights& weights,
+              MoeExecutor* moe);
 
   const model::ModelConfig& config() const { return config_; }
 
@@ -92,16 +93,19 @@ class Transformer {
   // `main_hidden` the main model's final-normed hidden state at p (rows in batch order, as
   // Forward produced). The chunks' caches are the module's own (one layer). mtp_logits
   // [total_rows, vocab] predict the token at p+2.
-  absl::Status MtpForward(int64_t k, absl::Span<const SequenceChunk> batch, const float* main_hidden,
-                          AttentionForm form, std::vector<float>* mtp_logits);
+  absl::Status MtpForward(int64_t k, absl::Span<const SequenceChunk> batch,
+                          const float* main_hidden, AttentionForm form,
+                          std::vector<float>* mtp_logits);
   int64_t mtp_modules() const { return static_cast<int64_t>(weights_.mtp.size()); }
 
  private:
   // One decoder block over h [rows, hidden] in place. `cache_layer` indexes the chunk caches.
   absl::Status Block(const model::LayerWeights& w, int64_t layer_index, int64_t cache_layer,
-                     absl::Span<const SequenceChunk> batch, AttentionForm form, float* h, int64_t rows);
+                     absl::Span<const SequenceChunk> batch, AttentionForm form, float* h,
+                     int64_t rows);
   void Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
-                 absl::Span<const SequenceChunk> batch, AttentionForm form, float* out, int64_t rows);
+                 absl::Span<const SequenceChunk> batch, AttentionForm form, float* out,
+                 int64_t rows);
   void Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out);
 
   const model::ModelConfig& config_;

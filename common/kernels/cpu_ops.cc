@@ -2,28 +2,27 @@
 
 #include <cblas.h>
 
-#include "common/kernels/packed_linear.h"
-
 #include <cmath>
 #include <limits>
+
+#include "common/kernels/packed_linear.h"
 
 namespace splitmoe::kernels {
 
 void SetBlasThreads(int threads) { openblas_set_num_threads(threads); }
 
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc) {
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
     return;
   }
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
-              static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
-              static_cast<blasint>(lda), b, static_cast<blasint>(ldb), beta, c,
-              static_cast<blasint>(ldc));
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(m), static_cast<blasint>(n),
+              static_cast<blasint>(k), alpha, a, static_cast<blasint>(lda), b,
+              static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
 }
 
 void Linear(const float* x, int64_t m, const model::Matrix& w, float* y) {
@@ -33,8 +32,9 @@ void Linear(const float* x, int64_t m, const model::Matrix& w, float* y) {
   }
   const float beta = 0.0f;
   if (m == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(w.rows), static_cast<blasint>(w.cols),
-                1.0f, w.data.data(), static_cast<blasint>(w.cols), x, 1, beta, y, 1);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(w.rows),
+                static_cast<blasint>(w.cols), 1.0f, w.data.data(), static_cast<blasint>(w.cols), x,
+                1, beta, y, 1);
     return;
   }
   Gemm(false, true, m, w.rows, w.cols, 1.0f, x, w.cols, w.data.data(), w.cols, beta, y, w.rows);

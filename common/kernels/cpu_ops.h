@@ -25,9 +25,8 @@ void Linear(const float* x, int64_t m, const model::Matrix& w, float* y);
 void SetBlasThreads(int threads);
 
 // General row-major GEMM: C[m, n] = alpha * op(A) @ op(B) + beta * C, with leading dimensions.
-void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-          int64_t ldc);
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
 // out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight, for r < rows. out may alias x.
 void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const float* weight,

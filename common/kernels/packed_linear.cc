@@ -30,7 +30,8 @@ PackedLinear::~PackedLinear() = default;
 absl::StatusOr<std::shared_ptr<const PackedLinear>> PackedLinear::Create(const model::Matrix& w) {
   using dnnl::memory;
   if (w.rows <= 0 || w.cols <= 0 || static_cast<int64_t>(w.data.size()) != w.rows * w.cols) {
-    return absl::InvalidArgumentError(absl::StrCat("PackedLinear: bad weight [", w.rows, ", ", w.cols, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("PackedLinear: bad weight [", w.rows, ", ", w.cols, "]"));
   }
   std::shared_ptr<PackedLinear> packed(new PackedLinear());
   packed->rows_ = w.rows;
@@ -54,7 +55,8 @@ absl::StatusOr<std::shared_ptr<const PackedLinear>> PackedLinear::Create(const m
     packed->bytes_ = pd.weights_desc().get_size();
     packed->impl_ = std::move(impl);
   } catch (const dnnl::error& e) {
-    return absl::InternalError(absl::StrCat("oneDNN matmul for [", w.rows, ", ", w.cols, "]: ", e.what()));
+    return absl::InternalError(
+        absl::StrCat("oneDNN matmul for [", w.rows, ", ", w.cols, "]: ", e.what()));
   }
   return std::shared_ptr<const PackedLinear>(std::move(packed));
 }
@@ -63,10 +65,12 @@ void PackedLinear::Run(const float* x, int64_t m, float* y) const {
   using dnnl::memory;
   if (m == 0) return;
   const dnnl::engine& eng = CpuEngine();
-  memory src(memory::desc({m, cols_}, memory::data_type::f32, memory::format_tag::ab), eng, const_cast<float*>(x));
+  memory src(memory::desc({m, cols_}, memory::data_type::f32, memory::format_tag::ab), eng,
+             const_cast<float*>(x));
   memory dst(memory::desc({m, rows_}, memory::data_type::f32, memory::format_tag::ab), eng, y);
   dnnl::stream& stream = ThreadStream();
-  impl_->matmul.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, impl_->weights}, {DNNL_ARG_DST, dst}});
+  impl_->matmul.execute(
+      stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, impl_->weights}, {DNNL_ARG_DST, dst}});
   stream.wait();
 }
 

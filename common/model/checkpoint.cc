@@ -48,8 +48,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
       }
       std::string file = it.value().get<std::string>();
       if (file.empty() || absl::StrContains(file, "/") || absl::StrContains(file, "..")) {
-        return absl::InvalidArgumentError(absl::StrCat(index_path, ": tensor '", it.key(),
-                                                       "' maps to an invalid file name '", file, "'"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            index_path, ": tensor '", it.key(), "' maps to an invalid file name '", file, "'"));
       }
       ckpt->weight_map_.emplace(it.key(), file);
       ckpt->names_.push_back(it.key());
@@ -103,9 +103,9 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name
                                                    ShapeString(info.shape)));
   }
   if (!IsFloatDType(info.dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "': dtype ",
-                                                   DTypeName(info.dtype),
-                                                   " is not a weight dtype (BF16, F16, F32, F8_E4M3)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": tensor '", name, "': dtype ", DTypeName(info.dtype),
+                     " is not a weight dtype (BF16, F16, F32, F8_E4M3)"));
   }
   std::vector<float> out(static_cast<size_t>(info.numel()));
   ConvertToFloat(info.dtype, loc.file->Data(info).data(), info.numel(), out.data());
@@ -121,9 +121,8 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name
     const int64_t srows = (rows + kFp8BlockSize - 1) / kFp8BlockSize;
     const int64_t scols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
     if (!Has(scale_name)) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name,
-                                                     "' is F8_E4M3 but '", scale_name,
-                                                     "' is missing"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": tensor '", name, "' is F8_E4M3 but '", scale_name, "' is missing"));
     }
     SPLITMOE_ASSIGN_OR_RETURN(Located sloc, Locate(scale_name));
     if (sloc.info->dtype != DType::kF32 && sloc.info->dtype != DType::kBF16) {
@@ -132,13 +131,14 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name
                                                      ", expected F32"));
     }
     if (sloc.info->shape != std::vector<int64_t>{srows, scols}) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          sloc.file->path(), ": tensor '", scale_name, "': expected shape ",
-          ShapeString({srows, scols}), " (one scale per 128x128 block of ", ShapeString(shape),
-          "), found ", ShapeString(sloc.info->shape)));
+      return absl::InvalidArgumentError(
+          absl::StrCat(sloc.file->path(), ": tensor '", scale_name, "': expected shape ",
+                       ShapeString({srows, scols}), " (one scale per 128x128 block of ",
+                       ShapeString(shape), "), found ", ShapeString(sloc.info->shape)));
     }
     std::vector<float> scales(static_cast<size_t>(srows * scols));
-    ConvertToFloat(sloc.info->dtype, sloc.file->Data(*sloc.info).data(), srows * scols, scales.data());
+    ConvertToFloat(sloc.info->dtype, sloc.file->Data(*sloc.info).data(), srows * scols,
+                   scales.data());
     bytes_read_ += sloc.info->nbytes;
     consumed_.insert(scale_name);
     for (int64_t r = 0; r < rows; ++r) {
@@ -147,9 +147,9 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name
       for (int64_t c = 0; c < cols; ++c) orow[c] *= srow[c / kFp8BlockSize];
     }
   } else if (Has(scale_name)) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' is ",
-                                                   DTypeName(info.dtype), " but has a '",
-                                                   scale_name, "' (only F8_E4M3 weights are scaled)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": tensor '", name, "' is ", DTypeName(info.dtype), " but has a '",
+                     scale_name, "' (only F8_E4M3 weights are scaled)"));
   }
   return out;
 }

@@ -33,7 +33,8 @@ class Checkpoint {
 
   const std::string& dir() const { return dir_; }
   const ModelConfig& config() const { return config_; }
-  // Every tensor name the checkpoint declares (the index's weight_map, or the single file's header).
+  // Every tensor name the checkpoint declares (the index's weight_map, or the single file's
+  // header).
   const std::vector<std::string>& tensor_names() const { return names_; }
   bool Has(absl::string_view name) const;
 
@@ -56,7 +57,8 @@ class Checkpoint {
   };
   absl::StatusOr<Located> Locate(const std::string& name);
   absl::StatusOr<const SafetensorsFile*> OpenFile(const std::string& file_name);
-  absl::StatusOr<std::vector<float>> LoadFloat(const std::string& name, const std::vector<int64_t>& shape);
+  absl::StatusOr<std::vector<float>> LoadFloat(const std::string& name,
+                                               const std::vector<int64_t>& shape);
 
   std::string dir_;
   ModelConfig config_;

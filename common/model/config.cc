@@ -29,16 +29,16 @@ absl::Status ReadInt(const json& j, const char* key, bool required, int64_t* out
     *out = static_cast<int64_t>(it->get<double>());
     return absl::OkStatus();
   }
-  return absl::InvalidArgumentError(absl::StrCat("field '", key, "' must be an integer, got ",
-                                                 it->dump()));
+  return absl::InvalidArgumentError(
+      absl::StrCat("field '", key, "' must be an integer, got ", it->dump()));
 }
 
 absl::Status ReadDouble(const json& j, const char* key, double* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return absl::OkStatus();
   if (!it->is_number()) {
-    return absl::InvalidArgumentError(absl::StrCat("field '", key, "' must be a number, got ",
-                                                   it->dump()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("field '", key, "' must be a number, got ", it->dump()));
   }
   *out = it->get<double>();
   return absl::OkStatus();
@@ -48,8 +48,8 @@ absl::Status ReadBool(const json& j, const char* key, bool* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return absl::OkStatus();
   if (!it->is_boolean()) {
-    return absl::InvalidArgumentError(absl::StrCat("field '", key, "' must be a boolean, got ",
-                                                   it->dump()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("field '", key, "' must be a boolean, got ", it->dump()));
   }
   *out = it->get<bool>();
   return absl::OkStatus();
@@ -84,8 +84,8 @@ absl::Status Validate(const ModelConfig& c) {
     return absl::InvalidArgumentError("negative dimension or count");
   }
   if (c.qk_rope_head_dim % 2 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("qk_rope_head_dim must be even (RoPE rotates pairs), got ", c.qk_rope_head_dim));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "qk_rope_head_dim must be even (RoPE rotates pairs), got ", c.qk_rope_head_dim));
   }
   if (!(c.rms_norm_eps > 0)) return absl::InvalidArgumentError("rms_norm_eps must be > 0");
   if (!(c.rope_theta > 1)) return absl::InvalidArgumentError("rope_theta must be > 1");
@@ -95,19 +95,19 @@ absl::Status Validate(const ModelConfig& c) {
     SPLITMOE_RETURN_IF_ERROR(positive(c.moe_intermediate_size, "moe_intermediate_size"));
     SPLITMOE_RETURN_IF_ERROR(positive(c.moe_layer_freq, "moe_layer_freq"));
     if (c.num_experts_per_tok <= 0 || c.num_experts_per_tok > c.n_routed_experts) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "num_experts_per_tok must be in [1, n_routed_experts=", c.n_routed_experts, "], got ",
-          c.num_experts_per_tok));
+      return absl::InvalidArgumentError(
+          absl::StrCat("num_experts_per_tok must be in [1, n_routed_experts=", c.n_routed_experts,
+                       "], got ", c.num_experts_per_tok));
     }
     if (c.n_group <= 0 || c.n_routed_experts % c.n_group != 0) {
       return absl::InvalidArgumentError(absl::StrCat("n_routed_experts (", c.n_routed_experts,
-                                                     ") must be a multiple of n_group (",
-                                                     c.n_group, ")"));
+                                                     ") must be a multiple of n_group (", c.n_group,
+                                                     ")"));
     }
     if (c.UsesGroups()) {
       if (c.topk_group <= 0 || c.topk_group > c.n_group) {
-        return absl::InvalidArgumentError(absl::StrCat("topk_group must be in [1, n_group=",
-                                                       c.n_group, "], got ", c.topk_group));
+        return absl::InvalidArgumentError(
+            absl::StrCat("topk_group must be in [1, n_group=", c.n_group, "], got ", c.topk_group));
       }
       int64_t per_group = c.n_routed_experts / c.n_group;
       if (c.topk_group * per_group < c.num_experts_per_tok) {
@@ -116,7 +116,8 @@ absl::Status Validate(const ModelConfig& c) {
             " experts cannot hold num_experts_per_tok (", c.num_experts_per_tok, ") experts"));
       }
       if (c.topk_method == TopkMethod::kNoauxTc && per_group < 2) {
-        return absl::InvalidArgumentError("noaux_tc scores groups by their top-2: need >= 2 experts per group");
+        return absl::InvalidArgumentError(
+            "noaux_tc scores groups by their top-2: need >= 2 experts per group");
       }
     }
     if (!(c.routed_scaling_factor > 0)) {
@@ -124,10 +125,12 @@ absl::Status Validate(const ModelConfig& c) {
     }
   }
   if (c.yarn.enabled && !(c.yarn.factor >= 1)) {
-    return absl::InvalidArgumentError(absl::StrCat("rope_scaling.factor must be >= 1, got ", c.yarn.factor));
+    return absl::InvalidArgumentError(
+        absl::StrCat("rope_scaling.factor must be >= 1, got ", c.yarn.factor));
   }
   if (c.bos_token_id >= c.vocab_size || c.eos_token_id >= c.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat("bos/eos token id outside vocab_size ", c.vocab_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat("bos/eos token id outside vocab_size ", c.vocab_size));
   }
   return absl::OkStatus();
 }
@@ -153,16 +156,23 @@ absl::StatusOr<ModelConfig> ParseJson(const json& j) {
   SPLITMOE_RETURN_IF_ERROR(ReadInt(j, "topk_group", false, &c.topk_group));
   if (auto it = j.find("topk_method"); it != j.end() && !it->is_null()) {
     std::string m = it->is_string() ? it->get<std::string>() : it->dump();
-    if (m == "greedy") c.topk_method = TopkMethod::kGreedy;
-    else if (m == "group_limited_greedy") c.topk_method = TopkMethod::kGroupLimitedGreedy;
-    else if (m == "noaux_tc") c.topk_method = TopkMethod::kNoauxTc;
-    else return absl::InvalidArgumentError(absl::StrCat("unknown topk_method '", m, "'"));
+    if (m == "greedy")
+      c.topk_method = TopkMethod::kGreedy;
+    else if (m == "group_limited_greedy")
+      c.topk_method = TopkMethod::kGroupLimitedGreedy;
+    else if (m == "noaux_tc")
+      c.topk_method = TopkMethod::kNoauxTc;
+    else
+      return absl::InvalidArgumentError(absl::StrCat("unknown topk_method '", m, "'"));
   }
   if (auto it = j.find("scoring_func"); it != j.end() && !it->is_null()) {
     std::string f = it->is_string() ? it->get<std::string>() : it->dump();
-    if (f == "softmax") c.scoring_func = ScoringFunc::kSoftmax;
-    else if (f == "sigmoid") c.scoring_func = ScoringFunc::kSigmoid;
-    else return absl::InvalidArgumentError(absl::StrCat("unknown scoring_func '", f, "'"));
+    if (f == "softmax")
+      c.scoring_func = ScoringFunc::kSoftmax;
+    else if (f == "sigmoid")
+      c.scoring_func = ScoringFunc::kSigmoid;
+    else
+      return absl::InvalidArgumentError(absl::StrCat("unknown scoring_func '", f, "'"));
   }
   SPLITMOE_RETURN_IF_ERROR(ReadBool(j, "norm_topk_prob", &c.norm_topk_prob));
   SPLITMOE_RETURN_IF_ERROR(ReadDouble(j, "routed_scaling_factor", &c.routed_scaling_factor));
@@ -170,20 +180,24 @@ absl::StatusOr<ModelConfig> ParseJson(const json& j) {
   SPLITMOE_RETURN_IF_ERROR(ReadInt(j, "moe_layer_freq", false, &c.moe_layer_freq));
   SPLITMOE_RETURN_IF_ERROR(ReadDouble(j, "rms_norm_eps", &c.rms_norm_eps));
   SPLITMOE_RETURN_IF_ERROR(ReadDouble(j, "rope_theta", &c.rope_theta));
-  SPLITMOE_RETURN_IF_ERROR(ReadInt(j, "max_position_embeddings", false, &c.max_position_embeddings));
+  SPLITMOE_RETURN_IF_ERROR(
+      ReadInt(j, "max_position_embeddings", false, &c.max_position_embeddings));
   SPLITMOE_RETURN_IF_ERROR(ReadBool(j, "tie_word_embeddings", &c.tie_word_embeddings));
-  SPLITMOE_RETURN_IF_ERROR(ReadInt(j, "num_nextn_predict_layers", false, &c.num_nextn_predict_layers));
+  SPLITMOE_RETURN_IF_ERROR(
+      ReadInt(j, "num_nextn_predict_layers", false, &c.num_nextn_predict_layers));
   SPLITMOE_RETURN_IF_ERROR(ReadTokenId(j, "bos_token_id", &c.bos_token_id));
   SPLITMOE_RETURN_IF_ERROR(ReadTokenId(j, "eos_token_id", &c.eos_token_id));
   if (auto it = j.find("rope_scaling"); it != j.end() && !it->is_null()) {
     const json& rs = *it;
-    if (!rs.is_object()) return absl::InvalidArgumentError("rope_scaling must be an object or null");
+    if (!rs.is_object())
+      return absl::InvalidArgumentError("rope_scaling must be an object or null");
     std::string type;
     if (rs.contains("type") && rs["type"].is_string()) type = rs["type"].get<std::string>();
-    if (rs.contains("rope_type") && rs["rope_type"].is_string()) type = rs["rope_type"].get<std::string>();
+    if (rs.contains("rope_type") && rs["rope_type"].is_string())
+      type = rs["rope_type"].get<std::string>();
     if (type != "yarn") {
-      return absl::InvalidArgumentError(absl::StrCat("unsupported rope_scaling type '", type,
-                                                     "' (DeepSeek-V2/V3 use yarn)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unsupported rope_scaling type '", type, "' (DeepSeek-V2/V3 use yarn)"));
     }
     YarnScaling& y = c.yarn;
     SPLITMOE_RETURN_IF_ERROR(ReadDouble(rs, "factor", &y.factor));
@@ -194,7 +208,8 @@ absl::StatusOr<ModelConfig> ParseJson(const json& j) {
     SPLITMOE_RETURN_IF_ERROR(ReadDouble(rs, "mscale", &y.mscale));
     SPLITMOE_RETURN_IF_ERROR(ReadDouble(rs, "mscale_all_dim", &y.mscale_all_dim));
     if (y.original_max_position_embeddings <= 0) {
-      return absl::InvalidArgumentError("rope_scaling.original_max_position_embeddings must be > 0");
+      return absl::InvalidArgumentError(
+          "rope_scaling.original_max_position_embeddings must be > 0");
     }
     // DeepSeek's reference applies YaRN only when the served context exceeds the original one.
     y.enabled = c.max_position_embeddings > y.original_max_position_embeddings;
@@ -207,9 +222,12 @@ absl::StatusOr<ModelConfig> ParseJson(const json& j) {
 
 absl::string_view TopkMethodName(TopkMethod method) {
   switch (method) {
-    case TopkMethod::kGreedy: return "greedy";
-    case TopkMethod::kGroupLimitedGreedy: return "group_limited_greedy";
-    case TopkMethod::kNoauxTc: return "noaux_tc";
+    case TopkMethod::kGreedy:
+      return "greedy";
+    case TopkMethod::kGroupLimitedGreedy:
+      return "group_limited_greedy";
+    case TopkMethod::kNoauxTc:
+      return "noaux_tc";
   }
   return "?";
 }
@@ -227,7 +245,8 @@ double ModelConfig::SoftmaxScale() const {
   return scale;
 }
 
-absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source) {
+absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
+                                             absl::string_view source) {
   json j = json::parse(json_text.begin(), json_text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(source, ": not valid JSON"));
   absl::StatusOr<ModelConfig> config;
@@ -279,13 +298,14 @@ std::string ModelConfigToJson(const ModelConfig& c) {
   j["rms_norm_eps"] = c.rms_norm_eps;
   j["rope_theta"] = c.rope_theta;
   if (c.yarn.factor > 1.0) {
-    j["rope_scaling"] = {{"type", "yarn"},
-                         {"factor", c.yarn.factor},
-                         {"original_max_position_embeddings", c.yarn.original_max_position_embeddings},
-                         {"beta_fast", c.yarn.beta_fast},
-                         {"beta_slow", c.yarn.beta_slow},
-                         {"mscale", c.yarn.mscale},
-                         {"mscale_all_dim", c.yarn.mscale_all_dim}};
+    j["rope_scaling"] = {
+        {"type", "yarn"},
+        {"factor", c.yarn.factor},
+        {"original_max_position_embeddings", c.yarn.original_max_position_embeddings},
+        {"beta_fast", c.yarn.beta_fast},
+        {"beta_slow", c.yarn.beta_slow},
+        {"mscale", c.yarn.mscale},
+        {"mscale_all_dim", c.yarn.mscale_all_dim}};
   } else {
     j["rope_scaling"] = nullptr;
   }

@@ -39,9 +39,11 @@ float F16ToFloat(uint16_t h) {
   if (exponent == 0) {
     value = std::ldexp(static_cast<float>(mantissa), -24);
   } else if (exponent == 31) {
-    value = mantissa ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+    value =
+        mantissa ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
   } else {
-    value = std::ldexp(1.0f + static_cast<float>(mantissa) / 1024.0f, static_cast<int>(exponent) - 15);
+    value =
+        std::ldexp(1.0f + static_cast<float>(mantissa) / 1024.0f, static_cast<int>(exponent) - 15);
   }
   return sign ? -value : value;
 }

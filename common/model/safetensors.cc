@@ -24,7 +24,7 @@ constexpr uint64_t kMaxHeaderBytes = 100u << 20;  // the format's own limit is 1
 
 bool ParseDType(absl::string_view s, DType* out) {
   static const std::pair<absl::string_view, DType> kNames[] = {
-      {"F32", DType::kF32},         {"F16", DType::kF16}, {"BF16", DType::kBF16},
+      {"F32", DType::kF32},        {"F16", DType::kF16}, {"BF16", DType::kBF16},
       {"F8_E4M3", DType::kF8E4M3}, {"I64", DType::kI64}, {"I32", DType::kI32},
       {"U8", DType::kU8}};
   for (const auto& [name, dtype] : kNames) {
@@ -36,7 +36,8 @@ bool ParseDType(absl::string_view s, DType* out) {
   return false;
 }
 
-absl::Status TensorError(const std::string& path, absl::string_view tensor, absl::string_view what) {
+absl::Status TensorError(const std::string& path, absl::string_view tensor,
+                         absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", tensor, "': ", what));
 }
 
@@ -44,23 +45,37 @@ absl::Status TensorError(const std::string& path, absl::string_view tensor, absl
 
 absl::string_view DTypeName(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
-    case DType::kF8E4M3: return "F8_E4M3";
-    case DType::kI64: return "I64";
-    case DType::kI32: return "I32";
-    case DType::kU8: return "U8";
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
+    case DType::kI64:
+      return "I64";
+    case DType::kI32:
+      return "I32";
+    case DType::kU8:
+      return "U8";
   }
   return "?";
 }
 
 size_t DTypeSize(DType dtype) {
   switch (dtype) {
-    case DType::kF32: case DType::kI32: return 4;
-    case DType::kF16: case DType::kBF16: return 2;
-    case DType::kF8E4M3: case DType::kU8: return 1;
-    case DType::kI64: return 8;
+    case DType::kF32:
+    case DType::kI32:
+      return 4;
+    case DType::kF16:
+    case DType::kBF16:
+      return 2;
+    case DType::kF8E4M3:
+    case DType::kU8:
+      return 1;
+    case DType::kI64:
+      return 8;
   }
   return 0;
 }
@@ -88,7 +103,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   size_t size = static_cast<size_t>(st.st_size);
   if (size < 8) {
     ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": truncated (", size, " bytes, no header)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": truncated (", size, " bytes, no header)"));
   }
   void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
   ::close(fd);
@@ -123,7 +139,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     TensorInfo info;
     info.name = name;
-    if (!entry["dtype"].is_string() || !ParseDType(entry["dtype"].get<std::string>(), &info.dtype)) {
+    if (!entry["dtype"].is_string() ||
+        !ParseDType(entry["dtype"].get<std::string>(), &info.dtype)) {
       return TensorError(path, name, absl::StrCat("unsupported dtype ", entry["dtype"].dump()));
     }
     const json& shape = entry["shape"];
@@ -145,10 +162,10 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     uint64_t begin = offsets[0].get<uint64_t>();
     uint64_t end = offsets[1].get<uint64_t>();
     if (begin > end || end > data_bytes) {
-      return TensorError(path, name,
-                         absl::StrCat("data_offsets [", begin, ", ", end,
-                                      ") out of range: the data region holds ", data_bytes,
-                                      " bytes (truncated file?)"));
+      return TensorError(
+          path, name,
+          absl::StrCat("data_offsets [", begin, ", ", end, ") out of range: the data region holds ",
+                       data_bytes, " bytes (truncated file?)"));
     }
     uint64_t expected = static_cast<uint64_t>(numel) * DTypeSize(info.dtype);
     if (end - begin != expected) {
@@ -162,9 +179,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     if (!inserted) return TensorError(path, name, "listed twice");
     by_offset.push_back(&pos->second);
   }
-  std::sort(by_offset.begin(), by_offset.end(), [](const TensorInfo* a, const TensorInfo* b) {
-    return a->offset < b->offset;
-  });
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const TensorInfo* a, const TensorInfo* b) { return a->offset < b->offset; });
   for (size_t i = 1; i < by_offset.size(); ++i) {
     const TensorInfo* prev = by_offset[i - 1];
     if (prev->nbytes > 0 && by_offset[i]->nbytes > 0 &&
@@ -216,7 +232,8 @@ absl::Status WriteSafetensors(const std::string& path, absl::Span<const TensorTo
   out.write(len_bytes, 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const TensorToWrite& t : tensors) {
-    out.write(reinterpret_cast<const char*>(t.data.data()), static_cast<std::streamsize>(t.data.size()));
+    out.write(reinterpret_cast<const char*>(t.data.data()),
+              static_cast<std::streamsize>(t.data.size()));
   }
   out.close();
   if (!out) return absl::DataLossError(absl::StrCat(path, ": write failed"));

@@ -18,7 +18,7 @@ namespace splitmoe::model {
 struct Matrix {
   int64_t rows = 0;
   int64_t cols = 0;
-  std::vector<float> data;  // rows * cols; empty once packed
+  std::vector<float> data;                              // rows * cols; empty once packed
   std::shared_ptr<const kernels::PackedLinear> packed;  // shared, immutable
   uint64_t packed_bytes = 0;
 

@@ -46,12 +46,14 @@ std::vector<float> TensorValues(const TensorSpec& spec, uint64_t seed, float cen
   const uint64_t stream = HashName(stream_name, seed);
   std::vector<float> v(static_cast<size_t>(numel));
   const float half_width = stddev * std::sqrt(3.0f);
-  for (int64_t i = 0; i < numel; ++i) v[i] = center + half_width * UniformPm1(stream, static_cast<uint64_t>(i));
+  for (int64_t i = 0; i < numel; ++i)
+    v[i] = center + half_width * UniformPm1(stream, static_cast<uint64_t>(i));
   return v;
 }
 
 // Standard deviation (and centre) of each kind of tensor.
-void Distribution(const TensorSpec& spec, const ModelConfig& c, double logit_scale, float* center, float* stddev) {
+void Distribution(const TensorSpec& spec, const ModelConfig& c, double logit_scale, float* center,
+                  float* stddev) {
   const std::string& n = spec.name;
   *center = 0.0f;
   if (absl::EndsWith(n, "norm.weight") || absl::EndsWith(n, "layernorm.weight")) {
@@ -67,7 +69,8 @@ void Distribution(const TensorSpec& spec, const ModelConfig& c, double logit_sca
     *stddev = static_cast<float>(2.0 / std::sqrt(static_cast<double>(c.hidden_size)));
   } else {
     const double fan_in = static_cast<double>(spec.shape.back());
-    const bool output_proj = absl::EndsWith(n, "o_proj.weight") || absl::EndsWith(n, "down_proj.weight");
+    const bool output_proj =
+        absl::EndsWith(n, "o_proj.weight") || absl::EndsWith(n, "down_proj.weight");
     *stddev = static_cast<float>((output_proj ? 0.5 : 1.0) / std::sqrt(fan_in));
   }
 }
@@ -92,7 +95,8 @@ void QuantizeFp8(const std::vector<float>& w, int64_t rows, int64_t cols, std::v
     for (int64_t bc = 0; bc < scols; ++bc) {
       float amax = 0.0f;
       for (int64_t r = br * kFp8BlockSize; r < std::min(rows, (br + 1) * kFp8BlockSize); ++r)
-        for (int64_t col = bc * kFp8BlockSize; col < std::min(cols, (bc + 1) * kFp8BlockSize); ++col)
+        for (int64_t col = bc * kFp8BlockSize; col < std::min(cols, (bc + 1) * kFp8BlockSize);
+             ++col)
           amax = std::max(amax, std::fabs(w[r * cols + col]));
       if (amax > 0.0f) scales[br * scols + bc] = amax / kFp8E4M3Max;
     }
@@ -100,7 +104,8 @@ void QuantizeFp8(const std::vector<float>& w, int64_t rows, int64_t cols, std::v
   q->resize(w.size());
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t col = 0; col < cols; ++col)
-      (*q)[r * cols + col] = FloatToFp8E4M3(w[r * cols + col] / scales[(r / kFp8BlockSize) * scols + col / kFp8BlockSize]);
+      (*q)[r * cols + col] = FloatToFp8E4M3(
+          w[r * cols + col] / scales[(r / kFp8BlockSize) * scols + col / kFp8BlockSize]);
   scale_bytes->resize(scales.size() * 4);
   std::memcpy(scale_bytes->data(), scales.data(), scale_bytes->size());
   *scale_shape = {srows, scols};
@@ -109,7 +114,8 @@ void QuantizeFp8(const std::vector<float>& w, int64_t rows, int64_t cols, std::v
 absl::Status CopyFile(const std::string& from, const std::string& to) {
   std::error_code ec;
   std::filesystem::copy_file(from, to, std::filesystem::copy_options::overwrite_existing, ec);
-  if (ec) return absl::NotFoundError(absl::StrCat("copying ", from, " to ", to, ": ", ec.message()));
+  if (ec)
+    return absl::NotFoundError(absl::StrCat("copying ", from, " to ", to, ": ", ec.message()));
   return absl::OkStatus();
 }
 
@@ -119,7 +125,8 @@ absl::StatusOr<ModelConfig> TinyModelConfig(const TinyModelOptions& o) {
   ModelConfig c;
   const bool v3 = o.style == "v3";
   if (!v3 && o.style != "v2" && o.style != "v2-greedy") {
-    return absl::InvalidArgumentError(absl::StrCat("unknown style '", o.style, "' (v3, v2, v2-greedy)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown style '", o.style, "' (v3, v2, v2-greedy)"));
   }
   auto pick = [](int64_t value, int64_t fallback) { return value > 0 ? value : fallback; };
   c.vocab_size = o.vocab_size;
@@ -168,7 +175,8 @@ absl::StatusOr<ModelConfig> TinyModelConfig(const TinyModelOptions& o) {
   return ParseModelConfig(ModelConfigToJson(c), "make-tiny config");
 }
 
-absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_dir, const std::string& tokenizer_dir) {
+absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_dir,
+                            const std::string& tokenizer_dir) {
   SPLITMOE_ASSIGN_OR_RETURN(ModelConfig c, TinyModelConfig(o));
   if (o.shards < 1) return absl::InvalidArgumentError("shards must be >= 1");
   std::error_code ec;
@@ -198,7 +206,8 @@ absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_di
     float center, stddev;
     Distribution(s, c, o.logit_scale, &center, &stddev);
     std::vector<float> values = TensorValues(s, o.seed, center, stddev);
-    size_t shard = std::min<size_t>(static_cast<size_t>(written * static_cast<uint64_t>(o.shards) / std::max<uint64_t>(total_bytes, 1)),
+    size_t shard = std::min<size_t>(static_cast<size_t>(written * static_cast<uint64_t>(o.shards) /
+                                                        std::max<uint64_t>(total_bytes, 1)),
                                     shards.size() - 1);
     written += values.size() * 2;
     if (absl::EndsWith(s.name, "e_score_correction_bias")) {
@@ -230,8 +239,10 @@ absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_di
     std::filesystem::remove(out_dir + "/model.safetensors.index.json", ec);
   }
   if (!tokenizer_dir.empty()) {
-    SPLITMOE_RETURN_IF_ERROR(CopyFile(tokenizer_dir + "/tokenizer.json", out_dir + "/tokenizer.json"));
-    SPLITMOE_RETURN_IF_ERROR(CopyFile(tokenizer_dir + "/tokenizer_config.json", out_dir + "/tokenizer_config.json"));
+    SPLITMOE_RETURN_IF_ERROR(
+        CopyFile(tokenizer_dir + "/tokenizer.json", out_dir + "/tokenizer.json"));
+    SPLITMOE_RETURN_IF_ERROR(
+        CopyFile(tokenizer_dir + "/tokenizer_config.json", out_dir + "/tokenizer_config.json"));
   }
   return absl::OkStatus();
 }

@@ -25,10 +25,10 @@ struct TinyModelOptions {
   // "v2": softmax + group_limited_greedy, no bias, q_lora_rank null, YaRN.
   // "v2-greedy": softmax + greedy, a single group.
   std::string style = "v3";
-  bool fp8 = false;          // F8_E4M3 linear weights with 128x128 weight_scale_inv
-  int64_t mtp_layers = -1;   // -1: 1 for v3, 0 otherwise
+  bool fp8 = false;         // F8_E4M3 linear weights with 128x128 weight_scale_inv
+  int64_t mtp_layers = -1;  // -1: 1 for v3, 0 otherwise
   uint64_t seed = 1;
-  int64_t shards = 1;        // > 1: model-0000k-of-0000n.safetensors + index
+  int64_t shards = 1;  // > 1: model-0000k-of-0000n.safetensors + index
   // Sizes; 0 means the style's default.
   int64_t vocab_size = 129280;
   int64_t hidden_size = 0;

@@ -35,11 +35,14 @@ void AddBlockSpecs(const ModelConfig& c, int64_t layer, std::vector<TensorSpec>*
   }
   out->push_back({a + "kv_a_proj_with_mqa.weight", {c.latent_dim(), h}, true});
   out->push_back({a + "kv_a_layernorm.weight", {c.kv_lora_rank}});
-  out->push_back({a + "kv_b_proj.weight", {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}, true});
+  out->push_back({a + "kv_b_proj.weight",
+                  {heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank},
+                  true});
   out->push_back({a + "o_proj.weight", {h, heads * c.v_head_dim}, true});
   if (c.IsMoeLayer(layer)) {
     out->push_back({p + "mlp.gate.weight", {c.n_routed_experts, h}});
-    if (c.HasScoreBias()) out->push_back({p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts}});
+    if (c.HasScoreBias())
+      out->push_back({p + "mlp.gate.e_score_correction_bias", {c.n_routed_experts}});
     for (int64_t e = 0; e < c.n_routed_experts; ++e) {
       AddMlpSpecs(absl::StrCat(p, "mlp.experts.", e, "."), h, c.moe_intermediate_size, out);
     }
@@ -76,28 +79,39 @@ class WeightLoader {
       const std::string a = p + "self_attn.";
       AttentionWeights& at = w->attn;
       if (c_.q_lora_rank > 0) {
-        SPLITMOE_ASSIGN_OR_RETURN(at.q_a_proj, ckpt_.LoadMatrix(a + "q_a_proj.weight", c_.q_lora_rank, h));
-        SPLITMOE_ASSIGN_OR_RETURN(at.q_a_norm, ckpt_.LoadVector(a + "q_a_layernorm.weight", c_.q_lora_rank));
-        SPLITMOE_ASSIGN_OR_RETURN(at.q_b_proj, ckpt_.LoadMatrix(a + "q_b_proj.weight",
-                                                                heads * c_.qk_head_dim(), c_.q_lora_rank));
+        SPLITMOE_ASSIGN_OR_RETURN(at.q_a_proj,
+                                  ckpt_.LoadMatrix(a + "q_a_proj.weight", c_.q_lora_rank, h));
+        SPLITMOE_ASSIGN_OR_RETURN(at.q_a_norm,
+                                  ckpt_.LoadVector(a + "q_a_layernorm.weight", c_.q_lora_rank));
+        SPLITMOE_ASSIGN_OR_RETURN(
+            at.q_b_proj,
+            ckpt_.LoadMatrix(a + "q_b_proj.weight", heads * c_.qk_head_dim(), c_.q_lora_rank));
       } else {
-        SPLITMOE_ASSIGN_OR_RETURN(at.q_proj, ckpt_.LoadMatrix(a + "q_proj.weight", heads * c_.qk_head_dim(), h));
+        SPLITMOE_ASSIGN_OR_RETURN(
+            at.q_proj, ckpt_.LoadMatrix(a + "q_proj.weight", heads * c_.qk_head_dim(), h));
       }
-      SPLITMOE_ASSIGN_OR_RETURN(at.kv_a_proj, ckpt_.LoadMatrix(a + "kv_a_proj_with_mqa.weight", c_.latent_dim(), h));
-      SPLITMOE_ASSIGN_OR_RETURN(at.kv_a_norm, ckpt_.LoadVector(a + "kv_a_layernorm.weight", c_.kv_lora_rank));
-      SPLITMOE_ASSIGN_OR_RETURN(at.kv_b_proj,
-                                ckpt_.LoadMatrix(a + "kv_b_proj.weight",
-                                                 heads * (c_.qk_nope_head_dim + c_.v_head_dim), c_.kv_lora_rank));
-      SPLITMOE_ASSIGN_OR_RETURN(at.o_proj, ckpt_.LoadMatrix(a + "o_proj.weight", h, heads * c_.v_head_dim));
+      SPLITMOE_ASSIGN_OR_RETURN(
+          at.kv_a_proj, ckpt_.LoadMatrix(a + "kv_a_proj_with_mqa.weight", c_.latent_dim(), h));
+      SPLITMOE_ASSIGN_OR_RETURN(at.kv_a_norm,
+                                ckpt_.LoadVector(a + "kv_a_layernorm.weight", c_.kv_lora_rank));
+      SPLITMOE_ASSIGN_OR_RETURN(
+          at.kv_b_proj,
+          ckpt_.LoadMatrix(a + "kv_b_proj.weight", heads * (c_.qk_nope_head_dim + c_.v_head_dim),
+                           c_.kv_lora_rank));
+      SPLITMOE_ASSIGN_OR_RETURN(at.o_proj,
+                                ckpt_.LoadMatrix(a + "o_proj.weight", h, heads * c_.v_head_dim));
       if (w->is_moe) {
-        SPLITMOE_ASSIGN_OR_RETURN(w->gate, ckpt_.LoadMatrix(p + "mlp.gate.weight", c_.n_routed_experts, h));
+        SPLITMOE_ASSIGN_OR_RETURN(w->gate,
+                                  ckpt_.LoadMatrix(p + "mlp.gate.weight", c_.n_routed_experts, h));
         if (c_.HasScoreBias()) {
-          SPLITMOE_ASSIGN_OR_RETURN(w->gate_bias, ckpt_.LoadVector(p + "mlp.gate.e_score_correction_bias",
-                                                                   c_.n_routed_experts));
+          SPLITMOE_ASSIGN_OR_RETURN(
+              w->gate_bias,
+              ckpt_.LoadVector(p + "mlp.gate.e_score_correction_bias", c_.n_routed_experts));
         }
         if (c_.n_shared_experts > 0) {
           SPLITMOE_RETURN_IF_ERROR(LoadMlp(p + "mlp.shared_experts.",
-                                           c_.n_shared_experts * c_.moe_intermediate_size, &w->shared));
+                                           c_.n_shared_experts * c_.moe_intermediate_size,
+                                           &w->shared));
         }
       } else {
         SPLITMOE_RETURN_IF_ERROR(LoadMlp(p + "mlp.", c_.intermediate_size, &w->dense));
@@ -109,7 +123,8 @@ class WeightLoader {
         for (int64_t e = 0; e < c_.n_routed_experts; ++e) {
           if (options_.expert_filter && !options_.expert_filter(layer, e)) continue;
           auto mlp = std::make_unique<MlpWeights>();
-          SPLITMOE_RETURN_IF_ERROR(LoadMlp(absl::StrCat(p, "mlp.experts.", e, "."), c_.moe_intermediate_size, mlp.get()));
+          SPLITMOE_RETURN_IF_ERROR(LoadMlp(absl::StrCat(p, "mlp.experts.", e, "."),
+                                           c_.moe_intermediate_size, mlp.get()));
           w->experts[static_cast<size_t>(e)] = std::move(mlp);
         }
       }
@@ -122,12 +137,14 @@ class WeightLoader {
     const std::string p = LayerPrefix(layer);
     const int64_t h = c_.hidden_size;
     if (options_.attention_side) {
-      SPLITMOE_ASSIGN_OR_RETURN(m->embed, ckpt_.LoadMatrix(p + "embed_tokens.weight", c_.vocab_size, h));
+      SPLITMOE_ASSIGN_OR_RETURN(m->embed,
+                                ckpt_.LoadMatrix(p + "embed_tokens.weight", c_.vocab_size, h));
       SPLITMOE_ASSIGN_OR_RETURN(m->enorm, ckpt_.LoadVector(p + "enorm.weight", h));
       SPLITMOE_ASSIGN_OR_RETURN(m->hnorm, ckpt_.LoadVector(p + "hnorm.weight", h));
       SPLITMOE_ASSIGN_OR_RETURN(m->eh_proj, ckpt_.LoadMatrix(p + "eh_proj.weight", h, 2 * h));
       SPLITMOE_ASSIGN_OR_RETURN(m->head_norm, ckpt_.LoadVector(p + "shared_head.norm.weight", h));
-      SPLITMOE_ASSIGN_OR_RETURN(m->head, ckpt_.LoadMatrix(p + "shared_head.head.weight", c_.vocab_size, h));
+      SPLITMOE_ASSIGN_OR_RETURN(m->head,
+                                ckpt_.LoadMatrix(p + "shared_head.head.weight", c_.vocab_size, h));
     }
     return LoadBlock(layer, &m->block);
   }
@@ -155,7 +172,8 @@ absl::StatusOr<int64_t> PresentMtpModules(const Checkpoint& ckpt) {
     if (found == 0) break;
     if (found != expected) {
       return absl::InvalidArgumentError(absl::StrCat(ckpt.dir(), ": MTP module ", k, " (", prefix,
-                                                     "*) has ", found, " of its ", expected, " tensors"));
+                                                     "*) has ", found, " of its ", expected,
+                                                     " tensors"));
     }
     ++present;
   }
@@ -201,8 +219,8 @@ uint64_t ModelWeights::bytes() const {
   uint64_t total = embed.bytes() + vec(final_norm) + lm_head.bytes();
   for (const LayerWeights& l : layers) total += layer_bytes(l);
   for (const MtpWeights& m : mtp) {
-    total += m.embed.bytes() + vec(m.enorm) + vec(m.hnorm) + m.eh_proj.bytes() +
-             vec(m.head_norm) + m.head.bytes() + layer_bytes(m.block);
+    total += m.embed.bytes() + vec(m.enorm) + vec(m.hnorm) + m.eh_proj.bytes() + vec(m.head_norm) +
+             m.head.bytes() + layer_bytes(m.block);
   }
   return total;
 }
@@ -228,7 +246,8 @@ absl::StatusOr<ModelWeights> LoadWeights(Checkpoint& ckpt, const LoadOptions& op
   WeightLoader loader(ckpt, options);
   const int64_t h = c.hidden_size;
   if (options.attention_side) {
-    SPLITMOE_ASSIGN_OR_RETURN(w.embed, ckpt.LoadMatrix("model.embed_tokens.weight", c.vocab_size, h));
+    SPLITMOE_ASSIGN_OR_RETURN(w.embed,
+                              ckpt.LoadMatrix("model.embed_tokens.weight", c.vocab_size, h));
     SPLITMOE_ASSIGN_OR_RETURN(w.final_norm, ckpt.LoadVector("model.norm.weight", h));
     if (c.tie_word_embeddings) {
       w.lm_head = w.embed;
@@ -238,8 +257,9 @@ absl::StatusOr<ModelWeights> LoadWeights(Checkpoint& ckpt, const LoadOptions& op
   }
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    SPLITMOE_RETURN_IF_ERROR(Annotate(loader.LoadBlock(layer, &w.layers[static_cast<size_t>(layer)]),
-                                      absl::StrCat("loading layer ", layer)));
+    SPLITMOE_RETURN_IF_ERROR(
+        Annotate(loader.LoadBlock(layer, &w.layers[static_cast<size_t>(layer)]),
+                 absl::StrCat("loading layer ", layer)));
   }
   if (options.mtp) {
     SPLITMOE_ASSIGN_OR_RETURN(int64_t modules, PresentMtpModules(ckpt));

@@ -46,40 +46,40 @@ struct LayerWeights {
   std::vector<float> input_norm;  // [hidden]
   std::vector<float> post_attention_norm;
   AttentionWeights attn;
-  MlpWeights dense;               // dense layers only
-  Matrix gate;                    // [n_routed, hidden], MoE layers
-  std::vector<float> gate_bias;   // [n_routed], noaux_tc only (selection only)
-  MlpWeights shared;              // [n_shared * moe_inter] wide; empty when n_shared == 0
+  MlpWeights dense;              // dense layers only
+  Matrix gate;                   // [n_routed, hidden], MoE layers
+  std::vector<float> gate_bias;  // [n_routed], noaux_tc only (selection only)
+  MlpWeights shared;             // [n_shared * moe_inter] wide; empty when n_shared == 0
   // Routed experts by global id; null where this process does not hold the expert.
   std::vector<std::unique_ptr<MlpWeights>> experts;
 };
 
 // DeepSeek-V3 multi-token prediction module k: predicts token t+2+k.
 struct MtpWeights {
-  Matrix embed;                  // [vocab, hidden]
+  Matrix embed;  // [vocab, hidden]
   std::vector<float> enorm, hnorm;
-  Matrix eh_proj;                // [hidden, 2 * hidden]: input is [enorm(emb); hnorm(h)]
+  Matrix eh_proj;  // [hidden, 2 * hidden]: input is [enorm(emb); hnorm(h)]
   LayerWeights block;
   std::vector<float> head_norm;  // shared_head.norm
   Matrix head;                   // shared_head.head [vocab, hidden]
 };
 
 struct ModelWeights {
-  Matrix embed;                  // [vocab, hidden]
+  Matrix embed;  // [vocab, hidden]
   std::vector<LayerWeights> layers;
   std::vector<float> final_norm;
-  Matrix lm_head;                // [vocab, hidden]; a copy of embed when tied
+  Matrix lm_head;  // [vocab, hidden]; a copy of embed when tied
   std::vector<MtpWeights> mtp;
 
-  uint64_t bytes() const;        // resident fp32 bytes
+  uint64_t bytes() const;  // resident fp32 bytes
 };
 
 struct LoadOptions {
-  bool attention_side = true;    // embeddings, attention, norms, dense, shared experts, gate, head
+  bool attention_side = true;  // embeddings, attention, norms, dense, shared experts, gate, head
   bool routed_experts = true;
   // Which routed experts to hold (layer, expert) when routed_experts; null: all of them.
   std::function<bool(int64_t layer, int64_t expert)> expert_filter;
-  bool mtp = true;               // load MTP modules when the checkpoint has them
+  bool mtp = true;  // load MTP modules when the checkpoint has them
 };
 
 // Expected tensors of a checkpoint for `config`, in a stable order.

@@ -126,7 +126,9 @@ TEST(RoutingTest, RandomisedGroupLimitProperty) {
         std::sort(m.rbegin(), m.rend());
         gs.push_back({method == TopkMethod::kNoauxTc ? m[0] + m[1] : m[0], g});
       }
-      std::sort(gs.begin(), gs.end(), [](auto a, auto b) { return a.first != b.first ? a.first > b.first : a.second < b.second; });
+      std::sort(gs.begin(), gs.end(), [](auto a, auto b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+      });
       for (int g : groups) EXPECT_TRUE(g == gs[0].second || g == gs[1].second);
       // Within the kept groups, no unchosen expert beats a chosen one.
       float worst_chosen = 1e9;

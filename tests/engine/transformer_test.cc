@@ -20,7 +20,8 @@ struct Loaded {
   std::unique_ptr<Engine> engine;
 };
 
-std::unique_ptr<Engine> LoadEngine(const std::string& dir, AttentionForm form = AttentionForm::kAbsorbed) {
+std::unique_ptr<Engine> LoadEngine(const std::string& dir,
+                                   AttentionForm form = AttentionForm::kAbsorbed) {
   EngineOptions options;
   options.prefill_form = form;
   auto e = Engine::Load(dir, options);
@@ -30,7 +31,8 @@ std::unique_ptr<Engine> LoadEngine(const std::string& dir, AttentionForm form = 
 
 std::vector<int32_t> Prompt(int64_t n, int64_t vocab, int seed = 0) {
   std::vector<int32_t> t;
-  for (int64_t i = 0; i < n; ++i) t.push_back(static_cast<int32_t>((i * 7919 + 13 + seed * 101) % vocab));
+  for (int64_t i = 0; i < n; ++i)
+    t.push_back(static_cast<int32_t>((i * 7919 + 13 + seed * 101) % vocab));
   return t;
 }
 
@@ -50,7 +52,8 @@ std::vector<float> AllLogits(Engine& e, const std::vector<int32_t>& tokens, Atte
 double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
   double m = 0;
-  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  for (size_t i = 0; i < a.size(); ++i)
+    m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
   return m;
 }
 
@@ -92,7 +95,8 @@ TEST_P(TransformerTest, IncrementalDecodeEqualsFullRecompute) {
     std::vector<SequenceChunk> step = {{one, &cache}};
     SPLITMOE_ASSERT_OK(e->transformer().Forward(step, AttentionForm::kAbsorbed, &hidden));
     e->transformer().Logits(hidden.data(), 1, logits.data());
-    std::vector<float> expect(full.begin() + i * c.vocab_size, full.begin() + (i + 1) * c.vocab_size);
+    std::vector<float> expect(full.begin() + i * c.vocab_size,
+                              full.begin() + (i + 1) * c.vocab_size);
     EXPECT_LT(MaxAbsDiff(logits, expect), 2e-4) << "position " << i;
   }
   EXPECT_EQ(cache.length(), static_cast<int64_t>(tokens.size()));
@@ -102,7 +106,8 @@ TEST_P(TransformerTest, BatchingChunksDoesNotChangeResults) {
   auto e = LoadEngine(ModelDir());
   const auto& c = e->config();
   auto a = Prompt(9, c.vocab_size, 2), b = Prompt(17, c.vocab_size, 3);
-  auto la = AllLogits(*e, a, AttentionForm::kAbsorbed), lb = AllLogits(*e, b, AttentionForm::kAbsorbed);
+  auto la = AllLogits(*e, a, AttentionForm::kAbsorbed),
+       lb = AllLogits(*e, b, AttentionForm::kAbsorbed);
   LatentCache ca(c.num_hidden_layers, c.latent_dim()), cb(c.num_hidden_layers, c.latent_dim());
   std::vector<SequenceChunk> batch = {{a, &ca}, {b, &cb}};
   std::vector<float> hidden;
@@ -115,7 +120,8 @@ TEST_P(TransformerTest, BatchingChunksDoesNotChangeResults) {
   EXPECT_LT(MaxAbsDiff(got_b, lb), 1e-4);
 }
 
-INSTANTIATE_TEST_SUITE_P(Styles, TransformerTest, ::testing::Values("v3", "v2", "v2-greedy", "v3_fp8"));
+INSTANTIATE_TEST_SUITE_P(Styles, TransformerTest,
+                         ::testing::Values("v3", "v2", "v2-greedy", "v3_fp8"));
 
 TEST(LatentCacheTest, HoldsExactlyTheLatentsOfEachToken) {
   auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
@@ -123,7 +129,8 @@ TEST(LatentCacheTest, HoldsExactlyTheLatentsOfEachToken) {
   const auto& w = e->weights();
   LatentCache cache(c.num_hidden_layers, c.latent_dim());
   EXPECT_EQ(cache.latent_dim(), c.kv_lora_rank + c.qk_rope_head_dim);
-  EXPECT_EQ(cache.bytes_per_token(), c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4);
+  EXPECT_EQ(cache.bytes_per_token(),
+            c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * 4);
   std::vector<int32_t> tokens = {5, 9, 11};
   std::vector<SequenceChunk> batch = {{tokens, &cache}};
   std::vector<float> hidden;
@@ -133,14 +140,17 @@ TEST(LatentCacheTest, HoldsExactlyTheLatentsOfEachToken) {
   RopeTable rope(c);
   for (int64_t p = 0; p < 3; ++p) {
     std::vector<float> xn(h), kv(c.latent_dim()), expect(c.latent_dim()), cs(dr);
-    kernels::RmsNorm(w.embed.row(tokens[p]), 1, h, h, w.layers[0].input_norm.data(), 1e-6f, xn.data(), h);
+    kernels::RmsNorm(w.embed.row(tokens[p]), 1, h, h, w.layers[0].input_norm.data(), 1e-6f,
+                     xn.data(), h);
     kernels::Linear(xn.data(), 1, w.layers[0].attn.kv_a_proj, kv.data());
-    kernels::RmsNorm(kv.data(), 1, kvr, kvr, w.layers[0].attn.kv_a_norm.data(), 1e-6f, expect.data(), kvr);
+    kernels::RmsNorm(kv.data(), 1, kvr, kvr, w.layers[0].attn.kv_a_norm.data(), 1e-6f,
+                     expect.data(), kvr);
     std::copy(kv.begin() + kvr, kv.end(), expect.begin() + kvr);
     rope.CosSin(p, cs.data());
     kernels::ApplyRope(expect.data() + kvr, cs.data(), dr);
     const float* row = cache.Row(0, p);
-    for (int64_t i = 0; i < c.latent_dim(); ++i) EXPECT_NEAR(row[i], expect[i], 1e-5) << p << "," << i;
+    for (int64_t i = 0; i < c.latent_dim(); ++i)
+      EXPECT_NEAR(row[i], expect[i], 1e-5) << p << "," << i;
   }
 }
 
@@ -253,7 +263,8 @@ TEST(EngineTest, MtpPredictsTwoAhead) {
 
 // Greedy decoding is only meaningful when the next-token distributions are peaked.
 TEST(TinyModelTest, FullVocabularyModelHasPeakedDistributions) {
-  auto e = LoadEngine(testing::TinyModel("full_vocab", [](TinyModelOptions& o) { o.vocab_size = 129280; }));
+  auto e = LoadEngine(
+      testing::TinyModel("full_vocab", [](TinyModelOptions& o) { o.vocab_size = 129280; }));
   auto tokens = Prompt(24, e->config().vocab_size, 8);
   auto r = e->Score(tokens, 2, false);
   ASSERT_TRUE(r.ok());
@@ -264,8 +275,9 @@ TEST(TinyModelTest, FullVocabularyModelHasPeakedDistributions) {
   }
   top1 /= static_cast<double>(tokens.size() - 1);
   gap /= static_cast<double>(tokens.size() - 1);
-  std::printf("mean top-1 probability %.3f, mean top1-top2 logprob gap %.3f (uniform would be %.2e)\n", top1,
-              gap, 1.0 / 129280);
+  std::printf(
+      "mean top-1 probability %.3f, mean top1-top2 logprob gap %.3f (uniform would be %.2e)\n",
+      top1, gap, 1.0 / 129280);
   EXPECT_GT(top1, 0.2);
   EXPECT_GT(gap, 0.3);
 }

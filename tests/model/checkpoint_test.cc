@@ -28,7 +28,8 @@ std::vector<TensorToWrite> ReadAll(const std::string& path) {
 }
 
 // A copy of a fresh tiny model whose single safetensors file is rewritten by `edit`.
-std::string CorruptedCopy(const std::string& name, const std::function<void(std::vector<TensorToWrite>&)>& edit,
+std::string CorruptedCopy(const std::string& name,
+                          const std::function<void(std::vector<TensorToWrite>&)>& edit,
                           bool fp8 = false) {
   std::string src = testing::TinyModel(fp8 ? "ckpt_src_fp8" : "ckpt_src", [&](TinyModelOptions& o) {
     o.fp8 = fp8;
@@ -104,7 +105,9 @@ TEST(CheckpointTest, ShardedLoadsAndSubsetReadsOnlyItsShards) {
   ASSERT_TRUE(ckpt.ok());
   LoadOptions experts_only;
   experts_only.attention_side = false;
-  experts_only.expert_filter = [](int64_t layer, int64_t expert) { return layer == 2 && expert < 2; };
+  experts_only.expert_filter = [](int64_t layer, int64_t expert) {
+    return layer == 2 && expert < 2;
+  };
   auto w = LoadWeights(**ckpt, experts_only);
   ASSERT_TRUE(w.ok()) << w.status();
   EXPECT_TRUE(w->embed.empty());
@@ -127,7 +130,8 @@ TEST(CheckpointTest, MissingTensorIsNamed) {
 
 TEST(CheckpointTest, ExtraTensorIsNamed) {
   std::string dir = CorruptedCopy("extra", [](auto& t) {
-    t.push_back({"model.layers.7.self_attn.o_proj.weight", DType::kBF16, {2, 2}, std::vector<uint8_t>(8)});
+    t.push_back(
+        {"model.layers.7.self_attn.o_proj.weight", DType::kBF16, {2, 2}, std::vector<uint8_t>(8)});
   });
   ExpectErrorMentions(LoadAll(dir), {"model.layers.7.self_attn.o_proj.weight", "unexpected"});
 }
@@ -139,7 +143,8 @@ TEST(CheckpointTest, WrongShapeNamesFileTensorAndShapes) {
       if (x.name == victim) std::swap(x.shape[0], x.shape[1]);
     }
   });
-  ExpectErrorMentions(LoadAll(dir), {victim, "model.safetensors", "expected shape [256, 64]", "found [64, 256]"});
+  ExpectErrorMentions(LoadAll(dir),
+                      {victim, "model.safetensors", "expected shape [256, 64]", "found [64, 256]"});
 }
 
 TEST(CheckpointTest, WrongDtypeIsNamed) {
@@ -171,22 +176,28 @@ TEST(CheckpointTest, IntegerDtypeIsNotAWeight) {
 
 TEST(CheckpointTest, Fp8WithoutScaleIsNamed) {
   const std::string victim = "model.layers.0.mlp.down_proj.weight";
-  std::string dir = CorruptedCopy("no_scale", [&](auto& t) {
-    std::erase_if(t, [&](const TensorToWrite& x) { return x.name == victim + "_scale_inv"; });
-  }, /*fp8=*/true);
+  std::string dir = CorruptedCopy(
+      "no_scale",
+      [&](auto& t) {
+        std::erase_if(t, [&](const TensorToWrite& x) { return x.name == victim + "_scale_inv"; });
+      },
+      /*fp8=*/true);
   ExpectErrorMentions(LoadAll(dir), {victim, "_scale_inv"});
 }
 
 TEST(CheckpointTest, Fp8ScaleOfWrongShapeIsNamed) {
   const std::string victim = "model.layers.0.mlp.down_proj.weight_scale_inv";
-  std::string dir = CorruptedCopy("bad_scale", [&](auto& t) {
-    for (auto& x : t) {
-      if (x.name == victim) {
-        x.shape = {2, 2};
-        x.data.resize(16);
-      }
-    }
-  }, /*fp8=*/true);
+  std::string dir = CorruptedCopy(
+      "bad_scale",
+      [&](auto& t) {
+        for (auto& x : t) {
+          if (x.name == victim) {
+            x.shape = {2, 2};
+            x.data.resize(16);
+          }
+        }
+      },
+      /*fp8=*/true);
   ExpectErrorMentions(LoadAll(dir), {victim, "128x128"});
 }
 
@@ -217,7 +228,8 @@ TEST(SafetensorsTest, RefusesBadHeaders) {
   } cases[] = {
       {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8, "out of range"},
       {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})", 24, "overlaps"},
+          "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}})",
+       24, "overlaps"},
       {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}})", 16, "needs 16"},
       {R"({"a": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}})", 16, "unsupported dtype"},
       {R"({"a": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}})", 16, "bad shape"},

@@ -99,7 +99,8 @@ TEST(ModelConfigTest, RefusesContradictions) {
       {R"("type": "yarn")", R"("type": "ntk")", "rope_scaling"},
   };
   for (const Case& c : cases) {
-    absl::StatusOr<ModelConfig> r = ParseModelConfig(Replace(kV3Config, c.from, c.to), "bad/config.json");
+    absl::StatusOr<ModelConfig> r =
+        ParseModelConfig(Replace(kV3Config, c.from, c.to), "bad/config.json");
     ASSERT_FALSE(r.ok()) << c.to;
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(r.status().message().find(c.expect), std::string::npos) << r.status();

@@ -9,8 +9,8 @@ namespace {
 
 TEST(NumericTest, Fp8E4M3KnownValues) {
   EXPECT_EQ(Fp8E4M3ToFloat(0x00), 0.0f);
-  EXPECT_EQ(Fp8E4M3ToFloat(0x38), 1.0f);           // exponent 7, mantissa 0
-  EXPECT_EQ(Fp8E4M3ToFloat(0x7e), 448.0f);          // the largest finite value
+  EXPECT_EQ(Fp8E4M3ToFloat(0x38), 1.0f);    // exponent 7, mantissa 0
+  EXPECT_EQ(Fp8E4M3ToFloat(0x7e), 448.0f);  // the largest finite value
   EXPECT_EQ(Fp8E4M3ToFloat(0xfe), -448.0f);
   EXPECT_EQ(Fp8E4M3ToFloat(0x01), std::ldexp(1.0f, -9));  // smallest subnormal
   EXPECT_EQ(Fp8E4M3ToFloat(0x08), std::ldexp(1.0f, -6));  // smallest normal

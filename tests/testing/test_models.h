@@ -1,15 +1,17 @@
 // Helpers shared by the tests: where the source and build trees are, and tiny checkpoints
 // written once per test binary into a temporary directory.
 //
-//   std::string dir = testing::TinyModel("v3_fp8", [](model::TinyModelOptions& o) { o.fp8 = true; });
+//   std::string dir = testing::TinyModel("v3_fp8", [](model::TinyModelOptions& o) { o.fp8 = true;
+//   });
 #ifndef SPLITMOE_TESTS_TESTING_TEST_MODELS_H_
 #define SPLITMOE_TESTS_TESTING_TEST_MODELS_H_
+
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <string>
-#include <unistd.h>
 
 #include "common/model/tiny.h"
 #include "gtest/gtest.h"
@@ -34,9 +36,10 @@ inline std::string TempDir(const std::string& name) {
 
 // Writes (once per process) a tiny model with small defaults (vocab 512, no tokenizer) after
 // `customize` adjusts the options.
-inline std::string TinyModel(const std::string& name,
-                             const std::function<void(model::TinyModelOptions&)>& customize = nullptr,
-                             bool with_tokenizer = false) {
+inline std::string TinyModel(
+    const std::string& name,
+    const std::function<void(model::TinyModelOptions&)>& customize = nullptr,
+    bool with_tokenizer = false) {
   std::filesystem::path p = std::filesystem::temp_directory_path() /
                             ("splitmoe_test_" + std::to_string(::getpid())) / ("model_" + name);
   if (std::filesystem::exists(p / "config.json")) return p.string();

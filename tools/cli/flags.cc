@@ -11,7 +11,8 @@ absl::Status Flags::Parse(int argc, char** argv, int first, const std::set<std::
                           const std::set<std::string>& boolean) {
   for (int i = first; i < argc; ++i) {
     std::string arg = argv[i];
-    if (arg.rfind("--", 0) != 0) return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
+    if (arg.rfind("--", 0) != 0)
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
     arg = arg.substr(2);
     std::string value;
     bool has_value = false;
@@ -27,7 +28,8 @@ absl::Status Flags::Parse(int argc, char** argv, int first, const std::set<std::
       values_.emplace(arg, has_value ? value : "true");
     } else if (valued.count(arg)) {
       if (!has_value) {
-        if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat("--", arg, " needs a value"));
+        if (i + 1 >= argc)
+          return absl::InvalidArgumentError(absl::StrCat("--", arg, " needs a value"));
         value = argv[++i];
       }
       values_.emplace(arg, value);
@@ -55,7 +57,8 @@ absl::StatusOr<int64_t> Flags::GetInt(const std::string& name, int64_t fallback)
   if (!Has(name)) return fallback;
   int64_t v;
   if (!absl::SimpleAtoi(Get(name), &v)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be an integer, got '", Get(name), "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be an integer, got '", Get(name), "'"));
   }
   return v;
 }
@@ -64,7 +67,8 @@ absl::StatusOr<double> Flags::GetDouble(const std::string& name, double fallback
   if (!Has(name)) return fallback;
   double v;
   if (!absl::SimpleAtod(Get(name), &v)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be a number, got '", Get(name), "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " must be a number, got '", Get(name), "'"));
   }
   return v;
 }
@@ -74,7 +78,8 @@ absl::StatusOr<std::vector<int32_t>> Flags::GetIntList(const std::string& name) 
   for (absl::string_view part : absl::StrSplit(Get(name), ',', absl::SkipWhitespace())) {
     int32_t v;
     if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &v)) {
-      return absl::InvalidArgumentError(absl::StrCat("--", name, ": '", part, "' is not an integer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, ": '", part, "' is not an integer"));
     }
     out.push_back(v);
   }

@@ -1,8 +1,9 @@
 // `splitmoe`: the command-line entry point. Single-process subcommands:
 //   splitmoe make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] ...
 //   splitmoe inspect  --model DIR [--json]
-//   splitmoe score    --model DIR (--prompt TEXT | --prompt-tokens 1,2,3) [--top-logprobs K] [--mtp] --json
-//   splitmoe generate --model DIR (--prompt TEXT | --prompt-tokens ...) [--max-tokens N]
+//   splitmoe score    --model DIR (--prompt TEXT | --prompt-tokens 1,2,3) [--top-logprobs K]
+//   [--mtp] --json splitmoe generate --model DIR (--prompt TEXT | --prompt-tokens ...)
+//   [--max-tokens N]
 //                     [--temperature T] [--top-p P] [--top-k K] [--seed S] [--logprobs K]
 //                     [--stop STR]... [--json]
 // Errors print one line "error: <message>" on stderr and exit 1 (2 for usage errors).
@@ -40,11 +41,32 @@ json LogprobJson(const engine::TokenLogprob& lp) {
 absl::Status MakeTiny(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
-      {"out", "style", "seed", "mtp", "shards", "vocab", "hidden", "layers", "dense-layers", "heads",
-       "q-lora-rank", "kv-lora-rank", "qk-nope-head-dim", "qk-rope-head-dim", "v-head-dim", "inter",
-       "moe-inter", "experts", "shared-experts", "experts-per-tok", "groups", "topk-groups",
-       "max-position", "tokenizer-dir", "logit-scale"},
-      {"fp8", "no-tokenizer"}));
+                                   {"out",
+                                    "style",
+                                    "seed",
+                                    "mtp",
+                                    "shards",
+                                    "vocab",
+                                    "hidden",
+                                    "layers",
+                                    "dense-layers",
+                                    "heads",
+                                    "q-lora-rank",
+                                    "kv-lora-rank",
+                                    "qk-nope-head-dim",
+                                    "qk-rope-head-dim",
+                                    "v-head-dim",
+                                    "inter",
+                                    "moe-inter",
+                                    "experts",
+                                    "shared-experts",
+                                    "experts-per-tok",
+                                    "groups",
+                                    "topk-groups",
+                                    "max-position",
+                                    "tokenizer-dir",
+                                    "logit-scale"},
+                                   {"fp8", "no-tokenizer"}));
   if (!f.Has("out")) return absl::InvalidArgumentError("make-tiny needs --out DIR");
   model::TinyModelOptions o;
   o.style = f.Get("style", "v3");
@@ -72,7 +94,15 @@ absl::Status MakeTiny(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(o.topk_group, f.GetInt("topk-groups", 0));
   SPLITMOE_ASSIGN_OR_RETURN(o.max_position_embeddings, f.GetInt("max-position", 0));
   SPLITMOE_ASSIGN_OR_RETURN(o.logit_scale, f.GetDouble("logit-scale", o.logit_scale));
-  std::string tokenizer_dir = f.Has("no-tokenizer") ? "" : f.Get("tokenizer-dir", DefaultTokenizerDir());
+  // DeepSeek-V3's tokenizer has 128818 ids: a model with a smaller vocabulary gets none (unless a
+  // tokenizer is named explicitly), so no encoded prompt can hold an id the model lacks.
+  constexpr int64_t kDeepSeekV3TokenizerIds = 128818;
+  std::string tokenizer_dir;
+  if (f.Has("tokenizer-dir")) {
+    tokenizer_dir = f.Get("tokenizer-dir");
+  } else if (!f.Has("no-tokenizer") && o.vocab_size >= kDeepSeekV3TokenizerIds) {
+    tokenizer_dir = DefaultTokenizerDir();
+  }
   SPLITMOE_RETURN_IF_ERROR(model::WriteTinyModel(o, f.Get("out"), tokenizer_dir));
   std::cout << "wrote " << f.Get("out") << "\n";
   return absl::OkStatus();
@@ -112,24 +142,27 @@ absl::Status Inspect(int argc, char** argv) {
     return absl::OkStatus();
   }
   std::cout << "model: " << ckpt->dir() << "\n"
-            << "  layers " << c.num_hidden_layers << " (" << c.first_k_dense_replace << " dense first, "
-            << moe_layers << " MoE), hidden " << c.hidden_size << ", heads " << c.num_attention_heads
-            << ", vocab " << c.vocab_size << "\n"
+            << "  layers " << c.num_hidden_layers << " (" << c.first_k_dense_replace
+            << " dense first, " << moe_layers << " MoE), hidden " << c.hidden_size << ", heads "
+            << c.num_attention_heads << ", vocab " << c.vocab_size << "\n"
             << "  MLA: q_lora_rank " << (c.q_lora_rank ? std::to_string(c.q_lora_rank) : "null")
-            << ", kv_lora_rank " << c.kv_lora_rank << ", qk_nope " << c.qk_nope_head_dim << ", qk_rope "
-            << c.qk_rope_head_dim << ", v " << c.v_head_dim << ", yarn " << (c.yarn.enabled ? "on" : "off")
-            << " (factor " << c.yarn.factor << ")\n"
-            << "  MoE: " << c.n_routed_experts << " routed + " << c.n_shared_experts << " shared, top-"
-            << c.num_experts_per_tok << ", " << model::ScoringFuncName(c.scoring_func) << " / "
-            << model::TopkMethodName(c.topk_method) << ", groups " << c.n_group << " keep " << c.topk_group
-            << ", norm_topk_prob " << (c.norm_topk_prob ? "true" : "false") << ", scale "
-            << c.routed_scaling_factor << "\n"
-            << "  MTP modules: " << w.mtp.size() << " (config: " << c.num_nextn_predict_layers << ")\n"
-            << "  tensors: " << ckpt->tensor_names().size() << ", checkpoint bytes " << ckpt->bytes_read()
-            << ", resident fp32 bytes " << w.bytes() << " (routed experts " << expert_bytes << ")\n"
-            << "  latent cache: " << c.latent_dim() << " values per token per layer = "
-            << c.latent_dim() * c.num_hidden_layers * 2 << " bytes/token in bf16, "
-            << c.latent_dim() * c.num_hidden_layers * 4 << " in fp32\n";
+            << ", kv_lora_rank " << c.kv_lora_rank << ", qk_nope " << c.qk_nope_head_dim
+            << ", qk_rope " << c.qk_rope_head_dim << ", v " << c.v_head_dim << ", yarn "
+            << (c.yarn.enabled ? "on" : "off") << " (factor " << c.yarn.factor << ")\n"
+            << "  MoE: " << c.n_routed_experts << " routed + " << c.n_shared_experts
+            << " shared, top-" << c.num_experts_per_tok << ", "
+            << model::ScoringFuncName(c.scoring_func) << " / "
+            << model::TopkMethodName(c.topk_method) << ", groups " << c.n_group << " keep "
+            << c.topk_group << ", norm_topk_prob " << (c.norm_topk_prob ? "true" : "false")
+            << ", scale " << c.routed_scaling_factor << "\n"
+            << "  MTP modules: " << w.mtp.size() << " (config: " << c.num_nextn_predict_layers
+            << ")\n"
+            << "  tensors: " << ckpt->tensor_names().size() << ", checkpoint bytes "
+            << ckpt->bytes_read() << ", resident fp32 bytes " << w.bytes() << " (routed experts "
+            << expert_bytes << ")\n"
+            << "  latent cache: " << c.latent_dim()
+            << " values per token per layer = " << c.latent_dim() * c.num_hidden_layers * 2
+            << " bytes/token in bf16, " << c.latent_dim() * c.num_hidden_layers * 4 << " in fp32\n";
   return absl::OkStatus();
 }
 
@@ -141,7 +174,8 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const Flags& f, const engine::
   }
   if (f.Has("prompt-tokens")) return f.GetIntList("prompt-tokens");
   if (e.tokenizer() == nullptr) {
-    return absl::FailedPreconditionError("--prompt needs tokenizer.json in the model directory; use --prompt-tokens");
+    return absl::FailedPreconditionError(
+        "--prompt needs tokenizer.json in the model directory; use --prompt-tokens");
   }
   return e.tokenizer()->Encode(f.Get("prompt"), /*add_special_tokens=*/true);
 }
@@ -155,8 +189,9 @@ absl::StatusOr<engine::AttentionForm> FormFlag(const Flags& f) {
 
 absl::Status Score(int argc, char** argv) {
   Flags f;
-  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"model", "prompt", "prompt-tokens", "top-logprobs", "attention"},
-                                   {"json", "mtp"}));
+  SPLITMOE_RETURN_IF_ERROR(
+      f.Parse(argc, argv, 2, {"model", "prompt", "prompt-tokens", "top-logprobs", "attention"},
+              {"json", "mtp"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("score needs --model DIR");
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
@@ -179,10 +214,11 @@ absl::Status Score(int argc, char** argv) {
 
 absl::Status Generate(int argc, char** argv) {
   Flags f;
-  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
-      {"model", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p", "top-k", "seed", "logprobs",
-       "stop", "stop-token-ids", "attention"},
-      {"json", "ignore-eos"}));
+  SPLITMOE_RETURN_IF_ERROR(
+      f.Parse(argc, argv, 2,
+              {"model", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p", "top-k",
+               "seed", "logprobs", "stop", "stop-token-ids", "attention"},
+              {"json", "ignore-eos"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("generate needs --model DIR");
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
@@ -204,9 +240,7 @@ absl::Status Generate(int argc, char** argv) {
   const bool as_json = f.Has("json");
   engine::TokenCallback stream;
   if (!as_json) {
-    stream = [](int32_t, absl::string_view text) {
-      std::cout << text << std::flush;
-    };
+    stream = [](int32_t, absl::string_view text) { std::cout << text << std::flush; };
   }
   SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateResult r, eng->Generate(req, stream));
   if (!as_json) {
@@ -215,18 +249,25 @@ absl::Status Generate(int argc, char** argv) {
   }
   json lps = json::array();
   for (const auto& lp : r.logprobs) lps.push_back(LogprobJson(lp));
-  json out = {{"tokens", r.tokens}, {"text", r.text}, {"logprobs", lps}, {"finish_reason", r.finish_reason}};
+  json out = {{"tokens", r.tokens},
+              {"text", r.text},
+              {"logprobs", lps},
+              {"finish_reason", r.finish_reason}};
   std::cout << out.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
   return absl::OkStatus();
 }
 
 int Usage() {
-  std::cerr << "usage: splitmoe <make-tiny|inspect|score|generate> [flags]\n"
-               "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp N]\n"
-               "  inspect   --model DIR [--json]\n"
-               "  score     --model DIR (--prompt TEXT | --prompt-tokens IDS) [--top-logprobs K] [--mtp] --json\n"
-               "  generate  --model DIR (--prompt TEXT | --prompt-tokens IDS) [--max-tokens N] [--temperature T]\n"
-               "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n";
+  std::cerr
+      << "usage: splitmoe <make-tiny|inspect|score|generate> [flags]\n"
+         "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
+         "N]\n"
+         "  inspect   --model DIR [--json]\n"
+         "  score     --model DIR (--prompt TEXT | --prompt-tokens IDS) [--top-logprobs K] [--mtp] "
+         "--json\n"
+         "  generate  --model DIR (--prompt TEXT | --prompt-tokens IDS) [--max-tokens N] "
+         "[--temperature T]\n"
+         "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n";
   return 2;
 }
 
@@ -238,12 +279,18 @@ int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   const std::string cmd = argv[1];
   absl::Status status;
-  if (cmd == "make-tiny") status = MakeTiny(argc, argv);
-  else if (cmd == "inspect") status = Inspect(argc, argv);
-  else if (cmd == "score") status = Score(argc, argv);
-  else if (cmd == "generate") status = Generate(argc, argv);
-  else if (cmd == "--help" || cmd == "help") return Usage() - 2;
-  else return Usage();
+  if (cmd == "make-tiny")
+    status = MakeTiny(argc, argv);
+  else if (cmd == "inspect")
+    status = Inspect(argc, argv);
+  else if (cmd == "score")
+    status = Score(argc, argv);
+  else if (cmd == "generate")
+    status = Generate(argc, argv);
+  else if (cmd == "--help" || cmd == "help")
+    return Usage() - 2;
+  else
+    return Usage();
   if (!status.ok()) {
     std::cerr << "error: " << status.ToString() << "\n";
     return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;

@@ -12,7 +12,8 @@ absl::Status CudaError(cudaError_t err, const char* what) {
 }
 
 // One block per row; the sum of squares in fp32 through shared memory.
-__global__ void RmsNormKernel(const float* x, int64_t dim, const float* weight, float eps, float* out) {
+__global__ void RmsNormKernel(const float* x, int64_t dim, const float* weight, float eps,
+                              float* out) {
   extern __shared__ float partial[];
   const float* xr = x + blockIdx.x * dim;
   float* o = out + blockIdx.x * dim;
@@ -42,25 +43,33 @@ absl::StatusOr<std::string> DeviceName(int index) {
   cudaDeviceProp prop;
   cudaError_t err = cudaGetDeviceProperties(&prop, index);
   if (err != cudaSuccess) return CudaError(err, "cudaGetDeviceProperties");
-  return absl::StrCat(prop.name, ", sm_", prop.major, prop.minor, ", ", prop.totalGlobalMem >> 30, " GiB");
+  return absl::StrCat(prop.name, ", sm_", prop.major, prop.minor, ", ", prop.totalGlobalMem >> 30,
+                      " GiB");
 }
 
-absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, const float* weight, float eps, float* out) {
-  if (rows < 0 || dim <= 0) return absl::InvalidArgumentError(absl::StrCat("RmsNorm: bad shape [", rows, ", ", dim, "]"));
+absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, const float* weight, float eps,
+                     float* out) {
+  if (rows < 0 || dim <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("RmsNorm: bad shape [", rows, ", ", dim, "]"));
   if (rows == 0) return absl::OkStatus();
   const size_t bytes = static_cast<size_t>(rows * dim) * sizeof(float);
   float *dx = nullptr, *dw = nullptr, *dout = nullptr;
   absl::Status status = CudaError(cudaMalloc(&dx, bytes), "cudaMalloc");
   if (status.ok()) status = CudaError(cudaMalloc(&dw, dim * sizeof(float)), "cudaMalloc");
   if (status.ok()) status = CudaError(cudaMalloc(&dout, bytes), "cudaMalloc");
-  if (status.ok()) status = CudaError(cudaMemcpy(dx, x, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
-  if (status.ok()) status = CudaError(cudaMemcpy(dw, weight, dim * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+  if (status.ok())
+    status = CudaError(cudaMemcpy(dx, x, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  if (status.ok())
+    status = CudaError(cudaMemcpy(dw, weight, dim * sizeof(float), cudaMemcpyHostToDevice),
+                       "cudaMemcpy");
   if (status.ok()) {
     constexpr int kThreads = 256;
-    RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(float)>>>(dx, dim, dw, eps, dout);
+    RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(float)>>>(dx, dim, dw,
+                                                                                       eps, dout);
     status = CudaError(cudaGetLastError(), "RmsNormKernel launch");
   }
-  if (status.ok()) status = CudaError(cudaMemcpy(out, dout, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  if (status.ok())
+    status = CudaError(cudaMemcpy(out, dout, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
   cudaFree(dx);
   cudaFree(dw);
   cudaFree(dout);

@@ -5,7 +5,8 @@
 // from the start. Host entry points check their arguments and return a Status; they never abort.
 //
 //   SPLITMOE_ASSIGN_OR_RETURN(int devices, kernels::cuda::DeviceCount());
-//   SPLITMOE_RETURN_IF_ERROR(kernels::cuda::RmsNorm(x, rows, dim, weight, eps, out));  // host memory
+//   SPLITMOE_RETURN_IF_ERROR(kernels::cuda::RmsNorm(x, rows, dim, weight, eps, out));  // host
+//   memory
 #ifndef SPLITMOE_COMMON_KERNELS_CUDA_CUDA_OPS_H_
 #define SPLITMOE_COMMON_KERNELS_CUDA_CUDA_OPS_H_
 
