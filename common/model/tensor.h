@@ -19,7 +19,7 @@ struct Matrix {
   int64_t rows = 0;
   int64_t cols = 0;
   std::vector<float> data;                              // rows * cols; empty once packed
-  std::shared_ptr<const kernels::PackedLinear> packed;  // shared, immutable
+  std::shared_ptr<const kernels::PackedLinear> packed = nullptr;  // shared, immutable
   uint64_t packed_bytes = 0;
 
   bool empty() const { return data.empty() && packed == nullptr; }
