@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# Runs every test: installs what is missing, builds, then ctest (all labels). Idempotent.
-# CTEST_ARGS may add ctest options, e.g. CTEST_ARGS="-L unit".
+# Runs every test: installs what is missing, builds, runs ctest (all labels), then builds the
+# same tree with AddressSanitizer + UndefinedBehaviorSanitizer into build-asan/ and runs the
+# tests again there. Idempotent; a second run only rebuilds what changed.
+#   CTEST_ARGS="-L unit" ./scripts/test.sh      # a subset
+#   SPLITMOE_SANITIZE=0 ./scripts/test.sh       # skip the sanitizer pass
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build.sh
-cd "${BUILD_DIR:-build}"
 # shellcheck disable=SC2086
-ctest --output-on-failure -j 2 ${CTEST_ARGS:-}
+(cd "${BUILD_DIR:-build}" && ctest --output-on-failure -j 2 ${CTEST_ARGS:-})
+
+if [ "${SPLITMOE_SANITIZE:-1}" != "0" ]; then
+  if [ ! -f build-asan/build.ninja ]; then
+    cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSPLITMOE_ENABLE_CUDA=OFF \
+      -DCMAKE_CXX_FLAGS="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+      -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
+  fi
+  cmake --build build-asan -j "${SPLITMOE_JOBS:-2}"
+  # The benchmark smoke run is timing, not correctness: not repeated under the sanitizers.
+  # shellcheck disable=SC2086
+  (cd build-asan && ctest --output-on-failure -j 2 -LE bench ${CTEST_ARGS:-})
+fi
