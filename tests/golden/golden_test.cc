@@ -1,5 +1,5 @@
 // The C++ engine against the independent PyTorch reference of DeepSeek's semantics
-// (tools/reference/deepseek_ref.py), through the `splitmoe` CLI as a user runs it: for every
+// (tools/reference/dsref.py), through the `splitmoe` CLI as a user runs it: for every
 // variant in variants.json (V3/V2 styles, BF16/FP8, sharded, MTP) the checkpoint is rebuilt with
 // `splitmoe make-tiny` and scored; teacher-forced top-5 logprobs must match the checked-in
 // reference output within 1e-4 and greedy continuations must be identical.
