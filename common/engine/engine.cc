@@ -36,15 +36,27 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   return engine;
 }
 
+absl::Status Engine::Prefill(absl::Span<const int32_t> tokens, LatentCache* cache,
+                             std::vector<float>* hidden) {
+  hidden->clear();
+  std::vector<float> chunk_hidden;
+  for (size_t begin = 0; begin < tokens.size(); begin += kPrefillChunkTokens) {
+    const size_t end = std::min(tokens.size(), begin + static_cast<size_t>(kPrefillChunkTokens));
+    std::vector<SequenceChunk> batch = {{tokens.subspan(begin, end - begin), cache}};
+    SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, options_.prefill_form, &chunk_hidden));
+    hidden->insert(hidden->end(), chunk_hidden.begin(), chunk_hidden.end());
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, int64_t top_logprobs,
                                           bool with_mtp) {
   if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
   if (top_logprobs < 0) return absl::InvalidArgumentError("top_logprobs must be >= 0");
   const int64_t n = static_cast<int64_t>(tokens.size()), vocab = config_.vocab_size;
   LatentCache cache(config_.num_hidden_layers, config_.latent_dim());
-  std::vector<SequenceChunk> batch = {{tokens, &cache}};
   std::vector<float> hidden;
-  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, options_.prefill_form, &hidden));
+  SPLITMOE_RETURN_IF_ERROR(Prefill(tokens, &cache, &hidden));
   ScoreResult result;
   result.tokens = tokens;
   result.prompt_logprobs.resize(static_cast<size_t>(n));
@@ -60,15 +72,20 @@ absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, in
     }
     if (n >= 3) {
       LatentCache mtp_cache(1, config_.latent_dim());
-      std::vector<int32_t> next(tokens.begin() + 1, tokens.end() - 1);  // t_{i+1}, i in [0, n-2)
-      std::vector<SequenceChunk> mtp_batch = {{next, &mtp_cache}};
       std::vector<float> mtp_logits;
-      SPLITMOE_RETURN_IF_ERROR(transformer_->MtpForward(0, mtp_batch, hidden.data(),
-                                                        options_.prefill_form, &mtp_logits));
-      for (int64_t i = 0; i + 2 < n; ++i) {
-        result.mtp_logprobs.push_back(ComputeLogprob(
-            absl::MakeConstSpan(mtp_logits.data() + i * vocab, static_cast<size_t>(vocab)),
-            tokens[i + 2], top_logprobs));
+      // Row i (i < n - 2) reads token i+1 and main hidden state i and predicts token i+2.
+      for (int64_t begin = 0; begin < n - 2; begin += kPrefillChunkTokens) {
+        const int64_t end = std::min(n - 2, begin + kPrefillChunkTokens);
+        absl::Span<const int32_t> next(tokens.data() + begin + 1, static_cast<size_t>(end - begin));
+        std::vector<SequenceChunk> mtp_batch = {{next, &mtp_cache}};
+        SPLITMOE_RETURN_IF_ERROR(transformer_->MtpForward(
+            0, mtp_batch, hidden.data() + begin * config_.hidden_size, options_.prefill_form,
+            &mtp_logits));
+        for (int64_t i = begin; i < end; ++i) {
+          result.mtp_logprobs.push_back(ComputeLogprob(
+              absl::MakeConstSpan(mtp_logits.data() + (i - begin) * vocab, static_cast<size_t>(vocab)),
+              tokens[i + 2], top_logprobs));
+        }
       }
     }
   }
@@ -108,8 +125,7 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
   const int64_t vocab = config_.vocab_size, hidden_size = config_.hidden_size;
   LatentCache cache(config_.num_hidden_layers, config_.latent_dim());
   std::vector<float> hidden, logits(static_cast<size_t>(vocab));
-  std::vector<SequenceChunk> batch = {{request.prompt, &cache}};
-  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, options_.prefill_form, &hidden));
+  SPLITMOE_RETURN_IF_ERROR(Prefill(request.prompt, &cache, &hidden));
   transformer_->Logits(
       hidden.data() + (static_cast<int64_t>(request.prompt.size()) - 1) * hidden_size, 1,
       logits.data());

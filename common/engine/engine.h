@@ -64,6 +64,10 @@ using TokenCallback = std::function<void(int32_t token, absl::string_view text)>
 
 class Engine {
  public:
+  // Prompts run through the model in chunks of this many tokens: attention scratch grows with
+  // chunk x context, and the result is identical (causal attention over the cache).
+  static constexpr int64_t kPrefillChunkTokens = 256;
+
   static absl::StatusOr<std::unique_ptr<Engine>> Load(const std::string& model_dir,
                                                       const EngineOptions& options = {});
 
@@ -83,6 +87,8 @@ class Engine {
 
  private:
   Engine() = default;
+  // Runs `tokens` into `cache` chunk by chunk; hidden [tokens, hidden_size] final-normed.
+  absl::Status Prefill(absl::Span<const int32_t> tokens, LatentCache* cache, std::vector<float>* hidden);
   EngineOptions options_;
   model::ModelConfig config_;
   model::ModelWeights weights_;

@@ -211,8 +211,10 @@ absl::StatusOr<ModelConfig> ParseJson(const json& j) {
       return absl::InvalidArgumentError(
           "rope_scaling.original_max_position_embeddings must be > 0");
     }
-    // DeepSeek's reference applies YaRN only when the served context exceeds the original one.
-    y.enabled = c.max_position_embeddings > y.original_max_position_embeddings;
+    // Applied whenever the config asks for it, as HF's DeepseekV3YarnRotaryEmbedding does and as
+    // DeepSeek's reference does at its default max_seq_len (16384 > any original length shipped).
+    // Gating on max_position_embeddings would silently drop YaRN for small test configs.
+    y.enabled = true;
   }
   SPLITMOE_RETURN_IF_ERROR(Validate(c));
   return c;

@@ -21,7 +21,7 @@ absl::string_view TopkMethodName(TopkMethod method);
 absl::string_view ScoringFuncName(ScoringFunc func);
 
 struct YarnScaling {
-  bool enabled = false;  // rope_scaling is yarn and the context is extended past the original.
+  bool enabled = false;  // config.json has rope_scaling of type yarn
   double factor = 1.0;
   int64_t original_max_position_embeddings = 4096;
   double beta_fast = 32.0;

@@ -166,7 +166,7 @@ absl::StatusOr<ModelConfig> TinyModelConfig(const TinyModelOptions& o) {
   c.yarn.beta_slow = 1.0;
   c.yarn.mscale = v3 ? 1.0 : 0.707;
   c.yarn.mscale_all_dim = v3 ? 1.0 : 0.707;
-  c.yarn.enabled = c.max_position_embeddings > c.yarn.original_max_position_embeddings;
+  c.yarn.enabled = true;
   c.tie_word_embeddings = false;
   c.num_nextn_predict_layers = o.mtp_layers >= 0 ? o.mtp_layers : (v3 ? 1 : 0);
   c.bos_token_id = 0;

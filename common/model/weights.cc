@@ -236,6 +236,9 @@ absl::StatusOr<ModelWeights> LoadWeights(Checkpoint& ckpt, const LoadOptions& op
     }
     for (const std::string& name : ckpt.tensor_names()) {
       if (known.count(name) || absl::EndsWith(name, "rotary_emb.inv_freq")) continue;
+      // Some exports keep lm_head.weight although the config ties it to the embeddings; HF then
+      // ties anyway and ignores it, and so does this loader.
+      if (c.tie_word_embeddings && name == "lm_head.weight") continue;
       return absl::InvalidArgumentError(absl::StrCat(
           ckpt.dir(), ": unexpected tensor '", name,
           "' (not part of the model config.json describes: check num_hidden_layers, "

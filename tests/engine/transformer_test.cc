@@ -176,6 +176,21 @@ TEST(EngineTest, GreedyGenerationMatchesTeacherForcedArgmax) {
   }
 }
 
+TEST(EngineTest, ChunkedPrefillEqualsOnePass) {
+  auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
+  const auto& c = e->config();
+  auto tokens = Prompt(Engine::kPrefillChunkTokens * 2 + 37, c.vocab_size, 9);
+  auto one_pass = AllLogits(*e, tokens, AttentionForm::kAbsorbed);
+  auto score = e->Score(tokens, 1, /*with_mtp=*/true);
+  ASSERT_TRUE(score.ok()) << score.status();
+  ASSERT_EQ(score->mtp_logprobs.size(), tokens.size() - 2);
+  for (size_t i = 1; i < tokens.size(); ++i) {
+    std::vector<float> row(one_pass.begin() + (i - 1) * c.vocab_size, one_pass.begin() + i * c.vocab_size);
+    TokenLogprob want = ComputeLogprob(row, tokens[i], 1);
+    ASSERT_NEAR(score->prompt_logprobs[i]->logprob, want.logprob, 1e-4) << "position " << i;
+  }
+}
+
 TEST(EngineTest, SeededSamplingIsReproducible) {
   auto e = LoadEngine(testing::TinyModel("tf_v3", nullptr));
   GenerateRequest req;

@@ -276,6 +276,23 @@ TEST(CheckpointTest, ContradictoryConfigIsReported) {
   ExpectErrorMentions(LoadAll(dir), {"kv_a_proj_with_mqa", "expected shape"});
 }
 
+TEST(CheckpointTest, TiedEmbeddingsIgnoreAStoredLmHead) {
+  std::string src = testing::TinyModel("ckpt_src", [](TinyModelOptions& o) { o.mtp_layers = 0; });
+  std::string dir = testing::TempDir("tied");
+  fs::copy(src, dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  std::ifstream in(src + "/config.json");
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  const std::string from = "\"tie_word_embeddings\": false";
+  ASSERT_NE(text.find(from), std::string::npos);
+  text.replace(text.find(from), from.size(), "\"tie_word_embeddings\": true");
+  std::ofstream(dir + "/config.json", std::ios::trunc) << text;
+  auto ckpt = Checkpoint::Open(dir);
+  ASSERT_TRUE(ckpt.ok());
+  auto w = LoadWeights(**ckpt, LoadOptions{});
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(w->lm_head.data, w->embed.data);
+}
+
 TEST(CheckpointTest, BadIndexIsReported) {
   std::string src = testing::TinyModel("sharded_src", [](TinyModelOptions& o) {
     o.shards = 2;

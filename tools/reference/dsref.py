@@ -155,7 +155,8 @@ class Args:
         self.beta_fast = rs.get("beta_fast", 32)
         self.beta_slow = rs.get("beta_slow", 1)
         self.mscale = rs.get("mscale_all_dim", 0.0) or 0.0
-        self.yarn = bool(rs) and self.max_seq_len > self.original_seq_len
+        # As HF, and as the reference at its default max_seq_len of 16384: whenever configured.
+        self.yarn = bool(rs)
         self.tie = bool(c.get("tie_word_embeddings", False))
         self.n_mtp = c.get("num_nextn_predict_layers") or 0
         self.eos = c.get("eos_token_id")
