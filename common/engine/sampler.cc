@@ -5,15 +5,10 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "common/base/mix64.h"
 
 namespace splitmoe::engine {
 namespace {
-
-uint64_t Mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 int32_t Argmax(absl::Span<const float> logits) {
   int32_t best = 0;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/base/mix64.h"
 #include "absl/strings/str_format.h"
 #include "common/base/status_macros.h"
 #include "common/model/checkpoint.h"
@@ -17,12 +18,6 @@
 
 namespace splitmoe::model {
 namespace {
-
-uint64_t Mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 uint64_t HashName(const std::string& name, uint64_t seed) {
   uint64_t h = 0xcbf29ce484222325ULL ^ Mix64(seed);
