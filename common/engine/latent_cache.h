@@ -1,7 +1,8 @@
-// LatentCache: the per-sequence MLA cache of the single-process engine. Per token and layer
-// it holds exactly latent_dim = kv_lora_rank + qk_rope_head_dim fp32 values — the normalised
-// c_kv followed by the rotated RoPE key — and nothing else; K and V are never cached.
-// Owned by one sequence; not thread-safe.
+// SequenceCache: what the transformer needs from a sequence's MLA cache — per token and layer
+// exactly latent_dim = kv_lora_rank + qk_rope_head_dim values, the normalised c_kv followed by
+// the rotated RoPE key, and nothing else (K and V are never cached). LatentCache is the
+// contiguous one of the single-process engine; the decode worker's paged cache implements the
+// same interface. Owned by one sequence; not thread-safe.
 //
 //   LatentCache cache(config.num_hidden_layers, config.latent_dim());
 //   float* row = cache.Row(layer, position);   // [latent_dim]
@@ -11,19 +12,43 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace splitmoe::engine {
 
-class LatentCache {
+class SequenceCache {
+ public:
+  virtual ~SequenceCache() = default;
+  virtual int64_t latent_dim() const = 0;
+  // Tokens whose latents are stored in every layer.
+  virtual int64_t length() const = 0;
+  // Makes room for `tokens` in total; may fail (ResourceExhausted) for a bounded cache.
+  virtual absl::Status Reserve(int64_t tokens) = 0;
+  // Write target for the latents of a token at `position` >= length(), fp32 [latent_dim].
+  virtual float* Row(int64_t layer, int64_t position) = 0;
+  // Rows [0, keys) of `layer` — stored ones and those written through Row() since — as one
+  // contiguous fp32 array [keys, latent_dim], valid until the next call on this cache.
+  virtual const float* LayerRows(int64_t layer, int64_t keys) = 0;
+  // Every layer has been written up to `new_length`.
+  virtual void Commit(int64_t new_length) = 0;
+};
+
+class LatentCache : public SequenceCache {
  public:
   LatentCache(int64_t layers, int64_t latent_dim) : latent_dim_(latent_dim), layers_(layers) {
     per_layer_.resize(static_cast<size_t>(layers));
   }
 
-  int64_t latent_dim() const { return latent_dim_; }
+  int64_t latent_dim() const override { return latent_dim_; }
   int64_t layers() const { return layers_; }
-  // Tokens whose latents are stored (all layers written).
-  int64_t length() const { return length_; }
+  int64_t length() const override { return length_; }
   void set_length(int64_t tokens) { length_ = tokens; }
+  absl::Status Reserve(int64_t tokens) override {
+    EnsureCapacity(tokens);
+    return absl::OkStatus();
+  }
+  const float* LayerRows(int64_t layer, int64_t /*keys*/) override { return Layer(layer); }
+  void Commit(int64_t new_length) override { length_ = new_length; }
 
   // Grows every layer to hold `tokens` rows; existing rows are kept.
   void EnsureCapacity(int64_t tokens) {
@@ -33,7 +58,7 @@ class LatentCache {
     for (auto& layer : per_layer_) layer.resize(static_cast<size_t>(grown * latent_dim_));
     capacity_ = grown;
   }
-  float* Row(int64_t layer, int64_t position) {
+  float* Row(int64_t layer, int64_t position) override {
     return per_layer_[static_cast<size_t>(layer)].data() + position * latent_dim_;
   }
   const float* Layer(int64_t layer) const { return per_layer_[static_cast<size_t>(layer)].data(); }

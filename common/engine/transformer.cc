@@ -188,7 +188,7 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
     const int64_t n = static_cast<int64_t>(chunk.tokens.size());
     const int64_t start = chunk.cache->length();
     const int64_t keys = start + n;
-    const float* latents = chunk.cache->Layer(cache_layer);  // [keys, lat]
+    const float* latents = chunk.cache->LayerRows(cache_layer, keys);  // [keys, lat]
     const float* qc = q.data() + row * heads * qk;
     float* oc = o.data() + row * heads * dv;
     if (form == AttentionForm::kAbsorbed) {
@@ -275,7 +275,7 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
 }
 
 absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
-                                  std::vector<float>* hidden_out) {
+                                  std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done) {
   const model::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
   const int64_t rows = TotalRows(batch);
@@ -292,7 +292,7 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
                                                      " tokens exceeds max_position_embeddings ",
                                                      c.max_position_embeddings));
     }
-    chunk.cache->EnsureCapacity(end);
+    SPLITMOE_RETURN_IF_ERROR(chunk.cache->Reserve(end));
   }
   std::vector<float>& h = *hidden_out;
   h.assign(static_cast<size_t>(rows * hidden), 0.0f);
@@ -306,9 +306,10 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch,
                                    form, h.data(), rows));
+    if (on_layer_done) on_layer_done(layer);
   }
   for (const SequenceChunk& chunk : batch) {
-    chunk.cache->set_length(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
+    chunk.cache->Commit(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
   }
   kernels::RmsNorm(h.data(), rows, hidden, hidden, weights_.final_norm.data(),
                    static_cast<float>(c.rms_norm_eps), h.data(), hidden);
@@ -333,7 +334,8 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
   std::vector<float> cat(static_cast<size_t>(rows * 2 * hidden));
   int64_t row = 0;
   for (const SequenceChunk& chunk : batch) {
-    chunk.cache->EnsureCapacity(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
+    SPLITMOE_RETURN_IF_ERROR(
+        chunk.cache->Reserve(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size())));
     for (int32_t t : chunk.tokens) {
       if (t < 0 || t >= c.vocab_size)
         return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
@@ -348,7 +350,7 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
   kernels::Linear(cat.data(), rows, m.eh_proj, h.data());
   SPLITMOE_RETURN_IF_ERROR(Block(m.block, c.num_hidden_layers + k, 0, batch, form, h.data(), rows));
   for (const SequenceChunk& chunk : batch) {
-    chunk.cache->set_length(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
+    chunk.cache->Commit(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
   }
   kernels::RmsNorm(h.data(), rows, hidden, hidden, m.head_norm.data(), eps, h.data(), hidden);
   mtp_logits->resize(static_cast<size_t>(rows * c.vocab_size));

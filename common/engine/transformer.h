@@ -19,6 +19,7 @@
 #define SPLITMOE_COMMON_ENGINE_TRANSFORMER_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -71,7 +72,7 @@ enum class AttentionForm {
 
 struct SequenceChunk {
   absl::Span<const int32_t> tokens;  // new tokens; the first sits at position cache->length()
-  LatentCache* cache;                // main layers: num_hidden_layers; MTP: one layer per module
+  SequenceCache* cache;              // main layers: num_hidden_layers; MTP: one layer per module
 };
 
 class Transformer {
@@ -83,8 +84,12 @@ class Transformer {
 
   // Runs all main layers. hidden_out [total_rows, hidden] holds the final-normed hidden states,
   // rows in batch order. Caches grow by each chunk's token count.
+  // `on_layer_done(layer)`, when given, runs after each main layer: that layer's latents of
+  // every chunk are then in the chunks' caches (rows length() .. length() + tokens - 1), so a
+  // prefill worker can ship them while the next layer computes.
+  using LayerDoneFn = std::function<void(int64_t layer)>;
   absl::Status Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
-                       std::vector<float>* hidden_out);
+                       std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done = nullptr);
 
   // logits[rows, vocab] = hidden[rows, hidden] @ lm_head^T
   void Logits(const float* hidden, int64_t rows, float* logits) const;
