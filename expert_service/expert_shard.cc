@@ -1,0 +1,95 @@
+#include "expert_service/expert_shard.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/engine/transformer.h"
+#include "common/model/checkpoint.h"
+
+namespace splitmoe::expert_service {
+
+std::vector<int32_t> ShardExperts(int64_t n_routed_experts, const ShardSpec& spec) {
+  std::vector<int32_t> out;
+  const int64_t begin = spec.shard * n_routed_experts / spec.num_shards;
+  const int64_t end = (spec.shard + 1) * n_routed_experts / spec.num_shards;
+  for (int64_t e = begin; e < end; ++e) out.push_back(static_cast<int32_t>(e));
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const std::string& model_dir,
+                                                               const ShardSpec& spec) {
+  if (spec.num_shards < 1 || spec.shard < 0 || spec.shard >= spec.num_shards) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shard ", spec.shard, " of ", spec.num_shards, " does not exist"));
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(model_dir));
+  std::unique_ptr<ExpertShard> shard(new ExpertShard());
+  shard->config_ = ckpt->config();
+  if (shard->config_.n_routed_experts < spec.num_shards) {
+    return absl::InvalidArgumentError(absl::StrCat(spec.num_shards, " shards for ",
+                                                   shard->config_.n_routed_experts, " experts"));
+  }
+  shard->experts_ = ShardExperts(shard->config_.n_routed_experts, spec);
+  const int32_t first = shard->experts_.front(), last = shard->experts_.back();
+  model::LoadOptions options;
+  options.attention_side = false;  // routed experts only: no embeddings, attention, gate, head
+  options.expert_filter = [first, last](int64_t, int64_t e) { return e >= first && e <= last; };
+  SPLITMOE_ASSIGN_OR_RETURN(shard->weights_, model::LoadWeights(*ckpt, options));
+  SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&shard->weights_));
+  return shard;
+}
+
+const model::LayerWeights* ExpertShard::Layer(int64_t layer) const {
+  const int64_t main = config_.num_hidden_layers;
+  if (layer >= 0 && layer < main) return &weights_.layers[static_cast<size_t>(layer)];
+  if (layer >= main && layer < main + static_cast<int64_t>(weights_.mtp.size())) {
+    return &weights_.mtp[static_cast<size_t>(layer - main)].block;
+  }
+  return nullptr;
+}
+
+absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden, int64_t tokens,
+                                  absl::Span<const int32_t> offsets,
+                                  absl::Span<const int32_t> expert_ids,
+                                  absl::Span<const float> weights, absl::Span<float> out) const {
+  const model::LayerWeights* w = Layer(layer);
+  if (w == nullptr || !w->is_moe) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer"));
+  }
+  const int64_t h = config_.hidden_size;
+  if (tokens < 0 || static_cast<int64_t>(hidden.size()) != tokens * h ||
+      static_cast<int64_t>(out.size()) != tokens * h ||
+      static_cast<int64_t>(offsets.size()) != tokens + 1 || expert_ids.size() != weights.size() ||
+      (tokens >= 0 && !offsets.empty() &&
+       (offsets.front() != 0 || offsets.back() != static_cast<int32_t>(expert_ids.size())))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expert batch of layer ", layer, ": ", tokens, " tokens with ", hidden.size(),
+        " hidden values, ", offsets.size(), " offsets, ", expert_ids.size(), " expert ids, ",
+        weights.size(), " weights (hidden_size ", h, ")"));
+  }
+  // Group (token, weight) by expert, then one gathered GEMM per expert, like the engine.
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(config_.n_routed_experts));
+  std::vector<std::vector<float>> gate(static_cast<size_t>(config_.n_routed_experts));
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (offsets[t + 1] < offsets[t]) return absl::InvalidArgumentError("offsets decrease");
+    for (int32_t i = offsets[t]; i < offsets[t + 1]; ++i) {
+      const int32_t e = expert_ids[i];
+      if (e < 0 || e >= config_.n_routed_experts || w->experts[static_cast<size_t>(e)] == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("layer ", layer, ": expert ", e, " is not hosted by this shard"));
+      }
+      rows[e].push_back(static_cast<int32_t>(t));
+      gate[e].push_back(weights[i]);
+    }
+  }
+  std::fill(out.begin(), out.end(), 0.0f);
+  for (int32_t e : experts_) {
+    if (rows[e].empty()) continue;
+    engine::AccumulateExpert(*w->experts[static_cast<size_t>(e)], hidden.data(), h, rows[e], gate[e],
+                             out.data());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace splitmoe::expert_service

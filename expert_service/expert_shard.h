@@ -1,0 +1,60 @@
+// ExpertShard: the routed experts one expert service hosts — every MoE layer's experts of its
+// shard (MTP blocks included) — and their computation: for a batch of tokens routed here, each
+// token's gate-weighted sum over the experts it selected on this shard. A token therefore costs
+// one vector back per shard it touched. Immutable after Load; Compute may run on any thread.
+//
+//   SPLITMOE_ASSIGN_OR_RETURN(auto shard, ExpertShard::Load(dir, ShardSpec{.shard = 1, .num_shards = 2}));
+//   SPLITMOE_RETURN_IF_ERROR(shard->Compute(layer, hidden, tokens, offsets, experts, weights, out));
+#ifndef SPLITMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
+#define SPLITMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/model/config.h"
+#include "common/model/weights.h"
+
+namespace splitmoe::expert_service {
+
+// Contiguous placement: shard s of n holds experts [s * E / n, (s + 1) * E / n).
+struct ShardSpec {
+  int32_t shard = 0;
+  int32_t num_shards = 1;
+};
+
+// The experts shard `spec` holds under contiguous placement, ascending.
+std::vector<int32_t> ShardExperts(int64_t n_routed_experts, const ShardSpec& spec);
+
+class ExpertShard {
+ public:
+  static absl::StatusOr<std::unique_ptr<ExpertShard>> Load(const std::string& model_dir,
+                                                           const ShardSpec& spec);
+
+  const model::ModelConfig& config() const { return config_; }
+  const std::vector<int32_t>& experts() const { return experts_; }
+  // fp32 bytes of expert weights resident in this process.
+  uint64_t resident_bytes() const { return weights_.bytes(); }
+
+  // out[t] = sum over i in [offsets[t], offsets[t+1]) of weights[i] * expert_ids[i](hidden[t]).
+  // hidden/out [tokens, hidden_size]; offsets has tokens + 1 entries. `layer` indexes main layers
+  // then MTP blocks. An expert not held here, a dense layer or ragged sizes: InvalidArgument.
+  absl::Status Compute(int64_t layer, absl::Span<const float> hidden, int64_t tokens,
+                       absl::Span<const int32_t> offsets, absl::Span<const int32_t> expert_ids,
+                       absl::Span<const float> weights, absl::Span<float> out) const;
+
+ private:
+  ExpertShard() = default;
+  const model::LayerWeights* Layer(int64_t layer) const;
+
+  model::ModelConfig config_;
+  model::ModelWeights weights_;
+  std::vector<int32_t> experts_;
+};
+
+}  // namespace splitmoe::expert_service
+
+#endif  // SPLITMOE_EXPERT_SERVICE_EXPERT_SHARD_H_

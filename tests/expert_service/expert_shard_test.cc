@@ -1,0 +1,101 @@
+// Expert shards against the single-process engine: the routed output of a MoE layer equals the
+// sum of the shards' partial outputs, each shard holds only its experts, and bad batches are
+// refused with a clear error.
+#include "expert_service/expert_shard.h"
+
+#include <cmath>
+#include <random>
+
+#include "common/engine/engine.h"
+#include "common/engine/routing.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_models.h"
+
+namespace splitmoe::expert_service {
+namespace {
+
+TEST(ExpertShardTest, ShardsSumToTheEnginesRoutedOutput) {
+  std::string dir = testing::TinyModel("shards", nullptr);
+  auto engine = engine::Engine::Load(dir);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const auto& c = (*engine)->config();
+  std::vector<std::unique_ptr<ExpertShard>> shards;
+  for (int s = 0; s < 3; ++s) {
+    auto shard = ExpertShard::Load(dir, {.shard = s, .num_shards = 3});
+    ASSERT_TRUE(shard.ok()) << shard.status();
+    shards.push_back(std::move(*shard));
+  }
+  EXPECT_EQ(shards[0]->experts().size() + shards[1]->experts().size() + shards[2]->experts().size(),
+            static_cast<size_t>(c.n_routed_experts));
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  const int64_t tokens = 23, h = c.hidden_size, n = c.n_routed_experts;
+  for (int64_t layer : {int64_t{1}, int64_t{2}, c.num_hidden_layers /* MTP block */}) {
+    std::vector<float> x(tokens * h), scores(tokens * n);
+    for (float& v : x) v = normal(rng);
+    const auto& gate_layer = layer < c.num_hidden_layers ? (*engine)->weights().layers[layer]
+                                                         : (*engine)->weights().mtp[0].block;
+    engine::GateScores(c, x.data(), tokens, gate_layer.gate, scores.data());
+    engine::LocalMoeExecutor local(c, (*engine)->weights());
+    std::vector<float> want(tokens * h);
+    ASSERT_TRUE(local.RoutedExperts(layer, x.data(), scores.data(), tokens, want.data()).ok());
+
+    std::vector<float> got(tokens * h, 0.0f);
+    for (const auto& shard : shards) {
+      std::vector<int32_t> offsets = {0}, ids;
+      std::vector<float> weights;
+      for (int64_t t = 0; t < tokens; ++t) {
+        engine::ExpertChoice choice = engine::SelectExperts(
+            c, absl::MakeConstSpan(scores.data() + t * n, n), gate_layer.gate_bias);
+        for (size_t i = 0; i < choice.experts.size(); ++i) {
+          const auto& mine = shard->experts();
+          if (std::find(mine.begin(), mine.end(), choice.experts[i]) == mine.end()) continue;
+          ids.push_back(choice.experts[i]);
+          weights.push_back(choice.weights[i]);
+        }
+        offsets.push_back(static_cast<int32_t>(ids.size()));
+      }
+      std::vector<float> part(tokens * h);
+      absl::Status s = shard->Compute(layer, x, tokens, offsets, ids, weights, absl::MakeSpan(part));
+      ASSERT_TRUE(s.ok()) << s;
+      for (int64_t i = 0; i < tokens * h; ++i) got[i] += part[i];
+    }
+    for (int64_t i = 0; i < tokens * h; ++i) {
+      ASSERT_NEAR(got[i], want[i], 1e-4f * (1.0f + std::fabs(want[i]))) << "layer " << layer << " at " << i;
+    }
+  }
+}
+
+TEST(ExpertShardTest, HoldsOnlyItsExpertsAndRefusesOthers) {
+  std::string dir = testing::TinyModel("shards", nullptr);
+  auto shard = ExpertShard::Load(dir, {.shard = 1, .num_shards = 2});
+  ASSERT_TRUE(shard.ok());
+  const auto& c = (*shard)->config();
+  EXPECT_EQ((*shard)->experts().front(), c.n_routed_experts / 2);
+  // Experts of 2 MoE layers + 1 MTP block, half of them, 3 matrices of moe_inter x hidden each.
+  const uint64_t expected = 3ull * (c.n_routed_experts / 2) * 3 * c.moe_intermediate_size * c.hidden_size * 4;
+  EXPECT_NEAR(static_cast<double>((*shard)->resident_bytes()), static_cast<double>(expected), expected * 0.05);
+  std::vector<float> x(c.hidden_size, 1.0f), out(c.hidden_size);
+  std::vector<int32_t> offsets = {0, 1}, ids = {0};
+  std::vector<float> weights = {1.0f};
+  absl::Status s = (*shard)->Compute(1, x, 1, offsets, ids, weights, absl::MakeSpan(out));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("expert 0 is not hosted"), std::string::npos) << s;
+  s = (*shard)->Compute(0, x, 1, offsets, ids, weights, absl::MakeSpan(out));
+  EXPECT_NE(s.message().find("not a MoE layer"), std::string::npos) << s;
+  offsets = {0, 2};
+  s = (*shard)->Compute(1, x, 1, offsets, ids, weights, absl::MakeSpan(out));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_FALSE(ExpertShard::Load(dir, {.shard = 2, .num_shards = 2}).ok());
+}
+
+}  // namespace
+}  // namespace splitmoe::expert_service
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
+  return RUN_ALL_TESTS();
+}
