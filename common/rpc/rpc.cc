@@ -1,0 +1,83 @@
+#include "common/rpc/rpc.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/model/numeric.h"
+
+namespace splitmoe::rpc {
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  // absl and gRPC share the canonical code numbering.
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+std::string EncodeTensor(absl::Span<const float> values, v1::WireDtype dtype) {
+  std::string out;
+  if (dtype == v1::WIRE_DTYPE_BF16) {
+    out.resize(values.size() * 2);
+    for (size_t i = 0; i < values.size(); ++i) {
+      const uint16_t b = model::FloatToBf16(values[i]);
+      std::memcpy(&out[2 * i], &b, 2);
+    }
+  } else {
+    out.resize(values.size() * 4);
+    std::memcpy(out.data(), values.data(), out.size());
+  }
+  return out;
+}
+
+absl::Status DecodeTensor(const std::string& bytes, v1::WireDtype dtype, int64_t count,
+                          std::vector<float>* out) {
+  const size_t width = dtype == v1::WIRE_DTYPE_BF16 ? 2 : 4;
+  if (count < 0 || bytes.size() != static_cast<size_t>(count) * width) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor of ", count, " values needs ",
+                                                   count * static_cast<int64_t>(width),
+                                                   " bytes, got ", bytes.size()));
+  }
+  out->resize(static_cast<size_t>(count));
+  model::ConvertToFloat(dtype == v1::WIRE_DTYPE_BF16 ? model::DType::kBF16 : model::DType::kF32,
+                        reinterpret_cast<const uint8_t*>(bytes.data()), count, out->data());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RunningServer> StartServer(const std::string& address,
+                                          const std::vector<grpc::Service*>& services,
+                                          int max_message_bytes) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.SetMaxReceiveMessageSize(max_message_bytes);
+  builder.SetMaxSendMessageSize(max_message_bytes);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  RunningServer running;
+  running.server = builder.BuildAndStart();
+  if (running.server == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
+  }
+  const std::string host = address.substr(0, address.rfind(':'));
+  running.address = absl::StrCat(host, ":", port);
+  return running;
+}
+
+grpc::ChannelArguments ClientChannelArguments(int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  return args;
+}
+
+}  // namespace splitmoe::rpc

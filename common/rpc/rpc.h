@@ -1,0 +1,51 @@
+// Helpers at the process boundary: absl::Status <-> grpc::Status (the one conversion at the
+// edge), tensors in protobuf `bytes` fields (fp32 exact or bf16), and starting a gRPC server
+// with the standard health service and server reflection on an address whose port may be 0.
+// Stateless functions; any thread.
+//
+//   std::string bytes = EncodeTensor(hidden, v1::WIRE_DTYPE_BF16);
+//   SPLITMOE_RETURN_IF_ERROR(DecodeTensor(bytes, v1::WIRE_DTYPE_BF16, tokens * hidden_size, &out));
+//   SPLITMOE_ASSIGN_OR_RETURN(RunningServer server, StartServer("127.0.0.1:0", {&service}));
+//   std::cout << "listening " << server.address << "\n";
+#ifndef SPLITMOE_COMMON_RPC_RPC_H_
+#define SPLITMOE_COMMON_RPC_RPC_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "splitmoe/v1/internal.pb.h"
+
+namespace splitmoe::rpc {
+
+grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+std::string EncodeTensor(absl::Span<const float> values, v1::WireDtype dtype);
+// Decodes exactly `count` values; a byte count that does not match is InvalidArgument.
+absl::Status DecodeTensor(const std::string& bytes, v1::WireDtype dtype, int64_t count,
+                          std::vector<float>* out);
+
+struct RunningServer {
+  std::unique_ptr<grpc::Server> server;
+  std::string address;  // host:port actually bound
+};
+
+// Binds `address` ("host:port", port 0 picks a free one) with every service in `services`, the
+// grpc.health.v1 service (all services SERVING) and server reflection. Messages up to
+// `max_message_bytes` are accepted (gRPC's default of 4 MiB is too small for MoE batches).
+absl::StatusOr<RunningServer> StartServer(const std::string& address,
+                                          const std::vector<grpc::Service*>& services,
+                                          int max_message_bytes = 256 << 20);
+
+// Channel arguments every splitmoe client uses (message size, keepalive).
+grpc::ChannelArguments ClientChannelArguments(int max_message_bytes = 256 << 20);
+
+}  // namespace splitmoe::rpc
+
+#endif  // SPLITMOE_COMMON_RPC_RPC_H_
