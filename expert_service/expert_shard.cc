@@ -27,8 +27,8 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const std::string
   std::unique_ptr<ExpertShard> shard(new ExpertShard());
   shard->config_ = ckpt->config();
   if (shard->config_.n_routed_experts < spec.num_shards) {
-    return absl::InvalidArgumentError(absl::StrCat(spec.num_shards, " shards for ",
-                                                   shard->config_.n_routed_experts, " experts"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(spec.num_shards, " shards for ", shard->config_.n_routed_experts, " experts"));
   }
   shard->experts_ = ShardExperts(shard->config_.n_routed_experts, spec);
   const int32_t first = shard->experts_.front(), last = shard->experts_.back();
@@ -63,10 +63,10 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
       static_cast<int64_t>(offsets.size()) != tokens + 1 || expert_ids.size() != weights.size() ||
       (tokens >= 0 && !offsets.empty() &&
        (offsets.front() != 0 || offsets.back() != static_cast<int32_t>(expert_ids.size())))) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "expert batch of layer ", layer, ": ", tokens, " tokens with ", hidden.size(),
-        " hidden values, ", offsets.size(), " offsets, ", expert_ids.size(), " expert ids, ",
-        weights.size(), " weights (hidden_size ", h, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("expert batch of layer ", layer, ": ", tokens, " tokens with ", hidden.size(),
+                     " hidden values, ", offsets.size(), " offsets, ", expert_ids.size(),
+                     " expert ids, ", weights.size(), " weights (hidden_size ", h, ")"));
   }
   // Group (token, weight) by expert, then one gathered GEMM per expert, like the engine.
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(config_.n_routed_experts));
@@ -86,8 +86,8 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
   std::fill(out.begin(), out.end(), 0.0f);
   for (int32_t e : experts_) {
     if (rows[e].empty()) continue;
-    engine::AccumulateExpert(*w->experts[static_cast<size_t>(e)], hidden.data(), h, rows[e], gate[e],
-                             out.data());
+    engine::AccumulateExpert(*w->experts[static_cast<size_t>(e)], hidden.data(), h, rows[e],
+                             gate[e], out.data());
   }
   return absl::OkStatus();
 }

@@ -3,8 +3,9 @@
 // token's gate-weighted sum over the experts it selected on this shard. A token therefore costs
 // one vector back per shard it touched. Immutable after Load; Compute may run on any thread.
 //
-//   SPLITMOE_ASSIGN_OR_RETURN(auto shard, ExpertShard::Load(dir, ShardSpec{.shard = 1, .num_shards = 2}));
-//   SPLITMOE_RETURN_IF_ERROR(shard->Compute(layer, hidden, tokens, offsets, experts, weights, out));
+//   SPLITMOE_ASSIGN_OR_RETURN(auto shard, ExpertShard::Load(dir, ShardSpec{.shard = 1, .num_shards
+//   = 2})); SPLITMOE_RETURN_IF_ERROR(shard->Compute(layer, hidden, tokens, offsets, experts,
+//   weights, out));
 #ifndef SPLITMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
 #define SPLITMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
 

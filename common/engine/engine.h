@@ -66,7 +66,7 @@ class Engine {
  public:
   // Prompts run through the model in chunks of this many tokens: attention scratch grows with
   // chunk x context, and the result is identical (causal attention over the cache).
-  static constexpr int64_t kPrefillChunkTokens = 256;
+  static constexpr int64_t kPrefillChunkTokens = 256;  // also PrefillFirstToken's
 
   static absl::StatusOr<std::unique_ptr<Engine>> Load(const std::string& model_dir,
                                                       const EngineOptions& options = {});

@@ -93,10 +93,12 @@ absl::StatusOr<std::string> Subprocess::ReadLineMatching(const std::string& pref
       }
       // EOF: the child closed stdout, usually because it exited.
       std::string why = Terminate(absl::Seconds(2));
-      return absl::UnavailableError(absl::StrCat(name_, " ", why, " before printing '", prefix, "'"));
+      return absl::UnavailableError(
+          absl::StrCat(name_, " ", why, " before printing '", prefix, "'"));
     }
     if (auto ended = Poll()) {
-      return absl::UnavailableError(absl::StrCat(name_, " ", *ended, " before printing '", prefix, "'"));
+      return absl::UnavailableError(
+          absl::StrCat(name_, " ", *ended, " before printing '", prefix, "'"));
     }
   }
 }

@@ -6,7 +6,8 @@
 // after the grace period), so no test or launcher leaves processes behind.
 //
 //   SPLITMOE_ASSIGN_OR_RETURN(auto child, Subprocess::Start("expert0", {bin, "expert", ...}));
-//   SPLITMOE_ASSIGN_OR_RETURN(std::string line, child->ReadLineMatching("listening ", absl::Seconds(60)));
+//   SPLITMOE_ASSIGN_OR_RETURN(std::string line, child->ReadLineMatching("listening ",
+//   absl::Seconds(60)));
 //   ...
 //   child->Terminate(absl::Seconds(5));
 #ifndef SPLITMOE_COMMON_PROCESS_SUBPROCESS_H_
@@ -28,9 +29,9 @@ class Subprocess {
  public:
   // argv[0] is the executable path. `env` entries ("NAME=value") are added to this process's
   // environment. stdin is /dev/null.
-  static absl::StatusOr<std::unique_ptr<Subprocess>> Start(const std::string& name,
-                                                           const std::vector<std::string>& argv,
-                                                           const std::vector<std::string>& env = {});
+  static absl::StatusOr<std::unique_ptr<Subprocess>> Start(
+      const std::string& name, const std::vector<std::string>& argv,
+      const std::vector<std::string>& env = {});
   ~Subprocess();
   Subprocess(const Subprocess&) = delete;
   Subprocess& operator=(const Subprocess&) = delete;

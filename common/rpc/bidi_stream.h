@@ -33,7 +33,8 @@ class BidiStream : public grpc::ServerBidiReactor<Request, Response> {
   using Reply = std::function<void(Response)>;
   using Handler = std::function<void(Request, Reply)>;
 
-  explicit BidiStream(Handler handler) : handler_(std::move(handler)), state_(std::make_shared<State>()) {
+  explicit BidiStream(Handler handler)
+      : handler_(std::move(handler)), state_(std::make_shared<State>()) {
     state_->reactor = this;
     this->StartRead(&request_);
   }
@@ -119,7 +120,8 @@ class BidiStream : public grpc::ServerBidiReactor<Request, Response> {
     if (s.finished || !s.reads_done || s.writing) return;
     if (!s.broken && (s.pending_replies > 0 || !s.queue.empty())) return;
     s.finished = true;
-    this->Finish(s.broken ? grpc::Status(grpc::StatusCode::CANCELLED, "stream broken") : grpc::Status::OK);
+    this->Finish(s.broken ? grpc::Status(grpc::StatusCode::CANCELLED, "stream broken")
+                          : grpc::Status::OK);
   }
 
   Handler handler_;

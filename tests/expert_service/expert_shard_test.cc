@@ -58,12 +58,14 @@ TEST(ExpertShardTest, ShardsSumToTheEnginesRoutedOutput) {
         offsets.push_back(static_cast<int32_t>(ids.size()));
       }
       std::vector<float> part(tokens * h);
-      absl::Status s = shard->Compute(layer, x, tokens, offsets, ids, weights, absl::MakeSpan(part));
+      absl::Status s =
+          shard->Compute(layer, x, tokens, offsets, ids, weights, absl::MakeSpan(part));
       ASSERT_TRUE(s.ok()) << s;
       for (int64_t i = 0; i < tokens * h; ++i) got[i] += part[i];
     }
     for (int64_t i = 0; i < tokens * h; ++i) {
-      ASSERT_NEAR(got[i], want[i], 1e-4f * (1.0f + std::fabs(want[i]))) << "layer " << layer << " at " << i;
+      ASSERT_NEAR(got[i], want[i], 1e-4f * (1.0f + std::fabs(want[i])))
+          << "layer " << layer << " at " << i;
     }
   }
 }
@@ -75,8 +77,10 @@ TEST(ExpertShardTest, HoldsOnlyItsExpertsAndRefusesOthers) {
   const auto& c = (*shard)->config();
   EXPECT_EQ((*shard)->experts().front(), c.n_routed_experts / 2);
   // Experts of 2 MoE layers + 1 MTP block, half of them, 3 matrices of moe_inter x hidden each.
-  const uint64_t expected = 3ull * (c.n_routed_experts / 2) * 3 * c.moe_intermediate_size * c.hidden_size * 4;
-  EXPECT_NEAR(static_cast<double>((*shard)->resident_bytes()), static_cast<double>(expected), expected * 0.05);
+  const uint64_t expected =
+      3ull * (c.n_routed_experts / 2) * 3 * c.moe_intermediate_size * c.hidden_size * 4;
+  EXPECT_NEAR(static_cast<double>((*shard)->resident_bytes()), static_cast<double>(expected),
+              expected * 0.05);
   std::vector<float> x(c.hidden_size, 1.0f), out(c.hidden_size);
   std::vector<int32_t> offsets = {0, 1}, ids = {0};
   std::vector<float> weights = {1.0f};

@@ -8,7 +8,8 @@ namespace splitmoe::process {
 namespace {
 
 TEST(SubprocessTest, ReadsTheAnnouncedLineAndTerminates) {
-  auto p = Subprocess::Start("child", {"/bin/sh", "-c", "echo noise; echo listening 127.0.0.1:4242; exec sleep 30"});
+  auto p = Subprocess::Start(
+      "child", {"/bin/sh", "-c", "echo noise; echo listening 127.0.0.1:4242; exec sleep 30"});
   ASSERT_TRUE(p.ok()) << p.status();
   auto line = (*p)->ReadLineMatching("listening ", absl::Seconds(10));
   ASSERT_TRUE(line.ok()) << line.status();
@@ -30,7 +31,8 @@ TEST(SubprocessTest, ReportsAChildThatDiesBeforeAnnouncing) {
 
 TEST(SubprocessTest, TimesOutAndKillsAStubbornChild) {
   // The child ignores SIGTERM: Terminate escalates to SIGKILL after the grace period.
-  auto p = Subprocess::Start("stubborn", {"/bin/sh", "-c", "trap '' TERM; echo up; while true; do sleep 1; done"});
+  auto p = Subprocess::Start(
+      "stubborn", {"/bin/sh", "-c", "trap '' TERM; echo up; while true; do sleep 1; done"});
   ASSERT_TRUE(p.ok());
   ASSERT_TRUE((*p)->ReadLineMatching("up", absl::Seconds(10)).ok());
   auto line = (*p)->ReadLineMatching("never ", absl::Milliseconds(300));
@@ -44,7 +46,8 @@ TEST(SubprocessTest, MissingExecutableIsReported) {
   ASSERT_TRUE(p.ok());  // fork succeeds; exec fails in the child
   auto line = (*p)->ReadLineMatching("listening ", absl::Seconds(10));
   ASSERT_FALSE(line.ok());
-  EXPECT_NE(line.status().message().find("exited with code 127"), std::string::npos) << line.status();
+  EXPECT_NE(line.status().message().find("exited with code 127"), std::string::npos)
+      << line.status();
 }
 
 }  // namespace

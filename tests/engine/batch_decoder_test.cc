@@ -1,0 +1,145 @@
+// Continuous batching against the single-process engine: sequences of different lengths and
+// sampling parameters, joining the batch at different steps and leaving when done, produce
+// exactly the tokens (and logprobs) each would produce alone through Engine::Generate.
+#include "common/engine/batch_decoder.h"
+
+#include <map>
+
+#include "common/engine/engine.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_models.h"
+
+namespace splitmoe::engine {
+namespace {
+
+struct Case {
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  int64_t max_tokens;
+  int64_t join_step;
+};
+
+std::vector<int32_t> Prompt(int64_t n, int seed) {
+  std::vector<int32_t> t = {0};
+  for (int64_t i = 1; i < n; ++i) t.push_back(static_cast<int32_t>((i * 7919 + seed * 131) % 512));
+  return t;
+}
+
+TEST(BatchDecoderTest, MatchesTheEngineForStaggeredMixedRequests) {
+  auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  const auto& c = e.config();
+  std::vector<Case> cases = {
+      {Prompt(3, 1), {}, 10, 0},
+      {Prompt(70, 2), {.temperature = 0.8, .top_p = 0.9, .top_k = 0, .seed = 11}, 4, 0},
+      {Prompt(300, 3),
+       {.temperature = 1.2, .top_p = 1.0, .top_k = 5, .seed = 12},
+       7,
+       2},  // > one chunk
+      {Prompt(1, 4), {}, 12, 3},
+      {Prompt(20, 5), {.temperature = 0.5, .top_p = 0.7, .top_k = 0, .seed = 13}, 9, 5},
+  };
+  // What each request gives alone.
+  std::vector<GenerateResult> want;
+  for (const Case& k : cases) {
+    GenerateRequest r;
+    r.prompt = k.prompt;
+    r.sampling = k.sampling;
+    r.max_tokens = k.max_tokens;
+    r.logprobs = 2;
+    r.ignore_eos = true;
+    auto out = e.Generate(r, nullptr);
+    ASSERT_TRUE(out.ok()) << out.status();
+    want.push_back(*out);
+  }
+  BatchDecoder decoder(&e.transformer(), c.eos_token_id);
+  std::map<std::string, std::vector<DecodedToken>> got;
+  size_t joined = 0;
+  for (int64_t step = 0; joined < cases.size() || decoder.running() > 0; ++step) {
+    for (size_t i = 0; i < cases.size(); ++i) {
+      if (cases[i].join_step != step) continue;
+      DecodeSequence s;
+      s.id = "seq" + std::to_string(i);
+      s.cache = std::make_unique<LatentCache>(c.num_hidden_layers, c.latent_dim());
+      auto first = PrefillFirstToken(e.transformer(), cases[i].prompt, s.cache.get(),
+                                     cases[i].sampling, 2, AttentionForm::kAbsorbed);
+      ASSERT_TRUE(first.ok()) << first.status();
+      first->id = s.id;
+      got[s.id].push_back(*first);
+      s.prompt_tokens = static_cast<int64_t>(cases[i].prompt.size());
+      s.next_token = first->token;
+      s.sampling = cases[i].sampling;
+      s.max_tokens = cases[i].max_tokens;
+      s.ignore_eos = true;
+      s.logprobs = 2;
+      ASSERT_TRUE(decoder.Add(std::move(s)).ok());
+      ++joined;
+    }
+    auto out = decoder.Step();
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (DecodedToken& t : *out) got[t.id].push_back(t);
+    for (DecodeSequence& done : decoder.TakeFinished()) EXPECT_NE(done.cache, nullptr);
+  }
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const auto& tokens = got["seq" + std::to_string(i)];
+    ASSERT_EQ(tokens.size(), want[i].tokens.size()) << "sequence " << i;
+    for (size_t j = 0; j < tokens.size(); ++j) {
+      EXPECT_EQ(tokens[j].token, want[i].tokens[j]) << "sequence " << i << " token " << j;
+      EXPECT_NEAR(tokens[j].logprob->logprob, want[i].logprobs[j].logprob, 1e-4);
+    }
+    EXPECT_TRUE(tokens.back().finished);
+    EXPECT_EQ(tokens.back().finish_reason, "length");
+  }
+}
+
+TEST(BatchDecoderTest, CancelAndStopIds) {
+  auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
+  ASSERT_TRUE(engine.ok());
+  const auto& c = (*engine)->config();
+  BatchDecoder decoder(&(*engine)->transformer(), c.eos_token_id);
+  auto make = [&](const std::string& id, int seed) {
+    DecodeSequence s;
+    s.id = id;
+    s.cache = std::make_unique<LatentCache>(c.num_hidden_layers, c.latent_dim());
+    auto prompt = Prompt(8, seed);
+    auto first = PrefillFirstToken((*engine)->transformer(), prompt, s.cache.get(), {}, -1,
+                                   AttentionForm::kAbsorbed);
+    EXPECT_TRUE(first.ok());
+    s.prompt_tokens = 8;
+    s.next_token = first->token;
+    s.max_tokens = 50;
+    s.ignore_eos = true;
+    return s;
+  };
+  ASSERT_TRUE(decoder.Add(make("a", 1)).ok());
+  EXPECT_EQ(decoder.Add(make("a", 2)).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(decoder.Step().ok());
+  auto removed = decoder.Remove("a");
+  ASSERT_TRUE(removed.ok());
+  EXPECT_EQ(removed->cache->length(), 9);  // prompt + the first token fed back
+  EXPECT_EQ(decoder.running(), 0u);
+  EXPECT_EQ(decoder.Remove("a").status().code(), absl::StatusCode::kNotFound);
+  // A stop id ends the sequence with "stop" the first time it is produced.
+  DecodeSequence s = make("b", 3);
+  BatchDecoder probe(&(*engine)->transformer(), c.eos_token_id);
+  ASSERT_TRUE(probe.Add(make("p", 3)).ok());
+  auto step = probe.Step();
+  ASSERT_TRUE(step.ok());
+  s.stop_token_ids = {(*step)[0].token};
+  ASSERT_TRUE(decoder.Add(std::move(s)).ok());
+  auto out = decoder.Step();
+  ASSERT_TRUE(out.ok());
+  EXPECT_TRUE((*out)[0].finished);
+  EXPECT_EQ((*out)[0].finish_reason, "stop");
+  EXPECT_EQ(decoder.TakeFinished().size(), 1u);
+}
+
+}  // namespace
+}  // namespace splitmoe::engine
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
+  return RUN_ALL_TESTS();
+}
