@@ -4,8 +4,9 @@
 Each variant of tools/reference/make_hf_checkpoint.py (F16/F32/BF16/FP8 storage, tied
 embeddings, no rope scaling, moe_layer_freq 2, no shared expert, grouped greedy,
 ragged FP8 blocks, shards) is written to a temporary directory, then scored and
-decoded greedily by both `splitmoe` and tools/reference/dsref.py. Teacher-forced
-top-5 logprobs must agree within 1e-4 and greedy continuations must be identical.
+decoded greedily by both `splitmoe` and the float64 references (tools/reference/dsref.py,
+and deepseek_ref.py, written separately, for the naive-form pass). Teacher-forced top-5
+logprobs must agree within 1e-4 and greedy continuations must be identical.
 
 Usage: conformance_test.py --splitmoe build/bin/splitmoe
 """
@@ -18,6 +19,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REF = os.path.join(ROOT, "tools", "reference", "dsref.py")
+# A second reference written separately from the first; both must agree with the engine.
+REF2 = os.path.join(ROOT, "tools", "reference", "deepseek_ref.py")
 WRITER = os.path.join(ROOT, "tools", "reference", "make_hf_checkpoint.py")
 VARIANTS = ["v3_fp8_ragged", "v3_f32_tied", "v2_f16_freq2", "v2_grouped_greedy_nolora"]
 TOL = 1e-4
@@ -62,8 +65,9 @@ def main():
                     cmd = [args.splitmoe, "score", "--model", model, "--prompt-tokens", ids, "--top-logprobs", "5",
                            "--attention", form, "--json"] + (["--mtp"] if has_mtp else [])
                     got = run_json(cmd)
-                    want = run_json([sys.executable, REF, "score", "--model", model, "--prompt-tokens", ids,
-                                     "--top-logprobs", "5"] + (["--mtp"] if has_mtp else []))
+                    ref = REF if form == "absorbed" else REF2
+                    want = run_json([sys.executable, ref, "score", "--model", model, "--prompt-tokens", ids,
+                                     "--top-logprobs", "5", "--dtype", "float64"] + (["--mtp"] if has_mtp else []))
                     if got["prompt_tokens"] != want["prompt_tokens"] or got["prompt_logprobs"][0] is not None:
                         errors.append("prompt_tokens or entry 0 differ")
                     for i in range(1, len(tokens)):
@@ -73,7 +77,7 @@ def main():
                 got = run_json([args.splitmoe, "generate", "--model", model, "--prompt-tokens", ids, "--max-tokens",
                                 "12", "--logprobs", "5", "--json"])
                 want = run_json([sys.executable, REF, "generate", "--model", model, "--prompt-tokens", ids,
-                                 "--max-tokens", "12", "--top-logprobs", "5"])
+                                 "--max-tokens", "12", "--top-logprobs", "5", "--dtype", "float64"])
                 if got["tokens"] != want["tokens"]:
                     errors.append(f"greedy {got['tokens']} != reference {want['tokens']}")
                 for i, (g, w) in enumerate(zip(got["logprobs"], want["logprobs"])):

@@ -188,10 +188,11 @@ def freqs_cis(args, positions):
 def rope(x, fc):
     """apply_rotary_emb: consecutive pairs as complex numbers. x [..., T, H, D] or [T, D]."""
     dtype = x.dtype
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    wide = x.double() if dtype == torch.float64 else x.float()  # fp32 as the reference; fp64 mode stays fp64
+    xc = torch.view_as_complex(wide.reshape(*x.shape[:-1], -1, 2).contiguous())
     shape = [1] * xc.dim()
     shape[0], shape[-1] = fc.shape[0], fc.shape[1]
-    y = torch.view_as_real(xc * fc.view(*shape)).flatten(-2)
+    y = torch.view_as_real(xc * fc.to(xc.dtype).view(*shape)).flatten(-2)
     return y.to(dtype)
 
 

@@ -52,13 +52,15 @@ def main():
             cases = []
             for p in spec["prompts"]:
                 ids = ",".join(str(t) for t in prompt_tokens(p))
+                # float64: the whole tolerance is left to the engine (fp32 rounding alone reaches
+                # 6e-5 on 150-token prompts).
                 score_cmd = [sys.executable, REF, "score", "--model", model, "--prompt-tokens", ids,
-                             "--top-logprobs", str(top)]
+                             "--top-logprobs", str(top), "--dtype", "float64"]
                 if variant.get("mtp"):
                     score_cmd.append("--mtp")
                 score = run_json(score_cmd)
                 gen = run_json([sys.executable, REF, "generate", "--model", model, "--prompt-tokens", ids,
-                                "--max-tokens", str(max_tokens), "--top-logprobs", str(top)])
+                                "--max-tokens", str(max_tokens), "--top-logprobs", str(top), "--dtype", "float64"])
                 cases.append({"prompt_tokens": prompt_tokens(p), "score": score, "generate": gen})
                 print(f"{name}: prompt of {len(prompt_tokens(p))} tokens -> {gen['tokens']}", flush=True)
         out = {"variant": name, "make_tiny": variant["make_tiny"], "generated_by": "tools/reference/make_golden.py",
