@@ -1,0 +1,180 @@
+// UcxTransport: the one-sided transport that carries MLA latents from prefill workers into the
+// paged latent cache of decode workers. One transport interface in the Mooncake/NIXL sense:
+// register memory (RegisterRegion), describe it to a peer (RegionDescriptor), write into it
+// (Put), make the writes visible (Flush), and tell the peer (SendNotification).
+//
+// Put paths. Where UCX has a real RMA lane to the peer (shared memory, RDMA) a Put is a
+// ucp_put_nbx into the peer's region. Where the only lane is tcp, UCX would emulate puts about
+// two orders of magnitude slower than tcp itself (docs in /work/shared/MEASURED.md), so the
+// transport moves the bytes with active messages instead: the target's progress thread lands
+// them at the same offset of the same region (rendezvous receives go straight into place).
+// The caller's API is the same; PeerInfo() / Capabilities() say which path each peer uses.
+//
+// Ordering contract: Put ... Put, then Flush, then SendNotification. When Flush's callback
+// reports OK every earlier Put to that peer is in the target's memory (RMA: ucp_ep_flush; both
+// paths: an acknowledgement round trip from the target's progress thread, which also proves the
+// peer is alive). On the active-message path a notification is additionally held back on the
+// target until every earlier Put from the same initiator has landed.
+//
+// Threading. The transport owns one progress thread; it alone touches the UCX context, worker,
+// endpoints and memory handles (the context runs in single-thread mode). All public methods are
+// safe on any thread. Asynchronous operations report exactly once through their DoneCallback:
+// inline on the calling thread when refused before reaching UCX (bad arguments, unknown peer,
+// shut down), otherwise on the progress thread. Callbacks and the notification handler run on
+// the progress thread and MUST NOT BLOCK (post a message to an actor); they may call Put,
+// Flush and SendNotification, but not the synchronous Connect / RegisterRegion / PeerInfo,
+// which return FailedPrecondition there. The progress thread sleeps on the worker's event fd
+// when idle and polls while operations are in flight.
+//
+// Failures. Every operation has a deadline (TransportOptions::operation_timeout_ms). A peer
+// whose operation times out or whose endpoint reports an error is marked failed: its pending
+// operations complete with that status and later ones are refused with it (Connect again to
+// retry). Shared memory has no UCX peer-failure detection in 1.13, so a dead shm peer is found
+// by Flush's acknowledgement timing out (DeadlineExceeded).
+//
+// Example (decode side owns the region, prefill side writes):
+//
+//   // decode
+//   SPLITMOE_ASSIGN_OR_RETURN(auto t, UcxTransport::Create({.name = "decode-0"}));
+//   SPLITMOE_ASSIGN_OR_RETURN(Region cache, t->RegisterRegion(64 << 20));
+//   t->SetNotificationHandler([&](Notification n) { actor.Send(LatentsWritten{...}); });
+//   Reply(t->Describe(cache).Serialize());
+//
+//   // prefill
+//   SPLITMOE_ASSIGN_OR_RETURN(RegionDescriptor remote, RegionDescriptor::Parse(bytes));
+//   SPLITMOE_ASSIGN_OR_RETURN(PeerId peer, t->Connect(remote.worker_address));
+//   t->Put(peer, latents, n_bytes, remote, block_offset, on_put_done);
+//   t->Flush(peer, [&](absl::Status s) { if (s.ok()) t->SendNotification(peer, kLayerDone, ...);
+//   });
+#ifndef SPLITMOE_COMMON_TRANSFER_UCX_TRANSPORT_H_
+#define SPLITMOE_COMMON_TRANSFER_UCX_TRANSPORT_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "common/transfer/region_descriptor.h"
+
+namespace splitmoe::transfer {
+
+// How Put moves bytes to a peer.
+enum class PutPath {
+  kAuto,           // per peer: kRma when UCX has a non-tcp RMA lane to it, else kActiveMessage
+  kRma,            // ucp_put_nbx into the remote region
+  kActiveMessage,  // active messages landed in place by the target's progress thread
+};
+absl::string_view PutPathName(PutPath path);
+
+struct TransportOptions {
+  std::string name = "transfer";  // prefixes error messages
+  PutPath put_path = PutPath::kAuto;
+  int64_t operation_timeout_ms = 10000;  // Put / Flush / SendNotification / Connect
+  int64_t shutdown_timeout_ms = 2000;    // how long Shutdown waits for in-flight operations
+};
+
+using PeerId = uint64_t;
+using DoneCallback = absl::AnyInvocable<void(absl::Status)>;
+
+// A registered, UCX-allocated (UCP_MEM_MAP_ALLOCATE) region whose pages were touched once at
+// registration. Lives until ReleaseRegion or transport shutdown.
+struct Region {
+  uint64_t id = 0;
+  void* base = nullptr;
+  size_t size_bytes = 0;
+  std::string rkey;  // packed remote key
+};
+
+struct Notification {
+  uint64_t source_id = 0;  // the sending transport's SourceId()
+  uint32_t tag = 0;
+  std::string payload;
+};
+using NotificationHandler = absl::AnyInvocable<void(Notification)>;
+
+struct PeerInfo {
+  PutPath put_path = PutPath::kAuto;  // resolved: kRma or kActiveMessage
+  std::string lanes;                  // UCX's description of the endpoint's lanes
+};
+
+struct TransportCapabilities {
+  bool rma = true;              // one-sided puts where a lane allows
+  bool active_messages = true;  // notifications; puts over tcp
+  PutPath configured_put_path = PutPath::kAuto;
+  int64_t rma_peers = 0;  // connected peers per resolved put path
+  int64_t active_message_peers = 0;
+  std::string Summary() const;  // e.g. "put=auto (rma peers 1, am peers 0)"
+};
+
+struct TransportStats {
+  uint64_t bytes_put = 0;       // completed Puts from here, either path
+  uint64_t bytes_received = 0;  // landed here by the active-message path (RMA is invisible)
+  uint64_t puts_completed = 0;
+  uint64_t puts_failed = 0;
+  uint64_t puts_rejected = 0;  // active-message puts here outside every region
+  uint64_t notifications_sent = 0;
+  uint64_t notifications_received = 0;
+};
+
+class UcxTransport {
+ public:
+  // Starts the progress thread and creates the UCX context (RMA | AM | WAKEUP) and worker on
+  // it. UCX_* environment variables (UCX_TLS, UCX_NET_DEVICES, ...) apply as UCX reads them.
+  static absl::StatusOr<std::unique_ptr<UcxTransport>> Create(const TransportOptions& options);
+
+  UcxTransport(const UcxTransport&) = delete;
+  UcxTransport& operator=(const UcxTransport&) = delete;
+  // Shutdown(). Must not run on the progress thread (i.e. inside a callback).
+  ~UcxTransport();
+
+  // Refuses new operations, waits up to shutdown_timeout_ms for those in flight, fails the rest
+  // with Cancelled, closes endpoints and frees every UCX resource. Idempotent.
+  void Shutdown();
+
+  // This worker's UCX address; ship it to peers.
+  const std::string& WorkerAddress() const;
+  // Random per-transport id carried in active-message headers (Notification::source_id).
+  uint64_t SourceId() const;
+
+  // Allocates and registers `size_bytes` with UCP_MEM_MAP_ALLOCATE and touches every page.
+  absl::StatusOr<Region> RegisterRegion(size_t size_bytes);
+  // NotFound for an unknown id. Peers must no longer write to it.
+  absl::Status ReleaseRegion(uint64_t region_id);
+  RegionDescriptor Describe(const Region& region) const;
+
+  // Endpoint to the worker at `worker_address`, cached per address (a failed one is replaced).
+  absl::StatusOr<PeerId> Connect(absl::string_view worker_address);
+  absl::StatusOr<PeerInfo> GetPeerInfo(PeerId peer);
+
+  // Writes local[0, bytes) to remote's region at [remote_offset, remote_offset + bytes).
+  // `local` must stay valid and unchanged until `done` runs. InvalidArgument (inline) when the
+  // range is outside the descriptor or the descriptor belongs to another worker than `peer`.
+  void Put(PeerId peer, const void* local, size_t bytes, const RegionDescriptor& remote,
+           uint64_t remote_offset, DoneCallback done);
+  // OK once every earlier Put to `peer` has landed in the target's memory.
+  void Flush(PeerId peer, DoneCallback done);
+  // Sends (tag, payload) to the peer's notification handler. `payload` is copied; at most
+  // kMaxNotificationBytes.
+  void SendNotification(PeerId peer, uint32_t tag, absl::string_view payload, DoneCallback done);
+  static constexpr size_t kMaxNotificationBytes = 64 << 10;
+
+  // Handler for notifications arriving here; runs on the progress thread and must not block.
+  // Notifications that arrive before a handler is set are queued and delivered to it.
+  void SetNotificationHandler(NotificationHandler handler);
+
+  TransportCapabilities Capabilities() const;
+  TransportStats Stats() const;
+
+ private:
+  class Impl;
+  explicit UcxTransport(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace splitmoe::transfer
+
+#endif  // SPLITMOE_COMMON_TRANSFER_UCX_TRANSPORT_H_
