@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -45,6 +46,8 @@ absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Start(const std::string&
   if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
   if (pid == 0) {
     ::setpgid(0, 0);
+    // A child never outlives its parent, even one that crashed or was SIGKILLed.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     int devnull = ::open("/dev/null", O_RDONLY);
     ::dup2(devnull, 0);
     ::dup2(out[1], 1);

@@ -8,22 +8,25 @@
 namespace splitmoe::rpc {
 
 absl::StatusOr<std::unique_ptr<Registration>> Registration::Start(const std::string& router_address,
-                                                                  v1::RegisterRequest request, LoadFn load,
+                                                                  v1::RegisterRequest request,
+                                                                  LoadFn load,
                                                                   absl::Duration timeout) {
   std::unique_ptr<Registration> r(new Registration());
   r->request_ = std::move(request);
   r->load_ = std::move(load);
-  r->stub_ = v1::Registry::NewStub(
-      grpc::CreateCustomChannel(router_address, grpc::InsecureChannelCredentials(), ClientChannelArguments()));
+  r->stub_ = v1::Registry::NewStub(grpc::CreateCustomChannel(
+      router_address, grpc::InsecureChannelCredentials(), ClientChannelArguments()));
   const absl::Time deadline = absl::Now() + timeout;
   absl::Status status;
   while (!(status = r->RegisterOnce()).ok()) {
     // A refusal (wrong model, bad request) is final; an unreachable router may come up later.
-    if (status.code() != absl::StatusCode::kUnavailable && status.code() != absl::StatusCode::kDeadlineExceeded) {
+    if (status.code() != absl::StatusCode::kUnavailable &&
+        status.code() != absl::StatusCode::kDeadlineExceeded) {
       return status;
     }
     if (absl::Now() > deadline) {
-      return absl::UnavailableError(absl::StrCat("router ", router_address, " did not answer: ", status.message()));
+      return absl::UnavailableError(
+          absl::StrCat("router ", router_address, " did not answer: ", status.message()));
     }
     absl::SleepFor(absl::Milliseconds(200));
   }
@@ -39,7 +42,8 @@ absl::Status Registration::RegisterOnce() {
   if (!status.ok()) return status;
   std::lock_guard<std::mutex> lock(mu_);
   worker_id_ = response.worker_id();
-  if (response.heartbeat_interval_ms() > 0) interval_ = absl::Milliseconds(response.heartbeat_interval_ms());
+  if (response.heartbeat_interval_ms() > 0)
+    interval_ = absl::Milliseconds(response.heartbeat_interval_ms());
   return absl::OkStatus();
 }
 

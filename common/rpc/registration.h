@@ -4,7 +4,8 @@
 // forgotten the worker (it missed too many beats). The destructor deregisters (drain) and joins.
 // The load callback runs on the heartbeat thread and must be cheap and thread-safe.
 //
-//   SPLITMOE_ASSIGN_OR_RETURN(auto membership, Registration::Start(router, request, [&] { return Load(); }));
+//   SPLITMOE_ASSIGN_OR_RETURN(auto membership, Registration::Start(router, request, [&] { return
+//   Load(); }));
 #ifndef SPLITMOE_COMMON_RPC_REGISTRATION_H_
 #define SPLITMOE_COMMON_RPC_REGISTRATION_H_
 
@@ -24,9 +25,9 @@ namespace splitmoe::rpc {
 class Registration {
  public:
   using LoadFn = std::function<v1::WorkerLoad()>;
-  static absl::StatusOr<std::unique_ptr<Registration>> Start(const std::string& router_address,
-                                                             v1::RegisterRequest request, LoadFn load,
-                                                             absl::Duration timeout = absl::Seconds(60));
+  static absl::StatusOr<std::unique_ptr<Registration>> Start(
+      const std::string& router_address, v1::RegisterRequest request, LoadFn load,
+      absl::Duration timeout = absl::Seconds(60));
   ~Registration();
   std::string worker_id() const;
 

@@ -15,7 +15,8 @@ absl::StatusOr<std::unique_ptr<RemoteMoeExecutor>> RemoteMoeExecutor::Connect(
   moe->call_timeout_ = call_timeout;
   moe->channel_ = grpc::CreateCustomChannel(router_address, grpc::InsecureChannelCredentials(),
                                             ClientChannelArguments());
-  if (!moe->channel_->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10))) {
+  if (!moe->channel_->WaitForConnected(std::chrono::system_clock::now() +
+                                       std::chrono::seconds(10))) {
     return absl::UnavailableError(absl::StrCat("router ", router_address, " unreachable"));
   }
   moe->stub_ = v1::MoeDispatch::NewStub(moe->channel_);
@@ -64,7 +65,8 @@ absl::Status RemoteMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
   batch.set_tokens(static_cast<int32_t>(rows));
   batch.set_dtype(dtype_);
   batch.set_hidden(EncodeTensor(absl::MakeConstSpan(x, static_cast<size_t>(rows * h)), dtype_));
-  batch.set_scores(EncodeTensor(absl::MakeConstSpan(scores, static_cast<size_t>(rows * n)), v1::WIRE_DTYPE_FP32));
+  batch.set_scores(EncodeTensor(absl::MakeConstSpan(scores, static_cast<size_t>(rows * n)),
+                                v1::WIRE_DTYPE_FP32));
   uint64_t id;
   std::unique_lock<std::mutex> lock(mu_);
   if (!broken_.ok()) return broken_;
@@ -77,20 +79,21 @@ absl::Status RemoteMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
     if (broken_.ok()) broken_ = absl::UnavailableError("writing to the MoeDispatch stream failed");
     return broken_;
   }
-  const bool done = cv_.wait_for(lock, absl::ToChronoMilliseconds(call_timeout_), [&] {
-    return waiting_[id].has_value() || !broken_.ok();
-  });
+  const bool done = cv_.wait_for(lock, absl::ToChronoMilliseconds(call_timeout_),
+                                 [&] { return waiting_[id].has_value() || !broken_.ok(); });
   std::optional<v1::MoeResult> result = std::move(waiting_[id]);
   waiting_.erase(id);
   lock.unlock();
   if (!result.has_value()) {
     if (!done) {
-      return absl::DeadlineExceededError(absl::StrCat("MoE layer ", layer, ": no reply from the router within ",
+      return absl::DeadlineExceededError(absl::StrCat("MoE layer ", layer,
+                                                      ": no reply from the router within ",
                                                       absl::FormatDuration(call_timeout_)));
     }
     return broken_;
   }
-  if (!result->error().empty()) return absl::UnavailableError(absl::StrCat("router: ", result->error()));
+  if (!result->error().empty())
+    return absl::UnavailableError(absl::StrCat("router: ", result->error()));
   std::vector<float> values;
   SPLITMOE_RETURN_IF_ERROR(DecodeTensor(result->output(), result->dtype(), rows * h, &values));
   std::copy(values.begin(), values.end(), out);

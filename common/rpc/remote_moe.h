@@ -6,8 +6,8 @@
 // by batch id, so calls from several threads may be in flight at once. A broken stream fails
 // every waiting and later call with Unavailable (never hangs: calls also have a deadline).
 //
-//   SPLITMOE_ASSIGN_OR_RETURN(auto moe, RemoteMoeExecutor::Connect(router, config, v1::WIRE_DTYPE_FP32));
-//   engine::Transformer model(config, attention_weights, moe.get());
+//   SPLITMOE_ASSIGN_OR_RETURN(auto moe, RemoteMoeExecutor::Connect(router, config,
+//   v1::WIRE_DTYPE_FP32)); engine::Transformer model(config, attention_weights, moe.get());
 #ifndef SPLITMOE_COMMON_RPC_REMOTE_MOE_H_
 #define SPLITMOE_COMMON_RPC_REMOTE_MOE_H_
 

@@ -19,7 +19,10 @@
 #include "common/model/checkpoint.h"
 #include "common/model/tiny.h"
 #include "common/model/weights.h"
+#include "common/process/signals.h"
+#include "expert_service/run_expert.h"
 #include "nlohmann/json.hpp"
+#include "router/run_router.h"
 #include "tools/cli/flags.h"
 
 namespace splitmoe::cli {
@@ -257,9 +260,37 @@ absl::Status Generate(int argc, char** argv) {
   return absl::OkStatus();
 }
 
+absl::Status Router(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"model", "listen", "heartbeat-ms"}, {}));
+  if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
+  router::RouterOptions o;
+  o.model_dir = f.Get("model");
+  o.listen = f.Get("listen", o.listen);
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t ms, f.GetInt("heartbeat-ms", 300));
+  if (ms <= 0) return absl::InvalidArgumentError("--heartbeat-ms must be > 0");
+  o.heartbeat_interval = absl::Milliseconds(ms);
+  return router::RunRouter(o);
+}
+
+absl::Status Expert(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(
+      f.Parse(argc, argv, 2, {"model", "listen", "router", "shard", "num-shards"}, {}));
+  if (!f.Has("model")) return absl::InvalidArgumentError("expert needs --model DIR");
+  expert_service::ExpertOptions o;
+  o.model_dir = f.Get("model");
+  o.listen = f.Get("listen", o.listen);
+  o.router = f.Get("router");
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t shard, f.GetInt("shard", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t shards, f.GetInt("num-shards", 1));
+  o.shard = {static_cast<int32_t>(shard), static_cast<int32_t>(shards)};
+  return expert_service::RunExpert(o);
+}
+
 int Usage() {
   std::cerr
-      << "usage: splitmoe <make-tiny|inspect|score|generate> [flags]\n"
+      << "usage: splitmoe <make-tiny|inspect|score|generate|router|expert> [flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
          "  inspect   --model DIR [--json]\n"
@@ -279,18 +310,23 @@ int main(int argc, char** argv) {
   if (argc < 2) return Usage();
   const std::string cmd = argv[1];
   absl::Status status;
-  if (cmd == "make-tiny")
+  if (cmd == "make-tiny") {
     status = MakeTiny(argc, argv);
-  else if (cmd == "inspect")
+  } else if (cmd == "inspect") {
     status = Inspect(argc, argv);
-  else if (cmd == "score")
+  } else if (cmd == "score") {
     status = Score(argc, argv);
-  else if (cmd == "generate")
+  } else if (cmd == "generate") {
     status = Generate(argc, argv);
-  else if (cmd == "--help" || cmd == "help")
+  } else if (cmd == "router" || cmd == "expert") {
+    // Before any thread exists: SIGINT/SIGTERM are then taken only by the waiting main thread.
+    splitmoe::process::BlockTerminationSignals();
+    status = cmd == "router" ? Router(argc, argv) : Expert(argc, argv);
+  } else if (cmd == "--help" || cmd == "help") {
     return Usage() - 2;
-  else
+  } else {
     return Usage();
+  }
   if (!status.ok()) {
     std::cerr << "error: " << status.ToString() << "\n";
     return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;

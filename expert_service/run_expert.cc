@@ -1,0 +1,51 @@
+#include "expert_service/run_expert.h"
+
+#include <iostream>
+
+#include "common/base/status_macros.h"
+#include "common/process/signals.h"
+#include "common/rpc/registration.h"
+#include "common/rpc/rpc.h"
+#include "common/runtime/state_actor.h"
+#include "expert_service/expert_service.h"
+
+namespace splitmoe::expert_service {
+
+absl::Status RunExpert(const ExpertOptions& options) {
+  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<ExpertShard> shard,
+                            ExpertShard::Load(options.model_dir, options.shard));
+  const ExpertShard* view = shard.get();
+  const uint64_t resident = shard->resident_bytes();
+  std::vector<int32_t> experts = shard->experts();
+  // The experts actor owns the shard; the service only posts to it.
+  runtime::StateActor<ExpertShard> actor("experts", std::move(shard));
+  ExpertComputeService service(view, [&actor](std::function<void()> task) {
+    return actor.Post([task = std::move(task)](ExpertShard&) { task(); });
+  });
+  SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
+                            rpc::StartServer(options.listen, {&service}));
+  std::unique_ptr<rpc::Registration> membership;
+  if (!options.router.empty()) {
+    v1::RegisterRequest request;
+    request.set_role(v1::WORKER_ROLE_EXPERT);
+    request.set_address(server.address);
+    request.set_shard(options.shard.shard);
+    *request.mutable_experts() = {experts.begin(), experts.end()};
+    request.set_resident_weight_bytes(resident);
+    SPLITMOE_ASSIGN_OR_RETURN(membership,
+                              rpc::Registration::Start(options.router, request, [&service] {
+                                v1::WorkerLoad load;
+                                load.set_tokens_processed(service.batches());
+                                return load;
+                              }));
+  }
+  std::cout << "listening " << server.address << std::endl;
+  const int signal = process::WaitForTerminationSignal();
+  std::cerr << "expert " << options.shard.shard << ": signal " << signal << ", stopping\n";
+  membership.reset();  // deregister first: the router stops sending work here
+  server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  actor.Stop();
+  return absl::OkStatus();
+}
+
+}  // namespace splitmoe::expert_service

@@ -1,0 +1,60 @@
+#include "router/moe_plan.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/engine/routing.h"
+
+namespace splitmoe::router {
+
+absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& config,
+                                                     absl::Span<const float> scores, int64_t tokens,
+                                                     absl::Span<const float> bias,
+                                                     absl::Span<const int32_t> expert_to_shard,
+                                                     int32_t num_shards) {
+  const int64_t n = config.n_routed_experts;
+  if (tokens < 0 || static_cast<int64_t>(scores.size()) != tokens * n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gate scores hold ", scores.size(), " values for ", tokens, " tokens of ", n, " experts"));
+  }
+  if (static_cast<int64_t>(expert_to_shard.size()) != n ||
+      (!bias.empty() && static_cast<int64_t>(bias.size()) != n)) {
+    return absl::InvalidArgumentError("placement or bias does not cover every routed expert");
+  }
+  std::vector<ShardBatch> per_shard(static_cast<size_t>(num_shards));
+  for (int32_t s = 0; s < num_shards; ++s) per_shard[s].shard = s;
+  for (int64_t t = 0; t < tokens; ++t) {
+    engine::ExpertChoice choice = engine::SelectExperts(
+        config, scores.subspan(static_cast<size_t>(t * n), static_cast<size_t>(n)), bias);
+    for (size_t i = 0; i < choice.experts.size(); ++i) {
+      const int32_t shard = expert_to_shard[choice.experts[i]];
+      if (shard < 0 || shard >= num_shards) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("expert ", choice.experts[i], " has no service"));
+      }
+      ShardBatch& b = per_shard[shard];
+      if (b.rows.empty() || b.rows.back() != t) {
+        if (b.offsets.empty()) b.offsets.push_back(0);
+        b.rows.push_back(static_cast<int32_t>(t));
+        b.offsets.push_back(b.offsets.back());
+      }
+      b.expert_ids.push_back(choice.experts[i]);
+      b.weights.push_back(choice.weights[i]);
+      ++b.offsets.back();
+    }
+  }
+  std::vector<ShardBatch> out;
+  for (ShardBatch& b : per_shard) {
+    if (!b.rows.empty()) out.push_back(std::move(b));
+  }
+  return out;
+}
+
+void CombineShardOutput(const ShardBatch& batch, absl::Span<const float> partial, int64_t hidden,
+                        absl::Span<float> out) {
+  for (size_t i = 0; i < batch.rows.size(); ++i) {
+    float* o = out.data() + static_cast<int64_t>(batch.rows[i]) * hidden;
+    const float* p = partial.data() + static_cast<int64_t>(i) * hidden;
+    for (int64_t j = 0; j < hidden; ++j) o[j] += p[j];
+  }
+}
+
+}  // namespace splitmoe::router

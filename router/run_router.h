@@ -1,0 +1,26 @@
+// `splitmoe router`: the router process. Serves the internal Registry and MoeDispatch services
+// (and, as the cluster grows, the public Generation API) on one gRPC port, with health and
+// reflection; prints "listening HOST:PORT" once serving and runs until SIGINT/SIGTERM.
+#ifndef SPLITMOE_ROUTER_RUN_ROUTER_H_
+#define SPLITMOE_ROUTER_RUN_ROUTER_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+
+namespace splitmoe::router {
+
+struct RouterOptions {
+  std::string model_dir;
+  std::string listen = "127.0.0.1:0";
+  absl::Duration heartbeat_interval = absl::Milliseconds(300);
+  int missed_heartbeats_allowed = 3;
+};
+
+// Blocks until a termination signal; then stops serving and returns.
+absl::Status RunRouter(const RouterOptions& options);
+
+}  // namespace splitmoe::router
+
+#endif  // SPLITMOE_ROUTER_RUN_ROUTER_H_

@@ -1,0 +1,236 @@
+// End to end, real processes on loopback: a router and two expert services (`splitmoe router`,
+// `splitmoe expert`), and an attention worker in this test process that holds no routed expert
+// and computes every MoE layer through the router's MoeDispatch stream. Its greedy and seeded
+// generations must equal the single-process engine's; a killed expert service must turn into a
+// clear error, never a hang.
+#include <signal.h>
+
+#include <map>
+
+#include "common/engine/batch_decoder.h"
+#include "common/engine/engine.h"
+#include "common/model/checkpoint.h"
+#include "common/process/subprocess.h"
+#include "common/rpc/remote_moe.h"
+#include "common/rpc/rpc.h"
+#include "gtest/gtest.h"
+#include "splitmoe/v1/internal.grpc.pb.h"
+#include "tests/testing/test_models.h"
+
+namespace splitmoe {
+namespace {
+
+std::string Binary() {
+  const char* dir = std::getenv("SPLITMOE_BINARY_DIR");
+  return std::string(dir ? dir : ".") + "/bin/splitmoe";
+}
+
+class MoeClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model_ = testing::TinyModel("cluster", nullptr);
+    auto router = process::Subprocess::Start(
+        "router", {Binary(), "router", "--model", model_, "--heartbeat-ms", "200"});
+    ASSERT_TRUE(router.ok()) << router.status();
+    router_ = std::move(*router);
+    auto addr = router_->ReadLineMatching("listening ", absl::Seconds(60));
+    ASSERT_TRUE(addr.ok()) << addr.status();
+    router_address_ = *addr;
+    for (int s = 0; s < 2; ++s) {
+      auto expert = process::Subprocess::Start(
+          "expert" + std::to_string(s),
+          {Binary(), "expert", "--model", model_, "--router", router_address_, "--shard",
+           std::to_string(s), "--num-shards", "2"});
+      ASSERT_TRUE(expert.ok()) << expert.status();
+      auto line = (*expert)->ReadLineMatching("listening ", absl::Seconds(60));
+      ASSERT_TRUE(line.ok()) << line.status();
+      experts_.push_back(std::move(*expert));
+    }
+    stub_ = v1::Registry::NewStub(
+        grpc::CreateChannel(router_address_, grpc::InsecureChannelCredentials()));
+    ASSERT_TRUE(WaitForHealthyExperts(2));
+  }
+
+  void TearDown() override {
+    for (auto& e : experts_) e->Terminate(absl::Seconds(5));
+    if (router_) EXPECT_EQ(router_->Terminate(absl::Seconds(5)), "exited with code 0");
+  }
+
+  v1::ClusterStatusResponse Status() {
+    grpc::ClientContext ctx;
+    v1::ClusterStatusResponse status;
+    EXPECT_TRUE(stub_->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status).ok());
+    return status;
+  }
+
+  bool WaitForHealthyExperts(int want) {
+    for (int i = 0; i < 100; ++i) {
+      int healthy = 0;
+      const v1::ClusterStatusResponse status = Status();
+      for (const auto& w : status.workers())
+        healthy += w.role() == v1::WORKER_ROLE_EXPERT && w.healthy();
+      if (healthy == want) return true;
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+    return false;
+  }
+
+  std::string model_;
+  std::unique_ptr<process::Subprocess> router_;
+  std::vector<std::unique_ptr<process::Subprocess>> experts_;
+  std::string router_address_;
+  std::unique_ptr<v1::Registry::Stub> stub_;
+};
+
+// The attention side of the model only: no routed expert in this process.
+struct AttentionWorker {
+  model::ModelConfig config;
+  model::ModelWeights weights;
+  std::unique_ptr<rpc::RemoteMoeExecutor> moe;
+  std::unique_ptr<engine::Transformer> transformer;
+};
+
+std::unique_ptr<AttentionWorker> MakeWorker(const std::string& dir, const std::string& router,
+                                            v1::WireDtype dtype) {
+  auto w = std::make_unique<AttentionWorker>();
+  auto ckpt = model::Checkpoint::Open(dir);
+  EXPECT_TRUE(ckpt.ok());
+  w->config = (*ckpt)->config();
+  model::LoadOptions options;
+  options.routed_experts = false;
+  auto weights = model::LoadWeights(**ckpt, options);
+  EXPECT_TRUE(weights.ok()) << weights.status();
+  w->weights = std::move(*weights);
+  EXPECT_TRUE(engine::PackForInference(&w->weights).ok());
+  auto moe = rpc::RemoteMoeExecutor::Connect(router, w->config, dtype, absl::Seconds(10));
+  EXPECT_TRUE(moe.ok()) << moe.status();
+  w->moe = std::move(*moe);
+  w->transformer = std::make_unique<engine::Transformer>(w->config, w->weights, w->moe.get());
+  return w;
+}
+
+TEST_F(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
+  auto engine = engine::Engine::Load(model_);
+  ASSERT_TRUE(engine.ok());
+  auto worker = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32);
+  for (const auto& w : worker->weights.layers) {
+    for (const auto& e : w.experts)
+      ASSERT_EQ(e, nullptr) << "attention worker holds a routed expert";
+  }
+  struct Case {
+    std::vector<int32_t> prompt;
+    engine::SamplingParams sampling;
+  };
+  std::vector<Case> cases = {
+      {{0, 5, 9, 11}, {}},
+      {{0, 100, 200, 300, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 70}, {}},
+      {{0, 42}, {.temperature = 0.9, .top_p = 0.95, .top_k = 0, .seed = 5}}};
+  const auto& c = worker->config;
+  engine::BatchDecoder decoder(worker->transformer.get(), c.eos_token_id);
+  std::map<std::string, std::vector<engine::DecodedToken>> got;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    engine::DecodeSequence s;
+    s.id = "s" + std::to_string(i);
+    s.cache = std::make_unique<engine::LatentCache>(c.num_hidden_layers, c.latent_dim());
+    auto first = engine::PrefillFirstToken(*worker->transformer, cases[i].prompt, s.cache.get(),
+                                           cases[i].sampling, 1, engine::AttentionForm::kAbsorbed);
+    ASSERT_TRUE(first.ok()) << first.status();
+    got[s.id].push_back(*first);
+    s.prompt_tokens = static_cast<int64_t>(cases[i].prompt.size());
+    s.next_token = first->token;
+    s.sampling = cases[i].sampling;
+    s.max_tokens = 8;
+    s.ignore_eos = true;
+    s.logprobs = 1;
+    ASSERT_TRUE(decoder.Add(std::move(s)).ok());
+  }
+  while (decoder.running() > 0) {
+    auto step = decoder.Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (auto& t : *step) got[t.id].push_back(t);
+  }
+  for (size_t i = 0; i < cases.size(); ++i) {
+    engine::GenerateRequest r;
+    r.prompt = cases[i].prompt;
+    r.sampling = cases[i].sampling;
+    r.max_tokens = 8;
+    r.ignore_eos = true;
+    r.logprobs = 1;
+    auto want = (*engine)->Generate(r, nullptr);
+    ASSERT_TRUE(want.ok());
+    const auto& mine = got["s" + std::to_string(i)];
+    ASSERT_EQ(mine.size(), want->tokens.size());
+    for (size_t j = 0; j < mine.size(); ++j) {
+      EXPECT_EQ(mine[j].token, want->tokens[j]) << "case " << i << " token " << j;
+      EXPECT_NEAR(mine[j].logprob->logprob, want->logprobs[j].logprob, 1e-4);
+    }
+  }
+  // Resident weights: the two expert services together hold exactly the routed experts.
+  uint64_t expert_bytes = 0;
+  const v1::ClusterStatusResponse status = Status();
+  for (const auto& w : status.workers()) expert_bytes += w.resident_weight_bytes();
+  const uint64_t one = 3ull * c.moe_intermediate_size * c.hidden_size * 4;
+  const uint64_t moe_blocks =
+      (c.num_hidden_layers - c.first_k_dense_replace) + c.num_nextn_predict_layers;
+  EXPECT_EQ(expert_bytes, moe_blocks * c.n_routed_experts * one);
+  EXPECT_GT(worker->moe->bytes_sent(), 0u);
+}
+
+TEST_F(MoeClusterTest, Bf16WireStaysCloseToFp32) {
+  auto fp32 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32);
+  auto bf16 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_BF16);
+  const auto& c = fp32->config;
+  std::vector<int32_t> prompt = {0, 17, 33, 49, 65, 81};
+  std::vector<float> a, b;
+  engine::LatentCache ca(c.num_hidden_layers, c.latent_dim()),
+      cb(c.num_hidden_layers, c.latent_dim());
+  std::vector<engine::SequenceChunk> ba = {{prompt, &ca}}, bb = {{prompt, &cb}};
+  ASSERT_TRUE(fp32->transformer->Forward(ba, engine::AttentionForm::kAbsorbed, &a).ok());
+  ASSERT_TRUE(bf16->transformer->Forward(bb, engine::AttentionForm::kAbsorbed, &b).ok());
+  double max_diff = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    max_diff = std::max(max_diff, static_cast<double>(std::fabs(a[i] - b[i])));
+  std::printf("bf16 wire: max |hidden difference| %.3g over %zu values\n", max_diff, a.size());
+  EXPECT_GT(max_diff, 0.0);  // bf16 really is on the wire
+  EXPECT_LT(max_diff, 0.1);
+  EXPECT_LT(bf16->moe->bytes_sent(), fp32->moe->bytes_sent());
+}
+
+TEST_F(MoeClusterTest, AKilledExpertServiceIsAClearErrorNotAHang) {
+  auto worker = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32);
+  const auto& c = worker->config;
+  experts_[1]->Signal(SIGKILL);
+  (void)experts_[1]->Terminate(absl::Seconds(2));
+  std::vector<int32_t> prompt = {0, 1, 2, 3, 4, 5, 6, 7};
+  const absl::Time start = absl::Now();
+  absl::Status status;
+  // The first calls may still reach a half-dead stream; every call must end, with an error.
+  for (int i = 0; i < 3; ++i) {
+    engine::LatentCache cache(c.num_hidden_layers, c.latent_dim());
+    std::vector<engine::SequenceChunk> batch = {{prompt, &cache}};
+    std::vector<float> hidden;
+    status = worker->transformer->Forward(batch, engine::AttentionForm::kAbsorbed, &hidden);
+    if (!status.ok()) break;
+  }
+  EXPECT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("expert"), std::string::npos) << status;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(15));
+  // The router takes the silent service out of service.
+  bool out = false;
+  for (int i = 0; i < 50 && !out; ++i) {
+    const v1::ClusterStatusResponse status = Status();
+    for (const auto& w : status.workers())
+      out |= w.role() == v1::WORKER_ROLE_EXPERT && !w.healthy();
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_TRUE(out);
+}
+
+}  // namespace
+}  // namespace splitmoe
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
+  return RUN_ALL_TESTS();
+}
