@@ -176,6 +176,20 @@ TEST_F(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
   EXPECT_GT(worker->moe->bytes_sent(), 0u);
 }
 
+TEST_F(MoeClusterTest, StatusCommandShowsTheCluster) {
+  FILE* pipe = ::popen((Binary() + " status --endpoint " + router_address_ + " 2>&1").c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  EXPECT_EQ(::pclose(pipe), 0) << out;
+  EXPECT_NE(out.find("workers: 2"), std::string::npos) << out;
+  EXPECT_NE(out.find("shard 0 (8 experts)"), std::string::npos) << out;
+  EXPECT_NE(out.find("shard 1 (8 experts)"), std::string::npos) << out;
+  EXPECT_EQ(out.find("OUT OF SERVICE"), std::string::npos) << out;
+}
+
 TEST_F(MoeClusterTest, Bf16WireStaysCloseToFp32) {
   auto fp32 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32);
   auto bf16 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_BF16);

@@ -20,9 +20,12 @@
 #include "common/model/tiny.h"
 #include "common/model/weights.h"
 #include "common/process/signals.h"
+#include "common/rpc/rpc.h"
 #include "expert_service/run_expert.h"
+#include "google/protobuf/util/json_util.h"
 #include "nlohmann/json.hpp"
 #include "router/run_router.h"
+#include "splitmoe/v1/internal.grpc.pb.h"
 #include "tools/cli/flags.h"
 
 namespace splitmoe::cli {
@@ -288,9 +291,49 @@ absl::Status Expert(int argc, char** argv) {
   return expert_service::RunExpert(o);
 }
 
+// `splitmoe status --endpoint HOST:PORT`: the cluster as the router sees it.
+absl::Status Status(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"endpoint"}, {"json"}));
+  if (!f.Has("endpoint")) return absl::InvalidArgumentError("status needs --endpoint HOST:PORT");
+  auto stub = v1::Registry::NewStub(
+      grpc::CreateChannel(f.Get("endpoint"), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::ClusterStatusResponse status;
+  SPLITMOE_RETURN_IF_ERROR(
+      rpc::FromGrpcStatus(stub->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status)));
+  if (f.Has("json")) {
+    std::string text;
+    google::protobuf::util::JsonPrintOptions options;
+    options.add_whitespace = true;
+    (void)google::protobuf::util::MessageToJsonString(status, &text, options);
+    std::cout << text << "\n";
+    return absl::OkStatus();
+  }
+  std::cout << "workers: " << status.workers_size()
+            << ", requests in flight: " << status.requests_in_flight() << "\n";
+  for (const v1::WorkerStatus& w : status.workers()) {
+    std::cout << "  " << w.worker_id() << "  " << v1::WorkerRole_Name(w.role()).substr(12) << "  "
+              << w.address() << "  " << (w.healthy() ? "healthy" : "OUT OF SERVICE")
+              << "  heartbeat " << static_cast<int64_t>(w.last_heartbeat_age_ms())
+              << " ms ago  weights " << w.resident_weight_bytes() << " B";
+    if (w.role() == v1::WORKER_ROLE_EXPERT) {
+      std::cout << "  shard " << w.shard() << " (" << w.experts_size() << " experts)";
+    }
+    if (w.role() == v1::WORKER_ROLE_DECODE) {
+      std::cout << "  cache blocks " << w.load().cache_blocks_used() << " used / "
+                << w.load().cache_blocks_free() << " free";
+    }
+    std::cout << "  latent bytes sent " << w.load().latent_bytes_sent() << " received "
+              << w.load().latent_bytes_received() << "\n";
+  }
+  return absl::OkStatus();
+}
+
 int Usage() {
   std::cerr
-      << "usage: splitmoe <make-tiny|inspect|score|generate|router|expert> [flags]\n"
+      << "usage: splitmoe <make-tiny|inspect|score|generate|router|expert|status> [flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
          "  inspect   --model DIR [--json]\n"
@@ -318,6 +361,8 @@ int main(int argc, char** argv) {
     status = Score(argc, argv);
   } else if (cmd == "generate") {
     status = Generate(argc, argv);
+  } else if (cmd == "status") {
+    status = Status(argc, argv);
   } else if (cmd == "router" || cmd == "expert") {
     // Before any thread exists: SIGINT/SIGTERM are then taken only by the waiting main thread.
     splitmoe::process::BlockTerminationSignals();
