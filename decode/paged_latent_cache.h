@@ -1,0 +1,229 @@
+// PagedLatentCache: the decode worker's MLA latent cache. Per token and layer it stores exactly
+// latent_dim = kv_lora_rank + qk_rope_head_dim values (the normalised c_kv, then the rotated
+// RoPE key), in fp32 or bf16, inside ONE contiguous arena that is either owned (page-aligned)
+// or provided by the caller (e.g. memory registered with UCX). A prefill worker writes a
+// prompt's latents straight into the arena with one-sided puts, layer by layer, so the byte
+// layout is part of the contract (see PagedLatentLayout) and a remote writer computes every
+// offset from four numbers: num_layers, latent_dim, block_tokens, dtype.
+//
+// Memory is split into fixed-size blocks of `block_tokens` tokens. Sequences own blocks through
+// a BlockTable (token t lives in blocks[t / block_tokens], slot t % block_tokens). Reserve() is
+// all-or-nothing; AppendToken() grows a sequence one decode token at a time and takes a new
+// block when the last one is full; Release() returns blocks to the free list. Every block has a
+// GENERATION, incremented whenever it is released: a Reservation remembers the generation of
+// each of its blocks, so Validate() can tell that a block was released (and maybe reused) since
+// — which is how a late write from a cancelled transfer is fenced: the writer echoes the
+// generations in its completion notification and the actor Validate()s before trusting it, so a
+// notification for a cancelled reservation is never mistaken for the blocks' new owner's. The
+// generation fences notifications, not bytes: the actor should release blocks with puts in
+// flight only once the transport has flushed them or the writer has acknowledged the cancel.
+// As a second line, freed blocks are reused in FIFO order, so a just-released block is the last
+// to be handed out again.
+//
+// Threading: NOT thread-safe. The cache is owned by the decode worker's cache actor and only its
+// handlers call it. Remote writers touch the arena's bytes, never the bookkeeping; the actor
+// must not trust those bytes before the writer's completion notification and Validate().
+//
+//   PagedLatentCacheOptions options;
+//   options.layout = {.num_layers = 61, .latent_dim = 576, .block_tokens = 64,
+//                     .dtype = LatentDType::kBFloat16};
+//   options.num_blocks = 4096;
+//   SPLITMOE_ASSIGN_OR_RETURN(PagedLatentCache cache, PagedLatentCache::Create(options));
+//   SPLITMOE_ASSIGN_OR_RETURN(Reservation r, cache.Reserve(prompt_tokens));
+//   // ... send r.blocks / r.generations to the prefill worker; it writes each layer's slab at
+//   // cache.layout().LayerSlabOffset(block, layer) ... on its notification:
+//   SPLITMOE_RETURN_IF_ERROR(cache.Validate(r));
+//   SPLITMOE_ASSIGN_OR_RETURN(int64_t position, cache.AppendToken(r.id));    // each decode step
+//   const BlockTable* table = cache.Find(r.id);
+//   SPLITMOE_RETURN_IF_ERROR(cache.StoreRow(*table, layer, position, latent_row));
+//   // rows [keys = position + 1, latent_dim] for the attention:
+//   SPLITMOE_RETURN_IF_ERROR(cache.GatherLayer(*table, layer, position + 1, rows));
+//   SPLITMOE_RETURN_IF_ERROR(cache.Release(r.id));
+#ifndef SPLITMOE_DECODE_PAGED_LATENT_CACHE_H_
+#define SPLITMOE_DECODE_PAGED_LATENT_CACHE_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace splitmoe::decode {
+
+enum class LatentDType { kFloat32, kBFloat16 };
+
+using BlockId = int32_t;
+// Names a sequence's blocks from Reserve() to Release(); never reused (starts at 1; 0 = none).
+using SequenceId = uint64_t;
+
+// The byte layout of the arena, all a remote writer needs. Block-major, then layer, then token
+// slot, then value:
+//
+//   offset(block, layer, slot, v) = block * block_bytes()
+//                                 + layer * layer_slab_bytes()
+//                                 + slot  * row_bytes()
+//                                 + v     * value_bytes()
+//   row_bytes        = latent_dim * value_bytes        (value_bytes: fp32 4, bf16 2)
+//   layer_slab_bytes = block_tokens * row_bytes        ("all tokens of one layer of one block")
+//   block_bytes      = num_layers * layer_slab_bytes
+//
+// so one layer of one block is one contiguous slab (a prefill worker puts it as soon as that
+// layer is done), and a whole block is contiguous too. bf16 values are the upper 16 bits of the
+// fp32 value rounded to nearest even, little-endian, as in safetensors. Slots past a sequence's
+// length hold garbage.
+struct PagedLatentLayout {
+  int64_t num_layers = 0;
+  int64_t latent_dim = 0;  // kv_lora_rank + qk_rope_head_dim
+  int64_t block_tokens = 64;
+  LatentDType dtype = LatentDType::kFloat32;
+
+  int64_t value_bytes() const { return dtype == LatentDType::kFloat32 ? 4 : 2; }
+  int64_t row_bytes() const { return latent_dim * value_bytes(); }
+  int64_t layer_slab_bytes() const { return block_tokens * row_bytes(); }
+  int64_t block_bytes() const { return num_layers * layer_slab_bytes(); }
+  // Byte offset from the arena base of (block, layer)'s slab: block_tokens rows of latent_dim.
+  int64_t LayerSlabOffset(BlockId block, int64_t layer) const {
+    return block * block_bytes() + layer * layer_slab_bytes();
+  }
+  // Byte offset from the arena base of one token's row in one layer.
+  int64_t RowOffset(BlockId block, int64_t layer, int64_t slot) const {
+    return LayerSlabOffset(block, layer) + slot * row_bytes();
+  }
+  // InvalidArgument unless every field is positive.
+  absl::Status Validate() const;
+};
+
+struct PagedLatentCacheOptions {
+  PagedLatentLayout layout;
+  // Owned arena: how many blocks to allocate (> 0). Caller arena: 0 takes as many whole blocks
+  // as fit in `arena_bytes`; otherwise that many, which must fit.
+  int64_t num_blocks = 0;
+  // Caller-provided arena, or null for an owned one. It must stay valid (and, for UCX, stay
+  // registered) for the cache's lifetime and be aligned to at least value_bytes; 4096 is best.
+  void* arena = nullptr;
+  int64_t arena_bytes = 0;
+};
+
+// What Reserve() grants, as a value that can be shipped to a remote writer.
+struct Reservation {
+  SequenceId id = 0;
+  int64_t tokens = 0;                 // tokens reserved (the sequence's length after Reserve)
+  std::vector<BlockId> blocks;        // token t: blocks[t / block_tokens], slot t % block_tokens
+  std::vector<uint64_t> generations;  // aligned with blocks: each block's generation when granted
+};
+
+// A live sequence's blocks; owned by the cache, read through Find().
+struct BlockTable {
+  SequenceId id = 0;
+  int64_t length = 0;                 // tokens with a slot: reserved plus appended
+  std::vector<BlockId> blocks;        // capacity = blocks.size() * block_tokens >= length
+  std::vector<uint64_t> generations;  // aligned with blocks
+};
+
+class PagedLatentCache {
+ public:
+  // Owned arena (options.arena null) or the caller's. InvalidArgument for a bad layout, a
+  // misaligned or too small arena, or num_blocks that does not fit; ResourceExhausted when the
+  // allocation fails.
+  static absl::StatusOr<PagedLatentCache> Create(const PagedLatentCacheOptions& options);
+
+  PagedLatentCache(PagedLatentCache&&) = default;
+  PagedLatentCache& operator=(PagedLatentCache&&) = default;
+  PagedLatentCache(const PagedLatentCache&) = delete;
+  PagedLatentCache& operator=(const PagedLatentCache&) = delete;
+
+  // Blocks for `tokens` + `extra_tokens` tokens (extra: decode headroom, so the sequence will
+  // not run out mid-generation), all or nothing; the new sequence's length is `tokens`.
+  // InvalidArgument for negative counts; ResourceExhausted (nothing taken) when too few blocks
+  // are free.
+  absl::StatusOr<Reservation> Reserve(int64_t tokens, int64_t extra_tokens = 0);
+
+  // OK iff the reservation's sequence is live and none of its blocks has been released since it
+  // was granted (FailedPrecondition otherwise, naming the first stale block).
+  absl::Status Validate(const Reservation& reservation) const;
+
+  // The live sequence's table, or null. Valid until the next non-const call.
+  const BlockTable* Find(SequenceId id) const;
+
+  // Gives the sequence one more token slot and returns its position (the old length); takes a
+  // free block when the last one is full. NotFound for an unknown id; ResourceExhausted (length
+  // unchanged) when no block is free.
+  absl::StatusOr<int64_t> AppendToken(SequenceId id);
+
+  // Frees all blocks of the sequence (each block's generation is incremented). NotFound for an
+  // unknown id.
+  absl::Status Release(SequenceId id);
+  // Same, but first Validate()s: a stale reservation frees nothing (FailedPrecondition), so it
+  // can never free blocks that now belong to someone else.
+  absl::Status Release(const Reservation& reservation);
+
+  // Address of (layer, position)'s row, latent_dim values of dtype, or null unless
+  // 0 <= layer < num_layers and 0 <= position < capacity of `table`.
+  uint8_t* RowPointer(const BlockTable& table, int64_t layer, int64_t position);
+  const uint8_t* RowPointer(const BlockTable& table, int64_t layer, int64_t position) const;
+
+  // Writes one fp32 row [latent_dim] at (layer, position), converting to the cache's dtype.
+  // InvalidArgument when out of range.
+  absl::Status StoreRow(const BlockTable& table, int64_t layer, int64_t position, const float* row);
+
+  // out[keys, latent_dim] (fp32) = rows [0, keys) of `layer`, converted from bf16 when needed:
+  // the contiguous rows the absorbed attention reads. InvalidArgument unless
+  // 0 <= keys <= capacity of `table` and the layer exists.
+  absl::Status GatherLayer(const BlockTable& table, int64_t layer, int64_t keys, float* out) const;
+
+  // Byte offset of (block, layer)'s slab from arena_base(): what a remote writer targets.
+  int64_t LayerSlabOffset(BlockId block, int64_t layer) const {
+    return layout_.LayerSlabOffset(block, layer);
+  }
+
+  const PagedLatentLayout& layout() const { return layout_; }
+  uint8_t* arena_base() { return base_; }
+  const uint8_t* arena_base() const { return base_; }
+  int64_t arena_bytes() const { return num_blocks_ * layout_.block_bytes(); }  // used part
+  bool owns_arena() const { return owned_ != nullptr; }
+
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t blocks_free() const { return static_cast<int64_t>(free_.size()); }
+  int64_t blocks_used() const { return num_blocks_ - blocks_free(); }
+  int64_t bytes_used() const { return blocks_used() * layout_.block_bytes(); }
+  int64_t bytes_free() const { return blocks_free() * layout_.block_bytes(); }
+  int64_t sequences() const { return static_cast<int64_t>(tables_.size()); }
+  // Blocks needed for `tokens` tokens.
+  int64_t BlocksFor(int64_t tokens) const {
+    return (tokens + layout_.block_tokens - 1) / layout_.block_tokens;
+  }
+  // Generation of one block (tests, debugging, a remote writer's fence check).
+  uint64_t generation(BlockId block) const {
+    return blocks_[static_cast<size_t>(block)].generation;
+  }
+
+ private:
+  struct AlignedFree {
+    void operator()(uint8_t* p) const;
+  };
+  struct BlockState {
+    SequenceId owner = 0;  // 0: free
+    uint64_t generation = 0;
+  };
+
+  PagedLatentCache() = default;
+  // Takes one block from the free list for `owner` (the caller checked there is one).
+  BlockId TakeBlock(SequenceId owner, uint64_t* generation);
+
+  PagedLatentLayout layout_;
+  int64_t num_blocks_ = 0;
+  std::unique_ptr<uint8_t[], AlignedFree> owned_;
+  uint8_t* base_ = nullptr;
+  std::vector<BlockState> blocks_;  // [num_blocks]
+  std::deque<BlockId> free_;        // FIFO: the least recently freed block is reused first
+  std::unordered_map<SequenceId, BlockTable> tables_;
+  SequenceId next_id_ = 1;
+};
+
+}  // namespace splitmoe::decode
+
+#endif  // SPLITMOE_DECODE_PAGED_LATENT_CACHE_H_
