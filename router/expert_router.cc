@@ -41,7 +41,7 @@ void ExpertRouter::OnBatch(v1::MoeBatch batch, Reply reply) {
   }
   if (!s.ok()) return fail_now(s.ToString());
   auto plan = PlanDispatch(config_, scores, tokens, biases_[layer], placement_.expert_to_service,
-                           static_cast<int32_t>(placement_.services.size()));
+                           static_cast<int32_t>(placement_.services.size()), max_devices_);
   if (!plan.ok()) return fail_now(plan.status().ToString());
   if (expert_tokens_.empty()) expert_tokens_.assign(static_cast<size_t>(n), 0);
   for (const ShardBatch& b : *plan) {

@@ -34,8 +34,14 @@ class ExpertRouter {
 
   // `biases[layer]`: the checkpoint's e_score_correction_bias of each MoE layer (main layers,
   // then MTP blocks), empty where the model has none.
-  ExpertRouter(model::ModelConfig config, std::vector<std::vector<float>> biases, PostFn post)
-      : config_(std::move(config)), biases_(std::move(biases)), post_(std::move(post)) {}
+  // max_devices > 0: device-limited routing, every token's experts on at most that many
+  // expert services.
+  ExpertRouter(model::ModelConfig config, std::vector<std::vector<float>> biases, PostFn post,
+               int32_t max_devices = 0)
+      : config_(std::move(config)),
+        biases_(std::move(biases)),
+        post_(std::move(post)),
+        max_devices_(max_devices) {}
 
   void SetPlacement(ServicePlacement placement,
                     std::map<std::string, std::shared_ptr<ExpertClient>> clients);
@@ -58,6 +64,7 @@ class ExpertRouter {
   model::ModelConfig config_;
   std::vector<std::vector<float>> biases_;
   PostFn post_;
+  int32_t max_devices_ = 0;
   ServicePlacement placement_;
   std::map<std::string, std::shared_ptr<ExpertClient>> clients_;  // by worker id
   std::map<uint64_t, Pending> pending_;

@@ -1,7 +1,10 @@
 #include "router/moe_plan.h"
 
+#include <optional>
+
 #include "absl/strings/str_cat.h"
 #include "common/engine/routing.h"
+#include "router/expert_routing.h"
 
 namespace splitmoe::router {
 
@@ -9,7 +12,7 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& c
                                                      absl::Span<const float> scores, int64_t tokens,
                                                      absl::Span<const float> bias,
                                                      absl::Span<const int32_t> expert_to_shard,
-                                                     int32_t num_shards) {
+                                                     int32_t num_shards, int32_t max_devices) {
   const int64_t n = config.n_routed_experts;
   if (tokens < 0 || static_cast<int64_t>(scores.size()) != tokens * n) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -19,11 +22,26 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& c
       (!bias.empty() && static_cast<int64_t>(bias.size()) != n)) {
     return absl::InvalidArgumentError("placement or bias does not cover every routed expert");
   }
+  std::optional<ExpertPlacement> placement;
+  if (max_devices > 0 && max_devices < num_shards) {
+    auto p = ExpertPlacement::FromAssignment({expert_to_shard.begin(), expert_to_shard.end()},
+                                             num_shards);
+    if (!p.ok()) return p.status();
+    placement = std::move(*p);
+  }
   std::vector<ShardBatch> per_shard(static_cast<size_t>(num_shards));
   for (int32_t s = 0; s < num_shards; ++s) per_shard[s].shard = s;
   for (int64_t t = 0; t < tokens; ++t) {
-    engine::ExpertChoice choice = engine::SelectExperts(
-        config, scores.subspan(static_cast<size_t>(t * n), static_cast<size_t>(n)), bias);
+    absl::Span<const float> row =
+        scores.subspan(static_cast<size_t>(t * n), static_cast<size_t>(n));
+    engine::ExpertChoice choice;
+    if (placement.has_value()) {
+      auto limited = DeviceLimitedTopK(config, row, bias, *placement, max_devices);
+      if (!limited.ok()) return limited.status();
+      choice = std::move(*limited);
+    } else {
+      choice = engine::SelectExperts(config, row, bias);
+    }
     for (size_t i = 0; i < choice.experts.size(); ++i) {
       const int32_t shard = expert_to_shard[choice.experts[i]];
       if (shard < 0 || shard >= num_shards) {

@@ -28,12 +28,14 @@ struct ShardBatch {
 };
 
 // scores [tokens, n_routed] (softmax/sigmoid, unbiased); bias [n_routed] or empty;
-// expert_to_shard [n_routed] in [0, num_shards). Shards with no token get no batch.
+// expert_to_shard [n_routed] in [0, num_shards). max_devices > 0: device-limited routing
+// (DeviceLimitedTopK: every token's experts on at most that many services); 0: the model's own
+// selection unchanged. Shards with no token get no batch.
 absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& config,
                                                      absl::Span<const float> scores, int64_t tokens,
                                                      absl::Span<const float> bias,
                                                      absl::Span<const int32_t> expert_to_shard,
-                                                     int32_t num_shards);
+                                                     int32_t num_shards, int32_t max_devices = 0);
 
 // Adds a service's partial sums partial [batch.rows.size(), hidden] into out [tokens, hidden].
 void CombineShardOutput(const ShardBatch& batch, absl::Span<const float> partial, int64_t hidden,

@@ -48,7 +48,8 @@ absl::Status RunRouter(const RouterOptions& options) {
     return router_actor->Post([task = std::move(task)](ExpertRouter&) { task(); });
   };
   runtime::StateActor<ExpertRouter> expert_router(
-      "expert-router", std::make_unique<ExpertRouter>(config, std::move(biases), self_post));
+      "expert-router",
+      std::make_unique<ExpertRouter>(config, std::move(biases), self_post, options.max_devices));
   router_actor = &expert_router;
 
   // The registry actor: membership, health, and the expert placement derived from them.

@@ -16,6 +16,8 @@ struct RouterOptions {
   std::string listen = "127.0.0.1:0";
   absl::Duration heartbeat_interval = absl::Milliseconds(300);
   int missed_heartbeats_allowed = 3;
+  // Device-limited routing: each token's experts on at most this many expert services (0: off).
+  int32_t max_devices = 0;
 };
 
 // Blocks until a termination signal; then stops serving and returns.

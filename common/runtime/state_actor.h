@@ -53,8 +53,7 @@ class StateActor {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return false;
-      timers_.emplace(std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(delay),
-                      std::move(task));
+      timers_.emplace(std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(delay), std::move(task));
     }
     cv_.notify_one();
     return true;

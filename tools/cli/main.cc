@@ -265,7 +265,8 @@ absl::Status Generate(int argc, char** argv) {
 
 absl::Status Router(int argc, char** argv) {
   Flags f;
-  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"model", "listen", "heartbeat-ms"}, {}));
+  SPLITMOE_RETURN_IF_ERROR(
+      f.Parse(argc, argv, 2, {"model", "listen", "heartbeat-ms", "max-devices"}, {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
   router::RouterOptions o;
   o.model_dir = f.Get("model");
@@ -273,6 +274,9 @@ absl::Status Router(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t ms, f.GetInt("heartbeat-ms", 300));
   if (ms <= 0) return absl::InvalidArgumentError("--heartbeat-ms must be > 0");
   o.heartbeat_interval = absl::Milliseconds(ms);
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t max_devices, f.GetInt("max-devices", 0));
+  if (max_devices < 0) return absl::InvalidArgumentError("--max-devices must be >= 0");
+  o.max_devices = static_cast<int32_t>(max_devices);
   return router::RunRouter(o);
 }
 

@@ -1,0 +1,109 @@
+// The router's dispatch plan: without a device limit it sends every token exactly the model's
+// experts and weights (the union over services is SelectExperts); with a limit of M every token
+// touches at most M services; combining the services' partial sums adds them per token.
+#include "router/moe_plan.h"
+
+#include <map>
+#include <random>
+#include <set>
+
+#include "common/engine/routing.h"
+#include "gtest/gtest.h"
+
+namespace splitmoe::router {
+namespace {
+
+model::ModelConfig V3() {
+  model::ModelConfig c;
+  c.hidden_size = 4;
+  c.n_routed_experts = 16;
+  c.num_experts_per_tok = 4;
+  c.n_group = 4;
+  c.topk_group = 2;
+  c.topk_method = model::TopkMethod::kNoauxTc;
+  c.scoring_func = model::ScoringFunc::kSigmoid;
+  c.norm_topk_prob = true;
+  c.routed_scaling_factor = 2.5;
+  return c;
+}
+
+TEST(MoePlanTest, WithoutALimitEveryTokenGetsTheModelsSelection) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(0, 1);
+  const model::ModelConfig c = V3();
+  const int64_t tokens = 50;
+  std::vector<float> scores(tokens * 16), bias(16);
+  for (float& s : scores) s = u(rng);
+  for (float& b : bias) b = (u(rng) - 0.5f) * 0.1f;
+  std::vector<int32_t> to_shard(16);
+  for (int e = 0; e < 16; ++e) to_shard[e] = e % 3;  // interleaved, 3 services
+  auto plan = PlanDispatch(c, scores, tokens, bias, to_shard, 3);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::map<int32_t, std::map<int32_t, float>> got;  // token -> expert -> weight
+  for (const ShardBatch& b : *plan) {
+    ASSERT_EQ(b.offsets.size(), b.rows.size() + 1);
+    for (size_t i = 0; i < b.rows.size(); ++i) {
+      for (int32_t j = b.offsets[i]; j < b.offsets[i + 1]; ++j) {
+        EXPECT_EQ(to_shard[b.expert_ids[j]], b.shard);
+        got[b.rows[i]][b.expert_ids[j]] = b.weights[j];
+      }
+    }
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    engine::ExpertChoice want =
+        engine::SelectExperts(c, absl::MakeConstSpan(scores.data() + t * 16, 16), bias);
+    ASSERT_EQ(got[t].size(), want.experts.size());
+    for (size_t i = 0; i < want.experts.size(); ++i)
+      EXPECT_EQ(got[t][want.experts[i]], want.weights[i]);
+  }
+}
+
+TEST(MoePlanTest, DeviceLimitBoundsTheServicesATokenTouches) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(0, 1);
+  const model::ModelConfig c = V3();
+  const int64_t tokens = 40;
+  std::vector<float> scores(tokens * 16);
+  for (float& s : scores) s = u(rng);
+  std::vector<int32_t> to_shard(16);
+  for (int e = 0; e < 16; ++e) to_shard[e] = e / 4;  // 4 services, 4 experts each
+  for (int32_t m : {1, 2}) {
+    auto plan = PlanDispatch(c, scores, tokens, {}, to_shard, 4, m);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    std::map<int32_t, std::set<int32_t>> services;
+    std::map<int32_t, int> experts;
+    for (const ShardBatch& b : *plan) {
+      for (size_t i = 0; i < b.rows.size(); ++i) {
+        services[b.rows[i]].insert(b.shard);
+        experts[b.rows[i]] += b.offsets[i + 1] - b.offsets[i];
+      }
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      EXPECT_LE(services[t].size(), static_cast<size_t>(m)) << "token " << t;
+      EXPECT_EQ(experts[t], 4) << "token " << t;
+    }
+  }
+}
+
+TEST(MoePlanTest, CombineAddsPartialSumsPerToken) {
+  ShardBatch b;
+  b.rows = {0, 2};
+  std::vector<float> out(3 * 2, 1.0f), partial = {1, 2, 3, 4};
+  CombineShardOutput(b, partial, 2, absl::MakeSpan(out));
+  EXPECT_EQ(out, (std::vector<float>{2, 3, 1, 1, 4, 5}));
+}
+
+TEST(MoePlanTest, RefusesInconsistentInput) {
+  const model::ModelConfig c = V3();
+  std::vector<float> scores(10);
+  std::vector<int32_t> to_shard(16, 0);
+  EXPECT_FALSE(PlanDispatch(c, scores, 2, {}, to_shard, 1).ok());
+  std::vector<float> ok_scores(16, 0.5f);
+  std::vector<int32_t> bad(16, 5);
+  EXPECT_FALSE(PlanDispatch(c, ok_scores, 1, {}, bad, 2).ok());
+}
+
+}  // namespace
+}  // namespace splitmoe::router
