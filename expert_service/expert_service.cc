@@ -35,14 +35,16 @@ grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* ExpertComputeService
   using Stream = rpc::BidiStream<v1::ExpertBatch, v1::ExpertResult>;
   return new Stream([this](v1::ExpertBatch batch, Stream::Reply reply) {
     ++batches_;
-    auto shared = std::make_shared<v1::ExpertBatch>(std::move(batch));
-    const bool posted = post_([this, shared, reply] { reply(ComputeBatch(*shard_, *shared)); });
-    if (!posted) {
-      v1::ExpertResult stopped;
-      stopped.set_batch_id(shared->batch_id());
-      stopped.set_error("expert service is stopping");
-      reply(std::move(stopped));
-    }
+    const uint64_t id = batch.batch_id();
+    // Answered exactly once: by the actor, or with Unavailable if it has stopped.
+    experts_.Send(
+        ComputeExpertBatch{std::move(batch), [reply, id](absl::StatusOr<v1::ExpertResult> r) {
+                             if (r.ok()) return reply(std::move(*r));
+                             v1::ExpertResult failed;
+                             failed.set_batch_id(id);
+                             failed.set_error(r.status().ToString());
+                             reply(std::move(failed));
+                           }});
   });
 }
 

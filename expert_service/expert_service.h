@@ -1,19 +1,19 @@
-// ExpertComputeService: the gRPC face of an expert service. Each ExpertBatch arriving on a
-// router's long-lived ExpertCompute stream is posted as a message to the experts actor, which
-// owns the ExpertShard, computes the partial sums on its own thread and replies; the gRPC
-// handler itself never computes or blocks. Create after the actor; the service only holds the
-// actor's post function.
+// The experts actor and its gRPC face. Each ExpertBatch arriving on a router's long-lived
+// ExpertCompute stream becomes a ComputeExpertBatch message to the experts actor, which owns the
+// ExpertShard, computes the partial sums on its own thread and replies; the gRPC handler never
+// computes or blocks.
 //
-//   ExpertsActor actor(std::move(shard));
-//   ExpertComputeService service(actor.poster(), actor.config().hidden_size);
+//   runtime::Actor<ExpertsActor> actor("experts",
+//   std::make_unique<ExpertsActor>(std::move(shard))); ExpertComputeService service(actor.ref());
 //   SPLITMOE_ASSIGN_OR_RETURN(auto server, rpc::StartServer(listen, {&service}));
 #ifndef SPLITMOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 #define SPLITMOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 
 #include <atomic>
-#include <functional>
 #include <memory>
 
+#include "common/runtime/actor.h"
+#include "common/runtime/reply.h"
 #include "expert_service/expert_shard.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
 
@@ -23,21 +23,34 @@ namespace splitmoe::expert_service {
 // batch's wire dtype. Errors go into ExpertResult.error, so the stream stays up.
 v1::ExpertResult ComputeBatch(const ExpertShard& shard, const v1::ExpertBatch& batch);
 
-// Posts a task to the actor that owns the shard; false once the actor has stopped.
-using PostFn = std::function<bool(std::function<void()>)>;
+// Command: compute one batch and answer with its partial sums.
+struct ComputeExpertBatch {
+  v1::ExpertBatch batch;
+  runtime::Reply<v1::ExpertResult> reply;
+};
+
+// The experts actor: owns the shard.
+class ExpertsActor {
+ public:
+  using Message = ComputeExpertBatch;
+  explicit ExpertsActor(std::unique_ptr<ExpertShard> shard) : shard_(std::move(shard)) {}
+  void Handle(ComputeExpertBatch m) { m.reply(ComputeBatch(*shard_, m.batch)); }
+
+ private:
+  std::unique_ptr<ExpertShard> shard_;
+};
 
 class ExpertComputeService final : public v1::ExpertCompute::CallbackService {
  public:
-  ExpertComputeService(const ExpertShard* shard, PostFn post)
-      : shard_(shard), post_(std::move(post)) {}
+  explicit ExpertComputeService(runtime::ActorRef<ComputeExpertBatch> experts)
+      : experts_(std::move(experts)) {}
   grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* Compute(
       grpc::CallbackServerContext* context) override;
 
   uint64_t batches() const { return batches_.load(); }
 
  private:
-  const ExpertShard* shard_;  // read only on the actor's thread
-  PostFn post_;
+  runtime::ActorRef<ComputeExpertBatch> experts_;
   std::atomic<uint64_t> batches_{0};
 };
 

@@ -6,7 +6,7 @@
 #include "common/process/signals.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
-#include "common/runtime/state_actor.h"
+#include "common/runtime/actor.h"
 #include "expert_service/expert_service.h"
 
 namespace splitmoe::expert_service {
@@ -14,14 +14,11 @@ namespace splitmoe::expert_service {
 absl::Status RunExpert(const ExpertOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<ExpertShard> shard,
                             ExpertShard::Load(options.model_dir, options.shard));
-  const ExpertShard* view = shard.get();
   const uint64_t resident = shard->resident_bytes();
   std::vector<int32_t> experts = shard->experts();
   // The experts actor owns the shard; the service only posts to it.
-  runtime::StateActor<ExpertShard> actor("experts", std::move(shard));
-  ExpertComputeService service(view, [&actor](std::function<void()> task) {
-    return actor.Post([task = std::move(task)](ExpertShard&) { task(); });
-  });
+  runtime::Actor<ExpertsActor> actor("experts", std::make_unique<ExpertsActor>(std::move(shard)));
+  ExpertComputeService service(actor.ref());
   SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
                             rpc::StartServer(options.listen, {&service}));
   std::unique_ptr<rpc::Registration> membership;

@@ -5,13 +5,14 @@
 
 namespace splitmoe::router {
 
-void ExpertRouter::SetPlacement(ServicePlacement placement,
-                                std::map<std::string, std::shared_ptr<ExpertClient>> clients) {
-  placement_ = std::move(placement);
-  clients_ = std::move(clients);
+void ExpertRouter::Handle(UsePlacement m) {
+  placement_ = std::move(m.placement);
+  clients_ = std::move(m.clients);
 }
 
-void ExpertRouter::OnBatch(v1::MoeBatch batch, Reply reply) {
+void ExpertRouter::Handle(RouteMoeBatch m, runtime::Context<Message>& ctx) {
+  v1::MoeBatch& batch = m.batch;
+  Reply& reply = m.reply;
   const int64_t tokens = batch.tokens(), h = config_.hidden_size, n = config_.n_routed_experts;
   auto fail_now = [&](const std::string& error) {
     v1::MoeResult r;
@@ -54,7 +55,9 @@ void ExpertRouter::OnBatch(v1::MoeBatch batch, Reply reply) {
   p.plan = std::move(*plan);
   p.partial.resize(p.plan.size());
   p.remaining = p.plan.size();
-  if (p.remaining == 0) return OnShardResult(id, 0, absl::CancelledError("empty"));  // zero tokens
+  if (p.remaining == 0) {  // zero tokens: nothing to send, answer at once
+    return Handle(ExpertServiceAnswered{id, 0, absl::CancelledError("empty")});
+  }
   // Gather each service's rows once; the hidden bytes are sliced, not re-encoded.
   const size_t width = p.batch.dtype() == v1::WIRE_DTYPE_BF16 ? 2 : 4;
   for (size_t i = 0; i < p.plan.size(); ++i) {
@@ -74,21 +77,24 @@ void ExpertRouter::OnBatch(v1::MoeBatch batch, Reply reply) {
     const std::string& service = placement_.services[b.shard];
     auto client = clients_.find(service);
     if (client == clients_.end()) {
-      OnShardResult(
-          id, i, absl::UnavailableError(absl::StrCat("no connection to expert service ", service)));
+      Handle(ExpertServiceAnswered{
+          id, i,
+          absl::UnavailableError(absl::StrCat("no connection to expert service ", service))});
       continue;
     }
-    PostFn post = post_;
-    ExpertRouter* self = this;
-    client->second->Send(std::move(eb), [post, self, id, i](absl::StatusOr<v1::ExpertResult> r) {
-      // Back onto the actor's thread; if it has stopped, the batch is gone with it.
-      post([self, id, i, r = std::move(r)]() mutable { self->OnShardResult(id, i, std::move(r)); });
-    });
+    // The answer comes back to this actor as a message; if the actor has stopped, the batch is
+    // gone with it (and so is the stream it would have replied on).
+    client->second->Send(std::move(eb),
+                         [self = ctx.self(), id, i](absl::StatusOr<v1::ExpertResult> r) {
+                           self.Send(ExpertServiceAnswered{id, i, std::move(r)});
+                         });
   }
 }
 
-void ExpertRouter::OnShardResult(uint64_t pending_id, size_t index,
-                                 absl::StatusOr<v1::ExpertResult> result) {
+void ExpertRouter::Handle(ExpertServiceAnswered m) {
+  const uint64_t pending_id = m.pending;
+  const size_t index = m.index;
+  absl::StatusOr<v1::ExpertResult>& result = m.result;
   auto it = pending_.find(pending_id);
   if (it == pending_.end()) return;
   Pending& p = it->second;

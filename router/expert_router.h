@@ -1,14 +1,13 @@
-// ExpertRouter: the state and handlers of the router's expert-router actor. For every MoeBatch
-// from an attention worker it selects each token's experts with the model's own semantics
-// (PlanDispatch), sends each expert service only its tokens on that service's stream, and
-// when every service has answered adds the partial sums in service order and replies once.
-// A service that fails or is missing fails the batch with a clear error; nothing waits forever.
-// All methods run on the actor's thread (the `post` function given at construction puts the
-// expert clients' completions back on it).
+// ExpertRouter: the router's expert-router actor. For every MoeBatch from an attention worker it
+// selects each token's experts with the model's own semantics (PlanDispatch, device-limited when
+// asked), sends each expert service only its tokens on that service's stream, and when every
+// service has answered adds the partial sums in service order and replies once. A service that
+// fails or is missing fails the batch with a clear error; nothing waits forever. The expert
+// clients' completions come back as ExpertServiceAnswered messages.
 //
-//   ExpertRouter router(config, biases, post);
-//   router.SetPlacement(placement, clients);     // from the registry actor, on changes
-//   router.OnBatch(std::move(batch), reply);     // from the MoeDispatch stream handler
+//   runtime::Actor<ExpertRouter> router("expert-router", std::make_unique<ExpertRouter>(config,
+//   biases)); router.ref().Send(UsePlacement{placement, clients});   // from the registry actor
+//   router.ref().Send(RouteMoeBatch{std::move(batch), reply});  // from the MoeDispatch stream
 #ifndef SPLITMOE_ROUTER_EXPERT_ROUTER_H_
 #define SPLITMOE_ROUTER_EXPERT_ROUTER_H_
 
@@ -16,9 +15,11 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <variant>
 #include <vector>
 
 #include "common/model/config.h"
+#include "common/runtime/actor.h"
 #include "router/expert_client.h"
 #include "router/moe_plan.h"
 #include "router/registry.h"
@@ -26,29 +27,38 @@
 
 namespace splitmoe::router {
 
-using PostFn = std::function<bool(std::function<void()>)>;
+// Command: route one attention worker's MoE batch; `reply` is the stream's (called once).
+struct RouteMoeBatch {
+  v1::MoeBatch batch;
+  std::function<void(v1::MoeResult)> reply;
+};
+// Event: one expert service answered (or failed) part `index` of pending batch `pending`.
+struct ExpertServiceAnswered {
+  uint64_t pending = 0;
+  size_t index = 0;
+  absl::StatusOr<v1::ExpertResult> result;
+};
+// Command: the expert services to use from now on (from the registry actor).
+struct UsePlacement {
+  ServicePlacement placement;
+  std::map<std::string, std::shared_ptr<ExpertClient>> clients;  // by worker id
+};
 
 class ExpertRouter {
  public:
+  using Message = std::variant<RouteMoeBatch, ExpertServiceAnswered, UsePlacement>;
   using Reply = std::function<void(v1::MoeResult)>;
 
   // `biases[layer]`: the checkpoint's e_score_correction_bias of each MoE layer (main layers,
-  // then MTP blocks), empty where the model has none.
-  // max_devices > 0: device-limited routing, every token's experts on at most that many
-  // expert services.
-  ExpertRouter(model::ModelConfig config, std::vector<std::vector<float>> biases, PostFn post,
+  // then MTP blocks), empty where the model has none. max_devices > 0: device-limited routing,
+  // every token's experts on at most that many expert services.
+  ExpertRouter(model::ModelConfig config, std::vector<std::vector<float>> biases,
                int32_t max_devices = 0)
-      : config_(std::move(config)),
-        biases_(std::move(biases)),
-        post_(std::move(post)),
-        max_devices_(max_devices) {}
+      : config_(std::move(config)), biases_(std::move(biases)), max_devices_(max_devices) {}
 
-  void SetPlacement(ServicePlacement placement,
-                    std::map<std::string, std::shared_ptr<ExpertClient>> clients);
-  void OnBatch(v1::MoeBatch batch, Reply reply);
-
-  // Routed tokens per expert since start (for status and load balancing).
-  const std::vector<uint64_t>& expert_tokens() const { return expert_tokens_; }
+  void Handle(RouteMoeBatch m, runtime::Context<Message>& ctx);
+  void Handle(ExpertServiceAnswered m);
+  void Handle(UsePlacement m);
 
  private:
   struct Pending {
@@ -59,11 +69,8 @@ class ExpertRouter {
     size_t remaining = 0;
     std::string error;
   };
-  void OnShardResult(uint64_t pending_id, size_t index, absl::StatusOr<v1::ExpertResult> result);
-
   model::ModelConfig config_;
   std::vector<std::vector<float>> biases_;
-  PostFn post_;
   int32_t max_devices_ = 0;
   ServicePlacement placement_;
   std::map<std::string, std::shared_ptr<ExpertClient>> clients_;  // by worker id

@@ -5,25 +5,17 @@
 #ifndef SPLITMOE_ROUTER_ROUTER_SERVICES_H_
 #define SPLITMOE_ROUTER_ROUTER_SERVICES_H_
 
-#include <functional>
-
-#include "absl/status/statusor.h"
+#include "common/runtime/actor.h"
 #include "router/expert_router.h"
-#include "router/registry.h"
+#include "router/registry_actor.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
 
 namespace splitmoe::router {
 
-// Runs `task(registry)` on the registry actor; false if it has stopped.
-using RegistryPost = std::function<bool(std::function<void(WorkerRegistry&)>)>;
-// Runs `task(router)` on the expert-router actor; false if it has stopped.
-using ExpertRouterPost = std::function<bool(std::function<void(ExpertRouter&)>)>;
-
 class RegistryService final : public v1::Registry::CallbackService {
  public:
-  // `on_change` runs on the registry actor after every membership change (to update placement).
-  RegistryService(RegistryPost post, std::function<void(WorkerRegistry&)> on_change)
-      : post_(std::move(post)), on_change_(std::move(on_change)) {}
+  explicit RegistryService(runtime::ActorRef<RegistryActor::Message> registry)
+      : registry_(std::move(registry)) {}
 
   grpc::ServerUnaryReactor* Register(grpc::CallbackServerContext* ctx,
                                      const v1::RegisterRequest* request,
@@ -39,18 +31,18 @@ class RegistryService final : public v1::Registry::CallbackService {
                                           v1::ClusterStatusResponse* response) override;
 
  private:
-  RegistryPost post_;
-  std::function<void(WorkerRegistry&)> on_change_;
+  runtime::ActorRef<RegistryActor::Message> registry_;
 };
 
 class MoeDispatchService final : public v1::MoeDispatch::CallbackService {
  public:
-  explicit MoeDispatchService(ExpertRouterPost post) : post_(std::move(post)) {}
+  explicit MoeDispatchService(runtime::ActorRef<ExpertRouter::Message> router)
+      : router_(std::move(router)) {}
   grpc::ServerBidiReactor<v1::MoeBatch, v1::MoeResult>* Dispatch(
       grpc::CallbackServerContext* ctx) override;
 
  private:
-  ExpertRouterPost post_;
+  runtime::ActorRef<ExpertRouter::Message> router_;
 };
 
 }  // namespace splitmoe::router

@@ -9,9 +9,9 @@
 #include "common/model/checkpoint.h"
 #include "common/process/signals.h"
 #include "common/rpc/rpc.h"
-#include "common/runtime/state_actor.h"
+#include "common/runtime/actor.h"
 #include "router/expert_router.h"
-#include "router/registry.h"
+#include "router/registry_actor.h"
 #include "router/router_services.h"
 
 namespace splitmoe::router {
@@ -42,54 +42,20 @@ absl::Status RunRouter(const RouterOptions& options) {
   const model::ModelConfig config = ckpt->config();
   SPLITMOE_ASSIGN_OR_RETURN(std::vector<std::vector<float>> biases, LoadBiases(*ckpt));
 
-  // The expert-router actor; its completions are posted back to itself.
-  runtime::StateActor<ExpertRouter>* router_actor = nullptr;
-  PostFn self_post = [&router_actor](std::function<void()> task) {
-    return router_actor->Post([task = std::move(task)](ExpertRouter&) { task(); });
-  };
-  runtime::StateActor<ExpertRouter> expert_router(
+  // The expert-router actor routes MoE batches; the registry actor owns membership and hands
+  // it the expert placement after every change.
+  runtime::Actor<ExpertRouter> expert_router(
       "expert-router",
-      std::make_unique<ExpertRouter>(config, std::move(biases), self_post, options.max_devices));
-  router_actor = &expert_router;
+      std::make_unique<ExpertRouter>(config, std::move(biases), options.max_devices));
+  runtime::Actor<RegistryActor> registry(
+      "registry", std::make_unique<RegistryActor>(
+                      WorkerRegistry(config.n_routed_experts, options.heartbeat_interval,
+                                     options.missed_heartbeats_allowed, ""),
+                      options.heartbeat_interval, expert_router.ref()));
+  registry.ScheduleAfter(options.heartbeat_interval, SweepWorkers{});
 
-  // The registry actor: membership, health, and the expert placement derived from them.
-  auto registry_state = std::make_unique<WorkerRegistry>(
-      config.n_routed_experts, options.heartbeat_interval, options.missed_heartbeats_allowed, "");
-  runtime::StateActor<WorkerRegistry> registry("registry", std::move(registry_state));
-  auto clients = std::make_shared<std::map<std::string, std::shared_ptr<ExpertClient>>>();
-  // Runs on the registry actor after membership changes: connect to new expert services (briefly
-  // blocking this actor, never the expert router) and hand the new placement over.
-  auto publish = [clients, &expert_router](WorkerRegistry& r) {
-    ServicePlacement placement = r.Placement();
-    std::map<std::string, std::shared_ptr<ExpertClient>> next;
-    for (size_t i = 0; i < placement.services.size(); ++i) {
-      auto existing = clients->find(placement.services[i]);
-      if (existing != clients->end() && !existing->second->broken()) {
-        next[placement.services[i]] = existing->second;
-        continue;
-      }
-      auto client = ExpertClient::Connect(placement.addresses[i]);
-      if (!client.ok()) {
-        std::cerr << "router: " << client.status() << "\n";
-        continue;
-      }
-      next[placement.services[i]] = std::move(*client);
-    }
-    *clients = next;
-    expert_router.Post([placement, next](ExpertRouter& er) { er.SetPlacement(placement, next); });
-  };
-  std::function<void(WorkerRegistry&)> sweep;
-  sweep = [&sweep, &registry, publish, interval = options.heartbeat_interval](WorkerRegistry& r) {
-    std::vector<std::string> lost = r.Sweep(absl::Now());
-    for (const std::string& id : lost)
-      std::cerr << "router: worker " << id << " stopped heartbeating: out of service\n";
-    if (!lost.empty()) publish(r);
-    registry.PostAfter(interval, sweep);
-  };
-  registry.PostAfter(options.heartbeat_interval, sweep);
-
-  RegistryService registry_service(registry.Poster(), publish);
-  MoeDispatchService dispatch_service(expert_router.Poster());
+  RegistryService registry_service(registry.ref());
+  MoeDispatchService dispatch_service(expert_router.ref());
   SPLITMOE_ASSIGN_OR_RETURN(
       rpc::RunningServer server,
       rpc::StartServer(options.listen, {&registry_service, &dispatch_service}));
@@ -98,9 +64,8 @@ absl::Status RunRouter(const RouterOptions& options) {
   const int signal = process::WaitForTerminationSignal();
   std::cerr << "router: signal " << signal << ", stopping\n";
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  registry.Stop();
-  expert_router.Stop();
-  clients->clear();
+  registry.Stop();       // then its expert clients close with it
+  expert_router.Stop();  // fails what is still pending
   return absl::OkStatus();
 }
 
