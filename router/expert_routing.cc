@@ -188,14 +188,7 @@ absl::StatusOr<engine::ExpertChoice> DeviceLimitedTopK(
   }
 
   // 4. Gate weights from the unbiased scores, in selection order, as SelectExperts computes them.
-  out.weights.reserve(out.experts.size());
-  for (int32_t e : out.experts) out.weights.push_back(scores[e]);
-  if (config.norm_topk_prob && out.weights.size() > 1) {
-    float sum = 0.0f;
-    for (float w : out.weights) sum += w;
-    for (float& w : out.weights) w /= sum;
-  }
-  for (float& w : out.weights) w *= static_cast<float>(config.routed_scaling_factor);
+  out.weights = engine::GateWeights(config, scores, out.experts);
   return out;
 }
 

@@ -67,15 +67,22 @@ ExpertChoice SelectExperts(const model::ModelConfig& config, absl::Span<const fl
   }
   ExpertChoice out;
   out.experts = TopK(choice, config.num_experts_per_tok);
-  out.weights.reserve(out.experts.size());
-  for (int32_t e : out.experts) out.weights.push_back(scores[e]);
-  if (config.norm_topk_prob && out.weights.size() > 1) {
-    float sum = 0.0f;
-    for (float w : out.weights) sum += w;
-    for (float& w : out.weights) w /= sum;
-  }
-  for (float& w : out.weights) w *= static_cast<float>(config.routed_scaling_factor);
+  out.weights = GateWeights(config, scores, out.experts);
   return out;
+}
+
+std::vector<float> GateWeights(const model::ModelConfig& config, absl::Span<const float> scores,
+                               absl::Span<const int32_t> experts) {
+  std::vector<float> weights;
+  weights.reserve(experts.size());
+  for (int32_t e : experts) weights.push_back(scores[e]);
+  if (config.norm_topk_prob && weights.size() > 1) {
+    float sum = 0.0f;
+    for (float w : weights) sum += w;
+    for (float& w : weights) w /= sum;
+  }
+  for (float& w : weights) w *= static_cast<float>(config.routed_scaling_factor);
+  return weights;
 }
 
 }  // namespace splitmoe::engine

@@ -32,6 +32,12 @@ void GateScores(const model::ModelConfig& config, const float* x, int64_t rows,
 ExpertChoice SelectExperts(const model::ModelConfig& config, absl::Span<const float> scores,
                            absl::Span<const float> bias);
 
+// Gate weights of chosen `experts` (in their order): the unbiased scores, divided by their sum
+// when norm_topk_prob (and more than one expert), times routed_scaling_factor. Every selection
+// (the model's own, the router's device-limited one) weighs its experts with this.
+std::vector<float> GateWeights(const model::ModelConfig& config, absl::Span<const float> scores,
+                               absl::Span<const int32_t> experts);
+
 }  // namespace splitmoe::engine
 
 #endif  // SPLITMOE_COMMON_ENGINE_ROUTING_H_
