@@ -1,0 +1,49 @@
+// PagedSequenceCache: one sequence's view of the decode worker's PagedLatentCache, as the
+// engine::SequenceCache the Transformer reads and writes. New tokens' rows are written straight
+// into the arena (fp32) or staged and stored on Commit (bf16); LayerRows gathers the sequence's
+// rows of one layer across its blocks into a scratch buffer. Owned with the cache by the decode
+// worker's actor; not thread-safe.
+//
+//   SPLITMOE_ASSIGN_OR_RETURN(Reservation r, cache.Reserve(prompt.size(), max_tokens));
+//   PagedSequenceCache view(&cache, r.id, /*stored_tokens=*/0);   // prefill fills it
+//   std::vector<engine::SequenceChunk> batch = {{prompt, &view}};
+#ifndef SPLITMOE_DECODE_PAGED_SEQUENCE_CACHE_H_
+#define SPLITMOE_DECODE_PAGED_SEQUENCE_CACHE_H_
+
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "common/engine/latent_cache.h"
+#include "decode/paged_latent_cache.h"
+
+namespace splitmoe::decode {
+
+class PagedSequenceCache : public engine::SequenceCache {
+ public:
+  // `stored_tokens`: rows already written for every layer (e.g. by a prefill worker's puts).
+  PagedSequenceCache(PagedLatentCache* cache, SequenceId id, int64_t stored_tokens)
+      : cache_(cache), id_(id), length_(stored_tokens) {}
+
+  int64_t latent_dim() const override { return cache_->layout().latent_dim; }
+  int64_t length() const override { return length_; }
+  absl::Status Reserve(int64_t tokens) override;
+  float* Row(int64_t layer, int64_t position) override;
+  const float* LayerRows(int64_t layer, int64_t keys) override;
+  void Commit(int64_t new_length) override;
+
+  SequenceId id() const { return id_; }
+
+ private:
+  bool bf16() const { return cache_->layout().dtype == LatentDType::kBFloat16; }
+
+  PagedLatentCache* cache_;
+  SequenceId id_;
+  int64_t length_;
+  std::vector<float> scratch_;                                        // gathered rows of one layer
+  std::map<std::pair<int64_t, int64_t>, std::vector<float>> staged_;  // bf16: (layer, pos) -> row
+};
+
+}  // namespace splitmoe::decode
+
+#endif  // SPLITMOE_DECODE_PAGED_SEQUENCE_CACHE_H_
