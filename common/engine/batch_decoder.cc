@@ -21,14 +21,20 @@ absl::StatusOr<DecodedToken> PrefillFirstToken(Transformer& transformer,
                                                absl::Span<const int32_t> prompt,
                                                SequenceCache* cache, const SamplingParams& sampling,
                                                int64_t logprobs, AttentionForm form,
-                                               const Transformer::LayerDoneFn& on_layer_done) {
+                                               const ChunkLayerDoneFn& on_layer_done) {
   if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
   constexpr size_t kChunk = 256;  // as Engine::kPrefillChunkTokens
   std::vector<float> hidden;
   for (size_t begin = 0; begin < prompt.size(); begin += kChunk) {
     const size_t end = std::min(prompt.size(), begin + kChunk);
     std::vector<SequenceChunk> batch = {{prompt.subspan(begin, end - begin), cache}};
-    SPLITMOE_RETURN_IF_ERROR(transformer.Forward(batch, form, &hidden, on_layer_done));
+    Transformer::LayerDoneFn hook;
+    if (on_layer_done) {
+      hook = [&](int64_t layer) {
+        on_layer_done(layer, static_cast<int64_t>(begin), static_cast<int64_t>(end - begin));
+      };
+    }
+    SPLITMOE_RETURN_IF_ERROR(transformer.Forward(batch, form, &hidden, hook));
   }
   const int64_t h = transformer.config().hidden_size;
   const int64_t last_row = static_cast<int64_t>(hidden.size()) / h - 1;

@@ -16,6 +16,7 @@
 #define SPLITMOE_COMMON_ENGINE_BATCH_DECODER_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -75,13 +76,18 @@ class BatchDecoder {
   std::vector<DecodeSequence> finished_;
 };
 
+// After a layer of a prompt chunk: its latents for positions [first, first + count) are in the
+// cache (what a prefill worker ships while the next layer computes).
+using ChunkLayerDoneFn = std::function<void(int64_t layer, int64_t first, int64_t count)>;
+
 // Runs `prompt` into `cache` in chunks of Engine::kPrefillChunkTokens and samples the first
 // generated token at position prompt.size() (what a prefill worker does before handing the
 // sequence to a decoder). `on_layer_done` runs after every layer of every chunk.
-absl::StatusOr<DecodedToken> PrefillFirstToken(
-    Transformer& transformer, absl::Span<const int32_t> prompt, SequenceCache* cache,
-    const SamplingParams& sampling, int64_t logprobs, AttentionForm form,
-    const Transformer::LayerDoneFn& on_layer_done = nullptr);
+absl::StatusOr<DecodedToken> PrefillFirstToken(Transformer& transformer,
+                                               absl::Span<const int32_t> prompt,
+                                               SequenceCache* cache, const SamplingParams& sampling,
+                                               int64_t logprobs, AttentionForm form,
+                                               const ChunkLayerDoneFn& on_layer_done = nullptr);
 
 // Whether a freshly sampled token ends the sequence, and why ("stop" or "length"); empty: go on.
 std::string FinishReason(int32_t token, int64_t generated, int64_t max_tokens, int64_t eos_token_id,
