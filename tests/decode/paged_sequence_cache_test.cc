@@ -112,9 +112,3 @@ TEST(PagedSequenceCacheTest, Bf16BlocksStayClose) {
 
 }  // namespace
 }  // namespace splitmoe::decode
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

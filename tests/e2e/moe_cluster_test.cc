@@ -248,9 +248,3 @@ TEST_F(MoeClusterTest, AKilledExpertServiceIsAClearErrorNotAHang) {
 
 }  // namespace
 }  // namespace splitmoe
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

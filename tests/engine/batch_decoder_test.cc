@@ -137,9 +137,3 @@ TEST(BatchDecoderTest, CancelAndStopIds) {
 
 }  // namespace
 }  // namespace splitmoe::engine
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

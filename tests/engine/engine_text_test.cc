@@ -93,9 +93,3 @@ TEST_F(EngineTextTest, RefusesTokenizerLargerThanTheModel) {
 
 }  // namespace
 }  // namespace splitmoe::engine
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

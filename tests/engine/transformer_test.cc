@@ -299,9 +299,3 @@ TEST(TinyModelTest, FullVocabularyModelHasPeakedDistributions) {
 
 }  // namespace
 }  // namespace splitmoe::engine
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

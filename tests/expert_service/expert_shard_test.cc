@@ -97,9 +97,3 @@ TEST(ExpertShardTest, HoldsOnlyItsExpertsAndRefusesOthers) {
 
 }  // namespace
 }  // namespace splitmoe::expert_service
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

@@ -158,9 +158,3 @@ INSTANTIATE_TEST_SUITE_P(Variants, GoldenTest, ::testing::ValuesIn(VariantNames(
 
 }  // namespace
 }  // namespace splitmoe
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

@@ -331,9 +331,3 @@ TEST(CheckpointTest, TinyModelIsDeterministic) {
 
 }  // namespace
 }  // namespace splitmoe::model
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

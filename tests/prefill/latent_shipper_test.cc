@@ -107,9 +107,3 @@ TEST(LatentShipperTest, Bf16LatentsOverUcx) { ShipAndDecode(LatentDType::kBFloat
 
 }  // namespace
 }  // namespace splitmoe::prefill
-
-int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  ::testing::AddGlobalTestEnvironment(new splitmoe::testing::TempCleanup);
-  return RUN_ALL_TESTS();
-}

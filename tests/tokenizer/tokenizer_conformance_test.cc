@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/tokenizer/internal/utf8.h"
 #include "common/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -127,24 +128,6 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> RunOracle(
 
 // ---------------------------------------------------------------------------------------------
 // The random corpus.
-
-void AppendUtf8(char32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
 
 struct Range {
   char32_t lo, hi;
@@ -269,13 +252,14 @@ class RandomCorpus {
       case 3: {  // A run of one script.
         const Range& r = Pick(kScriptRanges);
         for (int i = 0, n = Uniform(1, 12); i < n; ++i) {
-          AppendUtf8(static_cast<char32_t>(Uniform(static_cast<int>(r.lo), static_cast<int>(r.hi))),
-                     s);
+          tokenizer::internal::AppendCodePoint(
+              static_cast<char32_t>(Uniform(static_cast<int>(r.lo), static_cast<int>(r.hi))), s);
         }
         break;
       }
       case 4:  // Mixed scripts.
-        for (int i = 0, n = Uniform(1, 10); i < n; ++i) AppendUtf8(PickFrom(kScriptRanges), s);
+        for (int i = 0, n = Uniform(1, 10); i < n; ++i)
+          tokenizer::internal::AppendCodePoint(PickFrom(kScriptRanges), s);
         break;
       case 5:
       case 6:
@@ -285,14 +269,15 @@ class RandomCorpus {
       case 7: {  // Digits, of many lengths, sometimes of other scripts.
         const bool ascii = Uniform(0, 2) > 0;
         for (int i = 0, n = Uniform(1, 25); i < n; ++i) {
-          AppendUtf8(ascii ? static_cast<char32_t>('0' + Uniform(0, 9)) : PickFrom(kDigitRanges),
-                     s);
+          tokenizer::internal::AppendCodePoint(
+              ascii ? static_cast<char32_t>('0' + Uniform(0, 9)) : PickFrom(kDigitRanges), s);
         }
         if (Uniform(0, 2) == 0) *s += Pick(std::vector<std::string>{".", ",", "e-", ":", "/"});
         break;
       }
       case 8:  // Punctuation and symbol runs.
-        for (int i = 0, n = Uniform(1, 6); i < n; ++i) AppendUtf8(PickFrom(kSymbolRanges), s);
+        for (int i = 0, n = Uniform(1, 6); i < n; ++i)
+          tokenizer::internal::AppendCodePoint(PickFrom(kSymbolRanges), s);
         break;
       case 9:
         AppendEmoji(s);
@@ -313,14 +298,15 @@ class RandomCorpus {
         *s += Pick(kCodeSnippets);
         break;
       case 12:  // A letter with combining marks.
-        AppendUtf8(PickFrom(kScriptRanges), s);
-        for (int i = 0, n = Uniform(1, 3); i < n; ++i) AppendUtf8(0x300 + Uniform(0, 0x6F), s);
+        tokenizer::internal::AppendCodePoint(PickFrom(kScriptRanges), s);
+        for (int i = 0, n = Uniform(1, 3); i < n; ++i)
+          tokenizer::internal::AppendCodePoint(0x300 + Uniform(0, 0x6F), s);
         break;
       case 13:  // Control characters.
         for (int i = 0, n = Uniform(1, 3); i < n; ++i) {
           char32_t c = static_cast<char32_t>(Uniform(1, 0x9F));
           if ((c >= 0x20 && c < 0x7F) || c == 0x85) c = 0x1B;
-          AppendUtf8(c, s);
+          tokenizer::internal::AppendCodePoint(c, s);
         }
         break;
       case 14:  // Apostrophes and contractions next to anything.
@@ -328,7 +314,8 @@ class RandomCorpus {
                                             "'LL", "’s", "'"});
         break;
       default:  // Any code point of the chosen ranges, one at a time.
-        AppendUtf8(PickFrom(Uniform(0, 1) ? kScriptRanges : kSymbolRanges), s);
+        tokenizer::internal::AppendCodePoint(
+            PickFrom(Uniform(0, 1) ? kScriptRanges : kSymbolRanges), s);
         break;
     }
   }
@@ -336,32 +323,34 @@ class RandomCorpus {
   void AppendEmoji(std::string* s) {
     switch (Uniform(0, 5)) {
       case 0:  // Flag: two regional indicators.
-        AppendUtf8(0x1F1E6 + Uniform(0, 25), s);
-        AppendUtf8(0x1F1E6 + Uniform(0, 25), s);
+        tokenizer::internal::AppendCodePoint(0x1F1E6 + Uniform(0, 25), s);
+        tokenizer::internal::AppendCodePoint(0x1F1E6 + Uniform(0, 25), s);
         break;
       case 1:  // ZWJ sequence, sometimes with VS16.
         for (int i = 0, n = Uniform(2, 4); i < n; ++i) {
-          if (i > 0) AppendUtf8(0x200D, s);
-          AppendUtf8(PickFrom(kEmojiRanges), s);
-          if (Uniform(0, 3) == 0) AppendUtf8(0xFE0F, s);
+          if (i > 0) tokenizer::internal::AppendCodePoint(0x200D, s);
+          tokenizer::internal::AppendCodePoint(PickFrom(kEmojiRanges), s);
+          if (Uniform(0, 3) == 0) tokenizer::internal::AppendCodePoint(0xFE0F, s);
         }
         break;
       case 2:  // Skin tone modifier.
-        AppendUtf8(0x1F44B + Uniform(0, 10), s);
-        AppendUtf8(0x1F3FB + Uniform(0, 4), s);
+        tokenizer::internal::AppendCodePoint(0x1F44B + Uniform(0, 10), s);
+        tokenizer::internal::AppendCodePoint(0x1F3FB + Uniform(0, 4), s);
         break;
       case 3:  // Keycap.
-        AppendUtf8(Pick(std::vector<char32_t>{'#', '*', '0', '5', '9'}), s);
-        AppendUtf8(0xFE0F, s);
-        AppendUtf8(0x20E3, s);
+        tokenizer::internal::AppendCodePoint(Pick(std::vector<char32_t>{'#', '*', '0', '5', '9'}),
+                                             s);
+        tokenizer::internal::AppendCodePoint(0xFE0F, s);
+        tokenizer::internal::AppendCodePoint(0x20E3, s);
         break;
       case 4:  // Tag sequence (flag of Scotland).
         for (char32_t c : {0x1F3F4, 0xE0067, 0xE0062, 0xE0073, 0xE0063, 0xE0074, 0xE007F}) {
-          AppendUtf8(c, s);
+          tokenizer::internal::AppendCodePoint(c, s);
         }
         break;
       default:
-        for (int i = 0, n = Uniform(1, 5); i < n; ++i) AppendUtf8(PickFrom(kEmojiRanges), s);
+        for (int i = 0, n = Uniform(1, 5); i < n; ++i)
+          tokenizer::internal::AppendCodePoint(PickFrom(kEmojiRanges), s);
         break;
     }
   }
