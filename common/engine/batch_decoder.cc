@@ -17,28 +17,40 @@ std::string FinishReason(int32_t token, int64_t generated, int64_t max_tokens, i
   return "";
 }
 
-absl::StatusOr<DecodedToken> PrefillFirstToken(Transformer& transformer,
-                                               absl::Span<const int32_t> prompt,
-                                               SequenceCache* cache, const SamplingParams& sampling,
-                                               int64_t logprobs, AttentionForm form,
-                                               const ChunkLayerDoneFn& on_layer_done) {
+absl::StatusOr<DecodedToken> PrefillFirstToken(
+    Transformer& transformer, absl::Span<const int32_t> prompt, SequenceCache* cache,
+    const SamplingParams& sampling, int64_t logprobs, AttentionForm form,
+    const ChunkLayerDoneFn& on_layer_done,
+    std::vector<std::optional<TokenLogprob>>* prompt_logprobs, int64_t prompt_top_logprobs) {
   if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
   constexpr size_t kChunk = 256;  // as Engine::kPrefillChunkTokens
+  const int64_t h = transformer.config().hidden_size;
   std::vector<float> hidden;
+  std::vector<float> logits(static_cast<size_t>(transformer.config().vocab_size));
+  if (prompt_logprobs != nullptr) {
+    prompt_logprobs->assign(prompt.size(), std::nullopt);
+  }
   for (size_t begin = 0; begin < prompt.size(); begin += kChunk) {
     const size_t end = std::min(prompt.size(), begin + kChunk);
     std::vector<SequenceChunk> batch = {{prompt.subspan(begin, end - begin), cache}};
     Transformer::LayerDoneFn hook;
     if (on_layer_done) {
       hook = [&](int64_t layer) {
-        on_layer_done(layer, static_cast<int64_t>(begin), static_cast<int64_t>(end - begin));
+        return on_layer_done(layer, static_cast<int64_t>(begin),
+                             static_cast<int64_t>(end - begin));
       };
     }
     SPLITMOE_RETURN_IF_ERROR(transformer.Forward(batch, form, &hidden, hook));
+    if (prompt_logprobs != nullptr) {
+      // Row r (position begin + r) predicts the token at begin + r + 1.
+      for (size_t r = 0; r < end - begin && begin + r + 1 < prompt.size(); ++r) {
+        transformer.Logits(hidden.data() + static_cast<int64_t>(r) * h, 1, logits.data());
+        (*prompt_logprobs)[begin + r + 1] =
+            ComputeLogprob(logits, prompt[begin + r + 1], prompt_top_logprobs);
+      }
+    }
   }
-  const int64_t h = transformer.config().hidden_size;
   const int64_t last_row = static_cast<int64_t>(hidden.size()) / h - 1;
-  std::vector<float> logits(static_cast<size_t>(transformer.config().vocab_size));
   transformer.Logits(hidden.data() + last_row * h, 1, logits.data());
   DecodedToken t;
   t.token = SampleToken(logits, sampling, static_cast<int64_t>(prompt.size()));

@@ -77,17 +77,20 @@ class BatchDecoder {
 };
 
 // After a layer of a prompt chunk: its latents for positions [first, first + count) are in the
-// cache (what a prefill worker ships while the next layer computes).
-using ChunkLayerDoneFn = std::function<void(int64_t layer, int64_t first, int64_t count)>;
+// cache (what a prefill worker ships while the next layer computes). An error stops the prefill.
+using ChunkLayerDoneFn = std::function<absl::Status(int64_t layer, int64_t first, int64_t count)>;
 
 // Runs `prompt` into `cache` in chunks of Engine::kPrefillChunkTokens and samples the first
 // generated token at position prompt.size() (what a prefill worker does before handing the
-// sequence to a decoder). `on_layer_done` runs after every layer of every chunk.
-absl::StatusOr<DecodedToken> PrefillFirstToken(Transformer& transformer,
-                                               absl::Span<const int32_t> prompt,
-                                               SequenceCache* cache, const SamplingParams& sampling,
-                                               int64_t logprobs, AttentionForm form,
-                                               const ChunkLayerDoneFn& on_layer_done = nullptr);
+// sequence to a decoder). `on_layer_done` runs after every layer of every chunk. When
+// `prompt_logprobs` is given it receives, as Engine::Score computes them, entry i = log
+// p(prompt[i] | prompt[:i]) with the top `prompt_top_logprobs` alternatives (entry 0 empty).
+absl::StatusOr<DecodedToken> PrefillFirstToken(
+    Transformer& transformer, absl::Span<const int32_t> prompt, SequenceCache* cache,
+    const SamplingParams& sampling, int64_t logprobs, AttentionForm form,
+    const ChunkLayerDoneFn& on_layer_done = nullptr,
+    std::vector<std::optional<TokenLogprob>>* prompt_logprobs = nullptr,
+    int64_t prompt_top_logprobs = 0);
 
 // Whether a freshly sampled token ends the sequence, and why ("stop" or "length"); empty: go on.
 std::string FinishReason(int32_t token, int64_t generated, int64_t max_tokens, int64_t eos_token_id,

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/kernels/cpu_ops.h"
+#include "common/tokenizer/text_stream.h"
 
 namespace splitmoe::engine {
 
@@ -130,11 +131,7 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
       hidden.data() + (static_cast<int64_t>(request.prompt.size()) - 1) * hidden_size, 1,
       logits.data());
 
-  std::optional<tokenizer::IncrementalDetokenizer> detok;
-  if (tokenizer_ != nullptr) detok.emplace(*tokenizer_, /*skip_special_tokens=*/true);
-  size_t max_stop = 0;
-  for (const std::string& s : request.stop) max_stop = std::max(max_stop, s.size());
-  size_t emitted = 0;  // bytes of result.text already passed to on_token
+  tokenizer::TextStream text(tokenizer_.get(), request.stop);
 
   GenerateResult result;
   result.finish_reason = "length";
@@ -147,25 +144,12 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
     bool stop = (!request.ignore_eos && token == config_.eos_token_id) ||
                 std::find(request.stop_token_ids.begin(), request.stop_token_ids.end(), token) !=
                     request.stop_token_ids.end();
-    if (detok) {
-      SPLITMOE_ASSIGN_OR_RETURN(std::string piece, detok->Push(token));
-      result.text += piece;
-      for (const std::string& s : request.stop) {
-        size_t at = result.text.find(s, emitted > s.size() ? emitted - s.size() : 0);
-        if (at != std::string::npos) {
-          result.text.resize(at);
-          stop = true;
-        }
-      }
-    }
     const bool last = stop || i + 1 == request.max_tokens;
-    if (last && detok && !stop) result.text += detok->Finish();
-    // Hold back a tail that could still become a stop string.
-    size_t safe = result.text.size();
-    if (!last && max_stop > 0) safe = safe >= max_stop - 1 ? safe - (max_stop - 1) : 0;
-    safe = std::max(safe, emitted);
-    if (on_token) on_token(token, absl::string_view(result.text).substr(emitted, safe - emitted));
-    emitted = safe;
+    bool stopped_by_string = false;
+    SPLITMOE_ASSIGN_OR_RETURN(std::string piece, text.Push(token, last, &stopped_by_string));
+    stop = stop || stopped_by_string;
+    result.text += piece;
+    if (on_token) on_token(token, piece);
     if (stop) {
       result.finish_reason = "stop";
       break;

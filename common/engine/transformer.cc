@@ -306,7 +306,7 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch,
                                    form, h.data(), rows));
-    if (on_layer_done) on_layer_done(layer);
+    if (on_layer_done) SPLITMOE_RETURN_IF_ERROR(on_layer_done(layer));
   }
   for (const SequenceChunk& chunk : batch) {
     chunk.cache->Commit(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));

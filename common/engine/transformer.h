@@ -86,8 +86,9 @@ class Transformer {
   // rows in batch order. Caches grow by each chunk's token count.
   // `on_layer_done(layer)`, when given, runs after each main layer: that layer's latents of
   // every chunk are then in the chunks' caches (rows length() .. length() + tokens - 1), so a
-  // prefill worker can ship them while the next layer computes.
-  using LayerDoneFn = std::function<void(int64_t layer)>;
+  // prefill worker can ship them while the next layer computes. An error from the hook stops
+  // the pass and is returned (a cancelled prefill); the caches then hold partial rows.
+  using LayerDoneFn = std::function<absl::Status(int64_t layer)>;
   absl::Status Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
                        std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done = nullptr);
 

@@ -60,6 +60,7 @@ void ShipAndDecode(LatentDType dtype) {
                                            engine::AttentionForm::kAbsorbed,
                                            [&](int64_t layer, int64_t from, int64_t count) {
                                              shipper.ShipLayer(local, layer, from, count);
+                                             return absl::OkStatus();
                                            });
     ASSERT_TRUE(first.ok()) << first.status();
     absl::Status flushed = shipper.Finish();  // data, flush — then the decode side may start
