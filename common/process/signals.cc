@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <time.h>
 
 namespace splitmoe::process {
 namespace {
@@ -26,6 +27,13 @@ int WaitForTerminationSignal() {
   int signal = 0;
   sigwait(&set, &signal);
   return signal;
+}
+
+int WaitForTerminationSignalFor(absl::Duration timeout) {
+  sigset_t set = TerminationSet();
+  const timespec ts = absl::ToTimespec(timeout);
+  const int signal = sigtimedwait(&set, nullptr, &ts);
+  return signal > 0 ? signal : 0;
 }
 
 }  // namespace splitmoe::process

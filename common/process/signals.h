@@ -5,10 +5,14 @@
 #ifndef SPLITMOE_COMMON_PROCESS_SIGNALS_H_
 #define SPLITMOE_COMMON_PROCESS_SIGNALS_H_
 
+#include "absl/time/time.h"
+
 namespace splitmoe::process {
 
 void BlockTerminationSignals();
 int WaitForTerminationSignal();
+// The signal that arrived within `timeout`, or 0 (the launcher polls its children in between).
+int WaitForTerminationSignalFor(absl::Duration timeout);
 
 }  // namespace splitmoe::process
 

@@ -4,8 +4,11 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/model/numeric.h"
 
 namespace splitmoe::rpc {
@@ -69,6 +72,17 @@ absl::StatusOr<RunningServer> StartServer(const std::string& address,
   const std::string host = address.substr(0, address.rfind(':'));
   running.address = absl::StrCat(host, ":", port);
   return running;
+}
+
+absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
+  const std::string path = model_dir + "/config.json";
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot read"));
+  std::stringstream bytes;
+  bytes << in.rdbuf();
+  uint64_t h = 1469598103934665603ull;  // FNV-1a 64
+  for (unsigned char c : bytes.str()) h = (h ^ c) * 1099511628211ull;
+  return absl::StrFormat("%016x", h);
 }
 
 grpc::ChannelArguments ClientChannelArguments(int max_message_bytes) {

@@ -43,6 +43,10 @@ absl::StatusOr<RunningServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
                                           int max_message_bytes = 256 << 20);
 
+// A short hash (16 hex digits, FNV-1a) of the model directory's config.json bytes: workers
+// register with it and the router refuses a worker of another model.
+absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir);
+
 // Channel arguments every splitmoe client uses (message size, keepalive).
 grpc::ChannelArguments ClientChannelArguments(int max_message_bytes = 256 << 20);
 
