@@ -1,0 +1,377 @@
+#include "decode/decode_worker.h"
+
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/rpc/rpc.h"
+#include "decode/paged_sequence_cache.h"
+
+namespace splitmoe::decode {
+namespace {
+
+// The fence value a reservation is known by: the generation of its first block when granted.
+uint64_t Fence(const Reservation& r) { return r.generations.empty() ? 0 : r.generations[0]; }
+
+v1::TokenLogprob ToProto(const engine::TokenLogprob& lp) {
+  v1::TokenLogprob out;
+  out.set_token(lp.token);
+  out.set_logprob(lp.logprob);
+  for (const auto& [id, value] : lp.top) {
+    auto* alt = out.add_top();
+    alt->set_token(id);
+    alt->set_logprob(value);
+  }
+  return out;
+}
+
+}  // namespace
+
+DecodeActor::DecodeActor(engine::Transformer* transformer, PagedLatentCache cache,
+                         DecodeActorOptions options, std::shared_ptr<LoadGauge> gauge)
+    : transformer_(transformer),
+      cache_(std::move(cache)),
+      options_(std::move(options)),
+      gauge_(std::move(gauge)),
+      decoder_(transformer, transformer->config().eos_token_id) {
+  PublishLoad();
+}
+
+void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
+  const v1::ReserveRequest& r = m.request;
+  const model::ModelConfig& c = transformer_->config();
+  if (r.request_id().empty()) {
+    m.reply(absl::InvalidArgumentError("reserve: empty request id"));
+    return;
+  }
+  if (by_request_.count(r.request_id())) {
+    m.reply(absl::InvalidArgumentError(
+        absl::StrCat("reserve: request ", r.request_id(), " already holds a reservation")));
+    return;
+  }
+  if (r.prompt_tokens() <= 0 || r.max_tokens() <= 0 || r.timeout_ms() < 0) {
+    m.reply(absl::InvalidArgumentError(
+        absl::StrCat("reserve: prompt_tokens ", r.prompt_tokens(), " and max_tokens ",
+                     r.max_tokens(), " must be > 0, timeout_ms >= 0")));
+    return;
+  }
+  if (static_cast<int64_t>(r.prompt_tokens()) + r.max_tokens() > c.max_position_embeddings) {
+    m.reply(absl::InvalidArgumentError(absl::StrCat(
+        "reserve: ", r.prompt_tokens(), " prompt tokens + max_tokens ", r.max_tokens(),
+        " exceed the context of ", c.max_position_embeddings)));
+    return;
+  }
+  absl::StatusOr<Reservation> reservation = cache_.Reserve(r.prompt_tokens(), r.max_tokens());
+  if (!reservation.ok()) {
+    m.reply(reservation.status());
+    PublishLoad();
+    return;
+  }
+  const absl::Duration timeout = r.timeout_ms() > 0 ? absl::Milliseconds(r.timeout_ms())
+                                                    : options_.default_reservation_timeout;
+  v1::ReserveResponse response;
+  v1::LatentDestination* d = response.mutable_destination();
+  const PagedLatentLayout& layout = cache_.layout();
+  d->set_ucx_worker_address(options_.ucx_worker_address);
+  d->set_rkey(options_.rkey);
+  d->set_remote_base(options_.remote_base);
+  d->set_region_bytes(options_.region_bytes);
+  d->set_block_tokens(static_cast<int32_t>(layout.block_tokens));
+  d->set_latent_dim(static_cast<int32_t>(layout.latent_dim));
+  d->set_dtype_bytes(static_cast<int32_t>(layout.value_bytes()));
+  d->set_layers(static_cast<int32_t>(layout.num_layers));
+  d->set_reservation_id(reservation->id);
+  d->set_generation(Fence(*reservation));
+  d->set_timeout_ms(static_cast<int32_t>(absl::ToInt64Milliseconds(timeout)));
+  d->set_transfer_mode(options_.transfer_mode);
+  for (BlockId b : reservation->blocks) d->add_blocks(b);
+
+  Held held;
+  held.request_id = r.request_id();
+  held.reclaim = ctx.ScheduleAfter(timeout + options_.reclaim_grace,
+                                   ReclaimReservation{reservation->id});
+  held.reservation = std::move(*reservation);
+  max_issued_ = std::max(max_issued_, held.reservation.id);
+  by_request_[held.request_id] = held.reservation.id;
+  held_.emplace(held.reservation.id, std::move(held));
+  PublishLoad();
+  m.reply(std::move(response));
+}
+
+void DecodeActor::Handle(ReleaseReservation m, runtime::Context<Message>& ctx) {
+  const uint64_t id = m.request.reservation_id();
+  auto it = held_.find(id);
+  if (it == held_.end()) {
+    // Idempotent for reservations this worker granted and already freed.
+    if (id == 0 || id > max_issued_) {
+      m.reply(absl::InvalidArgumentError(absl::StrCat("release: unknown reservation ", id)));
+    } else {
+      m.reply(absl::OkStatus());
+    }
+    return;
+  }
+  Held& held = it->second;
+  switch (held.state) {
+    case State::kRunning:
+      StopRunning(id, "cancelled", ctx);
+      break;
+    case State::kReserved:
+    case State::kQuarantined:
+      if (m.request.writer_done()) {
+        Free(id, ctx);
+      } else {
+        held.state = State::kQuarantined;  // no Start from now on; blocks wait for the writer
+        held.release_reason = m.request.reason();
+      }
+      break;
+  }
+  PublishLoad();
+  m.reply(absl::OkStatus());
+}
+
+void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
+  const v1::StartRequest& r = m.request;
+  const uint64_t id = r.reservation_id();
+  auto it = held_.find(id);
+  if (it == held_.end()) {
+    m.reply(id == 0 || id > max_issued_
+                ? absl::InvalidArgumentError(absl::StrCat("start: unknown reservation ", id))
+                : absl::FailedPreconditionError(
+                      absl::StrCat("start: reservation ", id, " was already released")));
+    return;
+  }
+  Held& held = it->second;
+  if (held.state != State::kReserved) {
+    // The writer flushed before sending Start, so nothing of it can land any more: free now.
+    const bool running = held.state == State::kRunning;
+    const std::string reason = held.release_reason;
+    if (!running) Free(id, ctx);
+    PublishLoad();
+    m.reply(absl::FailedPreconditionError(
+        running ? absl::StrCat("start: reservation ", id, " is already running")
+                : absl::StrCat("start: reservation ", id, " was released (", reason, ")")));
+    return;
+  }
+  absl::Status fence = cache_.Validate(held.reservation);
+  if (fence.ok() && r.generation() != Fence(held.reservation)) {
+    fence = absl::FailedPreconditionError(
+        absl::StrCat("start: reservation ", id, " has generation ", Fence(held.reservation),
+                     ", the writer named ", r.generation()));
+  }
+  if (fence.ok() && r.request_id() != held.request_id) {
+    fence = absl::InvalidArgumentError(absl::StrCat("start: reservation ", id, " belongs to ",
+                                                    held.request_id, ", not ", r.request_id()));
+  }
+  if (fence.ok() && r.prompt_size() != held.reservation.tokens) {
+    fence = absl::InvalidArgumentError(absl::StrCat("start: ", r.prompt_size(),
+                                                    " prompt tokens, the reservation holds ",
+                                                    held.reservation.tokens));
+  }
+  const v1::SamplingParamsInternal& s = r.sampling();
+  engine::DecodeSequence seq;
+  seq.id = r.request_id();
+  seq.prompt_tokens = r.prompt_size();
+  seq.next_token = r.first_token();
+  seq.generated = 1;
+  seq.sampling = {.temperature = s.temperature(),
+                  .top_p = s.top_p() == 0 ? 1.0 : s.top_p(),
+                  .top_k = s.top_k(),
+                  .seed = s.seed()};
+  seq.max_tokens = s.max_tokens();
+  seq.stop_token_ids.assign(s.stop_token_ids().begin(), s.stop_token_ids().end());
+  seq.ignore_eos = s.ignore_eos();
+  seq.logprobs = s.logprobs() > 0 ? s.logprobs() : -1;
+  if (fence.ok()) fence = engine::ValidateSamplingParams(seq.sampling);
+  if (fence.ok()) {
+    seq.cache = std::make_unique<PagedSequenceCache>(&cache_, id, seq.prompt_tokens);
+    fence = decoder_.Add(std::move(seq));
+  }
+  if (!fence.ok()) {
+    Free(id, ctx);  // the writer is done (it sent Start after its flush)
+    PublishLoad();
+    m.reply(fence);
+    return;
+  }
+  ctx.CancelTimer(held.reclaim);
+  held.reclaim = runtime::TimerId();
+  held.state = State::kRunning;
+  latent_tokens_ += static_cast<uint64_t>(r.prompt_size());
+  latent_bytes_ += static_cast<uint64_t>(r.prompt_size()) * cache_.layout().num_layers *
+                   cache_.layout().row_bytes();
+  ScheduleStep(ctx);
+  PublishLoad();
+  m.reply(absl::OkStatus());
+}
+
+void DecodeActor::Handle(CancelSequence m, runtime::Context<Message>& ctx) {
+  auto it = by_request_.find(m.request_id);
+  if (it == by_request_.end()) {
+    m.reply(absl::InvalidArgumentError(absl::StrCat("cancel: unknown request ", m.request_id)));
+    return;
+  }
+  const uint64_t id = it->second;
+  Held& held = held_.at(id);
+  if (held.state == State::kRunning) {
+    StopRunning(id, "cancelled", ctx);
+  } else {
+    held.state = State::kQuarantined;
+    held.release_reason = "cancelled";
+  }
+  PublishLoad();
+  m.reply(absl::OkStatus());
+}
+
+void DecodeActor::Handle(AddTokenSink m) { sinks_.push_back(std::move(m.write)); }
+
+void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
+  step_scheduled_ = false;
+  if (decoder_.running() == 0) return;
+  absl::StatusOr<std::vector<engine::DecodedToken>> step = decoder_.Step();
+  if (!step.ok()) {
+    std::cerr << "decode: step failed: " << step.status() << "\n";
+    std::vector<uint64_t> running;
+    for (const auto& [id, held] : held_) {
+      if (held.state == State::kRunning) running.push_back(id);
+    }
+    for (uint64_t id : running) {
+      StopRunning(id, absl::StrCat("error: ", step.status().message()), ctx);
+    }
+    PublishLoad();
+    return;
+  }
+  for (engine::DecodedToken& t : *step) {
+    ++tokens_generated_;
+    v1::TokenEvent event;
+    event.set_request_id(t.id);
+    event.set_token(t.token);
+    if (t.logprob) *event.mutable_logprob() = ToProto(*t.logprob);
+    event.set_finished(t.finished);
+    event.set_finish_reason(t.finish_reason);
+    Emit(std::move(event));
+  }
+  for (engine::DecodeSequence& done : decoder_.TakeFinished()) {
+    auto it = by_request_.find(done.id);
+    done.cache.reset();  // the view goes before its blocks
+    if (it != by_request_.end()) Free(it->second, ctx);
+  }
+  ScheduleStep(ctx);
+  PublishLoad();
+}
+
+void DecodeActor::Handle(ReclaimReservation m, runtime::Context<Message>& ctx) {
+  auto it = held_.find(m.reservation_id);
+  if (it == held_.end() || it->second.state == State::kRunning) return;
+  it->second.reclaim = runtime::TimerId();  // this timer has fired
+  std::cerr << "decode: reservation " << m.reservation_id << " of request "
+            << it->second.request_id
+            << " was never started or confirmed by its writer; reclaiming its blocks\n";
+  Free(m.reservation_id, ctx);
+  PublishLoad();
+}
+
+void DecodeActor::Free(uint64_t id, runtime::Context<Message>& ctx) {
+  auto it = held_.find(id);
+  if (it == held_.end()) return;
+  if (it->second.reclaim.valid()) ctx.CancelTimer(it->second.reclaim);
+  (void)cache_.Release(id);
+  by_request_.erase(it->second.request_id);
+  held_.erase(it);
+}
+
+void DecodeActor::StopRunning(uint64_t id, const std::string& reason,
+                              runtime::Context<Message>& ctx) {
+  auto it = held_.find(id);
+  if (it == held_.end()) return;
+  const std::string request_id = it->second.request_id;
+  {
+    absl::StatusOr<engine::DecodeSequence> seq = decoder_.Remove(request_id);
+    // `seq` (its cache view) is destroyed here, before its blocks are freed.
+  }
+  Free(id, ctx);
+  v1::TokenEvent event;
+  event.set_request_id(request_id);
+  event.set_finished(true);
+  event.set_finish_reason(reason);
+  event.set_token(-1);
+  Emit(std::move(event));
+}
+
+void DecodeActor::Emit(v1::TokenEvent event) {
+  for (auto it = sinks_.begin(); it != sinks_.end();) {
+    it = (*it)(event) ? it + 1 : sinks_.erase(it);
+  }
+}
+
+void DecodeActor::ScheduleStep(runtime::Context<Message>& ctx) {
+  if (step_scheduled_ || decoder_.running() == 0) return;
+  step_scheduled_ = ctx.self().Send(RunStep{});
+}
+
+void DecodeActor::PublishLoad() {
+  v1::WorkerLoad load;
+  load.set_requests_in_flight(static_cast<int32_t>(held_.size()));
+  load.set_cache_blocks_used(static_cast<int32_t>(cache_.blocks_used()));
+  load.set_cache_blocks_free(static_cast<int32_t>(cache_.blocks_free()));
+  int32_t quarantined = 0;
+  for (const auto& [id, held] : held_) {
+    if (held.state == State::kQuarantined)
+      quarantined += static_cast<int32_t>(held.reservation.blocks.size());
+  }
+  load.set_cache_blocks_quarantined(quarantined);
+  load.set_latent_bytes_received(latent_bytes_);
+  load.set_latent_tokens(latent_tokens_);
+  load.set_tokens_processed(tokens_generated_);
+  load.set_sequences_running(static_cast<int32_t>(decoder_.running()));
+  gauge_->Set(std::move(load));
+}
+
+// ---- gRPC face ----
+
+grpc::ServerUnaryReactor* DecodeService::Reserve(grpc::CallbackServerContext* ctx,
+                                                 const v1::ReserveRequest* request,
+                                                 v1::ReserveResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  actor_.Send(ReserveBlocks{*request, [reactor, response](absl::StatusOr<v1::ReserveResponse> r) {
+                              if (r.ok()) *response = std::move(*r);
+                              reactor->Finish(rpc::ToGrpcStatus(r.status()));
+                            }});
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DecodeService::Release(grpc::CallbackServerContext* ctx,
+                                                 const v1::ReleaseRequest* request,
+                                                 v1::ReleaseResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  actor_.Send(ReleaseReservation{
+      *request, [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DecodeService::Start(grpc::CallbackServerContext* ctx,
+                                               const v1::StartRequest* request,
+                                               v1::StartResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  actor_.Send(StartSequence{*request,
+                            [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DecodeService::Cancel(grpc::CallbackServerContext* ctx,
+                                                const v1::CancelRequest* request,
+                                                v1::CancelResponse* /*response*/) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  actor_.Send(CancelSequence{request->request_id(),
+                             [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
+  return reactor;
+}
+
+grpc::ServerWriteReactor<v1::TokenEvent>* DecodeService::StreamTokens(
+    grpc::CallbackServerContext* /*ctx*/, const v1::StreamTokensRequest* /*request*/) {
+  auto [reactor, stream] = rpc::ServerStream<v1::TokenEvent>::Create(nullptr);
+  auto write = [stream = stream](const v1::TokenEvent& e) { return stream->Write(e); };
+  if (!actor_.Send(AddTokenSink{write})) {
+    stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "decode worker is stopping"));
+  }
+  return reactor;
+}
+
+}  // namespace splitmoe::decode

@@ -1,0 +1,174 @@
+// The decode worker's actor and its gRPC face.
+//
+// DecodeActor owns the paged latent cache (its arena registered with UCX, so prefill workers put
+// prompts' latents straight into it), the reservations, the continuous-batching decoder and the
+// token streams to routers. Messages:
+//   ReserveBlocks       (Decode.Reserve)   blocks for a prompt + max_tokens, all or nothing
+//   ReleaseReservation  (Decode.Release)   a failed/cancelled request gives its blocks back
+//   StartSequence       (Decode.Start)     the writer flushed: validate the fence, join the batch
+//   CancelSequence      (Decode.Cancel)    by request id
+//   AddTokenSink        (Decode.StreamTokens) a router's long-lived token stream
+//   RunStep             (self)             one decode step of the running batch, then again
+//   ReclaimReservation  (timer)            a reservation whose writer never confirmed
+// A step runs between messages, so sequences join and leave at every step and a Reserve waits
+// for at most one step.
+//
+// Fencing (docs/architecture.md): a reservation is `reserved` until its writer's Start. A
+// Release before that refuses any later Start at once, but the blocks are quarantined — kept off
+// the free list — until the writer confirms that no put can land any more (Release with
+// writer_done, or its Start being refused) or until the reservation's deadline plus a grace has
+// passed (the writer issues no put after the deadline). So bytes of a cancelled transfer never
+// land in blocks another sequence owns, and a late notification never starts a sequence on
+// blocks that were reused (the generation check). Not thread-safe: the actor's thread only.
+#ifndef SPLITMOE_DECODE_DECODE_WORKER_H_
+#define SPLITMOE_DECODE_DECODE_WORKER_H_
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "common/engine/batch_decoder.h"
+#include "common/rpc/server_stream.h"
+#include "common/runtime/actor.h"
+#include "common/runtime/reply.h"
+#include "decode/paged_latent_cache.h"
+#include "splitmoe/v1/internal.grpc.pb.h"
+
+namespace splitmoe::decode {
+
+struct ReserveBlocks {
+  v1::ReserveRequest request;
+  runtime::Reply<v1::ReserveResponse> reply;
+};
+struct ReleaseReservation {
+  v1::ReleaseRequest request;
+  runtime::Reply<void> reply;
+};
+struct StartSequence {
+  v1::StartRequest request;
+  runtime::Reply<void> reply;
+};
+struct CancelSequence {
+  std::string request_id;
+  runtime::Reply<void> reply;
+};
+// A router's token stream: `write` queues one event and returns false once the stream is gone
+// (it is then dropped). Called on the actor's thread; must not block.
+struct AddTokenSink {
+  std::function<bool(const v1::TokenEvent&)> write;
+};
+struct RunStep {};
+struct ReclaimReservation {
+  uint64_t reservation_id = 0;
+};
+
+// The worker's load as the heartbeat reports it; written by the actor after every message, read
+// by the heartbeat thread. Thread-safe.
+class LoadGauge {
+ public:
+  void Set(v1::WorkerLoad load) {
+    std::lock_guard<std::mutex> lock(mu_);
+    load_ = std::move(load);
+  }
+  v1::WorkerLoad Get() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return load_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  v1::WorkerLoad load_;
+};
+
+struct DecodeActorOptions {
+  // Where prefill workers write: copied into every reservation's LatentDestination.
+  std::string ucx_worker_address;
+  std::string rkey;
+  uint64_t remote_base = 0;
+  uint64_t region_bytes = 0;
+  std::string transfer_mode;
+  // Extra wait, past a reservation's deadline, before its unconfirmed blocks are reused.
+  absl::Duration reclaim_grace = absl::Seconds(5);
+  // Used when a Reserve names no timeout.
+  absl::Duration default_reservation_timeout = absl::Seconds(30);
+};
+
+class DecodeActor {
+ public:
+  using Message = std::variant<ReserveBlocks, ReleaseReservation, StartSequence, CancelSequence,
+                               AddTokenSink, RunStep, ReclaimReservation>;
+
+  DecodeActor(engine::Transformer* transformer, PagedLatentCache cache, DecodeActorOptions options,
+              std::shared_ptr<LoadGauge> gauge);
+
+  void Handle(ReserveBlocks m, runtime::Context<Message>& ctx);
+  void Handle(ReleaseReservation m, runtime::Context<Message>& ctx);
+  void Handle(StartSequence m, runtime::Context<Message>& ctx);
+  void Handle(CancelSequence m, runtime::Context<Message>& ctx);
+  void Handle(AddTokenSink m);
+  void Handle(RunStep m, runtime::Context<Message>& ctx);
+  void Handle(ReclaimReservation m, runtime::Context<Message>& ctx);
+
+ private:
+  enum class State { kReserved, kRunning, kQuarantined };
+  struct Held {
+    Reservation reservation;
+    std::string request_id;
+    State state = State::kReserved;
+    runtime::TimerId reclaim;
+    std::string release_reason;
+  };
+
+  // Frees the blocks of `id` and forgets it (its timer cancelled).
+  void Free(uint64_t id, runtime::Context<Message>& ctx);
+  // Stops a running sequence (out of the batch) and frees it; `reason` goes to the routers.
+  void StopRunning(uint64_t id, const std::string& reason, runtime::Context<Message>& ctx);
+  void Emit(v1::TokenEvent event);
+  void ScheduleStep(runtime::Context<Message>& ctx);
+  void PublishLoad();
+
+  engine::Transformer* transformer_;
+  PagedLatentCache cache_;
+  DecodeActorOptions options_;
+  std::shared_ptr<LoadGauge> gauge_;
+  engine::BatchDecoder decoder_;
+  std::map<uint64_t, Held> held_;                  // by reservation (sequence) id
+  std::map<std::string, uint64_t> by_request_;     // request id -> reservation id
+  uint64_t max_issued_ = 0;                        // highest reservation id ever granted
+  bool step_scheduled_ = false;
+  std::vector<std::function<bool(const v1::TokenEvent&)>> sinks_;
+  uint64_t latent_tokens_ = 0, latent_bytes_ = 0, tokens_generated_ = 0;
+};
+
+// Decode service: every handler posts to the decode actor and returns.
+class DecodeService final : public v1::Decode::CallbackService {
+ public:
+  explicit DecodeService(runtime::ActorRef<DecodeActor::Message> actor)
+      : actor_(std::move(actor)) {}
+
+  grpc::ServerUnaryReactor* Reserve(grpc::CallbackServerContext* ctx,
+                                    const v1::ReserveRequest* request,
+                                    v1::ReserveResponse* response) override;
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx,
+                                    const v1::ReleaseRequest* request,
+                                    v1::ReleaseResponse* response) override;
+  grpc::ServerUnaryReactor* Start(grpc::CallbackServerContext* ctx,
+                                  const v1::StartRequest* request,
+                                  v1::StartResponse* response) override;
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
+                                   const v1::CancelRequest* request,
+                                   v1::CancelResponse* response) override;
+  grpc::ServerWriteReactor<v1::TokenEvent>* StreamTokens(
+      grpc::CallbackServerContext* ctx, const v1::StreamTokensRequest* request) override;
+
+ private:
+  runtime::ActorRef<DecodeActor::Message> actor_;
+};
+
+}  // namespace splitmoe::decode
+
+#endif  // SPLITMOE_DECODE_DECODE_WORKER_H_

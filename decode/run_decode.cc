@@ -1,0 +1,94 @@
+#include "decode/run_decode.h"
+
+#include <cstdlib>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/process/signals.h"
+#include "common/rpc/attention_side.h"
+#include "common/rpc/registration.h"
+#include "common/rpc/rpc.h"
+#include "common/runtime/actor.h"
+#include "common/transfer/ucx_transport.h"
+#include "decode/decode_worker.h"
+
+namespace splitmoe::decode {
+
+// "UCX_TLS=<value>" as this process sees it: how prefill workers will reach the cache.
+std::string TransferModeName() {
+  const char* tls = std::getenv("UCX_TLS");
+  return absl::StrCat("ucx tls=", tls != nullptr ? tls : "all");
+}
+
+absl::Status RunDecode(const DecodeOptions& options) {
+  if (options.router.empty()) return absl::InvalidArgumentError("decode: --router is required");
+  if (options.cache_blocks <= 0 || options.block_tokens <= 0) {
+    return absl::InvalidArgumentError("decode: --cache-blocks and --block-tokens must be > 0");
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(
+      std::unique_ptr<rpc::AttentionSide> side,
+      rpc::AttentionSide::Load(options.model_dir, options.router, options.wire_dtype));
+  const model::ModelConfig& c = side->config();
+
+  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
+                            transfer::UcxTransport::Create({.name = "decode"}));
+  PagedLatentLayout layout{.num_layers = c.num_hidden_layers,
+                           .latent_dim = c.latent_dim(),
+                           .block_tokens = options.block_tokens,
+                           .dtype = options.cache_dtype};
+  SPLITMOE_RETURN_IF_ERROR(layout.Validate());
+  SPLITMOE_ASSIGN_OR_RETURN(
+      transfer::Region region,
+      transport->RegisterRegion(static_cast<size_t>(options.cache_blocks * layout.block_bytes())));
+  PagedLatentCacheOptions cache_options;
+  cache_options.layout = layout;
+  cache_options.num_blocks = options.cache_blocks;
+  cache_options.arena = region.base;
+  cache_options.arena_bytes = static_cast<int64_t>(region.size_bytes);
+  SPLITMOE_ASSIGN_OR_RETURN(PagedLatentCache cache, PagedLatentCache::Create(cache_options));
+
+  DecodeActorOptions actor_options;
+  actor_options.ucx_worker_address = transport->WorkerAddress();
+  actor_options.rkey = region.rkey;
+  actor_options.remote_base = reinterpret_cast<uint64_t>(region.base);
+  actor_options.region_bytes = region.size_bytes;
+  actor_options.transfer_mode = TransferModeName();
+  actor_options.reclaim_grace = options.reclaim_grace;
+  auto gauge = std::make_shared<LoadGauge>();
+  {
+    runtime::Actor<DecodeActor> actor(
+        "decode", std::make_unique<DecodeActor>(&side->transformer(), std::move(cache),
+                                                actor_options, gauge));
+    DecodeService service(actor.ref());
+    SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
+                              rpc::StartServer(options.listen, {&service}));
+    v1::RegisterRequest request;
+    request.set_role(v1::WORKER_ROLE_DECODE);
+    request.set_address(server.address);
+    request.set_resident_weight_bytes(side->resident_weight_bytes());
+    request.set_cache_blocks(static_cast<int32_t>(options.cache_blocks));
+    request.set_block_tokens(static_cast<int32_t>(options.block_tokens));
+    request.set_ucx_worker_address(transport->WorkerAddress());
+    request.set_transfer_mode(actor_options.transfer_mode);
+    request.set_model_fingerprint(side->fingerprint());
+    SPLITMOE_ASSIGN_OR_RETURN(
+        std::unique_ptr<rpc::Registration> membership,
+        rpc::Registration::Start(options.router, request, [gauge] { return gauge->Get(); }));
+    std::cerr << "decode: cache " << options.cache_blocks << " blocks x " << options.block_tokens
+              << " tokens (" << (options.cache_blocks * layout.block_bytes() >> 20)
+              << " MiB, " << (layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")
+              << "), " << actor_options.transfer_mode << "\n";
+    std::cout << "listening " << server.address << std::endl;
+
+    const int signal = process::WaitForTerminationSignal();
+    std::cerr << "decode: signal " << signal << ", stopping\n";
+    membership.reset();  // deregister: the router sends nothing new here
+    server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    actor.Stop();  // before the transport: the cache lives in its region
+  }
+  transport->Shutdown();
+  return absl::OkStatus();
+}
+
+}  // namespace splitmoe::decode

@@ -1,0 +1,33 @@
+// `splitmoe decode`: a decode worker process. Loads the attention side of the model (no routed
+// expert), allocates its paged latent cache inside a UCX-registered region, serves the Decode
+// service (health, reflection), registers with the router (cache geometry, UCX address) and
+// heartbeats its load; prints "listening HOST:PORT" once serving; runs until SIGINT/SIGTERM,
+// then deregisters and stops.
+#ifndef SPLITMOE_DECODE_RUN_DECODE_H_
+#define SPLITMOE_DECODE_RUN_DECODE_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "decode/paged_latent_cache.h"
+#include "splitmoe/v1/internal.pb.h"
+
+namespace splitmoe::decode {
+
+struct DecodeOptions {
+  std::string model_dir;
+  std::string listen = "127.0.0.1:0";
+  std::string router;  // required: MoE layers are computed through it
+  int64_t cache_blocks = 256;
+  int64_t block_tokens = 64;
+  LatentDType cache_dtype = LatentDType::kFloat32;
+  v1::WireDtype wire_dtype = v1::WIRE_DTYPE_FP32;
+  absl::Duration reclaim_grace = absl::Seconds(5);
+};
+
+absl::Status RunDecode(const DecodeOptions& options);
+
+}  // namespace splitmoe::decode
+
+#endif  // SPLITMOE_DECODE_RUN_DECODE_H_

@@ -1,0 +1,253 @@
+// The decode worker's actor, driven message by message (ManualScheduler, virtual clock): a prompt
+// whose latents a "writer" put into the reserved blocks decodes to exactly the engine's tokens;
+// and the fences — a released reservation can never start, its blocks are not reused before the
+// writer confirms or the deadline passes, a wrong generation is refused, unknown ids are
+// INVALID_ARGUMENT, and every block comes back.
+#include "decode/decode_worker.h"
+
+#include <cstring>
+#include <map>
+
+#include "common/engine/batch_decoder.h"
+#include "common/engine/engine.h"
+#include "common/runtime/manual_scheduler.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_models.h"
+
+namespace splitmoe::decode {
+namespace {
+
+constexpr int64_t kBlockTokens = 16;
+
+class DecodeActorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto e = engine::Engine::Load(testing::TinyModel("decode_actor"));
+    ASSERT_TRUE(e.ok()) << e.status();
+    engine_ = std::move(*e);
+    const auto& c = engine_->config();
+    PagedLatentCacheOptions options;
+    options.layout = {c.num_hidden_layers, c.latent_dim(), kBlockTokens, LatentDType::kFloat32};
+    options.num_blocks = 12;
+    auto cache = PagedLatentCache::Create(options);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    layout_ = cache->layout();
+    arena_ = cache->arena_base();  // stays put when the cache moves into the actor
+    gauge_ = std::make_shared<LoadGauge>();
+    DecodeActorOptions actor_options;
+    actor_options.reclaim_grace = absl::Seconds(1);
+    actor_ = std::make_unique<runtime::Actor<DecodeActor>>(
+        "decode",
+        std::make_unique<DecodeActor>(&engine_->transformer(), std::move(*cache), actor_options,
+                                      gauge_),
+        &scheduler_);
+    actor_->Send(AddTokenSink{[this](const v1::TokenEvent& e) {
+      events_.push_back(e);
+      return true;
+    }});
+    scheduler_.RunUntilIdle();
+  }
+
+  absl::StatusOr<v1::LatentDestination> Reserve(const std::string& id, int prompt, int max_tokens,
+                                                int timeout_ms = 1000) {
+    v1::ReserveRequest r;
+    r.set_request_id(id);
+    r.set_prompt_tokens(prompt);
+    r.set_max_tokens(max_tokens);
+    r.set_timeout_ms(timeout_ms);
+    absl::StatusOr<v1::LatentDestination> out = absl::UnknownError("no reply");
+    actor_->Send(ReserveBlocks{r, [&out](absl::StatusOr<v1::ReserveResponse> resp) {
+                                 if (resp.ok()) {
+                                   out = resp->destination();
+                                 } else {
+                                   out = resp.status();
+                                 }
+                               }});
+    scheduler_.RunUntilIdle();
+    return out;
+  }
+
+  absl::Status Release(uint64_t reservation, bool writer_done) {
+    v1::ReleaseRequest r;
+    r.set_reservation_id(reservation);
+    r.set_writer_done(writer_done);
+    r.set_reason("test");
+    absl::Status out = absl::UnknownError("no reply");
+    actor_->Send(ReleaseReservation{r, [&out](absl::Status s) { out = s; }});
+    scheduler_.RunUntilIdle();
+    return out;
+  }
+
+  // What a prefill worker does: runs the prompt and puts every layer's rows into the blocks.
+  engine::DecodedToken WritePrompt(const v1::LatentDestination& d,
+                                   const std::vector<int32_t>& prompt, int64_t logprobs) {
+    const auto& c = engine_->config();
+    engine::LatentCache local(c.num_hidden_layers, c.latent_dim());
+    auto first = engine::PrefillFirstToken(engine_->transformer(), prompt, &local, {}, logprobs,
+                                           engine::AttentionForm::kAbsorbed);
+    EXPECT_TRUE(first.ok()) << first.status();
+    for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+      for (size_t p = 0; p < prompt.size(); ++p) {
+        const int64_t block = d.blocks(static_cast<int>(p / kBlockTokens));
+        std::memcpy(arena_ + layout_.RowOffset(static_cast<BlockId>(block), layer,
+                                               static_cast<int64_t>(p % kBlockTokens)),
+                    local.Row(layer, static_cast<int64_t>(p)), layout_.row_bytes());
+      }
+    }
+    return *first;
+  }
+
+  absl::Status Start(const std::string& id, const v1::LatentDestination& d,
+                     const std::vector<int32_t>& prompt, int32_t first, int max_tokens,
+                     uint64_t generation) {
+    v1::StartRequest r;
+    r.set_request_id(id);
+    r.set_reservation_id(d.reservation_id());
+    r.set_generation(generation);
+    *r.mutable_prompt() = {prompt.begin(), prompt.end()};
+    r.set_first_token(first);
+    r.mutable_sampling()->set_max_tokens(max_tokens);
+    r.mutable_sampling()->set_ignore_eos(true);
+    r.mutable_sampling()->set_logprobs(2);
+    absl::Status out = absl::UnknownError("no reply");
+    actor_->Send(StartSequence{r, [&out](absl::Status s) { out = s; }});
+    scheduler_.RunUntilIdle();
+    return out;
+  }
+
+  std::unique_ptr<engine::Engine> engine_;
+  PagedLatentLayout layout_;
+  uint8_t* arena_ = nullptr;
+  std::shared_ptr<LoadGauge> gauge_;
+  runtime::ManualScheduler scheduler_;
+  std::unique_ptr<runtime::Actor<DecodeActor>> actor_;
+  std::vector<v1::TokenEvent> events_;
+};
+
+TEST_F(DecodeActorTest, ShippedPromptsDecodeLikeTheEngine) {
+  const std::vector<std::vector<int32_t>> prompts = {
+      {0, 5, 9, 11, 13},
+      {0, 100, 200, 300, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 70}};
+  constexpr int kMax = 8;
+  std::map<std::string, std::vector<std::pair<int32_t, float>>> got;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string id = "r" + std::to_string(i);
+    auto d = Reserve(id, static_cast<int>(prompts[i].size()), kMax);
+    ASSERT_TRUE(d.ok()) << d.status();
+    EXPECT_EQ(d->latent_dim(), engine_->config().latent_dim());
+    engine::DecodedToken first = WritePrompt(*d, prompts[i], 2);
+    got[id].push_back({first.token, first.logprob->logprob});
+    ASSERT_TRUE(Start(id, *d, prompts[i], first.token, kMax, d->generation()).ok());
+  }
+  EXPECT_EQ(gauge_->Get().sequences_running(), 0);  // RunUntilIdle ran every step to the end
+  for (const v1::TokenEvent& e : events_) got[e.request_id()].push_back({e.token(), e.logprob().logprob()});
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    engine::GenerateRequest r;
+    r.prompt = prompts[i];
+    r.max_tokens = kMax;
+    r.ignore_eos = true;
+    r.logprobs = 2;
+    auto want = engine_->Generate(r, nullptr);
+    ASSERT_TRUE(want.ok());
+    const auto& mine = got["r" + std::to_string(i)];
+    ASSERT_EQ(mine.size(), want->tokens.size());
+    for (size_t j = 0; j < mine.size(); ++j) {
+      EXPECT_EQ(mine[j].first, want->tokens[j]) << "prompt " << i << " token " << j;
+      EXPECT_NEAR(mine[j].second, want->logprobs[j].logprob, 1e-4);
+    }
+  }
+  EXPECT_TRUE(events_.back().finished());
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+  EXPECT_EQ(gauge_->Get().latent_tokens(), 25u);
+  EXPECT_EQ(gauge_->Get().latent_bytes_received(),
+            25u * layout_.num_layers * layout_.row_bytes());
+}
+
+TEST_F(DecodeActorTest, AReleasedReservationIsFencedUntilItsWriterIsDone) {
+  const std::vector<int32_t> prompt(20, 7);  // two blocks of 16 (+ room for 4 more tokens)
+  auto a = Reserve("a", 20, 4);
+  ASSERT_TRUE(a.ok());
+  const int used = gauge_->Get().cache_blocks_used();
+  EXPECT_EQ(used, 2);
+  // The router gives up on "a" while its writer may still be putting: no Start from now on, but
+  // the blocks stay off the free list.
+  ASSERT_TRUE(Release(a->reservation_id(), /*writer_done=*/false).ok());
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), used);
+  EXPECT_EQ(gauge_->Get().cache_blocks_quarantined(), used);
+  // New reservations never get a quarantined block.
+  auto b = Reserve("b", 20, 4);
+  ASSERT_TRUE(b.ok());
+  for (int32_t blk : b->blocks()) {
+    for (int32_t taken : a->blocks()) EXPECT_NE(blk, taken);
+  }
+  // The writer's late notification is refused, and counts as its confirmation: blocks return.
+  absl::Status late = Start("a", *a, prompt, 1, 4, a->generation());
+  EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition) << late;
+  EXPECT_EQ(gauge_->Get().cache_blocks_quarantined(), 0);
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 2);  // only b's
+  // A wrong generation is refused too (and frees b: its writer has spoken).
+  absl::Status stale = Start("b", *b, prompt, 1, 4, b->generation() + 1);
+  EXPECT_EQ(stale.code(), absl::StatusCode::kFailedPrecondition) << stale;
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+
+  // A writer that never confirms: the blocks come back after the deadline plus the grace.
+  auto c = Reserve("c", 20, 4, /*timeout_ms=*/1000);
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(Release(c->reservation_id(), false).ok());
+  scheduler_.AdvanceBy(absl::Milliseconds(1900));
+  scheduler_.RunUntilIdle();
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 2) << "reclaimed before deadline + grace";
+  scheduler_.AdvanceBy(absl::Milliseconds(200));
+  scheduler_.RunUntilIdle();
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+
+  // A writer that confirms with its release: freed at once. Released again: still fine.
+  auto d = Reserve("d", 20, 4);
+  ASSERT_TRUE(d.ok());
+  ASSERT_TRUE(Release(d->reservation_id(), true).ok());
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+  EXPECT_TRUE(Release(d->reservation_id(), true).ok());
+  EXPECT_EQ(Release(999, true).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Start("zz", *d, prompt, 1, 4, 0).code(), absl::StatusCode::kFailedPrecondition);
+  v1::LatentDestination unknown;
+  unknown.set_reservation_id(12345);
+  EXPECT_EQ(Start("zz", unknown, prompt, 1, 4, 0).code(), absl::StatusCode::kInvalidArgument);
+  // Bad reservations: nothing taken.
+  EXPECT_EQ(Reserve("e", 0, 4).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Reserve("f", 20, 1000).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+}
+
+TEST_F(DecodeActorTest, ReleasingARunningSequenceStopsItAndTellsTheRouter) {
+  const std::vector<int32_t> prompt = {0, 3, 4, 5};
+  auto a = Reserve("a", 4, 50);
+  ASSERT_TRUE(a.ok());
+  engine::DecodedToken first = WritePrompt(*a, prompt, -1);
+  v1::StartRequest r;
+  r.set_request_id("a");
+  r.set_reservation_id(a->reservation_id());
+  r.set_generation(a->generation());
+  *r.mutable_prompt() = {prompt.begin(), prompt.end()};
+  r.set_first_token(first.token);
+  r.mutable_sampling()->set_max_tokens(50);
+  r.mutable_sampling()->set_ignore_eos(true);
+  absl::Status started = absl::UnknownError("no reply");
+  actor_->Send(StartSequence{r, [&started](absl::Status s) { started = s; }});
+  ASSERT_TRUE(scheduler_.Step());  // Start only; steps follow as messages
+  ASSERT_TRUE(started.ok()) << started;
+  ASSERT_TRUE(scheduler_.Step());  // one decode step
+  EXPECT_EQ(gauge_->Get().sequences_running(), 1);
+  v1::ReleaseRequest release;
+  release.set_reservation_id(a->reservation_id());
+  actor_->Send(ReleaseReservation{release, [](absl::Status) {}});
+  scheduler_.RunUntilIdle();
+  EXPECT_EQ(gauge_->Get().sequences_running(), 0);
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+  ASSERT_FALSE(events_.empty());
+  EXPECT_TRUE(events_.back().finished());
+  EXPECT_EQ(events_.back().finish_reason(), "cancelled");
+  EXPECT_LT(events_.size(), 10u);
+}
+
+}  // namespace
+}  // namespace splitmoe::decode
