@@ -1,0 +1,56 @@
+#include "prefill/run_prefill.h"
+
+#include <cstdlib>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/process/signals.h"
+#include "common/rpc/attention_side.h"
+#include "common/rpc/registration.h"
+#include "common/rpc/rpc.h"
+#include "common/runtime/actor.h"
+#include "prefill/prefill_worker.h"
+
+namespace splitmoe::prefill {
+
+absl::Status RunPrefillWorker(const PrefillOptions& options) {
+  if (options.router.empty()) return absl::InvalidArgumentError("prefill: --router is required");
+  SPLITMOE_ASSIGN_OR_RETURN(
+      std::unique_ptr<rpc::AttentionSide> side,
+      rpc::AttentionSide::Load(options.model_dir, options.router, options.wire_dtype));
+  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
+                            transfer::UcxTransport::Create({.name = "prefill"}));
+  auto gauge = std::make_shared<decode::LoadGauge>();
+  {
+    runtime::Actor<PrefillActor> actor(
+        "prefill", std::make_unique<PrefillActor>(&side->transformer(), transport.get(), gauge,
+                                                  options.form));
+    PrefillService service(actor.ref());
+    SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
+                              rpc::StartServer(options.listen, {&service}));
+    v1::RegisterRequest request;
+    request.set_role(v1::WORKER_ROLE_PREFILL);
+    request.set_address(server.address);
+    request.set_resident_weight_bytes(side->resident_weight_bytes());
+    const char* tls = std::getenv("UCX_TLS");
+    request.set_transfer_mode(absl::StrCat("ucx tls=", tls != nullptr ? tls : "all"));
+    request.set_model_fingerprint(side->fingerprint());
+    SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<rpc::Registration> membership,
+                              rpc::Registration::Start(options.router, request, [&] {
+                                v1::WorkerLoad load = gauge->Get();
+                                load.set_requests_in_flight(service.in_flight());
+                                return load;
+                              }));
+    std::cout << "listening " << server.address << std::endl;
+    const int signal = process::WaitForTerminationSignal();
+    std::cerr << "prefill: signal " << signal << ", stopping\n";
+    membership.reset();
+    server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    actor.Stop();
+  }
+  transport->Shutdown();
+  return absl::OkStatus();
+}
+
+}  // namespace splitmoe::prefill

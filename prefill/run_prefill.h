@@ -1,0 +1,28 @@
+// `splitmoe prefill`: a prefill worker process. Loads the attention side of the model (no
+// routed expert), serves the Prefill service (health, reflection), registers with the router and
+// heartbeats; writes prompts' latents into decode workers' caches over UCX. Prints
+// "listening HOST:PORT" once serving; runs until SIGINT/SIGTERM, then deregisters and stops.
+#ifndef SPLITMOE_PREFILL_RUN_PREFILL_H_
+#define SPLITMOE_PREFILL_RUN_PREFILL_H_
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "common/engine/transformer.h"
+#include "splitmoe/v1/internal.pb.h"
+
+namespace splitmoe::prefill {
+
+struct PrefillOptions {
+  std::string model_dir;
+  std::string listen = "127.0.0.1:0";
+  std::string router;  // required
+  v1::WireDtype wire_dtype = v1::WIRE_DTYPE_FP32;
+  engine::AttentionForm form = engine::AttentionForm::kAbsorbed;
+};
+
+absl::Status RunPrefillWorker(const PrefillOptions& options);
+
+}  // namespace splitmoe::prefill
+
+#endif  // SPLITMOE_PREFILL_RUN_PREFILL_H_
