@@ -29,6 +29,8 @@ absl::Status RunExpert(const ExpertOptions& options) {
     request.set_shard(options.shard.shard);
     *request.mutable_experts() = {experts.begin(), experts.end()};
     request.set_resident_weight_bytes(resident);
+    SPLITMOE_ASSIGN_OR_RETURN(std::string fingerprint, rpc::ModelFingerprint(options.model_dir));
+    request.set_model_fingerprint(fingerprint);
     SPLITMOE_ASSIGN_OR_RETURN(membership,
                               rpc::Registration::Start(options.router, request, [&service] {
                                 v1::WorkerLoad load;

@@ -19,6 +19,7 @@
 #include "common/runtime/reply.h"
 #include "router/expert_client.h"
 #include "router/expert_router.h"
+#include "router/generation_actor.h"
 #include "router/registry.h"
 
 namespace splitmoe::router {
@@ -46,11 +47,17 @@ class RegistryActor {
   using Message = std::variant<RegisterWorker, WorkerHeartbeat, DeregisterWorker, GetClusterStatus,
                                SweepWorkers>;
 
+  // `generation` (may be empty) receives the healthy prefill and decode workers after every
+  // change; `requests_in_flight` (may be null) is the front door's gauge for ClusterStatus.
   RegistryActor(WorkerRegistry registry, absl::Duration sweep_interval,
-                runtime::ActorRef<ExpertRouter::Message> expert_router)
+                runtime::ActorRef<ExpertRouter::Message> expert_router,
+                runtime::ActorRef<GenerationActor::Message> generation = {},
+                std::shared_ptr<std::atomic<int32_t>> requests_in_flight = nullptr)
       : registry_(std::move(registry)),
         sweep_interval_(sweep_interval),
-        expert_router_(std::move(expert_router)) {}
+        expert_router_(std::move(expert_router)),
+        generation_(std::move(generation)),
+        requests_in_flight_(std::move(requests_in_flight)) {}
 
   void Handle(RegisterWorker m);
   void Handle(WorkerHeartbeat m);
@@ -60,10 +67,13 @@ class RegistryActor {
 
  private:
   void PublishPlacement();
+  void PublishServing();
 
   WorkerRegistry registry_;
   absl::Duration sweep_interval_;
   runtime::ActorRef<ExpertRouter::Message> expert_router_;
+  runtime::ActorRef<GenerationActor::Message> generation_;
+  std::shared_ptr<std::atomic<int32_t>> requests_in_flight_;
   std::map<std::string, std::shared_ptr<ExpertClient>> clients_;  // by worker id
 };
 

@@ -1,6 +1,6 @@
-// `splitmoe router`: the router process. Serves the internal Registry and MoeDispatch services
-// (and, as the cluster grows, the public Generation API) on one gRPC port, with health and
-// reflection; prints "listening HOST:PORT" once serving and runs until SIGINT/SIGTERM.
+// `splitmoe router`: the router process. Serves the public Generation API and the internal
+// Registry and MoeDispatch services on one gRPC port, with health and reflection; prints
+// "listening HOST:PORT" once serving and runs until SIGINT/SIGTERM.
 #ifndef SPLITMOE_ROUTER_RUN_ROUTER_H_
 #define SPLITMOE_ROUTER_RUN_ROUTER_H_
 
@@ -18,6 +18,10 @@ struct RouterOptions {
   int missed_heartbeats_allowed = 3;
   // Device-limited routing: each token's experts on at most this many expert services (0: off).
   int32_t max_devices = 0;
+  // Front door: how long a request may wait for decode cache blocks, and the deadline of a
+  // prompt's prefill and latent transfer.
+  absl::Duration admission_timeout = absl::Seconds(30);
+  absl::Duration prefill_timeout = absl::Seconds(60);
 };
 
 // Blocks until a termination signal; then stops serving and returns.

@@ -1,0 +1,530 @@
+#include "router/generation_actor.h"
+
+#include <iostream>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/rpc/rpc.h"
+
+namespace splitmoe::router {
+namespace {
+
+using Ctx = runtime::Context<GenerationActor::Message>;
+
+// Live token-stream reactors, so the actor's destructor can wait for them after cancelling.
+std::atomic<int> live_token_streams{0};
+
+// A decode worker's token stream, read by the router. Every callback only posts to the actor;
+// gRPC deletes nothing here: the reactor deletes itself in OnDone.
+class TokenStreamClient : public grpc::ClientReadReactor<v1::TokenEvent> {
+ public:
+  TokenStreamClient(std::shared_ptr<grpc::Channel> channel,
+                    std::shared_ptr<grpc::ClientContext> ctx, std::string worker_id,
+                    uint64_t stream, runtime::ActorRef<GenerationActor::Message> actor)
+      : channel_(std::move(channel)),
+        ctx_(std::move(ctx)),
+        worker_id_(std::move(worker_id)),
+        stream_(stream),
+        actor_(std::move(actor)) {
+    live_token_streams.fetch_add(1);
+  }
+  void Start(v1::Decode::Stub* stub, const std::string& router_id) {
+    request_.set_router_id(router_id);
+    stub->async()->StreamTokens(ctx_.get(), &request_, this);
+    StartRead(&event_);
+    StartCall();
+  }
+  void OnReadInitialMetadataDone(bool ok) override {
+    if (ok) actor_.Send(TokenStreamUp{worker_id_, stream_});
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // OnDone follows
+    actor_.Send(DecodeTokenEvent{worker_id_, std::move(event_)});
+    event_ = v1::TokenEvent();
+    StartRead(&event_);
+  }
+  void OnDone(const grpc::Status& status) override {
+    actor_.Send(TokenStreamDown{worker_id_, stream_, rpc::FromGrpcStatus(status)});
+    live_token_streams.fetch_sub(1);
+    delete this;
+  }
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::shared_ptr<grpc::ClientContext> ctx_;
+  std::string worker_id_;
+  uint64_t stream_;
+  runtime::ActorRef<GenerationActor::Message> actor_;
+  v1::StreamTokensRequest request_;
+  v1::TokenEvent event_;
+};
+
+v1::SamplingParamsInternal InternalSampling(const v1::GenerateRequest& r,
+                                            const model::ModelConfig& c) {
+  v1::SamplingParamsInternal s;
+  s.set_temperature(r.sampling().temperature());
+  s.set_top_p(r.sampling().top_p());
+  s.set_top_k(r.sampling().top_k());
+  s.set_seed(r.sampling().seed());
+  s.set_max_tokens(r.stop().max_tokens());
+  *s.mutable_stop_token_ids() = r.stop().stop_token_ids();
+  s.set_ignore_eos(r.stop().ignore_eos());
+  s.set_eos_token_id(static_cast<int32_t>(c.eos_token_id));
+  s.set_logprobs(r.logprobs());
+  return s;
+}
+
+// A worker's failure as the client sees it: the code is kept, the worker is named.
+absl::Status WorkerError(const std::string& role, const std::string& worker,
+                         const absl::Status& status) {
+  absl::StatusCode code = status.code();
+  // Transport-level failures of a worker mean the cluster cannot serve this right now.
+  if (code == absl::StatusCode::kInternal || code == absl::StatusCode::kUnknown) {
+    code = absl::StatusCode::kUnavailable;
+  }
+  return absl::Status(code, absl::StrCat(role, " worker ", worker, ": ", status.message()));
+}
+
+}  // namespace
+
+GenerationActor::GenerationActor(const model::ModelConfig& config,
+                                 const tokenizer::Tokenizer* tokenizer, GenerationOptions options,
+                                 std::shared_ptr<std::atomic<int32_t>> in_flight)
+    : config_(config),
+      tokenizer_(tokenizer),
+      options_(options),
+      in_flight_gauge_(std::move(in_flight)) {
+  std::random_device rd;
+  router_tag_ = absl::StrFormat("%08x", rd());
+}
+
+GenerationActor::~GenerationActor() {
+  for (auto& [serial, r] : requests_) {
+    if (r.prefill_ctx) r.prefill_ctx->TryCancel();
+    r.stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
+  }
+  for (auto& [id, w] : workers_) {
+    if (w.stream_ctx) w.stream_ctx->TryCancel();
+  }
+  for (int i = 0; i < 200 && live_token_streams.load() > 0; ++i) absl::SleepFor(absl::Milliseconds(10));
+}
+
+GenerationActor::Worker* GenerationActor::FindWorker(const std::string& id) {
+  auto it = workers_.find(id);
+  return it == workers_.end() ? nullptr : &it->second;
+}
+
+GenerationActor::Worker* GenerationActor::LeastLoaded(v1::WorkerRole role,
+                                                      const std::vector<std::string>& exclude) {
+  Worker* best = nullptr;
+  for (auto& [id, w] : workers_) {
+    if (w.info.role != role) continue;
+    if (role == v1::WORKER_ROLE_DECODE && !w.stream_up) continue;
+    if (std::find(exclude.begin(), exclude.end(), id) != exclude.end()) continue;
+    if (best == nullptr || w.in_flight < best->in_flight) best = &w;
+  }
+  return best;
+}
+
+void GenerationActor::Handle(UseServingWorkers m, Ctx& ctx) {
+  std::map<std::string, ServingWorker> next;
+  for (ServingWorker& w : m.workers) next[w.id] = std::move(w);
+  // Workers that left: their requests fail now rather than wait for a timeout.
+  for (auto it = workers_.begin(); it != workers_.end();) {
+    auto found = next.find(it->first);
+    if (found != next.end() && found->second.address == it->second.info.address) {
+      ++it;
+      continue;
+    }
+    const std::string id = it->first;
+    std::vector<uint64_t> affected;
+    for (auto& [serial, r] : requests_) {
+      if (r.prefill_worker == id || r.decode_worker == id) affected.push_back(serial);
+    }
+    if (it->second.stream_ctx) it->second.stream_ctx->TryCancel();
+    it = workers_.erase(it);
+    for (uint64_t serial : affected) {
+      auto r = requests_.find(serial);
+      if (r != requests_.end()) {
+        FinishWithError(r->second,
+                        absl::UnavailableError(absl::StrCat("worker ", id, " left the cluster")));
+      }
+    }
+  }
+  for (auto& [id, info] : next) {
+    if (workers_.count(id)) continue;
+    Worker w;
+    w.info = info;
+    w.channel = grpc::CreateCustomChannel(info.address, grpc::InsecureChannelCredentials(),
+                                          rpc::ClientChannelArguments());
+    if (info.role == v1::WORKER_ROLE_PREFILL) w.prefill = v1::Prefill::NewStub(w.channel);
+    if (info.role == v1::WORKER_ROLE_DECODE) w.decode = v1::Decode::NewStub(w.channel);
+    Worker& added = workers_.emplace(id, std::move(w)).first->second;
+    if (info.role == v1::WORKER_ROLE_DECODE) OpenTokenStream(added, ctx);
+  }
+}
+
+void GenerationActor::OpenTokenStream(Worker& w, Ctx& ctx) {
+  w.stream = next_stream_++;
+  w.stream_up = false;
+  w.stream_ctx = std::make_shared<grpc::ClientContext>();
+  auto* client =
+      new TokenStreamClient(w.channel, w.stream_ctx, w.info.id, w.stream, ctx.self());
+  client->Start(w.decode.get(), router_tag_);
+}
+
+void GenerationActor::Handle(TokenStreamUp m) {
+  Worker* w = FindWorker(m.worker_id);
+  if (w != nullptr && w->stream == m.stream) w->stream_up = true;
+}
+
+void GenerationActor::Handle(TokenStreamDown m, Ctx& ctx) {
+  Worker* w = FindWorker(m.worker_id);
+  if (w == nullptr || w->stream != m.stream) return;  // an old stream, or the worker left
+  w->stream_up = false;
+  w->stream_ctx.reset();
+  std::cerr << "router: token stream of decode worker " << m.worker_id << " ended: " << m.status
+            << "\n";
+  // Sequences on it cannot be followed any more.
+  std::vector<uint64_t> affected;
+  for (auto& [serial, r] : requests_) {
+    if (r.decode_worker == m.worker_id && r.stage != Stage::kAdmitting) affected.push_back(serial);
+  }
+  for (uint64_t serial : affected) {
+    auto r = requests_.find(serial);
+    if (r == requests_.end()) continue;
+    FinishWithError(r->second, absl::UnavailableError(absl::StrCat(
+                                   "lost the token stream of decode worker ", m.worker_id, ": ",
+                                   m.status.message())));
+  }
+  ctx.ScheduleAfter(absl::Milliseconds(500), ReconnectTokenStream{m.worker_id});
+}
+
+void GenerationActor::Handle(ReconnectTokenStream m, Ctx& ctx) {
+  Worker* w = FindWorker(m.worker_id);
+  if (w != nullptr && w->stream_ctx == nullptr) OpenTokenStream(*w, ctx);
+}
+
+void GenerationActor::Handle(NewGeneration m, Ctx& ctx) {
+  const std::string public_id =
+      m.request.request_id().empty() ? absl::StrCat("req-", m.serial) : m.request.request_id();
+  if (by_public_id_.count(public_id)) {
+    m.stream->Finish(grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat("request id '", public_id, "' is already in flight")));
+    return;
+  }
+  if (m.stream->closed()) return;  // the client left while the request was queued
+  Request r;
+  r.serial = m.serial;
+  r.internal_id = absl::StrCat(router_tag_, "-", m.serial);
+  r.request = std::move(m.request);
+  r.request.set_request_id(public_id);
+  r.prompt = std::move(m.prompt);
+  r.received = m.received;
+  r.admission_deadline = absl::Now() + options_.admission_timeout;
+  r.stream = std::move(m.stream);
+  r.text = std::make_unique<tokenizer::TextStream>(
+      tokenizer_, std::vector<std::string>(r.request.stop().stop().begin(),
+                                           r.request.stop().stop().end()));
+  by_public_id_[public_id] = r.serial;
+  by_internal_id_[r.internal_id] = r.serial;
+  Request& stored = requests_.emplace(r.serial, std::move(r)).first->second;
+  in_flight_gauge_->store(static_cast<int32_t>(requests_.size()));
+  Admit(stored, ctx);
+}
+
+void GenerationActor::Admit(Request& r, Ctx& ctx) {
+  if (LeastLoaded(v1::WORKER_ROLE_PREFILL, {}) == nullptr) {
+    FinishWithError(r, absl::UnavailableError("no prefill worker is serving"));
+    return;
+  }
+  if (r.request.stop().max_tokens() == 1) {  // the prefill's token is all: no decode worker
+    SendPrefill(r, ctx);
+    return;
+  }
+  Worker* decode = LeastLoaded(v1::WORKER_ROLE_DECODE, r.decode_tried);
+  if (decode == nullptr) {
+    if (LeastLoaded(v1::WORKER_ROLE_DECODE, {}) == nullptr) {
+      FinishWithError(r, absl::UnavailableError("no decode worker is serving"));
+      return;
+    }
+    // Every decode worker's cache is full: wait for blocks, up to the admission timeout.
+    if (absl::Now() >= r.admission_deadline) {
+      FinishWithError(r, absl::ResourceExhaustedError(absl::StrCat(
+                             "no decode worker had cache blocks for ", r.prompt.size(),
+                             " + ", r.request.stop().max_tokens(), " tokens within ",
+                             absl::FormatDuration(options_.admission_timeout))));
+      return;
+    }
+    r.decode_tried.clear();
+    ctx.ScheduleAfter(absl::Milliseconds(20), RetryAdmission{r.serial});
+    return;
+  }
+  r.decode_worker = decode->info.id;
+  ++decode->in_flight;
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::ReserveRequest request;
+    v1::ReserveResponse response;
+  };
+  auto call = std::make_shared<Call>();
+  call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  call->request.set_request_id(r.internal_id);
+  call->request.set_prompt_tokens(static_cast<int32_t>(r.prompt.size()));
+  call->request.set_max_tokens(r.request.stop().max_tokens());
+  call->request.set_timeout_ms(
+      static_cast<int32_t>(absl::ToInt64Milliseconds(options_.prefill_timeout)));
+  decode->decode->async()->Reserve(
+      &call->ctx, &call->request, &call->response,
+      [call, self = ctx.self(), serial = r.serial, worker = decode->info.id](grpc::Status s) {
+        absl::StatusOr<v1::ReserveResponse> result =
+            s.ok() ? absl::StatusOr<v1::ReserveResponse>(std::move(call->response))
+                   : absl::StatusOr<v1::ReserveResponse>(rpc::FromGrpcStatus(s));
+        self.Send(ReserveDone{serial, worker, std::move(result)});
+      });
+}
+
+void GenerationActor::Handle(RetryAdmission m, Ctx& ctx) {
+  auto it = requests_.find(m.serial);
+  if (it != requests_.end() && it->second.stage == Stage::kAdmitting &&
+      it->second.decode_worker.empty()) {
+    Admit(it->second, ctx);
+  }
+}
+
+void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
+  auto it = requests_.find(m.serial);
+  if (it == requests_.end()) {
+    // The client left meanwhile: no writer ever saw these blocks.
+    if (m.result.ok()) {
+      ReleaseOnDecode(m.worker_id, m.result->destination().reservation_id(), true,
+                      "client left before prefill");
+    }
+    return;
+  }
+  Request& r = it->second;
+  if (Worker* w = FindWorker(m.worker_id)) --w->in_flight;
+  r.decode_worker.clear();
+  if (!m.result.ok()) {
+    if (m.result.status().code() == absl::StatusCode::kResourceExhausted) {
+      r.decode_tried.push_back(m.worker_id);
+      Admit(r, ctx);  // another decode worker, or wait
+      return;
+    }
+    FinishWithError(r, WorkerError("decode", m.worker_id, m.result.status()));
+    return;
+  }
+  Worker* w = FindWorker(m.worker_id);
+  if (w == nullptr) {
+    FinishWithError(r, absl::UnavailableError(
+                           absl::StrCat("decode worker ", m.worker_id, " left the cluster")));
+    return;
+  }
+  ++w->in_flight;
+  r.decode_worker = m.worker_id;
+  r.destination = m.result->destination();
+  r.destination->set_decode_worker_id(m.worker_id);
+  r.destination->set_decode_address(w->info.address);
+  SendPrefill(r, ctx);
+}
+
+void GenerationActor::SendPrefill(Request& r, Ctx& ctx) {
+  Worker* prefill = LeastLoaded(v1::WORKER_ROLE_PREFILL, {});
+  if (prefill == nullptr) {
+    FinishWithError(r, absl::UnavailableError("no prefill worker is serving"));
+    return;
+  }
+  r.stage = Stage::kPrefilling;
+  r.prefill_worker = prefill->info.id;
+  ++prefill->in_flight;
+  struct Call {
+    v1::PrefillRequest request;
+    v1::PrefillResponse response;
+  };
+  auto call = std::make_shared<Call>();
+  r.prefill_ctx = std::make_shared<grpc::ClientContext>();
+  r.prefill_ctx->set_deadline(std::chrono::system_clock::now() +
+                              absl::ToChronoMilliseconds(options_.prefill_timeout));
+  call->request.set_request_id(r.internal_id);
+  *call->request.mutable_prompt() = {r.prompt.begin(), r.prompt.end()};
+  *call->request.mutable_sampling() = InternalSampling(r.request, config_);
+  call->request.set_prompt_logprobs(r.request.prompt_logprobs());
+  if (r.destination) *call->request.mutable_destination() = *r.destination;
+  r.prefill_sent = true;
+  prefill->prefill->async()->RunPrefill(
+      r.prefill_ctx.get(), &call->request, &call->response,
+      [call, pctx = r.prefill_ctx, self = ctx.self(), serial = r.serial](grpc::Status s) {
+        absl::StatusOr<v1::PrefillResponse> result =
+            s.ok() ? absl::StatusOr<v1::PrefillResponse>(std::move(call->response))
+                   : absl::StatusOr<v1::PrefillResponse>(rpc::FromGrpcStatus(s));
+        self.Send(PrefillDone{serial, std::move(result)});
+      });
+}
+
+void GenerationActor::Handle(PrefillDone m) {
+  auto it = requests_.find(m.serial);
+  if (it == requests_.end()) return;  // abandoned: the reservation was released then
+  Request& r = it->second;
+  if (Worker* w = FindWorker(r.prefill_worker)) --w->in_flight;
+  const std::string prefill_worker = r.prefill_worker;
+  r.prefill_worker.clear();
+  r.prefill_ctx.reset();
+  if (!m.result.ok()) {
+    FinishWithError(r, WorkerError("prefill", prefill_worker, m.result.status()));
+    return;
+  }
+  const v1::PrefillResponse& p = *m.result;
+  r.first_token_done = true;
+  const bool decoding = r.destination.has_value() && p.finish_reason().empty();
+  if (decoding) {
+    r.stage = Stage::kDecoding;
+  } else if (r.destination) {
+    // The prefill worker released the reservation (the first token ended the request).
+    if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
+    r.decode_worker.clear();
+    r.destination.reset();
+  }
+  if (EmitToken(r, p.first_token(), p.has_first_token_logprob() ? &p.first_token_logprob() : nullptr,
+                p.finish_reason(), &p)) {
+    return;
+  }
+  // Decode events that arrived before this reply, in order.
+  std::vector<v1::TokenEvent> buffered = std::move(r.buffered);
+  const uint64_t serial = r.serial;
+  for (v1::TokenEvent& e : buffered) {
+    auto again = requests_.find(serial);
+    if (again == requests_.end()) return;
+    Handle(DecodeTokenEvent{again->second.decode_worker, std::move(e)});
+  }
+}
+
+void GenerationActor::Handle(DecodeTokenEvent m) {
+  auto found = by_internal_id_.find(m.event.request_id());
+  if (found == by_internal_id_.end()) return;  // finished or abandoned already
+  Request& r = requests_.at(found->second);
+  if (r.decode_worker != m.worker_id) return;
+  if (!r.first_token_done) {
+    r.buffered.push_back(std::move(m.event));
+    return;
+  }
+  const v1::TokenEvent& e = m.event;
+  if (e.finished() && e.token() < 0) {  // the sequence ended without a token: why?
+    // The decode worker already freed everything.
+    if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
+    r.decode_worker.clear();
+    r.destination.reset();
+    FinishWithError(r, absl::UnavailableError(absl::StrCat("decode worker ", m.worker_id,
+                                                           " stopped the sequence: ",
+                                                           e.finish_reason())));
+    return;
+  }
+  if (e.finished()) {
+    // The decode worker freed the sequence with its last token.
+    if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
+    r.decode_worker.clear();
+    r.destination.reset();
+  }
+  EmitToken(r, e.token(), e.has_logprob() ? &e.logprob() : nullptr, e.finish_reason(), nullptr);
+}
+
+bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogprob* logprob,
+                                const std::string& worker_finish,
+                                const v1::PrefillResponse* first) {
+  const absl::Time now = absl::Now();
+  ++r.completion_tokens;
+  if (first != nullptr) r.first_token_at = now;
+  bool stopped = false;
+  const bool last = !worker_finish.empty();
+  absl::StatusOr<std::string> piece = r.text->Push(token, last, &stopped);
+  if (!piece.ok()) {
+    Abandon(r, "detokenisation failed");
+    return true;
+  }
+  v1::GenerateEvent event;
+  event.set_request_id(r.request.request_id());
+  event.add_token_ids(token);
+  event.set_text(*piece);
+  if (r.request.logprobs() > 0 && logprob != nullptr) *event.add_logprobs() = *logprob;
+  if (first != nullptr && r.request.prompt_logprobs() > 0) {
+    *event.mutable_prompt_logprobs() = first->prompt_logprobs();
+  }
+  const bool finished = last || stopped;
+  if (finished) {
+    event.set_finished(true);
+    event.set_finish_reason(stopped || worker_finish == "stop" ? v1::FINISH_REASON_STOP
+                                                               : v1::FINISH_REASON_LENGTH);
+    v1::Usage* usage = event.mutable_usage();
+    usage->set_prompt_tokens(static_cast<int32_t>(r.prompt.size()));
+    usage->set_completion_tokens(r.completion_tokens);
+    usage->set_time_to_first_token_ms(absl::ToDoubleMilliseconds(r.first_token_at - r.received));
+    usage->set_total_time_ms(absl::ToDoubleMilliseconds(now - r.received));
+  }
+  r.stream->Write(std::move(event));
+  if (!finished) return false;
+  r.stream->Finish(grpc::Status::OK);
+  // A stop string ended it while the decode worker still runs the sequence: stop that too.
+  Abandon(r, "finished at a stop string");
+  return true;
+}
+
+void GenerationActor::FinishWithError(Request& r, const absl::Status& error) {
+  r.stream->Finish(rpc::ToGrpcStatus(error));
+  Abandon(r, std::string(error.message()));
+}
+
+void GenerationActor::Handle(ClientGone m) {
+  auto it = requests_.find(m.serial);
+  if (it == requests_.end()) return;
+  Abandon(it->second, "client cancelled");
+}
+
+void GenerationActor::Abandon(Request& r, const std::string& reason) {
+  if (r.prefill_ctx) r.prefill_ctx->TryCancel();  // the prefill worker stops, flushes, releases
+  if (Worker* w = FindWorker(r.prefill_worker)) --w->in_flight;
+  if (!r.decode_worker.empty()) {
+    if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
+    if (r.destination) {
+      // Running: stopped and freed at once. Reserved: refused from now on; the blocks are
+      // reused once the writer confirms (or immediately if no writer ever saw them).
+      ReleaseOnDecode(r.decode_worker, r.destination->reservation_id(), !r.prefill_sent, reason);
+    }
+    // Still admitting (Reserve in flight): ReserveDone releases what it got.
+  }
+  Forget(r.serial);
+}
+
+void GenerationActor::Forget(uint64_t serial) {
+  auto it = requests_.find(serial);
+  if (it == requests_.end()) return;
+  by_public_id_.erase(it->second.request.request_id());
+  by_internal_id_.erase(it->second.internal_id);
+  requests_.erase(it);
+  in_flight_gauge_->store(static_cast<int32_t>(requests_.size()));
+}
+
+void GenerationActor::ReleaseOnDecode(const std::string& worker_id, uint64_t reservation_id,
+                                      bool writer_done, const std::string& reason) {
+  Worker* w = FindWorker(worker_id);
+  if (w == nullptr) return;  // gone: its reservations went with it
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::ReleaseRequest request;
+    v1::ReleaseResponse response;
+  };
+  auto call = std::make_shared<Call>();
+  call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  call->request.set_reservation_id(reservation_id);
+  call->request.set_reason(reason);
+  call->request.set_writer_done(writer_done);
+  w->decode->async()->Release(&call->ctx, &call->request, &call->response,
+                              [call, worker_id](grpc::Status s) {
+                                if (!s.ok()) {
+                                  std::cerr << "router: release on decode worker " << worker_id
+                                            << " failed: " << s.error_message() << "\n";
+                                }
+                              });
+}
+
+}  // namespace splitmoe::router

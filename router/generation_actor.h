@@ -1,0 +1,180 @@
+// GenerationActor: the router's front door. It owns every public Generate request from the
+// moment it is validated to its last event, the router's view of the prefill and decode workers
+// (router-side load, one token stream per decode worker) and the calls to them. Messages:
+//   UseServingWorkers  (registry actor)  the healthy prefill and decode workers changed
+//   NewGeneration      (Generate)        a validated, tokenised request and its client stream
+//   ClientGone         (Generate)        the client cancelled or disconnected
+//   ReserveDone        (Decode.Reserve reply)  blocks reserved (or not) on a decode worker
+//   RetryAdmission     (timer)           the cache was full: try again
+//   PrefillDone        (Prefill.RunPrefill reply)  the first token, or why not
+//   TokenStreamUp / DecodeTokenEvent / TokenStreamDown  (a decode worker's token stream)
+//   ReconnectTokenStream (timer)
+// A request: pick the least loaded prefill and decode workers -> Reserve on the decode worker ->
+// RunPrefill with the destination (the prefill worker writes the latents over UCX, flushes and
+// starts the sequence on the decode worker) -> the first token from the prefill reply, then the
+// decode worker's tokens, detokenised with stop strings applied -> finish. Whatever ends a
+// request early (client gone, failure, stop string) releases its reservation or running
+// sequence on the decode worker and cancels its prefill. Every outbound call is asynchronous;
+// replies come back as messages. Not thread-safe: the actor's thread only.
+#ifndef SPLITMOE_ROUTER_GENERATION_ACTOR_H_
+#define SPLITMOE_ROUTER_GENERATION_ACTOR_H_
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include "absl/time/time.h"
+#include "common/model/config.h"
+#include "common/rpc/server_stream.h"
+#include "common/runtime/actor.h"
+#include "common/tokenizer/text_stream.h"
+#include "common/tokenizer/tokenizer.h"
+#include "splitmoe/v1/generation.pb.h"
+#include "splitmoe/v1/internal.grpc.pb.h"
+
+namespace splitmoe::router {
+
+struct ServingWorker {
+  std::string id;
+  std::string address;
+  v1::WorkerRole role = v1::WORKER_ROLE_UNSPECIFIED;
+};
+struct UseServingWorkers {
+  std::vector<ServingWorker> workers;
+};
+struct NewGeneration {
+  uint64_t serial = 0;  // unique per Generate call, assigned by the service
+  v1::GenerateRequest request;
+  std::vector<int32_t> prompt;
+  absl::Time received;
+  std::shared_ptr<rpc::ServerStream<v1::GenerateEvent>> stream;
+};
+struct ClientGone {
+  uint64_t serial = 0;
+};
+struct ReserveDone {
+  uint64_t serial = 0;
+  std::string worker_id;
+  absl::StatusOr<v1::ReserveResponse> result;
+};
+struct RetryAdmission {
+  uint64_t serial = 0;
+};
+struct PrefillDone {
+  uint64_t serial = 0;
+  absl::StatusOr<v1::PrefillResponse> result;
+};
+struct TokenStreamUp {
+  std::string worker_id;
+  uint64_t stream = 0;
+};
+struct DecodeTokenEvent {
+  std::string worker_id;
+  v1::TokenEvent event;
+};
+struct TokenStreamDown {
+  std::string worker_id;
+  uint64_t stream = 0;
+  absl::Status status;
+};
+struct ReconnectTokenStream {
+  std::string worker_id;
+};
+
+struct GenerationOptions {
+  // How long a request may wait for cache blocks before RESOURCE_EXHAUSTED.
+  absl::Duration admission_timeout = absl::Seconds(30);
+  // Deadline of a prompt's prefill and its latent transfer (Reserve's timeout).
+  absl::Duration prefill_timeout = absl::Seconds(60);
+};
+
+class GenerationActor {
+ public:
+  using Message =
+      std::variant<UseServingWorkers, NewGeneration, ClientGone, ReserveDone, RetryAdmission,
+                   PrefillDone, TokenStreamUp, DecodeTokenEvent, TokenStreamDown,
+                   ReconnectTokenStream>;
+
+  GenerationActor(const model::ModelConfig& config, const tokenizer::Tokenizer* tokenizer,
+                  GenerationOptions options, std::shared_ptr<std::atomic<int32_t>> in_flight);
+  ~GenerationActor();
+
+  void Handle(UseServingWorkers m, runtime::Context<Message>& ctx);
+  void Handle(NewGeneration m, runtime::Context<Message>& ctx);
+  void Handle(ClientGone m);
+  void Handle(ReserveDone m, runtime::Context<Message>& ctx);
+  void Handle(RetryAdmission m, runtime::Context<Message>& ctx);
+  void Handle(PrefillDone m);
+  void Handle(TokenStreamUp m);
+  void Handle(DecodeTokenEvent m);
+  void Handle(TokenStreamDown m, runtime::Context<Message>& ctx);
+  void Handle(ReconnectTokenStream m, runtime::Context<Message>& ctx);
+
+ private:
+  struct Worker {
+    ServingWorker info;
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<v1::Prefill::Stub> prefill;
+    std::unique_ptr<v1::Decode::Stub> decode;
+    int32_t in_flight = 0;  // requests assigned here by this router
+    // Decode workers: the token stream (its context, to cancel it) and whether it is open.
+    std::shared_ptr<grpc::ClientContext> stream_ctx;
+    uint64_t stream = 0;
+    bool stream_up = false;
+  };
+  enum class Stage { kAdmitting, kPrefilling, kDecoding };
+  struct Request {
+    uint64_t serial = 0;
+    std::string internal_id;  // what workers know it by: unique in the cluster
+    v1::GenerateRequest request;
+    std::vector<int32_t> prompt;
+    absl::Time received, admission_deadline;
+    std::shared_ptr<rpc::ServerStream<v1::GenerateEvent>> stream;
+    Stage stage = Stage::kAdmitting;
+    std::string prefill_worker, decode_worker;
+    std::vector<std::string> decode_tried;  // full caches this admission round
+    std::optional<v1::LatentDestination> destination;
+    std::shared_ptr<grpc::ClientContext> prefill_ctx;
+    bool prefill_sent = false;
+    bool first_token_done = false;
+    std::vector<v1::TokenEvent> buffered;  // decode events that overtook the prefill reply
+    std::unique_ptr<tokenizer::TextStream> text;
+    int32_t completion_tokens = 0;
+    absl::Time first_token_at;
+  };
+
+  void Admit(Request& r, runtime::Context<Message>& ctx);
+  void SendPrefill(Request& r, runtime::Context<Message>& ctx);
+  // Emits one generated token; returns true when the request is over (finished).
+  bool EmitToken(Request& r, int32_t token, const v1::TokenLogprob* logprob,
+                 const std::string& worker_finish, const v1::PrefillResponse* first);
+  // Ends the request: the last event (or `error`) to the client, then Forget.
+  void FinishWithError(Request& r, const absl::Status& error);
+  // Releases what the request holds on workers (reservation, running sequence, prefill call) and
+  // forgets it.
+  void Abandon(Request& r, const std::string& reason);
+  void Forget(uint64_t serial);
+  void OpenTokenStream(Worker& w, runtime::Context<Message>& ctx);
+  void ReleaseOnDecode(const std::string& worker_id, uint64_t reservation_id, bool writer_done,
+                       const std::string& reason);
+  Worker* FindWorker(const std::string& id);
+  Worker* LeastLoaded(v1::WorkerRole role, const std::vector<std::string>& exclude);
+
+  const model::ModelConfig& config_;
+  const tokenizer::Tokenizer* tokenizer_;
+  GenerationOptions options_;
+  std::shared_ptr<std::atomic<int32_t>> in_flight_gauge_;
+  std::map<std::string, Worker> workers_;  // by worker id
+  std::map<uint64_t, Request> requests_;   // by serial
+  std::map<std::string, uint64_t> by_public_id_, by_internal_id_;
+  uint64_t next_stream_ = 1;
+  std::string router_tag_;  // prefix of internal ids
+};
+
+}  // namespace splitmoe::router
+
+#endif  // SPLITMOE_ROUTER_GENERATION_ACTOR_H_

@@ -1,0 +1,175 @@
+#include "router/generation_service.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "common/engine/sampler.h"
+#include "common/rpc/rpc.h"
+
+namespace splitmoe::router {
+namespace {
+
+constexpr int kMaxLogprobs = 20;
+constexpr size_t kMaxRequestIdBytes = 256;
+
+absl::Status CheckId(int32_t id, const model::ModelConfig& config, absl::string_view what) {
+  if (id < 0 || id >= config.vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", id, " outside the vocabulary [0, ", config.vocab_size, ")"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
+    const v1::GenerateRequest& r, const model::ModelConfig& config,
+    const tokenizer::Tokenizer* tokenizer) {
+  if (r.request_id().size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request_id longer than ", kMaxRequestIdBytes, " bytes"));
+  }
+  std::vector<int32_t> prompt;
+  switch (r.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      if (r.text().empty()) return absl::InvalidArgumentError("empty prompt text");
+      if (tokenizer == nullptr) {
+        return absl::InvalidArgumentError(
+            "text prompts need a tokenizer, and the model directory has none: send token_ids");
+      }
+      absl::StatusOr<std::vector<int32_t>> ids = tokenizer->Encode(r.text(), true);
+      if (!ids.ok()) return absl::InvalidArgumentError(ids.status().message());
+      prompt = std::move(*ids);
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds:
+      prompt.assign(r.token_ids().ids().begin(), r.token_ids().ids().end());
+      break;
+    default:
+      return absl::InvalidArgumentError("no prompt: set text or token_ids");
+  }
+  if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
+  for (int32_t id : prompt) {
+    absl::Status s = CheckId(id, config, "prompt token id");
+    if (!s.ok()) return s;
+  }
+  const int64_t max_tokens = r.stop().max_tokens();
+  if (max_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("stop.max_tokens must be > 0, got ", max_tokens));
+  }
+  if (static_cast<int64_t>(prompt.size()) + max_tokens > config.max_position_embeddings) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", prompt.size(), " tokens) + max_tokens (", max_tokens,
+                     ") exceeds the context of ", config.max_position_embeddings, " tokens"));
+  }
+  const v1::SamplingParams& s = r.sampling();
+  if (!std::isfinite(s.temperature()) || !std::isfinite(s.top_p())) {
+    return absl::InvalidArgumentError("temperature and top_p must be finite");
+  }
+  absl::Status sampling = engine::ValidateSamplingParams(
+      {.temperature = s.temperature(),
+       .top_p = s.top_p() == 0 ? 1.0 : s.top_p(),
+       .top_k = s.top_k(),
+       .seed = s.seed()});
+  if (!sampling.ok()) return sampling;
+  if (r.logprobs() < 0 || r.logprobs() > kMaxLogprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logprobs must be in [0, ", kMaxLogprobs, "], got ", r.logprobs()));
+  }
+  if (r.prompt_logprobs() < 0 || r.prompt_logprobs() > kMaxLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt_logprobs must be in [0, ",
+                                                   kMaxLogprobs, "], got ", r.prompt_logprobs()));
+  }
+  if (r.stop().stop_size() > 0 && tokenizer == nullptr) {
+    return absl::InvalidArgumentError(
+        "stop strings need a tokenizer, and the model directory has none");
+  }
+  for (const std::string& stop : r.stop().stop()) {
+    if (stop.empty()) return absl::InvalidArgumentError("empty stop string");
+  }
+  for (int32_t id : r.stop().stop_token_ids()) {
+    absl::Status st = CheckId(id, config, "stop token id");
+    if (!st.ok()) return st;
+  }
+  return prompt;
+}
+
+grpc::ServerWriteReactor<v1::GenerateEvent>* GenerationService::Generate(
+    grpc::CallbackServerContext* /*ctx*/, const v1::GenerateRequest* request) {
+  const uint64_t serial = next_serial_.fetch_add(1);
+  runtime::ActorRef<GenerationActor::Message> actor = actor_;
+  auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::Create(
+      [actor, serial] { actor.Send(ClientGone{serial}); });
+  absl::StatusOr<std::vector<int32_t>> prompt =
+      ValidateGenerateRequest(*request, config_, tokenizer_);
+  if (!prompt.ok()) {
+    stream->Finish(rpc::ToGrpcStatus(prompt.status()));
+    return reactor;
+  }
+  if (!actor_.Send(NewGeneration{serial, *request, std::move(*prompt), absl::Now(), stream})) {
+    stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* ctx,
+                                                      const v1::TokenizeRequest* request,
+                                                      v1::TokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (tokenizer_ == nullptr) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                 "the model directory has no tokenizer"));
+    return reactor;
+  }
+  absl::StatusOr<std::vector<int32_t>> ids =
+      tokenizer_->Encode(request->text(), request->add_special_tokens());
+  if (ids.ok()) *response->mutable_ids() = {ids->begin(), ids->end()};
+  reactor->Finish(rpc::ToGrpcStatus(ids.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::Detokenize(grpc::CallbackServerContext* ctx,
+                                                        const v1::DetokenizeRequest* request,
+                                                        v1::DetokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (tokenizer_ == nullptr) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                 "the model directory has no tokenizer"));
+    return reactor;
+  }
+  for (int32_t id : request->ids()) {
+    absl::Status s = CheckId(id, config_, "token id");
+    if (!s.ok()) {
+      reactor->Finish(rpc::ToGrpcStatus(s));
+      return reactor;
+    }
+  }
+  std::vector<int32_t> ids(request->ids().begin(), request->ids().end());
+  absl::StatusOr<std::string> text = tokenizer_->Decode(ids, request->skip_special_tokens());
+  if (text.ok()) response->set_text(std::move(*text));
+  reactor->Finish(rpc::ToGrpcStatus(text.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::ModelInfo(grpc::CallbackServerContext* ctx,
+                                                       const v1::ModelInfoRequest* /*request*/,
+                                                       v1::ModelInfoResponse* response) {
+  const model::ModelConfig& c = config_;
+  response->set_model(model_name_);
+  response->set_vocab_size(static_cast<int32_t>(c.vocab_size));
+  response->set_hidden_size(static_cast<int32_t>(c.hidden_size));
+  response->set_num_hidden_layers(static_cast<int32_t>(c.num_hidden_layers));
+  response->set_max_position_embeddings(static_cast<int32_t>(c.max_position_embeddings));
+  response->set_n_routed_experts(static_cast<int32_t>(c.n_routed_experts));
+  response->set_num_experts_per_tok(static_cast<int32_t>(c.num_experts_per_tok));
+  response->set_latent_dim(static_cast<int32_t>(c.latent_dim()));
+  response->set_bos_token_id(static_cast<int32_t>(c.bos_token_id));
+  response->set_eos_token_id(static_cast<int32_t>(c.eos_token_id));
+  response->set_config_json(config_json_);
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace splitmoe::router
