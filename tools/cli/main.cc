@@ -1,11 +1,8 @@
-// `splitmoe`: the command-line entry point. Single-process subcommands:
-//   splitmoe make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] ...
-//   splitmoe inspect  --model DIR [--json]
-//   splitmoe score    --model DIR (--prompt TEXT | --prompt-tokens 1,2,3) [--top-logprobs K]
-//   [--mtp] --json splitmoe generate --model DIR (--prompt TEXT | --prompt-tokens ...)
-//   [--max-tokens N]
-//                     [--temperature T] [--top-p P] [--top-k K] [--seed S] [--logprobs K]
-//                     [--stop STR]... [--json]
+// `splitmoe`: the command-line entry point (`splitmoe help` lists every subcommand).
+//   single process:  make-tiny, inspect, score, generate
+//   cluster roles:   router, prefill, decode, expert (long-running; SIGINT/SIGTERM stop them)
+//   cluster tools:   up (a local cluster of child processes), status, and score/generate with
+//                    --endpoint HOST:PORT instead of --model (same flags, same JSON)
 // Errors print one line "error: <message>" on stderr and exit 1 (2 for usage errors).
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +23,7 @@
 #include "nlohmann/json.hpp"
 #include "router/run_router.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
+#include "tools/cli/cluster.h"
 #include "tools/cli/flags.h"
 
 namespace splitmoe::cli {
@@ -196,9 +194,13 @@ absl::StatusOr<engine::AttentionForm> FormFlag(const Flags& f) {
 absl::Status Score(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
-      f.Parse(argc, argv, 2, {"model", "prompt", "prompt-tokens", "top-logprobs", "attention"},
+      f.Parse(argc, argv, 2,
+              {"model", "endpoint", "prompt", "prompt-tokens", "top-logprobs", "attention"},
               {"json", "mtp"}));
-  if (!f.Has("model")) return absl::InvalidArgumentError("score needs --model DIR");
+  if (f.Has("endpoint") && !f.Has("model")) return ScoreRemote(f);
+  if (f.Has("model") == f.Has("endpoint")) {
+    return absl::InvalidArgumentError("score needs --model DIR or --endpoint HOST:PORT");
+  }
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
@@ -222,10 +224,13 @@ absl::Status Generate(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
-              {"model", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p", "top-k",
-               "seed", "logprobs", "stop", "stop-token-ids", "attention"},
+              {"model", "endpoint", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p",
+               "top-k", "seed", "logprobs", "stop", "stop-token-ids", "attention"},
               {"json", "ignore-eos"}));
-  if (!f.Has("model")) return absl::InvalidArgumentError("generate needs --model DIR");
+  if (f.Has("endpoint") && !f.Has("model")) return GenerateRemote(f);
+  if (f.Has("model") == f.Has("endpoint")) {
+    return absl::InvalidArgumentError("generate needs --model DIR or --endpoint HOST:PORT");
+  }
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
@@ -266,7 +271,10 @@ absl::Status Generate(int argc, char** argv) {
 absl::Status Router(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
-      f.Parse(argc, argv, 2, {"model", "listen", "heartbeat-ms", "max-devices"}, {}));
+      f.Parse(argc, argv, 2,
+              {"model", "listen", "heartbeat-ms", "max-devices", "admission-timeout-ms",
+               "prefill-timeout-ms"},
+              {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
   router::RouterOptions o;
   o.model_dir = f.Get("model");
@@ -277,6 +285,13 @@ absl::Status Router(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t max_devices, f.GetInt("max-devices", 0));
   if (max_devices < 0) return absl::InvalidArgumentError("--max-devices must be >= 0");
   o.max_devices = static_cast<int32_t>(max_devices);
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t admission, f.GetInt("admission-timeout-ms", 30000));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t prefill, f.GetInt("prefill-timeout-ms", 60000));
+  if (admission <= 0 || prefill <= 0) {
+    return absl::InvalidArgumentError("--admission-timeout-ms and --prefill-timeout-ms must be > 0");
+  }
+  o.admission_timeout = absl::Milliseconds(admission);
+  o.prefill_timeout = absl::Milliseconds(prefill);
   return router::RunRouter(o);
 }
 
@@ -325,19 +340,32 @@ absl::Status Status(int argc, char** argv) {
     if (w.role() == v1::WORKER_ROLE_EXPERT) {
       std::cout << "  shard " << w.shard() << " (" << w.experts_size() << " experts)";
     }
+    const v1::WorkerLoad& load = w.load();
     if (w.role() == v1::WORKER_ROLE_DECODE) {
-      std::cout << "  cache blocks " << w.load().cache_blocks_used() << " used / "
-                << w.load().cache_blocks_free() << " free";
+      std::cout << "  cache blocks " << load.cache_blocks_used() << " used / "
+                << load.cache_blocks_free() << " free";
+      if (load.cache_blocks_quarantined() > 0)
+        std::cout << " (" << load.cache_blocks_quarantined() << " awaiting their writer)";
+      std::cout << "  sequences " << load.sequences_running();
     }
-    std::cout << "  latent bytes sent " << w.load().latent_bytes_sent() << " received "
-              << w.load().latent_bytes_received() << "\n";
+    if (w.role() != v1::WORKER_ROLE_EXPERT) {
+      std::cout << "  in flight " << load.requests_in_flight();
+      const uint64_t moved =
+          w.role() == v1::WORKER_ROLE_PREFILL ? load.latent_bytes_sent() : load.latent_bytes_received();
+      std::cout << "  latent bytes " << (w.role() == v1::WORKER_ROLE_PREFILL ? "sent " : "received ")
+                << moved << " for " << load.latent_tokens() << " prompt tokens";
+      if (load.latent_tokens() > 0) std::cout << " (" << moved / load.latent_tokens() << " B/token)";
+      std::cout << "  " << w.transfer_mode();
+    }
+    std::cout << "\n";
   }
   return absl::OkStatus();
 }
 
 int Usage() {
   std::cerr
-      << "usage: splitmoe <make-tiny|inspect|score|generate|router|expert|status> [flags]\n"
+      << "usage: splitmoe <make-tiny|inspect|score|generate|up|router|prefill|decode|expert|status> "
+         "[flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
          "  inspect   --model DIR [--json]\n"
@@ -345,7 +373,16 @@ int Usage() {
          "--json\n"
          "  generate  --model DIR (--prompt TEXT | --prompt-tokens IDS) [--max-tokens N] "
          "[--temperature T]\n"
-         "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n";
+         "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n"
+         "            (score/generate: --endpoint HOST:PORT instead of --model asks a cluster)\n"
+         "  up        --model DIR [--prefill N] [--decode N] [--experts N] [--port P] "
+         "[--cache-blocks N]\n"
+         "  router    --model DIR [--listen HOST:PORT] [--max-devices M] [--heartbeat-ms MS]\n"
+         "  prefill   --model DIR --router HOST:PORT [--listen HOST:PORT] [--wire-dtype fp32|bf16]\n"
+         "  decode    --model DIR --router HOST:PORT [--listen HOST:PORT] [--cache-blocks N]\n"
+         "            [--block-tokens T] [--cache-dtype fp32|bf16]\n"
+         "  expert    --model DIR --router HOST:PORT --shard S --num-shards N\n"
+         "  status    --endpoint HOST:PORT [--json]\n";
   return 2;
 }
 
@@ -367,10 +404,15 @@ int main(int argc, char** argv) {
     status = Generate(argc, argv);
   } else if (cmd == "status") {
     status = Status(argc, argv);
-  } else if (cmd == "router" || cmd == "expert") {
+  } else if (cmd == "router" || cmd == "expert" || cmd == "prefill" || cmd == "decode" ||
+             cmd == "up") {
     // Before any thread exists: SIGINT/SIGTERM are then taken only by the waiting main thread.
     splitmoe::process::BlockTerminationSignals();
-    status = cmd == "router" ? Router(argc, argv) : Expert(argc, argv);
+    if (cmd == "router") status = Router(argc, argv);
+    if (cmd == "expert") status = Expert(argc, argv);
+    if (cmd == "prefill") status = PrefillCommand(argc, argv);
+    if (cmd == "decode") status = DecodeCommand(argc, argv);
+    if (cmd == "up") status = UpCommand(argc, argv);
   } else if (cmd == "--help" || cmd == "help") {
     return Usage() - 2;
   } else {

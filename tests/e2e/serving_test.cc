@@ -1,0 +1,577 @@
+// End to end, real processes on loopback started by `splitmoe up`: router, prefill, decode and
+// expert-service processes, MLA latents moved over UCX (the ctest entries run this binary with
+// UCX_TLS=sm and with UCX_TLS=tcp). Many concurrent requests of different lengths through the
+// public Generate API must give the single-process engine's tokens, logprobs and text; bad input
+// is INVALID_ARGUMENT; missing roles are UNAVAILABLE; cancelled requests — mid-transfer and
+// mid-decode, under load — leave no cache block, quarantine or in-flight count behind (asserted
+// through the status call); latent bytes per prompt token are exactly layers x latent_dim x 4.
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/engine/engine.h"
+#include "common/process/subprocess.h"
+#include "common/rpc/rpc.h"
+#include "gtest/gtest.h"
+#include "splitmoe/v1/generation.grpc.pb.h"
+#include "splitmoe/v1/internal.grpc.pb.h"
+#include "tests/testing/test_models.h"
+
+namespace splitmoe {
+namespace {
+
+std::string Binary() {
+  const char* dir = std::getenv("SPLITMOE_BINARY_DIR");
+  return std::string(dir ? dir : ".") + "/bin/splitmoe";
+}
+
+// `splitmoe up` as a child process, and clients of the cluster it serves.
+class Cluster {
+ public:
+  static std::unique_ptr<Cluster> Up(const std::string& model,
+                                     const std::vector<std::string>& flags) {
+    auto c = std::make_unique<Cluster>();
+    std::vector<std::string> argv = {Binary(), "up", "--model", model, "--heartbeat-ms", "100"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    auto up = process::Subprocess::Start("up", argv);
+    EXPECT_TRUE(up.ok()) << up.status();
+    if (!up.ok()) return nullptr;
+    c->up = std::move(*up);
+    auto line = c->up->ReadLineMatching("ready grpc=", absl::Seconds(180));
+    EXPECT_TRUE(line.ok()) << line.status();
+    if (!line.ok()) return nullptr;
+    c->endpoint = *line;
+    auto channel = grpc::CreateCustomChannel(c->endpoint, grpc::InsecureChannelCredentials(),
+                                             rpc::ClientChannelArguments());
+    c->generation = v1::Generation::NewStub(channel);
+    c->registry = v1::Registry::NewStub(channel);
+    return c;
+  }
+
+  v1::ClusterStatusResponse Status() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::ClusterStatusResponse status;
+    EXPECT_TRUE(registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status).ok());
+    return status;
+  }
+
+  // Waits until nothing is held anywhere: no request in flight at the router or any worker, no
+  // cache block used or quarantined (as the last heartbeats report).
+  std::string WaitIdle(absl::Duration timeout) {
+    const absl::Time end = absl::Now() + timeout;
+    std::string why;
+    while (true) {
+      const v1::ClusterStatusResponse s = Status();
+      why.clear();
+      if (s.requests_in_flight() != 0) why = absl::StrCat("router in flight ", s.requests_in_flight());
+      for (const auto& w : s.workers()) {
+        const auto& l = w.load();
+        if (l.requests_in_flight() || l.cache_blocks_used() || l.cache_blocks_quarantined() ||
+            l.sequences_running()) {
+          absl::StrAppend(&why, " ", w.worker_id(), ": in flight ", l.requests_in_flight(),
+                          ", blocks used ", l.cache_blocks_used(), ", quarantined ",
+                          l.cache_blocks_quarantined(), ", running ", l.sequences_running());
+        }
+      }
+      if (why.empty() || absl::Now() > end) return why;
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+  }
+
+  // Sum over workers of a role of one load field.
+  uint64_t Sum(v1::WorkerRole role, uint64_t (*field)(const v1::WorkerLoad&)) {
+    uint64_t total = 0;
+    const v1::ClusterStatusResponse status = Status();
+    for (const auto& w : status.workers()) {
+      if (w.role() == role) total += field(w.load());
+    }
+    return total;
+  }
+
+  std::unique_ptr<process::Subprocess> up;
+  std::string endpoint;
+  std::unique_ptr<v1::Generation::Stub> generation;
+  std::unique_ptr<v1::Registry::Stub> registry;
+};
+
+struct Outcome {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  std::string text;
+  v1::FinishReason finish = v1::FINISH_REASON_UNSPECIFIED;
+  v1::Usage usage;
+  std::vector<v1::PromptLogprob> prompt_logprobs;
+  int events = 0;
+};
+
+// One Generate call; `cancel_after` > 0 cancels the call after that long.
+Outcome Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& request,
+                 absl::Duration cancel_after = absl::ZeroDuration()) {
+  Outcome out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  std::thread canceller;
+  if (cancel_after > absl::ZeroDuration()) {
+    canceller = std::thread([&ctx, cancel_after] {
+      absl::SleepFor(cancel_after);
+      ctx.TryCancel();
+    });
+  }
+  auto reader = stub.Generate(&ctx, request);
+  v1::GenerateEvent e;
+  while (reader->Read(&e)) {
+    ++out.events;
+    out.tokens.insert(out.tokens.end(), e.token_ids().begin(), e.token_ids().end());
+    for (const auto& lp : e.logprobs()) out.logprobs.push_back(lp.logprob());
+    out.text += e.text();
+    for (const auto& p : e.prompt_logprobs()) out.prompt_logprobs.push_back(p);
+    if (e.finished()) {
+      out.finish = e.finish_reason();
+      out.usage = e.usage();
+    }
+  }
+  out.status = reader->Finish();
+  if (canceller.joinable()) canceller.join();
+  return out;
+}
+
+struct Case {
+  std::vector<int32_t> prompt;
+  engine::SamplingParams sampling;
+  int max_tokens = 12;
+  int logprobs = 0;
+  std::vector<std::string> stop;
+  bool ignore_eos = true;
+};
+
+v1::GenerateRequest ToRequest(const Case& c, const std::string& id) {
+  v1::GenerateRequest r;
+  r.set_request_id(id);
+  *r.mutable_token_ids()->mutable_ids() = {c.prompt.begin(), c.prompt.end()};
+  r.mutable_sampling()->set_temperature(c.sampling.temperature);
+  r.mutable_sampling()->set_top_p(c.sampling.top_p);
+  r.mutable_sampling()->set_top_k(static_cast<int32_t>(c.sampling.top_k));
+  r.mutable_sampling()->set_seed(c.sampling.seed);
+  r.mutable_stop()->set_max_tokens(c.max_tokens);
+  r.mutable_stop()->set_ignore_eos(c.ignore_eos);
+  for (const auto& s : c.stop) r.mutable_stop()->add_stop(s);
+  r.set_logprobs(c.logprobs);
+  return r;
+}
+
+engine::GenerateResult Expected(engine::Engine& e, const Case& c) {
+  engine::GenerateRequest r;
+  r.prompt = c.prompt;
+  r.sampling = c.sampling;
+  r.max_tokens = c.max_tokens;
+  r.ignore_eos = c.ignore_eos;
+  r.stop = c.stop;
+  r.logprobs = c.logprobs > 0 ? c.logprobs : -1;
+  auto out = e.Generate(r, nullptr);
+  EXPECT_TRUE(out.ok()) << out.status();
+  return out.ok() ? *out : engine::GenerateResult();
+}
+
+// Prompts of many lengths around the cache block size (16 in these clusters).
+std::vector<Case> MixedCases(int64_t vocab, int n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const int lengths[] = {1, 3, 15, 16, 17, 33, 70, 130};
+  std::vector<Case> cases;
+  for (int i = 0; i < n; ++i) {
+    Case c;
+    const int len = lengths[i % 8];
+    for (int t = 0; t < len; ++t) c.prompt.push_back(static_cast<int32_t>(rng() % vocab));
+    c.max_tokens = 4 + static_cast<int>(rng() % 20);
+    if (i % 3 == 1) c.sampling = {.temperature = 0.8, .top_p = 0.9, .top_k = 40, .seed = rng()};
+    if (i % 2 == 0) c.logprobs = 3;
+    cases.push_back(c);
+  }
+  return cases;
+}
+
+// Runs `cases` concurrently (staggered, so later requests join a running batch) and checks each
+// against the engine.
+void ExpectConcurrentEqualsEngine(Cluster& cluster, engine::Engine& e,
+                                  const std::vector<Case>& cases) {
+  std::vector<Outcome> got(cases.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    threads.emplace_back([&, i] {
+      absl::SleepFor(absl::Milliseconds(15 * static_cast<int64_t>(i)));
+      got[i] = Generate(*cluster.generation, ToRequest(cases[i], absl::StrCat("case-", i)));
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SCOPED_TRACE(absl::StrCat("case ", i, ", prompt of ", cases[i].prompt.size(), " tokens"));
+    ASSERT_TRUE(got[i].status.ok()) << got[i].status.error_message();
+    const engine::GenerateResult want = Expected(e, cases[i]);
+    EXPECT_EQ(got[i].tokens, want.tokens);
+    EXPECT_EQ(got[i].text, want.text);
+    EXPECT_EQ(got[i].finish, want.finish_reason == "stop" ? v1::FINISH_REASON_STOP
+                                                          : v1::FINISH_REASON_LENGTH);
+    if (cases[i].logprobs > 0) {
+      ASSERT_EQ(got[i].logprobs.size(), want.logprobs.size());
+      for (size_t j = 0; j < want.logprobs.size(); ++j)
+        EXPECT_NEAR(got[i].logprobs[j], want.logprobs[j].logprob, 1e-4) << "token " << j;
+    }
+    EXPECT_EQ(got[i].usage.prompt_tokens(), static_cast<int32_t>(cases[i].prompt.size()));
+    EXPECT_EQ(got[i].usage.completion_tokens(), static_cast<int32_t>(want.tokens.size()));
+    EXPECT_GT(got[i].usage.time_to_first_token_ms(), 0.0);
+    EXPECT_GE(got[i].usage.total_time_ms(), got[i].usage.time_to_first_token_ms());
+  }
+}
+
+// ---- one prefill, one decode, one expert service; the real tokenizer ----
+
+class ServingTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    model_ = new std::string(testing::TinyModel("serving", nullptr, /*with_tokenizer=*/true));
+    auto e = engine::Engine::Load(*model_);
+    ASSERT_TRUE(e.ok()) << e.status();
+    engine_ = e->release();
+    cluster_ = Cluster::Up(*model_, {"--block-tokens", "16", "--cache-blocks", "160"}).release();
+  }
+  static void TearDownTestSuite() {
+    if (cluster_ != nullptr) {
+      EXPECT_EQ(cluster_->up->Terminate(absl::Seconds(20)), "exited with code 0");
+    }
+    delete cluster_;
+    delete engine_;
+    delete model_;
+  }
+  void SetUp() override { ASSERT_NE(cluster_, nullptr) << "the cluster did not start"; }
+  void TearDown() override {
+    if (cluster_ != nullptr) EXPECT_EQ(cluster_->WaitIdle(absl::Seconds(5)), "");
+  }
+
+  static std::string* model_;
+  static engine::Engine* engine_;
+  static Cluster* cluster_;
+};
+std::string* ServingTest::model_ = nullptr;
+engine::Engine* ServingTest::engine_ = nullptr;
+Cluster* ServingTest::cluster_ = nullptr;
+
+TEST_F(ServingTest, ConcurrentRequestsEqualTheEngine) {
+  const uint64_t sent0 = cluster_->Sum(v1::WORKER_ROLE_PREFILL,
+                                       [](const v1::WorkerLoad& l) { return l.latent_bytes_sent(); });
+  const uint64_t received0 = cluster_->Sum(
+      v1::WORKER_ROLE_DECODE, [](const v1::WorkerLoad& l) { return l.latent_bytes_received(); });
+  std::vector<Case> cases = MixedCases(engine_->config().vocab_size, 12, 7);
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, cases);
+  // Only latents cross, exactly: layers x (kv_lora_rank + qk_rope_head_dim) x 4 per prompt token
+  // of every request that went on to decode (max_tokens > 1, ignore_eos).
+  ASSERT_EQ(cluster_->WaitIdle(absl::Seconds(5)), "");
+  const auto& c = engine_->config();
+  uint64_t tokens = 0;
+  for (const Case& k : cases) tokens += k.max_tokens > 1 ? k.prompt.size() : 0;
+  const uint64_t per_token = static_cast<uint64_t>(c.num_hidden_layers * c.latent_dim() * 4);
+  EXPECT_EQ(cluster_->Sum(v1::WORKER_ROLE_PREFILL,
+                          [](const v1::WorkerLoad& l) { return l.latent_bytes_sent(); }) -
+                sent0,
+            tokens * per_token);
+  EXPECT_EQ(cluster_->Sum(v1::WORKER_ROLE_DECODE,
+                          [](const v1::WorkerLoad& l) { return l.latent_bytes_received(); }) -
+                received0,
+            tokens * per_token);
+}
+
+TEST_F(ServingTest, TextPromptsStopStringsAndPromptLogprobs) {
+  // A stop string taken from the middle of the engine's own continuation.
+  Case probe;
+  auto ids = engine_->tokenizer()->Encode("The capital of France is", true);
+  ASSERT_TRUE(ids.ok());
+  probe.prompt = *ids;
+  probe.max_tokens = 24;
+  const engine::GenerateResult full = Expected(*engine_, probe);
+  ASSERT_GT(full.text.size(), 12u);
+  Case stopped = probe;
+  stopped.stop = {full.text.substr(full.text.size() / 2, 3)};
+  const engine::GenerateResult want = Expected(*engine_, stopped);
+  ASSERT_EQ(want.finish_reason, "stop");
+
+  v1::GenerateRequest r = ToRequest(stopped, "stop-case");
+  r.set_text("The capital of France is");  // tokenised by the router this time
+  r.set_prompt_logprobs(4);
+  Outcome got = Generate(*cluster_->generation, r);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  EXPECT_EQ(got.text, want.text);
+  EXPECT_EQ(got.tokens, want.tokens);
+  EXPECT_EQ(got.finish, v1::FINISH_REASON_STOP);
+  EXPECT_EQ(got.text.find(stopped.stop[0]), std::string::npos);
+
+  auto score = engine_->Score(*ids, 4, false);
+  ASSERT_TRUE(score.ok());
+  ASSERT_EQ(got.prompt_logprobs.size(), ids->size());
+  EXPECT_FALSE(got.prompt_logprobs[0].has_logprob());
+  for (size_t i = 1; i < ids->size(); ++i) {
+    const auto& mine = got.prompt_logprobs[i].logprob();
+    EXPECT_EQ(mine.token(), (*ids)[i]);
+    EXPECT_NEAR(mine.logprob(), score->prompt_logprobs[i]->logprob, 1e-4);
+    ASSERT_EQ(mine.top_size(), 4);
+    for (int k = 0; k < 4; ++k) EXPECT_EQ(mine.top(k).token(), score->prompt_logprobs[i]->top[k].first);
+  }
+
+  // Tokenize / Detokenize / ModelInfo answer from the model's own files.
+  grpc::ClientContext c1, c2, c3;
+  v1::TokenizeRequest tr;
+  tr.set_text("The capital of France is");
+  tr.set_add_special_tokens(true);
+  v1::TokenizeResponse tokens;
+  ASSERT_TRUE(cluster_->generation->Tokenize(&c1, tr, &tokens).ok());
+  EXPECT_EQ(std::vector<int32_t>(tokens.ids().begin(), tokens.ids().end()), *ids);
+  v1::DetokenizeRequest dr;
+  *dr.mutable_ids() = {full.tokens.begin(), full.tokens.end()};
+  dr.set_skip_special_tokens(true);
+  v1::DetokenizeResponse text;
+  ASSERT_TRUE(cluster_->generation->Detokenize(&c2, dr, &text).ok());
+  EXPECT_EQ(text.text(), full.text);
+  v1::ModelInfoResponse info;
+  ASSERT_TRUE(cluster_->generation->ModelInfo(&c3, v1::ModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.vocab_size(), engine_->config().vocab_size);
+  EXPECT_EQ(info.latent_dim(), engine_->config().latent_dim());
+  EXPECT_FALSE(info.config_json().empty());
+}
+
+TEST_F(ServingTest, BadInputIsInvalidArgument) {
+  const int64_t vocab = engine_->config().vocab_size;
+  const int64_t context = engine_->config().max_position_embeddings;
+  auto base = [] {
+    v1::GenerateRequest r;
+    r.mutable_token_ids()->add_ids(1);
+    r.mutable_stop()->set_max_tokens(4);
+    return r;
+  };
+  std::vector<std::pair<std::string, v1::GenerateRequest>> bad;
+  {
+    v1::GenerateRequest r = base();
+    r.clear_token_ids();
+    bad.push_back({"no prompt", r});
+    r.set_text("");
+    bad.push_back({"empty text", r});
+    r = base();
+    r.mutable_token_ids()->clear_ids();
+    bad.push_back({"empty ids", r});
+  }
+  {
+    v1::GenerateRequest r = base();
+    r.mutable_token_ids()->add_ids(static_cast<int32_t>(vocab));
+    bad.push_back({"id out of vocabulary", r});
+    r = base();
+    r.mutable_token_ids()->add_ids(-3);
+    bad.push_back({"negative id", r});
+    r = base();
+    r.mutable_stop()->set_max_tokens(static_cast<int32_t>(context));
+    bad.push_back({"context exceeded", r});
+    r = base();
+    r.mutable_stop()->set_max_tokens(0);
+    bad.push_back({"max_tokens 0", r});
+    r = base();
+    r.mutable_sampling()->set_temperature(-1);
+    bad.push_back({"negative temperature", r});
+    r = base();
+    r.mutable_sampling()->set_top_p(1.5);
+    bad.push_back({"top_p > 1", r});
+    r = base();
+    r.mutable_sampling()->set_temperature(std::nan(""));
+    bad.push_back({"NaN temperature", r});
+    r = base();
+    r.mutable_sampling()->set_top_k(-2);
+    bad.push_back({"negative top_k", r});
+    r = base();
+    r.set_logprobs(21);
+    bad.push_back({"logprobs 21", r});
+    r = base();
+    r.set_prompt_logprobs(-1);
+    bad.push_back({"prompt_logprobs -1", r});
+    r = base();
+    r.mutable_stop()->add_stop("");
+    bad.push_back({"empty stop string", r});
+    r = base();
+    r.mutable_stop()->add_stop_token_ids(static_cast<int32_t>(vocab + 5));
+    bad.push_back({"stop id out of vocabulary", r});
+    r = base();
+    r.set_request_id(std::string(300, 'x'));
+    bad.push_back({"request id too long", r});
+  }
+  for (const auto& [what, request] : bad) {
+    Outcome got = Generate(*cluster_->generation, request);
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << what;
+    EXPECT_FALSE(got.status.error_message().empty()) << what;
+    EXPECT_EQ(got.events, 0) << what;
+  }
+  // A request id already in flight.
+  Case slow;
+  slow.prompt = {1, 2, 3};
+  slow.max_tokens = 60;
+  std::thread first([&] {
+    Outcome o = Generate(*cluster_->generation, ToRequest(slow, "same-id"));
+    EXPECT_TRUE(o.status.ok()) << o.status.error_message();
+  });
+  absl::SleepFor(absl::Milliseconds(150));
+  Outcome dup = Generate(*cluster_->generation, ToRequest(slow, "same-id"));
+  first.join();
+  EXPECT_EQ(dup.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(dup.status.error_message().find("in flight"), std::string::npos);
+  // Every process still serves.
+  const v1::ClusterStatusResponse status = cluster_->Status();
+  for (const auto& w : status.workers()) EXPECT_TRUE(w.healthy()) << w.worker_id();
+  EXPECT_FALSE(cluster_->up->Poll().has_value());
+}
+
+TEST_F(ServingTest, CancellationUnderLoadLeavesNothingBehind) {
+  // Long prompts keep the prefill worker busy, so cancels land before, during and after the
+  // latent transfer, and during decoding; the others must still equal the engine.
+  std::mt19937_64 rng(11);
+  const int64_t vocab = engine_->config().vocab_size;
+  std::vector<Case> keep = MixedCases(vocab, 4, 99);
+  std::vector<std::thread> threads;
+  std::atomic<int> cancelled{0};
+  for (int i = 0; i < 16; ++i) {
+    Case c;
+    for (int t = 0; t < 150 + i * 7; ++t) c.prompt.push_back(static_cast<int32_t>(rng() % vocab));
+    c.max_tokens = 40;
+    const absl::Duration after = absl::Milliseconds(1 + static_cast<int64_t>(rng() % 400));
+    threads.emplace_back([&, c, after, i] {
+      Outcome o = Generate(*cluster_->generation, ToRequest(c, absl::StrCat("cancel-", i)), after);
+      if (o.status.error_code() == grpc::StatusCode::CANCELLED) cancelled.fetch_add(1);
+      else EXPECT_TRUE(o.status.ok()) << o.status.error_message();
+    });
+  }
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, keep);
+  for (auto& t : threads) t.join();
+  std::printf("cancelled %d of 16 requests mid-flight\n", cancelled.load());
+  EXPECT_GT(cancelled.load(), 8);
+  EXPECT_EQ(cluster_->WaitIdle(absl::Seconds(5)), "");
+  // And the cluster still answers correctly afterwards.
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, MixedCases(vocab, 3, 5));
+}
+
+TEST_F(ServingTest, CommandLineClientPrintsTheEnginesJson) {
+  auto run = [](const std::string& args) {
+    FILE* pipe = ::popen((Binary() + " " + args + " 2>&1").c_str(), "r");
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+    const int rc = ::pclose(pipe);
+    EXPECT_EQ(rc, 0) << args << "\n" << out;
+    return out;
+  };
+  const std::string flags = "--prompt-tokens 0,17,4000,90000 --max-tokens 9 --ignore-eos --json";
+  EXPECT_EQ(run("generate --endpoint " + cluster_->endpoint + " " + flags),
+            run("generate --model " + *model_ + " " + flags));
+  ASSERT_EQ(cluster_->WaitIdle(absl::Seconds(5)), "");  // heartbeats caught up
+  const std::string status = run("status --endpoint " + cluster_->endpoint);
+  EXPECT_NE(status.find("workers: 3"), std::string::npos) << status;
+  EXPECT_NE(status.find("cache blocks 0 used / 160 free"), std::string::npos) << status;
+  const auto& c = engine_->config();
+  EXPECT_NE(status.find(absl::StrCat("(", c.num_hidden_layers * c.latent_dim() * 4, " B/token)")),
+            std::string::npos)
+      << status;
+}
+
+// ---- two prefill, two decode, two expert services ----
+
+TEST(ScaledServingTest, TwoOfEachEqualTheEngine) {
+  const std::string model = testing::TinyModel("serving_scaled");
+  auto e = engine::Engine::Load(model);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto cluster = Cluster::Up(model, {"--prefill", "2", "--decode", "2", "--experts", "2",
+                                     "--block-tokens", "16", "--cache-blocks", "96"});
+  ASSERT_NE(cluster, nullptr);
+  ExpectConcurrentEqualsEngine(*cluster, **e, MixedCases((*e)->config().vocab_size, 16, 3));
+  EXPECT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  int decode_used = 0, prefill_used = 0;
+  const v1::ClusterStatusResponse status = cluster->Status();
+  for (const auto& w : status.workers()) {
+    if (w.role() == v1::WORKER_ROLE_DECODE) decode_used += w.load().latent_tokens() > 0;
+    if (w.role() == v1::WORKER_ROLE_PREFILL) prefill_used += w.load().latent_tokens() > 0;
+  }
+  EXPECT_EQ(decode_used, 2) << "load was not spread over both decode workers";
+  EXPECT_EQ(prefill_used, 2) << "load was not spread over both prefill workers";
+  EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+}
+
+// ---- failures ----
+
+TEST(ServingFailureTest, NoWorkerOfANeededRoleIsUnavailable) {
+  const std::string model = testing::TinyModel("serving_failure");
+  auto router = process::Subprocess::Start("router", {Binary(), "router", "--model", model});
+  ASSERT_TRUE(router.ok());
+  auto address = (*router)->ReadLineMatching("listening ", absl::Seconds(60));
+  ASSERT_TRUE(address.ok()) << address.status();
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel(*address, grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest r;
+  r.mutable_token_ids()->add_ids(1);
+  r.mutable_stop()->set_max_tokens(3);
+  Outcome got = Generate(*stub, r);
+  EXPECT_EQ(got.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(got.status.error_message().find("no prefill worker"), std::string::npos)
+      << got.status.error_message();
+  EXPECT_EQ((*router)->Terminate(absl::Seconds(5)), "exited with code 0");
+}
+
+// The pid of the child of `parent` whose command line contains `role`.
+pid_t ChildWithRole(pid_t parent, const std::string& role) {
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    const size_t close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::vector<std::string> fields = absl::StrSplit(line.substr(close + 2), ' ');
+    if (fields.size() < 2 || std::stoi(fields[1]) != parent) continue;
+    std::ifstream cmd(entry.path() / "cmdline");
+    std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+    std::replace(argv.begin(), argv.end(), '\0', ' ');
+    if (argv.find(" " + role + " ") != std::string::npos) return std::stoi(name);
+  }
+  return -1;
+}
+
+TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpReportsIt) {
+  const std::string model = testing::TinyModel("serving_failure");
+  auto cluster = Cluster::Up(model, {});
+  ASSERT_NE(cluster, nullptr);
+  const pid_t decode = ChildWithRole(cluster->up->pid(), "decode");
+  ASSERT_GT(decode, 0);
+  Case c;
+  c.prompt = {1, 2, 3, 4};
+  c.max_tokens = 5000;
+  std::thread killer([decode] {
+    absl::SleepFor(absl::Milliseconds(300));
+    ::kill(decode, SIGKILL);
+  });
+  const absl::Time start = absl::Now();
+  Outcome got = Generate(*cluster->generation, ToRequest(c, "doomed"));
+  killer.join();
+  EXPECT_EQ(got.status.error_code(), grpc::StatusCode::UNAVAILABLE) << got.status.error_message();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(20));
+  // The launcher notices and stops the cluster with an error.
+  std::optional<std::string> exit;
+  for (int i = 0; i < 100 && !exit; ++i) {
+    exit = cluster->up->Poll();
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_TRUE(exit.has_value()) << "`splitmoe up` ignored a dead child";
+  EXPECT_EQ(*exit, "exited with code 1");
+}
+
+}  // namespace
+}  // namespace splitmoe

@@ -1,0 +1,320 @@
+#include "tools/cli/cluster.h"
+
+#include <unistd.h>
+
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/process/signals.h"
+#include "common/process/subprocess.h"
+#include "common/rpc/rpc.h"
+#include "decode/run_decode.h"
+#include "nlohmann/json.hpp"
+#include "prefill/run_prefill.h"
+#include "splitmoe/v1/generation.grpc.pb.h"
+#include "splitmoe/v1/internal.grpc.pb.h"
+
+namespace splitmoe::cli {
+namespace {
+
+using nlohmann::json;
+
+absl::StatusOr<v1::WireDtype> WireFlag(const Flags& f) {
+  const std::string wire = f.Get("wire-dtype", "fp32");
+  if (wire == "fp32") return v1::WIRE_DTYPE_FP32;
+  if (wire == "bf16") return v1::WIRE_DTYPE_BF16;
+  return absl::InvalidArgumentError("--wire-dtype must be fp32 or bf16");
+}
+
+json LogprobJson(const v1::TokenLogprob& lp, bool with_top) {
+  json top = json::array();
+  if (with_top) {
+    for (const auto& alt : lp.top()) top.push_back({alt.token(), alt.logprob()});
+  }
+  return {{"token", lp.token()}, {"logprob", lp.logprob()}, {"top_logprobs", top}};
+}
+
+std::unique_ptr<v1::Generation::Stub> GenerationStub(const std::string& endpoint) {
+  return v1::Generation::NewStub(grpc::CreateCustomChannel(
+      endpoint, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+}
+
+// The prompt's ids: --prompt-tokens, or --prompt tokenised by the cluster (BOS as configured).
+absl::StatusOr<std::vector<int32_t>> RemotePrompt(const Flags& f, v1::Generation::Stub& stub) {
+  if (f.Has("prompt-tokens") == f.Has("prompt")) {
+    return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-tokens IDS");
+  }
+  if (f.Has("prompt-tokens")) return f.GetIntList("prompt-tokens");
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  v1::TokenizeRequest request;
+  request.set_text(f.Get("prompt"));
+  request.set_add_special_tokens(true);
+  v1::TokenizeResponse response;
+  SPLITMOE_RETURN_IF_ERROR(rpc::FromGrpcStatus(stub.Tokenize(&ctx, request, &response)));
+  return std::vector<int32_t>(response.ids().begin(), response.ids().end());
+}
+
+}  // namespace
+
+absl::Status PrefillCommand(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(
+      f.Parse(argc, argv, 2, {"model", "listen", "router", "wire-dtype", "attention"}, {}));
+  if (!f.Has("model") || !f.Has("router")) {
+    return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
+  }
+  prefill::PrefillOptions o;
+  o.model_dir = f.Get("model");
+  o.listen = f.Get("listen", o.listen);
+  o.router = f.Get("router");
+  SPLITMOE_ASSIGN_OR_RETURN(o.wire_dtype, WireFlag(f));
+  const std::string form = f.Get("attention", "absorbed");
+  if (form != "absorbed" && form != "naive") {
+    return absl::InvalidArgumentError("--attention must be absorbed or naive");
+  }
+  o.form = form == "naive" ? engine::AttentionForm::kNaive : engine::AttentionForm::kAbsorbed;
+  return prefill::RunPrefillWorker(o);
+}
+
+absl::Status DecodeCommand(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
+                                   {"model", "listen", "router", "cache-blocks", "block-tokens",
+                                    "cache-dtype", "wire-dtype", "reclaim-grace-ms"},
+                                   {}));
+  if (!f.Has("model") || !f.Has("router")) {
+    return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
+  }
+  decode::DecodeOptions o;
+  o.model_dir = f.Get("model");
+  o.listen = f.Get("listen", o.listen);
+  o.router = f.Get("router");
+  SPLITMOE_ASSIGN_OR_RETURN(o.cache_blocks, f.GetInt("cache-blocks", o.cache_blocks));
+  SPLITMOE_ASSIGN_OR_RETURN(o.block_tokens, f.GetInt("block-tokens", o.block_tokens));
+  const std::string dtype = f.Get("cache-dtype", "fp32");
+  if (dtype != "fp32" && dtype != "bf16") {
+    return absl::InvalidArgumentError("--cache-dtype must be fp32 or bf16");
+  }
+  o.cache_dtype = dtype == "fp32" ? decode::LatentDType::kFloat32 : decode::LatentDType::kBFloat16;
+  SPLITMOE_ASSIGN_OR_RETURN(o.wire_dtype, WireFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t grace, f.GetInt("reclaim-grace-ms", 5000));
+  if (grace < 0) return absl::InvalidArgumentError("--reclaim-grace-ms must be >= 0");
+  o.reclaim_grace = absl::Milliseconds(grace);
+  return decode::RunDecode(o);
+}
+
+absl::Status UpCommand(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
+                                   {"model", "prefill", "decode", "experts", "port", "host",
+                                    "cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
+                                    "heartbeat-ms", "max-devices"},
+                                   {}));
+  if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
+  const std::string model = f.Get("model");
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t n_prefill, f.GetInt("prefill", 1));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t n_decode, f.GetInt("decode", 1));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t n_experts, f.GetInt("experts", 1));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 0));
+  if (n_prefill < 1 || n_decode < 1 || n_experts < 1 || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(
+        "--prefill, --decode and --experts must be >= 1 and --port in [0, 65535]");
+  }
+  const std::string host = f.Get("host", "127.0.0.1");
+  char self[4096];
+  const ssize_t len = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (len <= 0) return absl::InternalError("cannot find this executable (/proc/self/exe)");
+  const std::string bin(self, static_cast<size_t>(len));
+  auto pass = [&f](std::vector<std::string>& argv, const std::string& flag) {
+    if (f.Has(flag)) {
+      argv.push_back("--" + flag);
+      argv.push_back(f.Get(flag));
+    }
+  };
+
+  // Children in start order; stopped in reverse (workers before the router).
+  std::vector<std::unique_ptr<process::Subprocess>> children;
+  auto stop_all = [&children] {
+    for (auto it = children.rbegin(); it != children.rend(); ++it) {
+      if (!(*it)->Poll()) (*it)->Terminate(absl::Seconds(5));
+    }
+  };
+  auto start = [&](const std::string& name,
+                   std::vector<std::string> args) -> absl::StatusOr<std::string> {
+    args.insert(args.begin(), bin);
+    SPLITMOE_ASSIGN_OR_RETURN(auto child, process::Subprocess::Start(name, args));
+    absl::StatusOr<std::string> line = child->ReadLineMatching("listening ", absl::Seconds(120));
+    children.push_back(std::move(child));
+    if (!line.ok()) {
+      return absl::Status(line.status().code(),
+                          absl::StrCat(name, " did not start: ", line.status().message()));
+    }
+    return *line;
+  };
+  auto fail = [&](const absl::Status& s) {
+    stop_all();
+    return s;
+  };
+
+  std::vector<std::string> router_args = {"router", "--model", model, "--listen",
+                                          absl::StrCat(host, ":", port)};
+  pass(router_args, "heartbeat-ms");
+  pass(router_args, "max-devices");
+  absl::StatusOr<std::string> router = start("router", router_args);
+  if (!router.ok()) return fail(router.status());
+  for (int64_t s = 0; s < n_experts; ++s) {
+    absl::StatusOr<std::string> r =
+        start(absl::StrCat("expert", s),
+              {"expert", "--model", model, "--router", *router, "--listen", host + ":0",
+               "--shard", std::to_string(s), "--num-shards", std::to_string(n_experts)});
+    if (!r.ok()) return fail(r.status());
+  }
+  for (int64_t i = 0; i < n_decode; ++i) {
+    std::vector<std::string> args = {"decode", "--model", model, "--router", *router,
+                                     "--listen", host + ":0"};
+    for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype"})
+      pass(args, flag);
+    absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
+    if (!r.ok()) return fail(r.status());
+  }
+  for (int64_t i = 0; i < n_prefill; ++i) {
+    std::vector<std::string> args = {"prefill", "--model", model, "--router", *router,
+                                     "--listen", host + ":0"};
+    pass(args, "wire-dtype");
+    absl::StatusOr<std::string> r = start(absl::StrCat("prefill", i), args);
+    if (!r.ok()) return fail(r.status());
+  }
+
+  // Healthy = registered and heartbeating, as the router sees it.
+  auto registry = v1::Registry::NewStub(
+      grpc::CreateChannel(*router, grpc::InsecureChannelCredentials()));
+  const int64_t want = n_experts + n_decode + n_prefill;
+  bool healthy = false;
+  for (int i = 0; i < 600 && !healthy; ++i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    v1::ClusterStatusResponse status;
+    if (registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status).ok()) {
+      int64_t n = 0;
+      for (const auto& w : status.workers()) n += w.healthy();
+      healthy = n == want;
+    }
+    if (!healthy) absl::SleepFor(absl::Milliseconds(100));
+  }
+  if (!healthy) {
+    return fail(absl::DeadlineExceededError("the cluster's workers did not all become healthy"));
+  }
+  std::cout << "ready grpc=" << *router << std::endl;
+
+  // Serve until interrupted; a child that dies ends the cluster with an error, never silently.
+  while (true) {
+    const int signal = process::WaitForTerminationSignalFor(absl::Milliseconds(200));
+    if (signal != 0) {
+      std::cerr << "up: signal " << signal << ", stopping the cluster\n";
+      stop_all();
+      return absl::OkStatus();
+    }
+    for (auto& child : children) {
+      if (std::optional<std::string> exit = child->Poll()) {
+        const absl::Status died = absl::UnavailableError(
+            absl::StrCat(child->name(), " (pid ", child->pid(), ") ", *exit,
+                         "; stopping the cluster"));
+        std::cerr << "up: " << died.message() << "\n";
+        return fail(died);
+      }
+    }
+  }
+}
+
+absl::Status GenerateRemote(const Flags& f) {
+  auto stub = GenerationStub(f.Get("endpoint"));
+  SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RemotePrompt(f, *stub));
+  v1::GenerateRequest request;
+  *request.mutable_token_ids()->mutable_ids() = {prompt.begin(), prompt.end()};
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t max_tokens, f.GetInt("max-tokens", 16));
+  request.mutable_stop()->set_max_tokens(static_cast<int32_t>(max_tokens));
+  SPLITMOE_ASSIGN_OR_RETURN(double temperature, f.GetDouble("temperature", 0.0));
+  SPLITMOE_ASSIGN_OR_RETURN(double top_p, f.GetDouble("top-p", 1.0));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t top_k, f.GetInt("top-k", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 0));
+  request.mutable_sampling()->set_temperature(temperature);
+  request.mutable_sampling()->set_top_p(top_p);
+  request.mutable_sampling()->set_top_k(static_cast<int32_t>(top_k));
+  request.mutable_sampling()->set_seed(static_cast<uint64_t>(seed));
+  // The single-process --logprobs K (K >= 0: the chosen token's logprob and the top K); the API
+  // counts alternatives from 1, so K = 0 asks for 1 and prints none.
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t logprobs, f.GetInt("logprobs", -1));
+  if (logprobs >= 0) request.set_logprobs(static_cast<int32_t>(std::max<int64_t>(logprobs, 1)));
+  for (const std::string& s : f.GetAll("stop")) request.mutable_stop()->add_stop(s);
+  if (f.Has("stop-token-ids")) {
+    SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, f.GetIntList("stop-token-ids"));
+    *request.mutable_stop()->mutable_stop_token_ids() = {ids.begin(), ids.end()};
+  }
+  request.mutable_stop()->set_ignore_eos(f.Has("ignore-eos"));
+  const bool as_json = f.Has("json");
+
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader =
+      stub->Generate(&ctx, request);
+  std::vector<int32_t> tokens;
+  std::string text, finish;
+  json lps = json::array();
+  v1::GenerateEvent event;
+  while (reader->Read(&event)) {
+    tokens.insert(tokens.end(), event.token_ids().begin(), event.token_ids().end());
+    text += event.text();
+    for (const auto& lp : event.logprobs()) lps.push_back(LogprobJson(lp, logprobs > 0));
+    if (!as_json) std::cout << event.text() << std::flush;
+    if (event.finished()) {
+      finish = event.finish_reason() == v1::FINISH_REASON_STOP ? "stop" : "length";
+    }
+  }
+  SPLITMOE_RETURN_IF_ERROR(rpc::FromGrpcStatus(reader->Finish()));
+  if (!as_json) {
+    std::cout << "\n";
+    return absl::OkStatus();
+  }
+  json out = {{"tokens", tokens}, {"text", text}, {"logprobs", lps}, {"finish_reason", finish}};
+  std::cout << out.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status ScoreRemote(const Flags& f) {
+  if (f.Has("mtp")) {
+    return absl::InvalidArgumentError("--mtp is not served through a cluster; use --model");
+  }
+  auto stub = GenerationStub(f.Get("endpoint"));
+  SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RemotePrompt(f, *stub));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-logprobs", 5));
+  if (k < 0 || k > 20) {
+    return absl::InvalidArgumentError("--top-logprobs must be in [0, 20] through a cluster");
+  }
+  v1::GenerateRequest request;
+  *request.mutable_token_ids()->mutable_ids() = {prompt.begin(), prompt.end()};
+  request.mutable_stop()->set_max_tokens(1);
+  request.set_prompt_logprobs(static_cast<int32_t>(std::max<int64_t>(k, 1)));
+  grpc::ClientContext ctx;
+  auto reader = stub->Generate(&ctx, request);
+  json lps = json::array();
+  v1::GenerateEvent event;
+  bool got = false;
+  while (reader->Read(&event)) {
+    if (got || event.prompt_logprobs_size() == 0) continue;
+    got = true;
+    for (const v1::PromptLogprob& p : event.prompt_logprobs()) {
+      lps.push_back(p.has_logprob() ? LogprobJson(p.logprob(), k > 0) : json(nullptr));
+    }
+  }
+  SPLITMOE_RETURN_IF_ERROR(rpc::FromGrpcStatus(reader->Finish()));
+  if (!got) return absl::InternalError("the cluster returned no prompt logprobs");
+  json out = {{"prompt_tokens", prompt}, {"prompt_logprobs", lps}};
+  std::cout << out.dump() << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace splitmoe::cli

@@ -1,0 +1,23 @@
+// The cluster subcommands of `splitmoe`:
+//   prefill / decode            the worker processes
+//   up                          a local cluster of child processes on loopback
+//   generate/score --endpoint   the single-process commands' output, through a cluster's
+//                               public Generation API
+#ifndef SPLITMOE_TOOLS_CLI_CLUSTER_H_
+#define SPLITMOE_TOOLS_CLI_CLUSTER_H_
+
+#include "absl/status/status.h"
+#include "tools/cli/flags.h"
+
+namespace splitmoe::cli {
+
+absl::Status PrefillCommand(int argc, char** argv);
+absl::Status DecodeCommand(int argc, char** argv);
+absl::Status UpCommand(int argc, char** argv);
+// `f` was parsed by the single-process command and has --endpoint.
+absl::Status GenerateRemote(const Flags& f);
+absl::Status ScoreRemote(const Flags& f);
+
+}  // namespace splitmoe::cli
+
+#endif  // SPLITMOE_TOOLS_CLI_CLUSTER_H_
