@@ -1,16 +1,40 @@
 #!/usr/bin/env bash
 # The main job on a fresh Debian 12 machine: install dependencies, build, write the embedded
-# tiny DeepSeek-V3-architecture model (with the real DeepSeek-V3 tokenizer) and answer a request
-# with it. Idempotent; a second run skips what is already done.
+# tiny DeepSeek-V3-architecture model (with the real DeepSeek-V3 tokenizer), start a local
+# cluster with `splitmoe up` (router, prefill, decode and two expert services as separate
+# processes, MLA latents over UCX) and answer a request through its gRPC API; the
+# single-process engine answers the same request for comparison. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build.sh
+BIN=build/bin/splitmoe
 MODEL_DIR=${MODEL_DIR:-build/models/tiny-v3}
 if [ ! -f "$MODEL_DIR/config.json" ]; then
-  build/bin/splitmoe make-tiny --out "$MODEL_DIR"
+  "$BIN" make-tiny --out "$MODEL_DIR"
 fi
-build/bin/splitmoe inspect --model "$MODEL_DIR"
+"$BIN" inspect --model "$MODEL_DIR"
 PROMPT=${PROMPT:-"The capital of France is"}
+
+LOG=$(mktemp)
+"$BIN" up --model "$MODEL_DIR" --prefill 1 --decode 1 --experts 2 >"$LOG" &
+UP=$!
+trap 'kill -TERM $UP 2>/dev/null || true; wait $UP 2>/dev/null || true; rm -f "$LOG"' EXIT
+for _ in $(seq 1 1200); do
+  grep -q '^ready grpc=' "$LOG" && break
+  kill -0 $UP 2>/dev/null || { echo "splitmoe up failed" >&2; exit 1; }
+  sleep 0.1
+done
+ENDPOINT=$(sed -n 's/^ready grpc=//p' "$LOG")
+[ -n "$ENDPOINT" ] || { echo "splitmoe up did not become ready" >&2; exit 1; }
+echo "cluster ready at $ENDPOINT"
 echo "prompt: $PROMPT"
-build/bin/splitmoe generate --model "$MODEL_DIR" --prompt "$PROMPT" --max-tokens 24 --json
+echo "--- through the cluster (splitmoe generate --endpoint $ENDPOINT)"
+CLUSTER=$("$BIN" generate --endpoint "$ENDPOINT" --prompt "$PROMPT" --max-tokens 24 --json)
+echo "$CLUSTER"
+echo "--- single-process engine (splitmoe generate --model $MODEL_DIR)"
+SINGLE=$("$BIN" generate --model "$MODEL_DIR" --prompt "$PROMPT" --max-tokens 24 --json)
+echo "$SINGLE"
+[ "$CLUSTER" = "$SINGLE" ] && echo "identical" || echo "note: the outputs differ (see above)"
+echo "--- cluster status"
+"$BIN" status --endpoint "$ENDPOINT"
