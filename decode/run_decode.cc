@@ -65,7 +65,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
                               rpc::StartServer(options.listen, {&service}));
     v1::RegisterRequest request;
     request.set_role(v1::WORKER_ROLE_DECODE);
-    request.set_address(server.address);
+    request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_resident_weight_bytes(side->resident_weight_bytes());
     request.set_cache_blocks(static_cast<int32_t>(options.cache_blocks));
     request.set_block_tokens(static_cast<int32_t>(options.block_tokens));

@@ -25,7 +25,7 @@ absl::Status RunExpert(const ExpertOptions& options) {
   if (!options.router.empty()) {
     v1::RegisterRequest request;
     request.set_role(v1::WORKER_ROLE_EXPERT);
-    request.set_address(server.address);
+    request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_shard(options.shard.shard);
     *request.mutable_experts() = {experts.begin(), experts.end()};
     request.set_resident_weight_bytes(resident);

@@ -31,7 +31,7 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
                               rpc::StartServer(options.listen, {&service}));
     v1::RegisterRequest request;
     request.set_role(v1::WORKER_ROLE_PREFILL);
-    request.set_address(server.address);
+    request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_resident_weight_bytes(side->resident_weight_bytes());
     const char* tls = std::getenv("UCX_TLS");
     request.set_transfer_mode(absl::StrCat("ucx tls=", tls != nullptr ? tls : "all"));

@@ -3,6 +3,8 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <unistd.h>
+
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -83,6 +85,16 @@ absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a 64
   for (unsigned char c : bytes.str()) h = (h ^ c) * 1099511628211ull;
   return absl::StrFormat("%016x", h);
+}
+
+std::string AdvertisedAddress(const std::string& bound) {
+  const size_t colon = bound.rfind(':');
+  if (colon == std::string::npos) return bound;
+  const std::string host = bound.substr(0, colon);
+  if (host != "0.0.0.0" && host != "[::]" && host != "::" && host != "[::0]") return bound;
+  char name[256] = {};
+  if (::gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return bound;
+  return absl::StrCat(name, bound.substr(colon));
 }
 
 grpc::ChannelArguments ClientChannelArguments(int max_message_bytes) {

@@ -47,6 +47,10 @@ absl::StatusOr<RunningServer> StartServer(const std::string& address,
 // register with it and the router refuses a worker of another model.
 absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir);
 
+// The address a worker registers: `bound` as is, except that a wildcard host (0.0.0.0, [::])
+// becomes this machine's host name, which other machines can resolve.
+std::string AdvertisedAddress(const std::string& bound);
+
 // Channel arguments every splitmoe client uses (message size, keepalive).
 grpc::ChannelArguments ClientChannelArguments(int max_message_bytes = 256 << 20);
 
