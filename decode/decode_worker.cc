@@ -110,6 +110,15 @@ void DecodeActor::Handle(ReleaseReservation m, runtime::Context<Message>& ctx) {
     return;
   }
   Held& held = it->second;
+  if (!m.request.request_id().empty() &&
+      (m.request.request_id() != held.request_id ||
+       m.request.generation() != Fence(held.reservation))) {
+    m.reply(absl::FailedPreconditionError(absl::StrCat(
+        "release: reservation ", id, " belongs to request ", held.request_id, " generation ",
+        Fence(held.reservation), ", not ", m.request.request_id(), " generation ",
+        m.request.generation(), "; nothing released")));
+    return;
+  }
   switch (held.state) {
     case State::kRunning:
       StopRunning(id, "cancelled", ctx);
@@ -140,6 +149,14 @@ void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
     return;
   }
   Held& held = it->second;
+  // A Start that is not from this reservation's writer (another request, an old generation)
+  // must not touch it: refused, and the blocks stay with their owner.
+  if (r.request_id() != held.request_id || r.generation() != Fence(held.reservation)) {
+    m.reply(absl::FailedPreconditionError(absl::StrCat(
+        "start: reservation ", id, " belongs to request ", held.request_id, " generation ",
+        Fence(held.reservation), ", not ", r.request_id(), " generation ", r.generation())));
+    return;
+  }
   if (held.state != State::kReserved) {
     // The writer flushed before sending Start, so nothing of it can land any more: free now.
     const bool running = held.state == State::kRunning;
@@ -152,14 +169,9 @@ void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
     return;
   }
   absl::Status fence = cache_.Validate(held.reservation);
-  if (fence.ok() && r.generation() != Fence(held.reservation)) {
-    fence = absl::FailedPreconditionError(
-        absl::StrCat("start: reservation ", id, " has generation ", Fence(held.reservation),
-                     ", the writer named ", r.generation()));
-  }
-  if (fence.ok() && r.request_id() != held.request_id) {
-    fence = absl::InvalidArgumentError(absl::StrCat("start: reservation ", id, " belongs to ",
-                                                    held.request_id, ", not ", r.request_id()));
+  if (!fence.ok()) {
+    m.reply(fence);
+    return;
   }
   if (fence.ok() && r.prompt_size() != held.reservation.tokens) {
     fence = absl::InvalidArgumentError(absl::StrCat("start: ", r.prompt_size(),

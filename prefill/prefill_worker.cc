@@ -67,7 +67,7 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Run(const RunPrompt& m, uint64
   const v1::LatentDestination& d = req.destination();
   auto cancelled = [&m] { return m.cancelled && m.cancelled(); };
   if (cancelled()) {
-    if (ship) ReleaseAsWriter(d, "cancelled before prefill");
+    if (ship) ReleaseAsWriter(d, req.request_id(), "cancelled before prefill");
     return absl::CancelledError("prefill cancelled before it started");
   }
   const v1::SamplingParamsInternal& s = req.sampling();
@@ -100,7 +100,7 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Run(const RunPrompt& m, uint64
     }
   }
   if (!valid.ok()) {
-    if (ship) ReleaseAsWriter(d, std::string(valid.message()));
+    if (ship) ReleaseAsWriter(d, req.request_id(), std::string(valid.message()));
     return valid;
   }
 
@@ -131,7 +131,7 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Run(const RunPrompt& m, uint64
     if (status.ok()) status = flushed;
   }
   if (!status.ok()) {
-    if (ship) ReleaseAsWriter(d, std::string(status.message()));
+    if (ship) ReleaseAsWriter(d, req.request_id(), std::string(status.message()));
     return status;
   }
 
@@ -149,7 +149,7 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Run(const RunPrompt& m, uint64
   response.set_finish_reason(finish);
   if (!ship) return response;
   if (!finish.empty()) {  // nothing to decode
-    ReleaseAsWriter(d, "finished at the first token");
+    ReleaseAsWriter(d, req.request_id(), "finished at the first token");
     return response;
   }
   // Data, flush, then the notification: the decode worker starts the sequence.
@@ -165,6 +165,11 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Run(const RunPrompt& m, uint64
   v1::StartResponse started;
   grpc::Status st = DecodeStub(d.decode_address())->Start(&ctx, start, &started);
   if (!st.ok()) {
+    // FAILED_PRECONDITION: the decode worker refused and already counts us done. Otherwise the
+    // Start may never have arrived (or did, and the request fails anyway): say so explicitly.
+    if (st.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
+      ReleaseAsWriter(d, req.request_id(), "start failed: " + st.error_message());
+    }
     return absl::Status(rpc::FromGrpcStatus(st).code(),
                         absl::StrCat("decode worker ", d.decode_address(),
                                      " refused the sequence: ", st.error_message()));
@@ -181,11 +186,14 @@ v1::Decode::Stub* PrefillActor::DecodeStub(const std::string& address) {
   return stub.get();
 }
 
-void PrefillActor::ReleaseAsWriter(const v1::LatentDestination& d, const std::string& reason) {
+void PrefillActor::ReleaseAsWriter(const v1::LatentDestination& d, const std::string& request_id,
+                                   const std::string& reason) {
   v1::ReleaseRequest release;
   release.set_reservation_id(d.reservation_id());
   release.set_reason(reason);
   release.set_writer_done(true);
+  release.set_request_id(request_id);
+  release.set_generation(d.generation());
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
   v1::ReleaseResponse released;

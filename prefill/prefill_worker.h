@@ -50,7 +50,8 @@ class PrefillActor {
   absl::StatusOr<v1::PrefillResponse> Run(const RunPrompt& m, uint64_t* bytes_put);
   v1::Decode::Stub* DecodeStub(const std::string& address);
   // Tells the decode worker the writer is done with a reservation it will not start.
-  void ReleaseAsWriter(const v1::LatentDestination& d, const std::string& reason);
+  void ReleaseAsWriter(const v1::LatentDestination& d, const std::string& request_id,
+                       const std::string& reason);
   void PublishLoad();
 
   engine::Transformer* transformer_;

@@ -103,6 +103,19 @@ GenerationActor::~GenerationActor() {
   for (auto& [serial, r] : requests_) {
     if (r.prefill_ctx) r.prefill_ctx->TryCancel();
     r.stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
+    // Stop what decode workers hold for it (briefly, synchronously: the process is ending).
+    Worker* w = FindWorker(r.decode_worker);
+    if (w == nullptr || !r.destination) continue;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+    v1::ReleaseRequest release;
+    release.set_reservation_id(r.destination->reservation_id());
+    release.set_reason("router stopping");
+    release.set_writer_done(!r.prefill_sent);
+    release.set_request_id(r.internal_id);
+    release.set_generation(r.destination->generation());
+    v1::ReleaseResponse released;
+    (void)w->decode->Release(&ctx, release, &released);
   }
   for (auto& [id, w] : workers_) {
     if (w.stream_ctx) w.stream_ctx->TryCancel();
@@ -278,11 +291,12 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
       static_cast<int32_t>(absl::ToInt64Milliseconds(options_.prefill_timeout)));
   decode->decode->async()->Reserve(
       &call->ctx, &call->request, &call->response,
-      [call, self = ctx.self(), serial = r.serial, worker = decode->info.id](grpc::Status s) {
+      [call, self = ctx.self(), serial = r.serial, internal_id = r.internal_id,
+       worker = decode->info.id](grpc::Status s) {
         absl::StatusOr<v1::ReserveResponse> result =
             s.ok() ? absl::StatusOr<v1::ReserveResponse>(std::move(call->response))
                    : absl::StatusOr<v1::ReserveResponse>(rpc::FromGrpcStatus(s));
-        self.Send(ReserveDone{serial, worker, std::move(result)});
+        self.Send(ReserveDone{serial, internal_id, worker, std::move(result)});
       });
 }
 
@@ -299,8 +313,10 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
   if (it == requests_.end()) {
     // The client left meanwhile: no writer ever saw these blocks.
     if (m.result.ok()) {
-      ReleaseOnDecode(m.worker_id, m.result->destination().reservation_id(), true,
+      ReleaseOnDecode(m.worker_id, m.result->destination(), m.internal_id, true,
                       "client left before prefill");
+    } else {
+      CancelOnDecode(m.worker_id, m.internal_id);
     }
     return;
   }
@@ -313,10 +329,21 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
       Admit(r, ctx);  // another decode worker, or wait
       return;
     }
+    // A lost reply may hide a granted reservation: cancel it by request id.
+    CancelOnDecode(m.worker_id, r.internal_id);
     FinishWithError(r, WorkerError("decode", m.worker_id, m.result.status()));
     return;
   }
   Worker* w = FindWorker(m.worker_id);
+  if (w != nullptr && !w->stream_up) {
+    // Its token stream broke meanwhile: the tokens would go nowhere. Give the blocks back (no
+    // writer saw them) and choose again.
+    ReleaseOnDecode(m.worker_id, m.result->destination(), r.internal_id, true,
+                    "token stream down");
+    r.decode_tried.push_back(m.worker_id);
+    Admit(r, ctx);
+    return;
+  }
   if (w == nullptr) {
     FinishWithError(r, absl::UnavailableError(
                            absl::StrCat("decode worker ", m.worker_id, " left the cluster")));
@@ -363,7 +390,7 @@ void GenerationActor::SendPrefill(Request& r, Ctx& ctx) {
       });
 }
 
-void GenerationActor::Handle(PrefillDone m) {
+void GenerationActor::Handle(PrefillDone m, Ctx& ctx) {
   auto it = requests_.find(m.serial);
   if (it == requests_.end()) return;  // abandoned: the reservation was released then
   Request& r = it->second;
@@ -380,6 +407,7 @@ void GenerationActor::Handle(PrefillDone m) {
   const bool decoding = r.destination.has_value() && p.finish_reason().empty();
   if (decoding) {
     r.stage = Stage::kDecoding;
+    ctx.ScheduleAfter(options_.progress_timeout, CheckProgress{r.serial, 1});
   } else if (r.destination) {
     // The prefill worker released the reservation (the first token ended the request).
     if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
@@ -439,7 +467,8 @@ bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogpro
   const bool last = !worker_finish.empty();
   absl::StatusOr<std::string> piece = r.text->Push(token, last, &stopped);
   if (!piece.ok()) {
-    Abandon(r, "detokenisation failed");
+    FinishWithError(r, absl::InternalError(
+                           absl::StrCat("detokenising token ", token, ": ", piece.status().message())));
     return true;
   }
   v1::GenerateEvent event;
@@ -488,7 +517,7 @@ void GenerationActor::Abandon(Request& r, const std::string& reason) {
     if (r.destination) {
       // Running: stopped and freed at once. Reserved: refused from now on; the blocks are
       // reused once the writer confirms (or immediately if no writer ever saw them).
-      ReleaseOnDecode(r.decode_worker, r.destination->reservation_id(), !r.prefill_sent, reason);
+      ReleaseOnDecode(r.decode_worker, *r.destination, r.internal_id, !r.prefill_sent, reason);
     }
     // Still admitting (Reserve in flight): ReserveDone releases what it got.
   }
@@ -504,8 +533,39 @@ void GenerationActor::Forget(uint64_t serial) {
   in_flight_gauge_->store(static_cast<int32_t>(requests_.size()));
 }
 
-void GenerationActor::ReleaseOnDecode(const std::string& worker_id, uint64_t reservation_id,
-                                      bool writer_done, const std::string& reason) {
+void GenerationActor::Handle(CheckProgress m, Ctx& ctx) {
+  auto it = requests_.find(m.serial);
+  if (it == requests_.end() || it->second.stage != Stage::kDecoding) return;
+  Request& r = it->second;
+  if (r.completion_tokens == m.tokens_seen) {
+    FinishWithError(r, absl::UnavailableError(absl::StrCat(
+                           "decode worker ", r.decode_worker, " produced no token for ",
+                           absl::FormatDuration(options_.progress_timeout))));
+    return;
+  }
+  ctx.ScheduleAfter(options_.progress_timeout, CheckProgress{r.serial, r.completion_tokens});
+}
+
+void GenerationActor::CancelOnDecode(const std::string& worker_id, const std::string& internal_id) {
+  Worker* w = FindWorker(worker_id);
+  if (w == nullptr) return;
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::CancelRequest request;
+    v1::CancelResponse response;
+  };
+  auto call = std::make_shared<Call>();
+  call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  call->request.set_request_id(internal_id);
+  // INVALID_ARGUMENT (unknown request) is the common answer: nothing was granted.
+  w->decode->async()->Cancel(&call->ctx, &call->request, &call->response,
+                             [call](grpc::Status) {});
+}
+
+void GenerationActor::ReleaseOnDecode(const std::string& worker_id,
+                                      const v1::LatentDestination& destination,
+                                      const std::string& internal_id, bool writer_done,
+                                      const std::string& reason) {
   Worker* w = FindWorker(worker_id);
   if (w == nullptr) return;  // gone: its reservations went with it
   struct Call {
@@ -515,9 +575,11 @@ void GenerationActor::ReleaseOnDecode(const std::string& worker_id, uint64_t res
   };
   auto call = std::make_shared<Call>();
   call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  call->request.set_reservation_id(reservation_id);
+  call->request.set_reservation_id(destination.reservation_id());
   call->request.set_reason(reason);
   call->request.set_writer_done(writer_done);
+  call->request.set_request_id(internal_id);
+  call->request.set_generation(destination.generation());
   w->decode->async()->Release(&call->ctx, &call->request, &call->response,
                               [call, worker_id](grpc::Status s) {
                                 if (!s.ok()) {

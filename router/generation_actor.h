@@ -58,6 +58,7 @@ struct ClientGone {
 };
 struct ReserveDone {
   uint64_t serial = 0;
+  std::string internal_id;
   std::string worker_id;
   absl::StatusOr<v1::ReserveResponse> result;
 };
@@ -84,12 +85,20 @@ struct TokenStreamDown {
 struct ReconnectTokenStream {
   std::string worker_id;
 };
+// Timer while a request decodes: fails it if no token arrived since the last check.
+struct CheckProgress {
+  uint64_t serial = 0;
+  int32_t tokens_seen = 0;
+};
 
 struct GenerationOptions {
   // How long a request may wait for cache blocks before RESOURCE_EXHAUSTED.
   absl::Duration admission_timeout = absl::Seconds(30);
   // Deadline of a prompt's prefill and its latent transfer (Reserve's timeout).
   absl::Duration prefill_timeout = absl::Seconds(60);
+  // A decoding request with no new token for this long fails (UNAVAILABLE): its decode worker
+  // or the stream from it is stuck.
+  absl::Duration progress_timeout = absl::Seconds(60);
 };
 
 class GenerationActor {
@@ -97,7 +106,7 @@ class GenerationActor {
   using Message =
       std::variant<UseServingWorkers, NewGeneration, ClientGone, ReserveDone, RetryAdmission,
                    PrefillDone, TokenStreamUp, DecodeTokenEvent, TokenStreamDown,
-                   ReconnectTokenStream>;
+                   ReconnectTokenStream, CheckProgress>;
 
   GenerationActor(const model::ModelConfig& config, const tokenizer::Tokenizer* tokenizer,
                   GenerationOptions options, std::shared_ptr<std::atomic<int32_t>> in_flight);
@@ -108,11 +117,12 @@ class GenerationActor {
   void Handle(ClientGone m);
   void Handle(ReserveDone m, runtime::Context<Message>& ctx);
   void Handle(RetryAdmission m, runtime::Context<Message>& ctx);
-  void Handle(PrefillDone m);
+  void Handle(PrefillDone m, runtime::Context<Message>& ctx);
   void Handle(TokenStreamUp m);
   void Handle(DecodeTokenEvent m);
   void Handle(TokenStreamDown m, runtime::Context<Message>& ctx);
   void Handle(ReconnectTokenStream m, runtime::Context<Message>& ctx);
+  void Handle(CheckProgress m, runtime::Context<Message>& ctx);
 
  private:
   struct Worker {
@@ -159,8 +169,11 @@ class GenerationActor {
   void Abandon(Request& r, const std::string& reason);
   void Forget(uint64_t serial);
   void OpenTokenStream(Worker& w, runtime::Context<Message>& ctx);
-  void ReleaseOnDecode(const std::string& worker_id, uint64_t reservation_id, bool writer_done,
+  void ReleaseOnDecode(const std::string& worker_id, const v1::LatentDestination& destination,
+                       const std::string& internal_id, bool writer_done,
                        const std::string& reason);
+  // Best effort, by request id: a reservation whose grant never reached this router.
+  void CancelOnDecode(const std::string& worker_id, const std::string& internal_id);
   Worker* FindWorker(const std::string& id);
   Worker* LeastLoaded(v1::WorkerRole role, const std::vector<std::string>& exclude);
 

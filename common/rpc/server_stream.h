@@ -41,10 +41,22 @@ class ServerStream : public std::enable_shared_from_this<ServerStream<T>> {
     return {reactor, stream};
   }
 
+  // A reader this far behind is not reading: the call is ended (RESOURCE_EXHAUSTED) rather than
+  // letting the queue grow without bound.
+  static constexpr size_t kMaxQueued = 1 << 16;
+
   // Queues `message`; false when the call is over (finished, cancelled or broken).
   bool Write(T message) {
     std::lock_guard<std::mutex> lock(mu_);
     if (finishing_ || reactor_ == nullptr || broken_) return false;
+    if (queue_.size() >= kMaxQueued) {
+      broken_ = finishing_ = true;
+      queue_.clear();
+      finish_status_ = grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                    "the client is not reading its stream");
+      PumpLocked();
+      return false;
+    }
     queue_.push_back(std::move(message));
     PumpLocked();
     return true;

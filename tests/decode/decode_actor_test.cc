@@ -185,9 +185,24 @@ TEST_F(DecodeActorTest, AReleasedReservationIsFencedUntilItsWriterIsDone) {
   EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition) << late;
   EXPECT_EQ(gauge_->Get().cache_blocks_quarantined(), 0);
   EXPECT_EQ(gauge_->Get().cache_blocks_used(), 2);  // only b's
-  // A wrong generation is refused too (and frees b: its writer has spoken).
+  // A Start or a writer's Release that names another request or generation is refused and
+  // touches nothing: b keeps its blocks.
   absl::Status stale = Start("b", *b, prompt, 1, 4, b->generation() + 1);
   EXPECT_EQ(stale.code(), absl::StatusCode::kFailedPrecondition) << stale;
+  EXPECT_EQ(Start("not-b", *b, prompt, 1, 4, b->generation()).code(),
+            absl::StatusCode::kFailedPrecondition);
+  {
+    v1::ReleaseRequest r;
+    r.set_reservation_id(b->reservation_id());
+    r.set_writer_done(true);
+    r.set_request_id("someone-else");
+    absl::Status out = absl::UnknownError("no reply");
+    actor_->Send(ReleaseReservation{r, [&out](absl::Status s) { out = s; }});
+    scheduler_.RunUntilIdle();
+    EXPECT_EQ(out.code(), absl::StatusCode::kFailedPrecondition) << out;
+  }
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 2);
+  ASSERT_TRUE(Release(b->reservation_id(), true).ok());
   EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
 
   // A writer that never confirms: the blocks come back after the deadline plus the grace.

@@ -1,0 +1,212 @@
+// The cluster against the single-process engine, in one run, on the same model and requests:
+//   engine, sequential        Engine::Generate one request after another (the baseline)
+//   cluster, 1 client         the same requests one at a time through `splitmoe up` (latency)
+//   cluster, N clients        all requests at once (continuous batching on the decode worker)
+// Reports time to first token (median), generated tokens/s, and the cluster/engine ratios, and
+// checks that the cluster's tokens equal the engine's (greedy). Every process shares this
+// machine's cores, so on a 2-core box the cluster pays for its processes; the ratios say what
+// the split costs here, not what a multi-machine deployment would do.
+//
+//   build/bench/cluster_bench [--requests 8] [--prompt 128] [--tokens 32] [--experts 2]
+//                             [--model DIR]   (default: the engine_bench model, written once)
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/engine/engine.h"
+#include "common/model/tiny.h"
+#include "common/process/subprocess.h"
+#include "common/rpc/rpc.h"
+#include "splitmoe/v1/generation.grpc.pb.h"
+
+namespace splitmoe {
+namespace {
+
+struct Args {
+  int requests = 8;
+  int prompt = 128;
+  int tokens = 32;
+  int experts = 2;
+  std::string model;
+};
+
+std::string BenchModel() {
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / "splitmoe_cluster_bench_model").string();
+  if (std::filesystem::exists(dir + "/config.json")) return dir;
+  model::TinyModelOptions o;  // as engine_bench: hidden 1024, 64 experts top-6
+  o.style = "v3";
+  o.mtp_layers = 0;
+  o.vocab_size = 32768;
+  o.hidden_size = 1024;
+  o.num_hidden_layers = 4;
+  o.first_k_dense_replace = 1;
+  o.num_attention_heads = 16;
+  o.q_lora_rank = 384;
+  o.kv_lora_rank = 256;
+  o.qk_nope_head_dim = 64;
+  o.qk_rope_head_dim = 32;
+  o.v_head_dim = 64;
+  o.intermediate_size = 2816;
+  o.moe_intermediate_size = 512;
+  o.n_routed_experts = 64;
+  o.n_shared_experts = 1;
+  o.num_experts_per_tok = 6;
+  o.n_group = 8;
+  o.topk_group = 4;
+  absl::Status s = model::WriteTinyModel(o, dir, "");
+  if (!s.ok()) {
+    std::fprintf(stderr, "cannot write the bench model: %s\n", s.ToString().c_str());
+    std::exit(1);
+  }
+  return dir;
+}
+
+struct Run {
+  std::vector<int32_t> tokens;
+  double ttft_ms = 0;
+  double total_ms = 0;
+};
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+Run ClusterGenerate(v1::Generation::Stub& stub, const std::vector<int32_t>& prompt, int tokens) {
+  v1::GenerateRequest r;
+  *r.mutable_token_ids()->mutable_ids() = {prompt.begin(), prompt.end()};
+  r.mutable_stop()->set_max_tokens(tokens);
+  r.mutable_stop()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  const absl::Time start = absl::Now();
+  auto reader = stub.Generate(&ctx, r);
+  Run run;
+  v1::GenerateEvent e;
+  while (reader->Read(&e)) {
+    if (run.tokens.empty()) run.ttft_ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+    run.tokens.insert(run.tokens.end(), e.token_ids().begin(), e.token_ids().end());
+  }
+  grpc::Status s = reader->Finish();
+  if (!s.ok()) std::fprintf(stderr, "cluster request failed: %s\n", s.error_message().c_str());
+  run.total_ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+  return run;
+}
+
+int Main(const Args& a) {
+  const std::string model = a.model.empty() ? BenchModel() : a.model;
+  std::vector<std::vector<int32_t>> prompts;
+  auto engine = engine::Engine::Load(model);
+  if (!engine.ok()) {
+    std::fprintf(stderr, "%s\n", engine.status().ToString().c_str());
+    return 1;
+  }
+  const int64_t vocab = (*engine)->config().vocab_size;
+  for (int i = 0; i < a.requests; ++i) {
+    std::vector<int32_t> p;
+    for (int t = 0; t < a.prompt; ++t) p.push_back(static_cast<int32_t>((i * 7919 + t * 104729) % vocab));
+    prompts.push_back(p);
+  }
+
+  // Engine, sequential. TTFT = time to the first token callback.
+  std::vector<Run> base(prompts.size());
+  const absl::Time e0 = absl::Now();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    engine::GenerateRequest r;
+    r.prompt = prompts[i];
+    r.max_tokens = a.tokens;
+    r.ignore_eos = true;
+    const absl::Time s = absl::Now();
+    bool first = true;
+    auto out = (*engine)->Generate(r, [&](int32_t, absl::string_view) {
+      if (first) base[i].ttft_ms = absl::ToDoubleMilliseconds(absl::Now() - s);
+      first = false;
+    });
+    base[i].tokens = out->tokens;
+    base[i].total_ms = absl::ToDoubleMilliseconds(absl::Now() - s);
+  }
+  const double engine_s = absl::ToDoubleSeconds(absl::Now() - e0);
+  engine->reset();  // free its memory and cores before the cluster starts
+
+  char self[4096];
+  const ssize_t len = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  const std::string bin =
+      (std::filesystem::path(std::string(self, len > 0 ? len : 0)).parent_path().parent_path() /
+       "bin" / "splitmoe")
+          .string();
+  auto up = process::Subprocess::Start(
+      "up", {bin, "up", "--model", model, "--experts", std::to_string(a.experts)});
+  if (!up.ok()) return 1;
+  auto endpoint = (*up)->ReadLineMatching("ready grpc=", absl::Seconds(300));
+  if (!endpoint.ok()) {
+    std::fprintf(stderr, "%s\n", endpoint.status().ToString().c_str());
+    return 1;
+  }
+  auto stub = v1::Generation::NewStub(grpc::CreateCustomChannel(
+      *endpoint, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+  (void)ClusterGenerate(*stub, prompts[0], 2);  // warm-up: streams and connections open
+
+  std::vector<Run> one(prompts.size());
+  const absl::Time c0 = absl::Now();
+  for (size_t i = 0; i < prompts.size(); ++i) one[i] = ClusterGenerate(*stub, prompts[i], a.tokens);
+  const double one_s = absl::ToDoubleSeconds(absl::Now() - c0);
+
+  std::vector<Run> many(prompts.size());
+  std::vector<std::thread> threads;
+  const absl::Time m0 = absl::Now();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] { many[i] = ClusterGenerate(*stub, prompts[i], a.tokens); });
+  }
+  for (auto& t : threads) t.join();
+  const double many_s = absl::ToDoubleSeconds(absl::Now() - m0);
+  (*up)->Terminate(absl::Seconds(20));
+
+  int mismatches = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    mismatches += one[i].tokens != base[i].tokens;
+    mismatches += many[i].tokens != base[i].tokens;
+  }
+  auto ttfts = [](const std::vector<Run>& runs) {
+    std::vector<double> v;
+    for (const Run& r : runs) v.push_back(r.ttft_ms);
+    return Median(v);
+  };
+  const double generated = static_cast<double>(a.requests) * a.tokens;
+  std::printf("model %s: %d requests x (%d prompt + %d generated tokens), %d expert services\n",
+              model.c_str(), a.requests, a.prompt, a.tokens, a.experts);
+  std::printf("| path | median TTFT ms | generated tokens/s | vs engine |\n|---|---|---|---|\n");
+  std::printf("| engine, sequential | %.1f | %.1f | 1.00 |\n", ttfts(base), generated / engine_s);
+  std::printf("| cluster, 1 client at a time | %.1f | %.1f | %.2f |\n", ttfts(one),
+              generated / one_s, engine_s / one_s);
+  std::printf("| cluster, %d clients at once | %.1f | %.1f | %.2f |\n", a.requests, ttfts(many),
+              generated / many_s, engine_s / many_s);
+  std::printf("token mismatches against the engine: %d\n", mismatches);
+  return mismatches == 0 ? 0 : 2;
+}
+
+}  // namespace
+}  // namespace splitmoe
+
+int main(int argc, char** argv) {
+  splitmoe::Args a;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--requests") a.requests = std::atoi(value.c_str());
+    else if (flag == "--prompt") a.prompt = std::atoi(value.c_str());
+    else if (flag == "--tokens") a.tokens = std::atoi(value.c_str());
+    else if (flag == "--experts") a.experts = std::atoi(value.c_str());
+    else if (flag == "--model") a.model = value;
+    else {
+      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
+      return 2;
+    }
+  }
+  if (a.requests < 1 || a.prompt < 1 || a.tokens < 1 || a.experts < 1) return 2;
+  return splitmoe::Main(a);
+}
