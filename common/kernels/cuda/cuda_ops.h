@@ -1,17 +1,28 @@
 // The CUDA backend of the engine's kernels. Built only where CMake finds a CUDA toolkit; the CPU
-// build never includes this header. This stage carries the backend's scaffolding — device
-// discovery and the first element-wise op, checked against the CPU kernel by
-// tests/kernels/cuda_ops_test.cc on a machine with a GPU — so the CUDA build path is exercised
-// from the start. Host entry points check their arguments and return a Status; they never abort.
+// build never includes this header. Every op has the CPU op's semantics (common/kernels/cpu_ops.h,
+// common/engine/routing.h, the absorbed MLA of common/engine/transformer.cc) and is checked
+// against it by tests/kernels/cuda_ops_test.cc on a GPU machine (scripts/gpu-check.sh); without a
+// GPU those checks are skipped and owed, never passed.
+//
+// Two layers:
+//  - device ops: pointers in device memory, asynchronous on a stream, arguments checked on the
+//    host (InvalidArgument), launch errors returned (Internal). Activations are fp32; weights
+//    are BF16 (or FP8 E4M3 dequantised to BF16 on load); GEMMs run on cuBLAS with fp32
+//    accumulation.
+//  - host conveniences (RmsNorm below): copy in, run, copy out — for tests and small tools.
 //
 //   SPLITMOE_ASSIGN_OR_RETURN(int devices, kernels::cuda::DeviceCount());
 //   SPLITMOE_RETURN_IF_ERROR(kernels::cuda::RmsNorm(x, rows, dim, weight, eps, out));  // host
-//   memory
 #ifndef SPLITMOE_COMMON_KERNELS_CUDA_CUDA_OPS_H_
 #define SPLITMOE_COMMON_KERNELS_CUDA_CUDA_OPS_H_
 
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -23,10 +34,99 @@ absl::StatusOr<int> DeviceCount();
 // "NVIDIA H200, sm_90, 139 GiB" for device `index`.
 absl::StatusOr<std::string> DeviceName(int index);
 
-// out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight, rows x dim fp32, host pointers
-// (copied to and from the current device). Same contract as kernels::RmsNorm.
+// Host memory in and out: out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight.
 absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, const float* weight, float eps,
                      float* out);
+
+// ---- device ops (all pointers in device memory) ----
+
+// out[r, :] = RMSNorm(x[r, :]) * weight; rows x dim fp32. `out` may equal `x`.
+absl::Status RmsNormDevice(const float* x, int64_t rows, int64_t dim, const float* weight,
+                           float eps, float* out, cudaStream_t stream);
+
+// gate[i] = silu(gate[i]) * up[i] for i < n (the SwiGLU of every MLP).
+absl::Status SiluMulDevice(float* gate, const float* up, int64_t n, cudaStream_t stream);
+
+// Rotates, in place, values [offset, offset + rope_dim) of every one of `heads` vectors of each
+// row (row r holds heads vectors of `head_stride` floats) by position positions[r], with
+// DeepSeek's interleaved pairs and the (YaRN-corrected) frequencies inv_freq[rope_dim / 2].
+absl::Status RopeDevice(float* x, int64_t rows, int64_t heads, int64_t head_stride,
+                        int64_t offset, int64_t rope_dim, const int32_t* positions,
+                        const float* inv_freq, cudaStream_t stream);
+
+// fp32 -> bf16 (round to nearest even), n values.
+absl::Status ToBf16Device(const float* in, int64_t n, __nv_bfloat16* out, cudaStream_t stream);
+
+// FP8 E4M3 weight [rows, cols] with 128x128 block scales [ceil(rows/128), ceil(cols/128)]
+// (weight_scale_inv: value = fp8 * scale) -> BF16 [rows, cols].
+absl::Status DequantFp8Device(const uint8_t* fp8, const float* scales, int64_t rows, int64_t cols,
+                              __nv_bfloat16* out, cudaStream_t stream);
+
+// y[m, n] (fp32) = x[m, k] (bf16) @ w[n, k]^T (bf16, row-major as stored in checkpoints), fp32
+// accumulation on cuBLAS. `handle` must be bound to `stream` by the caller.
+absl::Status GemmBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t m, int64_t k,
+                      const __nv_bfloat16* w, int64_t n, float* y);
+
+// Expert selection, DeepSeek semantics (engine::SelectExperts + GateWeights), one token per
+// block: `scores` [tokens, n_experts] after softmax/sigmoid, `bias` [n_experts] (noaux_tc) or
+// null; groups when n_group > 1 (group score: max, or the sum of the top two with a bias);
+// ties to the lower index. experts/weights [tokens, top_k].
+struct GateParams {
+  int32_t n_experts = 0;
+  int32_t top_k = 0;
+  int32_t n_group = 1;
+  int32_t topk_group = 1;
+  bool use_groups = false;
+  bool top2_group_score = false;  // noaux_tc
+  bool norm_topk_prob = false;
+  float routed_scaling_factor = 1.0f;
+};
+absl::Status SelectExpertsDevice(const float* scores, const float* bias, int64_t tokens,
+                                 const GateParams& params, int32_t* experts, float* weights,
+                                 cudaStream_t stream);
+
+// Absorbed MLA decode attention over a paged latent cache in the FlashMLA layout: one layer's
+// cache is [num_blocks, block_tokens, latent_dim] BF16, where each token's latent_dim values are
+// kv_lora_rank values of c_kv (the values and the first part of the keys) followed by the rope
+// key. For each sequence b and head h:
+//   s_t = softmax_scale * q[b, h, :] . cache[token t, :]        t < seq_lens[b]
+//   out[b, h, :] = sum_t softmax(s)_t * cache[token t, :kv_lora_rank]
+// q [batch, heads, latent_dim] fp32 (q_nope already multiplied by W_UK, then q_pe);
+// out [batch, heads, kv_lora_rank] fp32; block_table [batch, max_blocks] int32.
+// Long contexts are split across blocks (flash-decoding) and combined; `workspace` must hold
+// MlaWorkspaceFloats(...) floats.
+struct MlaShape {
+  int32_t batch = 0;
+  int32_t heads = 0;
+  int32_t latent_dim = 576;
+  int32_t kv_lora_rank = 512;
+  int32_t block_tokens = 64;
+  int32_t max_blocks = 0;  // columns of block_table
+  int32_t splits = 1;      // context splits per (sequence, head group); 1..64
+};
+int64_t MlaWorkspaceFloats(const MlaShape& shape);
+absl::Status MlaDecodeDevice(const float* q, const __nv_bfloat16* cache,
+                             const int32_t* block_table, const int32_t* seq_lens,
+                             const MlaShape& shape, float softmax_scale, float* workspace,
+                             float* out, cudaStream_t stream);
+
+// Routed experts of one MoE layer as a grouped GEMM: every expert runs once over the tokens it
+// received. x [tokens, hidden] fp32; choice: experts/weights [tokens, top_k] (device);
+// gate_up[e]: BF16 [2 * inter, hidden] (gate_proj rows, then up_proj rows); down[e]: BF16
+// [hidden, inter], both arrays indexed by expert id (device pointers, null for experts this
+// process does not hold: their tokens are skipped). out [tokens, hidden] = sum over each token's
+// experts of weight * expert(x) (deterministic: slot order, no atomics).
+struct MoeShape {
+  int32_t tokens = 0;
+  int32_t hidden = 0;
+  int32_t inter = 0;
+  int32_t top_k = 0;
+  int32_t n_experts = 0;
+};
+absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32_t* experts,
+                              const float* weights, const std::vector<const __nv_bfloat16*>& gate_up,
+                              const std::vector<const __nv_bfloat16*>& down, const MoeShape& shape,
+                              float* out, cudaStream_t stream);
 
 }  // namespace splitmoe::kernels::cuda
 
