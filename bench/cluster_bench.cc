@@ -8,6 +8,7 @@
 // the split costs here, not what a multi-machine deployment would do.
 //
 //   build/bench/cluster_bench [--requests 8] [--prompt 128] [--tokens 32] [--experts 2]
+//                             [--prefill-batch-tokens N]
 //                             [--model DIR]   (default: the engine_bench model, written once)
 #include <algorithm>
 #include <cstdio>
@@ -33,6 +34,7 @@ struct Args {
   int prompt = 128;
   int tokens = 32;
   int experts = 2;
+  int prefill_batch_tokens = 0;  // 0: the prefill worker's default
   std::string model;
 };
 
@@ -140,8 +142,13 @@ int Main(const Args& a) {
       (std::filesystem::path(std::string(self, len > 0 ? len : 0)).parent_path().parent_path() /
        "bin" / "splitmoe")
           .string();
-  auto up = process::Subprocess::Start(
-      "up", {bin, "up", "--model", model, "--experts", std::to_string(a.experts)});
+  std::vector<std::string> argv = {bin, "up", "--model", model, "--experts",
+                                   std::to_string(a.experts)};
+  if (a.prefill_batch_tokens > 0) {
+    argv.push_back("--prefill-batch-tokens");
+    argv.push_back(std::to_string(a.prefill_batch_tokens));
+  }
+  auto up = process::Subprocess::Start("up", argv);
   if (!up.ok()) return 1;
   auto endpoint = (*up)->ReadLineMatching("ready grpc=", absl::Seconds(300));
   if (!endpoint.ok()) {
@@ -202,6 +209,7 @@ int main(int argc, char** argv) {
     else if (flag == "--tokens") a.tokens = std::atoi(value.c_str());
     else if (flag == "--experts") a.experts = std::atoi(value.c_str());
     else if (flag == "--model") a.model = value;
+    else if (flag == "--prefill-batch-tokens") a.prefill_batch_tokens = std::atoi(value.c_str());
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;

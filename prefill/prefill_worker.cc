@@ -47,107 +47,158 @@ absl::StatusOr<decode::PagedLatentLayout> LayoutOf(const v1::LatentDestination& 
 
 }  // namespace
 
-void PrefillActor::Handle(RunPrompt m) {
-  uint64_t bytes_put = 0;
-  absl::StatusOr<v1::PrefillResponse> r = Run(m, &bytes_put);
-  latent_bytes_sent_ += bytes_put;
-  ++prompts_;
-  if (r.ok()) {
-    if (m.request.has_destination() && r->finish_reason().empty())
-      latent_tokens_ += static_cast<uint64_t>(m.request.prompt_size());
-  }
-  PublishLoad();
-  m.reply(std::move(r));
+// One prompt of a batch: its request, its local cache and shipper, and its outcome.
+struct PrefillActor::Job {
+  RunPrompt message;
+  std::vector<int32_t> prompt;
+  engine::SamplingParams sampling;
+  std::unique_ptr<engine::LatentCache> local;
+  std::unique_ptr<LatentShipper> shipper;
+  absl::Time deadline = absl::InfiniteFuture();
+  absl::Status status;
+  engine::DecodedToken first;
+  std::vector<std::optional<engine::TokenLogprob>> prompt_logprobs;
+
+  bool ship() const { return message.request.has_destination(); }
+  const v1::LatentDestination& destination() const { return message.request.destination(); }
+  bool cancelled() const { return message.cancelled && message.cancelled(); }
+};
+
+void PrefillActor::Handle(RunPrompt m, runtime::Context<Message>& ctx) {
+  pending_.push_back(std::move(m));
+  if (!batch_scheduled_) batch_scheduled_ = ctx.self().Send(RunBatch{});
 }
 
-absl::StatusOr<v1::PrefillResponse> PrefillActor::Run(const RunPrompt& m, uint64_t* bytes_put) {
-  const v1::PrefillRequest& req = m.request;
-  const model::ModelConfig& c = transformer_->config();
-  const bool ship = req.has_destination();
-  const v1::LatentDestination& d = req.destination();
-  auto cancelled = [&m] { return m.cancelled && m.cancelled(); };
-  if (cancelled()) {
-    if (ship) ReleaseAsWriter(d, req.request_id(), "cancelled before prefill");
-    return absl::CancelledError("prefill cancelled before it started");
+void PrefillActor::Handle(RunBatch, runtime::Context<Message>& ctx) {
+  batch_scheduled_ = false;
+  // Prompts that arrived while the previous batch ran go together, up to the token budget.
+  std::vector<std::unique_ptr<Job>> jobs;
+  int64_t tokens = 0;
+  while (!pending_.empty()) {
+    const int64_t n = pending_.front().request.prompt_size();
+    if (!jobs.empty() && tokens + n > batch_tokens_) break;
+    auto job = std::unique_ptr<Job>(new Job{std::move(pending_.front())});
+    pending_.pop_front();
+    tokens += n;
+    jobs.push_back(std::move(job));
   }
-  const v1::SamplingParamsInternal& s = req.sampling();
-  const engine::SamplingParams sampling{.temperature = s.temperature(),
-                                        .top_p = s.top_p() == 0 ? 1.0 : s.top_p(),
-                                        .top_k = s.top_k(),
-                                        .seed = s.seed()};
-  absl::Status valid = engine::ValidateSamplingParams(sampling);
-  if (valid.ok() && req.prompt().empty()) valid = absl::InvalidArgumentError("empty prompt");
-  std::unique_ptr<LatentShipper> shipper;
-  if (valid.ok() && ship) {
-    absl::StatusOr<decode::PagedLatentLayout> layout = LayoutOf(d, c);
-    if (!layout.ok()) valid = layout.status();
-    if (valid.ok() && d.blocks_size() * layout->block_tokens < req.prompt_size()) {
-      valid = absl::InvalidArgumentError(absl::StrCat(d.blocks_size(), " reserved blocks of ",
-                                                      layout->block_tokens, " tokens cannot hold ",
-                                                      req.prompt_size(), " prompt tokens"));
-    }
-    absl::StatusOr<transfer::PeerId> peer =
-        valid.ok() ? transport_->Connect(d.ucx_worker_address()) : absl::StatusOr<uint64_t>(0);
-    if (valid.ok() && !peer.ok()) valid = peer.status();
-    if (valid.ok()) {
-      transfer::RegionDescriptor remote{.worker_address = d.ucx_worker_address(),
-                                        .remote_addr = d.remote_base(),
-                                        .size_bytes = d.region_bytes(),
-                                        .rkey = d.rkey()};
-      shipper = std::make_unique<LatentShipper>(
-          transport_, *peer, std::move(remote), *layout,
-          std::vector<decode::BlockId>(d.blocks().begin(), d.blocks().end()));
+  if (!pending_.empty()) batch_scheduled_ = ctx.self().Send(RunBatch{});
+  for (auto& job : jobs) job->status = Prepare(*job);
+  Compute(jobs);
+  std::vector<absl::StatusOr<v1::PrefillResponse>> results;
+  for (auto& job : jobs) {
+    uint64_t bytes_put = 0;
+    results.push_back(Conclude(*job, &bytes_put));
+    latent_bytes_sent_ += bytes_put;
+    ++prompts_;
+    if (results.back().ok() && job->ship() && results.back()->finish_reason().empty()) {
+      latent_tokens_ += static_cast<uint64_t>(job->prompt.size());
     }
   }
-  if (!valid.ok()) {
-    if (ship) ReleaseAsWriter(d, req.request_id(), std::string(valid.message()));
-    return valid;
-  }
+  ++batches_;
+  PublishLoad();  // before the replies: a caller that sees its reply sees these counters too
+  for (size_t i = 0; i < jobs.size(); ++i) jobs[i]->message.reply(std::move(results[i]));
+}
 
-  // Latents go to the local cache (the transformer computes with it) and from there, layer by
-  // layer, into the remote blocks. No put is issued past the transfer deadline.
-  const absl::Time deadline = m.received + absl::Milliseconds(d.timeout_ms());
-  engine::LatentCache local(c.num_hidden_layers, c.latent_dim());
-  std::vector<std::optional<engine::TokenLogprob>> prompt_logprobs;
-  std::vector<int32_t> prompt(req.prompt().begin(), req.prompt().end());
-  const int64_t logprobs = s.logprobs() > 0 ? s.logprobs() : -1;
-  absl::StatusOr<engine::DecodedToken> first = engine::PrefillFirstToken(
-      *transformer_, prompt, &local, sampling, logprobs, form_,
-      [&](int64_t layer, int64_t from, int64_t count) -> absl::Status {
-        if (cancelled()) return absl::CancelledError("prefill cancelled");
-        if (!ship) return absl::OkStatus();
-        if (d.timeout_ms() > 0 && absl::Now() > deadline) {
-          return absl::DeadlineExceededError(
-              absl::StrCat("prefill passed its transfer deadline of ", d.timeout_ms(), " ms"));
+absl::Status PrefillActor::Prepare(Job& job) {
+  const v1::PrefillRequest& req = job.message.request;
+  const model::ModelConfig& c = transformer_->config();
+  if (job.cancelled()) return absl::CancelledError("prefill cancelled before it started");
+  const v1::SamplingParamsInternal& s = req.sampling();
+  job.sampling = {.temperature = s.temperature(),
+                  .top_p = s.top_p() == 0 ? 1.0 : s.top_p(),
+                  .top_k = s.top_k(),
+                  .seed = s.seed()};
+  SPLITMOE_RETURN_IF_ERROR(engine::ValidateSamplingParams(job.sampling));
+  if (req.prompt().empty()) return absl::InvalidArgumentError("empty prompt");
+  job.prompt.assign(req.prompt().begin(), req.prompt().end());
+  job.local = std::make_unique<engine::LatentCache>(c.num_hidden_layers, c.latent_dim());
+  if (!job.ship()) return absl::OkStatus();
+  const v1::LatentDestination& d = job.destination();
+  SPLITMOE_ASSIGN_OR_RETURN(decode::PagedLatentLayout layout, LayoutOf(d, c));
+  if (d.blocks_size() * layout.block_tokens < req.prompt_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(d.blocks_size(), " reserved blocks of ",
+                                                   layout.block_tokens, " tokens cannot hold ",
+                                                   req.prompt_size(), " prompt tokens"));
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(transfer::PeerId peer, transport_->Connect(d.ucx_worker_address()));
+  transfer::RegionDescriptor remote{.worker_address = d.ucx_worker_address(),
+                                    .remote_addr = d.remote_base(),
+                                    .size_bytes = d.region_bytes(),
+                                    .rkey = d.rkey()};
+  job.shipper = std::make_unique<LatentShipper>(
+      transport_, peer, std::move(remote), layout,
+      std::vector<decode::BlockId>(d.blocks().begin(), d.blocks().end()));
+  if (d.timeout_ms() > 0) job.deadline = job.message.received + absl::Milliseconds(d.timeout_ms());
+  return absl::OkStatus();
+}
+
+void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
+  std::vector<engine::PrefillItem> items;
+  std::vector<Job*> running;
+  for (auto& job : jobs) {
+    if (!job->status.ok()) continue;
+    engine::PrefillItem item;
+    item.prompt = job->prompt;
+    item.cache = job->local.get();
+    item.sampling = job->sampling;
+    const v1::PrefillRequest& req = job->message.request;
+    item.logprobs = req.sampling().logprobs() > 0 ? req.sampling().logprobs() : -1;
+    item.prompt_top_logprobs = req.prompt_logprobs() > 0 ? req.prompt_logprobs() : -1;
+    items.push_back(std::move(item));
+    running.push_back(job.get());
+  }
+  if (items.empty()) return;
+  // Latents go to each prompt's local cache (the transformer computes with it) and from there,
+  // layer by layer, into its reserved remote blocks. A cancelled prompt, or one past its
+  // transfer deadline, stops putting at once; the others go on.
+  (void)engine::PrefillBatch(
+      *transformer_, items, form_,
+      [&](size_t i, int64_t layer, int64_t from, int64_t count) -> absl::Status {
+        Job& job = *running[i];
+        if (job.cancelled()) return absl::CancelledError("prefill cancelled");
+        if (!job.ship()) return absl::OkStatus();
+        if (absl::Now() > job.deadline) {
+          return absl::DeadlineExceededError(absl::StrCat(
+              "prefill passed its transfer deadline of ", job.destination().timeout_ms(), " ms"));
         }
-        shipper->ShipLayer(local, layer, from, count);
+        job.shipper->ShipLayer(*job.local, layer, from, count);
         return absl::OkStatus();
-      },
-      req.prompt_logprobs() > 0 ? &prompt_logprobs : nullptr, req.prompt_logprobs());
-  absl::Status status = first.status();
-  if (shipper != nullptr) {
-    absl::Status flushed = shipper->Finish();  // every put has landed (or failed) after this
-    *bytes_put = shipper->bytes_put();
+      });
+  for (size_t i = 0; i < items.size(); ++i) {
+    running[i]->status = items[i].status;
+    running[i]->first = std::move(items[i].first);
+    running[i]->prompt_logprobs = std::move(items[i].prompt_logprobs);
+  }
+}
+
+absl::StatusOr<v1::PrefillResponse> PrefillActor::Conclude(Job& job, uint64_t* bytes_put) {
+  const v1::PrefillRequest& req = job.message.request;
+  const v1::LatentDestination& d = job.destination();
+  absl::Status status = job.status;
+  if (job.shipper != nullptr) {
+    absl::Status flushed = job.shipper->Finish();  // every put has landed (or failed) after this
+    *bytes_put = job.shipper->bytes_put();
     if (status.ok()) status = flushed;
   }
   if (!status.ok()) {
-    if (ship) ReleaseAsWriter(d, req.request_id(), std::string(status.message()));
+    if (job.ship()) ReleaseAsWriter(d, req.request_id(), std::string(status.message()));
     return status;
   }
-
+  const v1::SamplingParamsInternal& s = req.sampling();
   v1::PrefillResponse response;
-  response.set_first_token(first->token);
-  if (first->logprob) *response.mutable_first_token_logprob() = ToProto(*first->logprob);
-  for (const auto& lp : prompt_logprobs) {
+  response.set_first_token(job.first.token);
+  if (job.first.logprob) *response.mutable_first_token_logprob() = ToProto(*job.first.logprob);
+  for (const auto& lp : job.prompt_logprobs) {
     v1::PromptLogprob* entry = response.add_prompt_logprobs();
     if (lp) *entry->mutable_logprob() = ToProto(*lp);
   }
   response.set_latent_bytes_written(*bytes_put);
   const std::string finish = engine::FinishReason(
-      first->token, 1, s.max_tokens(), c.eos_token_id, s.ignore_eos(),
+      job.first.token, 1, s.max_tokens(), transformer_->config().eos_token_id, s.ignore_eos(),
       std::vector<int32_t>(s.stop_token_ids().begin(), s.stop_token_ids().end()));
   response.set_finish_reason(finish);
-  if (!ship) return response;
+  if (!job.ship()) return response;
   if (!finish.empty()) {  // nothing to decode
     ReleaseAsWriter(d, req.request_id(), "finished at the first token");
     return response;
@@ -158,7 +209,7 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Run(const RunPrompt& m, uint64
   start.set_reservation_id(d.reservation_id());
   start.set_generation(d.generation());
   *start.mutable_prompt() = req.prompt();
-  start.set_first_token(first->token);
+  start.set_first_token(job.first.token);
   *start.mutable_sampling() = s;
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));

@@ -25,7 +25,7 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
   {
     runtime::Actor<PrefillActor> actor(
         "prefill", std::make_unique<PrefillActor>(&side->transformer(), transport.get(), gauge,
-                                                  options.form));
+                                                  options.form, options.batch_tokens));
     PrefillService service(actor.ref());
     SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
                               rpc::StartServer(options.listen, {&service}));
@@ -38,8 +38,11 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
     request.set_model_fingerprint(side->fingerprint());
     SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<rpc::Registration> membership,
                               rpc::Registration::Start(options.router, request, [&] {
+                                // In flight first: the actor publishes its counters before
+                                // it replies, so a count that includes the reply sees them.
+                                const int32_t in_flight = service.in_flight();
                                 v1::WorkerLoad load = gauge->Get();
-                                load.set_requests_in_flight(service.in_flight());
+                                load.set_requests_in_flight(in_flight);
                                 return load;
                               }));
     std::cout << "listening " << server.address << std::endl;

@@ -19,6 +19,8 @@ struct PrefillOptions {
   std::string router;  // required
   v1::WireDtype wire_dtype = v1::WIRE_DTYPE_FP32;
   engine::AttentionForm form = engine::AttentionForm::kAbsorbed;
+  // Prompts that arrive together are prefilled together up to this many tokens.
+  int64_t batch_tokens = 2048;
 };
 
 absl::Status RunPrefillWorker(const PrefillOptions& options);

@@ -22,40 +22,95 @@ absl::StatusOr<DecodedToken> PrefillFirstToken(
     const SamplingParams& sampling, int64_t logprobs, AttentionForm form,
     const ChunkLayerDoneFn& on_layer_done,
     std::vector<std::optional<TokenLogprob>>* prompt_logprobs, int64_t prompt_top_logprobs) {
-  if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
-  constexpr size_t kChunk = 256;  // as Engine::kPrefillChunkTokens
-  const int64_t h = transformer.config().hidden_size;
-  std::vector<float> hidden;
-  std::vector<float> logits(static_cast<size_t>(transformer.config().vocab_size));
-  if (prompt_logprobs != nullptr) {
-    prompt_logprobs->assign(prompt.size(), std::nullopt);
+  std::vector<PrefillItem> items(1);
+  items[0].prompt = prompt;
+  items[0].cache = cache;
+  items[0].sampling = sampling;
+  items[0].logprobs = logprobs;
+  items[0].prompt_top_logprobs = prompt_logprobs != nullptr ? prompt_top_logprobs : -1;
+  BatchLayerDoneFn hook;
+  if (on_layer_done) {
+    hook = [&](size_t, int64_t layer, int64_t first, int64_t count) {
+      return on_layer_done(layer, first, count);
+    };
   }
-  for (size_t begin = 0; begin < prompt.size(); begin += kChunk) {
-    const size_t end = std::min(prompt.size(), begin + kChunk);
-    std::vector<SequenceChunk> batch = {{prompt.subspan(begin, end - begin), cache}};
+  SPLITMOE_RETURN_IF_ERROR(PrefillBatch(transformer, items, form, hook));
+  SPLITMOE_RETURN_IF_ERROR(items[0].status);
+  if (prompt_logprobs != nullptr) *prompt_logprobs = std::move(items[0].prompt_logprobs);
+  return std::move(items[0].first);
+}
+
+absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& items,
+                          AttentionForm form, const BatchLayerDoneFn& on_layer_done,
+                          int64_t chunk_tokens) {
+  const int64_t h = transformer.config().hidden_size;
+  std::vector<float> logits(static_cast<size_t>(transformer.config().vocab_size));
+  std::vector<size_t> offset(items.size(), 0);  // prompt tokens already run, per item
+  for (PrefillItem& item : items) {
+    if (item.prompt.empty()) item.status = absl::InvalidArgumentError("empty prompt");
+    if (item.prompt_top_logprobs >= 0) item.prompt_logprobs.assign(item.prompt.size(), std::nullopt);
+  }
+  std::vector<float> hidden;
+  while (true) {
+    // This round: the next chunk of every item still going.
+    std::vector<size_t> round;
+    std::vector<SequenceChunk> batch;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (!items[i].status.ok() || offset[i] >= items[i].prompt.size()) continue;
+      const size_t n = std::min(items[i].prompt.size() - offset[i], static_cast<size_t>(chunk_tokens));
+      round.push_back(i);
+      batch.push_back({items[i].prompt.subspan(offset[i], n), items[i].cache});
+    }
+    if (round.empty()) return absl::OkStatus();
     Transformer::LayerDoneFn hook;
     if (on_layer_done) {
-      hook = [&](int64_t layer) {
-        return on_layer_done(layer, static_cast<int64_t>(begin),
-                             static_cast<int64_t>(end - begin));
+      hook = [&](int64_t layer) -> absl::Status {
+        bool any = false;
+        for (size_t r = 0; r < round.size(); ++r) {
+          PrefillItem& item = items[round[r]];
+          if (!item.status.ok()) continue;
+          item.status = on_layer_done(round[r], layer, static_cast<int64_t>(offset[round[r]]),
+                                      static_cast<int64_t>(batch[r].tokens.size()));
+          any = any || item.status.ok();
+        }
+        // Nobody left in this round: stop the pass (its caches are abandoned with the items).
+        return any ? absl::OkStatus() : absl::CancelledError("every prompt of the round stopped");
       };
     }
-    SPLITMOE_RETURN_IF_ERROR(transformer.Forward(batch, form, &hidden, hook));
-    if (prompt_logprobs != nullptr) {
-      // Row r (position begin + r) predicts the token at begin + r + 1.
-      for (size_t r = 0; r < end - begin && begin + r + 1 < prompt.size(); ++r) {
-        transformer.Logits(hidden.data() + static_cast<int64_t>(r) * h, 1, logits.data());
-        (*prompt_logprobs)[begin + r + 1] =
-            ComputeLogprob(logits, prompt[begin + r + 1], prompt_top_logprobs);
+    absl::Status forward = transformer.Forward(batch, form, &hidden, hook);
+    if (!forward.ok()) {
+      bool stopped_by_items = true;
+      for (size_t i : round) stopped_by_items = stopped_by_items && !items[i].status.ok();
+      if (stopped_by_items) continue;  // their own statuses say why
+      for (size_t i : round) {
+        if (items[i].status.ok()) items[i].status = forward;
       }
+      return forward;
+    }
+    int64_t row = 0;
+    for (size_t r = 0; r < round.size(); ++r) {
+      PrefillItem& item = items[round[r]];
+      const size_t begin = offset[round[r]], n = batch[r].tokens.size();
+      offset[round[r]] += n;
+      if (item.status.ok() && item.prompt_top_logprobs >= 0) {
+        // Row j (position begin + j) predicts the token at begin + j + 1.
+        for (size_t j = 0; j < n && begin + j + 1 < item.prompt.size(); ++j) {
+          transformer.Logits(hidden.data() + (row + static_cast<int64_t>(j)) * h, 1,
+                             logits.data());
+          item.prompt_logprobs[begin + j + 1] =
+              ComputeLogprob(logits, item.prompt[begin + j + 1], item.prompt_top_logprobs);
+        }
+      }
+      if (item.status.ok() && offset[round[r]] == item.prompt.size()) {
+        transformer.Logits(hidden.data() + (row + static_cast<int64_t>(n) - 1) * h, 1,
+                           logits.data());
+        item.first.token =
+            SampleToken(logits, item.sampling, static_cast<int64_t>(item.prompt.size()));
+        if (item.logprobs >= 0) item.first.logprob = ComputeLogprob(logits, item.first.token, item.logprobs);
+      }
+      row += static_cast<int64_t>(n);
     }
   }
-  const int64_t last_row = static_cast<int64_t>(hidden.size()) / h - 1;
-  transformer.Logits(hidden.data() + last_row * h, 1, logits.data());
-  DecodedToken t;
-  t.token = SampleToken(logits, sampling, static_cast<int64_t>(prompt.size()));
-  if (logprobs >= 0) t.logprob = ComputeLogprob(logits, t.token, logprobs);
-  return t;
 }
 
 absl::Status BatchDecoder::Add(DecodeSequence s) {

@@ -92,6 +92,30 @@ absl::StatusOr<DecodedToken> PrefillFirstToken(
     std::vector<std::optional<TokenLogprob>>* prompt_logprobs = nullptr,
     int64_t prompt_top_logprobs = 0);
 
+// Several prompts prefilled together (cross-request batching): every round runs the next chunk
+// (at most `chunk_tokens`) of every unfinished prompt in one forward pass, so projections and
+// MoE dispatches are shared; attention stays per prompt. Each item's result equals
+// PrefillFirstToken's on its own.
+struct PrefillItem {
+  absl::Span<const int32_t> prompt;
+  SequenceCache* cache = nullptr;
+  SamplingParams sampling;
+  int64_t logprobs = -1;             // < 0: none
+  int64_t prompt_top_logprobs = -1;  // < 0: no prompt logprobs
+  // Results.
+  absl::Status status;               // the item's own failure (a hook error, a bad prompt)
+  DecodedToken first;
+  std::vector<std::optional<TokenLogprob>> prompt_logprobs;
+};
+// After a layer of a round: item `item`'s rows [first, first + count) are in its cache. An error
+// stops that item only (its status), the others go on.
+using BatchLayerDoneFn =
+    std::function<absl::Status(size_t item, int64_t layer, int64_t first, int64_t count)>;
+// Returns an error only when a forward pass itself fails (then every unfinished item carries it).
+absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& items,
+                          AttentionForm form, const BatchLayerDoneFn& on_layer_done = nullptr,
+                          int64_t chunk_tokens = 256);
+
 // Whether a freshly sampled token ends the sequence, and why ("stop" or "length"); empty: go on.
 std::string FinishReason(int32_t token, int64_t generated, int64_t max_tokens, int64_t eos_token_id,
                          bool ignore_eos, const std::vector<int32_t>& stop_token_ids);

@@ -88,6 +88,19 @@ class Cluster {
     }
   }
 
+  // The sum once it equals `want` (heartbeats carry the counters, so they lag a little), or the
+  // last value seen after `timeout`.
+  uint64_t SumOnceEqual(v1::WorkerRole role, uint64_t (*field)(const v1::WorkerLoad&),
+                        uint64_t want, absl::Duration timeout = absl::Seconds(3)) {
+    const absl::Time end = absl::Now() + timeout;
+    uint64_t got = Sum(role, field);
+    while (got != want && absl::Now() < end) {
+      absl::SleepFor(absl::Milliseconds(50));
+      got = Sum(role, field);
+    }
+    return got;
+  }
+
   // Sum over workers of a role of one load field.
   uint64_t Sum(v1::WorkerRole role, uint64_t (*field)(const v1::WorkerLoad&)) {
     uint64_t total = 0;
@@ -279,12 +292,15 @@ TEST_F(ServingTest, ConcurrentRequestsEqualTheEngine) {
   uint64_t tokens = 0;
   for (const Case& k : cases) tokens += k.max_tokens > 1 ? k.prompt.size() : 0;
   const uint64_t per_token = static_cast<uint64_t>(c.num_hidden_layers * c.latent_dim() * 4);
-  EXPECT_EQ(cluster_->Sum(v1::WORKER_ROLE_PREFILL,
-                          [](const v1::WorkerLoad& l) { return l.latent_bytes_sent(); }) -
+  EXPECT_EQ(cluster_->SumOnceEqual(
+                v1::WORKER_ROLE_PREFILL,
+                [](const v1::WorkerLoad& l) { return l.latent_bytes_sent(); }, sent0 + tokens * per_token) -
                 sent0,
             tokens * per_token);
-  EXPECT_EQ(cluster_->Sum(v1::WORKER_ROLE_DECODE,
-                          [](const v1::WorkerLoad& l) { return l.latent_bytes_received(); }) -
+  EXPECT_EQ(cluster_->SumOnceEqual(
+                v1::WORKER_ROLE_DECODE,
+                [](const v1::WorkerLoad& l) { return l.latent_bytes_received(); },
+                received0 + tokens * per_token) -
                 received0,
             tokens * per_token);
 }
@@ -502,10 +518,14 @@ TEST(ScaledServingTest, TwoOfEachEqualTheEngine) {
   ExpectConcurrentEqualsEngine(*cluster, **e, MixedCases((*e)->config().vocab_size, 16, 3));
   EXPECT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
   int decode_used = 0, prefill_used = 0;
-  const v1::ClusterStatusResponse status = cluster->Status();
-  for (const auto& w : status.workers()) {
-    if (w.role() == v1::WORKER_ROLE_DECODE) decode_used += w.load().latent_tokens() > 0;
-    if (w.role() == v1::WORKER_ROLE_PREFILL) prefill_used += w.load().latent_tokens() > 0;
+  for (int attempt = 0; attempt < 60 && (decode_used < 2 || prefill_used < 2); ++attempt) {
+    if (attempt > 0) absl::SleepFor(absl::Milliseconds(50));  // heartbeats lag a little
+    decode_used = prefill_used = 0;
+    const v1::ClusterStatusResponse status = cluster->Status();
+    for (const auto& w : status.workers()) {
+      if (w.role() == v1::WORKER_ROLE_DECODE) decode_used += w.load().latent_tokens() > 0;
+      if (w.role() == v1::WORKER_ROLE_PREFILL) prefill_used += w.load().latent_tokens() > 0;
+    }
   }
   EXPECT_EQ(decode_used, 2) << "load was not spread over both decode workers";
   EXPECT_EQ(prefill_used, 2) << "load was not spread over both prefill workers";
@@ -554,12 +574,15 @@ TEST(ScaledServingTest, Bf16CacheHalvesTheBytesAndStaysClose) {
   EXPECT_LT(sum_diff / std::max(same, 1), 0.03);
   ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
   const auto& c = (*e)->config();
-  EXPECT_EQ(cluster->Sum(v1::WORKER_ROLE_DECODE,
-                         [](const v1::WorkerLoad& l) { return l.latent_bytes_received(); }),
-            prompt_tokens * c.num_hidden_layers * c.latent_dim() * 2);
-  EXPECT_EQ(cluster->Sum(v1::WORKER_ROLE_PREFILL,
-                         [](const v1::WorkerLoad& l) { return l.latent_bytes_sent(); }),
-            prompt_tokens * c.num_hidden_layers * c.latent_dim() * 2);
+  const uint64_t want = prompt_tokens * c.num_hidden_layers * c.latent_dim() * 2;
+  EXPECT_EQ(cluster->SumOnceEqual(
+                v1::WORKER_ROLE_DECODE,
+                [](const v1::WorkerLoad& l) { return l.latent_bytes_received(); }, want),
+            want);
+  EXPECT_EQ(cluster->SumOnceEqual(
+                v1::WORKER_ROLE_PREFILL,
+                [](const v1::WorkerLoad& l) { return l.latent_bytes_sent(); }, want),
+            want);
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 

@@ -3,7 +3,9 @@
 // exactly the tokens (and logprobs) each would produce alone through Engine::Generate.
 #include "common/engine/batch_decoder.h"
 
+#include <cmath>
 #include <map>
+#include <memory>
 
 #include "common/engine/engine.h"
 #include "gtest/gtest.h"
@@ -133,6 +135,63 @@ TEST(BatchDecoderTest, CancelAndStopIds) {
   EXPECT_TRUE((*out)[0].finished);
   EXPECT_EQ((*out)[0].finish_reason, "stop");
   EXPECT_EQ(decoder.TakeFinished().size(), 1u);
+}
+
+// Prompts prefilled together (cross-request batching in the prefill worker) give each prompt
+// exactly what it gets alone: the first token, its logprob, the prompt logprobs and the cached
+// latents; an item stopped by the hook stops alone.
+TEST(BatchDecoderTest, PrefillBatchEqualsPrefillingAlone) {
+  auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  const auto& c = e.config();
+  const std::vector<std::vector<int32_t>> prompts = {Prompt(5, 1), Prompt(300, 2), Prompt(17, 3),
+                                                     Prompt(1, 4), Prompt(40, 5)};
+  std::vector<std::unique_ptr<LatentCache>> caches;
+  std::vector<PrefillItem> items(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    caches.push_back(std::make_unique<LatentCache>(c.num_hidden_layers, c.latent_dim()));
+    items[i].prompt = prompts[i];
+    items[i].cache = caches[i].get();
+    items[i].sampling = {.temperature = i % 2 ? 0.9 : 0.0, .top_p = 1.0, .top_k = 0, .seed = i};
+    items[i].logprobs = 3;
+    items[i].prompt_top_logprobs = 2;
+  }
+  std::map<size_t, int> calls;
+  ASSERT_TRUE(PrefillBatch(e.transformer(), items, AttentionForm::kAbsorbed,
+                           [&](size_t item, int64_t layer, int64_t, int64_t) {
+                             ++calls[item];
+                             // Item 4 is cancelled after its first layer.
+                             return item == 4 && layer == 0 ? absl::CancelledError("stop")
+                                                            : absl::OkStatus();
+                           })
+                  .ok());
+  EXPECT_EQ(items[4].status.code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(calls[4], 1);
+  EXPECT_EQ(calls[1], 2 * c.num_hidden_layers);  // two chunks
+  for (size_t i = 0; i + 1 < prompts.size(); ++i) {
+    SCOPED_TRACE(i);
+    ASSERT_TRUE(items[i].status.ok()) << items[i].status;
+    LatentCache alone(c.num_hidden_layers, c.latent_dim());
+    std::vector<std::optional<TokenLogprob>> lps;
+    auto first = PrefillFirstToken(e.transformer(), prompts[i], &alone, items[i].sampling, 3,
+                                   AttentionForm::kAbsorbed, nullptr, &lps, 2);
+    ASSERT_TRUE(first.ok());
+    EXPECT_EQ(items[i].first.token, first->token);
+    EXPECT_NEAR(items[i].first.logprob->logprob, first->logprob->logprob, 1e-5);
+    ASSERT_EQ(items[i].prompt_logprobs.size(), lps.size());
+    for (size_t j = 1; j < lps.size(); ++j) {
+      EXPECT_NEAR(items[i].prompt_logprobs[j]->logprob, lps[j]->logprob, 1e-5);
+      EXPECT_EQ(items[i].prompt_logprobs[j]->top[0].first, lps[j]->top[0].first);
+    }
+    ASSERT_EQ(caches[i]->length(), alone.length());
+    double max_diff = 0;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+      for (int64_t v = 0; v < alone.length() * c.latent_dim(); ++v)
+        max_diff = std::max(max_diff, static_cast<double>(std::fabs(caches[i]->Layer(l)[v] -
+                                                                     alone.Layer(l)[v])));
+    EXPECT_LT(max_diff, 1e-5);
+  }
 }
 
 }  // namespace

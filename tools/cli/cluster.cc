@@ -64,7 +64,8 @@ absl::StatusOr<std::vector<int32_t>> RemotePrompt(const Flags& f, v1::Generation
 absl::Status PrefillCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
-      f.Parse(argc, argv, 2, {"model", "listen", "router", "wire-dtype", "attention"}, {}));
+      f.Parse(argc, argv, 2,
+              {"model", "listen", "router", "wire-dtype", "attention", "batch-tokens"}, {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
   }
@@ -78,6 +79,8 @@ absl::Status PrefillCommand(int argc, char** argv) {
     return absl::InvalidArgumentError("--attention must be absorbed or naive");
   }
   o.form = form == "naive" ? engine::AttentionForm::kNaive : engine::AttentionForm::kAbsorbed;
+  SPLITMOE_ASSIGN_OR_RETURN(o.batch_tokens, f.GetInt("batch-tokens", o.batch_tokens));
+  if (o.batch_tokens <= 0) return absl::InvalidArgumentError("--batch-tokens must be > 0");
   return prefill::RunPrefillWorker(o);
 }
 
@@ -113,7 +116,7 @@ absl::Status UpCommand(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
                                    {"model", "prefill", "decode", "experts", "port", "host",
                                     "cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
-                                    "heartbeat-ms", "max-devices"},
+                                    "heartbeat-ms", "max-devices", "prefill-batch-tokens"},
                                    {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   const std::string model = f.Get("model");
@@ -186,6 +189,10 @@ absl::Status UpCommand(int argc, char** argv) {
     std::vector<std::string> args = {"prefill", "--model", model, "--router", *router,
                                      "--listen", host + ":0"};
     pass(args, "wire-dtype");
+    if (f.Has("prefill-batch-tokens")) {
+      args.push_back("--batch-tokens");
+      args.push_back(f.Get("prefill-batch-tokens"));
+    }
     absl::StatusOr<std::string> r = start(absl::StrCat("prefill", i), args);
     if (!r.ok()) return fail(r.status());
   }
