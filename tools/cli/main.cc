@@ -332,6 +332,16 @@ absl::Status Status(int argc, char** argv) {
   }
   std::cout << "workers: " << status.workers_size()
             << ", requests in flight: " << status.requests_in_flight() << "\n";
+  // Resident weights: the expert services together hold the routed experts once; every
+  // attention worker (prefill, decode) holds the attention side.
+  uint64_t expert_bytes = 0;
+  int attention_workers = 0;
+  for (const v1::WorkerStatus& w : status.workers()) {
+    if (w.role() == v1::WORKER_ROLE_EXPERT) expert_bytes += w.resident_weight_bytes();
+    attention_workers += w.role() == v1::WORKER_ROLE_PREFILL || w.role() == v1::WORKER_ROLE_DECODE;
+  }
+  std::cout << "resident weights: routed experts " << expert_bytes << " B over the expert services; "
+            << attention_workers << " attention workers\n";
   for (const v1::WorkerStatus& w : status.workers()) {
     std::cout << "  " << w.worker_id() << "  " << v1::WorkerRole_Name(w.role()).substr(12) << "  "
               << w.address() << "  " << (w.healthy() ? "healthy" : "OUT OF SERVICE")
