@@ -60,6 +60,14 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
         " exceed the context of ", c.max_position_embeddings)));
     return;
   }
+  const int64_t needed = cache_.BlocksFor(static_cast<int64_t>(r.prompt_tokens()) + r.max_tokens());
+  if (needed > cache_.num_blocks()) {
+    // Not a wait-and-retry case: it can never fit here.
+    m.reply(absl::OutOfRangeError(absl::StrCat(
+        "reserve: ", r.prompt_tokens(), " + ", r.max_tokens(), " tokens need ", needed,
+        " blocks, this worker's whole cache has ", cache_.num_blocks())));
+    return;
+  }
   absl::StatusOr<Reservation> reservation = cache_.Reserve(r.prompt_tokens(), r.max_tokens());
   if (!reservation.ok()) {
     m.reply(reservation.status());

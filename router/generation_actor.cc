@@ -257,10 +257,19 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
     SendPrefill(r, ctx);
     return;
   }
-  Worker* decode = LeastLoaded(v1::WORKER_ROLE_DECODE, r.decode_tried);
+  std::vector<std::string> exclude = r.decode_tried;
+  exclude.insert(exclude.end(), r.too_small.begin(), r.too_small.end());
+  Worker* decode = LeastLoaded(v1::WORKER_ROLE_DECODE, exclude);
   if (decode == nullptr) {
     if (LeastLoaded(v1::WORKER_ROLE_DECODE, {}) == nullptr) {
       FinishWithError(r, absl::UnavailableError("no decode worker is serving"));
+      return;
+    }
+    if (LeastLoaded(v1::WORKER_ROLE_DECODE, r.too_small) == nullptr) {
+      FinishWithError(r, absl::ResourceExhaustedError(absl::StrCat(
+                             r.prompt.size(), " prompt tokens + max_tokens ",
+                             r.request.stop().max_tokens(),
+                             " do not fit in any decode worker's whole cache")));
       return;
     }
     // Every decode worker's cache is full: wait for blocks, up to the admission timeout.
@@ -327,6 +336,11 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
     if (m.result.status().code() == absl::StatusCode::kResourceExhausted) {
       r.decode_tried.push_back(m.worker_id);
       Admit(r, ctx);  // another decode worker, or wait
+      return;
+    }
+    if (m.result.status().code() == absl::StatusCode::kOutOfRange) {
+      r.too_small.push_back(m.worker_id);
+      Admit(r, ctx);  // another decode worker, or RESOURCE_EXHAUSTED now
       return;
     }
     // A lost reply may hide a granted reservation: cancel it by request id.

@@ -147,6 +147,7 @@ class GenerationActor {
     Stage stage = Stage::kAdmitting;
     std::string prefill_worker, decode_worker;
     std::vector<std::string> decode_tried;  // full caches this admission round
+    std::vector<std::string> too_small;     // decode workers whose whole cache is too small
     std::optional<v1::LatentDestination> destination;
     std::shared_ptr<grpc::ClientContext> prefill_ctx;
     bool prefill_sent = false;

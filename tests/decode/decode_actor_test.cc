@@ -229,7 +229,11 @@ TEST_F(DecodeActorTest, AReleasedReservationIsFencedUntilItsWriterIsDone) {
   EXPECT_EQ(Start("zz", unknown, prompt, 1, 4, 0).code(), absl::StatusCode::kInvalidArgument);
   // Bad reservations: nothing taken.
   EXPECT_EQ(Reserve("e", 0, 4).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(Reserve("f", 20, 1000).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(Reserve("f", 20, 1000).status().code(), absl::StatusCode::kOutOfRange);  // > 12 blocks
+  auto g = Reserve("g", 20, 100);  // 8 of the 12 blocks
+  ASSERT_TRUE(g.ok());
+  EXPECT_EQ(Reserve("h", 20, 60).status().code(), absl::StatusCode::kResourceExhausted);  // 5 > 4
+  ASSERT_TRUE(Release(g->reservation_id(), true).ok());
   EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
 }
 

@@ -586,6 +586,34 @@ TEST(ScaledServingTest, Bf16CacheHalvesTheBytesAndStaysClose) {
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 
+// A small cache: requests wait for blocks (admission retries) and still equal the engine; a
+// request larger than any decode worker's whole cache fails at once with RESOURCE_EXHAUSTED.
+TEST(ScaledServingTest, AFullCacheQueuesAndAnImpossibleRequestFailsAtOnce) {
+  const std::string model = testing::TinyModel("serving_scaled");
+  auto e = engine::Engine::Load(model);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto cluster = Cluster::Up(model, {"--block-tokens", "16", "--cache-blocks", "4"});
+  ASSERT_NE(cluster, nullptr);
+  std::vector<Case> cases;
+  for (int i = 0; i < 6; ++i) {
+    Case c;
+    for (int t = 0; t < 20; ++t) c.prompt.push_back((i * 37 + t * 11) % 500);
+    c.max_tokens = 10;  // 30 tokens: 2 of the 4 blocks, so at most two run at once
+    c.logprobs = 1;
+    cases.push_back(c);
+  }
+  ExpectConcurrentEqualsEngine(*cluster, **e, cases);
+  Case huge;
+  huge.prompt.assign(100, 7);
+  const absl::Time start = absl::Now();
+  Outcome got = Generate(*cluster->generation, ToRequest(huge, "huge"));
+  EXPECT_EQ(got.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << got.status.error_message();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+}
+
 // ---- failures ----
 
 TEST(ServingFailureTest, NoWorkerOfANeededRoleIsUnavailable) {
