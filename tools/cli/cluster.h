@@ -6,6 +6,8 @@
 #ifndef SPLITMOE_TOOLS_CLI_CLUSTER_H_
 #define SPLITMOE_TOOLS_CLI_CLUSTER_H_
 
+#include <string>
+
 #include "absl/status/status.h"
 #include "tools/cli/flags.h"
 
@@ -17,6 +19,8 @@ absl::Status UpCommand(int argc, char** argv);
 // `f` was parsed by the single-process command and has --endpoint.
 absl::Status GenerateRemote(const Flags& f);
 absl::Status ScoreRemote(const Flags& f);
+// `generate --device cuda:N`: the engine on a GPU (an error in a build without CUDA).
+absl::Status GenerateOnDevice(const Flags& f, const std::string& device);
 
 }  // namespace splitmoe::cli
 

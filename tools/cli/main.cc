@@ -225,12 +225,14 @@ absl::Status Generate(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "endpoint", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p",
-               "top-k", "seed", "logprobs", "stop", "stop-token-ids", "attention"},
+               "top-k", "seed", "logprobs", "stop", "stop-token-ids", "attention", "device",
+               "precision"},
               {"json", "ignore-eos"}));
   if (f.Has("endpoint") && !f.Has("model")) return GenerateRemote(f);
   if (f.Has("model") == f.Has("endpoint")) {
     return absl::InvalidArgumentError("generate needs --model DIR or --endpoint HOST:PORT");
   }
+  if (f.Get("device", "cpu") != "cpu") return GenerateOnDevice(f, f.Get("device"));
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
@@ -384,7 +386,8 @@ int Usage() {
          "  generate  --model DIR (--prompt TEXT | --prompt-tokens IDS) [--max-tokens N] "
          "[--temperature T]\n"
          "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n"
-         "            (score/generate: --endpoint HOST:PORT instead of --model asks a cluster)\n"
+         "            (score/generate: --endpoint HOST:PORT instead of --model asks a cluster;\n"
+         "             generate --device cuda:N [--precision fp32|bf16] runs the engine on a GPU)\n"
          "  up        --model DIR [--prefill N] [--decode N] [--experts N] [--port P] "
          "[--cache-blocks N]\n"
          "  router    --model DIR [--listen HOST:PORT] [--max-devices M] [--heartbeat-ms MS]\n"

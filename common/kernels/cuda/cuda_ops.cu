@@ -36,11 +36,11 @@ unsigned Blocks(int64_t n, int threads) {
 // ---- element-wise ----
 
 // One block per row; the sum of squares in fp32 through shared memory.
-__global__ void RmsNormKernel(const float* x, int64_t dim, const float* weight, float eps,
-                              float* out) {
+__global__ void RmsNormKernel(const float* x, int64_t dim, int64_t x_stride, const float* weight,
+                              float eps, float* out, int64_t out_stride) {
   extern __shared__ float partial[];
-  const float* xr = x + blockIdx.x * dim;
-  float* o = out + blockIdx.x * dim;
+  const float* xr = x + blockIdx.x * x_stride;
+  float* o = out + blockIdx.x * out_stride;
   float sum = 0.0f;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum += xr[i] * xr[i];
   partial[threadIdx.x] = sum;
@@ -58,6 +58,56 @@ __global__ void SiluMulKernel(float* gate, const float* up, int64_t n) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float g = gate[i];
     gate[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+__global__ void EmbedKernel(const float* table, const int32_t* tokens, int64_t rows,
+                            int64_t hidden, float* out) {
+  const int64_t n = rows * hidden;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = table[static_cast<int64_t>(tokens[i / hidden]) * hidden + i % hidden];
+  }
+}
+
+__global__ void AddKernel(float* h, const float* delta, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    h[i] += delta[i];
+  }
+}
+
+// One block per row, the row on one thread: rows are gate scores (a few hundred experts).
+__global__ void ScoresKernel(float* x, int64_t n, bool sigmoid) {
+  if (threadIdx.x != 0) return;
+  float* r = x + blockIdx.x * n;
+  if (sigmoid) {
+    for (int64_t i = 0; i < n; ++i) r[i] = 1.0f / (1.0f + expf(-r[i]));
+    return;
+  }
+  float m = r[0];
+  for (int64_t i = 1; i < n; ++i) m = fmaxf(m, r[i]);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += (r[i] = expf(r[i] - m));
+  for (int64_t i = 0; i < n; ++i) r[i] /= sum;
+}
+
+__global__ void StoreLatentsKernel(const float* rows, int64_t n, int64_t latent_dim, int64_t start,
+                                   const int32_t* block_table, int64_t block_tokens, void* cache,
+                                   bool bf16) {
+  const int64_t total = n * latent_dim;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t pos = start + i / latent_dim, d = i % latent_dim;
+    const int64_t at =
+        (static_cast<int64_t>(block_table[pos / block_tokens]) * block_tokens + pos % block_tokens) *
+            latent_dim +
+        d;
+    if (bf16) {
+      static_cast<__nv_bfloat16*>(cache)[at] = __float2bfloat16_rn(rows[i]);
+    } else {
+      static_cast<float*>(cache)[at] = rows[i];
+    }
   }
 }
 
@@ -178,10 +228,14 @@ constexpr int kMlaMaxPerLane = 24;  // latent_dim <= 768
 // Grid (batch, head groups, splits). Each warp keeps its head's query in registers, streams the
 // split's tokens through shared memory tile by tile, and keeps an online softmax (running max
 // m, sum l, unnormalised output o). Writes (m, l, o) per (sequence, head, split).
-__global__ void MlaDecodeKernel(const float* q, const __nv_bfloat16* cache,
-                                const int32_t* block_table, const int32_t* seq_lens, MlaShape s,
-                                float scale, float* partial) {
-  extern __shared__ __nv_bfloat16 tile[];  // [kMlaTile, latent_dim]
+__device__ inline float ToFloat(float v) { return v; }
+__device__ inline float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__global__ void MlaDecodeKernel(const float* q, const T* cache, const int32_t* block_table,
+                                const int32_t* seq_lens, MlaShape s, float scale, float* partial) {
+  extern __shared__ __align__(16) unsigned char tile_bytes[];
+  T* tile = reinterpret_cast<T*>(tile_bytes);  // [kMlaTile, latent_dim]
   const int b = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int head = blockIdx.y * kMlaHeadsPerCta + warp;
@@ -216,14 +270,14 @@ __global__ void MlaDecodeKernel(const float* q, const __nv_bfloat16* cache,
     __syncthreads();
     if (active) {
       for (int t = 0; t < n; ++t) {
-        const __nv_bfloat16* k = tile + t * s.latent_dim;
+        const T* k = tile + t * s.latent_dim;
         float dot = 0.0f;
         // Compile-time trip counts keep qr[] and o[] in registers (a run-time index would move
         // them to local memory).
 #pragma unroll
         for (int j = 0; j < kMlaMaxPerLane; ++j) {
           const int d = lane + 32 * j;
-          if (j < per_lane && d < s.latent_dim) dot += qr[j] * __bfloat162float(k[d]);
+          if (j < per_lane && d < s.latent_dim) dot += qr[j] * ToFloat(k[d]);
         }
         for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
         const float score = dot * scale;
@@ -234,7 +288,7 @@ __global__ void MlaDecodeKernel(const float* q, const __nv_bfloat16* cache,
 #pragma unroll
         for (int j = 0; j < kMlaMaxPerLane; ++j) {
           const int d = lane + 32 * j;
-          const float v = (j < out_per_lane && d < s.kv_lora_rank) ? __bfloat162float(k[d]) : 0.0f;
+          const float v = (j < out_per_lane && d < s.kv_lora_rank) ? ToFloat(k[d]) : 0.0f;
           o[j] = o[j] * corr + p * v;
         }
         m = m_new;
@@ -279,24 +333,29 @@ __global__ void MlaCombineKernel(const float* partial, MlaShape s, float* out) {
 
 // ---- MoE helpers ----
 
-// rows[i] = bf16(x[index[i], :]).
-__global__ void GatherBf16Kernel(const float* x, const int32_t* index, int64_t n, int64_t hidden,
-                                 __nv_bfloat16* rows) {
+__device__ inline void Put(float v, float* out) { *out = v; }
+__device__ inline void Put(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
+
+// rows[i] = x[index[i], :], converted to T.
+template <typename T>
+__global__ void GatherKernel(const float* x, const int32_t* index, int64_t n, int64_t hidden,
+                             T* rows) {
   const int64_t total = n * hidden;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    rows[i] = __float2bfloat16_rn(x[index[i / hidden] * hidden + i % hidden]);
+    Put(x[index[i / hidden] * hidden + i % hidden], rows + i);
   }
 }
 
-// act[r, j] = bf16(silu(h[r, j]) * h[r, inter + j]) for h [n, 2 * inter] fp32.
-__global__ void SwiGluRowsKernel(const float* h, int64_t n, int64_t inter, __nv_bfloat16* act) {
+// act[r, j] = silu(h[r, j]) * h[r, inter + j] for h [n, 2 * inter] fp32, converted to T.
+template <typename T>
+__global__ void SwiGluRowsKernel(const float* h, int64_t n, int64_t inter, T* act) {
   const int64_t total = n * inter;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / inter, j = i % inter;
     const float g = h[r * 2 * inter + j], u = h[r * 2 * inter + inter + j];
-    act[i] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * u);
+    Put(g / (1.0f + expf(-g)) * u, act + i);
   }
 }
 
@@ -349,8 +408,56 @@ absl::Status RmsNormDevice(const float* x, int64_t rows, int64_t dim, const floa
   if (rows == 0) return absl::OkStatus();
   constexpr int kThreads = 256;
   RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(float), stream>>>(
-      x, dim, weight, eps, out);
+      x, dim, dim, weight, eps, out, dim);
   return Launched("RmsNormKernel");
+}
+
+absl::Status RmsNormStridedDevice(const float* x, int64_t rows, int64_t dim, int64_t x_stride,
+                                  const float* weight, float eps, float* out, int64_t out_stride,
+                                  cudaStream_t stream) {
+  if (rows < 0 || dim <= 0 || x_stride < dim || out_stride < dim) {
+    return absl::InvalidArgumentError(absl::StrCat("RmsNorm: bad shape [", rows, ", ", dim,
+                                                   "] strides ", x_stride, "/", out_stride));
+  }
+  if (rows == 0) return absl::OkStatus();
+  constexpr int kThreads = 256;
+  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(float), stream>>>(
+      x, dim, x_stride, weight, eps, out, out_stride);
+  return Launched("RmsNormKernel");
+}
+
+absl::Status EmbedDevice(const float* table, const int32_t* tokens, int64_t rows, int64_t hidden,
+                         float* out, cudaStream_t stream) {
+  if (rows < 0 || hidden <= 0) return absl::InvalidArgumentError("Embed: bad shape");
+  if (rows == 0) return absl::OkStatus();
+  EmbedKernel<<<Blocks(rows * hidden, 256), 256, 0, stream>>>(table, tokens, rows, hidden, out);
+  return Launched("EmbedKernel");
+}
+
+absl::Status AddDevice(float* h, const float* delta, int64_t n, cudaStream_t stream) {
+  if (n < 0) return absl::InvalidArgumentError("Add: negative size");
+  if (n == 0) return absl::OkStatus();
+  AddKernel<<<Blocks(n, 256), 256, 0, stream>>>(h, delta, n);
+  return Launched("AddKernel");
+}
+
+absl::Status ScoresDevice(float* x, int64_t rows, int64_t n, bool sigmoid, cudaStream_t stream) {
+  if (rows < 0 || n <= 0) return absl::InvalidArgumentError("Scores: bad shape");
+  if (rows == 0) return absl::OkStatus();
+  ScoresKernel<<<static_cast<unsigned>(rows), 32, 0, stream>>>(x, n, sigmoid);
+  return Launched("ScoresKernel");
+}
+
+absl::Status StoreLatentsDevice(const float* rows, int64_t n, int64_t latent_dim, int64_t start,
+                                const int32_t* block_table, int64_t block_tokens, void* cache,
+                                bool bf16, cudaStream_t stream) {
+  if (n < 0 || latent_dim <= 0 || start < 0 || block_tokens <= 0) {
+    return absl::InvalidArgumentError("StoreLatents: bad shape");
+  }
+  if (n == 0) return absl::OkStatus();
+  StoreLatentsKernel<<<Blocks(n * latent_dim, 256), 256, 0, stream>>>(
+      rows, n, latent_dim, start, block_table, block_tokens, cache, bf16);
+  return Launched("StoreLatentsKernel");
 }
 
 absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, const float* weight, float eps,
@@ -416,6 +523,20 @@ absl::Status DequantFp8Device(const uint8_t* fp8, const float* scales, int64_t r
   return Launched("DequantFp8Kernel");
 }
 
+absl::Status GemmF32(cublasHandle_t handle, const float* x, int64_t m, int64_t k, const float* w,
+                     int64_t n, float* y) {
+  if (m < 0 || k <= 0 || n <= 0 || m > INT32_MAX || k > INT32_MAX || n > INT32_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat("GemmF32: bad shape ", m, "x", k, "x", n));
+  }
+  if (m == 0) return absl::OkStatus();
+  const float alpha = 1.0f, beta = 0.0f;
+  return CublasError(cublasSgemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+                                 static_cast<int>(m), static_cast<int>(k), &alpha, w,
+                                 static_cast<int>(k), x, static_cast<int>(k), &beta, y,
+                                 static_cast<int>(n)),
+                     "cublasSgemm");
+}
+
 absl::Status GemmBf16(cublasHandle_t handle, const __nv_bfloat16* x, int64_t m, int64_t k,
                       const __nv_bfloat16* w, int64_t n, float* y) {
   if (m < 0 || k <= 0 || n <= 0 || m > INT32_MAX || k > INT32_MAX || n > INT32_MAX) {
@@ -454,10 +575,11 @@ int64_t MlaWorkspaceFloats(const MlaShape& s) {
   return static_cast<int64_t>(s.batch) * s.heads * s.splits * (2 + s.kv_lora_rank);
 }
 
-absl::Status MlaDecodeDevice(const float* q, const __nv_bfloat16* cache,
-                             const int32_t* block_table, const int32_t* seq_lens,
-                             const MlaShape& s, float softmax_scale, float* workspace, float* out,
-                             cudaStream_t stream) {
+namespace {
+template <typename T>
+absl::Status MlaDecodeImpl(const float* q, const T* cache, const int32_t* block_table,
+                           const int32_t* seq_lens, const MlaShape& s, float softmax_scale,
+                           float* workspace, float* out, cudaStream_t stream) {
   if (s.batch < 0 || s.heads <= 0 || s.latent_dim <= 0 || s.latent_dim > 32 * kMlaMaxPerLane ||
       s.kv_lora_rank <= 0 || s.kv_lora_rank > s.latent_dim || s.block_tokens <= 0 ||
       s.max_blocks <= 0 || s.splits < 1 || s.splits > 64) {
@@ -466,24 +588,57 @@ absl::Status MlaDecodeDevice(const float* q, const __nv_bfloat16* cache,
         ", rank ", s.kv_lora_rank, ", block ", s.block_tokens, ", splits ", s.splits, ")"));
   }
   if (s.batch == 0) return absl::OkStatus();
+  const size_t smem = static_cast<size_t>(kMlaTile) * s.latent_dim * sizeof(T);
+  if (smem > 48 * 1024) {
+    // fp32 tiles of 576 values need 72 KB: raise this kernel's dynamic shared-memory limit.
+    absl::Status raised = CudaError(
+        cudaFuncSetAttribute(MlaDecodeKernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)),
+        "cudaFuncSetAttribute");
+    if (!raised.ok()) return raised;
+  }
   const dim3 grid(static_cast<unsigned>(s.batch),
                   static_cast<unsigned>((s.heads + kMlaHeadsPerCta - 1) / kMlaHeadsPerCta),
                   static_cast<unsigned>(s.splits));
-  const size_t smem = static_cast<size_t>(kMlaTile) * s.latent_dim * sizeof(__nv_bfloat16);
-  MlaDecodeKernel<<<grid, 32 * kMlaHeadsPerCta, smem, stream>>>(q, cache, block_table, seq_lens,
-                                                                 s, softmax_scale, workspace);
+  MlaDecodeKernel<T><<<grid, 32 * kMlaHeadsPerCta, smem, stream>>>(q, cache, block_table, seq_lens,
+                                                                    s, softmax_scale, workspace);
   absl::Status launched = Launched("MlaDecodeKernel");
   if (!launched.ok()) return launched;
   MlaCombineKernel<<<dim3(static_cast<unsigned>(s.batch), static_cast<unsigned>(s.heads)), 128, 0,
                      stream>>>(workspace, s, out);
   return Launched("MlaCombineKernel");
 }
+}  // namespace
 
-absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32_t* experts,
-                              const float* weights,
-                              const std::vector<const __nv_bfloat16*>& gate_up,
-                              const std::vector<const __nv_bfloat16*>& down, const MoeShape& s,
-                              float* out, cudaStream_t stream) {
+absl::Status MlaDecodeDevice(const float* q, const __nv_bfloat16* cache,
+                             const int32_t* block_table, const int32_t* seq_lens,
+                             const MlaShape& s, float softmax_scale, float* workspace, float* out,
+                             cudaStream_t stream) {
+  return MlaDecodeImpl(q, cache, block_table, seq_lens, s, softmax_scale, workspace, out, stream);
+}
+
+absl::Status MlaDecodeDevice(const float* q, const float* cache, const int32_t* block_table,
+                             const int32_t* seq_lens, const MlaShape& s, float softmax_scale,
+                             float* workspace, float* out, cudaStream_t stream) {
+  return MlaDecodeImpl(q, cache, block_table, seq_lens, s, softmax_scale, workspace, out, stream);
+}
+
+namespace {
+absl::Status Gemm(cublasHandle_t h, const __nv_bfloat16* x, int64_t m, int64_t k,
+                  const __nv_bfloat16* w, int64_t n, float* y) {
+  return GemmBf16(h, x, m, k, w, n, y);
+}
+absl::Status Gemm(cublasHandle_t h, const float* x, int64_t m, int64_t k, const float* w,
+                  int64_t n, float* y) {
+  return GemmF32(h, x, m, k, w, n, y);
+}
+
+// W: the weights' and the GEMM inputs' type (bf16, or fp32 for the reference mode).
+template <typename W>
+absl::Status MoeExpertsImpl(cublasHandle_t handle, const float* x, const int32_t* experts,
+                            const float* weights, const std::vector<const W*>& gate_up,
+                            const std::vector<const W*>& down, const MoeShape& s, float* out,
+                            cudaStream_t stream) {
   if (s.tokens < 0 || s.hidden <= 0 || s.inter <= 0 || s.top_k <= 0 || s.n_experts <= 0 ||
       static_cast<int32_t>(gate_up.size()) != s.n_experts ||
       static_cast<int32_t>(down.size()) != s.n_experts) {
@@ -514,7 +669,7 @@ absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32
 
   // Scratch: slot outputs (zeroed: experts not held here contribute nothing), per-expert rows.
   float *slot_out = nullptr, *h = nullptr, *y = nullptr, *row_w = nullptr;
-  __nv_bfloat16 *xe = nullptr, *act = nullptr;
+  W *xe = nullptr, *act = nullptr;
   int32_t *token_index = nullptr, *slot_index = nullptr;
   auto alloc = [&](void** p, size_t bytes) {
     return CudaError(cudaMallocAsync(p, std::max<size_t>(bytes, 16), stream), "cudaMallocAsync");
@@ -523,8 +678,8 @@ absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32
   if (st.ok()) st = alloc(reinterpret_cast<void**>(&h), max_rows * 2 * s.inter * sizeof(float));
   if (st.ok()) st = alloc(reinterpret_cast<void**>(&y), max_rows * s.hidden * sizeof(float));
   if (st.ok()) st = alloc(reinterpret_cast<void**>(&row_w), max_rows * sizeof(float));
-  if (st.ok()) st = alloc(reinterpret_cast<void**>(&xe), max_rows * s.hidden * 2);
-  if (st.ok()) st = alloc(reinterpret_cast<void**>(&act), max_rows * s.inter * 2);
+  if (st.ok()) st = alloc(reinterpret_cast<void**>(&xe), max_rows * s.hidden * sizeof(W));
+  if (st.ok()) st = alloc(reinterpret_cast<void**>(&act), max_rows * s.inter * sizeof(W));
   if (st.ok()) st = alloc(reinterpret_cast<void**>(&token_index), max_rows * sizeof(int32_t));
   if (st.ok()) st = alloc(reinterpret_cast<void**>(&slot_index), max_rows * sizeof(int32_t));
   if (st.ok()) {
@@ -557,16 +712,16 @@ absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32
           cudaMemcpyAsync(row_w, wt.data(), n * sizeof(float), cudaMemcpyHostToDevice, stream),
           "cudaMemcpyAsync");
     if (st.ok()) {
-      GatherBf16Kernel<<<Blocks(n * s.hidden, 256), 256, 0, stream>>>(x, token_index, n, s.hidden,
+      GatherKernel<W><<<Blocks(n * s.hidden, 256), 256, 0, stream>>>(x, token_index, n, s.hidden,
                                                                        xe);
-      st = Launched("GatherBf16Kernel");
+      st = Launched("GatherKernel");
     }
-    if (st.ok()) st = GemmBf16(handle, xe, n, s.hidden, gate_up[e], 2 * s.inter, h);
+    if (st.ok()) st = Gemm(handle, xe, n, s.hidden, gate_up[e], 2 * s.inter, h);
     if (st.ok()) {
-      SwiGluRowsKernel<<<Blocks(n * s.inter, 256), 256, 0, stream>>>(h, n, s.inter, act);
+      SwiGluRowsKernel<W><<<Blocks(n * s.inter, 256), 256, 0, stream>>>(h, n, s.inter, act);
       st = Launched("SwiGluRowsKernel");
     }
-    if (st.ok()) st = GemmBf16(handle, act, n, s.inter, down[e], s.hidden, y);
+    if (st.ok()) st = Gemm(handle, act, n, s.inter, down[e], s.hidden, y);
     if (st.ok()) {
       ScatterSlotsKernel<<<Blocks(n * s.hidden, 256), 256, 0, stream>>>(y, slot_index, row_w, n,
                                                                          s.hidden, slot_out);
@@ -585,6 +740,22 @@ absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32
     if (p != nullptr) cudaFreeAsync(p, stream);
   }
   return st;
+}
+}  // namespace
+
+absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32_t* experts,
+                              const float* weights,
+                              const std::vector<const __nv_bfloat16*>& gate_up,
+                              const std::vector<const __nv_bfloat16*>& down, const MoeShape& s,
+                              float* out, cudaStream_t stream) {
+  return MoeExpertsImpl(handle, x, experts, weights, gate_up, down, s, out, stream);
+}
+
+absl::Status MoeExpertsF32Device(cublasHandle_t handle, const float* x, const int32_t* experts,
+                                 const float* weights, const std::vector<const float*>& gate_up,
+                                 const std::vector<const float*>& down, const MoeShape& s,
+                                 float* out, cudaStream_t stream) {
+  return MoeExpertsImpl(handle, x, experts, weights, gate_up, down, s, out, stream);
 }
 
 }  // namespace splitmoe::kernels::cuda

@@ -44,6 +44,28 @@ absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, const float* wei
 absl::Status RmsNormDevice(const float* x, int64_t rows, int64_t dim, const float* weight,
                            float eps, float* out, cudaStream_t stream);
 
+// Strided rows: out[r * out_stride + i] = RMSNorm(x[r * x_stride + i], i < dim) * weight[i].
+absl::Status RmsNormStridedDevice(const float* x, int64_t rows, int64_t dim, int64_t x_stride,
+                                  const float* weight, float eps, float* out, int64_t out_stride,
+                                  cudaStream_t stream);
+
+// out[r, :] = table[tokens[r], :] (fp32 embedding rows).
+absl::Status EmbedDevice(const float* table, const int32_t* tokens, int64_t rows, int64_t hidden,
+                         float* out, cudaStream_t stream);
+
+// h[i] += delta[i], i < n.
+absl::Status AddDevice(float* h, const float* delta, int64_t n, cudaStream_t stream);
+
+// Each row of x [rows, n] in place: softmax (or the logistic sigmoid when `sigmoid`).
+absl::Status ScoresDevice(float* x, int64_t rows, int64_t n, bool sigmoid, cudaStream_t stream);
+
+// Writes rows [n, latent_dim] (fp32) of one sequence at positions start .. start + n - 1 into a
+// paged cache layer [num_blocks, block_tokens, latent_dim] of fp32 (`bf16` false) or BF16,
+// through the sequence's block table.
+absl::Status StoreLatentsDevice(const float* rows, int64_t n, int64_t latent_dim, int64_t start,
+                                const int32_t* block_table, int64_t block_tokens, void* cache,
+                                bool bf16, cudaStream_t stream);
+
 // gate[i] = silu(gate[i]) * up[i] for i < n (the SwiGLU of every MLP).
 absl::Status SiluMulDevice(float* gate, const float* up, int64_t n, cudaStream_t stream);
 
@@ -61,6 +83,10 @@ absl::Status ToBf16Device(const float* in, int64_t n, __nv_bfloat16* out, cudaSt
 // (weight_scale_inv: value = fp8 * scale) -> BF16 [rows, cols].
 absl::Status DequantFp8Device(const uint8_t* fp8, const float* scales, int64_t rows, int64_t cols,
                               __nv_bfloat16* out, cudaStream_t stream);
+
+// y[m, n] = x[m, k] @ w[n, k]^T, all fp32 (cuBLAS SGEMM in its default, non-TF32, math mode).
+absl::Status GemmF32(cublasHandle_t handle, const float* x, int64_t m, int64_t k, const float* w,
+                     int64_t n, float* y);
 
 // y[m, n] (fp32) = x[m, k] (bf16) @ w[n, k]^T (bf16, row-major as stored in checkpoints), fp32
 // accumulation on cuBLAS. `handle` must be bound to `stream` by the caller.
@@ -109,13 +135,18 @@ absl::Status MlaDecodeDevice(const float* q, const __nv_bfloat16* cache,
                              const int32_t* block_table, const int32_t* seq_lens,
                              const MlaShape& shape, float softmax_scale, float* workspace,
                              float* out, cudaStream_t stream);
+// The same over an fp32 cache (the GPU engine's fp32 reference mode).
+absl::Status MlaDecodeDevice(const float* q, const float* cache, const int32_t* block_table,
+                             const int32_t* seq_lens, const MlaShape& shape, float softmax_scale,
+                             float* workspace, float* out, cudaStream_t stream);
 
 // Routed experts of one MoE layer as a grouped GEMM: every expert runs once over the tokens it
 // received. x [tokens, hidden] fp32; choice: experts/weights [tokens, top_k] (device);
-// gate_up[e]: BF16 [2 * inter, hidden] (gate_proj rows, then up_proj rows); down[e]: BF16
-// [hidden, inter], both arrays indexed by expert id (device pointers, null for experts this
-// process does not hold: their tokens are skipped). out [tokens, hidden] = sum over each token's
-// experts of weight * expert(x) (deterministic: slot order, no atomics).
+// gate_up[e]: [2 * inter, hidden] (gate_proj rows, then up_proj rows); down[e]: [hidden, inter],
+// both BF16 (or fp32 in MoeExpertsF32Device, whose activations then stay fp32), indexed by
+// expert id (device pointers, null for experts this process does not hold: their tokens are
+// skipped). out [tokens, hidden] = sum over each token's experts of weight * expert(x)
+// (deterministic: slot order, no atomics).
 struct MoeShape {
   int32_t tokens = 0;
   int32_t hidden = 0;
@@ -127,6 +158,10 @@ absl::Status MoeExpertsDevice(cublasHandle_t handle, const float* x, const int32
                               const float* weights, const std::vector<const __nv_bfloat16*>& gate_up,
                               const std::vector<const __nv_bfloat16*>& down, const MoeShape& shape,
                               float* out, cudaStream_t stream);
+absl::Status MoeExpertsF32Device(cublasHandle_t handle, const float* x, const int32_t* experts,
+                                 const float* weights, const std::vector<const float*>& gate_up,
+                                 const std::vector<const float*>& down, const MoeShape& shape,
+                                 float* out, cudaStream_t stream);
 
 }  // namespace splitmoe::kernels::cuda
 

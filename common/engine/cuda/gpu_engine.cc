@@ -1,0 +1,479 @@
+#include "common/engine/cuda/gpu_engine.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/engine/batch_decoder.h"
+#include "common/engine/rope.h"
+#include "common/kernels/cuda/cuda_ops.h"
+#include "common/model/checkpoint.h"
+#include "common/model/weights.h"
+
+namespace splitmoe::engine {
+namespace {
+
+namespace cu = kernels::cuda;
+
+absl::Status Cuda(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(err)));
+}
+absl::Status Blas(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(s)));
+}
+
+constexpr int64_t kChunk = 256;  // prompt tokens per forward pass, as the CPU engine
+constexpr int64_t kBlockTokens = 64;
+
+// A weight matrix [rows, cols] on the device, fp32 or BF16.
+struct DevMatrix {
+  void* data = nullptr;
+  int64_t rows = 0, cols = 0;
+  bool bf16 = false;
+  bool empty() const { return data == nullptr; }
+};
+
+struct DevLayer {
+  bool is_moe = false;
+  float* input_norm = nullptr;
+  float* post_norm = nullptr;
+  DevMatrix q_proj, q_a_proj, q_b_proj, kv_a_proj, o_proj;
+  float* q_a_norm = nullptr;
+  float* kv_a_norm = nullptr;
+  float* kv_b = nullptr;  // fp32 [heads * (nope + v), kv_lora_rank]: the absorbed W_UK / W_UV
+  DevMatrix dense_gate, dense_up, dense_down;
+  float* gate = nullptr;       // fp32 [n_routed, hidden]
+  float* gate_bias = nullptr;  // [n_routed] or null
+  DevMatrix shared_gate, shared_up, shared_down;
+  std::vector<const void*> experts_gate_up, experts_down;  // by expert id
+  void* cache = nullptr;  // [blocks, 64, latent_dim], fp32 or BF16
+};
+
+}  // namespace
+
+struct GpuEngine::Impl {
+  model::ModelConfig config;
+  GpuEngineOptions options;
+  bool bf16 = false;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t blas = nullptr;
+  std::vector<void*> owned;
+  float* embed = nullptr;
+  float* final_norm = nullptr;
+  DevMatrix lm_head;
+  std::vector<DevLayer> layers;
+  float* inv_freq = nullptr;
+  int64_t max_blocks = 0;
+  int32_t* block_tables = nullptr;  // [kChunk, max_blocks], every row the identity
+  float softmax_scale = 1.0f;
+
+  ~Impl() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    for (void* p : owned) cudaFree(p);
+    if (blas != nullptr) cublasDestroy(blas);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  absl::StatusOr<void*> Alloc(size_t bytes) {
+    void* p = nullptr;
+    SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMalloc(&p, std::max<size_t>(bytes, 16)), "cudaMalloc"));
+    owned.push_back(p);
+    return p;
+  }
+  absl::StatusOr<float*> UploadF32(const float* host, size_t n) {
+    SPLITMOE_ASSIGN_OR_RETURN(void* p, Alloc(n * sizeof(float)));
+    SPLITMOE_RETURN_IF_ERROR(
+        Cuda(cudaMemcpy(p, host, n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy"));
+    return static_cast<float*>(p);
+  }
+  absl::StatusOr<void*> UploadMatrix(const float* host, int64_t rows, int64_t cols, bool as_bf16) {
+    const size_t n = static_cast<size_t>(rows * cols);
+    SPLITMOE_ASSIGN_OR_RETURN(float* f, UploadF32(host, n));
+    if (!as_bf16) return static_cast<void*>(f);
+    SPLITMOE_ASSIGN_OR_RETURN(void* b, Alloc(n * sizeof(__nv_bfloat16)));
+    SPLITMOE_RETURN_IF_ERROR(
+        cu::ToBf16Device(f, static_cast<int64_t>(n), static_cast<__nv_bfloat16*>(b), stream));
+    SPLITMOE_RETURN_IF_ERROR(Cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize"));
+    owned.erase(std::find(owned.begin(), owned.end(), static_cast<void*>(f)));
+    cudaFree(f);
+    return b;
+  }
+  absl::StatusOr<DevMatrix> Upload(const model::Matrix& m) {
+    DevMatrix d;
+    if (m.empty()) return d;
+    if (m.data.empty()) {
+      return absl::FailedPreconditionError("GPU upload needs unpacked weights (a packed matrix)");
+    }
+    d.rows = m.rows;
+    d.cols = m.cols;
+    d.bf16 = bf16;
+    SPLITMOE_ASSIGN_OR_RETURN(d.data, UploadMatrix(m.data.data(), m.rows, m.cols, bf16));
+    return d;
+  }
+  absl::StatusOr<float*> UploadVec(const std::vector<float>& v) {
+    if (v.empty()) return static_cast<float*>(nullptr);
+    return UploadF32(v.data(), v.size());
+  }
+
+  // y[m, w.rows] = x[m, w.cols] @ w^T, through `scratch` for the bf16 conversion.
+  absl::Status Linear(const float* x, int64_t m, const DevMatrix& w, float* y) {
+    if (!w.bf16) {
+      return cu::GemmF32(blas, x, m, w.cols, static_cast<const float*>(w.data), w.rows, y);
+    }
+    __nv_bfloat16* xb = nullptr;
+    SPLITMOE_RETURN_IF_ERROR(Cuda(
+        cudaMallocAsync(reinterpret_cast<void**>(&xb), std::max<int64_t>(m * w.cols, 8) * 2, stream),
+        "cudaMallocAsync"));
+    absl::Status s = cu::ToBf16Device(x, m * w.cols, xb, stream);
+    if (s.ok()) s = cu::GemmBf16(blas, xb, m, w.cols, static_cast<const __nv_bfloat16*>(w.data),
+                                 w.rows, y);
+    cudaFreeAsync(xb, stream);
+    return s;
+  }
+
+  // Stream-ordered scratch, freed when the forward pass ends.
+  struct Scratch {
+    cudaStream_t stream;
+    std::vector<void*> ptrs;
+    ~Scratch() {
+      for (void* p : ptrs) cudaFreeAsync(p, stream);
+    }
+    absl::StatusOr<float*> Floats(int64_t n) {
+      void* p = nullptr;
+      SPLITMOE_RETURN_IF_ERROR(Cuda(
+          cudaMallocAsync(&p, static_cast<size_t>(std::max<int64_t>(n, 4)) * sizeof(float), stream),
+          "cudaMallocAsync"));
+      ptrs.push_back(p);
+      return static_cast<float*>(p);
+    }
+    absl::StatusOr<int32_t*> Ints(int64_t n) {
+      void* p = nullptr;
+      SPLITMOE_RETURN_IF_ERROR(Cuda(
+          cudaMallocAsync(&p, static_cast<size_t>(std::max<int64_t>(n, 4)) * sizeof(int32_t),
+                          stream),
+          "cudaMallocAsync"));
+      ptrs.push_back(p);
+      return static_cast<int32_t*>(p);
+    }
+  };
+
+  absl::Status Mlp(const DevMatrix& gate, const DevMatrix& up, const DevMatrix& down,
+                   const float* x, int64_t n, float* out, Scratch& scratch) {
+    const int64_t inter = gate.rows;
+    SPLITMOE_ASSIGN_OR_RETURN(float* g, scratch.Floats(n * inter));
+    SPLITMOE_ASSIGN_OR_RETURN(float* u, scratch.Floats(n * inter));
+    SPLITMOE_RETURN_IF_ERROR(Linear(x, n, gate, g));
+    SPLITMOE_RETURN_IF_ERROR(Linear(x, n, up, u));
+    SPLITMOE_RETURN_IF_ERROR(cu::SiluMulDevice(g, u, n * inter, stream));
+    return Linear(g, n, down, out);
+  }
+
+  // Runs `tokens` (positions start ..) through every layer; the last row's logits to the host.
+  absl::Status Forward(absl::Span<const int32_t> tokens, int64_t start, std::vector<float>* logits) {
+    const model::ModelConfig& c = config;
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    const int64_t hidden = c.hidden_size, heads = c.num_attention_heads;
+    const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
+    const int64_t qk = c.qk_head_dim(), kvr = c.kv_lora_rank, lat = c.latent_dim();
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    Scratch scratch{stream, {}};
+    SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_tokens, scratch.Ints(n));
+    SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_pos, scratch.Ints(n));
+    SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_lens, scratch.Ints(n));
+    std::vector<int32_t> pos(static_cast<size_t>(n)), lens(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      pos[i] = static_cast<int32_t>(start + i);
+      lens[i] = static_cast<int32_t>(start + i + 1);
+    }
+    SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_tokens, tokens.data(), n * 4,
+                                                  cudaMemcpyHostToDevice, stream),
+                                  "cudaMemcpyAsync"));
+    SPLITMOE_RETURN_IF_ERROR(Cuda(
+        cudaMemcpyAsync(d_pos, pos.data(), n * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync"));
+    SPLITMOE_RETURN_IF_ERROR(Cuda(
+        cudaMemcpyAsync(d_lens, lens.data(), n * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync"));
+
+    SPLITMOE_ASSIGN_OR_RETURN(float* h, scratch.Floats(n * hidden));
+    SPLITMOE_ASSIGN_OR_RETURN(float* xn, scratch.Floats(n * hidden));
+    SPLITMOE_ASSIGN_OR_RETURN(float* delta, scratch.Floats(n * hidden));
+    SPLITMOE_ASSIGN_OR_RETURN(float* q, scratch.Floats(n * heads * qk));
+    SPLITMOE_ASSIGN_OR_RETURN(float* kv, scratch.Floats(n * lat));
+    SPLITMOE_ASSIGN_OR_RETURN(float* qf, scratch.Floats(n * heads * lat));
+    SPLITMOE_ASSIGN_OR_RETURN(float* olat, scratch.Floats(n * heads * kvr));
+    SPLITMOE_ASSIGN_OR_RETURN(float* o, scratch.Floats(n * heads * dv));
+    SPLITMOE_ASSIGN_OR_RETURN(float* qa, scratch.Floats(n * std::max<int64_t>(c.q_lora_rank, 1)));
+    cu::MlaShape shape;
+    shape.batch = static_cast<int32_t>(n);
+    shape.heads = static_cast<int32_t>(heads);
+    shape.latent_dim = static_cast<int32_t>(lat);
+    shape.kv_lora_rank = static_cast<int32_t>(kvr);
+    shape.block_tokens = static_cast<int32_t>(kBlockTokens);
+    shape.max_blocks = static_cast<int32_t>(max_blocks);
+    shape.splits = static_cast<int32_t>(std::clamp<int64_t>((start + n) / 512, 1, 64));
+    SPLITMOE_ASSIGN_OR_RETURN(float* ws, scratch.Floats(cu::MlaWorkspaceFloats(shape)));
+    SPLITMOE_RETURN_IF_ERROR(cu::EmbedDevice(embed, d_tokens, n, hidden, h, stream));
+    const float one = 1.0f, zero = 0.0f;
+
+    for (DevLayer& w : layers) {
+      SPLITMOE_RETURN_IF_ERROR(cu::RmsNormDevice(h, n, hidden, w.input_norm, eps, xn, stream));
+      // Queries and the new latents.
+      if (c.q_lora_rank > 0) {
+        SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.q_a_proj, qa));
+        SPLITMOE_RETURN_IF_ERROR(
+            cu::RmsNormDevice(qa, n, c.q_lora_rank, w.q_a_norm, eps, qa, stream));
+        SPLITMOE_RETURN_IF_ERROR(Linear(qa, n, w.q_b_proj, q));
+      } else {
+        SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.q_proj, q));
+      }
+      SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.kv_a_proj, kv));
+      SPLITMOE_RETURN_IF_ERROR(
+          cu::RmsNormStridedDevice(kv, n, kvr, lat, w.kv_a_norm, eps, kv, lat, stream));
+      SPLITMOE_RETURN_IF_ERROR(cu::RopeDevice(kv, n, 1, lat, kvr, dr, d_pos, inv_freq, stream));
+      SPLITMOE_RETURN_IF_ERROR(cu::RopeDevice(q, n, heads, qk, dn, dr, d_pos, inv_freq, stream));
+      SPLITMOE_RETURN_IF_ERROR(cu::StoreLatentsDevice(kv, n, lat, start, block_tables, kBlockTokens,
+                                                      w.cache, bf16, stream));
+      // Absorbed queries qf [n, heads, lat] = [q_nope @ W_UK[h], q_pe].
+      SPLITMOE_RETURN_IF_ERROR(Blas(
+          cublasSgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(kvr),
+                                    static_cast<int>(n), static_cast<int>(dn), &one, w.kv_b,
+                                    static_cast<int>(kvr), (dn + dv) * kvr, q,
+                                    static_cast<int>(heads * qk), qk, &zero, qf,
+                                    static_cast<int>(heads * lat), lat, static_cast<int>(heads)),
+          "absorb W_UK"));
+      SPLITMOE_RETURN_IF_ERROR(Cuda(
+          cudaMemcpy2DAsync(qf + kvr, lat * sizeof(float), q + dn, qk * sizeof(float),
+                            dr * sizeof(float), static_cast<size_t>(n * heads),
+                            cudaMemcpyDeviceToDevice, stream),
+          "q_pe copy"));
+      // Attention over the cache: prompt position i sees the cache up to itself.
+      if (bf16) {
+        SPLITMOE_RETURN_IF_ERROR(cu::MlaDecodeDevice(
+            qf, static_cast<const __nv_bfloat16*>(w.cache), block_tables, d_lens, shape,
+            softmax_scale, ws, olat, stream));
+      } else {
+        SPLITMOE_RETURN_IF_ERROR(cu::MlaDecodeDevice(qf, static_cast<const float*>(w.cache),
+                                                     block_tables, d_lens, shape, softmax_scale,
+                                                     ws, olat, stream));
+      }
+      // o [n, heads, dv] = olat[h] @ W_UV[h]^T, then o_proj.
+      SPLITMOE_RETURN_IF_ERROR(Blas(
+          cublasSgemmStridedBatched(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dv),
+                                    static_cast<int>(n), static_cast<int>(kvr), &one,
+                                    w.kv_b + dn * kvr, static_cast<int>(kvr), (dn + dv) * kvr,
+                                    olat, static_cast<int>(heads * kvr), kvr, &zero, o,
+                                    static_cast<int>(heads * dv), dv, static_cast<int>(heads)),
+          "apply W_UV"));
+      SPLITMOE_RETURN_IF_ERROR(Linear(o, n, w.o_proj, delta));
+      SPLITMOE_RETURN_IF_ERROR(cu::AddDevice(h, delta, n * hidden, stream));
+
+      SPLITMOE_RETURN_IF_ERROR(cu::RmsNormDevice(h, n, hidden, w.post_norm, eps, xn, stream));
+      if (!w.is_moe) {
+        SPLITMOE_RETURN_IF_ERROR(Mlp(w.dense_gate, w.dense_up, w.dense_down, xn, n, delta, scratch));
+      } else {
+        const int64_t experts = c.n_routed_experts, k = c.num_experts_per_tok;
+        SPLITMOE_ASSIGN_OR_RETURN(float* scores, scratch.Floats(n * experts));
+        SPLITMOE_ASSIGN_OR_RETURN(int32_t* chosen, scratch.Ints(n * k));
+        SPLITMOE_ASSIGN_OR_RETURN(float* weights, scratch.Floats(n * k));
+        SPLITMOE_RETURN_IF_ERROR(cu::GemmF32(blas, xn, n, hidden, w.gate, experts, scores));
+        SPLITMOE_RETURN_IF_ERROR(cu::ScoresDevice(
+            scores, n, experts, c.scoring_func == model::ScoringFunc::kSigmoid, stream));
+        cu::GateParams p;
+        p.n_experts = static_cast<int32_t>(experts);
+        p.top_k = static_cast<int32_t>(k);
+        p.n_group = static_cast<int32_t>(c.n_group);
+        p.topk_group = static_cast<int32_t>(c.topk_group);
+        p.use_groups = c.UsesGroups();
+        p.top2_group_score = c.topk_method == model::TopkMethod::kNoauxTc;
+        p.norm_topk_prob = c.norm_topk_prob;
+        p.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+        SPLITMOE_RETURN_IF_ERROR(cu::SelectExpertsDevice(
+            scores, c.HasScoreBias() ? w.gate_bias : nullptr, n, p, chosen, weights, stream));
+        cu::MoeShape ms{.tokens = static_cast<int32_t>(n),
+                        .hidden = static_cast<int32_t>(hidden),
+                        .inter = static_cast<int32_t>(c.moe_intermediate_size),
+                        .top_k = static_cast<int32_t>(k),
+                        .n_experts = static_cast<int32_t>(experts)};
+        if (bf16) {
+          std::vector<const __nv_bfloat16*> gu, dn_;
+          for (const void* p2 : w.experts_gate_up) gu.push_back(static_cast<const __nv_bfloat16*>(p2));
+          for (const void* p2 : w.experts_down) dn_.push_back(static_cast<const __nv_bfloat16*>(p2));
+          SPLITMOE_RETURN_IF_ERROR(
+              cu::MoeExpertsDevice(blas, xn, chosen, weights, gu, dn_, ms, delta, stream));
+        } else {
+          std::vector<const float*> gu, dn_;
+          for (const void* p2 : w.experts_gate_up) gu.push_back(static_cast<const float*>(p2));
+          for (const void* p2 : w.experts_down) dn_.push_back(static_cast<const float*>(p2));
+          SPLITMOE_RETURN_IF_ERROR(
+              cu::MoeExpertsF32Device(blas, xn, chosen, weights, gu, dn_, ms, delta, stream));
+        }
+        if (!w.shared_gate.empty()) {
+          SPLITMOE_ASSIGN_OR_RETURN(float* shared, scratch.Floats(n * hidden));
+          SPLITMOE_RETURN_IF_ERROR(
+              Mlp(w.shared_gate, w.shared_up, w.shared_down, xn, n, shared, scratch));
+          SPLITMOE_RETURN_IF_ERROR(cu::AddDevice(delta, shared, n * hidden, stream));
+        }
+      }
+      SPLITMOE_RETURN_IF_ERROR(cu::AddDevice(h, delta, n * hidden, stream));
+    }
+    // The last row: final norm, output head, logits to the host.
+    float* last = h + (n - 1) * hidden;
+    SPLITMOE_RETURN_IF_ERROR(cu::RmsNormDevice(last, 1, hidden, final_norm, eps, xn, stream));
+    SPLITMOE_ASSIGN_OR_RETURN(float* d_logits, scratch.Floats(c.vocab_size));
+    SPLITMOE_RETURN_IF_ERROR(Linear(xn, 1, lm_head, d_logits));
+    logits->resize(static_cast<size_t>(c.vocab_size));
+    SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(logits->data(), d_logits,
+                                                  c.vocab_size * sizeof(float),
+                                                  cudaMemcpyDeviceToHost, stream),
+                                  "cudaMemcpyAsync"));
+    return Cuda(cudaStreamSynchronize(stream), "forward");
+  }
+};
+
+GpuEngine::GpuEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuEngine::~GpuEngine() = default;
+
+const model::ModelConfig& GpuEngine::config() const { return impl_->config; }
+
+absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Load(const std::string& model_dir,
+                                                           const GpuEngineOptions& options) {
+  SPLITMOE_ASSIGN_OR_RETURN(int devices, kernels::cuda::DeviceCount());
+  if (options.device < 0 || options.device >= devices) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cuda:", options.device, " requested, ", devices, " CUDA devices visible"));
+  }
+  if (options.max_context <= 0) return absl::InvalidArgumentError("max_context must be > 0");
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->bf16 = options.precision == GpuPrecision::kBf16;
+  SPLITMOE_RETURN_IF_ERROR(Cuda(cudaSetDevice(options.device), "cudaSetDevice"));
+  SPLITMOE_RETURN_IF_ERROR(Cuda(cudaStreamCreate(&impl->stream), "cudaStreamCreate"));
+  SPLITMOE_RETURN_IF_ERROR(Blas(cublasCreate(&impl->blas), "cublasCreate"));
+  SPLITMOE_RETURN_IF_ERROR(Blas(cublasSetStream(impl->blas, impl->stream), "cublasSetStream"));
+  // fp32 means fp32: no TF32 inside SGEMM.
+  SPLITMOE_RETURN_IF_ERROR(Blas(cublasSetMathMode(impl->blas, CUBLAS_PEDANTIC_MATH), "math mode"));
+
+  SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(model_dir));
+  impl->config = ckpt->config();
+  const model::ModelConfig& c = impl->config;
+  if (c.latent_dim() > 768) {
+    return absl::UnimplementedError(
+        absl::StrCat("latent_dim ", c.latent_dim(), " > 768 is not supported by the MLA kernel"));
+  }
+  model::LoadOptions load;
+  load.mtp = false;
+  SPLITMOE_ASSIGN_OR_RETURN(model::ModelWeights w, model::LoadWeights(*ckpt, load));
+  Impl& d = *impl;
+  SPLITMOE_ASSIGN_OR_RETURN(d.embed, d.UploadF32(w.embed.data.data(), w.embed.data.size()));
+  SPLITMOE_ASSIGN_OR_RETURN(d.final_norm, d.UploadVec(w.final_norm));
+  SPLITMOE_ASSIGN_OR_RETURN(d.lm_head, d.Upload(w.lm_head));
+  RopeTable rope(c);
+  SPLITMOE_ASSIGN_OR_RETURN(d.inv_freq, d.UploadVec(rope.inv_freq()));
+  d.softmax_scale = static_cast<float>(c.SoftmaxScale());
+  d.max_blocks = (options.max_context + kBlockTokens - 1) / kBlockTokens;
+  std::vector<int32_t> tables(static_cast<size_t>(kChunk * d.max_blocks));
+  for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i % d.max_blocks);
+  SPLITMOE_ASSIGN_OR_RETURN(void* t, d.Alloc(tables.size() * sizeof(int32_t)));
+  d.block_tables = static_cast<int32_t*>(t);
+  SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpy(t, tables.data(), tables.size() * sizeof(int32_t),
+                                           cudaMemcpyHostToDevice),
+                                "cudaMemcpy"));
+  const size_t cache_bytes = static_cast<size_t>(d.max_blocks * kBlockTokens * c.latent_dim()) *
+                             (d.bf16 ? 2 : 4);
+  for (const model::LayerWeights& l : w.layers) {
+    DevLayer dl;
+    dl.is_moe = l.is_moe;
+    SPLITMOE_ASSIGN_OR_RETURN(dl.input_norm, d.UploadVec(l.input_norm));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.post_norm, d.UploadVec(l.post_attention_norm));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.q_proj, d.Upload(l.attn.q_proj));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.q_a_proj, d.Upload(l.attn.q_a_proj));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.q_b_proj, d.Upload(l.attn.q_b_proj));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.kv_a_proj, d.Upload(l.attn.kv_a_proj));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.o_proj, d.Upload(l.attn.o_proj));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.q_a_norm, d.UploadVec(l.attn.q_a_norm));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.kv_a_norm, d.UploadVec(l.attn.kv_a_norm));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.kv_b, d.UploadF32(l.attn.kv_b_proj.data.data(),
+                                                   l.attn.kv_b_proj.data.size()));
+    if (!l.is_moe) {
+      SPLITMOE_ASSIGN_OR_RETURN(dl.dense_gate, d.Upload(l.dense.gate));
+      SPLITMOE_ASSIGN_OR_RETURN(dl.dense_up, d.Upload(l.dense.up));
+      SPLITMOE_ASSIGN_OR_RETURN(dl.dense_down, d.Upload(l.dense.down));
+    } else {
+      SPLITMOE_ASSIGN_OR_RETURN(dl.gate, d.UploadF32(l.gate.data.data(), l.gate.data.size()));
+      SPLITMOE_ASSIGN_OR_RETURN(dl.gate_bias, d.UploadVec(l.gate_bias));
+      SPLITMOE_ASSIGN_OR_RETURN(dl.shared_gate, d.Upload(l.shared.gate));
+      SPLITMOE_ASSIGN_OR_RETURN(dl.shared_up, d.Upload(l.shared.up));
+      SPLITMOE_ASSIGN_OR_RETURN(dl.shared_down, d.Upload(l.shared.down));
+      for (const auto& e : l.experts) {
+        if (e == nullptr) {
+          dl.experts_gate_up.push_back(nullptr);
+          dl.experts_down.push_back(nullptr);
+          continue;
+        }
+        // gate_proj rows, then up_proj rows: [2 * inter, hidden].
+        std::vector<float> gu(e->gate.data);
+        gu.insert(gu.end(), e->up.data.begin(), e->up.data.end());
+        SPLITMOE_ASSIGN_OR_RETURN(void* g, d.UploadMatrix(gu.data(), 2 * e->gate.rows,
+                                                          e->gate.cols, d.bf16));
+        SPLITMOE_ASSIGN_OR_RETURN(void* dn, d.UploadMatrix(e->down.data.data(), e->down.rows,
+                                                           e->down.cols, d.bf16));
+        dl.experts_gate_up.push_back(g);
+        dl.experts_down.push_back(dn);
+      }
+    }
+    SPLITMOE_ASSIGN_OR_RETURN(dl.cache, d.Alloc(cache_bytes));
+    d.layers.push_back(std::move(dl));
+  }
+  return std::unique_ptr<GpuEngine>(new GpuEngine(std::move(impl)));
+}
+
+absl::StatusOr<GenerateResult> GpuEngine::Generate(const GenerateRequest& request) {
+  Impl& d = *impl_;
+  const model::ModelConfig& c = d.config;
+  if (request.prompt.empty()) return absl::InvalidArgumentError("empty prompt");
+  for (int32_t t : request.prompt) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", t, " outside the vocabulary"));
+    }
+  }
+  if (request.max_tokens <= 0) return absl::InvalidArgumentError("max_tokens must be > 0");
+  const int64_t total = static_cast<int64_t>(request.prompt.size()) + request.max_tokens;
+  if (total > d.options.max_context || total > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt + max_tokens = ", total,
+                                                   " exceeds the GPU engine's context of ",
+                                                   d.options.max_context));
+  }
+  SPLITMOE_RETURN_IF_ERROR(ValidateSamplingParams(request.sampling));
+  std::vector<float> logits;
+  const int64_t n = static_cast<int64_t>(request.prompt.size());
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t len = std::min(kChunk, n - begin);
+    SPLITMOE_RETURN_IF_ERROR(d.Forward(
+        absl::MakeConstSpan(request.prompt.data() + begin, static_cast<size_t>(len)), begin,
+        &logits));
+  }
+  GenerateResult result;
+  result.finish_reason = "length";
+  for (int64_t i = 0; i < request.max_tokens; ++i) {
+    const int64_t position = n + i;
+    const int32_t token = SampleToken(logits, request.sampling, position);
+    result.tokens.push_back(token);
+    if (request.logprobs >= 0) result.logprobs.push_back(ComputeLogprob(logits, token, request.logprobs));
+    const std::string finish = FinishReason(token, i + 1, request.max_tokens, c.eos_token_id,
+                                            request.ignore_eos, request.stop_token_ids);
+    if (!finish.empty()) {
+      result.finish_reason = finish;
+      break;
+    }
+    const int32_t next[1] = {token};
+    SPLITMOE_RETURN_IF_ERROR(d.Forward(absl::MakeConstSpan(next, 1), position, &logits));
+  }
+  return result;
+}
+
+}  // namespace splitmoe::engine
