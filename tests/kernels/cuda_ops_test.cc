@@ -202,7 +202,11 @@ TEST_F(CudaOpsTest, ExpertSelectionMatchesTheEngine) {
   const int64_t tokens = 257;
   std::vector<float> scores(tokens * 256), bias = Random(256, rng_, 0.1f);
   for (float& s : scores) s = 1.0f / (1.0f + std::exp(-Random(1, rng_)[0]));
-  for (int64_t e = 0; e < 256; e += 17) scores[e] = scores[e + 1];  // exact ties in token 0
+  // Exact ties of score + bias inside token 0 (the selection ranks the biased scores).
+  for (int64_t e = 0; e + 1 < 256; e += 17) {
+    scores[e] = scores[e + 1];
+    bias[e] = bias[e + 1];
+  }
   Device<float> ds(scores), db(bias);
   Device<int32_t> de(tokens * 8);
   Device<float> dw(tokens * 8);
@@ -254,34 +258,56 @@ std::vector<double> MlaReference(const std::vector<float>& q, const std::vector<
 }
 
 TEST_F(CudaOpsTest, MlaDecodeOverPagedCacheMatchesTheCpuMath) {
-  for (int splits : {1, 4, 16}) {
-    cuda::MlaShape s;
-    s.batch = 4;
-    s.heads = 128;
-    s.block_tokens = 64;
-    s.splits = splits;
-    const std::vector<int32_t> lens = {1, 63, 700, 4100};
-    s.max_blocks = (4100 + 63) / 64;
-    const int num_blocks = 4 * s.max_blocks + 3;
-    // Shuffled block ids: sequences' blocks are scattered through the cache.
-    std::vector<int32_t> ids(num_blocks);
-    for (int i = 0; i < num_blocks; ++i) ids[i] = i;
-    std::shuffle(ids.begin(), ids.end(), rng_);
-    std::vector<int32_t> table(s.batch * s.max_blocks);
-    for (size_t i = 0; i < table.size(); ++i) table[i] = ids[i];
-    std::vector<float> cache = RoundBf16(Random(static_cast<size_t>(num_blocks) * 64 * 576, rng_));
-    std::vector<float> q = Random(static_cast<size_t>(s.batch) * s.heads * 576, rng_);
-    const float scale = 1.0f / std::sqrt(192.0f);
-    Device<float> dq(q), dws(cuda::MlaWorkspaceFloats(s)), dout(s.batch * s.heads * 512);
-    Device<uint16_t> dcache(ToBf16(cache));
-    Device<int32_t> dtable(table), dlens(lens);
-    dout.Poison();
-    ASSERT_TRUE(cuda::MlaDecodeDevice(dq.get(), reinterpret_cast<__nv_bfloat16*>(dcache.get()),
-                                      dtable.get(), dlens.get(), s, scale, dws.get(), dout.get(),
-                                      nullptr)
-                    .ok());
-    const double err = RelErr(dout.Get(), MlaReference(q, cache, table, lens, s, scale));
-    EXPECT_LT(err, 1e-4) << "splits " << splits;  // fp32 arithmetic over exact bf16 inputs
+  struct Config {
+    bool bf16;
+    int heads, latent, rank;
+  };
+  // V3 in bf16 and fp32 (a 72 KB shared tile: the raised limit), and the tiny model's odd shape
+  // (latent 80, not a multiple of 32; 4 heads, not a multiple of the 8-head groups).
+  for (const Config& cfg : std::vector<Config>{{true, 128, 576, 512}, {false, 128, 576, 512},
+                                               {false, 4, 80, 64}}) {
+    for (int splits : {1, 4, 16}) {
+      cuda::MlaShape s;
+      s.batch = 4;
+      s.heads = cfg.heads;
+      s.latent_dim = cfg.latent;
+      s.kv_lora_rank = cfg.rank;
+      s.block_tokens = 64;
+      s.splits = splits;
+      const std::vector<int32_t> lens = {1, 63, 700, 4100};
+      s.max_blocks = (4100 + 63) / 64;
+      const int num_blocks = 4 * s.max_blocks + 3;
+      // Shuffled block ids: sequences' blocks are scattered through the cache.
+      std::vector<int32_t> ids(num_blocks);
+      for (int i = 0; i < num_blocks; ++i) ids[i] = i;
+      std::shuffle(ids.begin(), ids.end(), rng_);
+      std::vector<int32_t> table(s.batch * s.max_blocks);
+      for (size_t i = 0; i < table.size(); ++i) table[i] = ids[i];
+      std::vector<float> cache =
+          Random(static_cast<size_t>(num_blocks) * 64 * cfg.latent, rng_);
+      if (cfg.bf16) cache = RoundBf16(cache);
+      std::vector<float> q = Random(static_cast<size_t>(s.batch) * s.heads * cfg.latent, rng_);
+      const float scale = 1.0f / std::sqrt(192.0f);
+      Device<float> dq(q), dws(cuda::MlaWorkspaceFloats(s)), dout(s.batch * s.heads * cfg.rank);
+      Device<int32_t> dtable(table), dlens(lens);
+      dout.Poison();
+      if (cfg.bf16) {
+        Device<uint16_t> dcache(ToBf16(cache));
+        ASSERT_TRUE(cuda::MlaDecodeDevice(dq.get(), reinterpret_cast<__nv_bfloat16*>(dcache.get()),
+                                          dtable.get(), dlens.get(), s, scale, dws.get(),
+                                          dout.get(), nullptr)
+                        .ok());
+        const double err = RelErr(dout.Get(), MlaReference(q, cache, table, lens, s, scale));
+        EXPECT_LT(err, 1e-4) << "bf16 cache, splits " << splits;  // fp32 math on exact inputs
+      } else {
+        Device<float> dcache(cache);
+        ASSERT_TRUE(cuda::MlaDecodeDevice(dq.get(), dcache.get(), dtable.get(), dlens.get(), s,
+                                          scale, dws.get(), dout.get(), nullptr)
+                        .ok());
+        const double err = RelErr(dout.Get(), MlaReference(q, cache, table, lens, s, scale));
+        EXPECT_LT(err, 1e-4) << "fp32 cache, latent " << cfg.latent << ", splits " << splits;
+      }
+    }
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "absl/time/clock.h"
 #include "common/kernels/cuda/cuda_ops.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_models.h"
@@ -26,7 +27,7 @@ class GpuEngineTest : public ::testing::Test {
 
 std::vector<GenerateRequest> Requests() {
   std::vector<GenerateRequest> out;
-  for (int len : {1, 7, 70, 300}) {  // 300: two prefill chunks
+  for (int len : {1, 7, 70, 300, 1100}) {  // 300: two prefill chunks; 1100: split attention
     GenerateRequest r;
     for (int i = 0; i < len; ++i) r.prompt.push_back((i * 7919 + len * 13) % 512);
     r.max_tokens = 16;

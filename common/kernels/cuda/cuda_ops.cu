@@ -35,21 +35,22 @@ unsigned Blocks(int64_t n, int threads) {
 
 // ---- element-wise ----
 
-// One block per row; the sum of squares in fp32 through shared memory.
+// One block per row; the sum of squares in double through shared memory and the scale as
+// 1 / sqrt in double, as the CPU kernel computes them (fp32 mode must match it closely).
 __global__ void RmsNormKernel(const float* x, int64_t dim, int64_t x_stride, const float* weight,
                               float eps, float* out, int64_t out_stride) {
-  extern __shared__ float partial[];
+  extern __shared__ double partial[];
   const float* xr = x + blockIdx.x * x_stride;
   float* o = out + blockIdx.x * out_stride;
-  float sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum += xr[i] * xr[i];
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum += static_cast<double>(xr[i]) * xr[i];
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
     __syncthreads();
   }
-  const float inv = rsqrtf(partial[0] / static_cast<float>(dim) + eps);
+  const float inv = static_cast<float>(1.0 / sqrt(partial[0] / static_cast<double>(dim) + eps));
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * inv * weight[i];
 }
 
@@ -85,11 +86,17 @@ __global__ void ScoresKernel(float* x, int64_t n, bool sigmoid) {
     for (int64_t i = 0; i < n; ++i) r[i] = 1.0f / (1.0f + expf(-r[i]));
     return;
   }
-  float m = r[0];
-  for (int64_t i = 1; i < n; ++i) m = fmaxf(m, r[i]);
-  float sum = 0.0f;
+  // As kernels::SoftmaxInPlace: zeros when no finite maximum, the sum in double, one inverse.
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) m = r[i] > m ? r[i] : m;
+  if (!isfinite(m)) {
+    for (int64_t i = 0; i < n; ++i) r[i] = 0.0f;
+    return;
+  }
+  double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) sum += (r[i] = expf(r[i] - m));
-  for (int64_t i = 0; i < n; ++i) r[i] /= sum;
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) r[i] *= inv;
 }
 
 __global__ void StoreLatentsKernel(const float* rows, int64_t n, int64_t latent_dim, int64_t start,
@@ -370,15 +377,26 @@ __global__ void ScatterSlotsKernel(const float* y, const int32_t* slot, const fl
   }
 }
 
-// out[t, :] = sum over k in order of slots[t * top_k + k, :].
-__global__ void ReduceSlotsKernel(const float* slots, int64_t tokens, int64_t top_k,
-                                  int64_t hidden, float* out) {
+// out[t, :] = sum of slots[t * top_k + k, :] over k in ascending expert id (the order the CPU's
+// LocalMoeExecutor adds experts in, so fp32 sums round the same way).
+__global__ void ReduceSlotsKernel(const float* slots, const int32_t* experts, int64_t tokens,
+                                  int64_t top_k, int64_t hidden, float* out) {
   const int64_t total = tokens * hidden;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / hidden, c = i % hidden;
+    const int32_t* e = experts + t * top_k;
     float acc = 0.0f;
-    for (int64_t k = 0; k < top_k; ++k) acc += slots[(t * top_k + k) * hidden + c];
+    int32_t last = -1;
+    for (int64_t n = 0; n < top_k; ++n) {  // top_k is small: select the next larger id each time
+      int64_t pick = -1;
+      for (int64_t k = 0; k < top_k; ++k) {
+        if (e[k] > last && (pick < 0 || e[k] < e[pick])) pick = k;
+      }
+      if (pick < 0) break;
+      last = e[pick];
+      acc += slots[(t * top_k + pick) * hidden + c];
+    }
     out[i] = acc;
   }
 }
@@ -407,7 +425,7 @@ absl::Status RmsNormDevice(const float* x, int64_t rows, int64_t dim, const floa
     return absl::InvalidArgumentError(absl::StrCat("RmsNorm: bad shape [", rows, ", ", dim, "]"));
   if (rows == 0) return absl::OkStatus();
   constexpr int kThreads = 256;
-  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(float), stream>>>(
+  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(double), stream>>>(
       x, dim, dim, weight, eps, out, dim);
   return Launched("RmsNormKernel");
 }
@@ -421,7 +439,7 @@ absl::Status RmsNormStridedDevice(const float* x, int64_t rows, int64_t dim, int
   }
   if (rows == 0) return absl::OkStatus();
   constexpr int kThreads = 256;
-  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(float), stream>>>(
+  RmsNormKernel<<<static_cast<unsigned>(rows), kThreads, kThreads * sizeof(double), stream>>>(
       x, dim, x_stride, weight, eps, out, out_stride);
   return Launched("RmsNormKernel");
 }
@@ -645,6 +663,9 @@ absl::Status MoeExpertsImpl(cublasHandle_t handle, const float* x, const int32_t
     return absl::InvalidArgumentError("MoeExperts: bad shape or expert tables");
   }
   if (s.tokens == 0) return absl::OkStatus();
+  // Every GEMM below must run on `stream`, with the kernels and the stream-ordered frees.
+  absl::Status bound = CublasError(cublasSetStream(handle, stream), "cublasSetStream");
+  if (!bound.ok()) return bound;
   const int64_t slots = static_cast<int64_t>(s.tokens) * s.top_k;
   // The selection decides the grouping: read it back (small) and group on the host.
   std::vector<int32_t> ids(static_cast<size_t>(slots));
@@ -731,7 +752,7 @@ absl::Status MoeExpertsImpl(cublasHandle_t handle, const float* x, const int32_t
   }
   if (st.ok()) {
     ReduceSlotsKernel<<<Blocks(static_cast<int64_t>(s.tokens) * s.hidden, 256), 256, 0, stream>>>(
-        slot_out, s.tokens, s.top_k, s.hidden, out);
+        slot_out, experts, s.tokens, s.top_k, s.hidden, out);
     st = Launched("ReduceSlotsKernel");
   }
   for (void* p : {static_cast<void*>(slot_out), static_cast<void*>(h), static_cast<void*>(y),
