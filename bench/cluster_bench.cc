@@ -42,26 +42,7 @@ std::string BenchModel() {
   const std::string dir =
       (std::filesystem::temp_directory_path() / "splitmoe_cluster_bench_model").string();
   if (std::filesystem::exists(dir + "/config.json")) return dir;
-  model::TinyModelOptions o;  // as engine_bench: hidden 1024, 64 experts top-6
-  o.style = "v3";
-  o.mtp_layers = 0;
-  o.vocab_size = 32768;
-  o.hidden_size = 1024;
-  o.num_hidden_layers = 4;
-  o.first_k_dense_replace = 1;
-  o.num_attention_heads = 16;
-  o.q_lora_rank = 384;
-  o.kv_lora_rank = 256;
-  o.qk_nope_head_dim = 64;
-  o.qk_rope_head_dim = 32;
-  o.v_head_dim = 64;
-  o.intermediate_size = 2816;
-  o.moe_intermediate_size = 512;
-  o.n_routed_experts = 64;
-  o.n_shared_experts = 1;
-  o.num_experts_per_tok = 6;
-  o.n_group = 8;
-  o.topk_group = 4;
+  const model::TinyModelOptions o = model::BenchModelOptions();  // as engine_bench
   absl::Status s = model::WriteTinyModel(o, dir, "");
   if (!s.ok()) {
     std::fprintf(stderr, "cannot write the bench model: %s\n", s.ToString().c_str());

@@ -12,17 +12,6 @@ namespace {
 // The fence value a reservation is known by: the generation of its first block when granted.
 uint64_t Fence(const Reservation& r) { return r.generations.empty() ? 0 : r.generations[0]; }
 
-v1::TokenLogprob ToProto(const engine::TokenLogprob& lp) {
-  v1::TokenLogprob out;
-  out.set_token(lp.token);
-  out.set_logprob(lp.logprob);
-  for (const auto& [id, value] : lp.top) {
-    auto* alt = out.add_top();
-    alt->set_token(id);
-    alt->set_logprob(value);
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -263,7 +252,7 @@ void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
     v1::TokenEvent event;
     event.set_request_id(t.id);
     event.set_token(t.token);
-    if (t.logprob) *event.mutable_logprob() = ToProto(*t.logprob);
+    if (t.logprob) *event.mutable_logprob() = rpc::ToProto(*t.logprob);
     event.set_finished(t.finished);
     event.set_finish_reason(t.finish_reason);
     Emit(std::move(event));

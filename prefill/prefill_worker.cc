@@ -11,17 +11,6 @@
 namespace splitmoe::prefill {
 namespace {
 
-v1::TokenLogprob ToProto(const engine::TokenLogprob& lp) {
-  v1::TokenLogprob out;
-  out.set_token(lp.token);
-  out.set_logprob(lp.logprob);
-  for (const auto& [id, value] : lp.top) {
-    auto* alt = out.add_top();
-    alt->set_token(id);
-    alt->set_logprob(value);
-  }
-  return out;
-}
 
 // The remote layout named by a destination, checked against this worker's model.
 absl::StatusOr<decode::PagedLatentLayout> LayoutOf(const v1::LatentDestination& d,
@@ -188,10 +177,10 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Conclude(Job& job, uint64_t* b
   const v1::SamplingParamsInternal& s = req.sampling();
   v1::PrefillResponse response;
   response.set_first_token(job.first.token);
-  if (job.first.logprob) *response.mutable_first_token_logprob() = ToProto(*job.first.logprob);
+  if (job.first.logprob) *response.mutable_first_token_logprob() = rpc::ToProto(*job.first.logprob);
   for (const auto& lp : job.prompt_logprobs) {
     v1::PromptLogprob* entry = response.add_prompt_logprobs();
-    if (lp) *entry->mutable_logprob() = ToProto(*lp);
+    if (lp) *entry->mutable_logprob() = rpc::ToProto(*lp);
   }
   response.set_latent_bytes_written(*bytes_put);
   const std::string finish = engine::FinishReason(

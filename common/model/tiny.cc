@@ -170,6 +170,30 @@ absl::StatusOr<ModelConfig> TinyModelConfig(const TinyModelOptions& o) {
   return ParseModelConfig(ModelConfigToJson(c), "make-tiny config");
 }
 
+TinyModelOptions BenchModelOptions() {
+  TinyModelOptions o;
+  o.style = "v3";
+  o.mtp_layers = 0;
+  o.vocab_size = 32768;
+  o.hidden_size = 1024;
+  o.num_hidden_layers = 4;
+  o.first_k_dense_replace = 1;
+  o.num_attention_heads = 16;
+  o.q_lora_rank = 384;
+  o.kv_lora_rank = 256;
+  o.qk_nope_head_dim = 64;
+  o.qk_rope_head_dim = 32;
+  o.v_head_dim = 64;
+  o.intermediate_size = 2816;
+  o.moe_intermediate_size = 512;
+  o.n_routed_experts = 64;
+  o.n_shared_experts = 1;
+  o.num_experts_per_tok = 6;
+  o.n_group = 8;
+  o.topk_group = 4;
+  return o;
+}
+
 absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_dir,
                             const std::string& tokenizer_dir) {
   SPLITMOE_ASSIGN_OR_RETURN(ModelConfig c, TinyModelConfig(o));

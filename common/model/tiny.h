@@ -55,6 +55,11 @@ absl::StatusOr<ModelConfig> TinyModelConfig(const TinyModelOptions& options);
 
 // Writes the checkpoint into out_dir (created if needed). tokenizer_dir, when not empty, holds
 // tokenizer.json and tokenizer_config.json to copy next to the weights.
+// The benchmark model every speed figure uses (docs/performance.md): DeepSeek-V3 style, hidden
+// 1024, 4 layers (1 dense), 16 heads, q_lora 384, kv_lora 256, rope 32, 64 routed experts (top-6
+// of 8 groups, 4 kept) + 1 shared, moe_inter 512, vocab 32768, no MTP.
+TinyModelOptions BenchModelOptions();
+
 absl::Status WriteTinyModel(const TinyModelOptions& options, const std::string& out_dir,
                             const std::string& tokenizer_dir);
 

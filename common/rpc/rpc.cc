@@ -76,6 +76,18 @@ absl::StatusOr<RunningServer> StartServer(const std::string& address,
   return running;
 }
 
+v1::TokenLogprob ToProto(const engine::TokenLogprob& lp) {
+  v1::TokenLogprob out;
+  out.set_token(lp.token);
+  out.set_logprob(lp.logprob);
+  for (const auto& [id, value] : lp.top) {
+    auto* alt = out.add_top();
+    alt->set_token(id);
+    alt->set_logprob(value);
+  }
+  return out;
+}
+
 absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
   const std::string path = model_dir + "/config.json";
   std::ifstream in(path, std::ios::binary);

@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/engine/sampler.h"
 #include "splitmoe/v1/internal.pb.h"
 
 namespace splitmoe::rpc {
@@ -42,6 +43,9 @@ struct RunningServer {
 absl::StatusOr<RunningServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
                                           int max_message_bytes = 256 << 20);
+
+// A token's logprob and its alternatives as the API carries them.
+v1::TokenLogprob ToProto(const engine::TokenLogprob& logprob);
 
 // A short hash (16 hex digits, FNV-1a) of the model directory's config.json bytes: workers
 // register with it and the router refuses a worker of another model.

@@ -86,27 +86,8 @@ TEST_F(GpuEngineTest, Bf16ModeDriftIsReported) {
 // What users should expect of the bf16 mode on a model with real widths (the engine_bench model:
 // hidden 1024, 64 experts top-6), and one decode step's time in each mode. Printed, not asserted.
 TEST_F(GpuEngineTest, BenchModelBf16DriftAndDecodeStep) {
-  const std::string model = testing::TinyModel("gpu_bench", [](model::TinyModelOptions& o) {
-    o.style = "v3";
-    o.mtp_layers = 0;
-    o.vocab_size = 32768;
-    o.hidden_size = 1024;
-    o.num_hidden_layers = 4;
-    o.first_k_dense_replace = 1;
-    o.num_attention_heads = 16;
-    o.q_lora_rank = 384;
-    o.kv_lora_rank = 256;
-    o.qk_nope_head_dim = 64;
-    o.qk_rope_head_dim = 32;
-    o.v_head_dim = 64;
-    o.intermediate_size = 2816;
-    o.moe_intermediate_size = 512;
-    o.n_routed_experts = 64;
-    o.n_shared_experts = 1;
-    o.num_experts_per_tok = 6;
-    o.n_group = 8;
-    o.topk_group = 4;
-  });
+  const std::string model = testing::TinyModel(
+      "gpu_bench", [](model::TinyModelOptions& o) { o = model::BenchModelOptions(); });
   auto fp32 = GpuEngine::Load(model, {.device = 0, .precision = GpuPrecision::kFp32});
   auto bf16 = GpuEngine::Load(model, {.device = 0, .precision = GpuPrecision::kBf16});
   ASSERT_TRUE(fp32.ok() && bf16.ok());
