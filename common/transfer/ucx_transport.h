@@ -5,7 +5,7 @@
 //
 // Put paths. Where UCX has a real RMA lane to the peer (shared memory, RDMA) a Put is a
 // ucp_put_nbx into the peer's region. Where the only lane is tcp, UCX would emulate puts about
-// two orders of magnitude slower than tcp itself (docs in /work/shared/MEASURED.md), so the
+// two orders of magnitude slower than tcp itself (measured in the shared MEASURED.md notes), so the
 // transport moves the bytes with active messages instead: the target's progress thread lands
 // them at the same offset of the same region (rendezvous receives go straight into place).
 // The caller's API is the same; PeerInfo() / Capabilities() say which path each peer uses.
