@@ -1,9 +1,7 @@
 #include "decode/run_decode.h"
 
-#include <cstdlib>
 #include <iostream>
 
-#include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/rpc/attention_side.h"
@@ -14,12 +12,6 @@
 #include "decode/decode_worker.h"
 
 namespace splitmoe::decode {
-
-// "UCX_TLS=<value>" as this process sees it: how prefill workers will reach the cache.
-std::string TransferModeName() {
-  const char* tls = std::getenv("UCX_TLS");
-  return absl::StrCat("ucx tls=", tls != nullptr ? tls : "all");
-}
 
 absl::Status RunDecode(const DecodeOptions& options) {
   if (options.router.empty()) return absl::InvalidArgumentError("decode: --router is required");
@@ -53,7 +45,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
   actor_options.rkey = region.rkey;
   actor_options.remote_base = reinterpret_cast<uint64_t>(region.base);
   actor_options.region_bytes = region.size_bytes;
-  actor_options.transfer_mode = TransferModeName();
+  actor_options.transfer_mode = transfer::UcxTlsDescription();
   actor_options.reclaim_grace = options.reclaim_grace;
   auto gauge = std::make_shared<LoadGauge>();
   {

@@ -1,9 +1,7 @@
 #include "prefill/run_prefill.h"
 
-#include <cstdlib>
 #include <iostream>
 
-#include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/rpc/attention_side.h"
@@ -33,8 +31,7 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
     request.set_role(v1::WORKER_ROLE_PREFILL);
     request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_resident_weight_bytes(side->resident_weight_bytes());
-    const char* tls = std::getenv("UCX_TLS");
-    request.set_transfer_mode(absl::StrCat("ucx tls=", tls != nullptr ? tls : "all"));
+    request.set_transfer_mode(transfer::UcxTlsDescription());
     request.set_model_fingerprint(side->fingerprint());
     SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<rpc::Registration> membership,
                               rpc::Registration::Start(options.router, request, [&] {

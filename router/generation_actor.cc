@@ -423,10 +423,7 @@ void GenerationActor::Handle(PrefillDone m, Ctx& ctx) {
     r.stage = Stage::kDecoding;
     ctx.ScheduleAfter(options_.progress_timeout, CheckProgress{r.serial, 1});
   } else if (r.destination) {
-    // The prefill worker released the reservation (the first token ended the request).
-    if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
-    r.decode_worker.clear();
-    r.destination.reset();
+    DetachDecode(r);  // the prefill worker released the reservation (the first token ended it)
   }
   if (EmitToken(r, p.first_token(), p.has_first_token_logprob() ? &p.first_token_logprob() : nullptr,
                 p.finish_reason(), &p)) {
@@ -453,20 +450,14 @@ void GenerationActor::Handle(DecodeTokenEvent m) {
   }
   const v1::TokenEvent& e = m.event;
   if (e.finished() && e.token() < 0) {  // the sequence ended without a token: why?
-    // The decode worker already freed everything.
-    if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
-    r.decode_worker.clear();
-    r.destination.reset();
+    DetachDecode(r);  // the decode worker already freed everything
     FinishWithError(r, absl::UnavailableError(absl::StrCat("decode worker ", m.worker_id,
                                                            " stopped the sequence: ",
                                                            e.finish_reason())));
     return;
   }
   if (e.finished()) {
-    // The decode worker freed the sequence with its last token.
-    if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
-    r.decode_worker.clear();
-    r.destination.reset();
+    DetachDecode(r);  // the decode worker freed the sequence with its last token
   }
   EmitToken(r, e.token(), e.has_logprob() ? &e.logprob() : nullptr, e.finish_reason(), nullptr);
 }
@@ -510,6 +501,12 @@ bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogpro
   // A stop string ended it while the decode worker still runs the sequence: stop that too.
   Abandon(r, "finished at a stop string");
   return true;
+}
+
+void GenerationActor::DetachDecode(Request& r) {
+  if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
+  r.decode_worker.clear();
+  r.destination.reset();
 }
 
 void GenerationActor::FinishWithError(Request& r, const absl::Status& error) {

@@ -168,6 +168,8 @@ class GenerationActor {
   // Releases what the request holds on workers (reservation, running sequence, prefill call) and
   // forgets it.
   void Abandon(Request& r, const std::string& reason);
+  // The decode worker holds nothing more for `r` (it freed it itself): forget it there.
+  void DetachDecode(Request& r);
   void Forget(uint64_t serial);
   void OpenTokenStream(Worker& w, runtime::Context<Message>& ctx);
   void ReleaseOnDecode(const std::string& worker_id, const v1::LatentDestination& destination,

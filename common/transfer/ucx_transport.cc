@@ -1254,4 +1254,9 @@ void UcxTransport::SetNotificationHandler(NotificationHandler handler) {
 TransportCapabilities UcxTransport::Capabilities() const { return impl_->Capabilities(); }
 TransportStats UcxTransport::Stats() const { return impl_->Stats(); }
 
+std::string UcxTlsDescription() {
+  const char* tls = std::getenv("UCX_TLS");
+  return std::string("ucx tls=") + (tls != nullptr ? tls : "all");
+}
+
 }  // namespace splitmoe::transfer

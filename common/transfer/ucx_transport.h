@@ -120,6 +120,10 @@ struct TransportStats {
   uint64_t notifications_received = 0;
 };
 
+// "ucx tls=<UCX_TLS>" ("all" when unset): the transports this process lets UCX use, as workers
+// report it to the router (status shows it).
+std::string UcxTlsDescription();
+
 class UcxTransport {
  public:
   // Starts the progress thread and creates the UCX context (RMA | AM | WAKEUP) and worker on

@@ -7,8 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/tokenizer/tokenizer.h"
-#include "nlohmann/json.hpp"
 #include "tools/cli/cluster.h"
+#include "tools/cli/generate_common.h"
 #ifdef SPLITMOE_HAVE_CUDA
 #include "common/engine/cuda/gpu_engine.h"
 #endif
@@ -36,27 +36,7 @@ absl::Status GenerateOnDevice(const Flags& f, const std::string& device) {
   std::unique_ptr<tokenizer::Tokenizer> tok;
   auto loaded = tokenizer::Tokenizer::LoadFromDir(dir);
   if (loaded.ok()) tok = std::move(*loaded);
-  engine::GenerateRequest req;
-  if (f.Has("prompt-tokens") == f.Has("prompt")) {
-    return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-tokens IDS");
-  }
-  if (f.Has("prompt-tokens")) {
-    SPLITMOE_ASSIGN_OR_RETURN(req.prompt, f.GetIntList("prompt-tokens"));
-  } else {
-    if (tok == nullptr) return absl::FailedPreconditionError("--prompt needs tokenizer.json");
-    SPLITMOE_ASSIGN_OR_RETURN(req.prompt, tok->Encode(f.Get("prompt"), true));
-  }
-  SPLITMOE_ASSIGN_OR_RETURN(req.max_tokens, f.GetInt("max-tokens", 16));
-  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.temperature, f.GetDouble("temperature", 0.0));
-  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.top_p, f.GetDouble("top-p", 1.0));
-  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.top_k, f.GetInt("top-k", 0));
-  SPLITMOE_ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 0));
-  req.sampling.seed = static_cast<uint64_t>(seed);
-  SPLITMOE_ASSIGN_OR_RETURN(req.logprobs, f.GetInt("logprobs", -1));
-  if (f.Has("stop-token-ids")) {
-    SPLITMOE_ASSIGN_OR_RETURN(req.stop_token_ids, f.GetIntList("stop-token-ids"));
-  }
-  req.ignore_eos = f.Has("ignore-eos");
+  SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateRequest req, GenerateRequestFromFlags(f, tok.get()));
   engine::GpuEngineOptions options;
   options.device = index;
   options.precision =
@@ -67,17 +47,7 @@ absl::Status GenerateOnDevice(const Flags& f, const std::string& device) {
     auto text = tok->Decode(r.tokens, true);
     if (text.ok()) r.text = *text;
   }
-  nlohmann::json lps = nlohmann::json::array();
-  for (const auto& lp : r.logprobs) {
-    nlohmann::json top = nlohmann::json::array();
-    for (const auto& [id, value] : lp.top) top.push_back({id, value});
-    lps.push_back({{"token", lp.token}, {"logprob", lp.logprob}, {"top_logprobs", top}});
-  }
-  nlohmann::json out = {{"tokens", r.tokens},
-                        {"text", r.text},
-                        {"logprobs", lps},
-                        {"finish_reason", r.finish_reason}};
-  std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  PrintGenerateJson(r);
   return absl::OkStatus();
 #endif
 }

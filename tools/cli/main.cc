@@ -25,6 +25,7 @@
 #include "splitmoe/v1/internal.grpc.pb.h"
 #include "tools/cli/cluster.h"
 #include "tools/cli/flags.h"
+#include "tools/cli/generate_common.h"
 
 namespace splitmoe::cli {
 namespace {
@@ -34,12 +35,6 @@ using nlohmann::json;
 std::string DefaultTokenizerDir() {
   if (const char* env = std::getenv("SPLITMOE_TOKENIZER_DIR")) return env;
   return SPLITMOE_DEFAULT_TOKENIZER_DIR;
-}
-
-json LogprobJson(const engine::TokenLogprob& lp) {
-  json top = json::array();
-  for (const auto& [id, value] : lp.top) top.push_back({id, value});
-  return {{"token", lp.token}, {"logprob", lp.logprob}, {"top_logprobs", top}};
 }
 
 absl::Status MakeTiny(int argc, char** argv) {
@@ -170,20 +165,6 @@ absl::Status Inspect(int argc, char** argv) {
   return absl::OkStatus();
 }
 
-// The prompt as token ids: --prompt-tokens, or --prompt encoded with the model's tokenizer (BOS
-// added as tokenizer_config.json says).
-absl::StatusOr<std::vector<int32_t>> PromptTokens(const Flags& f, const engine::Engine& e) {
-  if (f.Has("prompt-tokens") == f.Has("prompt")) {
-    return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-tokens IDS");
-  }
-  if (f.Has("prompt-tokens")) return f.GetIntList("prompt-tokens");
-  if (e.tokenizer() == nullptr) {
-    return absl::FailedPreconditionError(
-        "--prompt needs tokenizer.json in the model directory; use --prompt-tokens");
-  }
-  return e.tokenizer()->Encode(f.Get("prompt"), /*add_special_tokens=*/true);
-}
-
 absl::StatusOr<engine::AttentionForm> FormFlag(const Flags& f) {
   std::string form = f.Get("attention", "absorbed");
   if (form == "absorbed") return engine::AttentionForm::kAbsorbed;
@@ -204,7 +185,7 @@ absl::Status Score(int argc, char** argv) {
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
-  SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, PromptTokens(f, *eng));
+  SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, PromptTokens(f, eng->tokenizer()));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-logprobs", 5));
   if (k < 0 || k > 100) return absl::InvalidArgumentError("--top-logprobs must be in [0, 100]");
   SPLITMOE_ASSIGN_OR_RETURN(engine::ScoreResult r, eng->Score(tokens, k, f.Has("mtp")));
@@ -236,20 +217,8 @@ absl::Status Generate(int argc, char** argv) {
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
-  engine::GenerateRequest req;
-  SPLITMOE_ASSIGN_OR_RETURN(req.prompt, PromptTokens(f, *eng));
-  SPLITMOE_ASSIGN_OR_RETURN(req.max_tokens, f.GetInt("max-tokens", 16));
-  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.temperature, f.GetDouble("temperature", 0.0));
-  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.top_p, f.GetDouble("top-p", 1.0));
-  SPLITMOE_ASSIGN_OR_RETURN(req.sampling.top_k, f.GetInt("top-k", 0));
-  SPLITMOE_ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 0));
-  req.sampling.seed = static_cast<uint64_t>(seed);
-  SPLITMOE_ASSIGN_OR_RETURN(req.logprobs, f.GetInt("logprobs", -1));
-  req.stop = f.GetAll("stop");
-  if (f.Has("stop-token-ids")) {
-    SPLITMOE_ASSIGN_OR_RETURN(req.stop_token_ids, f.GetIntList("stop-token-ids"));
-  }
-  req.ignore_eos = f.Has("ignore-eos");
+  SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateRequest req,
+                            GenerateRequestFromFlags(f, eng->tokenizer()));
   const bool as_json = f.Has("json");
   engine::TokenCallback stream;
   if (!as_json) {
@@ -260,13 +229,7 @@ absl::Status Generate(int argc, char** argv) {
     std::cout << "\n";
     return absl::OkStatus();
   }
-  json lps = json::array();
-  for (const auto& lp : r.logprobs) lps.push_back(LogprobJson(lp));
-  json out = {{"tokens", r.tokens},
-              {"text", r.text},
-              {"logprobs", lps},
-              {"finish_reason", r.finish_reason}};
-  std::cout << out.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+  PrintGenerateJson(r);
   return absl::OkStatus();
 }
 
