@@ -4,7 +4,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
-#include "common/rpc/attention_side.h"
+#include "common/expert_plane/attention_side.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
@@ -19,8 +19,8 @@ absl::Status RunDecode(const DecodeOptions& options) {
     return absl::InvalidArgumentError("decode: --cache-blocks and --block-tokens must be > 0");
   }
   SPLITMOE_ASSIGN_OR_RETURN(
-      std::unique_ptr<rpc::AttentionSide> side,
-      rpc::AttentionSide::Load(options.model_dir, options.router, options.wire_dtype));
+      std::unique_ptr<expert_plane::AttentionSide> side,
+      expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe));
   const model::ModelConfig& c = side->config();
 
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
@@ -66,7 +66,11 @@ absl::Status RunDecode(const DecodeOptions& options) {
     request.set_model_fingerprint(side->fingerprint());
     SPLITMOE_ASSIGN_OR_RETURN(
         std::unique_ptr<rpc::Registration> membership,
-        rpc::Registration::Start(options.router, request, [gauge] { return gauge->Get(); }));
+        rpc::Registration::Start(options.router, request, [gauge, &side] {
+          v1::WorkerLoad load = gauge->Get();
+          *load.mutable_moe() = side->moe().Stats();
+          return load;
+        }));
     std::cerr << "decode: cache " << options.cache_blocks << " blocks x " << options.block_tokens
               << " tokens (" << (options.cache_blocks * layout.block_bytes() >> 20)
               << " MiB, " << (layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")

@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "common/expert_plane/direct_moe.h"
 #include "decode/paged_latent_cache.h"
 #include "splitmoe/v1/internal.pb.h"
 
@@ -18,11 +19,12 @@ namespace splitmoe::decode {
 struct DecodeOptions {
   std::string model_dir;
   std::string listen = "127.0.0.1:0";
-  std::string router;  // required: MoE layers are computed through it
+  std::string router;  // required: registration and the routing table
   int64_t cache_blocks = 256;
   int64_t block_tokens = 64;
   LatentDType cache_dtype = LatentDType::kFloat32;
-  v1::WireDtype wire_dtype = v1::WIRE_DTYPE_FP32;
+  // The expert data plane: wire dtype, per-batch deadlines, failover.
+  expert_plane::DirectMoeOptions moe;
   absl::Duration reclaim_grace = absl::Seconds(5);
 };
 

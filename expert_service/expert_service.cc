@@ -35,10 +35,14 @@ grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* ExpertComputeService
   using Stream = rpc::BidiStream<v1::ExpertBatch, v1::ExpertResult>;
   return new Stream([this](v1::ExpertBatch batch, Stream::Reply reply) {
     ++batches_;
+    assignments_ += static_cast<uint64_t>(batch.expert_ids_size());
+    ++in_flight_;
+    last_batch_us_ = absl::ToUnixMicros(absl::Now());
     const uint64_t id = batch.batch_id();
     // Answered exactly once: by the actor, or with Unavailable if it has stopped.
     experts_.Send(
-        ComputeExpertBatch{std::move(batch), [reply, id](absl::StatusOr<v1::ExpertResult> r) {
+        ComputeExpertBatch{std::move(batch), [this, reply, id](absl::StatusOr<v1::ExpertResult> r) {
+                             --in_flight_;
                              if (r.ok()) return reply(std::move(*r));
                              v1::ExpertResult failed;
                              failed.set_batch_id(id);

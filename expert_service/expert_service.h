@@ -1,5 +1,5 @@
-// The experts actor and its gRPC face. Each ExpertBatch arriving on a router's long-lived
-// ExpertCompute stream becomes a ComputeExpertBatch message to the experts actor, which owns the
+// The experts actor and its gRPC face. Each ExpertBatch arriving on an attention worker's
+// long-lived ExpertCompute stream becomes a ComputeExpertBatch message to the experts actor, which owns the
 // ExpertShard, computes the partial sums on its own thread and replies; the gRPC handler never
 // computes or blocks.
 //
@@ -11,6 +11,8 @@
 
 #include <atomic>
 #include <memory>
+
+#include "absl/time/time.h"
 
 #include "common/runtime/actor.h"
 #include "common/runtime/reply.h"
@@ -48,10 +50,15 @@ class ExpertComputeService final : public v1::ExpertCompute::CallbackService {
       grpc::CallbackServerContext* context) override;
 
   uint64_t batches() const { return batches_.load(); }
+  // Token-expert assignments received, and batches received but not answered yet.
+  uint64_t assignments() const { return assignments_.load(); }
+  int64_t in_flight() const { return in_flight_.load(); }
+  absl::Time last_batch() const { return absl::FromUnixMicros(last_batch_us_.load()); }
 
  private:
   runtime::ActorRef<ComputeExpertBatch> experts_;
-  std::atomic<uint64_t> batches_{0};
+  std::atomic<uint64_t> batches_{0}, assignments_{0};
+  std::atomic<int64_t> in_flight_{0}, last_batch_us_{0};
 };
 
 }  // namespace splitmoe::expert_service

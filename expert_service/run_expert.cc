@@ -34,14 +34,28 @@ absl::Status RunExpert(const ExpertOptions& options) {
     SPLITMOE_ASSIGN_OR_RETURN(membership,
                               rpc::Registration::Start(options.router, request, [&service] {
                                 v1::WorkerLoad load;
-                                load.set_tokens_processed(service.batches());
+                                load.set_tokens_processed(service.assignments());
+                                load.set_requests_in_flight(
+                                    static_cast<int32_t>(service.in_flight()));
                                 return load;
                               }));
   }
   std::cout << "listening " << server.address << std::endl;
   const int signal = process::WaitForTerminationSignal();
   std::cerr << "expert " << options.shard.shard << ": signal " << signal << ", stopping\n";
-  membership.reset();  // deregister first: the router stops sending work here
+  // Drain: deregister first, so the router publishes a table without this replica and the
+  // attention workers send it nothing new; then finish what is in flight (bounded) before the
+  // server stops. A batch that still arrives later fails over to another replica.
+  membership.reset();
+  const absl::Time drain_start = absl::Now();
+  while (absl::Now() - drain_start < absl::Seconds(10)) {
+    const bool quiet = absl::Now() - service.last_batch() > absl::Milliseconds(300);
+    if (service.in_flight() == 0 && quiet && absl::Now() - drain_start > absl::Milliseconds(300))
+      break;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  std::cerr << "expert " << options.shard.shard << ": drained (" << service.in_flight()
+            << " batches in flight)\n";
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   actor.Stop();
   return absl::OkStatus();

@@ -4,7 +4,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
-#include "common/rpc/attention_side.h"
+#include "common/expert_plane/attention_side.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
@@ -15,8 +15,8 @@ namespace splitmoe::prefill {
 absl::Status RunPrefillWorker(const PrefillOptions& options) {
   if (options.router.empty()) return absl::InvalidArgumentError("prefill: --router is required");
   SPLITMOE_ASSIGN_OR_RETURN(
-      std::unique_ptr<rpc::AttentionSide> side,
-      rpc::AttentionSide::Load(options.model_dir, options.router, options.wire_dtype));
+      std::unique_ptr<expert_plane::AttentionSide> side,
+      expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe));
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
                             transfer::UcxTransport::Create({.name = "prefill"}));
   auto gauge = std::make_shared<decode::LoadGauge>();
@@ -40,6 +40,7 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
                                 const int32_t in_flight = service.in_flight();
                                 v1::WorkerLoad load = gauge->Get();
                                 load.set_requests_in_flight(in_flight);
+                                *load.mutable_moe() = side->moe().Stats();
                                 return load;
                               }));
     std::cout << "listening " << server.address << std::endl;

@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "common/engine/transformer.h"
+#include "common/expert_plane/direct_moe.h"
 #include "splitmoe/v1/internal.pb.h"
 
 namespace splitmoe::prefill {
@@ -17,7 +18,8 @@ struct PrefillOptions {
   std::string model_dir;
   std::string listen = "127.0.0.1:0";
   std::string router;  // required
-  v1::WireDtype wire_dtype = v1::WIRE_DTYPE_FP32;
+  // The expert data plane: wire dtype, per-batch deadlines, failover.
+  expert_plane::DirectMoeOptions moe;
   engine::AttentionForm form = engine::AttentionForm::kAbsorbed;
   // Prompts that arrive together are prefilled together up to this many tokens.
   int64_t batch_tokens = 2048;

@@ -3,20 +3,86 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace splitmoe::router {
 
-bool ServicePlacement::complete() const {
-  return std::all_of(expert_to_service.begin(), expert_to_service.end(),
-                     [](int32_t s) { return s >= 0; });
+double MaxVio(const std::vector<uint64_t>& load) {
+  uint64_t total = 0, most = 0;
+  for (uint64_t l : load) {
+    total += l;
+    most = std::max(most, l);
+  }
+  if (total == 0 || load.empty()) return 0.0;
+  return static_cast<double>(most) * static_cast<double>(load.size()) /
+             static_cast<double>(total) -
+         1.0;
 }
 
-WorkerRegistry::WorkerRegistry(int64_t n_routed_experts, absl::Duration heartbeat_interval,
-                               int missed_allowed, std::string model_fingerprint)
-    : n_routed_experts_(n_routed_experts),
-      heartbeat_interval_(heartbeat_interval),
-      missed_allowed_(missed_allowed),
-      model_fingerprint_(std::move(model_fingerprint)) {}
+namespace {
+
+// Mean MaxVio over the layers that saw any load.
+double MeanMaxVio(const std::vector<std::vector<uint64_t>>& layers) {
+  double sum = 0;
+  int n = 0;
+  for (const auto& l : layers) {
+    uint64_t total = 0;
+    for (uint64_t v : l) total += v;
+    if (total == 0) continue;
+    sum += MaxVio(l);
+    ++n;
+  }
+  return n == 0 ? 0.0 : sum / n;
+}
+
+}  // namespace
+
+absl::StatusOr<WorkerRegistry> WorkerRegistry::Create(const model::ModelConfig& config,
+                                                      absl::Duration heartbeat_interval,
+                                                      int missed_allowed,
+                                                      std::string model_fingerprint,
+                                                      RoutingOptions routing) {
+  WorkerRegistry r;
+  r.config_ = config;
+  r.heartbeat_interval_ = heartbeat_interval;
+  r.missed_allowed_ = missed_allowed;
+  r.model_fingerprint_ = std::move(model_fingerprint);
+  if (routing.max_devices < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-devices must be >= 0, got ", routing.max_devices));
+  }
+  const int64_t layers = config.num_hidden_layers + config.num_nextn_predict_layers;
+  r.expert_tokens_.resize(static_cast<size_t>(layers));
+  for (int64_t l = 0; l < layers; ++l) {
+    if (config.IsMoeLayer(l))
+      r.expert_tokens_[static_cast<size_t>(l)].assign(static_cast<size_t>(config.n_routed_experts), 0);
+  }
+  r.window_start_ = r.expert_tokens_;
+  if (routing.bias_update_rate != 0.0f) {
+    if (!(routing.bias_update_rate > 0.0f)) {
+      return absl::InvalidArgumentError(absl::StrCat("--bias-update-rate must be >= 0, got ",
+                                                     routing.bias_update_rate));
+    }
+    routing::LoadBalancerOptions o{.gamma = routing.bias_update_rate,
+                                   .recenter = true,
+                                   .bound = routing.bias_bound};
+    for (int64_t l = 0; l < layers; ++l) {
+      if (!config.IsMoeLayer(l)) continue;
+      absl::StatusOr<routing::ExpertLoadBalancer> b = routing::ExpertLoadBalancer::Create(config, o);
+      if (!b.ok()) {
+        return absl::Status(b.status().code(),
+                            absl::StrCat("--bias-update-rate: ", b.status().message()));
+      }
+      r.balancers_.push_back(std::move(*b));
+      r.balancer_layer_.push_back(static_cast<int32_t>(l));
+    }
+  }
+  r.routing_ = std::move(routing);
+  r.table_.set_router_id(r.routing_.router_id);
+  r.table_.set_max_devices(r.routing_.max_devices);
+  r.table_.mutable_expert_to_shard()->Resize(static_cast<int>(config.n_routed_experts), -1);
+  return r;
+}
 
 absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::RegisterRequest& r,
                                                               absl::Time now) {
@@ -28,11 +94,38 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
         absl::StrCat("worker at ", r.address(), " serves another model (", r.model_fingerprint(),
                      " != ", model_fingerprint_, ")"));
   }
+  const int64_t n = config_.n_routed_experts;
   for (int32_t e : r.experts()) {
-    if (e < 0 || e >= n_routed_experts_) {
+    if (e < 0 || e >= n) {
       return absl::InvalidArgumentError(
           absl::StrCat("worker at ", r.address(), " claims expert ", e));
     }
+  }
+  if (r.role() == v1::WORKER_ROLE_EXPERT) {
+    if (r.shard() < 0 || r.shard() >= n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert service at ", r.address(), " claims shard ", r.shard()));
+    }
+    std::vector<int32_t> experts(r.experts().begin(), r.experts().end());
+    std::sort(experts.begin(), experts.end());
+    auto known = shard_experts_.find(r.shard());
+    if (known != shard_experts_.end() && known->second != experts) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "expert service at ", r.address(), " joins shard ", r.shard(), " with experts [",
+          absl::StrJoin(experts, ","), "], but the shard's pool hosts [",
+          absl::StrJoin(known->second, ","), "]"));
+    }
+    for (const auto& [shard, hosted] : shard_experts_) {
+      if (shard == r.shard()) continue;
+      for (int32_t e : experts) {
+        if (std::binary_search(hosted.begin(), hosted.end(), e)) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("expert service at ", r.address(), " (shard ", r.shard(),
+                           ") claims expert ", e, ", which shard ", shard, " hosts"));
+        }
+      }
+    }
+    shard_experts_[r.shard()] = std::move(experts);
   }
   Worker w;
   w.status.set_worker_id(absl::StrCat(v1::WorkerRole_Name(r.role()).substr(12), "-", next_id_++));
@@ -62,9 +155,37 @@ v1::HeartbeatResponse WorkerRegistry::Heartbeat(const v1::HeartbeatRequest& r, a
     return response;
   }
   it->second.last_heartbeat = now;
-  *it->second.status.mutable_load() = r.load();
+  v1::WorkerLoad load = r.load();
+  if (load.has_moe()) Accumulate(it->second.status.address(), load.moe());
+  load.clear_moe();  // only the totals are kept
+  *it->second.status.mutable_load() = std::move(load);
   response.set_known(true);
   return response;
+}
+
+void WorkerRegistry::Accumulate(const std::string& address, const v1::MoeStats& stats) {
+  v1::MoeStats& last = last_report_[address];
+  // A counter below its last value means the process at that address restarted: count it all.
+  auto delta = [](uint64_t now, uint64_t before) { return now >= before ? now - before : now; };
+  std::map<int32_t, const v1::MoeLayerTokens*> before;
+  for (const v1::MoeLayerTokens& l : last.layers()) before[l.layer()] = &l;
+  for (const v1::MoeLayerTokens& l : stats.layers()) {
+    if (l.layer() < 0 || static_cast<size_t>(l.layer()) >= expert_tokens_.size()) continue;
+    std::vector<uint64_t>& total = expert_tokens_[static_cast<size_t>(l.layer())];
+    if (static_cast<int64_t>(total.size()) != l.expert_tokens_size()) continue;
+    const v1::MoeLayerTokens* b = before.count(l.layer()) ? before[l.layer()] : nullptr;
+    for (int e = 0; e < l.expert_tokens_size(); ++e) {
+      const uint64_t was = b != nullptr && e < b->expert_tokens_size() ? b->expert_tokens(e) : 0;
+      total[static_cast<size_t>(e)] += delta(l.expert_tokens(e), was);
+    }
+  }
+  for (int d = 0; d < stats.devices_touched_size(); ++d) {
+    if (devices_per_token_.size() <= static_cast<size_t>(d)) devices_per_token_.resize(d + 1, 0);
+    const uint64_t was = d < last.devices_touched_size() ? last.devices_touched(d) : 0;
+    devices_per_token_[static_cast<size_t>(d)] += delta(stats.devices_touched(d), was);
+  }
+  failovers_ += delta(stats.failovers(), last.failovers());
+  last = stats;
 }
 
 void WorkerRegistry::Deregister(const std::string& worker_id) { workers_.erase(worker_id); }
@@ -80,20 +201,72 @@ std::vector<std::string> WorkerRegistry::Sweep(absl::Time now) {
   return lost;
 }
 
-ServicePlacement WorkerRegistry::Placement() const {
-  ServicePlacement p;
-  p.expert_to_service.assign(static_cast<size_t>(n_routed_experts_), -1);
-  for (const auto& [id, w] : workers_) {
+bool WorkerRegistry::RefreshTable() {
+  v1::RoutingTable next;
+  next.set_router_id(routing_.router_id);
+  next.set_max_devices(routing_.max_devices);
+  next.mutable_expert_to_shard()->Resize(static_cast<int>(config_.n_routed_experts), -1);
+  for (const auto& [shard, experts] : shard_experts_) {
+    v1::ExpertPool* pool = next.add_pools();
+    pool->set_shard(shard);
+    *pool->mutable_experts() = {experts.begin(), experts.end()};
+    for (int32_t e : experts) next.set_expert_to_shard(e, shard);
+  }
+  for (const auto& [id, w] : workers_) {  // by worker id: a stable replica order
     if (w.status.role() != v1::WORKER_ROLE_EXPERT || !w.status.healthy()) continue;
-    const int32_t index = static_cast<int32_t>(p.services.size());
-    p.services.push_back(id);
-    p.addresses.push_back(w.status.address());
-    // The first healthy service registered for an expert serves it (replicas are standbys).
-    for (int32_t e : w.status.experts()) {
-      if (p.expert_to_service[e] < 0) p.expert_to_service[e] = index;
+    for (v1::ExpertPool& pool : *next.mutable_pools()) {
+      if (pool.shard() != w.status.shard()) continue;
+      v1::ExpertReplica* r = pool.add_replicas();
+      r->set_worker_id(id);
+      r->set_address(w.status.address());
     }
   }
-  return p;
+  for (size_t i = 0; i < balancers_.size(); ++i) {
+    v1::LayerBias* b = next.add_online_bias();
+    b->set_layer(balancer_layer_[i]);
+    *b->mutable_bias() = {balancers_[i].bias().begin(), balancers_[i].bias().end()};
+  }
+  next.set_version(table_.version());
+  if (next.SerializeAsString() == table_.SerializeAsString()) return false;
+  next.set_version(table_.version() + 1);
+  table_ = std::move(next);
+  return true;
+}
+
+bool WorkerRegistry::TableComplete() const {
+  for (int32_t s : table_.expert_to_shard()) {
+    if (s < 0) return false;
+  }
+  for (const v1::ExpertPool& pool : table_.pools()) {
+    if (pool.replicas_size() == 0) return false;
+  }
+  return !table_.pools().empty();
+}
+
+void WorkerRegistry::CloseBalancingWindow() {
+  std::vector<std::vector<uint64_t>> window(expert_tokens_.size());
+  for (size_t l = 0; l < expert_tokens_.size(); ++l) {
+    window[l].resize(expert_tokens_[l].size());
+    for (size_t e = 0; e < expert_tokens_[l].size(); ++e)
+      window[l][e] = expert_tokens_[l][e] - window_start_[l][e];
+  }
+  bool any = false;
+  for (const auto& l : window) {
+    for (uint64_t v : l) any |= v > 0;
+  }
+  if (!any) return;  // no traffic: nothing to learn from
+  max_vio_window_ = MeanMaxVio(window);
+  window_start_ = expert_tokens_;
+  if (balancers_.empty()) return;
+  for (size_t i = 0; i < balancers_.size(); ++i) {
+    (void)balancers_[i].RecordLoads(window[static_cast<size_t>(balancer_layer_[i])]);
+    balancers_[i].Rebalance();
+  }
+  ++bias_updates_;
+}
+
+void WorkerRegistry::ResetBias() {
+  for (routing::ExpertLoadBalancer& b : balancers_) b.Reset();
 }
 
 std::vector<const v1::WorkerStatus*> WorkerRegistry::Healthy(v1::WorkerRole role) const {
@@ -116,6 +289,50 @@ v1::ClusterStatusResponse WorkerRegistry::Status(absl::Time now) const {
     s->set_last_heartbeat_age_ms(absl::ToDoubleMilliseconds(now - w.last_heartbeat));
     response.set_requests_in_flight(response.requests_in_flight() +
                                     w.status.load().requests_in_flight());
+  }
+  v1::RoutingStatus* routing = response.mutable_routing();
+  routing->set_table_version(table_.version());
+  routing->set_max_devices(routing_.max_devices);
+  routing->set_max_vio(MeanMaxVio(expert_tokens_));
+  routing->set_max_vio_window(max_vio_window_);
+  for (size_t l = 0; l < expert_tokens_.size(); ++l) {
+    if (expert_tokens_[l].empty()) continue;
+    v1::MoeLayerTokens* t = routing->add_expert_tokens();
+    t->set_layer(static_cast<int32_t>(l));
+    *t->mutable_expert_tokens() = {expert_tokens_[l].begin(), expert_tokens_[l].end()};
+  }
+  std::map<int32_t, const routing::ExpertLoadBalancer*> bias;
+  for (size_t i = 0; i < balancers_.size(); ++i) bias[balancer_layer_[i]] = &balancers_[i];
+  for (size_t l = 0; l < expert_tokens_.size(); ++l) {
+    if (expert_tokens_[l].empty()) continue;
+    v1::LayerBias* b = routing->add_expert_bias();
+    b->set_layer(static_cast<int32_t>(l));
+    auto it = bias.find(static_cast<int32_t>(l));
+    if (it != bias.end()) {
+      *b->mutable_bias() = {it->second->bias().begin(), it->second->bias().end()};
+    } else {
+      b->mutable_bias()->Resize(static_cast<int>(config_.n_routed_experts), 0.0f);
+    }
+  }
+  *routing->mutable_devices_per_token() = {devices_per_token_.begin(), devices_per_token_.end()};
+  for (size_t d = 0; d < devices_per_token_.size(); ++d) {
+    if (devices_per_token_[d] > 0) routing->set_max_devices_observed(static_cast<int32_t>(d));
+  }
+  routing->set_bias_update_rate(routing_.bias_update_rate);
+  routing->set_failovers(failovers_);
+  routing->set_bias_updates(bias_updates_);
+  for (const auto& [shard, experts] : shard_experts_) {
+    v1::PoolStatus* pool = response.add_pools();
+    pool->set_shard(shard);
+    *pool->mutable_experts() = {experts.begin(), experts.end()};
+    for (const auto& [id, w] : workers_) {
+      if (w.status.role() != v1::WORKER_ROLE_EXPERT || w.status.shard() != shard) continue;
+      v1::ReplicaStatus* r = pool->add_replicas();
+      r->set_worker_id(id);
+      r->set_address(w.status.address());
+      r->set_healthy(w.status.healthy());
+      r->set_tokens(w.status.load().tokens_processed());
+    }
   }
   return response;
 }

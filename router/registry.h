@@ -1,12 +1,15 @@
 // WorkerRegistry: the router's table of workers — who they are, what they host, when they last
-// heartbeated — and the expert placement derived from it. Plain state with handlers: it is owned
-// by the router's registry actor, which alone calls it (not thread-safe). Time is passed in, so
-// tests drive it with a fake clock.
+// heartbeated — and the control plane derived from it: the versioned routing table (expert ->
+// shard, each shard's pool of live replicas, the device limit, the online bias), the MoE
+// statistics the attention workers report (per-layer per-expert tokens, devices touched per
+// token) and the online auxiliary-loss-free bias computed from them. Plain state with handlers:
+// it is owned by the router's registry actor, which alone calls it (not thread-safe). Time is
+// passed in, so tests drive it with a fake clock.
 //
-//   WorkerRegistry registry(/*n_routed_experts=*/256, absl::Milliseconds(500), /*missed=*/3);
+//   WorkerRegistry registry(config, absl::Milliseconds(500), /*missed=*/3, fingerprint, {});
 //   SPLITMOE_ASSIGN_OR_RETURN(v1::RegisterResponse r, registry.Register(request, now));
-//   registry.Sweep(now);                 // takes silent workers out of service
-//   ExpertPlacement p = registry.Placement();
+//   registry.Sweep(now);                  // takes silent workers out of service
+//   if (registry.RefreshTable()) Publish(registry.table());
 #ifndef SPLITMOE_ROUTER_REGISTRY_H_
 #define SPLITMOE_ROUTER_REGISTRY_H_
 
@@ -17,23 +20,30 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/model/config.h"
+#include "common/routing/expert_routing.h"
 #include "splitmoe/v1/internal.pb.h"
 
 namespace splitmoe::router {
 
-// Which expert service serves each routed expert now: expert -> index into `services`, -1 when
-// no healthy service hosts it.
-struct ServicePlacement {
-  std::vector<std::string> services;       // worker ids of the expert services in use
-  std::vector<std::string> addresses;      // their gRPC addresses
-  std::vector<int32_t> expert_to_service;  // [n_routed_experts]
-  bool complete() const;
+struct RoutingOptions {
+  // Device-limited routing: a token's experts on at most this many shards (0: off).
+  int32_t max_devices = 0;
+  // Online bias: b_i += rate * sign(mean_load - load_i) per window, re-centred, clamped to
+  // [-bias_bound, bias_bound]. 0: off (the bias stays zero).
+  float bias_update_rate = 0.0f;
+  float bias_bound = 1.0f;
+  // Written into every table; changes when the router restarts.
+  std::string router_id;
 };
 
 class WorkerRegistry {
  public:
-  WorkerRegistry(int64_t n_routed_experts, absl::Duration heartbeat_interval, int missed_allowed,
-                 std::string model_fingerprint);
+  // InvalidArgument (from Create) when the routing options do not fit the model.
+  static absl::StatusOr<WorkerRegistry> Create(const model::ModelConfig& config,
+                                               absl::Duration heartbeat_interval,
+                                               int missed_allowed, std::string model_fingerprint,
+                                               RoutingOptions routing = {});
 
   absl::StatusOr<v1::RegisterResponse> Register(const v1::RegisterRequest& request, absl::Time now);
   v1::HeartbeatResponse Heartbeat(const v1::HeartbeatRequest& request, absl::Time now);
@@ -41,23 +51,59 @@ class WorkerRegistry {
   // Marks workers silent for more than missed_allowed intervals unhealthy; returns their ids.
   std::vector<std::string> Sweep(absl::Time now);
 
-  ServicePlacement Placement() const;
+  // Rebuilds the routing table from the registry; true when it changed (a new version).
+  bool RefreshTable();
+  const v1::RoutingTable& table() const { return table_; }
+  // True when every routed expert has a shard with at least one live replica.
+  bool TableComplete() const;
+
+  // Closes the balancing window: the online bias moves by the loads reported since the last
+  // call (when enabled), and the window's MaxVio is recorded. Call RefreshTable() after.
+  void CloseBalancingWindow();
+  // Zero bias (e.g. after a placement change).
+  void ResetBias();
+
   // Healthy workers of a role, least loaded (requests in flight) first.
   std::vector<const v1::WorkerStatus*> Healthy(v1::WorkerRole role) const;
   v1::ClusterStatusResponse Status(absl::Time now) const;
 
  private:
+  WorkerRegistry() = default;
   struct Worker {
     v1::WorkerStatus status;
     absl::Time last_heartbeat;
   };
-  int64_t n_routed_experts_;
+  // Adds what `stats` (cumulative, from the worker at `address`) counts beyond the last report
+  // from that address.
+  void Accumulate(const std::string& address, const v1::MoeStats& stats);
+
+  model::ModelConfig config_;
   absl::Duration heartbeat_interval_;
-  int missed_allowed_;
+  int missed_allowed_ = 3;
   std::string model_fingerprint_;
+  RoutingOptions routing_;
   uint64_t next_id_ = 1;
   std::map<std::string, Worker> workers_;  // by worker id
+  // Every shard ever registered and the experts it hosts (kept when its replicas are gone, so
+  // its experts stay mapped and requests needing them fail naming the shard).
+  std::map<int32_t, std::vector<int32_t>> shard_experts_;
+
+  v1::RoutingTable table_;
+  // MoE statistics: totals since start, the last cumulative report per worker address, and the
+  // totals when the balancing window last closed.
+  std::vector<std::vector<uint64_t>> expert_tokens_;  // [layers][n_routed]; empty: dense
+  std::vector<std::vector<uint64_t>> window_start_;
+  std::vector<uint64_t> devices_per_token_;
+  uint64_t failovers_ = 0;
+  std::map<std::string, v1::MoeStats> last_report_;
+  double max_vio_window_ = 0;
+  std::vector<routing::ExpertLoadBalancer> balancers_;  // per layer, when the bias is on
+  std::vector<int32_t> balancer_layer_;
+  uint64_t bias_updates_ = 0;
 };
+
+// MaxVio of one layer's loads: max_i load_i / mean - 1 (0 for no load).
+double MaxVio(const std::vector<uint64_t>& load);
 
 }  // namespace splitmoe::router
 

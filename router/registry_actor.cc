@@ -6,7 +6,7 @@ namespace splitmoe::router {
 
 void RegistryActor::Handle(RegisterWorker m) {
   absl::StatusOr<v1::RegisterResponse> r = registry_.Register(m.request, absl::Now());
-  if (r.ok() && m.request.role() == v1::WORKER_ROLE_EXPERT) PublishPlacement();
+  if (r.ok() && m.request.role() == v1::WORKER_ROLE_EXPERT) PublishTable(absl::Now());
   if (r.ok() && m.request.role() != v1::WORKER_ROLE_EXPERT) PublishServing();
   m.reply(std::move(r));
 }
@@ -17,7 +17,7 @@ void RegistryActor::Handle(WorkerHeartbeat m) {
 
 void RegistryActor::Handle(DeregisterWorker m) {
   registry_.Deregister(m.worker_id);
-  PublishPlacement();
+  PublishTable(absl::Now());
   PublishServing();
   m.reply(absl::OkStatus());
 }
@@ -29,41 +29,35 @@ void RegistryActor::Handle(GetClusterStatus m) {
 }
 
 void RegistryActor::Handle(SweepWorkers, runtime::Context<Message>& ctx) {
-  std::vector<std::string> lost = registry_.Sweep(absl::Now());
+  const absl::Time now = absl::Now();
+  std::vector<std::string> lost = registry_.Sweep(now);
   for (const std::string& id : lost) {
     std::cerr << "router: worker " << id << " stopped heartbeating: out of service\n";
   }
-  if (!lost.empty()) {
-    PublishPlacement();
-    PublishServing();
-  }
+  registry_.CloseBalancingWindow();
+  PublishTable(now);
+  if (!lost.empty()) PublishServing();
   ctx.ScheduleAfter(sweep_interval_, SweepWorkers{});
 }
 
-void RegistryActor::PublishPlacement() {
-  ServicePlacement placement = registry_.Placement();
-  std::map<std::string, std::shared_ptr<ExpertClient>> next;
-  for (size_t i = 0; i < placement.services.size(); ++i) {
-    auto existing = clients_.find(placement.services[i]);
-    if (existing != clients_.end() && !existing->second->broken()) {
-      next[placement.services[i]] = existing->second;
-      continue;
-    }
-    absl::StatusOr<std::unique_ptr<ExpertClient>> client =
-        ExpertClient::Connect(placement.addresses[i]);
-    if (!client.ok()) {
-      std::cerr << "router: " << client.status() << "\n";
-      continue;
-    }
-    next[placement.services[i]] = std::move(*client);
-  }
-  clients_ = next;
-  expert_router_.Send(UsePlacement{std::move(placement), std::move(next)});
+void RegistryActor::Handle(AddTableWatcher m) {
+  if (settled_ && registry_.table().version() > 0 && !m.write(registry_.table())) return;
+  watchers_.push_back(std::move(m.write));
 }
 
-}  // namespace splitmoe::router
-
-namespace splitmoe::router {
+void RegistryActor::PublishTable(absl::Time now) {
+  const bool changed = registry_.RefreshTable();
+  if (!settled_) {
+    settled_ = registry_.TableComplete() || now >= settle_until_;
+    if (!settled_) return;
+  } else if (!changed) {
+    return;
+  }
+  const v1::RoutingTable& table = registry_.table();
+  for (auto it = watchers_.begin(); it != watchers_.end();) {
+    it = (*it)(table) ? it + 1 : watchers_.erase(it);
+  }
+}
 
 void RegistryActor::PublishServing() {
   UseServingWorkers serving;

@@ -1,8 +1,13 @@
-// RegistryActor: the router's registry actor. Owns the WorkerRegistry (membership, heartbeats,
-// health), sweeps silent workers out of service on a timer, and after every membership change
-// connects to new expert services and sends the new placement to the expert-router actor.
-// Connecting blocks this actor briefly (bounded by ExpertClient::Connect's timeout), never the
-// expert router.
+// RegistryActor: the router's registry actor, its control plane. Owns the WorkerRegistry
+// (membership, heartbeats, health, the routing table, MoE statistics, the online bias), sweeps
+// silent workers out of service on a timer (and closes a balancing window at every sweep), and
+// after every change that makes a new routing-table version writes it to every watcher (the
+// attention workers' WatchRoutingTable streams). It never touches the network itself: writes go
+// to the streams' queues.
+//
+// After a start (or a restart) the router publishes no table until the table is complete (every
+// expert has a live replica) or `settle` has passed, so workers that outlived a router keep
+// their last table until the expert services have registered again.
 //
 //   runtime::Actor<RegistryActor> registry("registry", std::make_unique<RegistryActor>(...));
 //   registry.ScheduleAfter(interval, SweepWorkers{});
@@ -14,11 +19,11 @@
 #include <memory>
 #include <string>
 #include <variant>
+#include <vector>
+#include <functional>
 
 #include "common/runtime/actor.h"
 #include "common/runtime/reply.h"
-#include "router/expert_client.h"
-#include "router/expert_router.h"
 #include "router/generation_actor.h"
 #include "router/registry.h"
 
@@ -39,23 +44,29 @@ struct DeregisterWorker {
 struct GetClusterStatus {
   runtime::Reply<v1::ClusterStatusResponse> reply;
 };
-// Timer: take workers that stopped heartbeating out of service, then schedule the next sweep.
+// Timer: take workers that stopped heartbeating out of service, close the balancing window,
+// then schedule the next sweep.
 struct SweepWorkers {};
+// A routing-table watcher: `write` queues one table and returns false once the stream is gone
+// (it is then dropped). Called on the actor's thread; must not block.
+struct AddTableWatcher {
+  std::function<bool(const v1::RoutingTable&)> write;
+};
 
 class RegistryActor {
  public:
   using Message = std::variant<RegisterWorker, WorkerHeartbeat, DeregisterWorker, GetClusterStatus,
-                               SweepWorkers>;
+                               SweepWorkers, AddTableWatcher>;
 
   // `generation` (may be empty) receives the healthy prefill and decode workers after every
   // change; `requests_in_flight` (may be null) is the front door's gauge for ClusterStatus.
-  RegistryActor(WorkerRegistry registry, absl::Duration sweep_interval,
-                runtime::ActorRef<ExpertRouter::Message> expert_router,
+  RegistryActor(WorkerRegistry registry, absl::Duration sweep_interval, absl::Duration settle,
                 runtime::ActorRef<GenerationActor::Message> generation = {},
-                std::shared_ptr<std::atomic<int32_t>> requests_in_flight = nullptr)
+                std::shared_ptr<std::atomic<int32_t>> requests_in_flight = nullptr,
+                absl::Time now = absl::Now())
       : registry_(std::move(registry)),
         sweep_interval_(sweep_interval),
-        expert_router_(std::move(expert_router)),
+        settle_until_(now + settle),
         generation_(std::move(generation)),
         requests_in_flight_(std::move(requests_in_flight)) {}
 
@@ -64,17 +75,24 @@ class RegistryActor {
   void Handle(DeregisterWorker m);
   void Handle(GetClusterStatus m);
   void Handle(SweepWorkers m, runtime::Context<Message>& ctx);
+  void Handle(AddTableWatcher m);
+
+  // The table watchers receive (for tests).
+  const v1::RoutingTable& table() const { return registry_.table(); }
+  bool publishing() const { return settled_; }
 
  private:
-  void PublishPlacement();
+  // A new table version (if any) to every watcher, once settled.
+  void PublishTable(absl::Time now);
   void PublishServing();
 
   WorkerRegistry registry_;
   absl::Duration sweep_interval_;
-  runtime::ActorRef<ExpertRouter::Message> expert_router_;
+  absl::Time settle_until_;
+  bool settled_ = false;
   runtime::ActorRef<GenerationActor::Message> generation_;
   std::shared_ptr<std::atomic<int32_t>> requests_in_flight_;
-  std::map<std::string, std::shared_ptr<ExpertClient>> clients_;  // by worker id
+  std::vector<std::function<bool(const v1::RoutingTable&)>> watchers_;
 };
 
 }  // namespace splitmoe::router

@@ -1,6 +1,6 @@
 #include "router/router_services.h"
 
-#include "common/rpc/bidi_stream.h"
+#include "common/rpc/server_stream.h"
 #include "common/rpc/rpc.h"
 
 namespace splitmoe::router {
@@ -52,18 +52,14 @@ grpc::ServerUnaryReactor* RegistryService::ClusterStatus(
   return reactor;
 }
 
-grpc::ServerBidiReactor<v1::MoeBatch, v1::MoeResult>* MoeDispatchService::Dispatch(
-    grpc::CallbackServerContext* /*ctx*/) {
-  using Stream = rpc::BidiStream<v1::MoeBatch, v1::MoeResult>;
-  return new Stream([this](v1::MoeBatch batch, Stream::Reply reply) {
-    const uint64_t id = batch.batch_id();
-    if (!router_.Send(RouteMoeBatch{std::move(batch), reply})) {
-      v1::MoeResult r;
-      r.set_batch_id(id);
-      r.set_error("router is stopping");
-      reply(std::move(r));
-    }
-  });
+grpc::ServerWriteReactor<v1::RoutingTable>* RegistryService::WatchRoutingTable(
+    grpc::CallbackServerContext* /*ctx*/, const v1::WatchRoutingTableRequest* /*request*/) {
+  auto [reactor, stream] = rpc::ServerStream<v1::RoutingTable>::Create(nullptr);
+  auto write = [stream = stream](const v1::RoutingTable& t) { return stream->Write(t); };
+  if (!registry_.Send(AddTableWatcher{write})) {
+    stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
+  }
+  return reactor;
 }
 
 }  // namespace splitmoe::router

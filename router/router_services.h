@@ -1,12 +1,11 @@
 // The router's internal gRPC services. Handlers translate and post to the owning actor; replies
 // finish the RPC from whichever thread the actor answers on.
-//   RegistryService     -> registry actor (WorkerRegistry): register, heartbeat, status
-//   MoeDispatchService  -> expert-router actor (ExpertRouter): one stream per attention worker
+//   RegistryService     -> registry actor (WorkerRegistry): register, heartbeat, status, and the
+//                          routing-table watch streams of the attention workers
 #ifndef SPLITMOE_ROUTER_ROUTER_SERVICES_H_
 #define SPLITMOE_ROUTER_ROUTER_SERVICES_H_
 
 #include "common/runtime/actor.h"
-#include "router/expert_router.h"
 #include "router/registry_actor.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
 
@@ -29,21 +28,13 @@ class RegistryService final : public v1::Registry::CallbackService {
   grpc::ServerUnaryReactor* ClusterStatus(grpc::CallbackServerContext* ctx,
                                           const v1::ClusterStatusRequest* request,
                                           v1::ClusterStatusResponse* response) override;
+  grpc::ServerWriteReactor<v1::RoutingTable>* WatchRoutingTable(
+      grpc::CallbackServerContext* ctx, const v1::WatchRoutingTableRequest* request) override;
 
  private:
   runtime::ActorRef<RegistryActor::Message> registry_;
 };
 
-class MoeDispatchService final : public v1::MoeDispatch::CallbackService {
- public:
-  explicit MoeDispatchService(runtime::ActorRef<ExpertRouter::Message> router)
-      : router_(std::move(router)) {}
-  grpc::ServerBidiReactor<v1::MoeBatch, v1::MoeResult>* Dispatch(
-      grpc::CallbackServerContext* ctx) override;
-
- private:
-  runtime::ActorRef<ExpertRouter::Message> router_;
-};
 
 }  // namespace splitmoe::router
 

@@ -1,5 +1,7 @@
 #include "router/run_router.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -13,39 +15,16 @@
 #include "common/process/signals.h"
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
-#include "router/expert_router.h"
 #include "router/generation_actor.h"
 #include "router/generation_service.h"
 #include "router/registry_actor.h"
 #include "router/router_services.h"
 
 namespace splitmoe::router {
-namespace {
-
-// The checkpoint's selection bias of every MoE layer (main layers, then MTP blocks); empty for
-// dense layers and for models without one. The router loads nothing else of the weights.
-absl::StatusOr<std::vector<std::vector<float>>> LoadBiases(model::Checkpoint& ckpt) {
-  const model::ModelConfig& c = ckpt.config();
-  std::vector<std::vector<float>> biases(
-      static_cast<size_t>(c.num_hidden_layers + c.num_nextn_predict_layers));
-  if (!c.HasScoreBias()) return biases;
-  for (size_t layer = 0; layer < biases.size(); ++layer) {
-    if (!c.IsMoeLayer(static_cast<int64_t>(layer))) continue;
-    const std::string name =
-        absl::StrCat("model.layers.", layer, ".mlp.gate.e_score_correction_bias");
-    if (layer >= static_cast<size_t>(c.num_hidden_layers) && !ckpt.Has(name))
-      continue;  // MTP not shipped
-    SPLITMOE_ASSIGN_OR_RETURN(biases[layer], ckpt.LoadVector(name, c.n_routed_experts));
-  }
-  return biases;
-}
-
-}  // namespace
 
 absl::Status RunRouter(const RouterOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(options.model_dir));
   const model::ModelConfig config = ckpt->config();
-  SPLITMOE_ASSIGN_OR_RETURN(std::vector<std::vector<float>> biases, LoadBiases(*ckpt));
   SPLITMOE_ASSIGN_OR_RETURN(std::string fingerprint, rpc::ModelFingerprint(options.model_dir));
   std::string config_json;
   {
@@ -63,11 +42,19 @@ absl::Status RunRouter(const RouterOptions& options) {
   const std::string model_name =
       std::filesystem::path(options.model_dir).lexically_normal().filename().string();
 
-  // The expert-router actor routes MoE batches; the registry actor owns membership and hands
-  // it the expert placement after every change.
-  runtime::Actor<ExpertRouter> expert_router(
-      "expert-router",
-      std::make_unique<ExpertRouter>(config, std::move(biases), options.max_devices));
+  RoutingOptions routing;
+  routing.max_devices = options.max_devices >= 0 ? options.max_devices
+                        : config.UsesGroups()     ? static_cast<int32_t>(config.topk_group)
+                                                  : 0;
+  routing.bias_update_rate = options.bias_update_rate;
+  routing.bias_bound = options.bias_bound;
+  // A new incarnation id: workers take this router's tables even if their versions are lower
+  // than a previous router's.
+  routing.router_id = absl::StrCat(absl::ToUnixMicros(absl::Now()), "-", ::getpid());
+  SPLITMOE_ASSIGN_OR_RETURN(
+      WorkerRegistry workers,
+      WorkerRegistry::Create(config, options.heartbeat_interval, options.missed_heartbeats_allowed,
+                             fingerprint, routing));
   // The generation actor owns public requests; the registry actor tells it which prefill and
   // decode workers serve.
   auto requests_in_flight = std::make_shared<std::atomic<int32_t>>(0);
@@ -77,30 +64,31 @@ absl::Status RunRouter(const RouterOptions& options) {
   runtime::Actor<GenerationActor> generation(
       "generation", std::make_unique<GenerationActor>(config, tokenizer.get(), generation_options,
                                                       requests_in_flight));
+  // The registry actor owns membership and the routing table; it tells the generation actor
+  // which prefill and decode workers serve. Until the expert services have registered (or
+  // `settle` has passed) it publishes no table, so workers that outlived a previous router keep
+  // theirs.
+  const absl::Duration settle =
+      options.heartbeat_interval * (options.missed_heartbeats_allowed + 1);
   runtime::Actor<RegistryActor> registry(
-      "registry", std::make_unique<RegistryActor>(
-                      WorkerRegistry(config.n_routed_experts, options.heartbeat_interval,
-                                     options.missed_heartbeats_allowed, fingerprint),
-                      options.heartbeat_interval, expert_router.ref(), generation.ref(),
-                      requests_in_flight));
+      "registry", std::make_unique<RegistryActor>(std::move(workers), options.heartbeat_interval,
+                                                  settle, generation.ref(), requests_in_flight));
   registry.ScheduleAfter(options.heartbeat_interval, SweepWorkers{});
 
   RegistryService registry_service(registry.ref());
-  MoeDispatchService dispatch_service(expert_router.ref());
   GenerationService generation_service(config, tokenizer.get(), model_name, config_json,
                                        generation.ref());
   SPLITMOE_ASSIGN_OR_RETURN(
       rpc::RunningServer server,
       rpc::StartServer(options.listen,
-                       {&registry_service, &dispatch_service, &generation_service}));
+                       {&registry_service, &generation_service}));
   std::cout << "listening " << server.address << std::endl;
 
   const int signal = process::WaitForTerminationSignal();
   std::cerr << "router: signal " << signal << ", stopping\n";
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  generation.Stop();     // fails the requests still open
-  registry.Stop();       // then its expert clients close with it
-  expert_router.Stop();  // fails what is still pending
+  generation.Stop();  // fails the requests still open
+  registry.Stop();
   return absl::OkStatus();
 }
 

@@ -1,6 +1,7 @@
-// `splitmoe router`: the router process. Serves the public Generation API and the internal
-// Registry and MoeDispatch services on one gRPC port, with health and reflection; prints
-// "listening HOST:PORT" once serving and runs until SIGINT/SIGTERM.
+// `splitmoe router`: the router process, the cluster's front door and control plane. Serves the
+// public Generation API and the internal Registry service (membership, status, the routing-table
+// watch streams) on one gRPC port, with health and reflection; prints "listening HOST:PORT" once
+// serving and runs until SIGINT/SIGTERM. It is not on the MoE data path.
 #ifndef SPLITMOE_ROUTER_RUN_ROUTER_H_
 #define SPLITMOE_ROUTER_RUN_ROUTER_H_
 
@@ -16,8 +17,12 @@ struct RouterOptions {
   std::string listen = "127.0.0.1:0";
   absl::Duration heartbeat_interval = absl::Milliseconds(300);
   int missed_heartbeats_allowed = 3;
-  // Device-limited routing: each token's experts on at most this many expert services (0: off).
-  int32_t max_devices = 0;
+  // Device-limited routing: each token's experts on at most this many expert shards (0: off;
+  // -1: the model's topk_group for grouped models, off for the others).
+  int32_t max_devices = -1;
+  // Online per-expert bias (auxiliary-loss-free balancing); 0: off.
+  float bias_update_rate = 0.0f;
+  float bias_bound = 1.0f;
   // Front door: how long a request may wait for decode cache blocks, and the deadline of a
   // prompt's prefill and latent transfer.
   absl::Duration admission_timeout = absl::Seconds(30);

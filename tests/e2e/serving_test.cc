@@ -24,6 +24,7 @@
 #include "common/rpc/rpc.h"
 #include "decode/paged_sequence_cache.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "splitmoe/v1/generation.grpc.pb.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
 #include "tests/testing/test_models.h"
@@ -701,7 +702,7 @@ pid_t ChildWithRole(pid_t parent, const std::string& role) {
   return -1;
 }
 
-TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpReportsIt) {
+TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpRestartsIt) {
   const std::string model = testing::TinyModel("serving_failure");
   auto cluster = Cluster::Up(model, {});
   ASSERT_NE(cluster, nullptr);
@@ -719,14 +720,276 @@ TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpReportsIt) {
   killer.join();
   EXPECT_EQ(got.status.error_code(), grpc::StatusCode::UNAVAILABLE) << got.status.error_message();
   EXPECT_LT(absl::Now() - start, absl::Seconds(20));
-  // The launcher notices and stops the cluster with an error.
-  std::optional<std::string> exit;
-  for (int i = 0; i < 100 && !exit; ++i) {
-    exit = cluster->up->Poll();
+  // The launcher keeps the cluster up and restarts the dead worker, which serves again.
+  pid_t restarted = -1;
+  for (int i = 0; i < 100 && (restarted <= 0 || restarted == decode); ++i) {
+    absl::SleepFor(absl::Milliseconds(100));
+    restarted = ChildWithRole(cluster->up->pid(), "decode");
+  }
+  EXPECT_FALSE(cluster->up->Poll().has_value()) << "`splitmoe up` stopped on a dead child";
+  ASSERT_GT(restarted, 0);
+  EXPECT_NE(restarted, decode);
+  c.max_tokens = 6;
+  Outcome after;
+  for (int i = 0; i < 100; ++i) {  // until the new worker has registered
+    after = Generate(*cluster->generation, ToRequest(c, absl::StrCat("after-", i)));
+    if (after.status.ok()) break;
     absl::SleepFor(absl::Milliseconds(100));
   }
-  ASSERT_TRUE(exit.has_value()) << "`splitmoe up` ignored a dead child";
-  EXPECT_EQ(*exit, "exited with code 1");
+  EXPECT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.tokens.size(), 6u);
+  EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+}
+
+// Every child of `parent` whose command line contains each of `parts`.
+std::vector<pid_t> ChildrenMatching(pid_t parent, const std::vector<std::string>& parts) {
+  std::vector<pid_t> out;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    const size_t close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::vector<std::string> fields = absl::StrSplit(line.substr(close + 2), ' ');
+    if (fields.size() < 2 || std::stoi(fields[1]) != parent) continue;
+    std::ifstream cmd(entry.path() / "cmdline");
+    std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+    std::replace(argv.begin(), argv.end(), '\0', ' ');
+    bool all = true;
+    for (const std::string& p : parts) all &= argv.find(p) != std::string::npos;
+    if (all) out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+// ---- expert pools: 2 shards x 2 replicas, direct dispatch, failover, elasticity ----
+
+class ExpertPoolTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    model_ = new std::string(testing::TinyModel("expert_pool"));
+    auto e = engine::Engine::Load(*model_);
+    ASSERT_TRUE(e.ok()) << e.status();
+    engine_ = e->release();
+    cluster_ = Cluster::Up(*model_, {"--experts", "2", "--expert-replicas", "2", "--block-tokens",
+                                     "16", "--cache-blocks", "200"})
+                   .release();
+  }
+  static void TearDownTestSuite() {
+    if (cluster_ != nullptr) {
+      EXPECT_EQ(cluster_->up->Terminate(absl::Seconds(20)), "exited with code 0");
+    }
+    delete cluster_;
+    delete engine_;
+    delete model_;
+  }
+  void SetUp() override { ASSERT_NE(cluster_, nullptr) << "the cluster did not start"; }
+  void TearDown() override {
+    if (cluster_ != nullptr) EXPECT_EQ(cluster_->WaitIdle(absl::Seconds(5)), "");
+  }
+
+  // Live replicas per shard, as the router's status shows them.
+  static std::map<int32_t, int> LiveReplicas() {
+    std::map<int32_t, int> live;
+    const v1::ClusterStatusResponse status = cluster_->Status();
+    for (const auto& pool : status.pools()) {
+      live[pool.shard()] = 0;
+      for (const auto& r : pool.replicas()) live[pool.shard()] += r.healthy();
+    }
+    return live;
+  }
+  static bool WaitForReplicas(int want, absl::Duration timeout) {
+    const absl::Time end = absl::Now() + timeout;
+    while (absl::Now() < end) {
+      bool ok = true;
+      for (const auto& [shard, n] : LiveReplicas()) ok &= n == want;
+      if (ok) return true;
+      absl::SleepFor(absl::Milliseconds(100));
+    }
+    return false;
+  }
+
+  // Runs `cases` concurrently, with `fault` run at `fault_after`, and checks each against the
+  // engine: nothing lost, nothing changed.
+  static void ExpectEqualsEngineDespite(const std::vector<Case>& cases,
+                                        absl::Duration fault_after,
+                                        const std::function<void()>& fault) {
+    std::thread faulter([&] {
+      absl::SleepFor(fault_after);
+      fault();
+    });
+    ExpectConcurrentEqualsEngine(*cluster_, *engine_, cases);
+    faulter.join();
+  }
+
+  static std::vector<Case> LongCases(int n, uint64_t seed, int max_tokens = 24) {
+    std::vector<Case> cases = MixedCases(engine_->config().vocab_size, n, seed);
+    for (Case& c : cases) c.max_tokens = max_tokens;
+    return cases;
+  }
+
+  static std::string* model_;
+  static engine::Engine* engine_;
+  static Cluster* cluster_;
+};
+std::string* ExpertPoolTest::model_ = nullptr;
+engine::Engine* ExpertPoolTest::engine_ = nullptr;
+Cluster* ExpertPoolTest::cluster_ = nullptr;
+
+TEST_F(ExpertPoolTest, EveryReplicaServesAndStatusShowsTheRoutingTable) {
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, MixedCases(engine_->config().vocab_size, 8, 3));
+  // The heartbeats carry the counters: wait for them.
+  absl::SleepFor(absl::Milliseconds(400));
+  FILE* pipe = ::popen((Binary() + " status --json --endpoint " + cluster_->endpoint).c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  ASSERT_EQ(::pclose(pipe), 0) << out;
+  const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << out;
+  const auto& c = engine_->config();
+  const auto& routing = j.at("routing");
+  EXPECT_GT(routing.at("table_version").get<uint64_t>(), 0u);
+  EXPECT_TRUE(routing.contains("max_devices"));
+  EXPECT_GE(routing.at("max_vio").get<double>(), 0.0);
+  const auto& tokens = routing.at("expert_tokens");
+  ASSERT_EQ(tokens.size(), static_cast<size_t>(c.num_hidden_layers + c.num_nextn_predict_layers));
+  uint64_t assigned = 0;
+  for (size_t l = 0; l < tokens.size(); ++l) {
+    if (!c.IsMoeLayer(static_cast<int64_t>(l))) {
+      EXPECT_TRUE(tokens[l].empty()) << "dense layer " << l;
+      continue;
+    }
+    ASSERT_EQ(tokens[l].size(), static_cast<size_t>(c.n_routed_experts));
+    for (const auto& v : tokens[l]) assigned += v.get<uint64_t>();
+  }
+  EXPECT_GT(assigned, 0u);
+  EXPECT_EQ(routing.at("expert_bias").size(), tokens.size());
+  // Every token touched at most max_devices shards (or at most all of them when off).
+  const int32_t limit = routing.at("max_devices").get<int32_t>();
+  EXPECT_LE(routing.at("max_devices_observed").get<int32_t>(), limit > 0 ? limit : 2);
+  const auto& pools = j.at("pools");
+  ASSERT_EQ(pools.size(), 2u);
+  uint64_t replica_tokens = 0;
+  for (const auto& pool : pools) {
+    ASSERT_EQ(pool.at("replicas").size(), 2u) << pool.dump();
+    for (const auto& r : pool.at("replicas")) {
+      EXPECT_TRUE(r.at("healthy").get<bool>()) << r.dump();
+      EXPECT_FALSE(r.at("worker_id").get<std::string>().empty());
+      // Each batch is split over the pool's replicas: every replica computed something.
+      EXPECT_GT(r.at("tokens").get<uint64_t>(), 0u) << r.dump();
+      replica_tokens += r.at("tokens").get<uint64_t>();
+    }
+  }
+  // The replicas computed exactly what the attention workers sent (no duplicate work when
+  // nothing failed).
+  EXPECT_EQ(replica_tokens, assigned);
+}
+
+TEST_F(ExpertPoolTest, AReplicaKilledUnderLoadLosesNoRequestAndComesBack) {
+  const std::vector<pid_t> shard0 =
+      ChildrenMatching(cluster_->up->pid(), {" expert ", " --shard 0 "});
+  ASSERT_EQ(shard0.size(), 2u);
+  const uint64_t failovers0 = cluster_->Status().routing().failovers();
+  ExpectEqualsEngineDespite(LongCases(12, 11, 96), absl::Milliseconds(400),
+                            [&] { ::kill(shard0[0], SIGKILL); });
+  // `up` restarts it; the pool is whole again and the router shows the failovers.
+  EXPECT_TRUE(WaitForReplicas(2, absl::Seconds(30)));
+  absl::SleepFor(absl::Milliseconds(300));
+  const uint64_t failovers = cluster_->Status().routing().failovers() - failovers0;
+  std::printf("failovers while a replica was killed: %llu\n",
+              static_cast<unsigned long long>(failovers));
+  // The replica died mid-run: batches were sent to it and resent elsewhere.
+  EXPECT_GT(failovers, 0u);
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, MixedCases(engine_->config().vocab_size, 4, 5));
+}
+
+TEST_F(ExpertPoolTest, ADrainedReplicaFailsNoRequest) {
+  const std::vector<pid_t> shard1 =
+      ChildrenMatching(cluster_->up->pid(), {" expert ", " --shard 1 "});
+  ASSERT_EQ(shard1.size(), 2u);
+  ExpectEqualsEngineDespite(LongCases(12, 13, 96), absl::Milliseconds(400),
+                            [&] { ::kill(shard1[1], SIGTERM); });
+  EXPECT_TRUE(WaitForReplicas(2, absl::Seconds(30)));  // restarted by `up`
+}
+
+TEST_F(ExpertPoolTest, AReplicaStartedAtRunTimeJoinsItsPoolAndCanLeave) {
+  // A third replica of shard 1, started by hand against the running router.
+  const absl::Time started = absl::Now();
+  auto extra = process::Subprocess::Start(
+      "extra-expert", {Binary(), "expert", "--model", *model_, "--router", cluster_->endpoint,
+                       "--shard", "1", "--num-shards", "2"});
+  ASSERT_TRUE(extra.ok()) << extra.status();
+  auto line = (*extra)->ReadLineMatching("listening ", absl::Seconds(60));
+  ASSERT_TRUE(line.ok()) << line.status();
+  const std::string address = *line;
+  auto tokens_of = [&]() -> std::optional<uint64_t> {
+    const v1::ClusterStatusResponse status = cluster_->Status();
+    for (const auto& pool : status.pools()) {
+      for (const auto& r : pool.replicas()) {
+        if (r.address() == address && r.healthy()) return r.tokens();
+      }
+    }
+    return std::nullopt;
+  };
+  // It is in service as soon as it has registered; under load it computes within a heartbeat.
+  std::optional<uint64_t> first;
+  absl::Duration to_first_batch = absl::InfiniteDuration();
+  std::atomic<bool> stop{false};
+  std::thread load([&] {
+    int i = 0;
+    while (!stop.load()) {
+      Case c = LongCases(1, 100 + i)[0];
+      Outcome o = Generate(*cluster_->generation, ToRequest(c, absl::StrCat("join-", i++)));
+      EXPECT_TRUE(o.status.ok()) << o.status.error_message();
+    }
+  });
+  for (int i = 0; i < 300; ++i) {
+    first = tokens_of();
+    if (first.has_value() && *first > 0) {
+      to_first_batch = absl::Now() - started;
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  stop = true;
+  load.join();
+  ASSERT_TRUE(first.has_value() && *first > 0) << "the new replica received no work";
+  std::printf("new replica: process start to first batch seen by the router %.0f ms\n",
+              absl::ToDoubleMilliseconds(to_first_batch));
+  // It leaves by a drain under load, and no request fails.
+  ExpectEqualsEngineDespite(LongCases(10, 17), absl::Milliseconds(500),
+                            [&] { (*extra)->Signal(SIGTERM); });
+  std::optional<std::string> exit;
+  for (int i = 0; i < 150 && !exit; ++i) {
+    exit = (*extra)->Poll();
+    if (!exit) absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(exit.value_or("still running"), "exited with code 0");
+}
+
+TEST_F(ExpertPoolTest, ARouterRestartKeepsTheWorkersAndServesAgain) {
+  const pid_t router = ChildWithRole(cluster_->up->pid(), "router");
+  const pid_t decode = ChildWithRole(cluster_->up->pid(), "decode");
+  ASSERT_GT(router, 0);
+  ::kill(router, SIGKILL);
+  // `up` restarts the router on the same address; the workers re-register and resubscribe.
+  Outcome after;
+  const std::vector<Case> cases = MixedCases(engine_->config().vocab_size, 1, 19);
+  for (int i = 0; i < 200; ++i) {
+    absl::SleepFor(absl::Milliseconds(100));
+    after = Generate(*cluster_->generation, ToRequest(cases[0], absl::StrCat("restart-", i)));
+    if (after.status.ok()) break;
+  }
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.tokens, Expected(*engine_, cases[0]).tokens);
+  EXPECT_EQ(ChildWithRole(cluster_->up->pid(), "decode"), decode) << "a worker was restarted";
+  EXPECT_TRUE(WaitForReplicas(2, absl::Seconds(10)));
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, MixedCases(engine_->config().vocab_size, 6, 23));
 }
 
 }  // namespace

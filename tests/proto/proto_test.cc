@@ -40,7 +40,7 @@ TEST(ProtoTest, PublicFieldNumbersAreStable) {
   EXPECT_EQ(e->FindFieldByName("token_ids")->number(), 2);
   EXPECT_EQ(e->FindFieldByName("finished")->number(), 7);
   EXPECT_EQ(v1::Generation::service_full_name(), std::string("splitmoe.v1.Generation"));
-  EXPECT_EQ(v1::MoeDispatch::service_full_name(), std::string("splitmoe.v1.MoeDispatch"));
+  EXPECT_EQ(v1::ExpertCompute::service_full_name(), std::string("splitmoe.v1.ExpertCompute"));
 }
 
 }  // namespace

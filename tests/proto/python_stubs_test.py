@@ -14,6 +14,6 @@ assert back == req and back.WhichOneof("prompt") == "text", back
 assert hasattr(generation_pb2_grpc, "GenerationStub")
 for method in ["Generate", "Tokenize", "Detokenize", "ModelInfo"]:
     assert method in generation_pb2.DESCRIPTOR.services_by_name["Generation"].methods_by_name, method
-assert internal_pb2.DESCRIPTOR.services_by_name["MoeDispatch"].methods_by_name["Dispatch"].server_streaming
+assert internal_pb2.DESCRIPTOR.services_by_name["Registry"].methods_by_name["WatchRoutingTable"].server_streaming
 assert hasattr(internal_pb2_grpc, "ExpertComputeStub")
 print("1 passed, 0 failed")

@@ -11,6 +11,7 @@
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/process/subprocess.h"
+#include "common/expert_plane/direct_moe.h"
 #include "common/rpc/rpc.h"
 #include "decode/run_decode.h"
 #include "nlohmann/json.hpp"
@@ -28,6 +29,22 @@ absl::StatusOr<v1::WireDtype> WireFlag(const Flags& f) {
   if (wire == "fp32") return v1::WIRE_DTYPE_FP32;
   if (wire == "bf16") return v1::WIRE_DTYPE_BF16;
   return absl::InvalidArgumentError("--wire-dtype must be fp32 or bf16");
+}
+
+// The expert data plane of an attention worker: --wire-dtype, --moe-transport,
+// --expert-deadline-ms (a replica's part of a batch, plus 2 ms per token, before failover).
+absl::StatusOr<expert_plane::DirectMoeOptions> MoeFlags(const Flags& f) {
+  expert_plane::DirectMoeOptions o;
+  SPLITMOE_ASSIGN_OR_RETURN(o.dtype, WireFlag(f));
+  const std::string transport = f.Get("moe-transport", "grpc");
+  if (transport != "grpc") {
+    return absl::InvalidArgumentError(
+        "--moe-transport: only grpc is available (the UCX expert transport is not built yet)");
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t deadline, f.GetInt("expert-deadline-ms", 500));
+  if (deadline <= 0) return absl::InvalidArgumentError("--expert-deadline-ms must be > 0");
+  o.deadline = absl::Milliseconds(deadline);
+  return o;
 }
 
 json LogprobJson(const v1::TokenLogprob& lp, bool with_top) {
@@ -65,7 +82,9 @@ absl::Status PrefillCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
-              {"model", "listen", "router", "wire-dtype", "attention", "batch-tokens"}, {}));
+              {"model", "listen", "router", "wire-dtype", "attention", "batch-tokens",
+               "moe-transport", "expert-deadline-ms"},
+              {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
   }
@@ -73,7 +92,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
   o.router = f.Get("router");
-  SPLITMOE_ASSIGN_OR_RETURN(o.wire_dtype, WireFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(o.moe, MoeFlags(f));
   const std::string form = f.Get("attention", "absorbed");
   if (form != "absorbed" && form != "naive") {
     return absl::InvalidArgumentError("--attention must be absorbed or naive");
@@ -88,7 +107,8 @@ absl::Status DecodeCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
                                    {"model", "listen", "router", "cache-blocks", "block-tokens",
-                                    "cache-dtype", "wire-dtype", "reclaim-grace-ms"},
+                                    "cache-dtype", "wire-dtype", "reclaim-grace-ms",
+                                    "moe-transport", "expert-deadline-ms"},
                                    {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
@@ -104,7 +124,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
     return absl::InvalidArgumentError("--cache-dtype must be fp32 or bf16");
   }
   o.cache_dtype = dtype == "fp32" ? decode::LatentDType::kFloat32 : decode::LatentDType::kBFloat16;
-  SPLITMOE_ASSIGN_OR_RETURN(o.wire_dtype, WireFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(o.moe, MoeFlags(f));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t grace, f.GetInt("reclaim-grace-ms", 5000));
   if (grace < 0) return absl::InvalidArgumentError("--reclaim-grace-ms must be >= 0");
   o.reclaim_grace = absl::Milliseconds(grace);
@@ -113,21 +133,27 @@ absl::Status DecodeCommand(int argc, char** argv) {
 
 absl::Status UpCommand(int argc, char** argv) {
   Flags f;
-  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
-                                   {"model", "prefill", "decode", "experts", "port", "host",
-                                    "cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
-                                    "heartbeat-ms", "max-devices", "prefill-batch-tokens"},
-                                   {}));
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(
+      argc, argv, 2,
+      {"model", "prefill", "decode", "experts", "expert-replicas", "port", "host", "cache-blocks",
+       "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
+       "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
+       "expert-deadline-ms"},
+      {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   const std::string model = f.Get("model");
   SPLITMOE_ASSIGN_OR_RETURN(int64_t n_prefill, f.GetInt("prefill", 1));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t n_decode, f.GetInt("decode", 1));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t n_experts, f.GetInt("experts", 1));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t replicas, f.GetInt("expert-replicas", 1));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 0));
-  if (n_prefill < 1 || n_decode < 1 || n_experts < 1 || port < 0 || port > 65535) {
+  if (n_prefill < 1 || n_decode < 1 || n_experts < 1 || replicas < 1 || port < 0 ||
+      port > 65535) {
     return absl::InvalidArgumentError(
-        "--prefill, --decode and --experts must be >= 1 and --port in [0, 65535]");
+        "--prefill, --decode, --experts and --expert-replicas must be >= 1 and --port in "
+        "[0, 65535]");
   }
+  SPLITMOE_RETURN_IF_ERROR(MoeFlags(f).status());  // refuse bad worker flags before starting
   const std::string host = f.Get("host", "127.0.0.1");
   char self[4096];
   const ssize_t len = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
@@ -140,24 +166,41 @@ absl::Status UpCommand(int argc, char** argv) {
     }
   };
 
-  // Children in start order; stopped in reverse (workers before the router).
-  std::vector<std::unique_ptr<process::Subprocess>> children;
+  // Children in start order; stopped in reverse (workers before the router). A child that dies
+  // is started again with the same arguments after a back-off (1 s, doubling to 30 s) while the
+  // rest keep serving.
+  struct Child {
+    std::string name;
+    std::vector<std::string> args;
+    std::unique_ptr<process::Subprocess> process;
+    absl::Duration backoff = absl::Seconds(1);
+    absl::Time restart_at = absl::InfiniteFuture();
+  };
+  std::vector<Child> children;
   auto stop_all = [&children] {
     for (auto it = children.rbegin(); it != children.rend(); ++it) {
-      if (!(*it)->Poll()) (*it)->Terminate(absl::Seconds(5));
+      if (it->process != nullptr && !it->process->Poll()) it->process->Terminate(absl::Seconds(5));
     }
+  };
+  auto launch = [&](Child& child) -> absl::StatusOr<std::string> {
+    std::vector<std::string> args = child.args;
+    args.insert(args.begin(), bin);
+    SPLITMOE_ASSIGN_OR_RETURN(child.process, process::Subprocess::Start(child.name, args));
+    absl::StatusOr<std::string> line =
+        child.process->ReadLineMatching("listening ", absl::Seconds(120));
+    if (!line.ok()) {
+      return absl::Status(line.status().code(),
+                          absl::StrCat(child.name, " did not start: ", line.status().message()));
+    }
+    return *line;
   };
   auto start = [&](const std::string& name,
                    std::vector<std::string> args) -> absl::StatusOr<std::string> {
-    args.insert(args.begin(), bin);
-    SPLITMOE_ASSIGN_OR_RETURN(auto child, process::Subprocess::Start(name, args));
-    absl::StatusOr<std::string> line = child->ReadLineMatching("listening ", absl::Seconds(120));
+    Child child;
+    child.name = name;
+    child.args = std::move(args);
     children.push_back(std::move(child));
-    if (!line.ok()) {
-      return absl::Status(line.status().code(),
-                          absl::StrCat(name, " did not start: ", line.status().message()));
-    }
-    return *line;
+    return launch(children.back());
   };
   auto fail = [&](const absl::Status& s) {
     stop_all();
@@ -166,21 +209,26 @@ absl::Status UpCommand(int argc, char** argv) {
 
   std::vector<std::string> router_args = {"router", "--model", model, "--listen",
                                           absl::StrCat(host, ":", port)};
-  pass(router_args, "heartbeat-ms");
-  pass(router_args, "max-devices");
+  for (const char* flag : {"heartbeat-ms", "max-devices", "bias-update-rate", "bias-bound"})
+    pass(router_args, flag);
   absl::StatusOr<std::string> router = start("router", router_args);
   if (!router.ok()) return fail(router.status());
+  // A restarted router binds the same address, so the workers find it again.
+  children.front().args[4] = *router;
   for (int64_t s = 0; s < n_experts; ++s) {
-    absl::StatusOr<std::string> r =
-        start(absl::StrCat("expert", s),
-              {"expert", "--model", model, "--router", *router, "--listen", host + ":0",
-               "--shard", std::to_string(s), "--num-shards", std::to_string(n_experts)});
-    if (!r.ok()) return fail(r.status());
+    for (int64_t r = 0; r < replicas; ++r) {
+      absl::StatusOr<std::string> started =
+          start(replicas == 1 ? absl::StrCat("expert", s) : absl::StrCat("expert", s, ".", r),
+                {"expert", "--model", model, "--router", *router, "--listen", host + ":0",
+                 "--shard", std::to_string(s), "--num-shards", std::to_string(n_experts)});
+      if (!started.ok()) return fail(started.status());
+    }
   }
   for (int64_t i = 0; i < n_decode; ++i) {
     std::vector<std::string> args = {"decode", "--model", model, "--router", *router,
                                      "--listen", host + ":0"};
-    for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype"})
+    for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
+                             "moe-transport", "expert-deadline-ms"})
       pass(args, flag);
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
     if (!r.ok()) return fail(r.status());
@@ -188,7 +236,7 @@ absl::Status UpCommand(int argc, char** argv) {
   for (int64_t i = 0; i < n_prefill; ++i) {
     std::vector<std::string> args = {"prefill", "--model", model, "--router", *router,
                                      "--listen", host + ":0"};
-    pass(args, "wire-dtype");
+    for (const char* flag : {"wire-dtype", "moe-transport", "expert-deadline-ms"}) pass(args, flag);
     if (f.Has("prefill-batch-tokens")) {
       args.push_back("--batch-tokens");
       args.push_back(f.Get("prefill-batch-tokens"));
@@ -200,7 +248,7 @@ absl::Status UpCommand(int argc, char** argv) {
   // Healthy = registered and heartbeating, as the router sees it.
   auto registry = v1::Registry::NewStub(
       grpc::CreateChannel(*router, grpc::InsecureChannelCredentials()));
-  const int64_t want = n_experts + n_decode + n_prefill;
+  const int64_t want = n_experts * replicas + n_decode + n_prefill;
   bool healthy = false;
   for (int i = 0; i < 600 && !healthy; ++i) {
     grpc::ClientContext ctx;
@@ -218,7 +266,8 @@ absl::Status UpCommand(int argc, char** argv) {
   }
   std::cout << "ready grpc=" << *router << std::endl;
 
-  // Serve until interrupted; a child that dies ends the cluster with an error, never silently.
+  // Serve until interrupted. A child that dies is named and restarted with back-off; the others
+  // keep serving (requests that needed it fail or fail over, as their role allows).
   while (true) {
     const int signal = process::WaitForTerminationSignalFor(absl::Milliseconds(200));
     if (signal != 0) {
@@ -226,13 +275,24 @@ absl::Status UpCommand(int argc, char** argv) {
       stop_all();
       return absl::OkStatus();
     }
-    for (auto& child : children) {
-      if (std::optional<std::string> exit = child->Poll()) {
-        const absl::Status died = absl::UnavailableError(
-            absl::StrCat(child->name(), " (pid ", child->pid(), ") ", *exit,
-                         "; stopping the cluster"));
-        std::cerr << "up: " << died.message() << "\n";
-        return fail(died);
+    const absl::Time now = absl::Now();
+    for (Child& child : children) {
+      if (child.restart_at == absl::InfiniteFuture()) {
+        if (std::optional<std::string> exit = child.process->Poll()) {
+          child.restart_at = now + child.backoff;
+          std::cerr << "up: " << child.name << " (pid " << child.process->pid() << ") " << *exit
+                    << "; restarting it in " << absl::FormatDuration(child.backoff) << "\n";
+          child.backoff = std::min(child.backoff * 2, absl::Seconds(30));
+        }
+      } else if (now >= child.restart_at) {
+        child.restart_at = absl::InfiniteFuture();
+        absl::StatusOr<std::string> line = launch(child);
+        if (line.ok()) {
+          std::cerr << "up: " << child.name << " restarted (pid " << child.process->pid()
+                    << "), listening " << *line << "\n";
+        } else {
+          std::cerr << "up: " << line.status().message() << "\n";
+        }
       }
     }
   }

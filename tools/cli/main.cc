@@ -6,10 +6,12 @@
 // Errors print one line "error: <message>" on stderr and exit 1 (2 for usage errors).
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <iostream>
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/engine/engine.h"
@@ -238,7 +240,7 @@ absl::Status Router(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "heartbeat-ms", "max-devices", "admission-timeout-ms",
-               "prefill-timeout-ms"},
+               "prefill-timeout-ms", "bias-update-rate", "bias-bound"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
   router::RouterOptions o;
@@ -247,9 +249,19 @@ absl::Status Router(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t ms, f.GetInt("heartbeat-ms", 300));
   if (ms <= 0) return absl::InvalidArgumentError("--heartbeat-ms must be > 0");
   o.heartbeat_interval = absl::Milliseconds(ms);
-  SPLITMOE_ASSIGN_OR_RETURN(int64_t max_devices, f.GetInt("max-devices", 0));
-  if (max_devices < 0) return absl::InvalidArgumentError("--max-devices must be >= 0");
-  o.max_devices = static_cast<int32_t>(max_devices);
+  // Default: the model's topk_group for grouped models (exact with group-aligned shards).
+  if (f.Has("max-devices")) {
+    SPLITMOE_ASSIGN_OR_RETURN(int64_t max_devices, f.GetInt("max-devices", 0));
+    if (max_devices < 0) return absl::InvalidArgumentError("--max-devices must be >= 0");
+    o.max_devices = static_cast<int32_t>(max_devices);
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(double rate, f.GetDouble("bias-update-rate", 0.0));
+  SPLITMOE_ASSIGN_OR_RETURN(double bound, f.GetDouble("bias-bound", 1.0));
+  if (!(rate >= 0.0) || !(bound >= 0.0)) {
+    return absl::InvalidArgumentError("--bias-update-rate and --bias-bound must be >= 0");
+  }
+  o.bias_update_rate = static_cast<float>(rate);
+  o.bias_bound = static_cast<float>(bound);
   SPLITMOE_ASSIGN_OR_RETURN(int64_t admission, f.GetInt("admission-timeout-ms", 30000));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t prefill, f.GetInt("prefill-timeout-ms", 60000));
   if (admission <= 0 || prefill <= 0) {
@@ -290,9 +302,50 @@ absl::Status Status(int argc, char** argv) {
   if (f.Has("json")) {
     std::string text;
     google::protobuf::util::JsonPrintOptions options;
-    options.add_whitespace = true;
+    options.preserve_proto_field_names = true;
+    options.always_print_primitive_fields = true;
     (void)google::protobuf::util::MessageToJsonString(status, &text, options);
-    std::cout << text << "\n";
+    nlohmann::json out = nlohmann::json::parse(text, nullptr, false);
+    if (out.is_discarded()) return absl::InternalError("status: the router's answer is not JSON");
+    // routing.expert_tokens / expert_bias as [layer][expert] (main layers, then MTP blocks;
+    // empty for dense layers), the shape tools index.
+    const v1::RoutingStatus& r = status.routing();
+    int32_t layers = 0;
+    for (const auto& t : r.expert_tokens()) layers = std::max(layers, t.layer() + 1);
+    for (const auto& b : r.expert_bias()) layers = std::max(layers, b.layer() + 1);
+    nlohmann::json tokens = nlohmann::json::array(), bias = nlohmann::json::array();
+    for (int32_t l = 0; l < layers; ++l) {
+      tokens.push_back(nlohmann::json::array());
+      bias.push_back(nlohmann::json::array());
+    }
+    for (const auto& t : r.expert_tokens()) {
+      for (uint64_t v : t.expert_tokens()) tokens[t.layer()].push_back(v);
+    }
+    for (const auto& b : r.expert_bias()) {
+      for (float v : b.bias()) bias[b.layer()].push_back(v);
+    }
+    out["routing"]["expert_tokens"] = tokens;
+    out["routing"]["expert_bias"] = bias;
+    // Proto's JSON writes 64-bit integers as strings; tools want numbers.
+    std::function<void(nlohmann::json&)> numbers = [&](nlohmann::json& v) {
+      if (v.is_object()) {
+        for (auto& [key, item] : v.items()) {
+          if (key != "worker_id" && key != "address" && key != "router_id") numbers(item);
+        }
+      } else if (v.is_array()) {
+        for (auto& item : v) numbers(item);
+      } else if (v.is_string()) {
+        const std::string& text = v.get_ref<const std::string&>();
+        uint64_t n = 0;
+        if (!text.empty() && text.size() <= 20 &&
+            text.find_first_not_of("0123456789") == std::string::npos &&
+            absl::SimpleAtoi(text, &n)) {
+          v = n;
+        }
+      }
+    };
+    numbers(out);
+    std::cout << out.dump(2) << "\n";
     return absl::OkStatus();
   }
   std::cout << "workers: " << status.workers_size()
@@ -307,6 +360,30 @@ absl::Status Status(int argc, char** argv) {
   }
   std::cout << "resident weights: routed experts " << expert_bytes << " B over the expert services; "
             << attention_workers << " attention workers\n";
+  const v1::RoutingStatus& r = status.routing();
+  std::cout << "routing table version " << r.table_version() << ", max devices "
+            << (r.max_devices() > 0 ? std::to_string(r.max_devices()) : std::string("off"))
+            << " (most seen " << r.max_devices_observed() << "), MaxVio " << r.max_vio()
+            << " (last window " << r.max_vio_window() << "), online bias "
+            << (r.bias_update_rate() > 0 ? absl::StrCat("rate ", r.bias_update_rate(), ", ",
+                                                        r.bias_updates(), " updates")
+                                         : std::string("off"))
+            << ", failovers " << r.failovers() << "\n";
+  std::cout << "devices per token:";
+  for (int d = 1; d < r.devices_per_token_size(); ++d)
+    std::cout << " " << d << ":" << r.devices_per_token(d);
+  std::cout << "\n";
+  for (const v1::PoolStatus& pool : status.pools()) {
+    std::cout << "pool shard " << pool.shard() << " (" << pool.experts_size() << " experts):";
+    int live = 0;
+    for (const v1::ReplicaStatus& rep : pool.replicas()) {
+      live += rep.healthy();
+      std::cout << "  " << rep.worker_id() << (rep.healthy() ? "" : " (down)") << " tokens "
+                << rep.tokens();
+    }
+    if (live == 0) std::cout << "  NO LIVE REPLICA";
+    std::cout << "\n";
+  }
   for (const v1::WorkerStatus& w : status.workers()) {
     std::cout << "  " << w.worker_id() << "  " << v1::WorkerRole_Name(w.role()).substr(12) << "  "
               << w.address() << "  " << (w.healthy() ? "healthy" : "OUT OF SERVICE")
@@ -351,12 +428,14 @@ int Usage() {
          "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n"
          "            (score/generate: --endpoint HOST:PORT instead of --model asks a cluster;\n"
          "             generate --device cuda:N [--precision fp32|bf16] runs the engine on a GPU)\n"
-         "  up        --model DIR [--prefill N] [--decode N] [--experts N] [--port P] "
-         "[--cache-blocks N]\n"
+         "  up        --model DIR [--prefill N] [--decode N] [--experts N] [--expert-replicas R]\n"
+         "            [--port P] [--cache-blocks N] [--bias-update-rate U] (and the roles' flags)\n"
          "  router    --model DIR [--listen HOST:PORT] [--max-devices M] [--heartbeat-ms MS]\n"
+         "            [--bias-update-rate U] [--bias-bound B]\n"
          "  prefill   --model DIR --router HOST:PORT [--listen HOST:PORT] [--wire-dtype fp32|bf16]\n"
+         "            [--expert-deadline-ms MS]\n"
          "  decode    --model DIR --router HOST:PORT [--listen HOST:PORT] [--cache-blocks N]\n"
-         "            [--block-tokens T] [--cache-dtype fp32|bf16]\n"
+         "            [--block-tokens T] [--cache-dtype fp32|bf16] [--wire-dtype fp32|bf16]\n"
          "  expert    --model DIR --router HOST:PORT --shard S --num-shards N\n"
          "  status    --endpoint HOST:PORT [--json]\n";
   return 2;

@@ -22,8 +22,8 @@
 //         DeviceLimitedTopK(config, scores_row(t), bias, placement, /*max_devices=*/3));
 //     SPLITMOE_RETURN_IF_ERROR(balancer.Record(choice.experts));
 //   balancer.Rebalance();  // every N batches
-#ifndef SPLITMOE_ROUTER_EXPERT_ROUTING_H_
-#define SPLITMOE_ROUTER_EXPERT_ROUTING_H_
+#ifndef SPLITMOE_COMMON_ROUTING_EXPERT_ROUTING_H_
+#define SPLITMOE_COMMON_ROUTING_EXPERT_ROUTING_H_
 
 #include <cstdint>
 #include <vector>
@@ -34,7 +34,7 @@
 #include "common/engine/routing.h"
 #include "common/model/config.h"
 
-namespace splitmoe::router {
+namespace splitmoe::routing {
 
 // expert -> device for the n routed experts of one model; every expert on exactly one device.
 // Replicas of a device's experts (a pool of expert services) are the scheduler's business, not
@@ -130,6 +130,11 @@ struct LoadBalancerOptions {
   // Bias update speed (DeepSeek-V3 used 0.001 in training). At serving time it trades reaction
   // speed against oscillation: the bias moves by exactly gamma per Rebalance().
   float gamma = 1e-3f;
+  // After every update the bias is shifted to zero mean (it cannot drift as a whole: only
+  // differences between experts change the selection), then clamped to [-bound, bound]
+  // (0: unbounded).
+  bool recenter = true;
+  float bound = 0.0f;
 };
 
 // Auxiliary-loss-free load balancing (DeepSeek-V3's paper) at serving time, for one MoE
@@ -144,8 +149,8 @@ struct LoadBalancerOptions {
 // refuses the others. Not thread-safe (see the file comment).
 class ExpertLoadBalancer {
  public:
-  // InvalidArgument unless config is a noaux_tc model with routed experts and gamma is finite
-  // and positive.
+  // InvalidArgument unless config is a noaux_tc model with routed experts, gamma is finite and
+  // positive and bound finite and >= 0.
   static absl::StatusOr<ExpertLoadBalancer> Create(const model::ModelConfig& config,
                                                    LoadBalancerOptions options = {});
 
@@ -153,10 +158,15 @@ class ExpertLoadBalancer {
   // counted (InvalidArgument) if any id is out of range.
   absl::Status Record(absl::Span<const int32_t> experts);
   absl::Status Record(absl::Span<const engine::ExpertChoice> choices);
+  // Counts `load[e]` assignments of every expert at once (load [n_routed]); InvalidArgument for
+  // another size.
+  absl::Status RecordLoads(absl::Span<const uint64_t> load);
 
-  // Applies the update rule to the current window and opens a new one. An empty window changes
-  // nothing.
+  // Applies the update rule to the current window (then re-centres and clamps, as the options
+  // say) and opens a new one. An empty window changes nothing.
   void Rebalance();
+  // Back to zero bias and an empty window.
+  void Reset();
 
   // The balancer's own bias [n_routed] (starts at zero).
   absl::Span<const float> bias() const { return bias_; }
@@ -178,6 +188,6 @@ class ExpertLoadBalancer {
   int64_t rebalances_ = 0;
 };
 
-}  // namespace splitmoe::router
+}  // namespace splitmoe::routing
 
-#endif  // SPLITMOE_ROUTER_EXPERT_ROUTING_H_
+#endif  // SPLITMOE_COMMON_ROUTING_EXPERT_ROUTING_H_

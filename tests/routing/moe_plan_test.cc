@@ -1,7 +1,7 @@
 // The router's dispatch plan: without a device limit it sends every token exactly the model's
 // experts and weights (the union over services is SelectExperts); with a limit of M every token
 // touches at most M services; combining the services' partial sums adds them per token.
-#include "router/moe_plan.h"
+#include "common/routing/moe_plan.h"
 
 #include <map>
 #include <random>
@@ -10,7 +10,7 @@
 #include "common/engine/routing.h"
 #include "gtest/gtest.h"
 
-namespace splitmoe::router {
+namespace splitmoe::routing {
 namespace {
 
 model::ModelConfig V3() {
@@ -106,4 +106,4 @@ TEST(MoePlanTest, RefusesInconsistentInput) {
 }
 
 }  // namespace
-}  // namespace splitmoe::router
+}  // namespace splitmoe::routing

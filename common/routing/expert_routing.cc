@@ -1,4 +1,4 @@
-#include "router/expert_routing.h"
+#include "common/routing/expert_routing.h"
 
 #include <algorithm>
 #include <cmath>
@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace splitmoe::router {
+namespace splitmoe::routing {
 
 // ---------------------------------------------------------------------------------------------
 // ExpertPlacement
@@ -228,6 +228,10 @@ absl::StatusOr<ExpertLoadBalancer> ExpertLoadBalancer::Create(const model::Model
     return absl::InvalidArgumentError(
         absl::StrCat("load balancer gamma must be finite and > 0, got ", options.gamma));
   }
+  if (!std::isfinite(options.bound) || options.bound < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("load balancer bound must be finite and >= 0, got ", options.bound));
+  }
   return ExpertLoadBalancer(config.n_routed_experts, options);
 }
 
@@ -274,9 +278,36 @@ void ExpertLoadBalancer::Rebalance() {
       bias_[i] -= options_.gamma;
     }
   }
+  if (options_.recenter) {
+    double sum = 0;
+    for (float b : bias_) sum += b;
+    const auto mean = static_cast<float>(sum / static_cast<double>(bias_.size()));
+    for (float& b : bias_) b -= mean;
+  }
+  if (options_.bound > 0.0f) {
+    for (float& b : bias_) b = std::clamp(b, -options_.bound, options_.bound);
+  }
   std::fill(window_load_.begin(), window_load_.end(), 0);
   window_assignments_ = 0;
   ++rebalances_;
+}
+
+void ExpertLoadBalancer::Reset() {
+  std::fill(bias_.begin(), bias_.end(), 0.0f);
+  std::fill(window_load_.begin(), window_load_.end(), 0);
+  window_assignments_ = 0;
+}
+
+absl::Status ExpertLoadBalancer::RecordLoads(absl::Span<const uint64_t> load) {
+  if (load.size() != window_load_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("load balancer: loads of ", load.size(),
+                                                   " experts, want ", window_load_.size()));
+  }
+  for (size_t e = 0; e < load.size(); ++e) {
+    window_load_[e] += static_cast<int64_t>(load[e]);
+    window_assignments_ += static_cast<int64_t>(load[e]);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<float>> ExpertLoadBalancer::SelectionBias(
@@ -291,4 +322,4 @@ absl::StatusOr<std::vector<float>> ExpertLoadBalancer::SelectionBias(
   return out;
 }
 
-}  // namespace splitmoe::router
+}  // namespace splitmoe::routing

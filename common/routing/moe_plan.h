@@ -6,8 +6,8 @@
 //   std::vector<ShardBatch> plan = PlanDispatch(config, scores, tokens, bias, expert_to_shard,
 //   shards); for (const ShardBatch& b : plan) Send(b.shard, b);        // one ExpertBatch per
 //   service CombineShardOutput(b, partial, hidden_size, out);         // for each reply
-#ifndef SPLITMOE_ROUTER_MOE_PLAN_H_
-#define SPLITMOE_ROUTER_MOE_PLAN_H_
+#ifndef SPLITMOE_COMMON_ROUTING_MOE_PLAN_H_
+#define SPLITMOE_COMMON_ROUTING_MOE_PLAN_H_
 
 #include <cstdint>
 #include <vector>
@@ -16,7 +16,7 @@
 #include "absl/types/span.h"
 #include "common/model/config.h"
 
-namespace splitmoe::router {
+namespace splitmoe::routing {
 
 // The work of one expert service for one MoE batch.
 struct ShardBatch {
@@ -41,6 +41,6 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& c
 void CombineShardOutput(const ShardBatch& batch, absl::Span<const float> partial, int64_t hidden,
                         absl::Span<float> out);
 
-}  // namespace splitmoe::router
+}  // namespace splitmoe::routing
 
-#endif  // SPLITMOE_ROUTER_MOE_PLAN_H_
+#endif  // SPLITMOE_COMMON_ROUTING_MOE_PLAN_H_

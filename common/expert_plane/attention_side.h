@@ -1,34 +1,37 @@
 // AttentionSide: what a prefill or decode worker computes with — the model's attention side
 // (embeddings, MLA, norms, dense layers, shared experts, gates, output head, MTP) loaded from
 // the checkpoint, packed for inference, and a Transformer whose routed experts are computed by
-// the cluster through the router (RemoteMoeExecutor). No routed expert is loaded. Owned by the
-// worker's compute actor; not thread-safe.
+// the expert pools directly (DirectMoeExecutor over the router's routing table, which a
+// RoutingTableWatcher keeps current). No routed expert is loaded. The transformer is owned by
+// the worker's compute actor; not thread-safe.
 //
-//   SPLITMOE_ASSIGN_OR_RETURN(auto side, AttentionSide::Load(dir, router, v1::WIRE_DTYPE_FP32));
+//   SPLITMOE_ASSIGN_OR_RETURN(auto side, AttentionSide::Load(dir, router, {.dtype = bf16}));
 //   side->transformer().Forward(...);
-#ifndef SPLITMOE_COMMON_RPC_ATTENTION_SIDE_H_
-#define SPLITMOE_COMMON_RPC_ATTENTION_SIDE_H_
+#ifndef SPLITMOE_COMMON_EXPERT_PLANE_ATTENTION_SIDE_H_
+#define SPLITMOE_COMMON_EXPERT_PLANE_ATTENTION_SIDE_H_
 
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "common/engine/transformer.h"
+#include "common/expert_plane/direct_moe.h"
+#include "common/expert_plane/routing_table_watcher.h"
 #include "common/model/config.h"
 #include "common/model/weights.h"
-#include "common/rpc/remote_moe.h"
 
-namespace splitmoe::rpc {
+namespace splitmoe::expert_plane {
 
 class AttentionSide {
  public:
   static absl::StatusOr<std::unique_ptr<AttentionSide>> Load(const std::string& model_dir,
                                                              const std::string& router_address,
-                                                             v1::WireDtype wire_dtype);
+                                                             DirectMoeOptions moe_options);
 
   const model::ModelConfig& config() const { return config_; }
   engine::Transformer& transformer() { return *transformer_; }
-  RemoteMoeExecutor& moe() { return *moe_; }
+  DirectMoeExecutor& moe() { return *moe_; }
+  const RoutingTableWatcher& routing_table() const { return *watcher_; }
   // Resident weight bytes (fp32 or packed), as `splitmoe status` shows them.
   uint64_t resident_weight_bytes() const { return weights_.bytes(); }
   // The config.json fingerprint workers register with.
@@ -39,10 +42,11 @@ class AttentionSide {
   model::ModelConfig config_;
   model::ModelWeights weights_;
   std::string fingerprint_;
-  std::unique_ptr<RemoteMoeExecutor> moe_;
+  std::unique_ptr<RoutingTableWatcher> watcher_;
+  std::unique_ptr<DirectMoeExecutor> moe_;
   std::unique_ptr<engine::Transformer> transformer_;
 };
 
-}  // namespace splitmoe::rpc
+}  // namespace splitmoe::expert_plane
 
-#endif  // SPLITMOE_COMMON_RPC_ATTENTION_SIDE_H_
+#endif  // SPLITMOE_COMMON_EXPERT_PLANE_ATTENTION_SIDE_H_

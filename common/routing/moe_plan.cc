@@ -1,12 +1,12 @@
-#include "router/moe_plan.h"
+#include "common/routing/moe_plan.h"
 
 #include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/engine/routing.h"
-#include "router/expert_routing.h"
+#include "common/routing/expert_routing.h"
 
-namespace splitmoe::router {
+namespace splitmoe::routing {
 
 absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& config,
                                                      absl::Span<const float> scores, int64_t tokens,
@@ -75,4 +75,4 @@ void CombineShardOutput(const ShardBatch& batch, absl::Span<const float> partial
   }
 }
 
-}  // namespace splitmoe::router
+}  // namespace splitmoe::routing

@@ -1,4 +1,4 @@
-#include "router/expert_routing.h"
+#include "common/routing/expert_routing.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,7 +11,7 @@
 
 #include "gtest/gtest.h"
 
-namespace splitmoe::router {
+namespace splitmoe::routing {
 namespace {
 
 using engine::ExpertChoice;
@@ -477,4 +477,4 @@ TEST(ExpertLoadBalancerTest, GateWeightsNeverDependOnTheBias) {
 }
 
 }  // namespace
-}  // namespace splitmoe::router
+}  // namespace splitmoe::routing

@@ -1,0 +1,129 @@
+// DirectMoeExecutor: the routed-expert part of every MoE layer of an attention worker (prefill or
+// decode), computed by the expert pools directly — the router is not on the data path.
+//
+// For each RoutedExperts() call (one MoE layer of one forward pass):
+//   1. Selection with the routing table in force (RoutingTableWatcher::Current()): the model's
+//      gating through routing::PlanDispatch — group limits, the checkpoint's bias plus the
+//      router's online bias for the selection only, the device limit M of the table.
+//   2. Each shard's part goes to a live replica of the shard's pool. A part with at least
+//      `min_split_assignments` token-expert assignments is split by expert over the pool's
+//      replicas (longest-processing-time packing of the experts' token counts), so one batch
+//      keeps every replica busy; otherwise the part goes to the replica this worker has sent the
+//      least work. All parts are sent before any answer is awaited: one round trip per layer,
+//      every replica in parallel.
+//   3. Failover: a part whose replica's stream breaks, or that misses its deadline
+//      (`deadline` + `deadline_per_row` x rows: well under a second for a decode step), is resent
+//      to another live replica of the same pool, and that replica is tried last for
+//      `suspect_for`. The first good answer of a part wins; a late one is dropped. Outputs do not
+//      depend on which replica answered. With no replica left to try, the call fails
+//      UNAVAILABLE naming the shard (only requests that need that shard fail).
+//   4. The partial sums are added in (shard, part) order.
+// Counters (per-layer per-expert tokens, the devices-touched histogram, failovers) are kept for
+// the heartbeat (Stats()), from which the router proves the device bound.
+//
+// Threading: RoutedExperts is called by the owner of the Transformer (one call at a time) and
+// waits for the answers of its own layer; replies arrive on the expert clients' reader threads.
+// Stats() and the byte counters may be read from any thread.
+//
+//   auto watcher = RoutingTableWatcher::Start(router);
+//   DirectMoeExecutor moe(config, attention_weights, watcher.get(), {.dtype = WIRE_DTYPE_BF16});
+//   engine::Transformer model(config, attention_weights, &moe);
+#ifndef SPLITMOE_COMMON_EXPERT_PLANE_DIRECT_MOE_H_
+#define SPLITMOE_COMMON_EXPERT_PLANE_DIRECT_MOE_H_
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "common/engine/transformer.h"
+#include "common/expert_plane/expert_client.h"
+#include "common/expert_plane/routing_table_watcher.h"
+#include "common/model/config.h"
+#include "common/model/weights.h"
+#include "common/routing/moe_plan.h"
+#include "splitmoe/v1/internal.pb.h"
+
+namespace splitmoe::expert_plane {
+
+struct DirectMoeOptions {
+  v1::WireDtype dtype = v1::WIRE_DTYPE_FP32;
+  // A replica's part of a batch must answer within deadline + deadline_per_row x its rows, or
+  // it is resent to another replica of the pool.
+  absl::Duration deadline = absl::Milliseconds(500);
+  absl::Duration deadline_per_row = absl::Milliseconds(2);
+  // With no other replica to try, a part is waited for this long in all before the call fails.
+  absl::Duration give_up_after = absl::Seconds(30);
+  // A replica that failed or missed a deadline is tried last for this long.
+  absl::Duration suspect_for = absl::Seconds(2);
+  absl::Duration connect_timeout = absl::Seconds(1);
+  // A shard's part with at least this many token-expert assignments is split over the pool.
+  int64_t min_split_assignments = 32;
+};
+
+// Splits `part` by expert into at most `groups` shares of near-equal token-expert assignments
+// (longest processing time first: experts by descending count, each to the lightest share; ties
+// towards the lower expert id and the lower share). Every (row, expert, weight) of `part` lands
+// in exactly one share, in the row's selection order; shares with nothing are dropped.
+std::vector<routing::ShardBatch> SplitByExpert(const routing::ShardBatch& part, int32_t groups);
+
+class DirectMoeExecutor : public engine::MoeExecutor {
+ public:
+  // `weights` supplies the checkpoint's selection bias of each MoE layer (gate_bias); it and
+  // `watcher` must outlive the executor.
+  DirectMoeExecutor(const model::ModelConfig& config, const model::ModelWeights& weights,
+                    const RoutingTableWatcher* watcher, DirectMoeOptions options = {});
+  ~DirectMoeExecutor() override;
+
+  absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores, int64_t rows,
+                             float* out) override;
+
+  // Cumulative counters since start.
+  v1::MoeStats Stats() const;
+  uint64_t bytes_sent() const { return bytes_sent_.load(); }
+  uint64_t bytes_received() const { return bytes_received_.load(); }
+  uint64_t failovers() const { return failovers_.load(); }
+
+ private:
+  struct Replica {
+    std::shared_ptr<ExpertClient> client;
+    absl::Time suspect_until = absl::InfinitePast();
+    uint64_t assignments_sent = 0;
+  };
+  // The table's pools by shard id, the combined selection bias per layer (built once per
+  // table version).
+  struct View {
+    std::shared_ptr<const v1::RoutingTable> table;
+    std::vector<int32_t> expert_to_shard;
+    std::vector<const v1::ExpertPool*> pools;  // by shard id; null where no pool
+    std::vector<std::vector<float>> bias;      // [layers][n_routed] or empty
+  };
+  const View& ViewOf(std::shared_ptr<const v1::RoutingTable> table);
+  // Replicas of `pool` in the order to try them: healthy before suspect, least work first.
+  std::vector<std::string> Candidates(const v1::ExpertPool& pool, absl::Time now);
+  absl::StatusOr<std::shared_ptr<ExpertClient>> Client(const std::string& address);
+  void MarkSuspect(const std::string& address, absl::Time now);
+  void Count(int64_t layer, const std::vector<routing::ShardBatch>& plan, int64_t rows);
+
+  model::ModelConfig config_;
+  const model::ModelWeights& weights_;
+  const RoutingTableWatcher* watcher_;
+  DirectMoeOptions options_;
+  uint64_t next_batch_id_ = 1;
+  View view_;
+
+  std::mutex replicas_mu_;  // guards replicas_ (the caller's thread and the destructor)
+  std::map<std::string, Replica> replicas_;  // by address
+
+  mutable std::mutex stats_mu_;  // guards stats_
+  v1::MoeStats stats_;
+  std::atomic<uint64_t> bytes_sent_{0}, bytes_received_{0}, failovers_{0};
+};
+
+}  // namespace splitmoe::expert_plane
+
+#endif  // SPLITMOE_COMMON_EXPERT_PLANE_DIRECT_MOE_H_
