@@ -35,8 +35,6 @@ absl::Status RunExpert(const ExpertOptions& options) {
                               rpc::Registration::Start(options.router, request, [&service] {
                                 v1::WorkerLoad load;
                                 load.set_tokens_processed(service.assignments());
-                                load.set_requests_in_flight(
-                                    static_cast<int32_t>(service.in_flight()));
                                 return load;
                               }));
   }

@@ -1,9 +1,11 @@
 #include "router/registry.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/base/mix64.h"
 
 namespace splitmoe::router {
 
@@ -77,6 +79,11 @@ absl::StatusOr<WorkerRegistry> WorkerRegistry::Create(const model::ModelConfig& 
       r.balancer_layer_.push_back(static_cast<int32_t>(l));
     }
   }
+  if (!routing.router_id.empty()) {
+    r.id_suffix_ = absl::StrCat(
+        ".", absl::Hex(Mix64(std::hash<std::string>()(routing.router_id)) & 0xfffff,
+                       absl::kZeroPad5));
+  }
   r.routing_ = std::move(routing);
   r.table_.set_router_id(r.routing_.router_id);
   r.table_.set_max_devices(r.routing_.max_devices);
@@ -128,7 +135,10 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
     shard_experts_[r.shard()] = std::move(experts);
   }
   Worker w;
-  w.status.set_worker_id(absl::StrCat(v1::WorkerRole_Name(r.role()).substr(12), "-", next_id_++));
+  // Ids carry the router's incarnation: a worker that outlived a previous router can never
+  // heartbeat under an id this router gave to another worker.
+  w.status.set_worker_id(
+      absl::StrCat(v1::WorkerRole_Name(r.role()).substr(12), "-", next_id_++, id_suffix_));
   w.status.set_role(r.role());
   w.status.set_address(r.address());
   w.status.set_shard(r.shard());

@@ -83,6 +83,7 @@ class WorkerRegistry {
   std::string model_fingerprint_;
   RoutingOptions routing_;
   uint64_t next_id_ = 1;
+  std::string id_suffix_;  // from the router id: ids differ across router restarts
   std::map<std::string, Worker> workers_;  // by worker id
   // Every shard ever registered and the experts it hosts (kept when its replicas are gone, so
   // its experts stay mapped and requests needing them fail naming the shard).

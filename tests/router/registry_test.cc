@@ -69,6 +69,19 @@ TEST(RegistryTest, ReplicasOfAShardFormOnePoolAndEveryChangeIsANewVersion) {
   EXPECT_TRUE(t.online_bias().empty());  // the bias is off
 }
 
+TEST(RegistryTest, WorkerIdsDifferAcrossRouterIncarnations) {
+  WorkerRegistry first = Make({.router_id = "100-1"});
+  WorkerRegistry second = Make({.router_id = "200-2"});
+  absl::StatusOr<v1::RegisterResponse> a = first.Register(Expert(0, {0, 1}, "a:1"), kT0);
+  absl::StatusOr<v1::RegisterResponse> b = second.Register(Expert(0, {0, 1}, "b:1"), kT0);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_NE(a->worker_id(), b->worker_id());
+  // A worker of the first router heartbeating to the second is told to register again.
+  v1::HeartbeatRequest beat;
+  beat.set_worker_id(a->worker_id());
+  EXPECT_FALSE(second.Heartbeat(beat, kT0).known());
+}
+
 TEST(RegistryTest, AReplicaWithOtherExpertsIsRefused) {
   WorkerRegistry r = Make();
   ASSERT_TRUE(r.Register(Expert(0, {0, 1, 2, 3}, "a:1"), kT0).ok());
@@ -83,12 +96,12 @@ TEST(RegistryTest, AReplicaWithOtherExpertsIsRefused) {
 TEST(RegistryTest, AShardWhoseReplicasAllDiedStaysMappedWithAnEmptyPool) {
   WorkerRegistry r = Make();
   absl::StatusOr<v1::RegisterResponse> a = r.Register(Expert(0, {0, 1, 2, 3}, "a:1"), kT0);
-  ASSERT_TRUE(r.Register(Expert(1, {4, 5, 6, 7}, "b:1"), kT0).ok());
-  ASSERT_TRUE(a.ok());
+  absl::StatusOr<v1::RegisterResponse> b = r.Register(Expert(1, {4, 5, 6, 7}, "b:1"), kT0);
+  ASSERT_TRUE(a.ok() && b.ok());
   ASSERT_TRUE(r.RefreshTable());
   // b heartbeats, a goes silent past 3 intervals.
   v1::HeartbeatRequest beat;
-  beat.set_worker_id("EXPERT-2");
+  beat.set_worker_id(b->worker_id());
   EXPECT_TRUE(r.Heartbeat(beat, kT0 + absl::Milliseconds(250)).known());
   EXPECT_EQ(r.Sweep(kT0 + absl::Milliseconds(350)), std::vector<std::string>{a->worker_id()});
   ASSERT_TRUE(r.RefreshTable());
