@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "bench/bench_model.h"
 #include "absl/time/clock.h"
 #include "common/engine/engine.h"
 #include "common/model/tiny.h"
@@ -37,19 +38,6 @@ struct Args {
   int prefill_batch_tokens = 0;  // 0: the prefill worker's default
   std::string model;
 };
-
-std::string BenchModel() {
-  const std::string dir =
-      (std::filesystem::temp_directory_path() / "splitmoe_cluster_bench_model").string();
-  if (std::filesystem::exists(dir + "/config.json")) return dir;
-  const model::TinyModelOptions o = model::BenchModelOptions();  // as engine_bench
-  absl::Status s = model::WriteTinyModel(o, dir, "");
-  if (!s.ok()) {
-    std::fprintf(stderr, "cannot write the bench model: %s\n", s.ToString().c_str());
-    std::exit(1);
-  }
-  return dir;
-}
 
 struct Run {
   std::vector<int32_t> tokens;
@@ -83,7 +71,7 @@ Run ClusterGenerate(v1::Generation::Stub& stub, const std::vector<int32_t>& prom
 }
 
 int Main(const Args& a) {
-  const std::string model = a.model.empty() ? BenchModel() : a.model;
+  const std::string model = a.model.empty() ? bench::BenchModelDir() : a.model;
   std::vector<std::vector<int32_t>> prompts;
   auto engine = engine::Engine::Load(model);
   if (!engine.ok()) {
@@ -117,12 +105,7 @@ int Main(const Args& a) {
   const double engine_s = absl::ToDoubleSeconds(absl::Now() - e0);
   engine->reset();  // free its memory and cores before the cluster starts
 
-  char self[4096];
-  const ssize_t len = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
-  const std::string bin =
-      (std::filesystem::path(std::string(self, len > 0 ? len : 0)).parent_path().parent_path() /
-       "bin" / "splitmoe")
-          .string();
+  const std::string bin = bench::SplitmoeBinary();
   std::vector<std::string> argv = {bin, "up", "--model", model, "--experts",
                                    std::to_string(a.experts)};
   if (a.prefill_batch_tokens > 0) {

@@ -300,6 +300,7 @@ v1::ClusterStatusResponse WorkerRegistry::Status(absl::Time now) const {
     response.set_requests_in_flight(response.requests_in_flight() +
                                     w.status.load().requests_in_flight());
   }
+  response.set_launcher_address(routing_.launcher_address);
   v1::RoutingStatus* routing = response.mutable_routing();
   routing->set_table_version(table_.version());
   routing->set_max_devices(routing_.max_devices);

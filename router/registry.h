@@ -35,6 +35,8 @@ struct RoutingOptions {
   float bias_bound = 1.0f;
   // Written into every table; changes when the router restarts.
   std::string router_id;
+  // Shown in status: the Launcher of the `splitmoe up` that runs this cluster, if any.
+  std::string launcher_address;
 };
 
 class WorkerRegistry {

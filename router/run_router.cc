@@ -48,6 +48,7 @@ absl::Status RunRouter(const RouterOptions& options) {
                                                   : 0;
   routing.bias_update_rate = options.bias_update_rate;
   routing.bias_bound = options.bias_bound;
+  routing.launcher_address = options.launcher_address;
   // A new incarnation id: workers take this router's tables even if their versions are lower
   // than a previous router's.
   routing.router_id = absl::StrCat(absl::ToUnixMicros(absl::Now()), "-", ::getpid());

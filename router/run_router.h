@@ -23,6 +23,8 @@ struct RouterOptions {
   // Online per-expert bias (auxiliary-loss-free balancing); 0: off.
   float bias_update_rate = 0.0f;
   float bias_bound = 1.0f;
+  // The `splitmoe up` that started this router (its Launcher service), shown in status.
+  std::string launcher_address;
   // Front door: how long a request may wait for decode cache blocks, and the deadline of a
   // prompt's prefill and latent transfer.
   absl::Duration admission_timeout = absl::Seconds(30);

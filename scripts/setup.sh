@@ -9,7 +9,7 @@ APT_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libpcre2-dev libopenblas-dev libdnnl-dev libgoogle-glog-dev
-  python3-torch python3-numpy python3-grpcio python3-protobuf
+  python3-torch python3-numpy python3-grpcio python3-protobuf python3-matplotlib
 )
 # Node.js may come from elsewhere with npm bundled (Debian's npm then conflicts): only ask
 # apt for what is really absent.

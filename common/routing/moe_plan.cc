@@ -8,6 +8,16 @@
 
 namespace splitmoe::routing {
 
+bool GroupAligned(const model::ModelConfig& config, absl::Span<const int32_t> expert_to_shard) {
+  const int64_t n = static_cast<int64_t>(expert_to_shard.size());
+  if (config.n_group < 1 || n % config.n_group != 0) return false;
+  const int64_t per_group = n / config.n_group;
+  for (int64_t e = 0; e < n; ++e) {
+    if (expert_to_shard[e] != expert_to_shard[e - e % per_group]) return false;
+  }
+  return true;
+}
+
 absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& config,
                                                      absl::Span<const float> scores, int64_t tokens,
                                                      absl::Span<const float> bias,
@@ -23,7 +33,9 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& c
     return absl::InvalidArgumentError("placement or bias does not cover every routed expert");
   }
   std::optional<ExpertPlacement> placement;
-  if (max_devices > 0 && max_devices < num_shards) {
+  if (max_devices > 0 && max_devices < num_shards &&
+      !(config.UsesGroups() && max_devices >= config.topk_group &&
+        GroupAligned(config, expert_to_shard))) {
     auto p = ExpertPlacement::FromAssignment({expert_to_shard.begin(), expert_to_shard.end()},
                                              num_shards);
     if (!p.ok()) return p.status();

@@ -27,6 +27,12 @@ struct ShardBatch {
   std::vector<float> weights;       // gate weights, aligned with expert_ids
 };
 
+// True when every expert group of the model lies on one shard (expert_to_shard [n_routed]). Then
+// the model's own group limit keeps a token's experts within topk_group shards, and device-
+// limited routing with M >= topk_group is exactly the model's selection (so PlanDispatch skips
+// DeviceLimitedTopK: the same result, far cheaper).
+bool GroupAligned(const model::ModelConfig& config, absl::Span<const int32_t> expert_to_shard);
+
 // scores [tokens, n_routed] (softmax/sigmoid, unbiased); bias [n_routed] or empty;
 // expert_to_shard [n_routed] in [0, num_shards). max_devices > 0: device-limited routing
 // (DeviceLimitedTopK: every token's experts on at most that many services); 0: the model's own

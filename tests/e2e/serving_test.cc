@@ -890,6 +890,35 @@ TEST_F(ExpertPoolTest, EveryReplicaServesAndStatusShowsTheRoutingTable) {
   EXPECT_EQ(replica_tokens, assigned);
 }
 
+// `splitmoe bench` against the cluster and against the engine in process, same workload.
+TEST_F(ExpertPoolTest, BenchReportsTheSameWorkloadForTheClusterAndTheEngine) {
+  for (const std::string& target :
+       {"--endpoint " + cluster_->endpoint, "--model " + *model_}) {
+    const std::string json = testing::TempDir("bench") + "/bench.json";
+    const std::string cmd = absl::StrCat(Binary(), " bench ", target,
+                                         " --concurrency 3 --requests 6 --prompt-tokens 20"
+                                         " --max-tokens 7 --json ", json, " 2>&1");
+    FILE* pipe = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(pipe, nullptr);
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+    ASSERT_EQ(::pclose(pipe), 0) << out;
+    std::ifstream in(json);
+    const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << target;
+    EXPECT_EQ(j.at("errors").get<int>(), 0) << target;
+    EXPECT_EQ(j.at("output_tokens").get<int>(), 6 * 7) << target;
+    EXPECT_GT(j.at("output_tokens_per_s").get<double>(), 0.0);
+    for (const char* key : {"ttft_ms", "tpot_ms", "e2e_ms"}) {
+      EXPECT_GT(j.at(key).at("p50").get<double>(), 0.0) << target << " " << key;
+      EXPECT_LE(j.at(key).at("p50").get<double>(), j.at(key).at("p99").get<double>());
+    }
+    EXPECT_LE(j.at("ttft_ms").at("p99").get<double>(), j.at("e2e_ms").at("p99").get<double>());
+  }
+}
+
 TEST_F(ExpertPoolTest, AReplicaKilledUnderLoadLosesNoRequestAndComesBack) {
   const std::vector<pid_t> shard0 =
       ChildrenMatching(cluster_->up->pid(), {" expert ", " --shard 0 "});
@@ -970,6 +999,46 @@ TEST_F(ExpertPoolTest, AReplicaStartedAtRunTimeJoinsItsPoolAndCanLeave) {
     if (!exit) absl::SleepFor(absl::Milliseconds(100));
   }
   EXPECT_EQ(exit.value_or("still running"), "exited with code 0");
+}
+
+// `splitmoe scale` grows a pool of the cluster `up` started, then shrinks it back, under load:
+// no request fails, no token changes.
+TEST_F(ExpertPoolTest, ScaleGrowsAndShrinksAPoolUnderLoad) {
+  auto run = [&](int replicas) {
+    const std::string cmd = absl::StrCat(Binary(), " scale --endpoint ", cluster_->endpoint,
+                                         " --shard 0 --replicas ", replicas, " 2>&1");
+    FILE* pipe = ::popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[4096];
+    size_t n;
+    while (pipe != nullptr && (n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+    const int rc = pipe != nullptr ? ::pclose(pipe) : -1;
+    std::printf("scale: %s", out.c_str());
+    return rc == 0 && out.find(absl::StrCat("-> ", replicas, " replicas")) != std::string::npos;
+  };
+  bool grew = false, shrank = false;
+  ExpectEqualsEngineDespite(LongCases(12, 29, 64), absl::Milliseconds(200),
+                            [&] { grew = run(3); });
+  EXPECT_TRUE(grew);
+  EXPECT_EQ(LiveReplicas()[0], 3);
+  ExpectEqualsEngineDespite(LongCases(12, 31, 64), absl::Milliseconds(300),
+                            [&] { shrank = run(2); });
+  EXPECT_TRUE(shrank);
+  EXPECT_TRUE(WaitForReplicas(2, absl::Seconds(10)));
+  // A cluster not started by `up` has no launcher: a clear refusal.
+  auto router = process::Subprocess::Start("lone-router", {Binary(), "router", "--model", *model_});
+  ASSERT_TRUE(router.ok());
+  auto address = (*router)->ReadLineMatching("listening ", absl::Seconds(60));
+  ASSERT_TRUE(address.ok());
+  FILE* pipe = ::popen(absl::StrCat(Binary(), " scale --endpoint ", *address,
+                                    " --shard 0 --replicas 2 2>&1").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  EXPECT_NE(::pclose(pipe), 0);
+  EXPECT_NE(out.find("not started by `splitmoe up`"), std::string::npos) << out;
+  EXPECT_EQ((*router)->Terminate(absl::Seconds(5)), "exited with code 0");
 }
 
 TEST_F(ExpertPoolTest, ARouterRestartKeepsTheWorkersAndServesAgain) {

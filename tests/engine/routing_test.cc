@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 #include <set>
 
@@ -140,6 +141,76 @@ TEST(RoutingTest, RandomisedGroupLimitProperty) {
           EXPECT_LE(sel[e], worst_chosen);
         }
       }
+    }
+  }
+}
+
+// The plain definition of the selection (what SelectExperts computed before its fast paths):
+// biased copy, group scores, -inf outside the kept groups, a full partial sort.
+std::vector<int32_t> ReferenceSelect(const ModelConfig& c, const std::vector<float>& scores,
+                                     const std::vector<float>& bias) {
+  const int64_t n = static_cast<int64_t>(scores.size());
+  auto top = [](const std::vector<float>& v, int64_t k) {
+    std::vector<int32_t> idx(v.size());
+    for (size_t i = 0; i < v.size(); ++i) idx[i] = static_cast<int32_t>(i);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+      return v[a] != v[b] ? v[a] > v[b] : a < b;
+    });
+    idx.resize(static_cast<size_t>(k));
+    return idx;
+  };
+  std::vector<float> choice = scores;
+  if (c.HasScoreBias() && !bias.empty()) {
+    for (int64_t e = 0; e < n; ++e) choice[e] += bias[e];
+  }
+  if (c.UsesGroups()) {
+    const int64_t per = n / c.n_group;
+    std::vector<float> g(static_cast<size_t>(c.n_group));
+    for (int64_t j = 0; j < c.n_group; ++j) {
+      std::vector<float> m(choice.begin() + j * per, choice.begin() + (j + 1) * per);
+      std::vector<int32_t> t = top(m, c.topk_method == TopkMethod::kNoauxTc ? 2 : 1);
+      g[j] = c.topk_method == TopkMethod::kNoauxTc ? m[t[0]] + m[t[1]] : m[t[0]];
+    }
+    std::vector<int32_t> kept = top(g, c.topk_group);
+    for (int64_t e = 0; e < n; ++e) {
+      if (std::find(kept.begin(), kept.end(), e / per) == kept.end())
+        choice[e] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return top(choice, c.num_experts_per_tok);
+}
+
+// SelectExperts (with its vectorised path where the shape allows) equals the plain definition
+// bit for bit, on V3's and V2's shapes and others, with many exact ties.
+TEST(RoutingTest, SelectionEqualsThePlainDefinition) {
+  std::mt19937 rng(11);
+  struct Shape {
+    TopkMethod method;
+    int64_t n, k, groups, kept;
+  };
+  const Shape shapes[] = {{TopkMethod::kNoauxTc, 256, 8, 8, 4},
+                          {TopkMethod::kGroupLimitedGreedy, 160, 6, 8, 3},
+                          {TopkMethod::kNoauxTc, 64, 6, 8, 4},
+                          {TopkMethod::kNoauxTc, 16, 4, 4, 2},
+                          {TopkMethod::kNoauxTc, 64, 8, 8, 1},
+                          {TopkMethod::kGreedy, 64, 6, 1, 1}};
+  for (const Shape& sh : shapes) {
+    ModelConfig c = V3Routing();
+    c.topk_method = sh.method;
+    c.n_routed_experts = sh.n;
+    c.num_experts_per_tok = sh.k;
+    c.n_group = sh.groups;
+    c.topk_group = sh.kept;
+    for (int iter = 0; iter < 2000; ++iter) {
+      std::vector<float> scores(static_cast<size_t>(sh.n)), bias(static_cast<size_t>(sh.n));
+      // Few distinct values: ties everywhere (also between group scores).
+      const int levels = iter % 3 == 0 ? 4 : 1000;
+      for (float& v : scores) v = static_cast<float>(rng() % levels) / levels;
+      for (float& v : bias) v = iter % 2 ? 0.0f : static_cast<float>(rng() % 5) / 100.0f;
+      const ExpertChoice got = SelectExperts(c, scores, bias);
+      ASSERT_EQ(got.experts, ReferenceSelect(c, scores, bias))
+          << "n " << sh.n << " k " << sh.k << " groups " << sh.groups << " iter " << iter;
+      ASSERT_EQ(got.weights, GateWeights(c, scores, got.experts));
     }
   }
 }

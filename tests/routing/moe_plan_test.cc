@@ -8,6 +8,7 @@
 #include <set>
 
 #include "common/engine/routing.h"
+#include "common/routing/expert_routing.h"
 #include "gtest/gtest.h"
 
 namespace splitmoe::routing {
@@ -85,6 +86,60 @@ TEST(MoePlanTest, DeviceLimitBoundsTheServicesATokenTouches) {
       EXPECT_EQ(experts[t], 4) << "token " << t;
     }
   }
+}
+
+// With shards aligned to the expert groups and M = topk_group, device-limited routing is the
+// model's own selection exactly (and the plan takes the cheap path to it); M below topk_group
+// still binds.
+TEST(MoePlanTest, GroupAlignedPlacementWithMTopkGroupIsTheModelsRouting) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(0, 1);
+  model::ModelConfig c = V3();
+  c.n_routed_experts = 64;
+  c.num_experts_per_tok = 6;
+  c.n_group = 8;
+  c.topk_group = 3;
+  const int64_t tokens = 200;
+  std::vector<float> scores(tokens * 64), bias(64);
+  for (float& s : scores) s = u(rng);
+  for (float& b : bias) b = (u(rng) - 0.5f) * 0.1f;
+  for (int shards : {8, 4, 2}) {
+    std::vector<int32_t> to_shard(64);
+    for (int e = 0; e < 64; ++e) to_shard[e] = e / (64 / shards);
+    ASSERT_TRUE(GroupAligned(c, to_shard));
+    auto limited = PlanDispatch(c, scores, tokens, bias, to_shard, shards, 3);
+    auto exact = PlanDispatch(c, scores, tokens, bias, to_shard, shards, 0);
+    ASSERT_TRUE(limited.ok() && exact.ok());
+    ASSERT_EQ(limited->size(), exact->size());
+    for (size_t i = 0; i < exact->size(); ++i) {
+      EXPECT_EQ((*limited)[i].rows, (*exact)[i].rows);
+      EXPECT_EQ((*limited)[i].expert_ids, (*exact)[i].expert_ids);
+      EXPECT_EQ((*limited)[i].weights, (*exact)[i].weights);
+    }
+    // The general device-limited selection agrees token by token.
+    auto placement = ExpertPlacement::FromAssignment(to_shard, shards);
+    ASSERT_TRUE(placement.ok());
+    for (int64_t t = 0; t < tokens; ++t) {
+      absl::Span<const float> row = absl::MakeConstSpan(scores).subspan(t * 64, 64);
+      auto general = DeviceLimitedTopK(c, row, bias, *placement, 3);
+      ASSERT_TRUE(general.ok());
+      EXPECT_EQ(general->experts, engine::SelectExperts(c, row, bias).experts) << "token " << t;
+      EXPECT_LE(DevicesTouched(general->experts, *placement), 3);
+    }
+  }
+  // Not aligned (a group split over two shards): the limit is applied for real.
+  std::vector<int32_t> split(64);
+  for (int e = 0; e < 64; ++e) split[e] = (e + 4) / 8 % 8;
+  EXPECT_FALSE(GroupAligned(c, split));
+  auto limited = PlanDispatch(c, scores, tokens, bias, split, 8, 2);
+  ASSERT_TRUE(limited.ok());
+  std::map<int32_t, std::set<int32_t>> shards_of_row;
+  for (const ShardBatch& b : *limited) {
+    for (int32_t r : b.rows) shards_of_row[r].insert(b.shard);
+  }
+  for (const auto& [row, s] : shards_of_row) EXPECT_LE(s.size(), 2u) << "row " << row;
 }
 
 TEST(MoePlanTest, CombineAddsPartialSumsPerToken) {

@@ -2,7 +2,10 @@
 
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <iostream>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <vector>
@@ -131,6 +134,34 @@ absl::Status DecodeCommand(int argc, char** argv) {
   return decode::RunDecode(o);
 }
 
+// `up`'s Launcher service: Scale calls are queued for up's own loop, which alone owns the
+// children; the loop answers them (the handler never waits).
+class LauncherService final : public v1::Launcher::CallbackService {
+ public:
+  struct Call {
+    v1::ScaleRequest request;
+    v1::ScaleResponse* response;
+    grpc::ServerUnaryReactor* reactor;
+  };
+  grpc::ServerUnaryReactor* Scale(grpc::CallbackServerContext* ctx, const v1::ScaleRequest* request,
+                                  v1::ScaleResponse* response) override {
+    grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+    std::lock_guard<std::mutex> lock(mu_);
+    calls_.push_back({*request, response, reactor});
+    return reactor;
+  }
+  std::vector<Call> Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<Call> out;
+    out.swap(calls_);
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<Call> calls_;
+};
+
 absl::Status UpCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(f.Parse(
@@ -175,6 +206,7 @@ absl::Status UpCommand(int argc, char** argv) {
     std::unique_ptr<process::Subprocess> process;
     absl::Duration backoff = absl::Seconds(1);
     absl::Time restart_at = absl::InfiniteFuture();
+    int64_t shard = -1;  // expert replicas: their shard
   };
   std::vector<Child> children;
   auto stop_all = [&children] {
@@ -207,20 +239,32 @@ absl::Status UpCommand(int argc, char** argv) {
     return s;
   };
 
+  // The Launcher (`splitmoe scale`) listens before the router starts, so the router can name it.
+  LauncherService launcher;
+  SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer launcher_server,
+                            rpc::StartServer(host + ":0", {&launcher}));
   std::vector<std::string> router_args = {"router", "--model", model, "--listen",
-                                          absl::StrCat(host, ":", port)};
+                                          absl::StrCat(host, ":", port), "--launcher",
+                                          launcher_server.address};
   for (const char* flag : {"heartbeat-ms", "max-devices", "bias-update-rate", "bias-bound"})
     pass(router_args, flag);
   absl::StatusOr<std::string> router = start("router", router_args);
   if (!router.ok()) return fail(router.status());
   // A restarted router binds the same address, so the workers find it again.
   children.front().args[4] = *router;
+  std::vector<int64_t> next_replica(static_cast<size_t>(n_experts), 0);
+  auto start_expert = [&](int64_t s) {
+    const int64_t r = next_replica[static_cast<size_t>(s)]++;
+    absl::StatusOr<std::string> started =
+        start(absl::StrCat("expert", s, ".", r),
+              {"expert", "--model", model, "--router", *router, "--listen", host + ":0",
+               "--shard", std::to_string(s), "--num-shards", std::to_string(n_experts)});
+    children.back().shard = s;
+    return started;
+  };
   for (int64_t s = 0; s < n_experts; ++s) {
     for (int64_t r = 0; r < replicas; ++r) {
-      absl::StatusOr<std::string> started =
-          start(replicas == 1 ? absl::StrCat("expert", s) : absl::StrCat("expert", s, ".", r),
-                {"expert", "--model", model, "--router", *router, "--listen", host + ":0",
-                 "--shard", std::to_string(s), "--num-shards", std::to_string(n_experts)});
+      absl::StatusOr<std::string> started = start_expert(s);
       if (!started.ok()) return fail(started.status());
     }
   }
@@ -266,14 +310,57 @@ absl::Status UpCommand(int argc, char** argv) {
   }
   std::cout << "ready grpc=" << *router << std::endl;
 
+  // Grows or shrinks one shard's pool: new replicas started (they join when registered), the
+  // newest surplus ones drained with SIGTERM, waited for, and not restarted.
+  auto scale = [&](const v1::ScaleRequest& request,
+                   v1::ScaleResponse* response) -> absl::Status {
+    if (request.shard() < 0 || request.shard() >= n_experts) {
+      return absl::InvalidArgumentError(absl::StrCat("scale: shard ", request.shard(),
+                                                     " is not one of this cluster's ", n_experts));
+    }
+    if (request.replicas() < 0 || request.replicas() > 64) {
+      return absl::InvalidArgumentError("scale: replicas must be in [0, 64]");
+    }
+    std::vector<size_t> pool;
+    for (size_t i = 0; i < children.size(); ++i) {
+      if (children[i].shard == request.shard()) pool.push_back(i);
+    }
+    response->set_replicas_before(static_cast<int32_t>(pool.size()));
+    for (auto n = static_cast<int32_t>(pool.size()); n < request.replicas(); ++n) {
+      absl::StatusOr<std::string> started = start_expert(request.shard());
+      if (!started.ok()) return started.status();
+      response->add_started(*started);
+    }
+    std::vector<size_t> surplus;
+    for (size_t k = static_cast<size_t>(request.replicas()); k < pool.size(); ++k)
+      surplus.push_back(pool[k]);
+    for (size_t i : surplus) children[i].process->Signal(SIGTERM);  // drain them together
+    for (size_t i : surplus) {
+      Child& child = children[i];
+      const absl::Time end = absl::Now() + absl::Seconds(20);
+      while (!child.process->Poll() && absl::Now() < end) absl::SleepFor(absl::Milliseconds(20));
+      if (!child.process->Poll()) child.process->Terminate(absl::Seconds(2));
+      response->add_stopped(child.name);
+      std::cerr << "up: " << child.name << " drained (scale)\n";
+    }
+    for (auto it = surplus.rbegin(); it != surplus.rend(); ++it)
+      children.erase(children.begin() + static_cast<std::ptrdiff_t>(*it));
+    response->set_replicas(request.replicas());
+    return absl::OkStatus();
+  };
+
   // Serve until interrupted. A child that dies is named and restarted with back-off; the others
   // keep serving (requests that needed it fail or fail over, as their role allows).
   while (true) {
-    const int signal = process::WaitForTerminationSignalFor(absl::Milliseconds(200));
+    const int signal = process::WaitForTerminationSignalFor(absl::Milliseconds(100));
     if (signal != 0) {
       std::cerr << "up: signal " << signal << ", stopping the cluster\n";
       stop_all();
+      launcher_server.server->Shutdown(std::chrono::system_clock::now());
       return absl::OkStatus();
+    }
+    for (LauncherService::Call& call : launcher.Take()) {
+      call.reactor->Finish(rpc::ToGrpcStatus(scale(call.request, call.response)));
     }
     const absl::Time now = absl::Now();
     for (Child& child : children) {
@@ -296,6 +383,66 @@ absl::Status UpCommand(int argc, char** argv) {
       }
     }
   }
+}
+
+absl::Status ScaleCommand(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"endpoint", "shard", "replicas"}, {}));
+  if (!f.Has("endpoint") || !f.Has("shard") || !f.Has("replicas")) {
+    return absl::InvalidArgumentError("scale needs --endpoint HOST:PORT --shard K --replicas R");
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t shard, f.GetInt("shard", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t replicas, f.GetInt("replicas", 0));
+  auto channel = grpc::CreateCustomChannel(f.Get("endpoint"), grpc::InsecureChannelCredentials(),
+                                           rpc::ClientChannelArguments());
+  auto registry = v1::Registry::NewStub(channel);
+  auto status = [&]() -> absl::StatusOr<v1::ClusterStatusResponse> {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::ClusterStatusResponse s;
+    SPLITMOE_RETURN_IF_ERROR(
+        rpc::FromGrpcStatus(registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &s)));
+    return s;
+  };
+  SPLITMOE_ASSIGN_OR_RETURN(v1::ClusterStatusResponse before, status());
+  if (before.launcher_address().empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the cluster at ", f.Get("endpoint"),
+                     " was not started by `splitmoe up` (its router names no launcher): start or "
+                     "stop `splitmoe expert --shard K` processes yourself"));
+  }
+  auto launcher = v1::Launcher::NewStub(grpc::CreateCustomChannel(
+      before.launcher_address(), grpc::InsecureChannelCredentials(),
+      rpc::ClientChannelArguments()));
+  v1::ScaleRequest request;
+  request.set_shard(static_cast<int32_t>(shard));
+  request.set_replicas(static_cast<int32_t>(replicas));
+  v1::ScaleResponse response;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::minutes(5));
+  const absl::Time start = absl::Now();
+  SPLITMOE_RETURN_IF_ERROR(rpc::FromGrpcStatus(launcher->Scale(&ctx, request, &response)));
+  // Done when the router's pool has exactly that many live replicas.
+  int live = -1;
+  for (int i = 0; i < 300; ++i) {
+    SPLITMOE_ASSIGN_OR_RETURN(v1::ClusterStatusResponse now, status());
+    live = 0;
+    for (const v1::PoolStatus& pool : now.pools()) {
+      if (pool.shard() != shard) continue;
+      for (const v1::ReplicaStatus& r : pool.replicas()) live += r.healthy();
+    }
+    if (live == replicas) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  std::cout << "shard " << shard << ": " << response.replicas_before() << " -> "
+            << response.replicas() << " replicas (" << response.started_size() << " started, "
+            << response.stopped_size() << " drained); " << live << " live in the pool after "
+            << static_cast<int64_t>(absl::ToDoubleMilliseconds(absl::Now() - start)) << " ms\n";
+  if (live != replicas) {
+    return absl::DeadlineExceededError(absl::StrCat("shard ", shard, " has ", live,
+                                                    " live replicas, not ", replicas));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status GenerateRemote(const Flags& f) {

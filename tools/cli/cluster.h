@@ -1,6 +1,7 @@
 // The cluster subcommands of `splitmoe`:
 //   prefill / decode            the worker processes
 //   up                          a local cluster of child processes on loopback
+//   scale                       grows or shrinks an expert pool of a cluster `up` started
 //   generate/score --endpoint   the single-process commands' output, through a cluster's
 //                               public Generation API
 #ifndef SPLITMOE_TOOLS_CLI_CLUSTER_H_
@@ -16,6 +17,9 @@ namespace splitmoe::cli {
 absl::Status PrefillCommand(int argc, char** argv);
 absl::Status DecodeCommand(int argc, char** argv);
 absl::Status UpCommand(int argc, char** argv);
+// `scale --endpoint E --shard K --replicas R`: asks the `up` that started cluster E to grow or
+// shrink shard K's pool, then waits until the router sees R live replicas.
+absl::Status ScaleCommand(int argc, char** argv);
 // `f` was parsed by the single-process command and has --endpoint.
 absl::Status GenerateRemote(const Flags& f);
 absl::Status ScoreRemote(const Flags& f);

@@ -25,6 +25,7 @@
 #include "nlohmann/json.hpp"
 #include "router/run_router.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
+#include "tools/cli/bench.h"
 #include "tools/cli/cluster.h"
 #include "tools/cli/flags.h"
 #include "tools/cli/generate_common.h"
@@ -240,7 +241,7 @@ absl::Status Router(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "heartbeat-ms", "max-devices", "admission-timeout-ms",
-               "prefill-timeout-ms", "bias-update-rate", "bias-bound"},
+               "prefill-timeout-ms", "bias-update-rate", "bias-bound", "launcher"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
   router::RouterOptions o;
@@ -261,6 +262,7 @@ absl::Status Router(int argc, char** argv) {
     return absl::InvalidArgumentError("--bias-update-rate and --bias-bound must be >= 0");
   }
   o.bias_update_rate = static_cast<float>(rate);
+  o.launcher_address = f.Get("launcher");
   o.bias_bound = static_cast<float>(bound);
   SPLITMOE_ASSIGN_OR_RETURN(int64_t admission, f.GetInt("admission-timeout-ms", 30000));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t prefill, f.GetInt("prefill-timeout-ms", 60000));
@@ -416,7 +418,7 @@ absl::Status Status(int argc, char** argv) {
 
 int Usage() {
   std::cerr
-      << "usage: splitmoe <make-tiny|inspect|score|generate|up|router|prefill|decode|expert|status> "
+      << "usage: splitmoe <make-tiny|inspect|score|generate|up|router|prefill|decode|expert|status|scale|bench> "
          "[flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
@@ -437,7 +439,10 @@ int Usage() {
          "  decode    --model DIR --router HOST:PORT [--listen HOST:PORT] [--cache-blocks N]\n"
          "            [--block-tokens T] [--cache-dtype fp32|bf16] [--wire-dtype fp32|bf16]\n"
          "  expert    --model DIR --router HOST:PORT --shard S --num-shards N\n"
-         "  status    --endpoint HOST:PORT [--json]\n";
+         "  status    --endpoint HOST:PORT [--json]\n"
+         "  scale     --endpoint HOST:PORT --shard K --replicas R   (a cluster started by up)\n"
+         "  bench     (--model DIR | --endpoint HOST:PORT) [--concurrency C] [--requests N]\n"
+         "            [--prompt-tokens P] [--max-tokens T] [--seed S] [--json FILE]\n";
   return 2;
 }
 
@@ -457,6 +462,10 @@ int main(int argc, char** argv) {
     status = Score(argc, argv);
   } else if (cmd == "generate") {
     status = Generate(argc, argv);
+  } else if (cmd == "scale") {
+    status = ScaleCommand(argc, argv);
+  } else if (cmd == "bench") {
+    status = BenchCommand(argc, argv);
   } else if (cmd == "status") {
     status = Status(argc, argv);
   } else if (cmd == "router" || cmd == "expert" || cmd == "prefill" || cmd == "decode" ||

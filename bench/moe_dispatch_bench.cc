@@ -1,0 +1,134 @@
+// One MoE layer's routed experts, in process against the direct data plane, in one run, on the
+// bench model (hidden 1024, 64 experts top-6, 8 groups, 4 kept):
+//   in process      engine::LocalMoeExecutor (selection + the experts' GEMMs, this process)
+//   direct, gRPC    expert_plane::DirectMoeExecutor: the same selection here, each shard's part
+//                   to its expert service (`splitmoe expert` processes, 2 shards) over its
+//                   ExpertCompute stream, fp32 and bf16 on the wire
+// at batch 1, 16 and 128 tokens. Reports the median time per layer and the overhead over in
+// process (the cost of the two crossings), and checks the outputs agree. The router only
+// publishes the routing table; it is not on this path. Every process shares this machine's
+// cores: the expert services compute on the same two cores as this one.
+//
+//   build/bench/moe_dispatch_bench [--reps 50] [--shards 2] [--model DIR]
+// (a tiny model, e.g. `splitmoe make-tiny`, leaves almost only the crossings to measure).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "bench/bench_model.h"
+#include "common/engine/engine.h"
+#include "common/engine/routing.h"
+#include "common/expert_plane/direct_moe.h"
+#include "common/expert_plane/routing_table_watcher.h"
+#include "common/process/subprocess.h"
+
+namespace splitmoe {
+namespace {
+
+double MedianMs(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+int Main(int reps, int shards, std::string dir) {
+  if (dir.empty()) dir = bench::BenchModelDir();
+  auto e = engine::Engine::Load(dir);
+  if (!e.ok()) {
+    std::fprintf(stderr, "%s\n", e.status().ToString().c_str());
+    return 1;
+  }
+  const model::ModelConfig& c = (*e)->config();
+  const std::string bin = bench::SplitmoeBinary();
+  auto router = process::Subprocess::Start("router", {bin, "router", "--model", dir,
+                                                      "--heartbeat-ms", "200"});
+  if (!router.ok()) return 1;
+  auto address = (*router)->ReadLineMatching("listening ", absl::Seconds(60));
+  if (!address.ok()) return 1;
+  std::vector<std::unique_ptr<process::Subprocess>> experts;
+  for (int s = 0; s < shards; ++s) {
+    auto x = process::Subprocess::Start(
+        absl::StrCat("expert", s), {bin, "expert", "--model", dir, "--router", *address,
+                                    "--shard", std::to_string(s), "--num-shards",
+                                    std::to_string(shards)});
+    if (!x.ok() || !(*x)->ReadLineMatching("listening ", absl::Seconds(120)).ok()) return 1;
+    experts.push_back(std::move(*x));
+  }
+  auto watcher = expert_plane::RoutingTableWatcher::Start(*address, "bench");
+  if (!watcher->WaitForTable(absl::Seconds(30))) {
+    std::fprintf(stderr, "no routing table\n");
+    return 1;
+  }
+  engine::LocalMoeExecutor local(c, (*e)->weights());
+  expert_plane::DirectMoeExecutor fp32(c, (*e)->weights(), watcher.get(), {});
+  expert_plane::DirectMoeOptions bf16_options;
+  bf16_options.dtype = v1::WIRE_DTYPE_BF16;
+  expert_plane::DirectMoeExecutor bf16(c, (*e)->weights(), watcher.get(), bf16_options);
+
+  const int64_t layer = c.first_k_dense_replace;  // the first MoE layer
+  const model::LayerWeights& w = (*e)->weights().layers[static_cast<size_t>(layer)];
+  const int64_t h = c.hidden_size, n = c.n_routed_experts;
+  std::printf("model %s: MoE layer %lld, %d expert shards, median of %d\n", dir.c_str(),
+              static_cast<long long>(layer), shards, reps);
+  std::printf("| batch | in process ms | direct gRPC fp32 ms | overhead us | direct gRPC bf16 ms "
+              "| overhead us | max |diff| fp32 |\n|---|---|---|---|---|---|---|\n");
+  std::mt19937 rng(3);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  for (int64_t rows : {1, 16, 128}) {
+    std::vector<float> x(static_cast<size_t>(rows * h)), scores(static_cast<size_t>(rows * n));
+    for (float& v : x) v = g(rng);
+    engine::GateScores(c, x.data(), rows, w.gate, scores.data());
+    std::vector<float> a(x.size()), b(x.size()), d(x.size());
+    std::vector<double> t_local, t_fp32, t_bf16;
+    for (int r = 0; r < reps + 3; ++r) {  // the first 3 warm up (connections, pages)
+      absl::Time t0 = absl::Now();
+      if (!local.RoutedExperts(layer, x.data(), scores.data(), rows, a.data()).ok()) return 1;
+      absl::Time t1 = absl::Now();
+      absl::Status s = fp32.RoutedExperts(layer, x.data(), scores.data(), rows, b.data());
+      absl::Time t2 = absl::Now();
+      absl::Status s2 = bf16.RoutedExperts(layer, x.data(), scores.data(), rows, d.data());
+      absl::Time t3 = absl::Now();
+      if (!s.ok() || !s2.ok()) {
+        std::fprintf(stderr, "%s %s\n", s.ToString().c_str(), s2.ToString().c_str());
+        return 1;
+      }
+      if (r < 3) continue;
+      t_local.push_back(absl::ToDoubleMilliseconds(t1 - t0));
+      t_fp32.push_back(absl::ToDoubleMilliseconds(t2 - t1));
+      t_bf16.push_back(absl::ToDoubleMilliseconds(t3 - t2));
+    }
+    double diff = 0;
+    for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, double{std::fabs(a[i] - b[i])});
+    const double l = MedianMs(t_local), f = MedianMs(t_fp32), bf = MedianMs(t_bf16);
+    std::printf("| %lld | %.3f | %.3f | %.0f | %.3f | %.0f | %.2g |\n",
+                static_cast<long long>(rows), l, f, (f - l) * 1000, bf, (bf - l) * 1000, diff);
+  }
+  watcher.reset();
+  for (auto& x : experts) x->Terminate(absl::Seconds(10));
+  (*router)->Terminate(absl::Seconds(5));
+  return 0;
+}
+
+}  // namespace
+}  // namespace splitmoe
+
+int main(int argc, char** argv) {
+  int reps = 50, shards = 2;
+  std::string model;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (flag == "--reps") reps = std::atoi(argv[i + 1]);
+    else if (flag == "--shards") shards = std::atoi(argv[i + 1]);
+    else if (flag == "--model") model = argv[i + 1];
+    else {
+      std::fprintf(stderr, "unknown flag %s\n", argv[i]);
+      return 2;
+    }
+  }
+  if (reps < 1 || shards < 1) return 2;
+  return splitmoe::Main(reps, shards, model);
+}
