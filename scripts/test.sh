@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/build.sh
+# As in build.sh: ccache keys relative to the checkout (the sanitizer build below uses it too).
+export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}" CCACHE_NOHASHDIR=${CCACHE_NOHASHDIR:-true}
 # shellcheck disable=SC2086
 (cd "${BUILD_DIR:-build}" && ctest --output-on-failure -j 2 ${CTEST_ARGS:-})
 
