@@ -17,12 +17,6 @@ std::unique_ptr<RoutingTableWatcher> RoutingTableWatcher::Start(const std::strin
   return w;
 }
 
-std::unique_ptr<RoutingTableWatcher> RoutingTableWatcher::Fixed(v1::RoutingTable table) {
-  std::unique_ptr<RoutingTableWatcher> w(new RoutingTableWatcher());
-  w->Offer(std::move(table));
-  return w;
-}
-
 RoutingTableWatcher::~RoutingTableWatcher() {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -44,19 +38,8 @@ bool RoutingTableWatcher::WaitForTable(absl::Duration timeout) const {
                       [this] { return table_ != nullptr; });
 }
 
-uint64_t RoutingTableWatcher::tables_received() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return tables_received_;
-}
-
-uint64_t RoutingTableWatcher::subscriptions() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return subscriptions_;
-}
-
 void RoutingTableWatcher::Offer(v1::RoutingTable table) {
   std::lock_guard<std::mutex> lock(mu_);
-  ++tables_received_;
   if (table_ != nullptr && table_->router_id() == table.router_id() &&
       table_->version() >= table.version()) {
     return;  // a stale or repeated version of the same router
@@ -73,7 +56,6 @@ void RoutingTableWatcher::Loop() {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
       open_ = &context;
-      ++subscriptions_;
     }
     v1::WatchRoutingTableRequest request;
     request.set_worker_id(worker_id_);

@@ -30,17 +30,12 @@ class RoutingTableWatcher {
  public:
   static std::unique_ptr<RoutingTableWatcher> Start(const std::string& router_address,
                                                     std::string worker_id = "");
-  // A watcher that never connects and serves `table` (tests, and in-process uses).
-  static std::unique_ptr<RoutingTableWatcher> Fixed(v1::RoutingTable table);
   ~RoutingTableWatcher();
 
   // The table in force; null until the first one arrived.
   std::shared_ptr<const v1::RoutingTable> Current() const;
   // True once a table has arrived (waits at most `timeout`).
   bool WaitForTable(absl::Duration timeout) const;
-  // Tables received so far (all streams), and times the stream was (re)opened.
-  uint64_t tables_received() const;
-  uint64_t subscriptions() const;
 
  private:
   RoutingTableWatcher() = default;
@@ -58,7 +53,6 @@ class RoutingTableWatcher {
   std::shared_ptr<const v1::RoutingTable> table_;
   grpc::ClientContext* open_ = nullptr;  // the stream being read, cancelled by the destructor
   bool stopping_ = false;
-  uint64_t tables_received_ = 0, subscriptions_ = 0;
 };
 
 }  // namespace splitmoe::expert_plane

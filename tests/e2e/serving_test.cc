@@ -37,6 +37,22 @@ std::string Binary() {
   return std::string(dir ? dir : ".") + "/bin/splitmoe";
 }
 
+// `splitmoe ARGS` run to completion: its exit status and its stdout and stderr together.
+struct CommandResult {
+  int rc = -1;
+  std::string out;
+};
+CommandResult RunSplitmoe(const std::string& args) {
+  CommandResult r;
+  FILE* pipe = ::popen((Binary() + " " + args + " 2>&1").c_str(), "r");
+  if (pipe == nullptr) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.out.append(buf, n);
+  r.rc = ::pclose(pipe);
+  return r;
+}
+
 // `splitmoe up` as a child process, and clients of the cluster it serves.
 class Cluster {
  public:
@@ -487,14 +503,9 @@ TEST_F(ServingTest, CancellationUnderLoadLeavesNothingBehind) {
 
 TEST_F(ServingTest, CommandLineClientPrintsTheEnginesJson) {
   auto run = [](const std::string& args) {
-    FILE* pipe = ::popen((Binary() + " " + args + " 2>&1").c_str(), "r");
-    std::string out;
-    char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-    const int rc = ::pclose(pipe);
-    EXPECT_EQ(rc, 0) << args << "\n" << out;
-    return out;
+    const CommandResult r = RunSplitmoe(args);
+    EXPECT_EQ(r.rc, 0) << args << "\n" << r.out;
+    return r.out;
   };
   const std::string flags = "--prompt-tokens 0,17,4000,90000 --max-tokens 9 --ignore-eos --json";
   EXPECT_EQ(run("generate --endpoint " + cluster_->endpoint + " " + flags),
@@ -682,8 +693,9 @@ TEST(ServingFailureTest, NoWorkerOfANeededRoleIsUnavailable) {
   EXPECT_EQ((*router)->Terminate(absl::Seconds(5)), "exited with code 0");
 }
 
-// The pid of the child of `parent` whose command line contains `role`.
-pid_t ChildWithRole(pid_t parent, const std::string& role) {
+// Every child of `parent` whose command line contains each of `parts`.
+std::vector<pid_t> ChildrenMatching(pid_t parent, const std::vector<std::string>& parts) {
+  std::vector<pid_t> out;
   for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
     const std::string name = entry.path().filename();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
@@ -697,9 +709,17 @@ pid_t ChildWithRole(pid_t parent, const std::string& role) {
     std::ifstream cmd(entry.path() / "cmdline");
     std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
     std::replace(argv.begin(), argv.end(), '\0', ' ');
-    if (argv.find(" " + role + " ") != std::string::npos) return std::stoi(name);
+    bool all = true;
+    for (const std::string& p : parts) all &= argv.find(p) != std::string::npos;
+    if (all) out.push_back(std::stoi(name));
   }
-  return -1;
+  return out;
+}
+
+// The pid of a child of `parent` running role `role` (-1 if none).
+pid_t ChildWithRole(pid_t parent, const std::string& role) {
+  const std::vector<pid_t> pids = ChildrenMatching(parent, {" " + role + " "});
+  return pids.empty() ? -1 : pids.front();
 }
 
 TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpRestartsIt) {
@@ -741,29 +761,6 @@ TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpRestartsIt) {
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 
-// Every child of `parent` whose command line contains each of `parts`.
-std::vector<pid_t> ChildrenMatching(pid_t parent, const std::vector<std::string>& parts) {
-  std::vector<pid_t> out;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream stat(entry.path() / "stat");
-    std::string line;
-    std::getline(stat, line);
-    const size_t close = line.rfind(')');
-    if (close == std::string::npos) continue;
-    std::vector<std::string> fields = absl::StrSplit(line.substr(close + 2), ' ');
-    if (fields.size() < 2 || std::stoi(fields[1]) != parent) continue;
-    std::ifstream cmd(entry.path() / "cmdline");
-    std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
-    std::replace(argv.begin(), argv.end(), '\0', ' ');
-    bool all = true;
-    for (const std::string& p : parts) all &= argv.find(p) != std::string::npos;
-    if (all) out.push_back(std::stoi(name));
-  }
-  return out;
-}
-
 // ---- expert pools: 2 shards x 2 replicas, direct dispatch, failover, elasticity ----
 
 class ExpertPoolTest : public ::testing::Test {
@@ -787,7 +784,9 @@ class ExpertPoolTest : public ::testing::Test {
   }
   void SetUp() override { ASSERT_NE(cluster_, nullptr) << "the cluster did not start"; }
   void TearDown() override {
-    if (cluster_ != nullptr) EXPECT_EQ(cluster_->WaitIdle(absl::Seconds(5)), "");
+    if (cluster_ != nullptr) {
+      EXPECT_EQ(cluster_->WaitIdle(absl::Seconds(5)), "");
+    }
   }
 
   // Live replicas per shard, as the router's status shows them.
@@ -842,15 +841,10 @@ TEST_F(ExpertPoolTest, EveryReplicaServesAndStatusShowsTheRoutingTable) {
   ExpectConcurrentEqualsEngine(*cluster_, *engine_, MixedCases(engine_->config().vocab_size, 8, 3));
   // The heartbeats carry the counters: wait for them.
   absl::SleepFor(absl::Milliseconds(400));
-  FILE* pipe = ::popen((Binary() + " status --json --endpoint " + cluster_->endpoint).c_str(), "r");
-  ASSERT_NE(pipe, nullptr);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  ASSERT_EQ(::pclose(pipe), 0) << out;
-  const nlohmann::json j = nlohmann::json::parse(out, nullptr, false);
-  ASSERT_FALSE(j.is_discarded()) << out;
+  const CommandResult status = RunSplitmoe("status --json --endpoint " + cluster_->endpoint);
+  ASSERT_EQ(status.rc, 0) << status.out;
+  const nlohmann::json j = nlohmann::json::parse(status.out, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << status.out;
   const auto& c = engine_->config();
   const auto& routing = j.at("routing");
   EXPECT_GT(routing.at("table_version").get<uint64_t>(), 0u);
@@ -885,9 +879,13 @@ TEST_F(ExpertPoolTest, EveryReplicaServesAndStatusShowsTheRoutingTable) {
       replica_tokens += r.at("tokens").get<uint64_t>();
     }
   }
-  // The replicas computed exactly what the attention workers sent (no duplicate work when
-  // nothing failed).
-  EXPECT_EQ(replica_tokens, assigned);
+  // The replicas computed exactly what the attention workers sent: no duplicate work unless a
+  // part was resent (a replica slower than its deadline, e.g. under a sanitizer build).
+  if (routing.at("failovers").get<uint64_t>() == 0) {
+    EXPECT_EQ(replica_tokens, assigned);
+  } else {
+    EXPECT_GE(replica_tokens, assigned);
+  }
 }
 
 // `splitmoe bench` against the cluster and against the engine in process, same workload.
@@ -895,16 +893,10 @@ TEST_F(ExpertPoolTest, BenchReportsTheSameWorkloadForTheClusterAndTheEngine) {
   for (const std::string& target :
        {"--endpoint " + cluster_->endpoint, "--model " + *model_}) {
     const std::string json = testing::TempDir("bench") + "/bench.json";
-    const std::string cmd = absl::StrCat(Binary(), " bench ", target,
-                                         " --concurrency 3 --requests 6 --prompt-tokens 20"
-                                         " --max-tokens 7 --json ", json, " 2>&1");
-    FILE* pipe = ::popen(cmd.c_str(), "r");
-    ASSERT_NE(pipe, nullptr);
-    std::string out;
-    char buf[4096];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-    ASSERT_EQ(::pclose(pipe), 0) << out;
+    const CommandResult r = RunSplitmoe(absl::StrCat(
+        "bench ", target, " --concurrency 3 --requests 6 --prompt-tokens 20 --max-tokens 7 --json ",
+        json));
+    ASSERT_EQ(r.rc, 0) << r.out;
     std::ifstream in(json);
     const nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
     ASSERT_FALSE(j.is_discarded()) << target;
@@ -1005,16 +997,10 @@ TEST_F(ExpertPoolTest, AReplicaStartedAtRunTimeJoinsItsPoolAndCanLeave) {
 // no request fails, no token changes.
 TEST_F(ExpertPoolTest, ScaleGrowsAndShrinksAPoolUnderLoad) {
   auto run = [&](int replicas) {
-    const std::string cmd = absl::StrCat(Binary(), " scale --endpoint ", cluster_->endpoint,
-                                         " --shard 0 --replicas ", replicas, " 2>&1");
-    FILE* pipe = ::popen(cmd.c_str(), "r");
-    std::string out;
-    char buf[4096];
-    size_t n;
-    while (pipe != nullptr && (n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-    const int rc = pipe != nullptr ? ::pclose(pipe) : -1;
-    std::printf("scale: %s", out.c_str());
-    return rc == 0 && out.find(absl::StrCat("-> ", replicas, " replicas")) != std::string::npos;
+    const CommandResult r = RunSplitmoe(absl::StrCat("scale --endpoint ", cluster_->endpoint,
+                                                     " --shard 0 --replicas ", replicas));
+    std::printf("scale: %s", r.out.c_str());
+    return r.rc == 0 && r.out.find(absl::StrCat("-> ", replicas, " replicas")) != std::string::npos;
   };
   bool grew = false, shrank = false;
   ExpectEqualsEngineDespite(LongCases(12, 29, 64), absl::Milliseconds(200),
@@ -1030,14 +1016,9 @@ TEST_F(ExpertPoolTest, ScaleGrowsAndShrinksAPoolUnderLoad) {
   ASSERT_TRUE(router.ok());
   auto address = (*router)->ReadLineMatching("listening ", absl::Seconds(60));
   ASSERT_TRUE(address.ok());
-  FILE* pipe = ::popen(absl::StrCat(Binary(), " scale --endpoint ", *address,
-                                    " --shard 0 --replicas 2 2>&1").c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  EXPECT_NE(::pclose(pipe), 0);
-  EXPECT_NE(out.find("not started by `splitmoe up`"), std::string::npos) << out;
+  const CommandResult lone = RunSplitmoe("scale --endpoint " + *address + " --shard 0 --replicas 2");
+  EXPECT_NE(lone.rc, 0);
+  EXPECT_NE(lone.out.find("not started by `splitmoe up`"), std::string::npos) << lone.out;
   EXPECT_EQ((*router)->Terminate(absl::Seconds(5)), "exited with code 0");
 }
 

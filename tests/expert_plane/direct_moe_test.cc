@@ -64,7 +64,9 @@ TEST(SplitByExpertTest, EveryAssignmentLandsInExactlyOneShareInOrder) {
       ASSERT_EQ(b.offsets.size(), b.rows.size() + 1);
       EXPECT_EQ(b.offsets.back(), static_cast<int32_t>(b.expert_ids.size()));
       for (size_t i = 0; i < b.rows.size(); ++i) {
-        if (i > 0) EXPECT_LT(b.rows[i - 1], b.rows[i]);  // rows stay ascending
+        if (i > 0) {
+          EXPECT_LT(b.rows[i - 1], b.rows[i]);  // rows stay ascending
+        }
         EXPECT_LT(b.offsets[i], b.offsets[i + 1]);       // no empty row
         for (int32_t j = b.offsets[i]; j < b.offsets[i + 1]; ++j) {
           EXPECT_TRUE(got.emplace(std::make_pair(b.rows[i], b.expert_ids[j]), b.weights[j]).second);
