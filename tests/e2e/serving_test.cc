@@ -938,6 +938,25 @@ TEST_F(ExpertPoolTest, ADrainedReplicaFailsNoRequest) {
   EXPECT_TRUE(WaitForReplicas(2, absl::Seconds(30)));  // restarted by `up`
 }
 
+// A replica that stalls (SIGSTOP: its connections stay open, nothing answers) is worked around
+// by the per-batch deadline, well before the router's heartbeat timeout would notice it.
+TEST_F(ExpertPoolTest, AStalledReplicaIsWorkedAroundByTheBatchDeadline) {
+  const std::vector<pid_t> shard1 =
+      ChildrenMatching(cluster_->up->pid(), {" expert ", " --shard 1 "});
+  ASSERT_EQ(shard1.size(), 2u);
+  const uint64_t failovers0 = cluster_->Status().routing().failovers();
+  ExpectEqualsEngineDespite(LongCases(12, 37, 64), absl::Milliseconds(400),
+                            [&] { ::kill(shard1[0], SIGSTOP); });
+  ::kill(shard1[0], SIGCONT);
+  // It heartbeats again, registers again and rejoins its pool.
+  EXPECT_TRUE(WaitForReplicas(2, absl::Seconds(30)));
+  absl::SleepFor(absl::Milliseconds(300));
+  const uint64_t failovers = cluster_->Status().routing().failovers() - failovers0;
+  std::printf("failovers while a replica was stalled: %llu\n",
+              static_cast<unsigned long long>(failovers));
+  EXPECT_GT(failovers, 0u);
+}
+
 TEST_F(ExpertPoolTest, AReplicaStartedAtRunTimeJoinsItsPoolAndCanLeave) {
   // A third replica of shard 1, started by hand against the running router.
   const absl::Time started = absl::Now();
