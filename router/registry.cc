@@ -175,7 +175,9 @@ v1::HeartbeatResponse WorkerRegistry::Heartbeat(const v1::HeartbeatRequest& r, a
 
 void WorkerRegistry::Accumulate(const std::string& address, const v1::MoeStats& stats) {
   v1::MoeStats& last = last_report_[address];
-  // A counter below its last value means the process at that address restarted: count it all.
+  // Fewer batches than last time: another process at that address (a restart) whose counters
+  // started again from zero: everything it reports is new.
+  if (stats.batches() < last.batches()) last = v1::MoeStats();
   auto delta = [](uint64_t now, uint64_t before) { return now >= before ? now - before : now; };
   std::map<int32_t, const v1::MoeLayerTokens*> before;
   for (const v1::MoeLayerTokens& l : last.layers()) before[l.layer()] = &l;

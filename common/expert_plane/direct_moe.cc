@@ -29,7 +29,8 @@ struct CallState {
 struct Attempt {
   std::string address;
   absl::Time deadline;
-  bool expired = false;  // its deadline passed and a failover was tried for it
+  bool expired = false;   // its deadline passed (or it failed): a failover was tried for it
+  bool answered = false;  // it failed: no answer can come any more
 };
 
 struct Part {
@@ -370,10 +371,11 @@ absl::Status DirectMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
       p.last_error = absl::StrCat(a.address, ": ", s.message());
       MarkSuspect(a.address, absl::Now());
       for (Attempt& at : p.attempts) {
-        if (at.address == a.address) at.expired = true;  // answered: nothing more to wait for
+        if (at.address == a.address) at.expired = at.answered = true;
       }
+      // A late attempt (past its deadline) may still answer: wait for it until give_up.
       const bool outstanding = std::any_of(p.attempts.begin(), p.attempts.end(),
-                                           [](const Attempt& at) { return !at.expired; });
+                                           [](const Attempt& at) { return !at.answered; });
       if (!fail_over(a.part) && !outstanding) {
         return absl::UnavailableError(absl::StrCat("MoE layer ", layer, ": expert shard ",
                                                    p.batch.shard, " failed on every live replica (",

@@ -945,7 +945,7 @@ TEST_F(ExpertPoolTest, AStalledReplicaIsWorkedAroundByTheBatchDeadline) {
       ChildrenMatching(cluster_->up->pid(), {" expert ", " --shard 1 "});
   ASSERT_EQ(shard1.size(), 2u);
   const uint64_t failovers0 = cluster_->Status().routing().failovers();
-  ExpectEqualsEngineDespite(LongCases(12, 37, 64), absl::Milliseconds(400),
+  ExpectEqualsEngineDespite(LongCases(12, 37, 96), absl::Milliseconds(400),
                             [&] { ::kill(shard1[0], SIGSTOP); });
   ::kill(shard1[0], SIGCONT);
   // It heartbeats again, registers again and rejoins its pool.

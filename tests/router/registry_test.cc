@@ -147,6 +147,17 @@ TEST(RegistryTest, MoeStatisticsAddUpDifferencesOfCumulativeReports) {
   EXPECT_DOUBLE_EQ(s.routing().max_vio(), 5.0);
   // The stats never show up in the stored worker load.
   for (const auto& w : s.workers()) EXPECT_FALSE(w.load().has_moe());
+  // A new process at the same address (fewer batches): all it reports is new, even the counters
+  // that already passed the old process's values.
+  v1::HeartbeatRequest first = Stats(d->worker_id(), {6, 2, 0, 0, 0, 0, 0, 0}, {0, 3, 2});
+  first.mutable_load()->mutable_moe()->set_batches(10);
+  r.Heartbeat(first, kT0);
+  v1::HeartbeatRequest restarted = Stats(d->worker_id(), {9, 0, 0, 0, 0, 0, 0, 0}, {0, 1, 0});
+  restarted.mutable_load()->mutable_moe()->set_batches(1);
+  r.Heartbeat(restarted, kT0);
+  s = r.Status(kT0);
+  EXPECT_EQ(s.routing().expert_tokens(0).expert_tokens(0), 15u);  // 6 + 9
+  EXPECT_EQ(s.routing().devices_per_token(1), 4u);                 // 3 + 1
 }
 
 TEST(RegistryTest, OnlineBiasMovesTowardTheIdleExpertsReCentredAndBounded) {

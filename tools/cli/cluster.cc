@@ -147,8 +147,17 @@ class LauncherService final : public v1::Launcher::CallbackService {
                                   v1::ScaleResponse* response) override {
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     std::lock_guard<std::mutex> lock(mu_);
-    calls_.push_back({*request, response, reactor});
+    if (closed_) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the cluster is stopping"));
+    } else {
+      calls_.push_back({*request, response, reactor});
+    }
     return reactor;
+  }
+  // From now on Scale is refused at once.
+  void Close() {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
   }
   std::vector<Call> Take() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -160,6 +169,7 @@ class LauncherService final : public v1::Launcher::CallbackService {
  private:
   std::mutex mu_;
   std::vector<Call> calls_;
+  bool closed_ = false;
 };
 
 absl::Status UpCommand(int argc, char** argv) {
@@ -206,6 +216,7 @@ absl::Status UpCommand(int argc, char** argv) {
     std::unique_ptr<process::Subprocess> process;
     absl::Duration backoff = absl::Seconds(1);
     absl::Time restart_at = absl::InfiniteFuture();
+    absl::Time started_at = absl::Now();
     int64_t shard = -1;  // expert replicas: their shard
   };
   std::vector<Child> children;
@@ -217,6 +228,7 @@ absl::Status UpCommand(int argc, char** argv) {
   auto launch = [&](Child& child) -> absl::StatusOr<std::string> {
     std::vector<std::string> args = child.args;
     args.insert(args.begin(), bin);
+    child.started_at = absl::Now();
     SPLITMOE_ASSIGN_OR_RETURN(child.process, process::Subprocess::Start(child.name, args));
     absl::StatusOr<std::string> line =
         child.process->ReadLineMatching("listening ", absl::Seconds(120));
@@ -334,12 +346,16 @@ absl::Status UpCommand(int argc, char** argv) {
     std::vector<size_t> surplus;
     for (size_t k = static_cast<size_t>(request.replicas()); k < pool.size(); ++k)
       surplus.push_back(pool[k]);
-    for (size_t i : surplus) children[i].process->Signal(SIGTERM);  // drain them together
+    for (size_t i : surplus) {  // drain them together
+      if (children[i].process != nullptr) children[i].process->Signal(SIGTERM);
+    }
     for (size_t i : surplus) {
       Child& child = children[i];
       const absl::Time end = absl::Now() + absl::Seconds(20);
-      while (!child.process->Poll() && absl::Now() < end) absl::SleepFor(absl::Milliseconds(20));
-      if (!child.process->Poll()) child.process->Terminate(absl::Seconds(2));
+      while (child.process != nullptr && !child.process->Poll() && absl::Now() < end)
+        absl::SleepFor(absl::Milliseconds(20));
+      if (child.process != nullptr && !child.process->Poll())
+        child.process->Terminate(absl::Seconds(2));
       response->add_stopped(child.name);
       std::cerr << "up: " << child.name << " drained (scale)\n";
     }
@@ -355,6 +371,10 @@ absl::Status UpCommand(int argc, char** argv) {
     const int signal = process::WaitForTerminationSignalFor(absl::Milliseconds(100));
     if (signal != 0) {
       std::cerr << "up: signal " << signal << ", stopping the cluster\n";
+      launcher.Close();  // every Scale call is answered, so the server's shutdown cannot wait
+      for (LauncherService::Call& call : launcher.Take()) {
+        call.reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the cluster is stopping"));
+      }
       stop_all();
       launcher_server.server->Shutdown(std::chrono::system_clock::now());
       return absl::OkStatus();
@@ -365,7 +385,13 @@ absl::Status UpCommand(int argc, char** argv) {
     const absl::Time now = absl::Now();
     for (Child& child : children) {
       if (child.restart_at == absl::InfiniteFuture()) {
+        if (child.process == nullptr) {  // its start failed: try again after the back-off
+          child.restart_at = now + child.backoff;
+          continue;
+        }
         if (std::optional<std::string> exit = child.process->Poll()) {
+          // A child that served for a minute starts its back-off afresh.
+          if (now - child.started_at > absl::Minutes(1)) child.backoff = absl::Seconds(1);
           child.restart_at = now + child.backoff;
           std::cerr << "up: " << child.name << " (pid " << child.process->pid() << ") " << *exit
                     << "; restarting it in " << absl::FormatDuration(child.backoff) << "\n";
