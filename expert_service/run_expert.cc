@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "common/base/status_macros.h"
+#include "common/expert_plane/routing_table_watcher.h"
 #include "common/process/signals.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
@@ -22,10 +23,15 @@ absl::Status RunExpert(const ExpertOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
                             rpc::StartServer(options.listen, {&service}));
   std::unique_ptr<rpc::Registration> membership;
+  // The routing table, as every worker sees it: the drain below waits until it no longer lists
+  // this replica.
+  std::unique_ptr<expert_plane::RoutingTableWatcher> table;
+  const std::string address = rpc::AdvertisedAddress(server.address);
   if (!options.router.empty()) {
+    table = expert_plane::RoutingTableWatcher::Start(options.router);
     v1::RegisterRequest request;
     request.set_role(v1::WORKER_ROLE_EXPERT);
-    request.set_address(rpc::AdvertisedAddress(server.address));
+    request.set_address(address);
     request.set_shard(options.shard.shard);
     *request.mutable_experts() = {experts.begin(), experts.end()};
     request.set_resident_weight_bytes(resident);
@@ -42,16 +48,31 @@ absl::Status RunExpert(const ExpertOptions& options) {
   const int signal = process::WaitForTerminationSignal();
   std::cerr << "expert " << options.shard.shard << ": signal " << signal << ", stopping\n";
   // Drain: deregister first, so the router publishes a table without this replica and the
-  // attention workers send it nothing new; then finish what is in flight (bounded) before the
-  // server stops. A batch that still arrives later fails over to another replica.
+  // attention workers send it nothing new; wait until that table has reached this process too
+  // (the workers get it on the same kind of stream) and nothing has arrived for 100 ms, and
+  // finish what is in flight (all bounded by 10 s) before the server stops. A batch that still
+  // arrives later fails over to another replica.
   membership.reset();
+  auto listed = [&] {
+    std::shared_ptr<const v1::RoutingTable> t = table != nullptr ? table->Current() : nullptr;
+    if (t == nullptr) return false;
+    for (const v1::ExpertPool& pool : t->pools()) {
+      for (const v1::ExpertReplica& r : pool.replicas()) {
+        if (r.address() == address) return true;
+      }
+    }
+    return false;
+  };
   const absl::Time drain_start = absl::Now();
   while (absl::Now() - drain_start < absl::Seconds(10)) {
-    const bool quiet = absl::Now() - service.last_batch() > absl::Milliseconds(300);
-    if (service.in_flight() == 0 && quiet && absl::Now() - drain_start > absl::Milliseconds(300))
+    const bool quiet = absl::Now() - service.last_batch() > absl::Milliseconds(100);
+    if (!listed() && service.in_flight() == 0 && quiet &&
+        absl::Now() - drain_start > absl::Milliseconds(100)) {
       break;
-    absl::SleepFor(absl::Milliseconds(20));
+    }
+    absl::SleepFor(absl::Milliseconds(10));
   }
+  table.reset();
   std::cerr << "expert " << options.shard.shard << ": drained (" << service.in_flight()
             << " batches in flight)\n";
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
