@@ -761,6 +761,43 @@ TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpRestartsIt) {
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 
+// Device-limited routing passed to the processes: 4 shards, one per expert group of the tiny
+// model (4 groups, 2 kept). M = 2 = topk_group is exactly the model's routing (tokens equal the
+// engine's); M = 1 binds (routing differs from the model's by design). Either way the router's
+// counters show that no token's experts lay on more than M shards.
+TEST(DeviceLimitTest, TheRoutersCountersProveTheBound) {
+  const std::string model = testing::TinyModel("device_limit");
+  auto e = engine::Engine::Load(model);
+  ASSERT_TRUE(e.ok()) << e.status();
+  for (int m : {2, 1}) {
+    SCOPED_TRACE(absl::StrCat("--max-devices ", m));
+    auto cluster = Cluster::Up(model, {"--experts", "4", "--max-devices", std::to_string(m)});
+    ASSERT_NE(cluster, nullptr);
+    const std::vector<Case> cases = MixedCases((*e)->config().vocab_size, 6, 41 + m);
+    if (m == 2) {
+      ExpectConcurrentEqualsEngine(*cluster, **e, cases);
+    } else {
+      for (size_t i = 0; i < cases.size(); ++i) {
+        Outcome o = Generate(*cluster->generation, ToRequest(cases[i], absl::StrCat("m1-", i)));
+        EXPECT_TRUE(o.status.ok()) << o.status.error_message();
+        EXPECT_EQ(o.tokens.size(), static_cast<size_t>(cases[i].max_tokens));
+      }
+    }
+    absl::SleepFor(absl::Milliseconds(400));  // the last heartbeats carry the counters
+    const v1::RoutingStatus r = cluster->Status().routing();
+    EXPECT_EQ(r.max_devices(), m);
+    EXPECT_GE(r.max_devices_observed(), 1);
+    EXPECT_LE(r.max_devices_observed(), m);
+    uint64_t tokens = 0;
+    for (int d = 0; d < r.devices_per_token_size(); ++d) {
+      if (d > m) EXPECT_EQ(r.devices_per_token(d), 0u) << d << " shards";
+      tokens += r.devices_per_token(d);
+    }
+    EXPECT_GT(tokens, 0u);
+    EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+  }
+}
+
 // ---- expert pools: 2 shards x 2 replicas, direct dispatch, failover, elasticity ----
 
 class ExpertPoolTest : public ::testing::Test {
