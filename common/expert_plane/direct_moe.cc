@@ -359,7 +359,6 @@ absl::Status DirectMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
       absl::Status s = a.result.status();
       if (s.ok() && !a.result->error().empty()) s = absl::UnavailableError(a.result->error());
       if (s.ok()) {
-        bytes_received_ += a.result->ByteSizeLong();
         s = rpc::DecodeTensor(a.result->output(), a.result->dtype(),
                               static_cast<int64_t>(p.batch.rows.size()) * h, &p.partial);
       }

@@ -23,7 +23,7 @@
 //
 // Threading: RoutedExperts is called by the owner of the Transformer (one call at a time) and
 // waits for the answers of its own layer; replies arrive on the expert clients' reader threads.
-// Stats() and the byte counters may be read from any thread.
+// Stats() and bytes_sent() may be read from any thread.
 //
 //   auto watcher = RoutingTableWatcher::Start(router);
 //   DirectMoeExecutor moe(config, attention_weights, watcher.get(), {.dtype = WIRE_DTYPE_BF16});
@@ -82,11 +82,9 @@ class DirectMoeExecutor : public engine::MoeExecutor {
   absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores, int64_t rows,
                              float* out) override;
 
-  // Cumulative counters since start.
+  // Cumulative counters since start (failovers included in Stats()).
   v1::MoeStats Stats() const;
   uint64_t bytes_sent() const { return bytes_sent_.load(); }
-  uint64_t bytes_received() const { return bytes_received_.load(); }
-  uint64_t failovers() const { return failovers_.load(); }
 
  private:
   struct Replica {
@@ -121,7 +119,7 @@ class DirectMoeExecutor : public engine::MoeExecutor {
 
   mutable std::mutex stats_mu_;  // guards stats_
   v1::MoeStats stats_;
-  std::atomic<uint64_t> bytes_sent_{0}, bytes_received_{0}, failovers_{0};
+  std::atomic<uint64_t> bytes_sent_{0}, failovers_{0};
 };
 
 }  // namespace splitmoe::expert_plane
