@@ -40,7 +40,10 @@ absl::StatusOr<DecodedToken> PrefillFirstToken(
   return std::move(items[0].first);
 }
 
-absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& items,
+namespace {
+
+// PrefillBatch of one group of prompts.
+absl::Status PrefillGroup(Transformer& transformer, std::vector<PrefillItem>& items,
                           AttentionForm form, const BatchLayerDoneFn& on_layer_done,
                           int64_t chunk_tokens) {
   const int64_t h = transformer.config().hidden_size;
@@ -113,9 +116,60 @@ absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& it
   }
 }
 
+}  // namespace
+
+absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& items,
+                          AttentionForm form, const BatchLayerDoneFn& on_layer_done,
+                          int64_t chunk_tokens, PingPong* overlap) {
+  if (overlap == nullptr || items.size() < 2) {
+    return PrefillGroup(transformer, items, form, on_layer_done, chunk_tokens);
+  }
+  // Two groups of near-equal prompt tokens (longest first, each to the lighter group), run in
+  // ping-pong; each item's result is what it would be alone.
+  std::vector<size_t> order(items.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return items[a].prompt.size() > items[b].prompt.size();
+  });
+  std::vector<size_t> index[2];
+  size_t tokens[2] = {0, 0};
+  for (size_t i : order) {
+    const int g = tokens[1] < tokens[0] ? 1 : 0;
+    index[g].push_back(i);
+    tokens[g] += items[i].prompt.size();
+  }
+  std::vector<PrefillItem> group[2];
+  for (int g = 0; g < 2; ++g) {
+    std::sort(index[g].begin(), index[g].end());  // batch order within a group, as given
+    for (size_t i : index[g]) group[g].push_back(std::move(items[i]));
+  }
+  absl::Status status[2];
+  auto run = [&](int g) {
+    BatchLayerDoneFn hook;
+    if (on_layer_done) {
+      hook = [&, g](size_t item, int64_t layer, int64_t first, int64_t count) {
+        return on_layer_done(index[g][item], layer, first, count);
+      };
+    }
+    status[g] = PrefillGroup(transformer, group[g], form, hook, chunk_tokens);
+  };
+  overlap->Run([&] { run(0); }, [&] { run(1); });
+  for (int g = 0; g < 2; ++g) {
+    for (size_t k = 0; k < index[g].size(); ++k) items[index[g][k]] = std::move(group[g][k]);
+  }
+  if (!status[0].ok()) return status[0];
+  return status[1];
+}
+
 absl::Status BatchDecoder::Add(DecodeSequence s) {
   if (running_.count(s.id))
     return absl::InvalidArgumentError(absl::StrCat("sequence ", s.id, " already running"));
+  SPLITMOE_RETURN_IF_ERROR(Check(s));
+  running_.emplace(s.id, std::move(s));
+  return absl::OkStatus();
+}
+
+absl::Status BatchDecoder::Check(const DecodeSequence& s) {
   if (s.cache == nullptr || s.cache->length() != s.prompt_tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
         "sequence ", s.id, ": its cache does not hold its ", s.prompt_tokens, " prompt tokens"));
@@ -123,7 +177,6 @@ absl::Status BatchDecoder::Add(DecodeSequence s) {
   if (s.generated >= s.max_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("sequence ", s.id, " is already complete"));
   }
-  running_.emplace(s.id, std::move(s));
   return absl::OkStatus();
 }
 
@@ -134,6 +187,13 @@ absl::StatusOr<DecodeSequence> BatchDecoder::Remove(const std::string& id) {
   DecodeSequence s = std::move(it->second);
   running_.erase(it);
   return s;
+}
+
+absl::Status BatchDecoder::Compute(absl::Span<const SequenceChunk> batch, float* logits) {
+  std::vector<float> hidden;
+  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, AttentionForm::kAbsorbed, &hidden));
+  transformer_->Logits(hidden.data(), static_cast<int64_t>(batch.size()), logits);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<DecodedToken>> BatchDecoder::Step() {
@@ -147,9 +207,19 @@ absl::StatusOr<std::vector<DecodedToken>> BatchDecoder::Step() {
     inputs.push_back({s.next_token});
     batch.push_back({inputs.back(), s.cache.get()});
   }
-  std::vector<float> hidden, logits(static_cast<size_t>(running_.size()) * vocab);
-  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, AttentionForm::kAbsorbed, &hidden));
-  transformer_->Logits(hidden.data(), static_cast<int64_t>(running_.size()), logits.data());
+  std::vector<float> logits(static_cast<size_t>(running_.size()) * vocab);
+  if (overlap_ != nullptr && batch.size() >= 2) {
+    // Two micro-batches in ping-pong; each sequence's numbers do not depend on the split.
+    const size_t half = batch.size() / 2;
+    const absl::Span<const SequenceChunk> all(batch);
+    absl::Status a, b;
+    overlap_->Run([&] { a = Compute(all.subspan(0, half), logits.data()); },
+                  [&] { b = Compute(all.subspan(half), logits.data() + half * vocab); });
+    SPLITMOE_RETURN_IF_ERROR(a);
+    SPLITMOE_RETURN_IF_ERROR(b);
+  } else {
+    SPLITMOE_RETURN_IF_ERROR(Compute(batch, logits.data()));
+  }
   size_t row = 0;
   for (auto it = running_.begin(); it != running_.end(); ++row) {
     DecodeSequence& s = it->second;

@@ -25,6 +25,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/engine/latent_cache.h"
+#include "common/engine/overlap.h"
 #include "common/engine/sampler.h"
 #include "common/engine/transformer.h"
 
@@ -53,12 +54,16 @@ struct DecodedToken {
 
 class BatchDecoder {
  public:
-  BatchDecoder(Transformer* transformer, int64_t eos_token_id)
-      : transformer_(transformer), eos_token_id_(eos_token_id) {}
+  // With `overlap`, a step of two or more sequences runs as two micro-batches in ping-pong
+  // (overlap.h): one's attention while the other's experts work. It must outlive the decoder.
+  BatchDecoder(Transformer* transformer, int64_t eos_token_id, PingPong* overlap = nullptr)
+      : transformer_(transformer), eos_token_id_(eos_token_id), overlap_(overlap) {}
 
   // Joins the batch at the next Step(). InvalidArgument for a duplicate id or a sequence that is
   // already done (generated >= max_tokens) or whose cache does not hold its prompt.
   absl::Status Add(DecodeSequence sequence);
+  // What Add checks of the sequence itself (not whether its id runs already).
+  static absl::Status Check(const DecodeSequence& sequence);
   // Leaves the batch now (client cancelled); returns the sequence (its cache) or NotFound.
   absl::StatusOr<DecodeSequence> Remove(const std::string& id);
   // One token for every running sequence; finished ones leave the batch (their caches are
@@ -70,8 +75,12 @@ class BatchDecoder {
   size_t running() const { return running_.size(); }
 
  private:
+  // Forward and Logits of `batch` into logits [batch.size(), vocab].
+  absl::Status Compute(absl::Span<const SequenceChunk> batch, float* logits);
+
   Transformer* transformer_;
   int64_t eos_token_id_;
+  PingPong* overlap_;
   std::map<std::string, DecodeSequence> running_;  // ordered: batch order is deterministic
   std::vector<DecodeSequence> finished_;
 };
@@ -95,7 +104,8 @@ absl::StatusOr<DecodedToken> PrefillFirstToken(
 // Several prompts prefilled together (cross-request batching): every round runs the next chunk
 // (at most `chunk_tokens`) of every unfinished prompt in one forward pass, so projections and
 // MoE dispatches are shared; attention stays per prompt. Each item's result equals
-// PrefillFirstToken's on its own.
+// PrefillFirstToken's on its own. With `overlap` and two or more prompts, the prompts run as two
+// groups in ping-pong (overlap.h): one group's attention while the other's experts work.
 struct PrefillItem {
   absl::Span<const int32_t> prompt;
   SequenceCache* cache = nullptr;
@@ -114,7 +124,7 @@ using BatchLayerDoneFn =
 // Returns an error only when a forward pass itself fails (then every unfinished item carries it).
 absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& items,
                           AttentionForm form, const BatchLayerDoneFn& on_layer_done = nullptr,
-                          int64_t chunk_tokens = 256);
+                          int64_t chunk_tokens = 256, PingPong* overlap = nullptr);
 
 // Whether a freshly sampled token ends the sequence, and why ("stop" or "length"); empty: go on.
 std::string FinishReason(int32_t token, int64_t generated, int64_t max_tokens, int64_t eos_token_id,

@@ -51,8 +51,14 @@ void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t h
   }
 }
 
-absl::Status LocalMoeExecutor::RoutedExperts(int64_t layer, const float* x, const float* scores,
-                                             int64_t rows, float* out) {
+std::unique_ptr<MoeExecutor::Pending> LocalMoeExecutor::Start(int64_t layer, const float* x,
+                                                              const float* scores, int64_t rows,
+                                                              float* out) {
+  return std::make_unique<DonePending>(Compute(layer, x, scores, rows, out));
+}
+
+absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const float* scores,
+                                       int64_t rows, float* out) {
   const model::LayerWeights& w =
       layer < config_.num_hidden_layers
           ? weights_.layers[static_cast<size_t>(layer)]
@@ -261,12 +267,16 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
   } else {
     std::vector<float> scores(static_cast<size_t>(rows * c.n_routed_experts));
     GateScores(c, xn.data(), rows, w.gate, scores.data());
-    SPLITMOE_RETURN_IF_ERROR(
-        Annotate(moe_->RoutedExperts(layer_index, xn.data(), scores.data(), rows, delta.data()),
-                 absl::StrCat("MoE layer ", layer_index)));
+    // The routed experts start first; the shared experts compute while they work.
+    std::unique_ptr<MoeExecutor::Pending> routed =
+        moe_->Start(layer_index, xn.data(), scores.data(), rows, delta.data());
+    std::vector<float> shared;
     if (c.n_shared_experts > 0) {
-      std::vector<float> shared(static_cast<size_t>(rows * hidden));
+      shared.resize(static_cast<size_t>(rows * hidden));
       Mlp(w.shared, xn.data(), rows, shared.data());
+    }
+    SPLITMOE_RETURN_IF_ERROR(Annotate(routed->Wait(), absl::StrCat("MoE layer ", layer_index)));
+    if (!shared.empty()) {
       for (int64_t i = 0; i < rows * hidden; ++i) delta[i] += shared[i];
     }
   }

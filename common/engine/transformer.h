@@ -20,6 +20,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -31,26 +33,55 @@
 
 namespace splitmoe::engine {
 
-// Computes the routed-expert part of a MoE layer.
+// Computes the routed-expert part of a MoE layer. Start() begins it and Wait() ends it, so the
+// caller computes the shared experts while remote experts work (and, inside a PingPong pass,
+// lets the other micro-batch compute while it waits: overlap.h).
 class MoeExecutor {
  public:
+  // A MoE layer in flight; Wait() exactly once, before the executor goes.
+  class Pending {
+   public:
+    virtual ~Pending() = default;
+    // Fills the `out` given to Start and says whether it could.
+    virtual absl::Status Wait() = 0;
+  };
+
   virtual ~MoeExecutor() = default;
   // out[rows, hidden] = sum over each row's selected experts of gate weight * expert(x[row]).
   // `scores` [rows, n_routed] are the gate scores (after softmax/sigmoid, before any bias).
-  // `layer` counts main layers first, then MTP blocks (num_hidden_layers + k).
-  virtual absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores,
-                                     int64_t rows, float* out) = 0;
+  // `layer` counts main layers first, then MTP blocks (num_hidden_layers + k). `x` and `scores`
+  // are read before Start returns; `out` must stay valid until Wait returns.
+  virtual std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores,
+                                         int64_t rows, float* out) = 0;
+  // Start, then Wait.
+  absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores, int64_t rows,
+                             float* out) {
+    return Start(layer, x, scores, rows, out)->Wait();
+  }
 };
 
-// Selection and expert compute with experts held in this process.
+// A Pending whose work is already done (an executor that computes in Start).
+class DonePending : public MoeExecutor::Pending {
+ public:
+  explicit DonePending(absl::Status status) : status_(std::move(status)) {}
+  absl::Status Wait() override { return status_; }
+
+ private:
+  absl::Status status_;
+};
+
+// Selection and expert compute with experts held in this process (done within Start).
 class LocalMoeExecutor : public MoeExecutor {
  public:
   LocalMoeExecutor(const model::ModelConfig& config, const model::ModelWeights& weights)
       : config_(config), weights_(weights) {}
-  absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores, int64_t rows,
-                             float* out) override;
+  std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores, int64_t rows,
+                                 float* out) override;
 
  private:
+  absl::Status Compute(int64_t layer, const float* x, const float* scores, int64_t rows,
+                       float* out);
+
   const model::ModelConfig& config_;
   const model::ModelWeights& weights_;
 };

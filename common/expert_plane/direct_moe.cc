@@ -7,6 +7,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/engine/overlap.h"
 #include "common/rpc/rpc.h"
 
 namespace splitmoe::expert_plane {
@@ -94,10 +95,12 @@ DirectMoeExecutor::~DirectMoeExecutor() {
   // Clients close (and fail what they still wait for) outside the lock.
 }
 
-const DirectMoeExecutor::View& DirectMoeExecutor::ViewOf(
+std::shared_ptr<const DirectMoeExecutor::View> DirectMoeExecutor::ViewOf(
     std::shared_ptr<const v1::RoutingTable> table) {
-  if (view_.table == table) return view_;
-  View v;
+  std::lock_guard<std::mutex> view_lock(view_mu_);
+  if (view_ != nullptr && view_->table == table) return view_;
+  auto built = std::make_shared<View>();
+  View& v = *built;
   v.table = table;
   const int64_t n = config_.n_routed_experts;
   v.expert_to_shard.assign(static_cast<size_t>(n), -1);
@@ -145,7 +148,7 @@ const DirectMoeExecutor::View& DirectMoeExecutor::ViewOf(
     }
   }
   closing.clear();
-  view_ = std::move(v);
+  view_ = std::move(built);
   return view_;
 }
 
@@ -226,16 +229,51 @@ v1::MoeStats DirectMoeExecutor::Stats() const {
   return out;
 }
 
-absl::Status DirectMoeExecutor::RoutedExperts(int64_t layer, const float* x, const float* scores,
-                                              int64_t rows, float* out) {
+// One MoE layer in flight: its parts, their attempts, and the answers as they come.
+class DirectMoeExecutor::Call : public engine::MoeExecutor::Pending {
+ public:
+  Call(DirectMoeExecutor* owner, int64_t layer, int64_t rows, float* out)
+      : owner_(owner), layer_(layer), rows_(rows), out_(out) {}
+  absl::Status Wait() override;
+
+ private:
+  friend class DirectMoeExecutor;
+  // Sends part i to `address`; a failure to connect or send comes back as an answer like any.
+  void Send(size_t i, const std::string& address);
+  // Resends part i to a replica of its pool it has not tried; false when none is left.
+  bool FailOver(size_t i);
+  absl::Status Collect();
+
+  DirectMoeExecutor* owner_;
+  int64_t layer_, rows_;
+  float* out_;
+  absl::Status failed_;  // set by Start: nothing was sent
+  std::shared_ptr<const View> view_;
+  std::vector<Part> parts_;
+  std::shared_ptr<CallState> state_ = std::make_shared<CallState>();
+  std::string hidden_bytes_;
+};
+
+std::unique_ptr<engine::MoeExecutor::Pending> DirectMoeExecutor::Start(int64_t layer,
+                                                                      const float* x,
+                                                                      const float* scores,
+                                                                      int64_t rows, float* out) {
+  auto call = std::make_unique<Call>(this, layer, rows, out);
+  call->failed_ = Prepare(*call, x, scores);
+  return call;
+}
+
+absl::Status DirectMoeExecutor::Prepare(Call& call, const float* x, const float* scores) {
   const int64_t h = config_.hidden_size, n = config_.n_routed_experts;
-  std::fill(out, out + rows * h, 0.0f);
+  const int64_t layer = call.layer_, rows = call.rows_;
+  std::fill(call.out_, call.out_ + rows * h, 0.0f);
   if (rows == 0) return absl::OkStatus();
   std::shared_ptr<const v1::RoutingTable> table = watcher_->Current();
   if (table == nullptr) {
     return absl::UnavailableError("no routing table from the router yet: no expert pool known");
   }
-  const View& view = ViewOf(std::move(table));
+  call.view_ = ViewOf(std::move(table));
+  const View& view = *call.view_;
   if (layer < 0 || static_cast<size_t>(layer) >= view.bias.size()) {
     return absl::InvalidArgumentError(absl::StrCat("MoE layer ", layer, " out of range"));
   }
@@ -255,7 +293,6 @@ absl::Status DirectMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
 
   // Parts: each shard's batch, split over its pool when large enough.
   const absl::Time now = absl::Now();
-  std::vector<Part> parts;
   std::vector<std::string> first_choice;
   for (routing::ShardBatch& b : *plan) {
     const v1::ExpertPool* pool = view.pools[static_cast<size_t>(b.shard)];
@@ -275,70 +312,89 @@ absl::Status DirectMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
     for (size_t i = 0; i < shares.size(); ++i) {
       Part p;
       p.batch = std::move(shares[i]);
-      parts.push_back(std::move(p));
+      p.give_up = now + options_.give_up_after;
+      call.parts_.push_back(std::move(p));
       first_choice.push_back(candidates[i % candidates.size()]);
     }
   }
-
-  auto state = std::make_shared<CallState>();
-  const size_t width = options_.dtype == v1::WIRE_DTYPE_BF16 ? 2 : 4;
-  const std::string hidden_bytes =
+  call.hidden_bytes_ =
       rpc::EncodeTensor(absl::MakeConstSpan(x, static_cast<size_t>(rows * h)), options_.dtype);
-  // Sends part i to `address`; a failure to connect or send comes back as an answer like any.
-  auto send = [&](size_t i, const std::string& address) {
-    Part& p = parts[i];
-    const absl::Time t = absl::Now();
-    p.tried.insert(address);
-    p.attempts.push_back(
-        {address, t + options_.deadline +
-                      options_.deadline_per_row * static_cast<int64_t>(p.batch.rows.size())});
-    v1::ExpertBatch eb;
-    eb.set_batch_id(next_batch_id_++);
-    eb.set_layer(static_cast<int32_t>(layer));
-    eb.set_tokens(static_cast<int32_t>(p.batch.rows.size()));
-    eb.set_dtype(options_.dtype);
-    std::string* hidden = eb.mutable_hidden();
-    hidden->reserve(p.batch.rows.size() * h * width);
-    for (int32_t row : p.batch.rows)
-      hidden->append(hidden_bytes, static_cast<size_t>(row) * h * width, h * width);
-    *eb.mutable_offsets() = {p.batch.offsets.begin(), p.batch.offsets.end()};
-    *eb.mutable_expert_ids() = {p.batch.expert_ids.begin(), p.batch.expert_ids.end()};
-    *eb.mutable_weights() = {p.batch.weights.begin(), p.batch.weights.end()};
-    {
-      std::lock_guard<std::mutex> lock(replicas_mu_);
-      replicas_[address].assignments_sent += p.batch.expert_ids.size();
-    }
-    auto done = [state, i, address](absl::StatusOr<v1::ExpertResult> r) {
-      std::lock_guard<std::mutex> lock(state->mu);
-      state->answers.push_back({i, address, std::move(r)});
-      state->cv.notify_all();
-    };
-    absl::StatusOr<std::shared_ptr<ExpertClient>> client = Client(address);
-    if (!client.ok()) return done(client.status());
-    bytes_sent_ += eb.ByteSizeLong();
-    (*client)->Send(std::move(eb), std::move(done));
-  };
-  // Resends part i to a replica of its pool it has not tried; false when none is left.
-  auto fail_over = [&](size_t i) {
-    const v1::ExpertPool* pool = view.pools[static_cast<size_t>(parts[i].batch.shard)];
-    for (const std::string& address : Candidates(*pool, absl::Now())) {
-      if (parts[i].tried.count(address)) continue;
-      ++failovers_;
-      send(i, address);
-      return true;
-    }
-    return false;
-  };
-  for (size_t i = 0; i < parts.size(); ++i) {
-    parts[i].give_up = now + options_.give_up_after;
-    send(i, first_choice[i]);
-  }
+  // All parts go out before any answer is awaited: one round trip, every replica in parallel.
+  for (size_t i = 0; i < call.parts_.size(); ++i) call.Send(i, first_choice[i]);
+  return absl::OkStatus();
+}
 
-  size_t remaining = parts.size();
+void DirectMoeExecutor::Call::Send(size_t i, const std::string& address) {
+  const DirectMoeOptions& options = owner_->options_;
+  const int64_t h = owner_->config_.hidden_size;
+  const size_t width = options.dtype == v1::WIRE_DTYPE_BF16 ? 2 : 4;
+  Part& p = parts_[i];
+  const absl::Time t = absl::Now();
+  p.tried.insert(address);
+  p.attempts.push_back(
+      {address, t + options.deadline +
+                    options.deadline_per_row * static_cast<int64_t>(p.batch.rows.size())});
+  v1::ExpertBatch eb;
+  eb.set_batch_id(owner_->next_batch_id_.fetch_add(1));
+  eb.set_layer(static_cast<int32_t>(layer_));
+  eb.set_tokens(static_cast<int32_t>(p.batch.rows.size()));
+  eb.set_dtype(options.dtype);
+  std::string* hidden = eb.mutable_hidden();
+  hidden->reserve(p.batch.rows.size() * h * width);
+  for (int32_t row : p.batch.rows)
+    hidden->append(hidden_bytes_, static_cast<size_t>(row) * h * width, h * width);
+  *eb.mutable_offsets() = {p.batch.offsets.begin(), p.batch.offsets.end()};
+  *eb.mutable_expert_ids() = {p.batch.expert_ids.begin(), p.batch.expert_ids.end()};
+  *eb.mutable_weights() = {p.batch.weights.begin(), p.batch.weights.end()};
+  {
+    std::lock_guard<std::mutex> lock(owner_->replicas_mu_);
+    owner_->replicas_[address].assignments_sent += p.batch.expert_ids.size();
+  }
+  auto done = [state = state_, i, address](absl::StatusOr<v1::ExpertResult> r) {
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->answers.push_back({i, address, std::move(r)});
+    state->cv.notify_all();
+  };
+  absl::StatusOr<std::shared_ptr<ExpertClient>> client = owner_->Client(address);
+  if (!client.ok()) return done(client.status());
+  owner_->bytes_sent_ += eb.ByteSizeLong();
+  (*client)->Send(std::move(eb), std::move(done));
+}
+
+bool DirectMoeExecutor::Call::FailOver(size_t i) {
+  const v1::ExpertPool* pool = view_->pools[static_cast<size_t>(parts_[i].batch.shard)];
+  for (const std::string& address : owner_->Candidates(*pool, absl::Now())) {
+    if (parts_[i].tried.count(address)) continue;
+    ++owner_->failovers_;
+    Send(i, address);
+    return true;
+  }
+  return false;
+}
+
+absl::Status DirectMoeExecutor::Call::Wait() {
+  if (!failed_.ok()) return failed_;
+  absl::Status status;
+  {
+    // Inside a micro-batch pass, the other pass computes while this one waits.
+    engine::ComputeReleased away;
+    status = Collect();
+  }
+  if (!status.ok()) return status;
+  const int64_t h = owner_->config_.hidden_size;
+  for (const Part& p : parts_)
+    routing::CombineShardOutput(p.batch, p.partial, h, absl::MakeSpan(out_, rows_ * h));
+  return absl::OkStatus();
+}
+
+absl::Status DirectMoeExecutor::Call::Collect() {
+  const DirectMoeOptions& options = owner_->options_;
+  const int64_t h = owner_->config_.hidden_size;
+  size_t remaining = parts_.size();
   while (remaining > 0) {
     // The next moment something must happen: an attempt's deadline or a part's last chance.
     absl::Time wake = absl::InfiniteFuture();
-    for (const Part& p : parts) {
+    for (const Part& p : parts_) {
       if (p.done) continue;
       wake = std::min(wake, p.give_up);
       for (const Attempt& a : p.attempts) {
@@ -347,14 +403,14 @@ absl::Status DirectMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
     }
     std::deque<Answer> answers;
     {
-      std::unique_lock<std::mutex> lock(state->mu);
-      state->cv.wait_for(lock, absl::ToChronoMicroseconds(std::max(wake - absl::Now(),
-                                                                    absl::ZeroDuration())),
-                         [&] { return !state->answers.empty(); });
-      answers.swap(state->answers);
+      std::unique_lock<std::mutex> lock(state_->mu);
+      state_->cv.wait_for(lock, absl::ToChronoMicroseconds(std::max(wake - absl::Now(),
+                                                                     absl::ZeroDuration())),
+                          [&] { return !state_->answers.empty(); });
+      answers.swap(state_->answers);
     }
     for (Answer& a : answers) {
-      Part& p = parts[a.part];
+      Part& p = parts_[a.part];
       if (p.done) continue;  // another replica answered first
       absl::Status s = a.result.status();
       if (s.ok() && !a.result->error().empty()) s = absl::UnavailableError(a.result->error());
@@ -368,41 +424,39 @@ absl::Status DirectMoeExecutor::RoutedExperts(int64_t layer, const float* x, con
         continue;
       }
       p.last_error = absl::StrCat(a.address, ": ", s.message());
-      MarkSuspect(a.address, absl::Now());
+      owner_->MarkSuspect(a.address, absl::Now());
       for (Attempt& at : p.attempts) {
         if (at.address == a.address) at.expired = at.answered = true;
       }
       // A late attempt (past its deadline) may still answer: wait for it until give_up.
       const bool outstanding = std::any_of(p.attempts.begin(), p.attempts.end(),
                                            [](const Attempt& at) { return !at.answered; });
-      if (!fail_over(a.part) && !outstanding) {
-        return absl::UnavailableError(absl::StrCat("MoE layer ", layer, ": expert shard ",
+      if (!FailOver(a.part) && !outstanding) {
+        return absl::UnavailableError(absl::StrCat("MoE layer ", layer_, ": expert shard ",
                                                    p.batch.shard, " failed on every live replica (",
                                                    p.last_error, ")"));
       }
     }
     const absl::Time t = absl::Now();
-    for (size_t i = 0; i < parts.size(); ++i) {
-      Part& p = parts[i];
+    for (size_t i = 0; i < parts_.size(); ++i) {
+      Part& p = parts_[i];
       if (p.done) continue;
       if (t >= p.give_up) {
         return absl::UnavailableError(
-            absl::StrCat("MoE layer ", layer, ": expert shard ", p.batch.shard,
-                         " did not answer within ", absl::FormatDuration(options_.give_up_after),
+            absl::StrCat("MoE layer ", layer_, ": expert shard ", p.batch.shard,
+                         " did not answer within ", absl::FormatDuration(options.give_up_after),
                          p.last_error.empty() ? "" : absl::StrCat(" (", p.last_error, ")")));
       }
       for (size_t k = 0; k < p.attempts.size(); ++k) {
         if (p.attempts[k].expired || t < p.attempts[k].deadline) continue;
         p.attempts[k].expired = true;  // late: still accepted if it answers first
         const std::string late = p.attempts[k].address;
-        MarkSuspect(late, t);
+        owner_->MarkSuspect(late, t);
         p.last_error = absl::StrCat(late, " missed its deadline");
-        (void)fail_over(i);  // none left: wait for the outstanding ones until give_up
+        (void)FailOver(i);  // none left: wait for the outstanding ones until give_up
       }
     }
   }
-  for (const Part& p : parts) routing::CombineShardOutput(p.batch, p.partial, h,
-                                                         absl::MakeSpan(out, rows * h));
   return absl::OkStatus();
 }
 

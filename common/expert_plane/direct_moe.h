@@ -1,7 +1,7 @@
 // DirectMoeExecutor: the routed-expert part of every MoE layer of an attention worker (prefill or
 // decode), computed by the expert pools directly — the router is not on the data path.
 //
-// For each RoutedExperts() call (one MoE layer of one forward pass):
+// For each Start() (one MoE layer of one forward pass):
 //   1. Selection with the routing table in force (RoutingTableWatcher::Current()): the model's
 //      gating through routing::PlanDispatch — group limits, the checkpoint's bias plus the
 //      router's online bias for the selection only, the device limit M of the table.
@@ -21,9 +21,11 @@
 // Counters (per-layer per-expert tokens, the devices-touched histogram, failovers) are kept for
 // the heartbeat (Stats()), from which the router proves the device bound.
 //
-// Threading: RoutedExperts is called by the owner of the Transformer (one call at a time) and
-// waits for the answers of its own layer; replies arrive on the expert clients' reader threads.
-// Stats() and bytes_sent() may be read from any thread.
+// Threading: Start sends a layer's parts and returns; the Pending's Wait waits for that layer's
+// answers (inside a micro-batch pass it gives the compute to the other pass meanwhile:
+// engine/overlap.h). Several layers may be in flight at once, from different threads; replies
+// arrive on the expert clients' reader threads. Stats() and bytes_sent() may be read from any
+// thread.
 //
 //   auto watcher = RoutingTableWatcher::Start(router);
 //   DirectMoeExecutor moe(config, attention_weights, watcher.get(), {.dtype = WIRE_DTYPE_BF16});
@@ -79,8 +81,11 @@ class DirectMoeExecutor : public engine::MoeExecutor {
                     const RoutingTableWatcher* watcher, DirectMoeOptions options = {});
   ~DirectMoeExecutor() override;
 
-  absl::Status RoutedExperts(int64_t layer, const float* x, const float* scores, int64_t rows,
-                             float* out) override;
+  // Plans and sends the layer's parts; the returned Pending waits for the answers (failing
+  // over as needed) and adds them up. Start and Wait may be called from several threads at once
+  // (the two micro-batches of a decode step).
+  std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores, int64_t rows,
+                                 float* out) override;
 
   // Cumulative counters since start (failovers included in Stats()).
   v1::MoeStats Stats() const;
@@ -100,7 +105,10 @@ class DirectMoeExecutor : public engine::MoeExecutor {
     std::vector<const v1::ExpertPool*> pools;  // by shard id; null where no pool
     std::vector<std::vector<float>> bias;      // [layers][n_routed] or empty
   };
-  const View& ViewOf(std::shared_ptr<const v1::RoutingTable> table);
+  class Call;
+  std::shared_ptr<const View> ViewOf(std::shared_ptr<const v1::RoutingTable> table);
+  // Selection, parts, and the first send of each; an error means nothing was sent.
+  absl::Status Prepare(Call& call, const float* x, const float* scores);
   // Replicas of `pool` in the order to try them: healthy before suspect, least work first.
   std::vector<std::string> Candidates(const v1::ExpertPool& pool, absl::Time now);
   absl::StatusOr<std::shared_ptr<ExpertClient>> Client(const std::string& address);
@@ -111,8 +119,9 @@ class DirectMoeExecutor : public engine::MoeExecutor {
   const model::ModelWeights& weights_;
   const RoutingTableWatcher* watcher_;
   DirectMoeOptions options_;
-  uint64_t next_batch_id_ = 1;
-  View view_;
+  std::atomic<uint64_t> next_batch_id_{1};
+  std::mutex view_mu_;  // guards view_
+  std::shared_ptr<const View> view_;
 
   std::mutex replicas_mu_;  // guards replicas_ (the caller's thread and the destructor)
   std::map<std::string, Replica> replicas_;  // by address

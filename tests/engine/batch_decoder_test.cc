@@ -27,7 +27,9 @@ std::vector<int32_t> Prompt(int64_t n, int seed) {
   return t;
 }
 
-TEST(BatchDecoderTest, MatchesTheEngineForStaggeredMixedRequests) {
+// Every sequence of a continuous batch gives what it gives alone; with `overlap`, steps run as
+// two micro-batches in ping-pong.
+void ExpectStaggeredRequestsMatchTheEngine(PingPong* overlap) {
   auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
   ASSERT_TRUE(engine.ok()) << engine.status();
   Engine& e = **engine;
@@ -55,7 +57,7 @@ TEST(BatchDecoderTest, MatchesTheEngineForStaggeredMixedRequests) {
     ASSERT_TRUE(out.ok()) << out.status();
     want.push_back(*out);
   }
-  BatchDecoder decoder(&e.transformer(), c.eos_token_id);
+  BatchDecoder decoder(&e.transformer(), c.eos_token_id, overlap);
   std::map<std::string, std::vector<DecodedToken>> got;
   size_t joined = 0;
   for (int64_t step = 0; joined < cases.size() || decoder.running() > 0; ++step) {
@@ -93,6 +95,15 @@ TEST(BatchDecoderTest, MatchesTheEngineForStaggeredMixedRequests) {
     EXPECT_TRUE(tokens.back().finished);
     EXPECT_EQ(tokens.back().finish_reason, "length");
   }
+}
+
+TEST(BatchDecoderTest, MatchesTheEngineForStaggeredMixedRequests) {
+  ExpectStaggeredRequestsMatchTheEngine(nullptr);
+}
+
+TEST(BatchDecoderTest, TwoMicroBatchesInPingPongMatchTheEngine) {
+  PingPong overlap;
+  ExpectStaggeredRequestsMatchTheEngine(&overlap);
 }
 
 TEST(BatchDecoderTest, CancelAndStopIds) {
@@ -140,7 +151,9 @@ TEST(BatchDecoderTest, CancelAndStopIds) {
 // Prompts prefilled together (cross-request batching in the prefill worker) give each prompt
 // exactly what it gets alone: the first token, its logprob, the prompt logprobs and the cached
 // latents; an item stopped by the hook stops alone.
-TEST(BatchDecoderTest, PrefillBatchEqualsPrefillingAlone) {
+// Each prompt of a PrefillBatch gives what it gives alone; with `overlap`, as two groups in
+// ping-pong.
+void ExpectPrefillBatchEqualsPrefillingAlone(PingPong* overlap) {
   auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
   ASSERT_TRUE(engine.ok()) << engine.status();
   Engine& e = **engine;
@@ -164,7 +177,8 @@ TEST(BatchDecoderTest, PrefillBatchEqualsPrefillingAlone) {
                              // Item 4 is cancelled after its first layer.
                              return item == 4 && layer == 0 ? absl::CancelledError("stop")
                                                             : absl::OkStatus();
-                           })
+                           },
+                           256, overlap)
                   .ok());
   EXPECT_EQ(items[4].status.code(), absl::StatusCode::kCancelled);
   EXPECT_EQ(calls[4], 1);
@@ -196,6 +210,15 @@ TEST(BatchDecoderTest, PrefillBatchEqualsPrefillingAlone) {
                                                                      alone.Layer(l)[v])));
     EXPECT_LT(max_diff, 1e-5);
   }
+}
+
+TEST(BatchDecoderTest, PrefillBatchEqualsPrefillingAlone) {
+  ExpectPrefillBatchEqualsPrefillingAlone(nullptr);
+}
+
+TEST(BatchDecoderTest, PrefillBatchInTwoPingPongGroupsEqualsPrefillingAlone) {
+  PingPong overlap;
+  ExpectPrefillBatchEqualsPrefillingAlone(&overlap);
 }
 
 }  // namespace
