@@ -1,6 +1,8 @@
 #include "decode/decode_worker.h"
 
+#include <algorithm>
 #include <iostream>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc.h"
@@ -16,12 +18,15 @@ uint64_t Fence(const Reservation& r) { return r.generations.empty() ? 0 : r.gene
 }  // namespace
 
 DecodeActor::DecodeActor(engine::Transformer* transformer, PagedLatentCache cache,
-                         DecodeActorOptions options, std::shared_ptr<LoadGauge> gauge)
+                         DecodeActorOptions options, std::shared_ptr<LoadGauge> gauge,
+                         std::unique_ptr<runtime::Executor> executor)
     : transformer_(transformer),
       cache_(std::move(cache)),
       options_(std::move(options)),
       gauge_(std::move(gauge)),
-      decoder_(transformer, transformer->config().eos_token_id) {
+      overlap_(options_.micro_batches >= 2 ? std::make_unique<engine::PingPong>() : nullptr),
+      decoder_(transformer, transformer->config().eos_token_id, overlap_.get()),
+      executor_(std::move(executor)) {
   PublishLoad();
 }
 
@@ -192,8 +197,9 @@ void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
   if (fence.ok()) fence = engine::ValidateSamplingParams(seq.sampling);
   if (fence.ok()) {
     seq.cache = std::make_unique<PagedSequenceCache>(&cache_, id, seq.prompt_tokens);
-    fence = decoder_.Add(std::move(seq));
+    fence = engine::BatchDecoder::Check(seq);
   }
+  if (fence.ok()) joining_.push_back(std::move(seq));  // joins at the next step
   if (!fence.ok()) {
     Free(id, ctx);  // the writer is done (it sent Start after its flush)
     PublishLoad();
@@ -233,21 +239,49 @@ void DecodeActor::Handle(AddTokenSink m) { sinks_.push_back(std::move(m.write));
 
 void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
   step_scheduled_ = false;
+  if (stepping_) return;  // StepDone schedules the next one
+  std::vector<engine::DecodeSequence> joining;
+  joining.swap(joining_);
+  for (engine::DecodeSequence& seq : joining) {
+    const std::string id = seq.id;
+    absl::Status added = decoder_.Add(std::move(seq));
+    if (!added.ok()) {  // checked at Start: not expected
+      auto it = by_request_.find(id);
+      if (it != by_request_.end()) StopNow(it->second, absl::StrCat("error: ", added.message()), ctx);
+    }
+  }
   if (decoder_.running() == 0) return;
-  absl::StatusOr<std::vector<engine::DecodedToken>> step = decoder_.Step();
+  stepping_ = true;
+  // The decoder and its sequences' caches belong to the step until StepDone.
+  executor_->Run([this, self = ctx.self()] { self.Send(StepDone{decoder_.Step()}); });
+}
+
+void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
+  stepping_ = false;
+  std::map<uint64_t, std::string> stopping;
+  stopping.swap(stopping_);
+  absl::StatusOr<std::vector<engine::DecodedToken>>& step = m.tokens;
   if (!step.ok()) {
     std::cerr << "decode: step failed: " << step.status() << "\n";
-    std::vector<uint64_t> running;
+    // Every sequence of the step fails; those that joined meanwhile go on.
+    std::set<std::string> joined;
+    for (const engine::DecodeSequence& seq : joining_) joined.insert(seq.id);
     for (const auto& [id, held] : held_) {
-      if (held.state == State::kRunning) running.push_back(id);
+      if (held.state == State::kRunning && !joined.count(held.request_id) && !stopping.count(id))
+        stopping.emplace(id, absl::StrCat("error: ", step.status().message()));
     }
-    for (uint64_t id : running) {
-      StopRunning(id, absl::StrCat("error: ", step.status().message()), ctx);
-    }
+    for (const auto& [id, reason] : stopping) StopNow(id, reason, ctx);
+    ScheduleStep(ctx);
     PublishLoad();
     return;
   }
+  std::set<std::string> stopped;
+  for (const auto& [id, reason] : stopping) {
+    auto it = held_.find(id);
+    if (it != held_.end()) stopped.insert(it->second.request_id);
+  }
   for (engine::DecodedToken& t : *step) {
+    if (stopped.count(t.id)) continue;  // stopped during the step: its token is not sent
     ++tokens_generated_;
     v1::TokenEvent event;
     event.set_request_id(t.id);
@@ -260,8 +294,17 @@ void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
   for (engine::DecodeSequence& done : decoder_.TakeFinished()) {
     auto it = by_request_.find(done.id);
     done.cache.reset();  // the view goes before its blocks
-    if (it != by_request_.end()) Free(it->second, ctx);
+    if (it == by_request_.end()) continue;
+    const uint64_t id = it->second;
+    auto stop = stopping.find(id);
+    if (stop != stopping.end()) {
+      StopNow(id, stop->second, ctx);  // finished and stopped in the same step: the stop wins
+      stopping.erase(stop);
+    } else {
+      Free(id, ctx);
+    }
   }
+  for (const auto& [id, reason] : stopping) StopNow(id, reason, ctx);
   ScheduleStep(ctx);
   PublishLoad();
 }
@@ -290,10 +333,29 @@ void DecodeActor::StopRunning(uint64_t id, const std::string& reason,
                               runtime::Context<Message>& ctx) {
   auto it = held_.find(id);
   if (it == held_.end()) return;
+  const std::string& request_id = it->second.request_id;
+  const bool joining = std::any_of(joining_.begin(), joining_.end(),
+                                   [&](const engine::DecodeSequence& s) { return s.id == request_id; });
+  if (stepping_ && !joining) {
+    stopping_.emplace(id, reason);  // the step still uses its blocks
+    return;
+  }
+  StopNow(id, reason, ctx);
+}
+
+void DecodeActor::StopNow(uint64_t id, const std::string& reason, runtime::Context<Message>& ctx) {
+  auto it = held_.find(id);
+  if (it == held_.end()) return;
   const std::string request_id = it->second.request_id;
   {
-    absl::StatusOr<engine::DecodeSequence> seq = decoder_.Remove(request_id);
-    // `seq` (its cache view) is destroyed here, before its blocks are freed.
+    auto j = std::find_if(joining_.begin(), joining_.end(),
+                          [&](const engine::DecodeSequence& s) { return s.id == request_id; });
+    if (j != joining_.end()) {
+      joining_.erase(j);  // its cache view goes here, before its blocks
+    } else {
+      absl::StatusOr<engine::DecodeSequence> seq = decoder_.Remove(request_id);
+      // `seq` (its cache view) is destroyed here, before its blocks are freed.
+    }
   }
   Free(id, ctx);
   v1::TokenEvent event;
@@ -311,7 +373,7 @@ void DecodeActor::Emit(v1::TokenEvent event) {
 }
 
 void DecodeActor::ScheduleStep(runtime::Context<Message>& ctx) {
-  if (step_scheduled_ || decoder_.running() == 0) return;
+  if (step_scheduled_ || stepping_ || (decoder_.running() == 0 && joining_.empty())) return;
   step_scheduled_ = ctx.self().Send(RunStep{});
 }
 
@@ -320,16 +382,17 @@ void DecodeActor::PublishLoad() {
   load.set_requests_in_flight(static_cast<int32_t>(held_.size()));
   load.set_cache_blocks_used(static_cast<int32_t>(cache_.blocks_used()));
   load.set_cache_blocks_free(static_cast<int32_t>(cache_.blocks_free()));
-  int32_t quarantined = 0;
+  int32_t quarantined = 0, running = 0;
   for (const auto& [id, held] : held_) {
     if (held.state == State::kQuarantined)
       quarantined += static_cast<int32_t>(held.reservation.blocks.size());
+    if (held.state == State::kRunning) ++running;
   }
   load.set_cache_blocks_quarantined(quarantined);
   load.set_latent_bytes_received(latent_bytes_);
   load.set_latent_tokens(latent_tokens_);
   load.set_tokens_processed(tokens_generated_);
-  load.set_sequences_running(static_cast<int32_t>(decoder_.running()));
+  load.set_sequences_running(running);  // the decoder is the step's while one runs
   gauge_->Set(std::move(load));
 }
 

@@ -8,10 +8,17 @@
 //   StartSequence       (Decode.Start)     the writer flushed: validate the fence, join the batch
 //   CancelSequence      (Decode.Cancel)    by request id
 //   AddTokenSink        (Decode.StreamTokens) a router's long-lived token stream
-//   RunStep             (self)             one decode step of the running batch, then again
+//   RunStep             (self)             hands one decode step of the batch to the executor
+//   StepDone            (executor)         its tokens: streamed; finished sequences freed
 //   ReclaimReservation  (timer)            a reservation whose writer never confirmed
-// A step runs between messages, so sequences join and leave at every step and a Reserve waits
-// for at most one step.
+// The step (the forward pass, with its MoE round trips) runs on the actor's executor, never in
+// a handler: while it runs, the actor answers Reserve, Start, Release and Cancel at once. The
+// batch belongs to the step until StepDone: a sequence started meanwhile waits in `joining_`
+// and joins the next step; one released or cancelled meanwhile is stopped when the step is done
+// (its token of that step is dropped, its blocks freed only then, so the step never writes into
+// blocks another sequence was given). With `micro_batches` 2, a step of two or more sequences
+// runs as two micro-batches in ping-pong (engine/overlap.h): one micro-batch's attention while
+// the other's experts compute.
 //
 // Fencing (docs/architecture.md): a reservation is `reserved` until its writer's Start. A
 // Release before that refuses any later Start at once, but the blocks are quarantined — kept off
@@ -32,8 +39,10 @@
 #include <vector>
 
 #include "common/engine/batch_decoder.h"
+#include "common/engine/overlap.h"
 #include "common/rpc/server_stream.h"
 #include "common/runtime/actor.h"
+#include "common/runtime/executor.h"
 #include "common/runtime/reply.h"
 #include "decode/paged_latent_cache.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
@@ -62,6 +71,9 @@ struct AddTokenSink {
   std::function<bool(const v1::TokenEvent&)> write;
 };
 struct RunStep {};
+struct StepDone {
+  absl::StatusOr<std::vector<engine::DecodedToken>> tokens;
+};
 struct ReclaimReservation {
   uint64_t reservation_id = 0;
 };
@@ -95,15 +107,18 @@ struct DecodeActorOptions {
   absl::Duration reclaim_grace = absl::Seconds(5);
   // Used when a Reserve names no timeout.
   absl::Duration default_reservation_timeout = absl::Seconds(30);
+  // 2: a step of two or more sequences runs as two micro-batches in ping-pong; 1: one batch.
+  int micro_batches = 1;
 };
 
 class DecodeActor {
  public:
   using Message = std::variant<ReserveBlocks, ReleaseReservation, StartSequence, CancelSequence,
-                               AddTokenSink, RunStep, ReclaimReservation>;
+                               AddTokenSink, RunStep, StepDone, ReclaimReservation>;
 
+  // `executor` runs the steps (a ThreadExecutor in the process; Inline or Manual in tests).
   DecodeActor(engine::Transformer* transformer, PagedLatentCache cache, DecodeActorOptions options,
-              std::shared_ptr<LoadGauge> gauge);
+              std::shared_ptr<LoadGauge> gauge, std::unique_ptr<runtime::Executor> executor);
 
   void Handle(ReserveBlocks m, runtime::Context<Message>& ctx);
   void Handle(ReleaseReservation m, runtime::Context<Message>& ctx);
@@ -111,6 +126,7 @@ class DecodeActor {
   void Handle(CancelSequence m, runtime::Context<Message>& ctx);
   void Handle(AddTokenSink m);
   void Handle(RunStep m, runtime::Context<Message>& ctx);
+  void Handle(StepDone m, runtime::Context<Message>& ctx);
   void Handle(ReclaimReservation m, runtime::Context<Message>& ctx);
 
  private:
@@ -126,7 +142,10 @@ class DecodeActor {
   // Frees the blocks of `id` and forgets it (its timer cancelled).
   void Free(uint64_t id, runtime::Context<Message>& ctx);
   // Stops a running sequence (out of the batch) and frees it; `reason` goes to the routers.
+  // While a step is in flight, a sequence of that step is stopped when it is done.
   void StopRunning(uint64_t id, const std::string& reason, runtime::Context<Message>& ctx);
+  // Out of the batch and the cache now, with `reason` to the routers (no step in flight).
+  void StopNow(uint64_t id, const std::string& reason, runtime::Context<Message>& ctx);
   void Emit(v1::TokenEvent event);
   void ScheduleStep(runtime::Context<Message>& ctx);
   void PublishLoad();
@@ -135,13 +154,19 @@ class DecodeActor {
   PagedLatentCache cache_;
   DecodeActorOptions options_;
   std::shared_ptr<LoadGauge> gauge_;
-  engine::BatchDecoder decoder_;
+  std::unique_ptr<engine::PingPong> overlap_;  // with micro_batches 2
+  engine::BatchDecoder decoder_;               // the step's while one is in flight
+  bool stepping_ = false;                      // a step is on the executor
+  std::vector<engine::DecodeSequence> joining_;        // started; join the next step
+  std::map<uint64_t, std::string> stopping_;           // stop when the step is done: reason
   std::map<uint64_t, Held> held_;                  // by reservation (sequence) id
   std::map<std::string, uint64_t> by_request_;     // request id -> reservation id
   uint64_t max_issued_ = 0;                        // highest reservation id ever granted
   bool step_scheduled_ = false;
   std::vector<std::function<bool(const v1::TokenEvent&)>> sinks_;
   uint64_t latent_tokens_ = 0, latent_bytes_ = 0, tokens_generated_ = 0;
+  // Last: destroyed first, so a step still running finishes while what it uses exists.
+  std::unique_ptr<runtime::Executor> executor_;
 };
 
 // Decode service: every handler posts to the decode actor and returns.

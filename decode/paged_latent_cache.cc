@@ -93,10 +93,12 @@ absl::StatusOr<Reservation> PagedLatentCache::Reserve(int64_t tokens, int64_t ex
         absl::StrCat("cannot reserve ", tokens, " + ", extra_tokens, " tokens"));
   }
   const int64_t need = BlocksFor(tokens + extra_tokens);
-  if (need > blocks_free()) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  const auto free_blocks = static_cast<int64_t>(free_.size());
+  if (need > free_blocks) {
     return absl::ResourceExhaustedError(absl::StrCat("latent cache full: ", tokens + extra_tokens,
                                                      " tokens need ", need, " blocks, ",
-                                                     blocks_free(), " of ", num_blocks_, " free"));
+                                                     free_blocks, " of ", num_blocks_, " free"));
   }
   BlockTable table;
   table.id = next_id_++;
@@ -114,6 +116,11 @@ absl::StatusOr<Reservation> PagedLatentCache::Reserve(int64_t tokens, int64_t ex
 }
 
 absl::Status PagedLatentCache::Validate(const Reservation& reservation) const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return ValidateLocked(reservation);
+}
+
+absl::Status PagedLatentCache::ValidateLocked(const Reservation& reservation) const {
   if (tables_.find(reservation.id) == tables_.end()) {
     return absl::FailedPreconditionError(
         absl::StrCat("reservation ", reservation.id, " has been released"));
@@ -140,11 +147,13 @@ absl::Status PagedLatentCache::Validate(const Reservation& reservation) const {
 }
 
 const BlockTable* PagedLatentCache::Find(SequenceId id) const {
+  std::lock_guard<std::mutex> lock(*mu_);
   auto it = tables_.find(id);
   return it == tables_.end() ? nullptr : &it->second;
 }
 
 absl::StatusOr<int64_t> PagedLatentCache::AppendToken(SequenceId id) {
+  std::lock_guard<std::mutex> lock(*mu_);
   auto it = tables_.find(id);
   if (it == tables_.end()) {
     return absl::NotFoundError(absl::StrCat("no latent cache sequence ", id));
@@ -165,6 +174,11 @@ absl::StatusOr<int64_t> PagedLatentCache::AppendToken(SequenceId id) {
 }
 
 absl::Status PagedLatentCache::Release(SequenceId id) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return ReleaseLocked(id);
+}
+
+absl::Status PagedLatentCache::ReleaseLocked(SequenceId id) {
   auto it = tables_.find(id);
   if (it == tables_.end()) {
     return absl::NotFoundError(absl::StrCat("no latent cache sequence ", id));
@@ -180,8 +194,24 @@ absl::Status PagedLatentCache::Release(SequenceId id) {
 }
 
 absl::Status PagedLatentCache::Release(const Reservation& reservation) {
-  if (absl::Status s = Validate(reservation); !s.ok()) return s;
-  return Release(reservation.id);
+  std::lock_guard<std::mutex> lock(*mu_);
+  if (absl::Status s = ValidateLocked(reservation); !s.ok()) return s;
+  return ReleaseLocked(reservation.id);
+}
+
+int64_t PagedLatentCache::blocks_free() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return static_cast<int64_t>(free_.size());
+}
+
+int64_t PagedLatentCache::sequences() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return static_cast<int64_t>(tables_.size());
+}
+
+uint64_t PagedLatentCache::generation(BlockId block) const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return blocks_[static_cast<size_t>(block)].generation;
 }
 
 const uint8_t* PagedLatentCache::RowPointer(const BlockTable& table, int64_t layer,

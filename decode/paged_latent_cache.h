@@ -20,9 +20,12 @@
 // As a second line, freed blocks are reused in FIFO order, so a just-released block is the last
 // to be handed out again.
 //
-// Threading: NOT thread-safe. The cache is owned by the decode worker's cache actor and only its
-// handlers call it. Remote writers touch the arena's bytes, never the bookkeeping; the actor
-// must not trust those bytes before the writer's completion notification and Validate().
+// Threading: the bookkeeping (Reserve, Validate, Find, AppendToken, Release, the counts) is
+// guarded by a mutex, because the decode actor reserves and releases while its executor runs a
+// step over the running sequences. A sequence's table and rows are used by one thread at a time
+// (the actor until the sequence runs, then the step); the actor frees a running sequence only
+// between steps. Remote writers touch the arena's bytes, never the bookkeeping; the actor must
+// not trust those bytes before the writer's completion notification and Validate().
 //
 //   PagedLatentCacheOptions options;
 //   options.layout = {.num_layers = 61, .latent_dim = 576, .block_tokens = 64,
@@ -46,6 +49,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <unordered_map>
 #include <vector>
 
@@ -146,7 +150,8 @@ class PagedLatentCache {
   // was granted (FailedPrecondition otherwise, naming the first stale block).
   absl::Status Validate(const Reservation& reservation) const;
 
-  // The live sequence's table, or null. Valid until the next non-const call.
+  // The live sequence's table, or null. Valid until the sequence is released; changed only by
+  // AppendToken of the same sequence.
   const BlockTable* Find(SequenceId id) const;
 
   // Gives the sequence one more token slot and returns its position (the old length); takes a
@@ -187,19 +192,17 @@ class PagedLatentCache {
   bool owns_arena() const { return owned_ != nullptr; }
 
   int64_t num_blocks() const { return num_blocks_; }
-  int64_t blocks_free() const { return static_cast<int64_t>(free_.size()); }
+  int64_t blocks_free() const;
   int64_t blocks_used() const { return num_blocks_ - blocks_free(); }
   int64_t bytes_used() const { return blocks_used() * layout_.block_bytes(); }
   int64_t bytes_free() const { return blocks_free() * layout_.block_bytes(); }
-  int64_t sequences() const { return static_cast<int64_t>(tables_.size()); }
+  int64_t sequences() const;
   // Blocks needed for `tokens` tokens.
   int64_t BlocksFor(int64_t tokens) const {
     return (tokens + layout_.block_tokens - 1) / layout_.block_tokens;
   }
   // Generation of one block (tests, debugging, a remote writer's fence check).
-  uint64_t generation(BlockId block) const {
-    return blocks_[static_cast<size_t>(block)].generation;
-  }
+  uint64_t generation(BlockId block) const;
 
  private:
   struct AlignedFree {
@@ -213,6 +216,8 @@ class PagedLatentCache {
   PagedLatentCache() = default;
   // Takes one block from the free list for `owner` (the caller checked there is one).
   BlockId TakeBlock(SequenceId owner, uint64_t* generation);
+  absl::Status ValidateLocked(const Reservation& reservation) const;
+  absl::Status ReleaseLocked(SequenceId id);
 
   PagedLatentLayout layout_;
   int64_t num_blocks_ = 0;
@@ -220,6 +225,8 @@ class PagedLatentCache {
   uint8_t* base_ = nullptr;
   std::vector<BlockState> blocks_;  // [num_blocks]
   std::deque<BlockId> free_;        // FIFO: the least recently freed block is reused first
+  // Guards blocks_, free_, tables_ and next_id_ (a pointer, so the cache stays movable).
+  std::unique_ptr<std::mutex> mu_ = std::make_unique<std::mutex>();
   std::unordered_map<SequenceId, BlockTable> tables_;
   SequenceId next_id_ = 1;
 };

@@ -47,11 +47,13 @@ absl::Status RunDecode(const DecodeOptions& options) {
   actor_options.region_bytes = region.size_bytes;
   actor_options.transfer_mode = transfer::UcxTlsDescription();
   actor_options.reclaim_grace = options.reclaim_grace;
+  actor_options.micro_batches = options.micro_batches;
   auto gauge = std::make_shared<LoadGauge>();
   {
     runtime::Actor<DecodeActor> actor(
-        "decode", std::make_unique<DecodeActor>(&side->transformer(), std::move(cache),
-                                                actor_options, gauge));
+        "decode", std::make_unique<DecodeActor>(
+                      &side->transformer(), std::move(cache), actor_options, gauge,
+                      std::make_unique<runtime::ThreadExecutor>("decode-step")));
     DecodeService service(actor.ref());
     SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
                               rpc::StartServer(options.listen, {&service}));
@@ -74,7 +76,8 @@ absl::Status RunDecode(const DecodeOptions& options) {
     std::cerr << "decode: cache " << options.cache_blocks << " blocks x " << options.block_tokens
               << " tokens (" << (options.cache_blocks * layout.block_bytes() >> 20)
               << " MiB, " << (layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")
-              << "), " << actor_options.transfer_mode << "\n";
+              << "), " << actor_options.transfer_mode << ", " << options.micro_batches
+              << " micro-batch" << (options.micro_batches > 1 ? "es" : "") << "\n";
     std::cout << "listening " << server.address << std::endl;
 
     const int signal = process::WaitForTerminationSignal();

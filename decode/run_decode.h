@@ -26,6 +26,9 @@ struct DecodeOptions {
   // The expert data plane: wire dtype, per-batch deadlines, failover.
   expert_plane::DirectMoeOptions moe;
   absl::Duration reclaim_grace = absl::Seconds(5);
+  // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention
+  // while the other's experts compute); 1: one batch.
+  int micro_batches = 2;
 };
 
 absl::Status RunDecode(const DecodeOptions& options);

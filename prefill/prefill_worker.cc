@@ -53,40 +53,67 @@ struct PrefillActor::Job {
   bool cancelled() const { return message.cancelled && message.cancelled(); }
 };
 
+PrefillActor::PrefillActor(engine::Transformer* transformer, transfer::UcxTransport* transport,
+                           std::shared_ptr<decode::LoadGauge> gauge, engine::AttentionForm form,
+                           int64_t batch_tokens, int micro_batches,
+                           std::unique_ptr<runtime::Executor> executor)
+    : transformer_(transformer),
+      transport_(transport),
+      gauge_(std::move(gauge)),
+      form_(form),
+      batch_tokens_(batch_tokens),
+      overlap_(micro_batches >= 2 ? std::make_unique<engine::PingPong>() : nullptr),
+      executor_(std::move(executor)) {}
+
+PrefillActor::~PrefillActor() = default;
+
 void PrefillActor::Handle(RunPrompt m, runtime::Context<Message>& ctx) {
   pending_.push_back(std::move(m));
-  if (!batch_scheduled_) batch_scheduled_ = ctx.self().Send(RunBatch{});
+  if (!batch_scheduled_ && !computing_) batch_scheduled_ = ctx.self().Send(RunBatch{});
 }
 
 void PrefillActor::Handle(RunBatch, runtime::Context<Message>& ctx) {
   batch_scheduled_ = false;
+  if (computing_ || pending_.empty()) return;  // BatchDone starts the next one
   // Prompts that arrived while the previous batch ran go together, up to the token budget.
-  std::vector<std::unique_ptr<Job>> jobs;
   int64_t tokens = 0;
   while (!pending_.empty()) {
     const int64_t n = pending_.front().request.prompt_size();
-    if (!jobs.empty() && tokens + n > batch_tokens_) break;
-    auto job = std::unique_ptr<Job>(new Job{std::move(pending_.front())});
+    if (!batch_.empty() && tokens + n > batch_tokens_) break;
+    batch_.push_back(std::unique_ptr<Job>(new Job{std::move(pending_.front())}));
     pending_.pop_front();
     tokens += n;
-    jobs.push_back(std::move(job));
   }
-  if (!pending_.empty()) batch_scheduled_ = ctx.self().Send(RunBatch{});
-  for (auto& job : jobs) job->status = Prepare(*job);
-  Compute(jobs);
-  std::vector<absl::StatusOr<v1::PrefillResponse>> results;
-  for (auto& job : jobs) {
+  computing_ = true;
+  executor_->Run([this, self = ctx.self()] { self.Send(RunJobs()); });
+}
+
+BatchDone PrefillActor::RunJobs() {
+  for (auto& job : batch_) job->status = Prepare(*job);
+  Compute(batch_);
+  BatchDone done;
+  for (auto& job : batch_) {
     uint64_t bytes_put = 0;
-    results.push_back(Conclude(*job, &bytes_put));
-    latent_bytes_sent_ += bytes_put;
-    ++prompts_;
-    if (results.back().ok() && job->ship() && results.back()->finish_reason().empty()) {
-      latent_tokens_ += static_cast<uint64_t>(job->prompt.size());
+    done.results.push_back(Conclude(*job, &bytes_put));
+    done.latent_bytes += bytes_put;
+    if (done.results.back().ok() && job->ship() && done.results.back()->finish_reason().empty()) {
+      done.latent_tokens += static_cast<uint64_t>(job->prompt.size());
     }
   }
+  return done;
+}
+
+void PrefillActor::Handle(BatchDone m, runtime::Context<Message>& ctx) {
+  computing_ = false;
+  std::vector<std::unique_ptr<Job>> jobs;
+  jobs.swap(batch_);
+  latent_bytes_sent_ += m.latent_bytes;
+  latent_tokens_ += m.latent_tokens;
+  prompts_ += jobs.size();
   ++batches_;
   PublishLoad();  // before the replies: a caller that sees its reply sees these counters too
-  for (size_t i = 0; i < jobs.size(); ++i) jobs[i]->message.reply(std::move(results[i]));
+  for (size_t i = 0; i < jobs.size(); ++i) jobs[i]->message.reply(std::move(m.results[i]));
+  if (!pending_.empty() && !batch_scheduled_) batch_scheduled_ = ctx.self().Send(RunBatch{});
 }
 
 absl::Status PrefillActor::Prepare(Job& job) {
@@ -103,6 +130,7 @@ absl::Status PrefillActor::Prepare(Job& job) {
   job.prompt.assign(req.prompt().begin(), req.prompt().end());
   job.local = std::make_unique<engine::LatentCache>(c.num_hidden_layers, c.latent_dim());
   if (!job.ship()) return absl::OkStatus();
+  if (transport_ == nullptr) return absl::FailedPreconditionError("this worker ships no latents");
   const v1::LatentDestination& d = job.destination();
   SPLITMOE_ASSIGN_OR_RETURN(decode::PagedLatentLayout layout, LayoutOf(d, c));
   if (d.blocks_size() * layout.block_tokens < req.prompt_size()) {
@@ -153,7 +181,8 @@ void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
         }
         job.shipper->ShipLayer(*job.local, layer, from, count);
         return absl::OkStatus();
-      });
+      },
+      /*chunk_tokens=*/256, overlap_.get());
   for (size_t i = 0; i < items.size(); ++i) {
     running[i]->status = items[i].status;
     running[i]->first = std::move(items[i].first);

@@ -3,16 +3,20 @@
 // PrefillActor owns the attention side of the model (a Transformer whose routed experts are
 // computed through the router) and the UCX transport to decode workers. Messages:
 //   RunPrompt (Prefill.RunPrefill): queued; a RunBatch follows.
-//   RunBatch (self): the queued prompts, up to a token budget, prefilled together
-//   (engine::PrefillBatch: one forward pass per round over the next chunk of every prompt, so
-//   projections and MoE dispatches are shared). After every layer, each prompt's new latents are
+//   RunBatch (self): the queued prompts, up to a token budget, go to the executor as one batch
+//   (one batch at a time), prefilled together (engine::PrefillBatch: one forward pass per round
+//   over the next chunk of every prompt, so projections and MoE dispatches are shared; with
+//   `micro_batches` 2 and two or more prompts, two groups in ping-pong, one's attention while the
+//   other's experts compute). After every layer, each prompt's new latents are
 //   put into its decode worker's reserved blocks (LatentShipper) while the next layer computes;
 //   then, per prompt, flush and Decode.Start with the first sampled token — data, flush,
 //   notification, in that order. A prompt that is cancelled (the router cancels the call) or
 //   passes its transfer deadline stops putting, flushes, and tells the decode worker
 //   Release(writer_done) so its blocks can be reused at once; the others go on.
-// Prompts that arrive while a batch computes wait in the mailbox and form the next batch. The
-// calls to decode workers are synchronous with short deadlines: part of this actor's work.
+//   BatchDone (executor): the batch's answers, replied to; the next batch starts.
+// The batch (forward passes, latent puts, the calls to decode workers, which have short
+// deadlines) runs on the executor, never in a handler; prompts that arrive meanwhile are queued
+// and form the next batch.
 #ifndef SPLITMOE_PREFILL_PREFILL_WORKER_H_
 #define SPLITMOE_PREFILL_PREFILL_WORKER_H_
 
@@ -22,9 +26,12 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "common/engine/overlap.h"
 #include "common/engine/transformer.h"
 #include "common/runtime/actor.h"
+#include "common/runtime/executor.h"
 #include "common/runtime/reply.h"
 #include "common/transfer/ucx_transport.h"
 #include "decode/decode_worker.h"
@@ -33,6 +40,11 @@
 namespace splitmoe::prefill {
 
 struct RunBatch {};
+// The batch's outcome, per prompt in batch order, and what it moved.
+struct BatchDone {
+  std::vector<absl::StatusOr<v1::PrefillResponse>> results;
+  uint64_t latent_bytes = 0, latent_tokens = 0;
+};
 
 struct RunPrompt {
   v1::PrefillRequest request;
@@ -44,20 +56,20 @@ struct RunPrompt {
 
 class PrefillActor {
  public:
-  using Message = std::variant<RunPrompt, RunBatch>;
+  using Message = std::variant<RunPrompt, RunBatch, BatchDone>;
 
   // `batch_tokens`: prompt tokens prefilled together at most (a longer prompt runs alone).
+  // `executor` runs the batches (a ThreadExecutor in the process; Inline or Manual in tests).
+  // `transport` may be null when no prompt names a destination (tests).
   PrefillActor(engine::Transformer* transformer, transfer::UcxTransport* transport,
                std::shared_ptr<decode::LoadGauge> gauge, engine::AttentionForm form,
-               int64_t batch_tokens = 2048)
-      : transformer_(transformer),
-        transport_(transport),
-        gauge_(std::move(gauge)),
-        form_(form),
-        batch_tokens_(batch_tokens) {}
+               int64_t batch_tokens, int micro_batches,
+               std::unique_ptr<runtime::Executor> executor);
+  ~PrefillActor();  // where Job is complete
 
   void Handle(RunPrompt m, runtime::Context<Message>& ctx);
   void Handle(RunBatch m, runtime::Context<Message>& ctx);
+  void Handle(BatchDone m, runtime::Context<Message>& ctx);
 
   uint64_t batches() const { return batches_; }
 
@@ -65,6 +77,8 @@ class PrefillActor {
   struct Job;
   // Checks the request and connects its shipper; the job's status says why not.
   absl::Status Prepare(Job& job);
+  // The executor's part: prepare, prefill, conclude every job of `batch_`.
+  BatchDone RunJobs();
   // Prefills every prepared job together, shipping latents layer by layer.
   void Compute(std::vector<std::unique_ptr<Job>>& jobs);
   // Flush, then Start (or release as writer); the reply.
@@ -80,10 +94,16 @@ class PrefillActor {
   std::shared_ptr<decode::LoadGauge> gauge_;
   engine::AttentionForm form_;
   int64_t batch_tokens_;
+  std::unique_ptr<engine::PingPong> overlap_;  // with micro_batches 2
   std::deque<RunPrompt> pending_;
   bool batch_scheduled_ = false;
-  std::map<std::string, std::unique_ptr<v1::Decode::Stub>> decode_stubs_;
+  // The batch on the executor; the actor does not touch it (nor the stubs) until BatchDone.
+  std::vector<std::unique_ptr<Job>> batch_;
+  bool computing_ = false;
+  std::map<std::string, std::unique_ptr<v1::Decode::Stub>> decode_stubs_;  // the executor's
   uint64_t latent_bytes_sent_ = 0, latent_tokens_ = 0, prompts_ = 0, batches_ = 0;
+  // Last: destroyed first, so a batch still running finishes while what it uses exists.
+  std::unique_ptr<runtime::Executor> executor_;
 };
 
 class PrefillService final : public v1::Prefill::CallbackService {

@@ -22,8 +22,10 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
   auto gauge = std::make_shared<decode::LoadGauge>();
   {
     runtime::Actor<PrefillActor> actor(
-        "prefill", std::make_unique<PrefillActor>(&side->transformer(), transport.get(), gauge,
-                                                  options.form, options.batch_tokens));
+        "prefill", std::make_unique<PrefillActor>(
+                       &side->transformer(), transport.get(), gauge, options.form,
+                       options.batch_tokens, options.micro_batches,
+                       std::make_unique<runtime::ThreadExecutor>("prefill-batch")));
     PrefillService service(actor.ref());
     SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
                               rpc::StartServer(options.listen, {&service}));

@@ -23,6 +23,9 @@ struct PrefillOptions {
   engine::AttentionForm form = engine::AttentionForm::kAbsorbed;
   // Prompts that arrive together are prefilled together up to this many tokens.
   int64_t batch_tokens = 2048;
+  // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention
+  // while the other's experts compute); 1: one batch.
+  int micro_batches = 2;
 };
 
 absl::Status RunPrefillWorker(const PrefillOptions& options);

@@ -50,6 +50,14 @@ absl::StatusOr<expert_plane::DirectMoeOptions> MoeFlags(const Flags& f) {
   return o;
 }
 
+// --micro-batches: 2 runs a batch as two micro-batches in ping-pong (one's attention while the
+// other's experts compute), 1 as one.
+absl::StatusOr<int> MicroBatchesFlag(const Flags& f) {
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t n, f.GetInt("micro-batches", 2));
+  if (n != 1 && n != 2) return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
+  return static_cast<int>(n);
+}
+
 json LogprobJson(const v1::TokenLogprob& lp, bool with_top) {
   json top = json::array();
   if (with_top) {
@@ -86,7 +94,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "router", "wire-dtype", "attention", "batch-tokens",
-               "moe-transport", "expert-deadline-ms"},
+               "moe-transport", "expert-deadline-ms", "micro-batches"},
               {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
@@ -103,6 +111,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   o.form = form == "naive" ? engine::AttentionForm::kNaive : engine::AttentionForm::kAbsorbed;
   SPLITMOE_ASSIGN_OR_RETURN(o.batch_tokens, f.GetInt("batch-tokens", o.batch_tokens));
   if (o.batch_tokens <= 0) return absl::InvalidArgumentError("--batch-tokens must be > 0");
+  SPLITMOE_ASSIGN_OR_RETURN(o.micro_batches, MicroBatchesFlag(f));
   return prefill::RunPrefillWorker(o);
 }
 
@@ -111,7 +120,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
                                    {"model", "listen", "router", "cache-blocks", "block-tokens",
                                     "cache-dtype", "wire-dtype", "reclaim-grace-ms",
-                                    "moe-transport", "expert-deadline-ms"},
+                                    "moe-transport", "expert-deadline-ms", "micro-batches"},
                                    {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
@@ -131,6 +140,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t grace, f.GetInt("reclaim-grace-ms", 5000));
   if (grace < 0) return absl::InvalidArgumentError("--reclaim-grace-ms must be >= 0");
   o.reclaim_grace = absl::Milliseconds(grace);
+  SPLITMOE_ASSIGN_OR_RETURN(o.micro_batches, MicroBatchesFlag(f));
   return decode::RunDecode(o);
 }
 
@@ -179,7 +189,7 @@ absl::Status UpCommand(int argc, char** argv) {
       {"model", "prefill", "decode", "experts", "expert-replicas", "port", "host", "cache-blocks",
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
-       "expert-deadline-ms"},
+       "expert-deadline-ms", "micro-batches"},
       {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   const std::string model = f.Get("model");
@@ -195,6 +205,7 @@ absl::Status UpCommand(int argc, char** argv) {
         "[0, 65535]");
   }
   SPLITMOE_RETURN_IF_ERROR(MoeFlags(f).status());  // refuse bad worker flags before starting
+  SPLITMOE_RETURN_IF_ERROR(MicroBatchesFlag(f).status());
   const std::string host = f.Get("host", "127.0.0.1");
   char self[4096];
   const ssize_t len = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
@@ -284,7 +295,7 @@ absl::Status UpCommand(int argc, char** argv) {
     std::vector<std::string> args = {"decode", "--model", model, "--router", *router,
                                      "--listen", host + ":0"};
     for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
-                             "moe-transport", "expert-deadline-ms"})
+                             "moe-transport", "expert-deadline-ms", "micro-batches"})
       pass(args, flag);
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
     if (!r.ok()) return fail(r.status());
@@ -292,7 +303,8 @@ absl::Status UpCommand(int argc, char** argv) {
   for (int64_t i = 0; i < n_prefill; ++i) {
     std::vector<std::string> args = {"prefill", "--model", model, "--router", *router,
                                      "--listen", host + ":0"};
-    for (const char* flag : {"wire-dtype", "moe-transport", "expert-deadline-ms"}) pass(args, flag);
+    for (const char* flag : {"wire-dtype", "moe-transport", "expert-deadline-ms", "micro-batches"})
+      pass(args, flag);
     if (f.Has("prefill-batch-tokens")) {
       args.push_back("--batch-tokens");
       args.push_back(f.Get("prefill-batch-tokens"));
