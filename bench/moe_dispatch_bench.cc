@@ -5,11 +5,17 @@
 //                   to its expert service (`splitmoe expert` processes, 2 shards) over its
 //                   ExpertCompute stream, fp32 and bf16 on the wire
 // at batch 1, 16 and 128 tokens. Reports the median time per layer and the overhead over in
-// process (the cost of the two crossings), and checks the outputs agree. The router only
+// process (the cost of the two crossings), and checks the outputs agree. Then the micro-batch
+// overlap (engine/overlap.h): a step of 4 MoE layers over 16 tokens, each layer's attention-side
+// work stood in by the layer's shared experts, run as one batch, as two micro-batches of 8 one
+// after the other, and as the same two in ping-pong (one's shared experts while the other's
+// routed experts are out); with `--expert-cpus` the expert services run on those cores only
+// (taskset), so the attention side and the experts stop sharing cores, as on separate machines. The router only
 // publishes the routing table; it is not on this path. Every process shares this machine's
 // cores: the expert services compute on the same two cores as this one.
 //
-//   build/bench/moe_dispatch_bench [--reps 50] [--shards 2] [--model DIR]
+//   build/bench/moe_dispatch_bench [--reps 50] [--shards 2] [--model DIR] [--expert-cpus LIST]
+//   taskset -c 0 build/bench/moe_dispatch_bench --expert-cpus 1     (sides on their own cores)
 // (a tiny model, e.g. `splitmoe make-tiny`, leaves almost only the crossings to measure).
 #include <algorithm>
 #include <cmath>
@@ -22,6 +28,7 @@
 #include "absl/time/clock.h"
 #include "bench/bench_model.h"
 #include "common/engine/engine.h"
+#include "common/engine/overlap.h"
 #include "common/engine/routing.h"
 #include "common/expert_plane/direct_moe.h"
 #include "common/expert_plane/routing_table_watcher.h"
@@ -35,7 +42,7 @@ double MedianMs(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-int Main(int reps, int shards, std::string dir) {
+int Main(int reps, int shards, std::string dir, const std::string& expert_cpus) {
   if (dir.empty()) dir = bench::BenchModelDir();
   auto e = engine::Engine::Load(dir);
   if (!e.ok()) {
@@ -51,10 +58,11 @@ int Main(int reps, int shards, std::string dir) {
   if (!address.ok()) return 1;
   std::vector<std::unique_ptr<process::Subprocess>> experts;
   for (int s = 0; s < shards; ++s) {
-    auto x = process::Subprocess::Start(
-        absl::StrCat("expert", s), {bin, "expert", "--model", dir, "--router", *address,
-                                    "--shard", std::to_string(s), "--num-shards",
-                                    std::to_string(shards)});
+    std::vector<std::string> args = {bin, "expert", "--model", dir, "--router", *address,
+                                     "--shard", std::to_string(s), "--num-shards",
+                                     std::to_string(shards)};
+    if (!expert_cpus.empty()) args.insert(args.begin(), {"/usr/bin/taskset", "-c", expert_cpus});
+    auto x = process::Subprocess::Start(absl::StrCat("expert", s), args);
     if (!x.ok() || !(*x)->ReadLineMatching("listening ", absl::Seconds(120)).ok()) return 1;
     experts.push_back(std::move(*x));
   }
@@ -107,6 +115,67 @@ int Main(int reps, int shards, std::string dir) {
     std::printf("| %lld | %.3f | %.3f | %.0f | %.3f | %.0f | %.2g |\n",
                 static_cast<long long>(rows), l, f, (f - l) * 1000, bf, (bf - l) * 1000, diff);
   }
+
+  // The overlap: one decode-like step of kLayers MoE layers over 16 tokens.
+  {
+    constexpr int64_t kRows = 16, kHalf = 8, kLayers = 4;
+    std::vector<float> x(static_cast<size_t>(kRows * h)), scores(static_cast<size_t>(kRows * n));
+    for (float& v : x) v = g(rng);
+    engine::GateScores(c, x.data(), kRows, w.gate, scores.data());
+    const model::MlpWeights& shared = w.shared;
+    // One micro-batch's layer: the shared experts here, the routed ones at the services.
+    auto layer_of = [&](int64_t first, int64_t rows, float* out) -> absl::Status {
+      std::unique_ptr<engine::MoeExecutor::Pending> routed =
+          fp32.Start(layer, x.data() + first * h, scores.data() + first * n, rows, out);
+      std::vector<float> s(static_cast<size_t>(rows * h), 0.0f);
+      std::vector<int32_t> idx(static_cast<size_t>(rows));
+      for (int64_t r = 0; r < rows; ++r) idx[static_cast<size_t>(r)] = static_cast<int32_t>(r);
+      if (c.n_shared_experts > 0) {
+        engine::AccumulateExpert(shared, x.data() + first * h, h, idx,
+                                 std::vector<float>(static_cast<size_t>(rows), 1.0f), s.data());
+      }
+      return routed->Wait();
+    };
+    std::vector<float> out(static_cast<size_t>(kRows * h));
+    engine::PingPong overlap;
+    std::vector<double> t_one, t_seq, t_pp;
+    absl::Status st;
+    for (int r = 0; r < reps + 3 && st.ok(); ++r) {
+      absl::Time t0 = absl::Now();
+      for (int l = 0; l < kLayers && st.ok(); ++l) st = layer_of(0, kRows, out.data());
+      absl::Time t1 = absl::Now();
+      for (int l = 0; l < kLayers && st.ok(); ++l) {
+        st = layer_of(0, kHalf, out.data());
+        if (st.ok()) st = layer_of(kHalf, kHalf, out.data() + kHalf * h);
+      }
+      absl::Time t2 = absl::Now();
+      absl::Status sa, sb;
+      overlap.Run([&] { for (int l = 0; l < kLayers && sa.ok(); ++l) sa = layer_of(0, kHalf, out.data()); },
+                  [&] {
+                    for (int l = 0; l < kLayers && sb.ok(); ++l)
+                      sb = layer_of(kHalf, kHalf, out.data() + kHalf * h);
+                  });
+      absl::Time t3 = absl::Now();
+      if (st.ok()) st = sa.ok() ? sb : sa;
+      if (r < 3) continue;
+      t_one.push_back(absl::ToDoubleMilliseconds(t1 - t0));
+      t_seq.push_back(absl::ToDoubleMilliseconds(t2 - t1));
+      t_pp.push_back(absl::ToDoubleMilliseconds(t3 - t2));
+    }
+    if (!st.ok()) {
+      std::fprintf(stderr, "%s\n", st.ToString().c_str());
+      return 1;
+    }
+    const double one = MedianMs(t_one), seq = MedianMs(t_seq), pp = MedianMs(t_pp);
+    std::printf("\nmicro-batch overlap: %lld MoE layers x %lld tokens (shared experts here, routed "
+                "at the services%s)\n| one batch of 16 ms | 2 x 8 in turn ms | 2 x 8 ping-pong ms "
+                "| ping-pong / in turn | ping-pong / one batch | handoffs per step |\n"
+                "|---|---|---|---|---|---|\n| %.3f | %.3f | %.3f | %.2f | %.2f | %.1f |\n",
+                static_cast<long long>(kLayers), static_cast<long long>(kRows),
+                expert_cpus.empty() ? ", same cores" : ", services on their own cores", one, seq,
+                pp, pp / seq, pp / one,
+                static_cast<double>(overlap.handoffs()) / static_cast<double>(reps + 3));
+  }
   watcher.reset();
   for (auto& x : experts) x->Terminate(absl::Seconds(10));
   (*router)->Terminate(absl::Seconds(5));
@@ -118,17 +187,18 @@ int Main(int reps, int shards, std::string dir) {
 
 int main(int argc, char** argv) {
   int reps = 50, shards = 2;
-  std::string model;
+  std::string model, expert_cpus;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
     if (flag == "--reps") reps = std::atoi(argv[i + 1]);
     else if (flag == "--shards") shards = std::atoi(argv[i + 1]);
     else if (flag == "--model") model = argv[i + 1];
+    else if (flag == "--expert-cpus") expert_cpus = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
     }
   }
   if (reps < 1 || shards < 1) return 2;
-  return splitmoe::Main(reps, shards, model);
+  return splitmoe::Main(reps, shards, model, expert_cpus);
 }

@@ -393,6 +393,7 @@ void DecodeActor::PublishLoad() {
   load.set_latent_tokens(latent_tokens_);
   load.set_tokens_processed(tokens_generated_);
   load.set_sequences_running(running);  // the decoder is the step's while one runs
+  if (overlap_ != nullptr) load.set_micro_batch_overlaps(overlap_->handoffs());
   gauge_->Set(std::move(load));
 }
 

@@ -28,7 +28,7 @@ struct DecodeOptions {
   absl::Duration reclaim_grace = absl::Seconds(5);
   // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention
   // while the other's experts compute); 1: one batch.
-  int micro_batches = 2;
+  int micro_batches = 1;
 };
 
 absl::Status RunDecode(const DecodeOptions& options);

@@ -279,6 +279,7 @@ void PrefillActor::PublishLoad() {
   load.set_latent_bytes_sent(latent_bytes_sent_);
   load.set_latent_tokens(latent_tokens_);
   load.set_tokens_processed(prompts_);
+  if (overlap_ != nullptr) load.set_micro_batch_overlaps(overlap_->handoffs());
   gauge_->Set(std::move(load));
 }
 

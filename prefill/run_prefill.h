@@ -25,7 +25,7 @@ struct PrefillOptions {
   int64_t batch_tokens = 2048;
   // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention
   // while the other's experts compute); 1: one batch.
-  int micro_batches = 2;
+  int micro_batches = 1;
 };
 
 absl::Status RunPrefillWorker(const PrefillOptions& options);

@@ -51,9 +51,11 @@ absl::StatusOr<expert_plane::DirectMoeOptions> MoeFlags(const Flags& f) {
 }
 
 // --micro-batches: 2 runs a batch as two micro-batches in ping-pong (one's attention while the
-// other's experts compute), 1 as one.
+// other's experts compute), 1 (the default) as one: on machines where the experts share the
+// attention worker's cores, or where the experts' compute dominates, splitting costs more than
+// the overlap hides (docs/performance.md).
 absl::StatusOr<int> MicroBatchesFlag(const Flags& f) {
-  SPLITMOE_ASSIGN_OR_RETURN(int64_t n, f.GetInt("micro-batches", 2));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t n, f.GetInt("micro-batches", 1));
   if (n != 1 && n != 2) return absl::InvalidArgumentError("--micro-batches must be 1 or 2");
   return static_cast<int>(n);
 }

@@ -402,6 +402,8 @@ absl::Status Status(int argc, char** argv) {
         std::cout << " (" << load.cache_blocks_quarantined() << " awaiting their writer)";
       std::cout << "  sequences " << load.sequences_running();
     }
+    if (load.micro_batch_overlaps() > 0)
+      std::cout << "  micro-batch overlaps " << load.micro_batch_overlaps();
     if (w.role() != v1::WORKER_ROLE_EXPERT) {
       std::cout << "  in flight " << load.requests_in_flight();
       const uint64_t moved =
@@ -438,7 +440,7 @@ int Usage() {
          "            [--expert-deadline-ms MS] [--batch-tokens N] [--micro-batches 1|2]\n"
          "  decode    --model DIR --router HOST:PORT [--listen HOST:PORT] [--cache-blocks N]\n"
          "            [--block-tokens T] [--cache-dtype fp32|bf16] [--wire-dtype fp32|bf16]\n"
-         "            [--micro-batches 1|2]  (2: two micro-batches in ping-pong, the default)\n"
+         "            [--micro-batches 1|2]  (2: two micro-batches in ping-pong; default 1)\n"
          "  expert    --model DIR --router HOST:PORT --shard S --num-shards N\n"
          "  status    --endpoint HOST:PORT [--json]\n"
          "  scale     --endpoint HOST:PORT --shard K --replicas R   (a cluster started by up)\n"
