@@ -30,6 +30,19 @@ v1::ExpertResult ComputeBatch(const ExpertShard& shard, const v1::ExpertBatch& b
   return result;
 }
 
+void ExpertsActor::Handle(ComputeExpertBatch m) {
+  auto it = shards_.find(m.batch.placement_id());
+  if (it == shards_.end()) {
+    v1::ExpertResult result;
+    result.set_batch_id(m.batch.batch_id());
+    result.set_error(absl::StrCat("expert batch ", m.batch.batch_id(), ": placement ",
+                                  m.batch.placement_id(), " is not loaded here"));
+    m.reply(std::move(result));
+    return;
+  }
+  m.reply(ComputeBatch(*it->second, m.batch));
+}
+
 grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* ExpertComputeService::Compute(
     grpc::CallbackServerContext* /*context*/) {
   using Stream = rpc::BidiStream<v1::ExpertBatch, v1::ExpertResult>;

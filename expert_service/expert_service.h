@@ -10,7 +10,9 @@
 #define SPLITMOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 
 #include <atomic>
+#include <map>
 #include <memory>
+#include <variant>
 
 #include "absl/time/time.h"
 
@@ -25,26 +27,44 @@ namespace splitmoe::expert_service {
 // batch's wire dtype. Errors go into ExpertResult.error, so the stream stays up.
 v1::ExpertResult ComputeBatch(const ExpertShard& shard, const v1::ExpertBatch& batch);
 
-// Command: compute one batch and answer with its partial sums.
+// Command: compute one batch (with the experts of its placement) and answer with its partial
+// sums.
 struct ComputeExpertBatch {
   v1::ExpertBatch batch;
   runtime::Reply<v1::ExpertResult> reply;
 };
+// The experts of an EPLB placement, loaded off the actor (run_expert's loader): from now on
+// batches planned with `placement` are computed with them.
+struct InstallPlacement {
+  uint64_t placement = 0;
+  std::shared_ptr<const ExpertShard> shard;
+};
+// A placement no longer in force nor next: its experts go (never the default, 0).
+struct RetirePlacement {
+  uint64_t placement = 0;
+};
 
-// The experts actor: owns the shard.
+// The experts actor: owns the shards, one per placement it holds (0: the default contiguous
+// one, always kept, so a restarted router that knows no placement is served at once).
 class ExpertsActor {
  public:
-  using Message = ComputeExpertBatch;
-  explicit ExpertsActor(std::unique_ptr<ExpertShard> shard) : shard_(std::move(shard)) {}
-  void Handle(ComputeExpertBatch m) { m.reply(ComputeBatch(*shard_, m.batch)); }
+  using Message = std::variant<ComputeExpertBatch, InstallPlacement, RetirePlacement>;
+  explicit ExpertsActor(std::unique_ptr<ExpertShard> shard) {
+    shards_[0] = std::shared_ptr<const ExpertShard>(std::move(shard));
+  }
+  void Handle(ComputeExpertBatch m);
+  void Handle(InstallPlacement m) { shards_[m.placement] = std::move(m.shard); }
+  void Handle(RetirePlacement m) {
+    if (m.placement != 0) shards_.erase(m.placement);
+  }
 
  private:
-  std::unique_ptr<ExpertShard> shard_;
+  std::map<uint64_t, std::shared_ptr<const ExpertShard>> shards_;
 };
 
 class ExpertComputeService final : public v1::ExpertCompute::CallbackService {
  public:
-  explicit ExpertComputeService(runtime::ActorRef<ComputeExpertBatch> experts)
+  explicit ExpertComputeService(runtime::ActorRef<ExpertsActor::Message> experts)
       : experts_(std::move(experts)) {}
   grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* Compute(
       grpc::CallbackServerContext* context) override;
@@ -56,7 +76,7 @@ class ExpertComputeService final : public v1::ExpertCompute::CallbackService {
   absl::Time last_batch() const { return absl::FromUnixMicros(last_batch_us_.load()); }
 
  private:
-  runtime::ActorRef<ComputeExpertBatch> experts_;
+  runtime::ActorRef<ExpertsActor::Message> experts_;
   std::atomic<uint64_t> batches_{0}, assignments_{0};
   std::atomic<int64_t> in_flight_{0}, last_batch_us_{0};
 };

@@ -40,6 +40,20 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const std::string
   return shard;
 }
 
+absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::LoadPlaced(
+    const std::string& model_dir, const ShardSpec& spec,
+    std::function<bool(int64_t layer, int64_t expert)> holds) {
+  SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(model_dir));
+  std::unique_ptr<ExpertShard> shard(new ExpertShard());
+  shard->config_ = ckpt->config();
+  model::LoadOptions options;
+  options.attention_side = false;
+  options.expert_filter = std::move(holds);
+  SPLITMOE_ASSIGN_OR_RETURN(shard->weights_, model::LoadWeights(*ckpt, options));
+  SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&shard->weights_));
+  return shard;
+}
+
 const model::LayerWeights* ExpertShard::Layer(int64_t layer) const {
   const int64_t main = config_.num_hidden_layers;
   if (layer >= 0 && layer < main) return &weights_.layers[static_cast<size_t>(layer)];
@@ -84,7 +98,7 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
     }
   }
   std::fill(out.begin(), out.end(), 0.0f);
-  for (int32_t e : experts_) {
+  for (int32_t e = 0; e < config_.n_routed_experts; ++e) {
     if (rows[e].empty()) continue;
     engine::AccumulateExpert(*w->experts[static_cast<size_t>(e)], hidden.data(), h, rows[e],
                              gate[e], out.data());

@@ -10,6 +10,7 @@
 #define SPLITMOE_EXPERT_SERVICE_EXPERT_SHARD_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -34,8 +35,13 @@ class ExpertShard {
  public:
   static absl::StatusOr<std::unique_ptr<ExpertShard>> Load(const std::string& model_dir,
                                                            const ShardSpec& spec);
+  // The experts of an EPLB placement: (layer, expert) where `holds` is true.
+  static absl::StatusOr<std::unique_ptr<ExpertShard>> LoadPlaced(
+      const std::string& model_dir, const ShardSpec& spec,
+      std::function<bool(int64_t layer, int64_t expert)> holds);
 
   const model::ModelConfig& config() const { return config_; }
+  // Under contiguous placement (Load): the experts of every MoE layer; placed: none listed.
   const std::vector<int32_t>& experts() const { return experts_; }
   // fp32 bytes of expert weights resident in this process.
   uint64_t resident_bytes() const { return weights_.bytes(); }

@@ -9,6 +9,7 @@
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
 #include "expert_service/expert_service.h"
+#include "expert_service/placement_loader.h"
 
 namespace splitmoe::expert_service {
 
@@ -16,6 +17,7 @@ absl::Status RunExpert(const ExpertOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<ExpertShard> shard,
                             ExpertShard::Load(options.model_dir, options.shard));
   const uint64_t resident = shard->resident_bytes();
+  const int64_t n_routed_experts = shard->config().n_routed_experts;
   std::vector<int32_t> experts = shard->experts();
   // The experts actor owns the shard; the service only posts to it.
   runtime::Actor<ExpertsActor> actor("experts", std::make_unique<ExpertsActor>(std::move(shard)));
@@ -26,9 +28,13 @@ absl::Status RunExpert(const ExpertOptions& options) {
   // The routing table, as every worker sees it: the drain below waits until it no longer lists
   // this replica.
   std::unique_ptr<expert_plane::RoutingTableWatcher> table;
+  // EPLB: the placements the table names, loaded beside the default one.
+  std::unique_ptr<PlacementLoader> placements;
   const std::string address = rpc::AdvertisedAddress(server.address);
   if (!options.router.empty()) {
     table = expert_plane::RoutingTableWatcher::Start(options.router);
+    placements = std::make_unique<PlacementLoader>(options.model_dir, options.shard,
+                                                   n_routed_experts, table.get(), actor.ref());
     v1::RegisterRequest request;
     request.set_role(v1::WORKER_ROLE_EXPERT);
     request.set_address(address);
@@ -38,9 +44,11 @@ absl::Status RunExpert(const ExpertOptions& options) {
     SPLITMOE_ASSIGN_OR_RETURN(std::string fingerprint, rpc::ModelFingerprint(options.model_dir));
     request.set_model_fingerprint(fingerprint);
     SPLITMOE_ASSIGN_OR_RETURN(membership,
-                              rpc::Registration::Start(options.router, request, [&service] {
+                              rpc::Registration::Start(options.router, request, [&] {
                                 v1::WorkerLoad load;
                                 load.set_tokens_processed(service.assignments());
+                                for (uint64_t id : placements->Ready())
+                                  load.add_placements_ready(id);
                                 return load;
                               }));
   }
@@ -72,6 +80,7 @@ absl::Status RunExpert(const ExpertOptions& options) {
     }
     absl::SleepFor(absl::Milliseconds(10));
   }
+  placements.reset();
   table.reset();
   std::cerr << "expert " << options.shard.shard << ": drained (" << service.in_flight()
             << " batches in flight)\n";

@@ -2,10 +2,14 @@
 
 #include <algorithm>
 #include <functional>
+#include <iostream>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/base/mix64.h"
+#include "common/base/status_macros.h"
+#include "common/routing/eplb.h"
 
 namespace splitmoe::router {
 
@@ -166,6 +170,12 @@ v1::HeartbeatResponse WorkerRegistry::Heartbeat(const v1::HeartbeatRequest& r, a
   }
   it->second.last_heartbeat = now;
   v1::WorkerLoad load = r.load();
+  if (it->second.status.role() == v1::WORKER_ROLE_EXPERT &&
+      !std::equal(load.placements_ready().begin(), load.placements_ready().end(),
+                  it->second.status.load().placements_ready().begin(),
+                  it->second.status.load().placements_ready().end())) {
+    placement_progress_ = true;
+  }
   if (load.has_moe()) Accumulate(it->second.status.address(), load.moe());
   load.clear_moe();  // only the totals are kept
   *it->second.status.mutable_load() = std::move(load);
@@ -224,8 +234,12 @@ bool WorkerRegistry::RefreshTable() {
     *pool->mutable_experts() = {experts.begin(), experts.end()};
     for (int32_t e : experts) next.set_expert_to_shard(e, shard);
   }
+  MaybeSwitchPlacement();
+  // Replicas serve once they hold the placement in force (a replica that joined after a
+  // rebalance loads it first).
   for (const auto& [id, w] : workers_) {  // by worker id: a stable replica order
     if (w.status.role() != v1::WORKER_ROLE_EXPERT || !w.status.healthy()) continue;
+    if (!Holds(w.status, placement_.id())) continue;
     for (v1::ExpertPool& pool : *next.mutable_pools()) {
       if (pool.shard() != w.status.shard()) continue;
       v1::ExpertReplica* r = pool.add_replicas();
@@ -238,11 +252,135 @@ bool WorkerRegistry::RefreshTable() {
     b->set_layer(balancer_layer_[i]);
     *b->mutable_bias() = {balancers_[i].bias().begin(), balancers_[i].bias().end()};
   }
+  if (placement_.id() != 0) *next.mutable_placement() = placement_;
+  if (next_placement_.id() != 0) *next.mutable_next_placement() = next_placement_;
   next.set_version(table_.version());
   if (next.SerializeAsString() == table_.SerializeAsString()) return false;
   next.set_version(table_.version() + 1);
   table_ = std::move(next);
   return true;
+}
+
+bool WorkerRegistry::Holds(const v1::WorkerStatus& w, uint64_t placement) {
+  if (placement == 0) return true;
+  const auto& ready = w.load().placements_ready();
+  return std::find(ready.begin(), ready.end(), placement) != ready.end();
+}
+
+std::map<int32_t, uint64_t> WorkerRegistry::ShardTokens() const {
+  std::map<int32_t, uint64_t> out;
+  for (const auto& [shard, experts] : shard_experts_) out[shard] = 0;
+  for (const auto& [id, w] : workers_) {
+    if (w.status.role() == v1::WORKER_ROLE_EXPERT)
+      out[w.status.shard()] += w.status.load().tokens_processed();
+  }
+  return out;
+}
+
+bool WorkerRegistry::MaybeSwitchPlacement() {
+  if (next_placement_.id() == 0) return false;
+  std::set<int32_t> used, served;
+  for (const v1::LayerPlacement& l : next_placement_.layers()) {
+    for (const v1::ExpertCopies& c : l.experts()) used.insert(c.shards().begin(), c.shards().end());
+  }
+  for (const auto& [id, w] : workers_) {
+    if (w.status.role() != v1::WORKER_ROLE_EXPERT || !w.status.healthy()) continue;
+    if (!Holds(w.status, next_placement_.id())) return false;  // still loading
+    served.insert(w.status.shard());
+  }
+  for (int32_t shard : used) {
+    if (!served.count(shard)) return false;
+  }
+  std::cerr << "router: placement " << next_placement_.id() << " loaded by every expert replica: "
+            << "switching the routing table to it\n";
+  placement_ = std::move(next_placement_);
+  next_placement_.Clear();
+  shard_tokens_at_switch_ = ShardTokens();
+  placement_progress_ = true;
+  return true;
+}
+
+bool WorkerRegistry::TakePlacementProgress() {
+  const bool progress = placement_progress_;
+  placement_progress_ = false;
+  return progress;
+}
+
+absl::StatusOr<v1::RebalanceResponse> WorkerRegistry::Rebalance(const v1::RebalanceRequest& r) {
+  const auto n = static_cast<int32_t>(config_.n_routed_experts);
+  if (shard_experts_.empty()) {
+    return absl::FailedPreconditionError("rebalance: no expert shard has registered");
+  }
+  const auto shards = static_cast<int32_t>(shard_experts_.size());
+  if (shard_experts_.rbegin()->first != shards - 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rebalance: expert shards must be numbered 0..", shards - 1, "; shard ",
+        shard_experts_.rbegin()->first, " is registered"));
+  }
+  if (r.redundant_experts() < 0) {
+    return absl::InvalidArgumentError("rebalance: redundant_experts must be >= 0");
+  }
+  const int32_t redundant = r.redundant_experts() > 0 ? r.redundant_experts() : std::max(1, n / 8);
+  const int32_t slots = (n + redundant + shards - 1) / shards;
+  const bool keep_homes = routing_.max_devices > 0 && routing_.max_devices < shards;
+  std::vector<int32_t> homes;
+  if (keep_homes) homes.assign(table_.expert_to_shard().begin(), table_.expert_to_shard().end());
+  for (int32_t h : homes) {
+    if (h < 0) return absl::FailedPreconditionError("rebalance: an expert has no shard");
+  }
+  // The per-layer placement in force, to compare against.
+  std::map<int32_t, routing::LayerPlacement> current;
+  for (const v1::LayerPlacement& l : placement_.layers()) {
+    routing::LayerPlacement p;
+    p.shard_experts.resize(static_cast<size_t>(shards));
+    for (int32_t e = 0; e < l.experts_size(); ++e) {
+      for (int32_t s : l.experts(e).shards()) {
+        p.expert_shards.resize(static_cast<size_t>(n));
+        p.expert_shards[static_cast<size_t>(e)].push_back(s);
+        if (s >= 0 && s < shards) p.shard_experts[static_cast<size_t>(s)].push_back(e);
+      }
+    }
+    current[l.layer()] = std::move(p);
+  }
+  routing::LayerPlacement by_table;
+  by_table.expert_shards.resize(static_cast<size_t>(n));
+  by_table.shard_experts.resize(static_cast<size_t>(shards));
+  for (int32_t e = 0; e < n && e < table_.expert_to_shard_size(); ++e) {
+    const int32_t s = table_.expert_to_shard(e);
+    if (s < 0 || s >= shards) continue;
+    by_table.expert_shards[static_cast<size_t>(e)].push_back(s);
+    by_table.shard_experts[static_cast<size_t>(s)].push_back(e);
+  }
+  v1::RebalanceResponse response;
+  response.set_mode(keep_homes ? "homes kept" : "packed");
+  v1::Placement* out = response.mutable_placement();
+  double before = 0, after = 0;
+  int layers = 0;
+  for (size_t l = 0; l < expert_tokens_.size(); ++l) {
+    if (expert_tokens_[l].empty()) continue;
+    const std::vector<double> load(expert_tokens_[l].begin(), expert_tokens_[l].end());
+    SPLITMOE_ASSIGN_OR_RETURN(routing::LayerPlacement p,
+                              routing::BalancedPlacement(load, shards, slots, homes));
+    auto cur = current.find(static_cast<int32_t>(l));
+    before += routing::ExpectedMaxVio(load, cur != current.end() ? cur->second : by_table);
+    after += routing::ExpectedMaxVio(load, p);
+    ++layers;
+    v1::LayerPlacement* lp = out->add_layers();
+    lp->set_layer(static_cast<int32_t>(l));
+    for (const std::vector<int32_t>& copies : p.expert_shards)
+      *lp->add_experts()->mutable_shards() = {copies.begin(), copies.end()};
+  }
+  if (layers == 0) return absl::FailedPreconditionError("rebalance: the model has no MoE layer");
+  response.set_expected_max_vio_before(before / layers);
+  response.set_expected_max_vio_after(after / layers);
+  if (r.dry_run()) return response;
+  // Ids differ across router incarnations, so a replica never mistakes an old router's
+  // placement for this one's.
+  out->set_id((std::hash<std::string>{}(routing_.router_id) & 0xffffffffULL) << 20 |
+              ++placements_issued_);
+  next_placement_ = *out;
+  placement_progress_ = true;
+  return response;
 }
 
 bool WorkerRegistry::TableComplete() const {
@@ -334,6 +472,17 @@ v1::ClusterStatusResponse WorkerRegistry::Status(absl::Time now) const {
   routing->set_bias_update_rate(routing_.bias_update_rate);
   routing->set_failovers(failovers_);
   routing->set_bias_updates(bias_updates_);
+  routing->set_placement_id(placement_.id());
+  routing->set_next_placement_id(next_placement_.id());
+  {
+    std::vector<uint64_t> since;
+    for (const auto& [shard, tokens] : ShardTokens()) {
+      auto at = shard_tokens_at_switch_.find(shard);
+      const uint64_t base = at != shard_tokens_at_switch_.end() ? at->second : 0;
+      since.push_back(tokens > base ? tokens - base : 0);
+    }
+    routing->set_shard_max_vio(MaxVio(since));
+  }
   for (const auto& [shard, experts] : shard_experts_) {
     v1::PoolStatus* pool = response.add_pools();
     pool->set_shard(shard);
@@ -345,6 +494,7 @@ v1::ClusterStatusResponse WorkerRegistry::Status(absl::Time now) const {
       r->set_address(w.status.address());
       r->set_healthy(w.status.healthy());
       r->set_tokens(w.status.load().tokens_processed());
+      *r->mutable_placements_ready() = w.status.load().placements_ready();
     }
   }
   return response;

@@ -65,6 +65,18 @@ class WorkerRegistry {
   // Zero bias (e.g. after a placement change).
   void ResetBias();
 
+  // EPLB (routing/eplb.h): a placement of every MoE layer's experts from the loads observed
+  // since start, with `redundant_experts` extra copies per layer (0: max(1, experts / 8)).
+  // Unless `dry_run`, it becomes the table's next_placement: expert replicas load it, and the
+  // table switches to it once every live replica holds it (MaybeSwitchPlacement). With a device
+  // limit below the number of shards, every expert's home stays (only copies are added), so
+  // device-limited routing is unchanged. FailedPrecondition without expert shards numbered
+  // 0..S-1 or without MoE layers.
+  absl::StatusOr<v1::RebalanceResponse> Rebalance(const v1::RebalanceRequest& request);
+  // True (once) when a heartbeat changed which placements the expert replicas hold, or the
+  // placement in force changed: the table should be refreshed and published.
+  bool TakePlacementProgress();
+
   // Healthy workers of a role, least loaded (requests in flight) first.
   std::vector<const v1::WorkerStatus*> Healthy(v1::WorkerRole role) const;
   v1::ClusterStatusResponse Status(absl::Time now) const;
@@ -78,6 +90,13 @@ class WorkerRegistry {
   // Adds what `stats` (cumulative, from the worker at `address`) counts beyond the last report
   // from that address.
   void Accumulate(const std::string& address, const v1::MoeStats& stats);
+  // Switches to next_placement_ when every live expert replica holds it and every shard it uses
+  // has one; true when it did.
+  bool MaybeSwitchPlacement();
+  // Whether a live replica holds `placement` (0, the default, always).
+  static bool Holds(const v1::WorkerStatus& w, uint64_t placement);
+  // Token-expert assignments computed per shard by its replicas now.
+  std::map<int32_t, uint64_t> ShardTokens() const;
 
   model::ModelConfig config_;
   absl::Duration heartbeat_interval_;
@@ -103,6 +122,12 @@ class WorkerRegistry {
   std::vector<routing::ExpertLoadBalancer> balancers_;  // per layer, when the bias is on
   std::vector<int32_t> balancer_layer_;
   uint64_t bias_updates_ = 0;
+  // EPLB: the placement in force (id 0: expert_to_shard), the one being loaded, ids issued, the
+  // shards' token counts when the placement in force began.
+  v1::Placement placement_, next_placement_;
+  uint64_t placements_issued_ = 0;
+  bool placement_progress_ = false;
+  std::map<int32_t, uint64_t> shard_tokens_at_switch_;
 };
 
 // MaxVio of one layer's loads: max_i load_i / mean - 1 (0 for no load).

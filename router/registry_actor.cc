@@ -13,6 +13,17 @@ void RegistryActor::Handle(RegisterWorker m) {
 
 void RegistryActor::Handle(WorkerHeartbeat m) {
   m.reply(registry_.Heartbeat(m.request, absl::Now()));
+  // An expert replica that finished loading a placement may complete the switch to it.
+  if (registry_.TakePlacementProgress()) PublishTable(absl::Now());
+}
+
+void RegistryActor::Handle(RebalanceExperts m) {
+  absl::StatusOr<v1::RebalanceResponse> r = registry_.Rebalance(m.request);
+  if (r.ok() && !m.request.dry_run()) {
+    (void)registry_.TakePlacementProgress();
+    PublishTable(absl::Now());
+  }
+  m.reply(std::move(r));
 }
 
 void RegistryActor::Handle(DeregisterWorker m) {

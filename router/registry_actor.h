@@ -52,11 +52,16 @@ struct SweepWorkers {};
 struct AddTableWatcher {
   std::function<bool(const v1::RoutingTable&)> write;
 };
+// EPLB: compute a placement and (unless a dry run) start loading it (Registry.Rebalance).
+struct RebalanceExperts {
+  v1::RebalanceRequest request;
+  runtime::Reply<v1::RebalanceResponse> reply;
+};
 
 class RegistryActor {
  public:
   using Message = std::variant<RegisterWorker, WorkerHeartbeat, DeregisterWorker, GetClusterStatus,
-                               SweepWorkers, AddTableWatcher>;
+                               SweepWorkers, AddTableWatcher, RebalanceExperts>;
 
   // `generation` (may be empty) receives the healthy prefill and decode workers after every
   // change; `requests_in_flight` (may be null) is the front door's gauge for ClusterStatus.
@@ -76,6 +81,7 @@ class RegistryActor {
   void Handle(GetClusterStatus m);
   void Handle(SweepWorkers m, runtime::Context<Message>& ctx);
   void Handle(AddTableWatcher m);
+  void Handle(RebalanceExperts m);
 
   // The table watchers receive (for tests).
   const v1::RoutingTable& table() const { return registry_.table(); }

@@ -52,6 +52,18 @@ grpc::ServerUnaryReactor* RegistryService::ClusterStatus(
   return reactor;
 }
 
+grpc::ServerUnaryReactor* RegistryService::Rebalance(grpc::CallbackServerContext* ctx,
+                                                     const v1::RebalanceRequest* request,
+                                                     v1::RebalanceResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  registry_.Send(
+      RebalanceExperts{*request, [reactor, response](absl::StatusOr<v1::RebalanceResponse> r) {
+                         if (r.ok()) *response = std::move(*r);
+                         reactor->Finish(rpc::ToGrpcStatus(r.status()));
+                       }});
+  return reactor;
+}
+
 grpc::ServerWriteReactor<v1::RoutingTable>* RegistryService::WatchRoutingTable(
     grpc::CallbackServerContext* /*ctx*/, const v1::WatchRoutingTableRequest* /*request*/) {
   auto [reactor, stream] = rpc::ServerStream<v1::RoutingTable>::Create(nullptr);

@@ -30,6 +30,9 @@ class RegistryService final : public v1::Registry::CallbackService {
                                           v1::ClusterStatusResponse* response) override;
   grpc::ServerWriteReactor<v1::RoutingTable>* WatchRoutingTable(
       grpc::CallbackServerContext* ctx, const v1::WatchRoutingTableRequest* request) override;
+  grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
+                                      const v1::RebalanceRequest* request,
+                                      v1::RebalanceResponse* response) override;
 
  private:
   runtime::ActorRef<RegistryActor::Message> registry_;

@@ -124,6 +124,25 @@ std::shared_ptr<const DirectMoeExecutor::View> DirectMoeExecutor::ViewOf(
                    : nullptr);
     if (w != nullptr) v.bias[l] = w->gate_bias;
   }
+  v.placement_id = table->placement().id();
+  v.primary.resize(layers);
+  v.copies.resize(layers);
+  for (const v1::LayerPlacement& l : table->placement().layers()) {
+    if (l.layer() < 0 || static_cast<size_t>(l.layer()) >= layers || l.experts_size() != n) continue;
+    std::vector<int32_t> primary(static_cast<size_t>(n), -1);
+    std::vector<std::vector<int32_t>> copies(static_cast<size_t>(n));
+    bool ok = true;
+    for (int64_t e = 0; e < n && ok; ++e) {
+      const auto& c = l.experts(static_cast<int>(e)).shards();
+      copies[static_cast<size_t>(e)].assign(c.begin(), c.end());
+      ok = !c.empty();
+      for (int32_t s : c) ok = ok && s >= 0 && s < shards;
+      if (ok) primary[static_cast<size_t>(e)] = c[0];
+    }
+    if (!ok) continue;  // a malformed layer: the default placement serves it
+    v.primary[static_cast<size_t>(l.layer())] = std::move(primary);
+    v.copies[static_cast<size_t>(l.layer())] = std::move(copies);
+  }
   for (const v1::LayerBias& b : table->online_bias()) {
     if (b.layer() < 0 || static_cast<size_t>(b.layer()) >= layers || b.bias_size() != n) continue;
     std::vector<float>& bias = v.bias[static_cast<size_t>(b.layer())];
@@ -284,10 +303,14 @@ absl::Status DirectMoeExecutor::Prepare(Call& call, const float* x, const float*
           view.table->version(), ")"));
     }
   }
+  const bool placed = !view.primary[static_cast<size_t>(layer)].empty();
   absl::StatusOr<std::vector<routing::ShardBatch>> plan = routing::PlanDispatch(
       config_, absl::MakeConstSpan(scores, static_cast<size_t>(rows * n)), rows,
-      view.bias[static_cast<size_t>(layer)], view.expert_to_shard,
-      static_cast<int32_t>(view.pools.size()), view.table->max_devices());
+      view.bias[static_cast<size_t>(layer)],
+      placed ? view.primary[static_cast<size_t>(layer)] : view.expert_to_shard,
+      static_cast<int32_t>(view.pools.size()), view.table->max_devices(),
+      placed ? absl::MakeConstSpan(view.copies[static_cast<size_t>(layer)])
+             : absl::Span<const std::vector<int32_t>>());
   if (!plan.ok()) return plan.status();
   Count(layer, *plan, rows);
 
@@ -339,6 +362,7 @@ void DirectMoeExecutor::Call::Send(size_t i, const std::string& address) {
   eb.set_layer(static_cast<int32_t>(layer_));
   eb.set_tokens(static_cast<int32_t>(p.batch.rows.size()));
   eb.set_dtype(options.dtype);
+  eb.set_placement_id(view_->placement_id);
   std::string* hidden = eb.mutable_hidden();
   hidden->reserve(p.batch.rows.size() * h * width);
   for (int32_t row : p.batch.rows)

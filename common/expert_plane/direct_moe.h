@@ -104,6 +104,11 @@ class DirectMoeExecutor : public engine::MoeExecutor {
     std::vector<int32_t> expert_to_shard;
     std::vector<const v1::ExpertPool*> pools;  // by shard id; null where no pool
     std::vector<std::vector<float>> bias;      // [layers][n_routed] or empty
+    // EPLB placement in force (id 0: none): per layer (empty: expert_to_shard) each expert's
+    // primary shard and all its copies.
+    uint64_t placement_id = 0;
+    std::vector<std::vector<int32_t>> primary;               // [layers][n_routed]
+    std::vector<std::vector<std::vector<int32_t>>> copies;   // [layers][n_routed] -> shards
   };
   class Call;
   std::shared_ptr<const View> ViewOf(std::shared_ptr<const v1::RoutingTable> table);

@@ -1,5 +1,6 @@
 #include "common/routing/moe_plan.h"
 
+#include <algorithm>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -18,11 +19,10 @@ bool GroupAligned(const model::ModelConfig& config, absl::Span<const int32_t> ex
   return true;
 }
 
-absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& config,
-                                                     absl::Span<const float> scores, int64_t tokens,
-                                                     absl::Span<const float> bias,
-                                                     absl::Span<const int32_t> expert_to_shard,
-                                                     int32_t num_shards, int32_t max_devices) {
+absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(
+    const model::ModelConfig& config, absl::Span<const float> scores, int64_t tokens,
+    absl::Span<const float> bias, absl::Span<const int32_t> expert_to_shard, int32_t num_shards,
+    int32_t max_devices, absl::Span<const std::vector<int32_t>> copies) {
   const int64_t n = config.n_routed_experts;
   if (tokens < 0 || static_cast<int64_t>(scores.size()) != tokens * n) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -32,6 +32,26 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& c
       (!bias.empty() && static_cast<int64_t>(bias.size()) != n)) {
     return absl::InvalidArgumentError("placement or bias does not cover every routed expert");
   }
+  if (!copies.empty()) {
+    if (static_cast<int64_t>(copies.size()) != n) {
+      return absl::InvalidArgumentError("expert copies do not cover every routed expert");
+    }
+    for (int64_t e = 0; e < n; ++e) {
+      const auto& on = copies[static_cast<size_t>(e)];
+      if (on.empty() || on.front() != expert_to_shard[e]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("expert ", e, "'s copies do not start with its primary shard"));
+      }
+      for (int32_t s : on) {
+        if (s < 0 || s >= num_shards) {
+          return absl::InvalidArgumentError(absl::StrCat("expert ", e, " copy on shard ", s));
+        }
+      }
+    }
+  }
+  const bool limited = max_devices > 0 && max_devices < num_shards;
+  std::vector<int64_t> batch_load(copies.empty() ? 0 : static_cast<size_t>(num_shards), 0);
+  std::vector<int32_t> touched;
   std::optional<ExpertPlacement> placement;
   if (max_devices > 0 && max_devices < num_shards &&
       !(config.UsesGroups() && max_devices >= config.topk_group &&
@@ -54,8 +74,26 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& c
     } else {
       choice = engine::SelectExperts(config, row, bias);
     }
+    touched.clear();
     for (size_t i = 0; i < choice.experts.size(); ++i) {
-      const int32_t shard = expert_to_shard[choice.experts[i]];
+      int32_t shard = expert_to_shard[choice.experts[i]];
+      if (!copies.empty()) {
+        const std::vector<int32_t>& on = copies[static_cast<size_t>(choice.experts[i])];
+        int32_t best = -1;
+        for (int32_t s : on) {  // a shard this token already uses
+          if (std::find(touched.begin(), touched.end(), s) == touched.end()) continue;
+          if (best < 0 || batch_load[s] < batch_load[best]) best = s;
+        }
+        if (best < 0 && !limited) {
+          for (int32_t s : on) {
+            if (best < 0 || batch_load[s] < batch_load[best]) best = s;
+          }
+        }
+        shard = best >= 0 ? best : on.front();
+        ++batch_load[shard];
+        if (std::find(touched.begin(), touched.end(), shard) == touched.end())
+          touched.push_back(shard);
+      }
       if (shard < 0 || shard >= num_shards) {
         return absl::FailedPreconditionError(
             absl::StrCat("expert ", choice.experts[i], " has no service"));

@@ -37,11 +37,17 @@ bool GroupAligned(const model::ModelConfig& config, absl::Span<const int32_t> ex
 // expert_to_shard [n_routed] in [0, num_shards). max_devices > 0: device-limited routing
 // (DeviceLimitedTopK: every token's experts on at most that many services); 0: the model's own
 // selection unchanged. Shards with no token get no batch.
-absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(const model::ModelConfig& config,
-                                                     absl::Span<const float> scores, int64_t tokens,
-                                                     absl::Span<const float> bias,
-                                                     absl::Span<const int32_t> expert_to_shard,
-                                                     int32_t num_shards, int32_t max_devices = 0);
+//
+// `copies` [n_routed] (or empty): the shards holding each expert (redundant experts, EPLB); then
+// `expert_to_shard` names each expert's primary (the first of its copies), on which device-
+// limited selection counts. Each assignment goes to a copy on a shard the token already uses,
+// the least loaded of those in this batch; failing that, with a device limit, to the primary
+// (so a token never uses more shards than its primaries: the bound holds), without one, to the
+// least loaded copy. The selection itself never depends on the copies.
+absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(
+    const model::ModelConfig& config, absl::Span<const float> scores, int64_t tokens,
+    absl::Span<const float> bias, absl::Span<const int32_t> expert_to_shard, int32_t num_shards,
+    int32_t max_devices = 0, absl::Span<const std::vector<int32_t>> copies = {});
 
 // Adds a service's partial sums partial [batch.rows.size(), hidden] into out [tokens, hidden].
 void CombineShardOutput(const ShardBatch& batch, absl::Span<const float> partial, int64_t hidden,

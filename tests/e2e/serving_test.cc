@@ -1143,5 +1143,64 @@ TEST_F(ExpertPoolTest, ARouterRestartKeepsTheWorkersAndServesAgain) {
   ExpectConcurrentEqualsEngine(*cluster_, *engine_, MixedCases(engine_->config().vocab_size, 6, 23));
 }
 
+// EPLB applied live: `splitmoe rebalance` computes a placement from the loads the earlier
+// requests produced; every replica loads it while requests run, the table switches, and nothing
+// changes in the outputs. A replica killed afterwards comes back, loads the placement in force,
+// and only then rejoins its pool.
+TEST_F(ExpertPoolTest, RebalanceUnderLoadSwitchesThePlacementAndChangesNoOutput) {
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, LongCases(8, 51));
+  absl::SleepFor(absl::Milliseconds(300));  // heartbeats carry the loads
+  const CommandResult dry = RunSplitmoe("rebalance --endpoint " + cluster_->endpoint +
+                                        " --dry-run --json");
+  ASSERT_EQ(dry.rc, 0) << dry.out;
+  const nlohmann::json plan = nlohmann::json::parse(dry.out, nullptr, false);
+  ASSERT_FALSE(plan.is_discarded()) << dry.out;
+  EXPECT_EQ(plan["mode"], "packed");  // M = topk_group = 2 covers both shards
+  EXPECT_LE(plan["expected_max_vio_after"].get<double>(),
+            plan["expected_max_vio_before"].get<double>() + 1e-9);
+  EXPECT_EQ(cluster_->Status().routing().next_placement_id(), 0u) << "a dry run started loading";
+
+  CommandResult applied;
+  ExpectEqualsEngineDespite(LongCases(12, 53, 48), absl::Milliseconds(200), [&] {
+    applied = RunSplitmoe("rebalance --endpoint " + cluster_->endpoint + " --json");
+  });
+  ASSERT_EQ(applied.rc, 0) << applied.out;
+  const nlohmann::json done = nlohmann::json::parse(applied.out, nullptr, false);
+  ASSERT_FALSE(done.is_discarded()) << applied.out;
+  EXPECT_TRUE(done["switched"].get<bool>());
+  const uint64_t id = done["placement_id"].get<uint64_t>();
+  ASSERT_NE(id, 0u);
+  std::printf("rebalance: placement %llu in force after %.0f ms, expected MaxVio per shard %.3f -> "
+              "%.3f\n",
+              static_cast<unsigned long long>(id), done["switch_ms"].get<double>(),
+              done["expected_max_vio_before"].get<double>(),
+              done["expected_max_vio_after"].get<double>());
+  auto holders = [&](int32_t shard) {
+    int n = 0;
+    const v1::ClusterStatusResponse status = cluster_->Status();
+    for (const auto& pool : status.pools()) {
+      if (pool.shard() != shard) continue;
+      for (const auto& r : pool.replicas()) {
+        const auto& ready = r.placements_ready();
+        n += r.healthy() && std::find(ready.begin(), ready.end(), id) != ready.end();
+      }
+    }
+    return n;
+  };
+  EXPECT_EQ(cluster_->Status().routing().placement_id(), id);
+  EXPECT_EQ(holders(0), 2);
+  EXPECT_EQ(holders(1), 2);
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, LongCases(8, 57));
+
+  const std::vector<pid_t> pool = ChildrenMatching(cluster_->up->pid(), {" expert ", " --shard 1 "});
+  ASSERT_EQ(pool.size(), 2u);
+  ExpectEqualsEngineDespite(LongCases(10, 59, 32), absl::Milliseconds(200),
+                            [&] { ::kill(pool[0], SIGKILL); });
+  const absl::Time end = absl::Now() + absl::Seconds(60);
+  while (holders(1) < 2 && absl::Now() < end) absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_EQ(holders(1), 2) << "the restarted replica did not load the placement in force";
+  ExpectConcurrentEqualsEngine(*cluster_, *engine_, LongCases(6, 61));
+}
+
 }  // namespace
 }  // namespace splitmoe

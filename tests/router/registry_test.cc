@@ -218,6 +218,76 @@ struct Watcher {
   }
 };
 
+// EPLB through the registry: a dry run changes nothing; a real one is announced as
+// next_placement, the table switches only once every live replica holds it (pools then list only
+// replicas that hold it), and with a device limit below the shard count every home stays.
+TEST(RegistryTest, RebalanceSwitchesOnlyOnceEveryReplicaHoldsThePlacement) {
+  for (int32_t m : {0, 1}) {
+    SCOPED_TRACE(::testing::Message() << "max devices " << m);
+    WorkerRegistry r = Make({.max_devices = m, .router_id = "r1"});
+    auto a = r.Register(Expert(0, {0, 1, 2, 3}, "a:1"), kT0);
+    auto b = r.Register(Expert(1, {4, 5, 6, 7}, "b:1"), kT0);
+    auto c = r.Register(Expert(1, {4, 5, 6, 7}, "c:1"), kT0);
+    v1::RegisterRequest decode;
+    decode.set_role(v1::WORKER_ROLE_DECODE);
+    decode.set_address("d:1");
+    auto d = r.Register(decode, kT0);
+    ASSERT_TRUE(a.ok() && b.ok() && c.ok() && d.ok());
+    ASSERT_TRUE(r.RefreshTable());
+    // Expert 5 carries almost everything in layer 1.
+    r.Heartbeat(Stats(d->worker_id(), {1, 1, 1, 1, 1, 90, 1, 1}, {0, 96}), kT0);
+    v1::RebalanceRequest dry;
+    dry.set_dry_run(true);
+    auto plan = r.Rebalance(dry);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    EXPECT_EQ(plan->mode(), m == 1 ? "homes kept" : "packed");
+    EXPECT_GT(plan->expected_max_vio_before(), plan->expected_max_vio_after());
+    EXPECT_FALSE(r.RefreshTable()) << "a dry run changed the table";
+    EXPECT_EQ(r.table().next_placement().id(), 0u);
+
+    auto applied = r.Rebalance({});
+    ASSERT_TRUE(applied.ok()) << applied.status();
+    const uint64_t id = applied->placement().id();
+    EXPECT_NE(id, 0u);
+    ASSERT_EQ(applied->placement().layers_size(), 2);  // MoE layers 1 and 2
+    const v1::LayerPlacement& l1 = applied->placement().layers(0);
+    EXPECT_EQ(l1.layer(), 1);
+    ASSERT_EQ(l1.experts_size(), 8);
+    EXPECT_EQ(l1.experts(5).shards_size(), 2) << "the hot expert got the redundant copy";
+    if (m == 1) {
+      for (int e = 0; e < 8; ++e) EXPECT_EQ(l1.experts(e).shards(0), e / 4) << "home moved";
+    }
+    ASSERT_TRUE(r.RefreshTable());
+    EXPECT_EQ(r.table().next_placement().id(), id);
+    EXPECT_EQ(r.table().placement().id(), 0u);
+    auto ready = [&](const absl::StatusOr<v1::RegisterResponse>& w, std::vector<uint64_t> ids) {
+      v1::HeartbeatRequest beat;
+      beat.set_worker_id(w->worker_id());
+      *beat.mutable_load()->mutable_placements_ready() = {ids.begin(), ids.end()};
+      r.Heartbeat(beat, kT0);
+    };
+    ready(a, {0, id});
+    ready(b, {0, id});
+    EXPECT_TRUE(r.TakePlacementProgress());
+    r.RefreshTable();
+    EXPECT_EQ(r.table().placement().id(), 0u) << "switched while c still loads";
+    ready(c, {0, id});
+    EXPECT_TRUE(r.TakePlacementProgress());
+    ASSERT_TRUE(r.RefreshTable());
+    EXPECT_EQ(r.table().placement().id(), id);
+    EXPECT_EQ(r.table().next_placement().id(), 0u);
+    EXPECT_EQ(r.Status(kT0).routing().placement_id(), id);
+    // A replica that joins now serves only once it holds the placement in force.
+    auto late = r.Register(Expert(1, {4, 5, 6, 7}, "e:1"), kT0);
+    ASSERT_TRUE(late.ok());
+    r.RefreshTable();
+    EXPECT_EQ(r.table().pools(1).replicas_size(), 2);
+    ready(late, {0, id});
+    r.RefreshTable();
+    EXPECT_EQ(r.table().pools(1).replicas_size(), 3);
+  }
+}
+
 TEST(RegistryActorTest, WatchersGetTheTableOnceCompleteThenEveryNewVersion) {
   runtime::ManualScheduler scheduler;
   runtime::Actor<RegistryActor> actor(

@@ -3,6 +3,7 @@
 // touches at most M services; combining the services' partial sums adds them per token.
 #include "common/routing/moe_plan.h"
 
+#include <algorithm>
 #include <map>
 #include <random>
 #include <set>
@@ -86,6 +87,67 @@ TEST(MoePlanTest, DeviceLimitBoundsTheServicesATokenTouches) {
       EXPECT_EQ(experts[t], 4) << "token " << t;
     }
   }
+}
+
+// Redundant copies (EPLB): the selection is unchanged (every token gets the same experts and
+// weights as without copies), every assignment lands on a shard holding a copy of its expert,
+// and with a device limit a token never uses more shards than its primaries.
+TEST(MoePlanTest, CopiesChangeOnlyWhereAssignmentsGo) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(::testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(0, 1);
+  const model::ModelConfig c = V3();
+  const int64_t tokens = 64;
+  for (int round = 0; round < 20; ++round) {
+    std::vector<float> scores(tokens * 16);
+    for (float& s : scores) s = u(rng);
+    std::vector<int32_t> primary(16);
+    std::vector<std::vector<int32_t>> copies(16);
+    for (int e = 0; e < 16; ++e) {
+      primary[e] = e / 4;
+      copies[e] = {primary[e]};
+      for (int32_t s = 0; s < 4; ++s) {
+        if (s != primary[e] && rng() % 3 == 0) copies[e].push_back(s);
+      }
+    }
+    for (int32_t m : {0, 2, 1}) {
+      auto plain = PlanDispatch(c, scores, tokens, {}, primary, 4, m);
+      auto copied = PlanDispatch(c, scores, tokens, {}, primary, 4, m, copies);
+      ASSERT_TRUE(plain.ok() && copied.ok());
+      auto by_token = [](const std::vector<ShardBatch>& plan) {
+        std::map<int32_t, std::set<std::pair<int32_t, float>>> out;
+        for (const ShardBatch& b : plan) {
+          for (size_t i = 0; i < b.rows.size(); ++i)
+            for (int32_t j = b.offsets[i]; j < b.offsets[i + 1]; ++j)
+              out[b.rows[i]].insert({b.expert_ids[j], b.weights[j]});
+        }
+        return out;
+      };
+      EXPECT_EQ(by_token(*plain), by_token(*copied)) << "M " << m;
+      std::map<int32_t, std::set<int32_t>> shards, primaries;
+      for (const ShardBatch& b : *copied) {
+        for (size_t i = 0; i < b.rows.size(); ++i) {
+          shards[b.rows[i]].insert(b.shard);
+          for (int32_t j = b.offsets[i]; j < b.offsets[i + 1]; ++j) {
+            const auto& on = copies[b.expert_ids[j]];
+            EXPECT_NE(std::find(on.begin(), on.end(), b.shard), on.end());
+            primaries[b.rows[i]].insert(primary[b.expert_ids[j]]);
+          }
+        }
+      }
+      if (m > 0) {
+        for (const auto& [t, used] : shards) {
+          EXPECT_LE(used.size(), primaries[t].size()) << "token " << t;
+          EXPECT_LE(used.size(), static_cast<size_t>(m)) << "token " << t;
+        }
+      }
+    }
+  }
+  std::vector<int32_t> primary(16, 0);
+  std::vector<std::vector<int32_t>> wrong(16, std::vector<int32_t>{1});  // primary not first
+  std::vector<float> scores(16, 0.5f);
+  EXPECT_FALSE(PlanDispatch(c, scores, 1, {}, primary, 4, 0, wrong).ok());
 }
 
 // With shards aligned to the expert groups and M = topk_group, device-limited routing is the

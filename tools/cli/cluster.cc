@@ -485,6 +485,83 @@ absl::Status ScaleCommand(int argc, char** argv) {
   return absl::OkStatus();
 }
 
+absl::Status RebalanceCommand(int argc, char** argv) {
+  Flags f;
+  SPLITMOE_RETURN_IF_ERROR(
+      f.Parse(argc, argv, 2, {"endpoint", "redundant-experts", "wait-s"}, {"dry-run", "json"}));
+  if (!f.Has("endpoint")) return absl::InvalidArgumentError("rebalance needs --endpoint HOST:PORT");
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t redundant, f.GetInt("redundant-experts", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t wait_s, f.GetInt("wait-s", 120));
+  if (redundant < 0 || wait_s < 0) {
+    return absl::InvalidArgumentError("--redundant-experts and --wait-s must be >= 0");
+  }
+  auto registry = v1::Registry::NewStub(grpc::CreateCustomChannel(
+      f.Get("endpoint"), grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+  v1::RebalanceRequest request;
+  request.set_redundant_experts(static_cast<int32_t>(redundant));
+  request.set_dry_run(f.Has("dry-run"));
+  v1::RebalanceResponse response;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    SPLITMOE_RETURN_IF_ERROR(rpc::FromGrpcStatus(registry->Rebalance(&ctx, request, &response)));
+  }
+  const v1::Placement& p = response.placement();
+  // Copies per shard, summed over layers (what each replica of a shard will hold).
+  std::map<int32_t, int64_t> per_shard;
+  for (const v1::LayerPlacement& l : p.layers()) {
+    for (const v1::ExpertCopies& c : l.experts()) {
+      for (int32_t s : c.shards()) ++per_shard[s];
+    }
+  }
+  const absl::Time start = absl::Now();
+  bool switched = false;
+  if (!f.Has("dry-run")) {
+    while (absl::Now() - start < absl::Seconds(wait_s)) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      v1::ClusterStatusResponse status;
+      if (registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status).ok() &&
+          status.routing().placement_id() == p.id()) {
+        switched = true;
+        break;
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+  }
+  const double switch_ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+  if (f.Has("json")) {
+    json shards = json::object();
+    for (const auto& [s, n] : per_shard) shards[std::to_string(s)] = n;
+    json out = {{"placement_id", p.id()},
+                {"mode", response.mode()},
+                {"layers", p.layers_size()},
+                {"expected_max_vio_before", response.expected_max_vio_before()},
+                {"expected_max_vio_after", response.expected_max_vio_after()},
+                {"expert_copies_per_shard", shards},
+                {"dry_run", f.Has("dry-run")},
+                {"switched", switched}};
+    if (switched) out["switch_ms"] = switch_ms;
+    std::cout << out.dump(2) << "\n";
+  } else {
+    std::cout << "placement " << p.id() << " (" << response.mode() << ", " << p.layers_size()
+              << " MoE layers): expected MaxVio per shard " << response.expected_max_vio_before()
+              << " -> " << response.expected_max_vio_after() << "; expert copies per shard:";
+    for (const auto& [s, n] : per_shard) std::cout << " " << s << ":" << n;
+    std::cout << "\n";
+    if (switched) {
+      std::cout << "every replica loaded it; the routing table switched after "
+                << static_cast<int64_t>(switch_ms) << " ms\n";
+    }
+  }
+  if (!f.Has("dry-run") && !switched) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "placement ", p.id(), " was not in force after ", wait_s,
+        " s (a replica still loading it, or a shard without a live replica)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status GenerateRemote(const Flags& f) {
   auto stub = GenerationStub(f.Get("endpoint"));
   SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RemotePrompt(f, *stub));

@@ -20,6 +20,9 @@ absl::Status UpCommand(int argc, char** argv);
 // `scale --endpoint E --shard K --replicas R`: asks the `up` that started cluster E to grow or
 // shrink shard K's pool, then waits until the router sees R live replicas.
 absl::Status ScaleCommand(int argc, char** argv);
+// `splitmoe rebalance --endpoint E [--redundant-experts N] [--dry-run] [--wait-s S] [--json]`:
+// EPLB from the router's observed loads; applied live unless --dry-run (waits until in force).
+absl::Status RebalanceCommand(int argc, char** argv);
 // `f` was parsed by the single-process command and has --endpoint.
 absl::Status GenerateRemote(const Flags& f);
 absl::Status ScoreRemote(const Flags& f);

@@ -371,6 +371,10 @@ absl::Status Status(int argc, char** argv) {
                                                         r.bias_updates(), " updates")
                                          : std::string("off"))
             << ", failovers " << r.failovers() << "\n";
+  std::cout << "placement " << (r.placement_id() == 0 ? std::string("default (contiguous)")
+                                                       : std::to_string(r.placement_id()));
+  if (r.next_placement_id() != 0) std::cout << ", loading " << r.next_placement_id();
+  std::cout << ", MaxVio over shards " << r.shard_max_vio() << "\n";
   std::cout << "devices per token:";
   for (int d = 1; d < r.devices_per_token_size(); ++d)
     std::cout << " " << d << ":" << r.devices_per_token(d);
@@ -420,7 +424,8 @@ absl::Status Status(int argc, char** argv) {
 
 int Usage() {
   std::cerr
-      << "usage: splitmoe <make-tiny|inspect|score|generate|up|router|prefill|decode|expert|status|scale|bench> "
+      << "usage: splitmoe <make-tiny|inspect|score|generate|up|router|prefill|decode|expert|status|scale|\n"
+         "                rebalance|bench> "
          "[flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
@@ -444,6 +449,8 @@ int Usage() {
          "  expert    --model DIR --router HOST:PORT --shard S --num-shards N\n"
          "  status    --endpoint HOST:PORT [--json]\n"
          "  scale     --endpoint HOST:PORT --shard K --replicas R   (a cluster started by up)\n"
+         "  rebalance --endpoint HOST:PORT [--redundant-experts N] [--dry-run] [--wait-s S] [--json]\n"
+         "            (EPLB from the observed loads, applied live)\n"
          "  bench     (--model DIR | --endpoint HOST:PORT) [--concurrency C] [--requests N]\n"
          "            [--prompt-tokens P] [--max-tokens T] [--seed S] [--json FILE]\n";
   return 2;
@@ -467,6 +474,8 @@ int main(int argc, char** argv) {
     status = Generate(argc, argv);
   } else if (cmd == "scale") {
     status = ScaleCommand(argc, argv);
+  } else if (cmd == "rebalance") {
+    status = RebalanceCommand(argc, argv);
   } else if (cmd == "bench") {
     status = BenchCommand(argc, argv);
   } else if (cmd == "status") {
