@@ -9,11 +9,17 @@
 //
 //   build/bench/cluster_bench [--requests 8] [--prompt 128] [--tokens 32] [--experts 2]
 //                             [--prefill-batch-tokens N] [--bias-update-rate U] [--skew]
+//                             [--rebalance | --repeat]
 //                             [--model DIR]   (default: the engine_bench model, written once)
 // --skew draws every prompt from 4 token ids (a workload whose tokens keep choosing the same
 // experts); --bias-update-rate runs the cluster with the router's online bias. Afterwards the
 // router's MaxVio (since start and last window) is printed, and the share of generated tokens
 // equal to the engine's (exact routing), position by position, measures what the bias costs.
+// --rebalance then applies EPLB live (Registry.Rebalance: redundant copies of the hot experts,
+// packed by the loads just observed), runs the N clients again, and prints the MaxVio over the
+// expert shards (token-expert assignments each shard's replicas computed) before and after, the
+// placement's expected MaxVio, and whether the tokens still equal the engine's; --repeat runs
+// the second round without rebalancing (the control for the speed figure).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -44,6 +50,8 @@ struct Args {
   std::string model;
   std::string bias_update_rate;  // empty: off
   bool skew = false;
+  bool rebalance = false;
+  bool repeat = false;  // the second round without rebalancing: the control
 };
 
 struct Run {
@@ -151,14 +159,48 @@ int Main(const Args& a) {
   for (auto& t : threads) t.join();
   const double many_s = absl::ToDoubleSeconds(absl::Now() - m0);
   absl::SleepFor(absl::Milliseconds(800));  // the last heartbeats carry the last counters
-  v1::ClusterStatusResponse status;
-  {
-    auto registry = v1::Registry::NewStub(grpc::CreateCustomChannel(
-        *endpoint, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+  auto registry = v1::Registry::NewStub(grpc::CreateCustomChannel(
+      *endpoint, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+  auto get_status = [&] {
+    v1::ClusterStatusResponse out;
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    (void)registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status);
+    (void)registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &out);
+    return out;
+  };
+  v1::ClusterStatusResponse status = get_status();
+  std::vector<Run> after(a.rebalance || a.repeat ? prompts.size() : 0);
+  v1::RebalanceResponse plan;
+  double after_s = 0, switch_ms = 0;
+  if (a.rebalance) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    grpc::Status st = registry->Rebalance(&ctx, v1::RebalanceRequest(), &plan);
+    if (!st.ok()) {
+      std::fprintf(stderr, "rebalance: %s\n", st.error_message().c_str());
+      return 1;
+    }
+    const absl::Time r0 = absl::Now();
+    while (get_status().routing().placement_id() != plan.placement().id()) {
+      if (absl::Now() - r0 > absl::Seconds(120)) {
+        std::fprintf(stderr, "the placement was not in force after 120 s\n");
+        return 1;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    switch_ms = absl::ToDoubleMilliseconds(absl::Now() - r0);
   }
+  if (a.rebalance || a.repeat) {
+    std::vector<std::thread> again;
+    const absl::Time a0 = absl::Now();
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      again.emplace_back([&, i] { after[i] = ClusterGenerate(*stub, prompts[i], a.tokens); });
+    }
+    for (auto& t : again) t.join();
+    after_s = absl::ToDoubleSeconds(absl::Now() - a0);
+    absl::SleepFor(absl::Milliseconds(800));
+  }
+  const v1::ClusterStatusResponse rebalanced = !after.empty() ? get_status() : status;
   (*up)->Terminate(absl::Seconds(20));
 
   int mismatches = 0;
@@ -166,6 +208,7 @@ int Main(const Args& a) {
   for (size_t i = 0; i < prompts.size(); ++i) {
     mismatches += one[i].tokens != base[i].tokens;
     mismatches += many[i].tokens != base[i].tokens;
+    if (!after.empty()) mismatches += after[i].tokens != base[i].tokens;
     for (const Run* r : {&one[i], &many[i]}) {
       for (size_t j = 0; j < base[i].tokens.size(); ++j) {
         same += j < r->tokens.size() && r->tokens[j] == base[i].tokens[j];
@@ -196,6 +239,23 @@ int Main(const Args& a) {
               a.bias_update_rate.empty() ? "off" : a.bias_update_rate.c_str(),
               static_cast<unsigned long long>(r.bias_updates()), r.max_devices(),
               r.max_devices_observed());
+  if (a.repeat) {
+    std::printf("control, no rebalance: observed MaxVio over shards %.3f (first round) -> %.3f "
+                "(both rounds); %d clients again: %.1f tokens/s (before %.1f)\n",
+                status.routing().shard_max_vio(), rebalanced.routing().shard_max_vio(),
+                a.requests, generated / after_s, generated / many_s);
+  }
+  if (a.rebalance) {
+    std::printf("EPLB: placement %llu (%s, %d MoE layers) in force %.0f ms after the call; "
+                "expected MaxVio per shard %.3f -> %.3f; observed MaxVio over shards %.3f "
+                "(before, since start) -> %.3f (since the switch); %d clients again: %.1f "
+                "tokens/s (before %.1f)\n",
+                static_cast<unsigned long long>(plan.placement().id()), plan.mode().c_str(),
+                plan.placement().layers_size(), switch_ms, plan.expected_max_vio_before(),
+                plan.expected_max_vio_after(), status.routing().shard_max_vio(),
+                rebalanced.routing().shard_max_vio(), a.requests, generated / after_s,
+                generated / many_s);
+  }
   // With the online bias the routing differs from the engine's by design: not a failure.
   return mismatches == 0 || !a.bias_update_rate.empty() ? 0 : 2;
 }
@@ -207,6 +267,11 @@ int main(int argc, char** argv) {
   splitmoe::Args a;
   for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
+    if (flag == "--rebalance" || flag == "--repeat") {
+      (flag == "--rebalance" ? a.rebalance : a.repeat) = true;
+      --i;
+      continue;
+    }
     if (flag == "--skew") {
       a.skew = true;
       --i;
