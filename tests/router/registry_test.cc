@@ -353,5 +353,50 @@ TEST(RegistryActorTest, AnIncompleteTableIsPublishedOnceTheSettleTimeHasPassed) 
   EXPECT_EQ(w.seen[0].expert_to_shard(7), -1);
 }
 
+// The actor's part of a live rebalance: Rebalance publishes the next placement; the heartbeat
+// of the last replica to load it publishes the switched table.
+TEST(RegistryActorTest, ARebalanceIsPublishedThenSwitchedByTheLastReadyHeartbeat) {
+  runtime::ManualScheduler scheduler;
+  runtime::Actor<RegistryActor> actor(
+      "registry",
+      std::make_unique<RegistryActor>(Make(), absl::Milliseconds(100), absl::Hours(1),
+                                      runtime::ActorRef<GenerationActor::Message>()),
+      &scheduler);
+  Watcher watcher;
+  actor.ref().Send(AddTableWatcher{watcher.Write()});
+  std::vector<std::string> ids;
+  for (auto request : {Expert(0, {0, 1, 2, 3}, "a:1"), Expert(1, {4, 5, 6, 7}, "b:1")}) {
+    actor.ref().Send(RegisterWorker{request, [&](absl::StatusOr<v1::RegisterResponse> r) {
+                                      ASSERT_TRUE(r.ok()) << r.status();
+                                      ids.push_back(r->worker_id());
+                                    }});
+  }
+  scheduler.RunUntilIdle();
+  const size_t before = watcher.seen.size();
+  uint64_t id = 0;
+  actor.ref().Send(RebalanceExperts{{}, [&](absl::StatusOr<v1::RebalanceResponse> r) {
+                                      ASSERT_TRUE(r.ok()) << r.status();
+                                      id = r->placement().id();
+                                    }});
+  scheduler.RunUntilIdle();
+  ASSERT_NE(id, 0u);
+  ASSERT_EQ(watcher.seen.size(), before + 1);
+  EXPECT_EQ(watcher.seen.back().next_placement().id(), id);
+  auto ready = [&](const std::string& worker) {
+    v1::HeartbeatRequest beat;
+    beat.set_worker_id(worker);
+    beat.mutable_load()->add_placements_ready(0);
+    beat.mutable_load()->add_placements_ready(id);
+    actor.ref().Send(WorkerHeartbeat{beat, [](absl::StatusOr<v1::HeartbeatResponse>) {}});
+    scheduler.RunUntilIdle();
+  };
+  ready(ids[0]);
+  EXPECT_EQ(watcher.seen.size(), before + 1) << "published a switch while b still loads";
+  ready(ids[1]);
+  ASSERT_EQ(watcher.seen.size(), before + 2);
+  EXPECT_EQ(watcher.seen.back().placement().id(), id);
+  EXPECT_EQ(watcher.seen.back().next_placement().id(), 0u);
+}
+
 }  // namespace
 }  // namespace splitmoe::router
