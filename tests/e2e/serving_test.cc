@@ -807,14 +807,15 @@ TEST(ExpertStallTest, AStalledReplicaIsWorkedAroundByTheBatchDeadline) {
   auto e = engine::Engine::Load(model);
   ASSERT_TRUE(e.ok()) << e.status();
   auto cluster = Cluster::Up(model, {"--experts", "1", "--expert-replicas", "2", "--heartbeat-ms",
-                                     "1000", "--block-tokens", "16", "--cache-blocks", "200"});
+                                     "1000", "--block-tokens", "16", "--cache-blocks", "400"});
   ASSERT_NE(cluster, nullptr);
   const std::vector<pid_t> pool = ChildrenMatching(cluster->up->pid(), {" expert ", " --shard 0 "});
   ASSERT_EQ(pool.size(), 2u);
   std::vector<Case> cases = MixedCases((*e)->config().vocab_size, 10, 43);
-  for (Case& c : cases) c.max_tokens = 48;
+  // Long enough that the stall lands mid-run on a fast machine (48 tokens took 0.4 s in all).
+  for (Case& c : cases) c.max_tokens = 160;
   std::thread staller([&] {
-    absl::SleepFor(absl::Milliseconds(300));
+    absl::SleepFor(absl::Milliseconds(150));
     ::kill(pool[0], SIGSTOP);
   });
   const absl::Time start = absl::Now();
