@@ -40,7 +40,17 @@ void ExpertsActor::Handle(ComputeExpertBatch m) {
     m.reply(std::move(result));
     return;
   }
+  last_used_[m.batch.placement_id()] = absl::Now();
   m.reply(ComputeBatch(*it->second, m.batch));
+}
+
+void ExpertsActor::Handle(RetirePlacement m) {
+  if (m.placement == 0) return m.reply(false);
+  auto used = last_used_.find(m.placement);
+  if (used != last_used_.end() && absl::Now() - used->second < m.idle) return m.reply(false);
+  shards_.erase(m.placement);
+  last_used_.erase(m.placement);
+  m.reply(true);
 }
 
 grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* ExpertComputeService::Compute(

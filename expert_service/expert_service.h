@@ -39,9 +39,13 @@ struct InstallPlacement {
   uint64_t placement = 0;
   std::shared_ptr<const ExpertShard> shard;
 };
-// A placement no longer in force nor next: its experts go (never the default, 0).
+// A placement no longer in force nor next: its experts go (never the default, 0) — unless a
+// batch used it within `idle` (an attention worker that has not seen the new table yet, e.g.
+// while the router is away). The reply says whether it is gone.
 struct RetirePlacement {
   uint64_t placement = 0;
+  absl::Duration idle = absl::Seconds(2);
+  runtime::Reply<bool> reply;
 };
 
 // The experts actor: owns the shards, one per placement it holds (0: the default contiguous
@@ -54,12 +58,11 @@ class ExpertsActor {
   }
   void Handle(ComputeExpertBatch m);
   void Handle(InstallPlacement m) { shards_[m.placement] = std::move(m.shard); }
-  void Handle(RetirePlacement m) {
-    if (m.placement != 0) shards_.erase(m.placement);
-  }
+  void Handle(RetirePlacement m);
 
  private:
   std::map<uint64_t, std::shared_ptr<const ExpertShard>> shards_;
+  std::map<uint64_t, absl::Time> last_used_;  // by placement
 };
 
 class ExpertComputeService final : public v1::ExpertCompute::CallbackService {

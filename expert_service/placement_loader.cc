@@ -39,7 +39,7 @@ PlacementLoader::PlacementLoader(std::string model_dir, ShardSpec spec, int64_t 
       table_(table),
       experts_(std::move(experts)),
       retire_after_(retire_after) {
-  held_[0] = absl::InfiniteFuture();
+  held_->wanted[0] = absl::InfiniteFuture();
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -53,9 +53,9 @@ PlacementLoader::~PlacementLoader() {
 }
 
 std::vector<uint64_t> PlacementLoader::Ready() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::lock_guard<std::mutex> lock(held_->mu);
   std::vector<uint64_t> out;
-  for (const auto& [id, wanted] : held_) out.push_back(id);
+  for (const auto& [id, wanted] : held_->wanted) out.push_back(id);
   return out;
 }
 
@@ -78,22 +78,33 @@ void PlacementLoader::Loop() {
     std::vector<uint64_t> retire;
     std::vector<const v1::Placement*> load;
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (auto& [id, last_wanted] : held_) {
+      std::lock_guard<std::mutex> lock(held_->mu);
+      for (auto& [id, last_wanted] : held_->wanted) {
         if (wanted_ids.count(id)) {
           if (id != 0) last_wanted = now;
+          held_->retiring.erase(id);
         } else if (now - last_wanted > retire_after_) {
-          retire.push_back(id);
+          auto asked = held_->retiring.find(id);
+          // One question at a time, and again only after another grace.
+          if (asked == held_->retiring.end() || now - asked->second > retire_after_) {
+            held_->retiring[id] = now;
+            retire.push_back(id);
+          }
         }
       }
-      for (uint64_t id : retire) held_.erase(id);
       for (const v1::Placement* p : wanted) {
-        if (!held_.count(p->id())) load.push_back(p);
+        if (!held_->wanted.count(p->id())) load.push_back(p);
       }
     }
     for (uint64_t id : retire) {
-      experts_.Send(RetirePlacement{id});
-      std::cerr << "expert " << spec_.shard << ": placement " << id << " retired\n";
+      const int shard = spec_.shard;
+      experts_.Send(RetirePlacement{id, retire_after_, [held = held_, id, shard](absl::StatusOr<bool> gone) {
+        if (!gone.ok() || !*gone) return;  // still used (or stopping): asked again later
+        std::lock_guard<std::mutex> lock(held->mu);
+        held->wanted.erase(id);
+        held->retiring.erase(id);
+        std::cerr << "expert " << shard << ": placement " << id << " retired\n";
+      }});
     }
     if (load.empty() || now < retry_after) continue;
     for (const v1::Placement* p : load) {
@@ -110,8 +121,8 @@ void PlacementLoader::Loop() {
       // Installed before it is reported ready: a batch planned with it finds its experts.
       experts_.Send(InstallPlacement{p->id(), std::shared_ptr<const ExpertShard>(std::move(*shard))});
       {
-        std::lock_guard<std::mutex> lock(mu_);
-        held_[p->id()] = absl::Now();
+        std::lock_guard<std::mutex> lock(held_->mu);
+        held_->wanted[p->id()] = absl::Now();
       }
       std::cerr << "expert " << spec_.shard << ": placement " << p->id() << " loaded ("
                 << (bytes >> 20) << " MiB in "

@@ -3,8 +3,9 @@
 // loads this shard's experts of each (from the checkpoint, off the experts actor) and hands them
 // to the actor (InstallPlacement); it then reports the placement ready in the heartbeats, and
 // the router switches the table once every replica holds the next placement. A placement
-// neither in force nor next is retired after a grace (batches planned with it finish first).
-// The default placement (0) is never retired.
+// neither in force nor next for `retire_after` is retired once no batch has used it for that
+// long either (the actor decides: an attention worker may still plan with it, e.g. while the
+// router is away). The default placement (0) is never retired.
 //
 //   PlacementLoader loader(dir, spec, watcher.get(), actor.ref());
 //   load.set_placements_ready(loader.Ready());   // in the heartbeat
@@ -56,9 +57,15 @@ class PlacementLoader {
   const expert_plane::RoutingTableWatcher* table_;
   runtime::ActorRef<ExpertsActor::Message> experts_;
   absl::Duration retire_after_;
-  mutable std::mutex mu_;  // guards everything below
+  // Shared with the actor's retire replies, which may come after the loader is gone.
+  struct Held {
+    std::mutex mu;
+    std::map<uint64_t, absl::Time> wanted;   // placement held -> when it was last wanted
+    std::map<uint64_t, absl::Time> retiring; // retire asked (at) -> the actor's answer pending
+  };
+  std::shared_ptr<Held> held_ = std::make_shared<Held>();
+  mutable std::mutex mu_;  // guards stopping_
   std::condition_variable cv_;
-  std::map<uint64_t, absl::Time> held_;  // placement -> when it was last wanted
   bool stopping_ = false;
   std::thread thread_;  // last
 };

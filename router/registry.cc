@@ -136,6 +136,18 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
         }
       }
     }
+    if (!shard_experts_.count(r.shard()) &&
+        (placement_.id() != 0 || next_placement_.id() != 0)) {
+      // A placement was computed for the shards there were; with another one it may no longer
+      // fit (its mode, a device limit that now binds): back to the default placement.
+      std::cerr << "router: shard " << r.shard() << " joined; placement "
+                << std::max(placement_.id(), next_placement_.id())
+                << " was made for fewer shards: back to the default placement\n";
+      placement_.Clear();
+      next_placement_.Clear();
+      shard_tokens_at_switch_.clear();
+      placement_progress_ = true;
+    }
     shard_experts_[r.shard()] = std::move(experts);
   }
   Worker w;
@@ -317,8 +329,13 @@ absl::StatusOr<v1::RebalanceResponse> WorkerRegistry::Rebalance(const v1::Rebala
         "rebalance: expert shards must be numbered 0..", shards - 1, "; shard ",
         shard_experts_.rbegin()->first, " is registered"));
   }
-  if (r.redundant_experts() < 0) {
-    return absl::InvalidArgumentError("rebalance: redundant_experts must be >= 0");
+  if (r.redundant_experts() < 0 || r.redundant_experts() > 64 * n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rebalance: redundant_experts must be in [0, ", 64 * n, "], got ", r.redundant_experts()));
+  }
+  if (!TableComplete()) {
+    return absl::FailedPreconditionError(
+        "rebalance: not every expert has a shard with a live replica (a shard still starting?)");
   }
   const int32_t redundant = r.redundant_experts() > 0 ? r.redundant_experts() : std::max(1, n / 8);
   const int32_t slots = (n + redundant + shards - 1) / shards;

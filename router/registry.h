@@ -66,7 +66,9 @@ class WorkerRegistry {
   void ResetBias();
 
   // EPLB (routing/eplb.h): a placement of every MoE layer's experts from the loads observed
-  // since start, with `redundant_experts` extra copies per layer (0: max(1, experts / 8)).
+  // since start, with at least `redundant_experts` extra copies per layer (0: max(1, experts /
+  // 8); rounded up so every shard has the same number of slots). FailedPrecondition unless every
+  // expert has a live shard. A shard that joins later resets the placement to the default.
   // Unless `dry_run`, it becomes the table's next_placement: expert replicas load it, and the
   // table switches to it once every live replica holds it (MaybeSwitchPlacement). With a device
   // limit below the number of shards, every expert's home stays (only copies are added), so

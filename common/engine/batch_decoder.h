@@ -121,7 +121,8 @@ struct PrefillItem {
 // stops that item only (its status), the others go on.
 using BatchLayerDoneFn =
     std::function<absl::Status(size_t item, int64_t layer, int64_t first, int64_t count)>;
-// Returns an error only when a forward pass itself fails (then every unfinished item carries it).
+// Returns an error only when a forward pass itself fails (then every unfinished item of that
+// pass's group carries it; with ping-pong the other group's items keep their own outcomes).
 absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& items,
                           AttentionForm form, const BatchLayerDoneFn& on_layer_done = nullptr,
                           int64_t chunk_tokens = 256, PingPong* overlap = nullptr);

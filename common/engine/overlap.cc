@@ -56,6 +56,7 @@ class Baton {
 
 namespace {
 thread_local internal::Baton* current_baton = nullptr;
+thread_local bool released = false;  // inside a ComputeReleased already (nesting does nothing)
 }  // namespace
 
 PingPong::PingPong() : baton_(std::make_unique<internal::Baton>()), helper_([this] { Helper(); }) {
@@ -112,12 +113,16 @@ void PingPong::Helper() {
   }
 }
 
-ComputeReleased::ComputeReleased() : baton_(current_baton) {
-  if (baton_ != nullptr) baton_->BeginWait();
+ComputeReleased::ComputeReleased() : baton_(released ? nullptr : current_baton) {
+  if (baton_ == nullptr) return;
+  released = true;
+  baton_->BeginWait();
 }
 
 ComputeReleased::~ComputeReleased() {
-  if (baton_ != nullptr) baton_->EndWait();
+  if (baton_ == nullptr) return;
+  baton_->EndWait();
+  released = false;
 }
 
 }  // namespace splitmoe::engine

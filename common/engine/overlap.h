@@ -62,7 +62,8 @@ class PingPong {
 };
 
 // Inside a PingPong pass: lets the other pass compute until the scope ends, then waits for the
-// compute back. Outside a pass it does nothing, so code may use it unconditionally.
+// compute back. Outside a pass, or nested in another ComputeReleased, it does nothing, so code
+// may use it unconditionally.
 class ComputeReleased {
  public:
   ComputeReleased();

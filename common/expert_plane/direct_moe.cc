@@ -99,6 +99,12 @@ std::shared_ptr<const DirectMoeExecutor::View> DirectMoeExecutor::ViewOf(
     std::shared_ptr<const v1::RoutingTable> table) {
   std::lock_guard<std::mutex> view_lock(view_mu_);
   if (view_ != nullptr && view_->table == table) return view_;
+  // A caller holding an older table of the same router (two passes at once) uses the newer
+  // view: the view only moves forward, so it never reopens what a newer table closed.
+  if (view_ != nullptr && view_->table->router_id() == table->router_id() &&
+      table->version() < view_->table->version()) {
+    return view_;
+  }
   auto built = std::make_shared<View>();
   View& v = *built;
   v.table = table;
@@ -140,6 +146,23 @@ std::shared_ptr<const DirectMoeExecutor::View> DirectMoeExecutor::ViewOf(
       if (ok) primary[static_cast<size_t>(e)] = c[0];
     }
     if (!ok) continue;  // a malformed layer: the default placement serves it
+    // Copies on shards with no live replica are skipped. Without a binding device limit a live
+    // copy stands in for a dead primary; with one the primary stays (it bounds the shards).
+    const bool binding = table->max_devices() > 0 && table->max_devices() < shards;
+    auto live = [&](int32_t s) {
+      return v.pools[static_cast<size_t>(s)] != nullptr &&
+             v.pools[static_cast<size_t>(s)]->replicas_size() > 0;
+    };
+    for (int64_t e = 0; e < n; ++e) {
+      std::vector<int32_t>& c = copies[static_cast<size_t>(e)];
+      std::vector<int32_t> kept;
+      for (size_t i = 0; i < c.size(); ++i) {
+        if (live(c[i]) || (i == 0 && binding)) kept.push_back(c[i]);
+      }
+      if (kept.empty()) continue;  // nothing live: the primary stays and fails by name
+      c = std::move(kept);
+      primary[static_cast<size_t>(e)] = c[0];
+    }
     v.primary[static_cast<size_t>(l.layer())] = std::move(primary);
     v.copies[static_cast<size_t>(l.layer())] = std::move(copies);
   }
@@ -206,7 +229,10 @@ absl::StatusOr<std::shared_ptr<ExpertClient>> DirectMoeExecutor::Client(
   if (!client.ok()) return client.status();
   std::shared_ptr<ExpertClient> shared = std::move(*client);
   std::lock_guard<std::mutex> lock(replicas_mu_);
-  replicas_[address].client = shared;
+  Replica& r = replicas_[address];
+  // Another pass may have connected meanwhile: keep the one already in use (ours closes).
+  if (r.client != nullptr && !r.client->broken()) return r.client;
+  r.client = shared;
   return shared;
 }
 
@@ -271,6 +297,7 @@ class DirectMoeExecutor::Call : public engine::MoeExecutor::Pending {
   std::vector<Part> parts_;
   std::shared_ptr<CallState> state_ = std::make_shared<CallState>();
   std::string hidden_bytes_;
+  std::vector<std::shared_ptr<ExpertClient>> clients_;  // every client this call sent on
 };
 
 std::unique_ptr<engine::MoeExecutor::Pending> DirectMoeExecutor::Start(int64_t layer,
@@ -382,6 +409,9 @@ void DirectMoeExecutor::Call::Send(size_t i, const std::string& address) {
   absl::StatusOr<std::shared_ptr<ExpertClient>> client = owner_->Client(address);
   if (!client.ok()) return done(client.status());
   owner_->bytes_sent_ += eb.ByteSizeLong();
+  // Held until the call ends: a client dropped from the map meanwhile (a newer table without
+  // the replica) still delivers this part's answer.
+  clients_.push_back(*client);
   (*client)->Send(std::move(eb), std::move(done));
 }
 

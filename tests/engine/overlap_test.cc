@@ -82,6 +82,23 @@ TEST(PingPongTest, PassesThatNeverWaitSimplyRunInTurn) {
   EXPECT_EQ(overlap.handoffs(), 0u);
 }
 
+TEST(PingPongTest, ANestedComputeReleasedDoesNothing) {
+  PingPong overlap;
+  std::atomic<int> computing{0};
+  std::atomic<bool> both{false};
+  auto pass = [&] {
+    for (int i = 0; i < 50; ++i) {
+      if (computing.fetch_add(1) != 0) both = true;
+      computing.fetch_sub(1);
+      ComputeReleased outer;
+      ComputeReleased inner;  // must not hand out the baton a second time
+      std::this_thread::yield();
+    }
+  };
+  overlap.Run(pass, pass);
+  EXPECT_FALSE(both);
+}
+
 TEST(PingPongTest, ComputeReleasedOutsideAPassDoesNothing) {
   ComputeReleased away;  // no baton: must not block or crash
   SUCCEED();

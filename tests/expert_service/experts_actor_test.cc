@@ -1,7 +1,7 @@
 // The experts actor on the manual scheduler: a batch is computed with the experts of the
 // placement it was planned with (installed by the placement loader), a batch of a placement not
-// held is answered with an error naming it (the worker fails over), and a retired placement goes
-// while the default stays. PlacementFilter: a listed layer holds exactly the experts whose copies
+// held is answered with an error naming it (the worker fails over), and a placement goes only
+// once no batch has used it for the grace, while the default stays. PlacementFilter: a listed layer holds exactly the experts whose copies
 // include the shard, an unlisted one the contiguous default.
 #include <cmath>
 
@@ -93,9 +93,19 @@ TEST(ExpertsActorTest, BatchesUseTheirPlacementsExperts) {
   double norm = 0;
   for (float v : y) norm += std::fabs(v);
   EXPECT_GT(norm, 0.0);
-  actor.Send(RetirePlacement{9});
-  actor.Send(RetirePlacement{0});  // the default is never retired
-  scheduler.RunUntilIdle();
+  std::vector<bool> gone;
+  auto retire = [&](uint64_t placement, absl::Duration idle) {
+    actor.Send(RetirePlacement{placement, idle, [&](absl::StatusOr<bool> r) {
+                                 ASSERT_TRUE(r.ok());
+                                 gone.push_back(*r);
+                               }});
+    scheduler.RunUntilIdle();
+  };
+  retire(9, absl::Hours(1));  // used just now: a worker may still plan with it
+  EXPECT_TRUE(batch(9, outside).error().empty());
+  retire(9, absl::ZeroDuration());
+  retire(0, absl::ZeroDuration());  // the default is never retired
+  EXPECT_EQ(gone, (std::vector<bool>{false, true, false}));
   EXPECT_NE(batch(9, outside).error().find("placement 9 is not loaded"), std::string::npos);
   EXPECT_TRUE(batch(0, 0).error().empty());
 }

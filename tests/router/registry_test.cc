@@ -353,6 +353,29 @@ TEST(RegistryActorTest, AnIncompleteTableIsPublishedOnceTheSettleTimeHasPassed) 
   EXPECT_EQ(w.seen[0].expert_to_shard(7), -1);
 }
 
+// A rebalance needs every expert on a live shard, and a shard that joins afterwards (the
+// placement was made for fewer) sends the table back to the default placement.
+TEST(RegistryTest, RebalanceNeedsEveryShardAndANewShardResetsThePlacement) {
+  WorkerRegistry r = Make({.router_id = "r1"});
+  ASSERT_TRUE(r.Register(Expert(0, {0, 1, 2, 3}, "a:1"), kT0).ok());
+  r.RefreshTable();
+  EXPECT_EQ(r.Rebalance({}).status().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(r.Register(Expert(1, {4, 5, 6, 7}, "b:1"), kT0).ok());
+  r.RefreshTable();
+  v1::RebalanceRequest too_many;
+  too_many.set_redundant_experts(1 << 30);
+  EXPECT_EQ(r.Rebalance(too_many).status().code(), absl::StatusCode::kInvalidArgument);
+  auto applied = r.Rebalance({});
+  ASSERT_TRUE(applied.ok()) << applied.status();
+  r.RefreshTable();
+  EXPECT_NE(r.table().next_placement().id(), 0u);
+  // Shard 2 appears (experts 8.. do not exist in this model, so it claims none).
+  ASSERT_TRUE(r.Register(Expert(2, {}, "c:1"), kT0).ok());
+  r.RefreshTable();
+  EXPECT_EQ(r.table().next_placement().id(), 0u);
+  EXPECT_EQ(r.table().placement().id(), 0u);
+}
+
 // The actor's part of a live rebalance: Rebalance publishes the next placement; the heartbeat
 // of the last replica to load it publishes the switched table.
 TEST(RegistryActorTest, ARebalanceIsPublishedThenSwitchedByTheLastReadyHeartbeat) {

@@ -492,8 +492,9 @@ absl::Status RebalanceCommand(int argc, char** argv) {
   if (!f.Has("endpoint")) return absl::InvalidArgumentError("rebalance needs --endpoint HOST:PORT");
   SPLITMOE_ASSIGN_OR_RETURN(int64_t redundant, f.GetInt("redundant-experts", 0));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t wait_s, f.GetInt("wait-s", 120));
-  if (redundant < 0 || wait_s < 0) {
-    return absl::InvalidArgumentError("--redundant-experts and --wait-s must be >= 0");
+  if (redundant < 0 || redundant > (1 << 20) || wait_s < 0) {
+    return absl::InvalidArgumentError(
+        "--redundant-experts must be in [0, 1048576] and --wait-s >= 0");
   }
   auto registry = v1::Registry::NewStub(grpc::CreateCustomChannel(
       f.Get("endpoint"), grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
