@@ -350,11 +350,12 @@ absl::StatusOr<v1::RebalanceResponse> WorkerRegistry::Rebalance(const v1::Rebala
   for (const v1::LayerPlacement& l : placement_.layers()) {
     routing::LayerPlacement p;
     p.shard_experts.resize(static_cast<size_t>(shards));
-    for (int32_t e = 0; e < l.experts_size(); ++e) {
+    p.expert_shards.resize(static_cast<size_t>(n));
+    for (int32_t e = 0; e < std::min(n, l.experts_size()); ++e) {
       for (int32_t s : l.experts(e).shards()) {
-        p.expert_shards.resize(static_cast<size_t>(n));
+        if (s < 0 || s >= shards) continue;
         p.expert_shards[static_cast<size_t>(e)].push_back(s);
-        if (s >= 0 && s < shards) p.shard_experts[static_cast<size_t>(s)].push_back(e);
+        p.shard_experts[static_cast<size_t>(s)].push_back(e);
       }
     }
     current[l.layer()] = std::move(p);
