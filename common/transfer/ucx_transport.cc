@@ -37,6 +37,7 @@ constexpr unsigned kAmPut = 11;           // PutHeader + data landed at remote_a
 constexpr unsigned kAmFlushRequest = 12;  // FlushRequestHeader, sent with a reply endpoint
 constexpr unsigned kAmFlushReply = 13;    // FlushReplyHeader
 constexpr unsigned kAmNotify = 14;        // NotifyHeader + payload
+constexpr unsigned kAmMessage = 15;       // MessageHeader + payload, sent with a reply endpoint
 
 struct PutHeader {
   uint64_t source_id;
@@ -55,6 +56,12 @@ struct FlushReplyHeader {
 struct NotifyHeader {
   uint64_t source_id;
   uint64_t puts_sent;  // deliver once puts 1..puts_sent have landed
+  uint32_t tag;
+  uint32_t reserved;
+};
+
+struct MessageHeader {
+  uint64_t source_id;
   uint32_t tag;
   uint32_t reserved;
 };
@@ -277,6 +284,44 @@ class UcxTransport::Impl {
     }
   }
 
+  void SendMessage(PeerId peer, uint32_t tag, std::string payload, DoneCallback done) {
+    auto shared_done = std::make_shared<DoneCallback>(std::move(done));
+    if (!Post([this, peer, tag, p = std::move(payload), shared_done]() mutable {
+          Peer* target = UsablePeer(peer, *shared_done);
+          if (target == nullptr) return;
+          DoSendMessage(target->ep, peer, tag, std::move(p), std::move(*shared_done));
+        })) {
+      (*shared_done)(ShutDownError());
+    }
+  }
+
+  void SendReply(const ReplyTo& to, uint32_t tag, std::string payload, DoneCallback done) {
+    if (to.endpoint == 0) {
+      done(absl::InvalidArgumentError(Prefix("SendReply: no reply endpoint")));
+      return;
+    }
+    auto shared_done = std::make_shared<DoneCallback>(std::move(done));
+    if (!Post([this, to, tag, p = std::move(payload), shared_done]() mutable {
+          if (closing_) return (*shared_done)(absl::CancelledError(Prefix("transport shut down")));
+          DoSendMessage(reinterpret_cast<ucp_ep_h>(to.endpoint), 0, tag, std::move(p),
+                        std::move(*shared_done));
+        })) {
+      (*shared_done)(ShutDownError());
+    }
+  }
+
+  void SetMessageHandler(MessageHandler handler) {
+    auto shared = std::make_shared<MessageHandler>(std::move(handler));
+    Post([this, shared] {
+      message_handler_ = std::move(*shared);
+      while (message_handler_ && !undelivered_messages_.empty()) {
+        Message m = std::move(undelivered_messages_.front());
+        undelivered_messages_.pop_front();
+        message_handler_(std::move(m));
+      }
+    });
+  }
+
   void SetNotificationHandler(NotificationHandler handler) {
     auto shared = std::make_shared<NotificationHandler>(std::move(handler));
     Post([this, shared] {
@@ -306,12 +351,19 @@ class UcxTransport::Impl {
     s.puts_rejected = puts_rejected_.load();
     s.notifications_sent = notifications_sent_.load();
     s.notifications_received = notifications_received_.load();
+    s.messages_sent = messages_sent_.load();
+    s.messages_received = messages_received_.load();
+    s.message_bytes_sent = message_bytes_sent_.load();
+    s.message_bytes_received = message_bytes_received_.load();
+    s.messages_rejected = messages_rejected_.load();
     return s;
   }
 
  private:
   // One in-flight UCX request or one Flush awaiting its acknowledgement.
-  enum class OpKind { kPut, kFlush, kEpFlush, kNotify, kInternalSend, kRecv, kClose };
+  enum class OpKind {
+    kPut, kFlush, kEpFlush, kNotify, kInternalSend, kRecv, kClose, kMessage, kRecvMessage
+  };
   struct Op {
     Impl* impl = nullptr;
     OpKind kind = OpKind::kPut;
@@ -323,7 +375,8 @@ class UcxTransport::Impl {
     uint64_t source_id = 0;         // kRecv
     uint64_t seq = 0;               // kRecv
     std::string header;             // AM header; must outlive the request
-    std::string payload;            // notification payload; must outlive the request
+    std::string payload;            // notification or message payload; must outlive the request
+    Message message;                // kRecvMessage: what is being received
     std::vector<ucp_rkey_h> rkeys;  // kClose: destroyed when the close completes
     void* request = nullptr;
     bool orphaned = false;  // reported already; freed when UCX lets go of it
@@ -372,8 +425,11 @@ class UcxTransport::Impl {
       std::lock_guard<std::mutex> lock(mu_);
       if (!accepting_) return false;
       tasks_.push_back(std::move(task));
-      has_tasks_.store(true, std::memory_order_release);
-      Wake();  // under the lock: Shutdown closes the fd under it
+      has_tasks_.store(true);
+      // A polling progress thread sees has_tasks_; one that sleeps (or is about to: it sets
+      // sleeping_ before its last look at has_tasks_) needs the event. Under the lock:
+      // Shutdown closes the fd under it.
+      if (sleeping_.load()) Wake();
     }
     return true;
   }
@@ -384,8 +440,8 @@ class UcxTransport::Impl {
     (void)ignored;
   }
 
-  void RunTasks() {
-    if (!has_tasks_.load(std::memory_order_acquire)) return;
+  bool RunTasks() {
+    if (!has_tasks_.load(std::memory_order_acquire)) return false;
     std::deque<absl::AnyInvocable<void()>> tasks;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -393,6 +449,7 @@ class UcxTransport::Impl {
       has_tasks_.store(false, std::memory_order_release);
     }
     for (auto& task : tasks) task();
+    return true;
   }
 
   // Runs fn on the progress thread and waits for its result.
@@ -487,7 +544,8 @@ class UcxTransport::Impl {
     };
     for (const Handler& h :
          {Handler{kAmPut, &Impl::OnPutAm}, Handler{kAmFlushRequest, &Impl::OnFlushRequestAm},
-          Handler{kAmFlushReply, &Impl::OnFlushReplyAm}, Handler{kAmNotify, &Impl::OnNotifyAm}}) {
+          Handler{kAmFlushReply, &Impl::OnFlushReplyAm}, Handler{kAmNotify, &Impl::OnNotifyAm},
+          Handler{kAmMessage, &Impl::OnMessageAm}}) {
       ucp_am_handler_param_t hp{};
       hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
                       UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
@@ -503,13 +561,15 @@ class UcxTransport::Impl {
 
   void Loop() {
     auto next_deadline_check = Clock::now();
+    auto last_active = Clock::now();
+    const auto busy_poll = std::chrono::microseconds(options_.busy_poll_us);
     std::optional<Clock::time_point> drain_deadline;
     while (true) {
-      RunTasks();
-      while (ucp_worker_progress(worker_) != 0) {
-      }
-      RunPendingActions();
+      bool active = RunTasks();
+      while (ucp_worker_progress(worker_) != 0) active = true;
+      active |= RunPendingActions();
       const auto now = Clock::now();
+      if (active) last_active = now;
       if (now >= next_deadline_check) {
         CheckDeadlines(now);
         next_deadline_check = now + std::chrono::milliseconds(5);
@@ -522,25 +582,43 @@ class UcxTransport::Impl {
         }
         if (!busy || now >= *drain_deadline) return;
       }
-      if (busy) continue;  // poll while operations are in flight
+      if (busy) {  // poll while operations are in flight
+        if (!active) std::this_thread::yield();  // a thread with work on this core goes first
+        continue;
+      }
+      // Poll a while after the last activity too: the next message of a conversation (the
+      // answer to a request, the next MoE layer) comes sooner than a sleeping thread wakes.
+      if (now - last_active < busy_poll) {
+        std::this_thread::yield();  // a thread with work on this core goes first
+        continue;
+      }
+      sleeping_.store(true);
+      if (has_tasks_.load()) {  // posted before sleeping_ was seen: no wake-up is coming
+        sleeping_.store(false);
+        continue;
+      }
       if (worker_fd_ >= 0) {
         ucs_status_t s = ucp_worker_arm(worker_);
         if (s == UCS_ERR_BUSY) continue;
       }
       epoll_event events[4];
       epoll_wait(epoll_fd_, events, 4, worker_fd_ >= 0 ? 50 : 1);
+      sleeping_.store(false);
       uint64_t counter;
       ssize_t ignored = ::read(event_fd_, &counter, sizeof(counter));
       (void)ignored;
     }
   }
 
-  void RunPendingActions() {
+  bool RunPendingActions() {
+    bool ran = false;
     while (!pending_actions_.empty()) {
       std::vector<std::function<void()>> actions;
       actions.swap(pending_actions_);
       for (auto& action : actions) action();
+      ran = true;
     }
+    return ran;
   }
 
   void CheckDeadlines(Clock::time_point now) {
@@ -712,6 +790,27 @@ class UcxTransport::Impl {
         uint64_t source = op->source_id, seq = op->seq;
         FinishOp(op, absl::OkStatus());
         MarkLanded(source, seq);
+        return;
+      }
+      case OpKind::kMessage: {
+        absl::Status status = status_for("message");
+        if (status.ok()) {
+          ++messages_sent_;
+          message_bytes_sent_ += op->bytes;
+        }
+        PeerId id = op->peer;
+        FinishOp(op, status);
+        if (!status.ok() && id != 0) FailPeer(id, status);
+        return;
+      }
+      case OpKind::kRecvMessage: {
+        Message m = std::move(op->message);
+        FinishOp(op, absl::OkStatus());
+        if (ucs == UCS_OK) {
+          DeliverMessage(std::move(m));
+        } else {
+          ++messages_rejected_;
+        }
         return;
       }
       case OpKind::kClose: {
@@ -898,6 +997,31 @@ class UcxTransport::Impl {
                                   op->payload.data(), op->payload.size(), &param));
   }
 
+  // `peer` is 0 for a reply (on an endpoint UCX created for the sender): its failure fails no
+  // peer, and its deadline only orphans it.
+  void DoSendMessage(ucp_ep_h ep, PeerId peer, uint32_t tag, std::string payload,
+                     DoneCallback done) {
+    Op* op = NewOp(OpKind::kMessage, peer, std::move(done));
+    op->header = HeaderBytes(MessageHeader{source_id_, tag, 0});
+    op->payload = std::move(payload);
+    op->bytes = op->payload.size();
+    ucp_request_param_t param = SendParam(op);
+    param.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_REPLY;
+    HandleNbx(op, ucp_am_send_nbx(ep, kAmMessage, op->header.data(), op->header.size(),
+                                  op->payload.data(), op->payload.size(), &param));
+  }
+
+  void DeliverMessage(Message m) {
+    ++messages_received_;
+    message_bytes_received_ += m.payload.size();
+    if (message_handler_) {
+      message_handler_(std::move(m));
+    } else {
+      undelivered_messages_.push_back(std::move(m));
+    }
+  }
+
   // ---- Target side: active messages ----
 
   // Start of a registered region containing [addr, addr + length), or null.
@@ -1043,6 +1167,42 @@ class UcxTransport::Impl {
     return UCS_OK;
   }
 
+  static ucs_status_t OnMessageAm(void* arg, const void* header, size_t header_length, void* data,
+                                  size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    MessageHeader h{};
+    if (!ParseHeader(header, header_length, h) || length > self->options_.max_message_bytes ||
+        (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0 || self->closing_) {
+      ++self->messages_rejected_;
+      return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;  // a refused rendezvous fails the send
+    }
+    Message m;
+    m.source_id = h.source_id;
+    m.tag = h.tag;
+    m.reply_to = ReplyTo{h.source_id, reinterpret_cast<uintptr_t>(param->reply_ep)};
+    if (!rndv) {
+      m.payload.assign(static_cast<const char*>(data), length);
+      self->pending_actions_.push_back(
+          [self, m = std::make_shared<Message>(std::move(m))] { self->DeliverMessage(std::move(*m)); });
+      return UCS_OK;
+    }
+    // Rendezvous: receive into the message's own buffer, started outside this callback.
+    Op* op = self->NewOp(OpKind::kRecvMessage, 0, nullptr);
+    op->message = std::move(m);
+    op->message.payload.resize(length);
+    op->bytes = length;
+    self->pending_actions_.push_back([self, op, data, length] {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      p.cb.recv_am = &Impl::OnRecvComplete;
+      p.user_data = op;
+      self->HandleNbx(op, ucp_am_recv_data_nbx(self->worker_, data, op->message.payload.data(),
+                                               length, &p));
+    });
+    return UCS_INPROGRESS;
+  }
+
   // ---- Regions ----
 
   absl::StatusOr<Region> DoRegisterRegion(size_t size_bytes) {
@@ -1167,6 +1327,7 @@ class UcxTransport::Impl {
   bool shutdown_started_ = false;
   std::atomic<bool> stop_requested_{false};
   std::atomic<bool> has_tasks_{false};
+  std::atomic<bool> sleeping_{false};  // the progress thread is in (or entering) epoll_wait
   int event_fd_ = -1;
   std::thread thread_;
   std::thread::id thread_id_;
@@ -1192,6 +1353,8 @@ class UcxTransport::Impl {
   uint64_t next_region_id_ = 1;
   NotificationHandler handler_;
   std::deque<Notification> undelivered_;
+  MessageHandler message_handler_;
+  std::deque<Message> undelivered_messages_;
 
   // Read from any thread.
   std::atomic<int64_t> rma_peers_{0};
@@ -1203,6 +1366,11 @@ class UcxTransport::Impl {
   std::atomic<uint64_t> puts_rejected_{0};
   std::atomic<uint64_t> notifications_sent_{0};
   std::atomic<uint64_t> notifications_received_{0};
+  std::atomic<uint64_t> messages_sent_{0};
+  std::atomic<uint64_t> messages_received_{0};
+  std::atomic<uint64_t> message_bytes_sent_{0};
+  std::atomic<uint64_t> message_bytes_received_{0};
+  std::atomic<uint64_t> messages_rejected_{0};
 };
 
 absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(
@@ -1250,6 +1418,17 @@ void UcxTransport::SendNotification(PeerId peer, uint32_t tag, absl::string_view
 }
 void UcxTransport::SetNotificationHandler(NotificationHandler handler) {
   impl_->SetNotificationHandler(std::move(handler));
+}
+void UcxTransport::SendMessage(PeerId peer, uint32_t tag, std::string payload,
+                              DoneCallback done) {
+  impl_->SendMessage(peer, tag, std::move(payload), std::move(done));
+}
+void UcxTransport::SendReply(const ReplyTo& to, uint32_t tag, std::string payload,
+                            DoneCallback done) {
+  impl_->SendReply(to, tag, std::move(payload), std::move(done));
+}
+void UcxTransport::SetMessageHandler(MessageHandler handler) {
+  impl_->SetMessageHandler(std::move(handler));
 }
 TransportCapabilities UcxTransport::Capabilities() const { return impl_->Capabilities(); }
 TransportStats UcxTransport::Stats() const { return impl_->Stats(); }

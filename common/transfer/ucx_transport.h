@@ -1,7 +1,10 @@
 // UcxTransport: the one-sided transport that carries MLA latents from prefill workers into the
 // paged latent cache of decode workers. One transport interface in the Mooncake/NIXL sense:
 // register memory (RegisterRegion), describe it to a peer (RegionDescriptor), write into it
-// (Put), make the writes visible (Flush), and tell the peer (SendNotification).
+// (Put), make the writes visible (Flush), and tell the peer (SendNotification). Beside that,
+// request/reply traffic of any size (SendMessage / SendReply, the expert data plane): a message
+// reaches the peer's message handler whole, with a ReplyTo that answers on the endpoint it came
+// by, so the receiver needs no connection back to the sender.
 //
 // Put paths. Where UCX has a real RMA lane to the peer (shared memory, RDMA) a Put is a
 // ucp_put_nbx into the peer's region. Where the only lane is tcp, UCX would emulate puts about
@@ -75,6 +78,13 @@ struct TransportOptions {
   PutPath put_path = PutPath::kAuto;
   int64_t operation_timeout_ms = 10000;  // Put / Flush / SendNotification / Connect
   int64_t shutdown_timeout_ms = 2000;    // how long Shutdown waits for in-flight operations
+  // Larger messages are refused by the receiver (the sender's SendMessage fails); nothing is
+  // allocated for them.
+  size_t max_message_bytes = size_t{256} << 20;
+  // After its last activity the progress thread keeps polling (yielding the core to any thread
+  // that wants it) this long before it sleeps: a thread woken from sleep costs ~30 us per
+  // hand-off on the project's VMs, a polling one ~1 us. 0: sleep at once.
+  int64_t busy_poll_us = 0;
 };
 
 using PeerId = uint64_t;
@@ -95,6 +105,19 @@ struct Notification {
   std::string payload;
 };
 using NotificationHandler = absl::AnyInvocable<void(Notification)>;
+
+// Where a message came from, to answer it (SendReply). Opaque; valid while this transport runs.
+struct ReplyTo {
+  uint64_t source_id = 0;
+  uintptr_t endpoint = 0;
+};
+struct Message {
+  uint64_t source_id = 0;  // the sending transport's SourceId()
+  uint32_t tag = 0;
+  std::string payload;
+  ReplyTo reply_to;
+};
+using MessageHandler = absl::AnyInvocable<void(Message)>;
 
 struct PeerInfo {
   PutPath put_path = PutPath::kAuto;  // resolved: kRma or kActiveMessage
@@ -118,6 +141,11 @@ struct TransportStats {
   uint64_t puts_rejected = 0;  // active-message puts here outside every region
   uint64_t notifications_sent = 0;
   uint64_t notifications_received = 0;
+  uint64_t messages_sent = 0;  // SendMessage and SendReply, completed
+  uint64_t messages_received = 0;
+  uint64_t message_bytes_sent = 0;
+  uint64_t message_bytes_received = 0;
+  uint64_t messages_rejected = 0;  // malformed, or larger than max_message_bytes
 };
 
 // "ucx tls=<UCX_TLS>" ("all" when unset): the transports this process lets UCX use, as workers
@@ -169,6 +197,17 @@ class UcxTransport {
   // Handler for notifications arriving here; runs on the progress thread and must not block.
   // Notifications that arrive before a handler is set are queued and delivered to it.
   void SetNotificationHandler(NotificationHandler handler);
+
+  // Sends (tag, payload) to the peer's message handler: eagerly when small, by rendezvous
+  // (received straight into the message's buffer) when large. `done` runs once the peer has
+  // the bytes (or with the failure; the peer is then failed as for a Put).
+  void SendMessage(PeerId peer, uint32_t tag, std::string payload, DoneCallback done);
+  // Answers a message received here on the endpoint it came by. A failure is reported to
+  // `done` only (there is no PeerId to fail).
+  void SendReply(const ReplyTo& to, uint32_t tag, std::string payload, DoneCallback done);
+  // Handler for messages (and replies) arriving here; runs on the progress thread and must not
+  // block. Messages that arrive before a handler is set are queued and delivered to it.
+  void SetMessageHandler(MessageHandler handler);
 
   TransportCapabilities Capabilities() const;
   TransportStats Stats() const;

@@ -1,7 +1,8 @@
 // End-to-end tests of UcxTransport between real processes. The test process is the initiator;
 // it re-executes this binary with `--transfer-child=target --fd=N` to start a target that
 // registers a region, sends its descriptor over a socketpair, and verifies checksums named in
-// notifications. ctest runs the binary once with UCX_TLS=sm and once with UCX_TLS=tcp.
+// notifications, and answers every message with its bytes XOR 0x5a on the endpoint it came by.
+// ctest runs the binary once with UCX_TLS=sm and once with UCX_TLS=tcp.
 //
 // Everything that could hang is bounded: socket reads use poll() timeouts, completions are
 // waited for with deadlines, and the child runs under alarm() and PR_SET_PDEATHSIG.
@@ -161,6 +162,38 @@ absl::Status WaitOne(absl::AnyInvocable<void(DoneCallback)> start, int timeout_m
   return c->FirstError();
 }
 
+std::string Scrambled(std::string s) {
+  for (char& c : s) c = static_cast<char>(c ^ 0x5a);
+  return s;
+}
+
+// Messages arriving at a transport, in order of arrival.
+class Inbox {
+ public:
+  MessageHandler Handler() {
+    return [this](Message m) {
+      std::lock_guard<std::mutex> lock(mu_);
+      messages_.push_back(std::move(m));
+      cv_.notify_all();
+    };
+  }
+  absl::StatusOr<Message> Next(int timeout_ms) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!cv_.wait_for(lock, std::chrono::milliseconds(timeout_ms),
+                      [&] { return !messages_.empty(); })) {
+      return absl::DeadlineExceededError("test: no message arrived");
+    }
+    Message m = std::move(messages_.front());
+    messages_.pop_front();
+    return m;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Message> messages_;
+};
+
 // ---- The target process ----
 
 int RunTarget(int fd) {
@@ -182,6 +215,10 @@ int RunTarget(int fd) {
     std::lock_guard<std::mutex> lock(mu);
     inbox.push_back(std::move(n));
     cv.notify_all();
+  });
+  UcxTransport* raw = t->get();
+  (*t)->SetMessageHandler([raw](Message m) {
+    raw->SendReply(m.reply_to, m.tag + 1, Scrambled(std::move(m.payload)), [](absl::Status) {});
   });
   if (!SendMsg(fd, (*t)->Describe(*region).Serialize())) return 1;
   while (true) {
@@ -516,6 +553,100 @@ TEST_F(UcxTransportTest, ShutdownWhileWaitingOnADeadPeerDoesNotHang) {
   EXPECT_LT(seconds, 5.0);
   EXPECT_FALSE(c->FirstError().ok());
   // Operations after shutdown are refused, not lost: covered by the transport's own contract.
+}
+
+// Messages of every size, eager and rendezvous, reach the target whole and its answers come
+// back on the endpoint they came by (the target never connects to us).
+TEST_F(UcxTransportTest, MessagesOfEverySizeAreAnsweredOnTheirEndpoint) {
+  ASSERT_NO_FATAL_FAILURE(MakeInitiator({.name = "initiator"}));
+  Inbox inbox;
+  initiator_->SetMessageHandler(inbox.Handler());
+  const uint64_t seed = 20261206;
+  std::printf("  seed %llu\n", static_cast<unsigned long long>(seed));
+  std::vector<size_t> sizes = {0, 1, 4096, (64 << 10) + 3, 1 << 20, (16 << 20) + 5};
+  for (size_t size : sizes) {
+    std::vector<char> bytes(size);
+    FillRandom(bytes, seed + size);
+    std::string payload(bytes.begin(), bytes.end());
+    absl::Status sent = WaitOne([&](DoneCallback cb) {
+      initiator_->SendMessage(peer_, 40, payload, std::move(cb));
+    });
+    ASSERT_TRUE(sent.ok()) << size << ": " << sent;
+    absl::StatusOr<Message> reply = inbox.Next(15000);
+    ASSERT_TRUE(reply.ok()) << size << ": " << reply.status();
+    EXPECT_EQ(reply->tag, 41u);
+    EXPECT_TRUE(reply->payload == Scrambled(payload)) << "size " << size;
+  }
+  const TransportStats stats = initiator_->Stats();
+  EXPECT_EQ(stats.messages_sent, sizes.size());
+  EXPECT_EQ(stats.messages_received, sizes.size());
+  EXPECT_EQ(stats.messages_rejected, 0u);
+  // Round-trip latency, a figure: a request and its answer through both progress threads.
+  for (size_t size : {size_t{512}, size_t{64} << 10, size_t{1} << 20}) {
+    std::string payload(size, 'x');
+    std::vector<double> us;
+    for (int i = 0; i < 200; ++i) {
+      const auto t0 = Clock::now();
+      initiator_->SendMessage(peer_, 40, payload, [](absl::Status) {});
+      ASSERT_TRUE(inbox.Next(5000).ok());
+      us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    }
+    std::sort(us.begin(), us.end());
+    std::printf("  MESSAGE_RTT tls=%s bytes=%zu p50=%.1f us p90=%.1f us\n",
+                ExpectedTls().empty() ? "default" : ExpectedTls().c_str(), size, us[100], us[180]);
+  }
+}
+
+TEST_F(UcxTransportTest, MessagesToADeadTargetFailWithinTheOperationTimeout) {
+  ASSERT_NO_FATAL_FAILURE(MakeInitiator({.name = "initiator", .operation_timeout_ms = 1000}));
+  Inbox inbox;
+  initiator_->SetMessageHandler(inbox.Handler());
+  ASSERT_TRUE(WaitOne([&](DoneCallback cb) {
+                initiator_->SendMessage(peer_, 40, "hello", std::move(cb));
+              }).ok());
+  ASSERT_TRUE(inbox.Next(5000).ok());
+  target_->Kill();
+  // Large enough for a rendezvous, which needs the dead target to answer.
+  const auto t0 = Clock::now();
+  absl::Status s = WaitOne(
+      [&](DoneCallback cb) {
+        initiator_->SendMessage(peer_, 40, std::string(8 << 20, 'y'), std::move(cb));
+      },
+      10000);
+  EXPECT_FALSE(s.ok());
+  EXPECT_LT(std::chrono::duration<double>(Clock::now() - t0).count(), 5.0);
+  // The peer is failed: what follows is refused at once with the same cause.
+  absl::Status next =
+      WaitOne([&](DoneCallback cb) { initiator_->SendMessage(peer_, 40, "x", std::move(cb)); });
+  EXPECT_FALSE(next.ok());
+}
+
+// A receiver refuses a message over its limit without allocating it: the sender's rendezvous
+// fails; smaller messages on the same endpoint still pass.
+TEST(UcxTransportLocalTest, OversizedMessagesAreRefusedByTheReceiver) {
+  absl::StatusOr<std::unique_ptr<UcxTransport>> a = UcxTransport::Create({.name = "a"});
+  absl::StatusOr<std::unique_ptr<UcxTransport>> b =
+      UcxTransport::Create({.name = "b", .max_message_bytes = 1 << 20});
+  ASSERT_TRUE(a.ok() && b.ok());
+  Inbox inbox;
+  (*b)->SetMessageHandler(inbox.Handler());
+  absl::StatusOr<PeerId> peer = (*a)->Connect((*b)->WorkerAddress());
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  absl::Status big = WaitOne([&](DoneCallback cb) {
+    (*a)->SendMessage(*peer, 7, std::string(4 << 20, 'z'), std::move(cb));
+  });
+  EXPECT_FALSE(big.ok());
+  EXPECT_EQ((*b)->Stats().messages_rejected, 1u);
+  EXPECT_FALSE(inbox.Next(200).ok());
+  absl::StatusOr<PeerId> again = (*a)->Connect((*b)->WorkerAddress());  // the failed peer replaced
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE(WaitOne([&](DoneCallback cb) {
+                (*a)->SendMessage(*again, 7, std::string(1 << 20, 'w'), std::move(cb));
+              }).ok());
+  absl::StatusOr<Message> m = inbox.Next(5000);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->payload.size(), size_t{1} << 20);
+  EXPECT_EQ(m->source_id, (*a)->SourceId());
 }
 
 TEST(UcxTransportLocalTest, CallsAfterShutdownAreRefused) {
