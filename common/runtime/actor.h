@@ -359,6 +359,9 @@ class Actor final : private internal::Runnable {
     return core_->ScheduleAfter(delay, std::move(message));
   }
   bool CancelTimer(TimerId timer) { return core_->CancelTimer(timer); }
+  // Polls an empty mailbox this long before the actor's thread sleeps (Mailbox::SetIdleSpin):
+  // for an actor whose next message is usually close behind and latency-critical.
+  void SetIdleSpin(absl::Duration spin) { core_->mailbox().SetIdleSpin(spin); }
 
   // Draining stop: accepts nothing more, cancels the timers, handles what is queued, then joins
   // the thread (under a ManualScheduler: handles what is queued right here). Idempotent. From

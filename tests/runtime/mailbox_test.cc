@@ -78,6 +78,43 @@ TEST(MailboxTest, BlockedPopWakesOnPushAndOnClose) {
   EXPECT_EQ(second, std::nullopt);
 }
 
+// An idle spin changes when a consumer sleeps, never what it gets: a push, a close and an
+// interrupt end the spin at once, and a timeout shorter than the spin is kept.
+TEST(MailboxTest, IdleSpinHandsOutPushesAndKeepsTimeoutsCloseAndInterrupt) {
+  Mailbox<int> mailbox;
+  mailbox.SetIdleSpin(absl::Seconds(2));
+  absl::Time start = absl::Now();
+  EXPECT_EQ(mailbox.PopFor(absl::Milliseconds(20)), std::nullopt);
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(19));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));  // the deadline, not the spin
+
+  std::optional<int> got;
+  std::thread consumer([&] { got = mailbox.Pop(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  start = absl::Now();
+  EXPECT_TRUE(mailbox.Push(7));
+  consumer.join();
+  EXPECT_EQ(got, 7);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+
+  std::thread interrupted([&] { got = mailbox.Pop(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  start = absl::Now();
+  mailbox.Interrupt();
+  interrupted.join();
+  EXPECT_EQ(got, std::nullopt);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+
+  std::thread closed([&] { got = mailbox.Pop(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  start = absl::Now();
+  mailbox.Close();
+  closed.join();
+  EXPECT_EQ(got, std::nullopt);
+  EXPECT_TRUE(mailbox.drained());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+}
+
 TEST(MailboxTest, ManyProducersLoseNothingAndKeepTheirOrder) {
   constexpr int kProducers = 4;
   constexpr int kPerProducer = 5000;
