@@ -3,6 +3,7 @@
 //   BM_PlainTopK          partial sort of the biased scores (no groups, no weights)
 //   BM_SelectExperts      the model's own selection (engine::SelectExperts: groups by top-2 sum,
 //                         bias for selection only, normalised gate weights)
+//   BM_SelectExpertsInto  the same into the caller's arrays (no allocation), as hot loops call it
 //   BM_DeviceLimited/M    routing::DeviceLimitedTopK over 8 devices (one group each), M devices
 //   BM_PlanDispatch/M     a whole 128-token batch planned onto 8 shards (what a worker does per
 //                         MoE layer), M = 0: unlimited
@@ -88,6 +89,23 @@ void BM_SelectExperts(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_SelectExperts);
+
+// The same selection into the caller's arrays (what PlanDispatch and the engine call per token).
+void BM_SelectExpertsInto(benchmark::State& state) {
+  const Inputs& in = In();
+  const model::ModelConfig c = V3();
+  int32_t experts[8];
+  float weights[8];
+  int t = 0;
+  for (auto _ : state) {
+    engine::SelectExpertsInto(c, in.Row(t), in.bias, experts, weights);
+    benchmark::DoNotOptimize(experts);
+    benchmark::DoNotOptimize(weights);
+    t = (t + 1) % kTokens;
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_SelectExpertsInto);
 
 void BM_DeviceLimited(benchmark::State& state) {
   const Inputs& in = In();

@@ -69,6 +69,8 @@ void GateScores(const model::ModelConfig& config, const float* x, int64_t rows,
   }
 }
 
+namespace {
+
 #if defined(__AVX2__)
 // Largest lane of v.
 inline float HMax(__m256 v) {
@@ -78,13 +80,40 @@ inline float HMax(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// Transposes the 8x8 matrix whose rows are r[0..7]: afterwards r[j] holds lane j of every row.
+inline void Transpose8x8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
 // The grouped selection (group_limited_greedy / noaux_tc) with AVX2, for groups of a multiple of
 // 8 experts whose kept groups hold at least k experts. The same result as the scalar path, bit
 // for bit: group scores are the same values added in the same order; the k experts come out by
-// value descending, ties towards the lower index (each round takes the first lane, in ascending
-// expert order, that holds the round's maximum). False when the shape does not qualify.
+// value descending, ties towards the lower index. The candidates (the kept groups' experts in
+// ascending order) are held as 8-lane vectors with each vector's maximum beside them; a round
+// takes the first vector whose maximum is the round's best and in it the first lane holding it
+// (so the lowest expert index among equals), retires that lane and refreshes that vector's
+// maximum only. False when the shape does not qualify.
 bool SelectGroupedAvx2(const model::ModelConfig& config, const float* choice, int64_t n,
-                       std::vector<int32_t>* experts) {
+                       int32_t* experts) {
   const int64_t groups = config.n_group, per_group = n / groups, k = config.num_experts_per_tok;
   if (per_group % 8 != 0 || per_group * groups != n || groups > 64 ||
       config.topk_group * per_group < k || k > 16 || n > 1024) {
@@ -92,7 +121,42 @@ bool SelectGroupedAvx2(const model::ModelConfig& config, const float* choice, in
   }
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   TopKSelector kept(config.topk_group);
-  for (int64_t g = 0; g < groups; ++g) {
+  if (groups == 8) {
+    // All eight groups at once: lane-wise top two (or max) over each group's vectors, transposed
+    // so that lane g holds group g, then the top two over the 8 (or 16) values of each lane.
+    __m256 t1[8], t2[8];
+    const bool top2 = config.topk_method == model::TopkMethod::kNoauxTc;
+    for (int64_t g = 0; g < 8; ++g) {
+      const float* m = choice + g * per_group;
+      __m256 a = _mm256_loadu_ps(m), b = neg_inf;
+      for (int64_t j = 8; j < per_group; j += 8) {
+        const __m256 v = _mm256_loadu_ps(m + j);
+        if (top2) b = _mm256_max_ps(b, _mm256_min_ps(a, v));
+        a = _mm256_max_ps(a, v);
+      }
+      t1[g] = a;
+      t2[g] = b;
+    }
+    Transpose8x8(t1);
+    __m256 first = t1[0], second = neg_inf;
+    for (int j = 1; j < 8; ++j) {
+      if (top2) second = _mm256_max_ps(second, _mm256_min_ps(first, t1[j]));
+      first = _mm256_max_ps(first, t1[j]);
+    }
+    alignas(32) float score[8];
+    if (top2) {
+      Transpose8x8(t2);
+      for (int j = 0; j < 8; ++j) {
+        second = _mm256_max_ps(second, _mm256_min_ps(first, t2[j]));
+        first = _mm256_max_ps(first, t2[j]);
+      }
+      _mm256_store_ps(score, _mm256_add_ps(first, second));
+    } else {
+      _mm256_store_ps(score, first);
+    }
+    for (int32_t g = 0; g < 8; ++g) kept.Offer(score[g], g);
+  }
+  for (int64_t g = 0; g < groups && groups != 8; ++g) {
     const float* m = choice + g * per_group;
     float score;
     if (config.topk_method == model::TopkMethod::kNoauxTc) {
@@ -121,65 +185,98 @@ bool SelectGroupedAvx2(const model::ModelConfig& config, const float* choice, in
     }
     kept.Offer(score, static_cast<int32_t>(g));
   }
-  // The kept groups' experts, in ascending expert order.
-  std::vector<int32_t> groups_kept = kept.Indices();
-  std::sort(groups_kept.begin(), groups_kept.end());
-  alignas(32) float cand[1024];
-  int32_t base[64];
-  int64_t c = 0;
-  for (size_t i = 0; i < groups_kept.size(); ++i) {
-    base[i] = static_cast<int32_t>(groups_kept[i] * per_group);
-    std::memcpy(cand + c, choice + base[i], static_cast<size_t>(per_group) * sizeof(float));
-    c += per_group;
+  // The kept groups in ascending order; their experts' vectors and each vector's maximum.
+  int32_t groups_kept[64];
+  const int64_t n_kept = static_cast<int64_t>(kept.indices().size());
+  std::copy(kept.indices().begin(), kept.indices().end(), groups_kept);
+  std::sort(groups_kept, groups_kept + n_kept);
+  const int64_t per_group_vectors = per_group / 8;
+  const int64_t vectors = n_kept * per_group_vectors;
+  const int64_t vmax_vectors = (vectors + 7) / 8;
+  __m256 cand[128];        // the candidates, 8 experts a vector, in ascending expert order
+  int32_t first_expert[128];  // the expert in lane 0 of each candidate vector
+  alignas(32) float vmax_lanes[128];
+  for (int64_t i = 0; i < n_kept; ++i) {
+    const float* src = choice + groups_kept[i] * per_group;
+    for (int64_t j = 0; j < per_group_vectors; ++j) {
+      const int64_t v = i * per_group_vectors + j;
+      cand[v] = _mm256_loadu_ps(src + 8 * j);
+      first_expert[v] = static_cast<int32_t>(groups_kept[i] * per_group + 8 * j);
+      vmax_lanes[v] = HMax(cand[v]);
+    }
   }
-  const int64_t vectors = c / 8;
-  experts->clear();
+  for (int64_t v = vectors; v < 8 * vmax_vectors; ++v) {
+    vmax_lanes[v] = -std::numeric_limits<float>::infinity();
+  }
+  __m256 vmax[16];  // each candidate vector's maximum, 8 a vector
+  for (int64_t j = 0; j < vmax_vectors; ++j) vmax[j] = _mm256_load_ps(vmax_lanes + 8 * j);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t round = 0; round < k; ++round) {
-    __m256 a = _mm256_load_ps(cand), b = neg_inf;
-    for (int64_t v = 1; v + 1 < vectors; v += 2) {
-      a = _mm256_max_ps(a, _mm256_load_ps(cand + 8 * v));
-      b = _mm256_max_ps(b, _mm256_load_ps(cand + 8 * (v + 1)));
-    }
-    if (vectors % 2 == 0) a = _mm256_max_ps(a, _mm256_load_ps(cand + 8 * (vectors - 1)));
-    const float best = HMax(_mm256_max_ps(a, b));
+    __m256 best_v = vmax[0];
+    for (int64_t j = 1; j < vmax_vectors; ++j) best_v = _mm256_max_ps(best_v, vmax[j]);
+    const float best = HMax(best_v);
     const __m256 target = _mm256_set1_ps(best);
-    for (int64_t v = 0; v < vectors; ++v) {
-      const int mask =
-          _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(cand + 8 * v), target, _CMP_EQ_OQ));
-      if (mask == 0) continue;
-      const int64_t at = 8 * v + __builtin_ctz(static_cast<unsigned>(mask));
-      const int64_t group = at / per_group;
-      experts->push_back(static_cast<int32_t>(base[group] + (at - group * per_group)));
-      cand[at] = -std::numeric_limits<float>::infinity();
-      break;
+    int64_t at_vector = -1;
+    for (int64_t j = 0; j < vmax_vectors && at_vector < 0; ++j) {
+      const int mask = _mm256_movemask_ps(_mm256_cmp_ps(vmax[j], target, _CMP_EQ_OQ));
+      if (mask != 0) at_vector = 8 * j + __builtin_ctz(static_cast<unsigned>(mask));
     }
+    if (at_vector < 0) return false;  // NaN scores: the scalar path decides
+    const int lane_mask =
+        _mm256_movemask_ps(_mm256_cmp_ps(cand[at_vector], target, _CMP_EQ_OQ));
+    const int lane = __builtin_ctz(static_cast<unsigned>(lane_mask));
+    experts[round] = first_expert[at_vector] + lane;
+    // Retire the lane and refresh the vector's maximum, in registers (no store to reload).
+    cand[at_vector] = _mm256_blendv_ps(
+        cand[at_vector], neg_inf,
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(iota, _mm256_set1_epi32(lane))));
+    const __m256 refreshed = _mm256_set1_ps(HMax(cand[at_vector]));
+    const int64_t jv = at_vector / 8;
+    vmax[jv] = _mm256_blendv_ps(
+        vmax[jv], refreshed,
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(iota, _mm256_set1_epi32(static_cast<int>(at_vector % 8)))));
   }
-  return static_cast<int64_t>(experts->size()) == k;
+  return true;
 }
 #endif  // __AVX2__
 
-ExpertChoice SelectExperts(const model::ModelConfig& config, absl::Span<const float> scores,
-                           absl::Span<const float> bias) {
+}  // namespace
+
+void SelectExpertsInto(const model::ModelConfig& config, absl::Span<const float> scores,
+                       absl::Span<const float> bias, int32_t* experts, float* weights) {
   const int64_t n = static_cast<int64_t>(scores.size());
-  absl::InlinedVector<float, 256> choice(scores.begin(), scores.end());
-  if (config.HasScoreBias() && !bias.empty()) {
-    for (int64_t e = 0; e < n; ++e) choice[e] += bias[e];
+  const int64_t k = config.num_experts_per_tok;
+  alignas(32) float biased[1024];
+  const float* choice = scores.data();
+  if (config.HasScoreBias() && !bias.empty() && n <= 1024) {
+    int64_t e = 0;
+#if defined(__AVX2__)
+    for (; e + 8 <= n; e += 8) {
+      _mm256_store_ps(biased + e, _mm256_add_ps(_mm256_loadu_ps(scores.data() + e),
+                                                _mm256_loadu_ps(bias.data() + e)));
+    }
+#endif
+    for (; e < n; ++e) biased[e] = scores[e] + bias[e];
+    choice = biased;
+  }
+  absl::InlinedVector<float, 256> large;  // more experts than the stack buffer holds
+  if (config.HasScoreBias() && !bias.empty() && n > 1024) {
+    large.assign(scores.begin(), scores.end());
+    for (int64_t e = 0; e < n; ++e) large[e] += bias[e];
+    choice = large.data();
   }
 #if defined(__AVX2__)
-  if (config.UsesGroups()) {
-    ExpertChoice out;
-    if (SelectGroupedAvx2(config, choice.data(), n, &out.experts)) {
-      out.weights = GateWeights(config, scores, out.experts);
-      return out;
-    }
+  if (config.UsesGroups() && SelectGroupedAvx2(config, choice, n, experts)) {
+    GateWeightsInto(config, scores, absl::MakeConstSpan(experts, static_cast<size_t>(k)), weights);
+    return;
   }
 #endif
-  TopKSelector best(config.num_experts_per_tok);
+  TopKSelector best(k);
   if (config.UsesGroups()) {
     const int64_t groups = config.n_group, per_group = n / groups;
     TopKSelector kept(config.topk_group);
     for (int64_t g = 0; g < groups; ++g) {
-      const float* m = choice.data() + g * per_group;
+      const float* m = choice + g * per_group;
       float score;
       if (config.topk_method == model::TopkMethod::kNoauxTc) {
         // The sum of the group's two largest values (which of equal ones does not matter).
@@ -208,23 +305,36 @@ ExpertChoice SelectExperts(const model::ModelConfig& config, absl::Span<const fl
   } else {
     for (int64_t e = 0; e < n; ++e) best.Offer(choice[e], static_cast<int32_t>(e));
   }
+  std::copy(best.indices().begin(), best.indices().end(), experts);
+  GateWeightsInto(config, scores, best.indices(), weights);
+}
+
+ExpertChoice SelectExperts(const model::ModelConfig& config, absl::Span<const float> scores,
+                           absl::Span<const float> bias) {
+  const auto k = static_cast<size_t>(config.num_experts_per_tok);
   ExpertChoice out;
-  out.experts = best.Indices();
-  out.weights = GateWeights(config, scores, out.experts);
+  out.experts.resize(k);
+  out.weights.resize(k);
+  SelectExpertsInto(config, scores, bias, out.experts.data(), out.weights.data());
   return out;
+}
+
+void GateWeightsInto(const model::ModelConfig& config, absl::Span<const float> scores,
+                     absl::Span<const int32_t> experts, float* weights) {
+  const size_t k = experts.size();
+  for (size_t i = 0; i < k; ++i) weights[i] = scores[experts[i]];
+  if (config.norm_topk_prob && k > 1) {
+    float sum = 0.0f;
+    for (size_t i = 0; i < k; ++i) sum += weights[i];
+    for (size_t i = 0; i < k; ++i) weights[i] /= sum;
+  }
+  for (size_t i = 0; i < k; ++i) weights[i] *= static_cast<float>(config.routed_scaling_factor);
 }
 
 std::vector<float> GateWeights(const model::ModelConfig& config, absl::Span<const float> scores,
                                absl::Span<const int32_t> experts) {
-  std::vector<float> weights;
-  weights.reserve(experts.size());
-  for (int32_t e : experts) weights.push_back(scores[e]);
-  if (config.norm_topk_prob && weights.size() > 1) {
-    float sum = 0.0f;
-    for (float w : weights) sum += w;
-    for (float& w : weights) w /= sum;
-  }
-  for (float& w : weights) w *= static_cast<float>(config.routed_scaling_factor);
+  std::vector<float> weights(experts.size());
+  GateWeightsInto(config, scores, experts, weights.data());
   return weights;
 }
 

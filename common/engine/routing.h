@@ -31,12 +31,19 @@ void GateScores(const model::ModelConfig& config, const float* x, int64_t rows,
 // Ties are broken towards the lower expert (and group) index.
 ExpertChoice SelectExperts(const model::ModelConfig& config, absl::Span<const float> scores,
                            absl::Span<const float> bias);
+// The same without allocating (what per-token hot loops call): writes num_experts_per_tok
+// experts, in selection order, and their gate weights to the caller's arrays.
+void SelectExpertsInto(const model::ModelConfig& config, absl::Span<const float> scores,
+                       absl::Span<const float> bias, int32_t* experts, float* weights);
 
 // Gate weights of chosen `experts` (in their order): the unbiased scores, divided by their sum
 // when norm_topk_prob (and more than one expert), times routed_scaling_factor. Every selection
 // (the model's own, the router's device-limited one) weighs its experts with this.
 std::vector<float> GateWeights(const model::ModelConfig& config, absl::Span<const float> scores,
                                absl::Span<const int32_t> experts);
+// The same into `weights` [experts.size()].
+void GateWeightsInto(const model::ModelConfig& config, absl::Span<const float> scores,
+                     absl::Span<const int32_t> experts, float* weights);
 
 }  // namespace splitmoe::engine
 

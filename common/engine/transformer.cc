@@ -66,12 +66,15 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
   const int64_t n = config_.n_routed_experts, hidden = config_.hidden_size;
   std::vector<std::vector<int32_t>> token_rows(static_cast<size_t>(n));
   std::vector<std::vector<float>> token_weights(static_cast<size_t>(n));
+  const auto k = static_cast<size_t>(config_.num_experts_per_tok);
+  std::vector<int32_t> experts(k);
+  std::vector<float> weights(k);
   for (int64_t t = 0; t < rows; ++t) {
-    ExpertChoice choice = SelectExperts(
-        config_, absl::MakeConstSpan(scores + t * n, static_cast<size_t>(n)), w.gate_bias);
-    for (size_t i = 0; i < choice.experts.size(); ++i) {
-      token_rows[choice.experts[i]].push_back(static_cast<int32_t>(t));
-      token_weights[choice.experts[i]].push_back(choice.weights[i]);
+    SelectExpertsInto(config_, absl::MakeConstSpan(scores + t * n, static_cast<size_t>(n)),
+                      w.gate_bias, experts.data(), weights.data());
+    for (size_t i = 0; i < k; ++i) {
+      token_rows[experts[i]].push_back(static_cast<int32_t>(t));
+      token_weights[experts[i]].push_back(weights[i]);
     }
   }
   std::fill(out, out + rows * hidden, 0.0f);

@@ -62,23 +62,30 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(
     placement = std::move(*p);
   }
   std::vector<ShardBatch> per_shard(static_cast<size_t>(num_shards));
-  for (int32_t s = 0; s < num_shards; ++s) per_shard[s].shard = s;
+  for (int32_t s = 0; s < num_shards; ++s) {
+    per_shard[s].shard = s;
+    per_shard[s].offsets.reserve(static_cast<size_t>(tokens) + 1);
+    per_shard[s].rows.reserve(static_cast<size_t>(tokens));
+  }
+  const auto k = static_cast<size_t>(config.num_experts_per_tok);
+  std::vector<int32_t> experts(k);
+  std::vector<float> weights(k);
   for (int64_t t = 0; t < tokens; ++t) {
     absl::Span<const float> row =
         scores.subspan(static_cast<size_t>(t * n), static_cast<size_t>(n));
-    engine::ExpertChoice choice;
     if (placement.has_value()) {
       auto limited = DeviceLimitedTopK(config, row, bias, *placement, max_devices);
       if (!limited.ok()) return limited.status();
-      choice = std::move(*limited);
+      experts = std::move(limited->experts);
+      weights = std::move(limited->weights);
     } else {
-      choice = engine::SelectExperts(config, row, bias);
+      engine::SelectExpertsInto(config, row, bias, experts.data(), weights.data());
     }
     touched.clear();
-    for (size_t i = 0; i < choice.experts.size(); ++i) {
-      int32_t shard = expert_to_shard[choice.experts[i]];
+    for (size_t i = 0; i < experts.size(); ++i) {
+      int32_t shard = expert_to_shard[experts[i]];
       if (!copies.empty()) {
-        const std::vector<int32_t>& on = copies[static_cast<size_t>(choice.experts[i])];
+        const std::vector<int32_t>& on = copies[static_cast<size_t>(experts[i])];
         int32_t best = -1;
         for (int32_t s : on) {  // a shard this token already uses
           if (std::find(touched.begin(), touched.end(), s) == touched.end()) continue;
@@ -96,7 +103,7 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(
       }
       if (shard < 0 || shard >= num_shards) {
         return absl::FailedPreconditionError(
-            absl::StrCat("expert ", choice.experts[i], " has no service"));
+            absl::StrCat("expert ", experts[i], " has no service"));
       }
       ShardBatch& b = per_shard[shard];
       if (b.rows.empty() || b.rows.back() != t) {
@@ -104,8 +111,8 @@ absl::StatusOr<std::vector<ShardBatch>> PlanDispatch(
         b.rows.push_back(static_cast<int32_t>(t));
         b.offsets.push_back(b.offsets.back());
       }
-      b.expert_ids.push_back(choice.experts[i]);
-      b.weights.push_back(choice.weights[i]);
+      b.expert_ids.push_back(experts[i]);
+      b.weights.push_back(weights[i]);
       ++b.offsets.back();
     }
   }

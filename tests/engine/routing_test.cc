@@ -193,7 +193,12 @@ TEST(RoutingTest, SelectionEqualsThePlainDefinition) {
                           {TopkMethod::kNoauxTc, 64, 6, 8, 4},
                           {TopkMethod::kNoauxTc, 16, 4, 4, 2},
                           {TopkMethod::kNoauxTc, 64, 8, 8, 1},
-                          {TopkMethod::kGreedy, 64, 6, 1, 1}};
+                          {TopkMethod::kGreedy, 64, 6, 1, 1},
+                          // The AVX2 paths: eight groups scored at once (top-2 sum and max),
+                          // and sixteen groups one at a time.
+                          {TopkMethod::kGroupLimitedGreedy, 256, 6, 8, 3},
+                          {TopkMethod::kNoauxTc, 256, 8, 16, 4},
+                          {TopkMethod::kGroupLimitedGreedy, 128, 8, 16, 5}};
   for (const Shape& sh : shapes) {
     ModelConfig c = V3Routing();
     c.topk_method = sh.method;
