@@ -1,9 +1,11 @@
 // One MoE layer's routed experts, in process against the direct data plane, in one run, on the
 // bench model (hidden 1024, 64 experts top-6, 8 groups, 4 kept):
 //   in process      engine::LocalMoeExecutor (selection + the experts' GEMMs, this process)
-//   direct, gRPC    expert_plane::DirectMoeExecutor: the same selection here, each shard's part
-//                   to its expert service (`splitmoe expert` processes, 2 shards) over its
-//                   ExpertCompute stream, fp32 and bf16 on the wire
+//   direct, UCX     expert_plane::DirectMoeExecutor: the same selection here, each shard's part
+//                   to its expert service (`splitmoe expert` processes, 2 shards) as UCX active
+//                   messages (`--moe-transport ucx`; UCX_TLS decides shared memory or tcp), fp32
+//                   and bf16 on the wire
+//   direct, gRPC    the same over the services' ExpertCompute streams (`--moe-transport grpc`)
 // at batch 1, 16 and 128 tokens. Reports the median time per layer and the overhead over in
 // process (the cost of the two crossings), and checks the outputs agree. Then the micro-batch
 // overlap (engine/overlap.h): a step of 4 MoE layers over 16 tokens, each layer's attention-side
@@ -15,11 +17,13 @@
 // cores: the expert services compute on the same two cores as this one.
 //
 //   build/bench/moe_dispatch_bench [--reps 50] [--shards 2] [--model DIR] [--expert-cpus LIST]
+//                                  [--busy-poll-us N]
 //   taskset -c 0 build/bench/moe_dispatch_bench --expert-cpus 1     (sides on their own cores)
 // (a tiny model, e.g. `splitmoe make-tiny`, leaves almost only the crossings to measure).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -42,7 +46,8 @@ double MedianMs(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-int Main(int reps, int shards, std::string dir, const std::string& expert_cpus) {
+int Main(int reps, int shards, std::string dir, const std::string& expert_cpus,
+         int64_t busy_poll_us) {
   if (dir.empty()) dir = bench::BenchModelDir();
   auto e = engine::Engine::Load(dir);
   if (!e.ok()) {
@@ -60,7 +65,8 @@ int Main(int reps, int shards, std::string dir, const std::string& expert_cpus) 
   for (int s = 0; s < shards; ++s) {
     std::vector<std::string> args = {bin, "expert", "--model", dir, "--router", *address,
                                      "--shard", std::to_string(s), "--num-shards",
-                                     std::to_string(shards)};
+                                     std::to_string(shards), "--busy-poll-us",
+                                     std::to_string(busy_poll_us)};
     if (!expert_cpus.empty()) args.insert(args.begin(), {"/usr/bin/taskset", "-c", expert_cpus});
     auto x = process::Subprocess::Start(absl::StrCat("expert", s), args);
     if (!x.ok() || !(*x)->ReadLineMatching("listening ", absl::Seconds(120)).ok()) return 1;
@@ -72,48 +78,79 @@ int Main(int reps, int shards, std::string dir, const std::string& expert_cpus) 
     return 1;
   }
   engine::LocalMoeExecutor local(c, (*e)->weights());
-  expert_plane::DirectMoeExecutor fp32(c, (*e)->weights(), watcher.get(), {});
-  expert_plane::DirectMoeOptions bf16_options;
-  bf16_options.dtype = v1::WIRE_DTYPE_BF16;
-  expert_plane::DirectMoeExecutor bf16(c, (*e)->weights(), watcher.get(), bf16_options);
+  auto make = [&](expert_plane::MoeTransport transport, v1::WireDtype dtype) {
+    expert_plane::DirectMoeOptions o;
+    o.transport = transport;
+    o.dtype = dtype;
+    o.busy_poll = absl::Microseconds(busy_poll_us);
+    auto moe = expert_plane::DirectMoeExecutor::Create(c, (*e)->weights(), watcher.get(), o);
+    if (!moe.ok()) {
+      std::fprintf(stderr, "%s\n", moe.status().ToString().c_str());
+      std::exit(1);
+    }
+    return std::move(*moe);
+  };
+  auto ucx = make(expert_plane::MoeTransport::kUcx, v1::WIRE_DTYPE_FP32);
+  auto ucx_bf16 = make(expert_plane::MoeTransport::kUcx, v1::WIRE_DTYPE_BF16);
+  auto grpc = make(expert_plane::MoeTransport::kGrpc, v1::WIRE_DTYPE_FP32);
+  expert_plane::DirectMoeExecutor& fp32 = *ucx;  // the overlap runs on the default transport
 
   const int64_t layer = c.first_k_dense_replace;  // the first MoE layer
   const model::LayerWeights& w = (*e)->weights().layers[static_cast<size_t>(layer)];
   const int64_t h = c.hidden_size, n = c.n_routed_experts;
-  std::printf("model %s: MoE layer %lld, %d expert shards, median of %d\n", dir.c_str(),
-              static_cast<long long>(layer), shards, reps);
-  std::printf("| batch | in process ms | direct gRPC fp32 ms | overhead us | direct gRPC bf16 ms "
-              "| overhead us | max |diff| fp32 |\n|---|---|---|---|---|---|---|\n");
+  const char* tls = std::getenv("UCX_TLS");
+  std::printf("model %s: MoE layer %lld, %d expert shards, median of %d calls in a row, "
+              "UCX_TLS=%s, --busy-poll-us %lld%s\n",
+              dir.c_str(), static_cast<long long>(layer), shards, reps, tls ? tls : "(all)",
+              static_cast<long long>(busy_poll_us),
+              expert_cpus.empty() ? ", all on the same cores" : ", experts on their own cores");
+  std::printf("| batch | in process ms | UCX fp32 ms | overhead us | UCX bf16 ms | overhead us "
+              "| gRPC fp32 ms | overhead us | max |diff| UCX fp32 |\n"
+              "|---|---|---|---|---|---|---|---|---|\n");
   std::mt19937 rng(3);
   std::normal_distribution<float> g(0.0f, 1.0f);
   for (int64_t rows : {1, 16, 128}) {
     std::vector<float> x(static_cast<size_t>(rows * h)), scores(static_cast<size_t>(rows * n));
     for (float& v : x) v = g(rng);
     engine::GateScores(c, x.data(), rows, w.gate, scores.data());
-    std::vector<float> a(x.size()), b(x.size()), d(x.size());
-    std::vector<double> t_local, t_fp32, t_bf16;
-    for (int r = 0; r < reps + 3; ++r) {  // the first 3 warm up (connections, pages)
-      absl::Time t0 = absl::Now();
-      if (!local.RoutedExperts(layer, x.data(), scores.data(), rows, a.data()).ok()) return 1;
-      absl::Time t1 = absl::Now();
-      absl::Status s = fp32.RoutedExperts(layer, x.data(), scores.data(), rows, b.data());
-      absl::Time t2 = absl::Now();
-      absl::Status s2 = bf16.RoutedExperts(layer, x.data(), scores.data(), rows, d.data());
-      absl::Time t3 = absl::Now();
-      if (!s.ok() || !s2.ok()) {
-        std::fprintf(stderr, "%s %s\n", s.ToString().c_str(), s2.ToString().c_str());
-        return 1;
+    std::vector<float> a(x.size()), b(x.size()), d(x.size()), g2(x.size());
+    // Each path runs its calls in a row, as a forward pass calls MoE layer after MoE layer
+    // (the first 3 warm up: connections, pages); the paths take turns in rounds of 10 so that
+    // a noisy moment of the machine falls on all of them.
+    std::vector<double> t_local, t_fp32, t_bf16, t_grpc;
+    auto time = [&](engine::MoeExecutor& moe, float* out, std::vector<double>* t, int n) {
+      for (int r = 0; r < n; ++r) {
+        absl::Time t0 = absl::Now();
+        absl::Status s = moe.RoutedExperts(layer, x.data(), scores.data(), rows, out);
+        if (!s.ok()) {
+          std::fprintf(stderr, "%s\n", s.ToString().c_str());
+          std::exit(1);
+        }
+        t->push_back(absl::ToDoubleMilliseconds(absl::Now() - t0));
       }
-      if (r < 3) continue;
-      t_local.push_back(absl::ToDoubleMilliseconds(t1 - t0));
-      t_fp32.push_back(absl::ToDoubleMilliseconds(t2 - t1));
-      t_bf16.push_back(absl::ToDoubleMilliseconds(t3 - t2));
+    };
+    std::vector<double> warm;
+    for (engine::MoeExecutor* moe :
+         std::initializer_list<engine::MoeExecutor*>{&local, ucx.get(), ucx_bf16.get(), grpc.get()})
+      time(*moe, b.data(), &warm, 3);
+    for (int done = 0; done < reps; done += 10) {
+      const int n = std::min(10, reps - done);
+      time(local, a.data(), &t_local, n);
+      time(*ucx, b.data(), &t_fp32, n);
+      time(*ucx_bf16, d.data(), &t_bf16, n);
+      time(*grpc, g2.data(), &t_grpc, n);
     }
     double diff = 0;
     for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, double{std::fabs(a[i] - b[i])});
-    const double l = MedianMs(t_local), f = MedianMs(t_fp32), bf = MedianMs(t_bf16);
-    std::printf("| %lld | %.3f | %.3f | %.0f | %.3f | %.0f | %.2g |\n",
-                static_cast<long long>(rows), l, f, (f - l) * 1000, bf, (bf - l) * 1000, diff);
+    if (b != g2) {
+      std::fprintf(stderr, "UCX and gRPC disagree at batch %lld\n", static_cast<long long>(rows));
+      return 1;
+    }
+    const double l = MedianMs(t_local), f = MedianMs(t_fp32), bf = MedianMs(t_bf16),
+                 gr = MedianMs(t_grpc);
+    std::printf("| %lld | %.3f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.2g |\n",
+                static_cast<long long>(rows), l, f, (f - l) * 1000, bf, (bf - l) * 1000, gr,
+                (gr - l) * 1000, diff);
   }
 
   // The overlap: one decode-like step of kLayers MoE layers over 16 tokens.
@@ -187,6 +224,7 @@ int Main(int reps, int shards, std::string dir, const std::string& expert_cpus) 
 
 int main(int argc, char** argv) {
   int reps = 50, shards = 2;
+  int64_t busy_poll_us = 0;
   std::string model, expert_cpus;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
@@ -194,11 +232,12 @@ int main(int argc, char** argv) {
     else if (flag == "--shards") shards = std::atoi(argv[i + 1]);
     else if (flag == "--model") model = argv[i + 1];
     else if (flag == "--expert-cpus") expert_cpus = argv[i + 1];
+    else if (flag == "--busy-poll-us") busy_poll_us = std::atoll(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
     }
   }
   if (reps < 1 || shards < 1) return 2;
-  return splitmoe::Main(reps, shards, model, expert_cpus);
+  return splitmoe::Main(reps, shards, model, expert_cpus, busy_poll_us);
 }

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/bidi_stream.h"
+#include "common/expert_plane/ucx_expert.h"
 #include "common/rpc/rpc.h"
 
 namespace splitmoe::expert_service {
@@ -53,25 +54,63 @@ void ExpertsActor::Handle(RetirePlacement m) {
   m.reply(true);
 }
 
+void ExpertIngress::Submit(v1::ExpertBatch batch, std::function<void(v1::ExpertResult)> answer) {
+  ++batches_;
+  assignments_ += static_cast<uint64_t>(batch.expert_ids_size());
+  ++in_flight_;
+  last_batch_us_ = absl::ToUnixMicros(absl::Now());
+  const uint64_t id = batch.batch_id();
+  // Answered exactly once: by the actor, or with Unavailable if it has stopped.
+  experts_.Send(ComputeExpertBatch{
+      std::move(batch), [this, answer = std::move(answer), id](absl::StatusOr<v1::ExpertResult> r) {
+        --in_flight_;
+        if (r.ok()) return answer(std::move(*r));
+        v1::ExpertResult failed;
+        failed.set_batch_id(id);
+        failed.set_error(r.status().ToString());
+        answer(std::move(failed));
+      }});
+}
+
 grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* ExpertComputeService::Compute(
     grpc::CallbackServerContext* /*context*/) {
   using Stream = rpc::BidiStream<v1::ExpertBatch, v1::ExpertResult>;
   return new Stream([this](v1::ExpertBatch batch, Stream::Reply reply) {
-    ++batches_;
-    assignments_ += static_cast<uint64_t>(batch.expert_ids_size());
-    ++in_flight_;
-    last_batch_us_ = absl::ToUnixMicros(absl::Now());
-    const uint64_t id = batch.batch_id();
-    // Answered exactly once: by the actor, or with Unavailable if it has stopped.
-    experts_.Send(
-        ComputeExpertBatch{std::move(batch), [this, reply, id](absl::StatusOr<v1::ExpertResult> r) {
-                             --in_flight_;
-                             if (r.ok()) return reply(std::move(*r));
-                             v1::ExpertResult failed;
-                             failed.set_batch_id(id);
-                             failed.set_error(r.status().ToString());
-                             reply(std::move(failed));
-                           }});
+    ingress_->Submit(std::move(batch), [reply](v1::ExpertResult r) { reply(std::move(r)); });
+  });
+}
+
+absl::StatusOr<std::unique_ptr<UcxExpertServer>> UcxExpertServer::Start(
+    ExpertIngress* ingress, absl::string_view name, absl::Duration busy_poll) {
+  std::unique_ptr<UcxExpertServer> server(new UcxExpertServer());
+  server->ingress_ = ingress;
+  transfer::TransportOptions options;
+  options.name = std::string(name);
+  options.busy_poll_us = absl::ToInt64Microseconds(busy_poll);
+  absl::StatusOr<std::unique_ptr<transfer::UcxTransport>> transport =
+      transfer::UcxTransport::Create(options);
+  if (!transport.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("the UCX expert transport cannot start: ", transport.status().message()));
+  }
+  server->transport_ = std::move(*transport);
+  server->transport_->SetMessageHandler(
+      [raw = server.get()](transfer::Message m) { raw->OnMessage(std::move(m)); });
+  return server;
+}
+
+UcxExpertServer::~UcxExpertServer() { transport_->Shutdown(); }
+
+void UcxExpertServer::OnMessage(transfer::Message m) {
+  v1::ExpertBatch batch;
+  if (m.tag != expert_plane::kExpertBatchTag || !batch.ParseFromString(m.payload)) {
+    ++malformed_;
+    return;
+  }
+  m.payload.clear();
+  ingress_->Submit(std::move(batch), [this, to = m.reply_to](v1::ExpertResult r) {
+    transport_->SendReply(to, expert_plane::kExpertResultTag, r.SerializeAsString(),
+                          [](absl::Status) {});  // a lost answer fails over at the sender
   });
 }
 

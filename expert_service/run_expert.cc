@@ -2,12 +2,15 @@
 
 #include <iostream>
 
+#include "absl/strings/str_cat.h"
+
 #include "common/base/status_macros.h"
 #include "common/expert_plane/routing_table_watcher.h"
 #include "common/process/signals.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
+#include "common/transfer/ucx_transport.h"
 #include "expert_service/expert_service.h"
 #include "expert_service/placement_loader.h"
 
@@ -21,9 +24,17 @@ absl::Status RunExpert(const ExpertOptions& options) {
   std::vector<int32_t> experts = shard->experts();
   // The experts actor owns the shard; the service only posts to it.
   runtime::Actor<ExpertsActor> actor("experts", std::make_unique<ExpertsActor>(std::move(shard)));
-  ExpertComputeService service(actor.ref());
+  actor.SetIdleSpin(options.busy_poll);
+  ExpertIngress ingress(actor.ref());
+  ExpertComputeService service(&ingress);
   SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
                             rpc::StartServer(options.listen, {&service}));
+  std::unique_ptr<UcxExpertServer> ucx;
+  if (options.ucx) {
+    SPLITMOE_ASSIGN_OR_RETURN(
+        ucx, UcxExpertServer::Start(&ingress, absl::StrCat("expert-", options.shard.shard),
+                                    options.busy_poll));
+  }
   std::unique_ptr<rpc::Registration> membership;
   // The routing table, as every worker sees it: the drain below waits until it no longer lists
   // this replica.
@@ -41,12 +52,18 @@ absl::Status RunExpert(const ExpertOptions& options) {
     request.set_shard(options.shard.shard);
     *request.mutable_experts() = {experts.begin(), experts.end()};
     request.set_resident_weight_bytes(resident);
+    if (ucx != nullptr) {
+      request.set_ucx_worker_address(ucx->WorkerAddress());
+      request.set_transfer_mode(transfer::UcxTlsDescription());
+    } else {
+      request.set_transfer_mode("grpc");
+    }
     SPLITMOE_ASSIGN_OR_RETURN(std::string fingerprint, rpc::ModelFingerprint(options.model_dir));
     request.set_model_fingerprint(fingerprint);
     SPLITMOE_ASSIGN_OR_RETURN(membership,
                               rpc::Registration::Start(options.router, request, [&] {
                                 v1::WorkerLoad load;
-                                load.set_tokens_processed(service.assignments());
+                                load.set_tokens_processed(ingress.assignments());
                                 for (uint64_t id : placements->Ready())
                                   load.add_placements_ready(id);
                                 return load;
@@ -73,8 +90,8 @@ absl::Status RunExpert(const ExpertOptions& options) {
   };
   const absl::Time drain_start = absl::Now();
   while (absl::Now() - drain_start < absl::Seconds(10)) {
-    const bool quiet = absl::Now() - service.last_batch() > absl::Milliseconds(100);
-    if (!listed() && service.in_flight() == 0 && quiet &&
+    const bool quiet = absl::Now() - ingress.last_batch() > absl::Milliseconds(100);
+    if (!listed() && ingress.in_flight() == 0 && quiet &&
         absl::Now() - drain_start > absl::Milliseconds(100)) {
       break;
     }
@@ -82,10 +99,12 @@ absl::Status RunExpert(const ExpertOptions& options) {
   }
   placements.reset();
   table.reset();
-  std::cerr << "expert " << options.shard.shard << ": drained (" << service.in_flight()
+  std::cerr << "expert " << options.shard.shard << ": drained (" << ingress.in_flight()
             << " batches in flight)\n";
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  // The actor's last answers still go out through `ucx`, which therefore stops after it.
   actor.Stop();
+  ucx.reset();
   return absl::OkStatus();
 }
 

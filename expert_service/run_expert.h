@@ -17,6 +17,12 @@ struct ExpertOptions {
   std::string listen = "127.0.0.1:0";
   std::string router;  // empty: serve without registering (tests)
   ShardSpec shard;
+  // Also serve batches as UCX active messages (`--moe-transport ucx`, the default); gRPC
+  // ExpertCompute is always served.
+  bool ucx = true;
+  // `--busy-poll-us`: the experts actor polls for its next batch, and the UCX progress thread
+  // for the next message, this long before sleeping (runtime/spin.h). 0: they sleep at once.
+  absl::Duration busy_poll = absl::ZeroDuration();
 };
 
 absl::Status RunExpert(const ExpertOptions& options);

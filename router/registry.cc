@@ -162,6 +162,7 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
   w.status.set_healthy(true);
   w.status.set_resident_weight_bytes(r.resident_weight_bytes());
   w.status.set_transfer_mode(r.transfer_mode());
+  if (r.role() == v1::WORKER_ROLE_EXPERT) w.ucx_worker_address = r.ucx_worker_address();
   w.last_heartbeat = now;
   v1::RegisterResponse response;
   response.set_worker_id(w.status.worker_id());
@@ -219,6 +220,8 @@ void WorkerRegistry::Accumulate(const std::string& address, const v1::MoeStats& 
     devices_per_token_[static_cast<size_t>(d)] += delta(stats.devices_touched(d), was);
   }
   failovers_ += delta(stats.failovers(), last.failovers());
+  parts_ucx_ += delta(stats.parts_ucx(), last.parts_ucx());
+  parts_grpc_ += delta(stats.parts_grpc(), last.parts_grpc());
   last = stats;
 }
 
@@ -257,6 +260,7 @@ bool WorkerRegistry::RefreshTable() {
       v1::ExpertReplica* r = pool.add_replicas();
       r->set_worker_id(id);
       r->set_address(w.status.address());
+      r->set_ucx_worker_address(w.ucx_worker_address);
     }
   }
   for (size_t i = 0; i < balancers_.size(); ++i) {
@@ -489,6 +493,8 @@ v1::ClusterStatusResponse WorkerRegistry::Status(absl::Time now) const {
   }
   routing->set_bias_update_rate(routing_.bias_update_rate);
   routing->set_failovers(failovers_);
+  routing->set_expert_parts_ucx(parts_ucx_);
+  routing->set_expert_parts_grpc(parts_grpc_);
   routing->set_bias_updates(bias_updates_);
   routing->set_placement_id(placement_.id());
   routing->set_next_placement_id(next_placement_.id());
@@ -513,6 +519,7 @@ v1::ClusterStatusResponse WorkerRegistry::Status(absl::Time now) const {
       r->set_healthy(w.status.healthy());
       r->set_tokens(w.status.load().tokens_processed());
       *r->mutable_placements_ready() = w.status.load().placements_ready();
+      r->set_transport(w.ucx_worker_address.empty() ? "grpc" : "ucx");
     }
   }
   return response;

@@ -88,6 +88,7 @@ class WorkerRegistry {
   struct Worker {
     v1::WorkerStatus status;
     absl::Time last_heartbeat;
+    std::string ucx_worker_address;  // expert services: their UCX expert transport
   };
   // Adds what `stats` (cumulative, from the worker at `address`) counts beyond the last report
   // from that address.
@@ -119,6 +120,7 @@ class WorkerRegistry {
   std::vector<std::vector<uint64_t>> window_start_;
   std::vector<uint64_t> devices_per_token_;
   uint64_t failovers_ = 0;
+  uint64_t parts_ucx_ = 0, parts_grpc_ = 0;
   std::map<std::string, v1::MoeStats> last_report_;
   double max_vio_window_ = 0;
   std::vector<routing::ExpertLoadBalancer> balancers_;  // per layer, when the bias is on

@@ -18,8 +18,9 @@ absl::StatusOr<std::unique_ptr<AttentionSide>> AttentionSide::Load(
   SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&side->weights_));
   SPLITMOE_ASSIGN_OR_RETURN(side->fingerprint_, rpc::ModelFingerprint(model_dir));
   side->watcher_ = RoutingTableWatcher::Start(router_address);
-  side->moe_ = std::make_unique<DirectMoeExecutor>(side->config_, side->weights_,
-                                                   side->watcher_.get(), moe_options);
+  SPLITMOE_ASSIGN_OR_RETURN(side->moe_, DirectMoeExecutor::Create(side->config_, side->weights_,
+                                                                  side->watcher_.get(),
+                                                                  moe_options));
   side->transformer_ =
       std::make_unique<engine::Transformer>(side->config_, side->weights_, side->moe_.get());
   return side;

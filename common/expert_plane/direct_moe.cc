@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/engine/overlap.h"
 #include "common/rpc/rpc.h"
+#include "common/runtime/spin.h"
 
 namespace splitmoe::expert_plane {
 namespace {
@@ -25,6 +26,7 @@ struct CallState {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<Answer> answers;
+  std::atomic<uint64_t> arrived{0};  // answers ever queued: what a polling caller watches
 };
 
 struct Attempt {
@@ -81,10 +83,27 @@ std::vector<routing::ShardBatch> SplitByExpert(const routing::ShardBatch& part, 
   return shares;
 }
 
+absl::string_view MoeTransportName(MoeTransport transport) {
+  return transport == MoeTransport::kUcx ? "ucx" : "grpc";
+}
+
 DirectMoeExecutor::DirectMoeExecutor(const model::ModelConfig& config,
                                      const model::ModelWeights& weights,
                                      const RoutingTableWatcher* watcher, DirectMoeOptions options)
     : config_(config), weights_(weights), watcher_(watcher), options_(options) {}
+
+absl::StatusOr<std::unique_ptr<DirectMoeExecutor>> DirectMoeExecutor::Create(
+    const model::ModelConfig& config, const model::ModelWeights& weights,
+    const RoutingTableWatcher* watcher, DirectMoeOptions options) {
+  std::unique_ptr<DirectMoeExecutor> moe(new DirectMoeExecutor(config, weights, watcher, options));
+  if (options.transport == MoeTransport::kUcx) {
+    absl::StatusOr<std::unique_ptr<UcxExpertLink>> link =
+        UcxExpertLink::Create("moe", options.busy_poll);
+    if (!link.ok()) return link.status();
+    moe->ucx_ = std::move(*link);
+  }
+  return moe;
+}
 
 DirectMoeExecutor::~DirectMoeExecutor() {
   std::map<std::string, Replica> replicas;
@@ -177,7 +196,7 @@ std::shared_ptr<const DirectMoeExecutor::View> DirectMoeExecutor::ViewOf(
   for (const v1::ExpertPool& pool : table->pools()) {
     for (const v1::ExpertReplica& r : pool.replicas()) live.insert(r.address());
   }
-  std::vector<std::shared_ptr<ExpertClient>> closing;
+  std::vector<std::shared_ptr<ExpertChannel>> closing;
   {
     std::lock_guard<std::mutex> lock(replicas_mu_);
     for (auto it = replicas_.begin(); it != replicas_.end();) {
@@ -194,10 +213,10 @@ std::shared_ptr<const DirectMoeExecutor::View> DirectMoeExecutor::ViewOf(
   return view_;
 }
 
-std::vector<std::string> DirectMoeExecutor::Candidates(const v1::ExpertPool& pool,
-                                                       absl::Time now) {
+std::vector<const v1::ExpertReplica*> DirectMoeExecutor::Candidates(const v1::ExpertPool& pool,
+                                                                    absl::Time now) {
   struct Entry {
-    std::string address;
+    const v1::ExpertReplica* replica;
     bool suspect;
     uint64_t sent;
   };
@@ -206,28 +225,39 @@ std::vector<std::string> DirectMoeExecutor::Candidates(const v1::ExpertPool& poo
     std::lock_guard<std::mutex> lock(replicas_mu_);
     for (const v1::ExpertReplica& r : pool.replicas()) {
       const Replica& rep = replicas_[r.address()];
-      entries.push_back({r.address(), now < rep.suspect_until, rep.assignments_sent});
+      entries.push_back({&r, now < rep.suspect_until, rep.assignments_sent});
     }
   }
   std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
     return a.suspect != b.suspect ? !a.suspect : a.sent < b.sent;
   });
-  std::vector<std::string> out;
-  for (Entry& e : entries) out.push_back(std::move(e.address));
+  std::vector<const v1::ExpertReplica*> out;
+  for (const Entry& e : entries) out.push_back(e.replica);
   return out;
 }
 
-absl::StatusOr<std::shared_ptr<ExpertClient>> DirectMoeExecutor::Client(
-    const std::string& address) {
+absl::StatusOr<std::shared_ptr<ExpertChannel>> DirectMoeExecutor::Client(
+    const v1::ExpertReplica& replica) {
+  const std::string& address = replica.address();
   {
     std::lock_guard<std::mutex> lock(replicas_mu_);
     Replica& r = replicas_[address];
     if (r.client != nullptr && !r.client->broken()) return r.client;
   }
-  absl::StatusOr<std::unique_ptr<ExpertClient>> client =
-      ExpertClient::Connect(address, options_.connect_timeout);
+  absl::StatusOr<std::unique_ptr<ExpertChannel>> client;
+  if (ucx_ != nullptr && !replica.ucx_worker_address().empty()) {
+    client = ucx_->Connect(replica, options_.connect_timeout);
+  } else {
+    absl::StatusOr<std::unique_ptr<ExpertClient>> grpc =
+        ExpertClient::Connect(address, options_.connect_timeout);
+    if (grpc.ok()) {
+      client = std::unique_ptr<ExpertChannel>(std::move(*grpc));
+    } else {
+      client = grpc.status();
+    }
+  }
   if (!client.ok()) return client.status();
-  std::shared_ptr<ExpertClient> shared = std::move(*client);
+  std::shared_ptr<ExpertChannel> shared = std::move(*client);
   std::lock_guard<std::mutex> lock(replicas_mu_);
   Replica& r = replicas_[address];
   // Another pass may have connected meanwhile: keep the one already in use (ours closes).
@@ -271,6 +301,8 @@ v1::MoeStats DirectMoeExecutor::Stats() const {
   std::lock_guard<std::mutex> lock(stats_mu_);
   v1::MoeStats out = stats_;
   out.set_failovers(failovers_.load());
+  out.set_parts_ucx(parts_ucx_.load());
+  out.set_parts_grpc(parts_grpc_.load());
   return out;
 }
 
@@ -283,8 +315,8 @@ class DirectMoeExecutor::Call : public engine::MoeExecutor::Pending {
 
  private:
   friend class DirectMoeExecutor;
-  // Sends part i to `address`; a failure to connect or send comes back as an answer like any.
-  void Send(size_t i, const std::string& address);
+  // Sends part i to `replica`; a failure to connect or send comes back as an answer like any.
+  void Send(size_t i, const v1::ExpertReplica& replica);
   // Resends part i to a replica of its pool it has not tried; false when none is left.
   bool FailOver(size_t i);
   absl::Status Collect();
@@ -297,7 +329,7 @@ class DirectMoeExecutor::Call : public engine::MoeExecutor::Pending {
   std::vector<Part> parts_;
   std::shared_ptr<CallState> state_ = std::make_shared<CallState>();
   std::string hidden_bytes_;
-  std::vector<std::shared_ptr<ExpertClient>> clients_;  // every client this call sent on
+  std::vector<std::shared_ptr<ExpertChannel>> clients_;  // every channel this call sent on
 };
 
 std::unique_ptr<engine::MoeExecutor::Pending> DirectMoeExecutor::Start(int64_t layer,
@@ -343,7 +375,7 @@ absl::Status DirectMoeExecutor::Prepare(Call& call, const float* x, const float*
 
   // Parts: each shard's batch, split over its pool when large enough.
   const absl::Time now = absl::Now();
-  std::vector<std::string> first_choice;
+  std::vector<const v1::ExpertReplica*> first_choice;
   for (routing::ShardBatch& b : *plan) {
     const v1::ExpertPool* pool = view.pools[static_cast<size_t>(b.shard)];
     if (pool == nullptr || pool->replicas_size() == 0) {
@@ -351,7 +383,7 @@ absl::Status DirectMoeExecutor::Prepare(Call& call, const float* x, const float*
           absl::StrCat("MoE layer ", layer, ": expert shard ", b.shard,
                        " has no live replica (table version ", view.table->version(), ")"));
     }
-    std::vector<std::string> candidates = Candidates(*pool, now);
+    std::vector<const v1::ExpertReplica*> candidates = Candidates(*pool, now);
     const auto assignments = static_cast<int64_t>(b.expert_ids.size());
     std::vector<routing::ShardBatch> shares;
     if (candidates.size() > 1 && assignments >= options_.min_split_assignments) {
@@ -370,11 +402,12 @@ absl::Status DirectMoeExecutor::Prepare(Call& call, const float* x, const float*
   call.hidden_bytes_ =
       rpc::EncodeTensor(absl::MakeConstSpan(x, static_cast<size_t>(rows * h)), options_.dtype);
   // All parts go out before any answer is awaited: one round trip, every replica in parallel.
-  for (size_t i = 0; i < call.parts_.size(); ++i) call.Send(i, first_choice[i]);
+  for (size_t i = 0; i < call.parts_.size(); ++i) call.Send(i, *first_choice[i]);
   return absl::OkStatus();
 }
 
-void DirectMoeExecutor::Call::Send(size_t i, const std::string& address) {
+void DirectMoeExecutor::Call::Send(size_t i, const v1::ExpertReplica& replica) {
+  const std::string& address = replica.address();
   const DirectMoeOptions& options = owner_->options_;
   const int64_t h = owner_->config_.hidden_size;
   const size_t width = options.dtype == v1::WIRE_DTYPE_BF16 ? 2 : 4;
@@ -404,11 +437,13 @@ void DirectMoeExecutor::Call::Send(size_t i, const std::string& address) {
   auto done = [state = state_, i, address](absl::StatusOr<v1::ExpertResult> r) {
     std::lock_guard<std::mutex> lock(state->mu);
     state->answers.push_back({i, address, std::move(r)});
+    state->arrived.fetch_add(1, std::memory_order_release);
     state->cv.notify_all();
   };
-  absl::StatusOr<std::shared_ptr<ExpertClient>> client = owner_->Client(address);
+  absl::StatusOr<std::shared_ptr<ExpertChannel>> client = owner_->Client(replica);
   if (!client.ok()) return done(client.status());
   owner_->bytes_sent_ += eb.ByteSizeLong();
+  ++((*client)->transport() == "ucx" ? owner_->parts_ucx_ : owner_->parts_grpc_);
   // Held until the call ends: a client dropped from the map meanwhile (a newer table without
   // the replica) still delivers this part's answer.
   clients_.push_back(*client);
@@ -417,10 +452,10 @@ void DirectMoeExecutor::Call::Send(size_t i, const std::string& address) {
 
 bool DirectMoeExecutor::Call::FailOver(size_t i) {
   const v1::ExpertPool* pool = view_->pools[static_cast<size_t>(parts_[i].batch.shard)];
-  for (const std::string& address : owner_->Candidates(*pool, absl::Now())) {
-    if (parts_[i].tried.count(address)) continue;
+  for (const v1::ExpertReplica* replica : owner_->Candidates(*pool, absl::Now())) {
+    if (parts_[i].tried.count(replica->address())) continue;
     ++owner_->failovers_;
-    Send(i, address);
+    Send(i, *replica);
     return true;
   }
   return false;
@@ -445,6 +480,7 @@ absl::Status DirectMoeExecutor::Call::Collect() {
   const DirectMoeOptions& options = owner_->options_;
   const int64_t h = owner_->config_.hidden_size;
   size_t remaining = parts_.size();
+  uint64_t taken = 0;  // answers handled so far
   while (remaining > 0) {
     // The next moment something must happen: an attempt's deadline or a part's last chance.
     absl::Time wake = absl::InfiniteFuture();
@@ -456,6 +492,9 @@ absl::Status DirectMoeExecutor::Call::Collect() {
       }
     }
     std::deque<Answer> answers;
+    runtime::SpinFor(std::min(options.busy_poll, wake - absl::Now()), [&] {
+      return state_->arrived.load(std::memory_order_acquire) > taken;
+    });
     {
       std::unique_lock<std::mutex> lock(state_->mu);
       state_->cv.wait_for(lock, absl::ToChronoMicroseconds(std::max(wake - absl::Now(),
@@ -463,6 +502,7 @@ absl::Status DirectMoeExecutor::Call::Collect() {
                           [&] { return !state_->answers.empty(); });
       answers.swap(state_->answers);
     }
+    taken += answers.size();
     for (Answer& a : answers) {
       Part& p = parts_[a.part];
       if (p.done) continue;  // another replica answered first

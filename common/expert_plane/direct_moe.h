@@ -5,7 +5,9 @@
 //   1. Selection with the routing table in force (RoutingTableWatcher::Current()): the model's
 //      gating through routing::PlanDispatch — group limits, the checkpoint's bias plus the
 //      router's online bias for the selection only, the device limit M of the table.
-//   2. Each shard's part goes to a live replica of the shard's pool. A part with at least
+//   2. Each shard's part goes to a live replica of the shard's pool, over UCX active messages
+//      (`transport` kUcx, the default: ucx_expert.h) or the replica's gRPC ExpertCompute stream
+//      (kGrpc, and for a replica that advertises no UCX address). A part with at least
 //      `min_split_assignments` token-expert assignments is split by expert over the pool's
 //      replicas (longest-processing-time packing of the experts' token counts), so one batch
 //      keeps every replica busy; otherwise the part goes to the replica this worker has sent the
@@ -28,8 +30,9 @@
 // thread.
 //
 //   auto watcher = RoutingTableWatcher::Start(router);
-//   DirectMoeExecutor moe(config, attention_weights, watcher.get(), {.dtype = WIRE_DTYPE_BF16});
-//   engine::Transformer model(config, attention_weights, &moe);
+//   SPLITMOE_ASSIGN_OR_RETURN(auto moe, DirectMoeExecutor::Create(config, attention_weights,
+//                             watcher.get(), {.dtype = v1::WIRE_DTYPE_BF16}));
+//   engine::Transformer model(config, attention_weights, moe.get());
 #ifndef SPLITMOE_COMMON_EXPERT_PLANE_DIRECT_MOE_H_
 #define SPLITMOE_COMMON_EXPERT_PLANE_DIRECT_MOE_H_
 
@@ -45,6 +48,7 @@
 #include "common/engine/transformer.h"
 #include "common/expert_plane/expert_client.h"
 #include "common/expert_plane/routing_table_watcher.h"
+#include "common/expert_plane/ucx_expert.h"
 #include "common/model/config.h"
 #include "common/model/weights.h"
 #include "common/routing/moe_plan.h"
@@ -52,8 +56,13 @@
 
 namespace splitmoe::expert_plane {
 
+// What carries MoE batches to the expert replicas (`--moe-transport ucx|grpc`).
+enum class MoeTransport { kUcx, kGrpc };
+absl::string_view MoeTransportName(MoeTransport transport);
+
 struct DirectMoeOptions {
   v1::WireDtype dtype = v1::WIRE_DTYPE_FP32;
+  MoeTransport transport = MoeTransport::kUcx;
   // A replica's part of a batch must answer within deadline + deadline_per_row x its rows, or
   // it is resent to another replica of the pool.
   absl::Duration deadline = absl::Milliseconds(500);
@@ -65,6 +74,10 @@ struct DirectMoeOptions {
   absl::Duration connect_timeout = absl::Seconds(1);
   // A shard's part with at least this many token-expert assignments is split over the pool.
   int64_t min_split_assignments = 32;
+  // Latency against CPU (`--busy-poll-us`; runtime/spin.h): a layer's caller polls for its
+  // answers this long before it sleeps, and the UCX link's progress thread keeps polling this
+  // long after its last activity. 0: both sleep at once.
+  absl::Duration busy_poll = absl::ZeroDuration();
 };
 
 // Splits `part` by expert into at most `groups` shares of near-equal token-expert assignments
@@ -76,9 +89,11 @@ std::vector<routing::ShardBatch> SplitByExpert(const routing::ShardBatch& part, 
 class DirectMoeExecutor : public engine::MoeExecutor {
  public:
   // `weights` supplies the checkpoint's selection bias of each MoE layer (gate_bias); it and
-  // `watcher` must outlive the executor.
-  DirectMoeExecutor(const model::ModelConfig& config, const model::ModelWeights& weights,
-                    const RoutingTableWatcher* watcher, DirectMoeOptions options = {});
+  // `watcher` must outlive the executor. Unavailable when the UCX transport was asked for and
+  // cannot start.
+  static absl::StatusOr<std::unique_ptr<DirectMoeExecutor>> Create(
+      const model::ModelConfig& config, const model::ModelWeights& weights,
+      const RoutingTableWatcher* watcher, DirectMoeOptions options = {});
   ~DirectMoeExecutor() override;
 
   // Plans and sends the layer's parts; the returned Pending waits for the answers (failing
@@ -87,13 +102,16 @@ class DirectMoeExecutor : public engine::MoeExecutor {
   std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores, int64_t rows,
                                  float* out) override;
 
-  // Cumulative counters since start (failovers included in Stats()).
+  // Cumulative counters since start (failovers and parts per transport included in Stats()).
   v1::MoeStats Stats() const;
   uint64_t bytes_sent() const { return bytes_sent_.load(); }
+  const DirectMoeOptions& options() const { return options_; }
 
  private:
+  DirectMoeExecutor(const model::ModelConfig& config, const model::ModelWeights& weights,
+                    const RoutingTableWatcher* watcher, DirectMoeOptions options);
   struct Replica {
-    std::shared_ptr<ExpertClient> client;
+    std::shared_ptr<ExpertChannel> client;
     absl::Time suspect_until = absl::InfinitePast();
     uint64_t assignments_sent = 0;
   };
@@ -115,8 +133,10 @@ class DirectMoeExecutor : public engine::MoeExecutor {
   // Selection, parts, and the first send of each; an error means nothing was sent.
   absl::Status Prepare(Call& call, const float* x, const float* scores);
   // Replicas of `pool` in the order to try them: healthy before suspect, least work first.
-  std::vector<std::string> Candidates(const v1::ExpertPool& pool, absl::Time now);
-  absl::StatusOr<std::shared_ptr<ExpertClient>> Client(const std::string& address);
+  std::vector<const v1::ExpertReplica*> Candidates(const v1::ExpertPool& pool, absl::Time now);
+  // The channel to `replica` (connected on first use): UCX where asked for and the replica
+  // advertises it, else its gRPC stream.
+  absl::StatusOr<std::shared_ptr<ExpertChannel>> Client(const v1::ExpertReplica& replica);
   void MarkSuspect(const std::string& address, absl::Time now);
   void Count(int64_t layer, const std::vector<routing::ShardBatch>& plan, int64_t rows);
 
@@ -128,12 +148,14 @@ class DirectMoeExecutor : public engine::MoeExecutor {
   std::mutex view_mu_;  // guards view_
   std::shared_ptr<const View> view_;
 
+  // Declared before replicas_: the channels it carries close before it does.
+  std::unique_ptr<UcxExpertLink> ucx_;
   std::mutex replicas_mu_;  // guards replicas_ (the caller's thread and the destructor)
   std::map<std::string, Replica> replicas_;  // by address
 
   mutable std::mutex stats_mu_;  // guards stats_
   v1::MoeStats stats_;
-  std::atomic<uint64_t> bytes_sent_{0}, failovers_{0};
+  std::atomic<uint64_t> bytes_sent_{0}, failovers_{0}, parts_ucx_{0}, parts_grpc_{0};
 };
 
 }  // namespace splitmoe::expert_plane

@@ -8,9 +8,10 @@
 namespace splitmoe::expert_plane {
 
 absl::StatusOr<std::unique_ptr<ExpertClient>> ExpertClient::Connect(
-    const std::string& address, absl::Duration connect_timeout) {
+    const std::string& address, absl::Duration connect_timeout, OnBreak on_break) {
   std::unique_ptr<ExpertClient> c(new ExpertClient());
   c->address_ = address;
+  c->on_break_ = std::move(on_break);
   c->channel_ = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
                                           rpc::ClientChannelArguments());
   if (!c->channel_->WaitForConnected(std::chrono::system_clock::now() +
@@ -97,14 +98,19 @@ void ExpertClient::ReadLoop() {
 void ExpertClient::Break(const absl::Status& status) {
   std::map<uint64_t, Done> failed;
   absl::Status why;
+  OnBreak on_break;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (broken_.ok()) broken_ = status;
+    if (broken_.ok()) {
+      broken_ = status;
+      on_break.swap(on_break_);
+    }
     why = broken_;
     failed.swap(waiting_);
     queue_.clear();
   }
   cv_.notify_all();
+  if (on_break) on_break(why);
   for (auto& [id, done] : failed) done(why);
 }
 

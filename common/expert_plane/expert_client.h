@@ -1,3 +1,8 @@
+// ExpertChannel: how an attention worker sends MoE batches to one expert replica, whatever the
+// transport: ExpertClient (a gRPC ExpertCompute stream, here) or the UCX channel
+// (ucx_expert.h). Send() never blocks on the network and each batch's `done` runs exactly once,
+// with the result or with Unavailable when the channel is (or becomes) broken or closes.
+//
 // ExpertClient: a long-lived ExpertCompute stream to one expert replica. Send() may be called
 // from any thread and never blocks on the network: batches are queued and written by the
 // client's writer thread, so a replica that stops reading (stalled, flow control closed) holds
@@ -22,22 +27,38 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
 
 namespace splitmoe::expert_plane {
 
-class ExpertClient {
+class ExpertChannel {
  public:
   using Done = std::function<void(absl::StatusOr<v1::ExpertResult>)>;
+  virtual ~ExpertChannel() = default;
+  virtual void Send(v1::ExpertBatch batch, Done done) = 0;
+  // The replica's gRPC address (its identity in the routing table).
+  virtual const std::string& address() const = 0;
+  virtual bool broken() const = 0;
+  // "grpc" or "ucx": what carries the batches.
+  virtual absl::string_view transport() const = 0;
+};
+
+class ExpertClient final : public ExpertChannel {
+ public:
+  // Runs once, on the reader or writer thread (or in the destructor), when the stream breaks.
+  using OnBreak = std::function<void(const absl::Status&)>;
   // Unavailable when the replica cannot be reached within `connect_timeout`.
   static absl::StatusOr<std::unique_ptr<ExpertClient>> Connect(
-      const std::string& address, absl::Duration connect_timeout = absl::Seconds(5));
-  ~ExpertClient();
+      const std::string& address, absl::Duration connect_timeout = absl::Seconds(5),
+      OnBreak on_break = nullptr);
+  ~ExpertClient() override;
 
-  void Send(v1::ExpertBatch batch, Done done);
-  const std::string& address() const { return address_; }
-  bool broken() const;
+  void Send(v1::ExpertBatch batch, Done done) override;
+  const std::string& address() const override { return address_; }
+  bool broken() const override;
+  absl::string_view transport() const override { return "grpc"; }
 
  private:
   ExpertClient() = default;
@@ -58,6 +79,7 @@ class ExpertClient {
   std::map<uint64_t, Done> waiting_;   // by batch id
   absl::Status broken_;
   bool closing_ = false;
+  OnBreak on_break_;
 };
 
 }  // namespace splitmoe::expert_plane

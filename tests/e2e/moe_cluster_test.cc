@@ -3,7 +3,9 @@
 // and computes every MoE layer by sending each expert service its tokens directly (the router
 // only publishes the routing table). Its greedy and seeded generations must equal the
 // single-process engine's; a killed expert service with no other replica must turn into a clear
-// error naming its shard, never a hang.
+// error naming its shard, never a hang. Run for each transport (`--moe-transport ucx|grpc` on the
+// expert services and the worker alike); under grpc the expert services advertise no UCX
+// address, and a worker that asks for UCX falls back to their gRPC streams.
 #include <signal.h>
 
 #include <map>
@@ -27,7 +29,7 @@ std::string Binary() {
   return std::string(dir ? dir : ".") + "/bin/splitmoe";
 }
 
-class MoeClusterTest : public ::testing::Test {
+class MoeClusterTest : public ::testing::TestWithParam<expert_plane::MoeTransport> {
  protected:
   void SetUp() override {
     model_ = testing::TinyModel("cluster", nullptr);
@@ -42,7 +44,8 @@ class MoeClusterTest : public ::testing::Test {
       auto expert = process::Subprocess::Start(
           "expert" + std::to_string(s),
           {Binary(), "expert", "--model", model_, "--router", router_address_, "--shard",
-           std::to_string(s), "--num-shards", "2"});
+           std::to_string(s), "--num-shards", "2", "--moe-transport",
+           std::string(expert_plane::MoeTransportName(GetParam()))});
       ASSERT_TRUE(expert.ok()) << expert.status();
       auto line = (*expert)->ReadLineMatching("listening ", absl::Seconds(60));
       ASSERT_TRUE(line.ok()) << line.status();
@@ -96,7 +99,9 @@ struct AttentionWorker {
 };
 
 std::unique_ptr<AttentionWorker> MakeWorker(const std::string& dir, const std::string& router,
-                                            v1::WireDtype dtype) {
+                                            v1::WireDtype dtype,
+                                            expert_plane::MoeTransport transport,
+                                            absl::Duration deadline = absl::Milliseconds(500)) {
   auto w = std::make_unique<AttentionWorker>();
   auto ckpt = model::Checkpoint::Open(dir);
   EXPECT_TRUE(ckpt.ok());
@@ -112,16 +117,20 @@ std::unique_ptr<AttentionWorker> MakeWorker(const std::string& dir, const std::s
   expert_plane::DirectMoeOptions moe_options;
   moe_options.dtype = dtype;
   moe_options.give_up_after = absl::Seconds(10);
-  w->moe = std::make_unique<expert_plane::DirectMoeExecutor>(w->config, w->weights,
-                                                             w->watcher.get(), moe_options);
+  moe_options.transport = transport;
+  moe_options.deadline = deadline;
+  auto moe = expert_plane::DirectMoeExecutor::Create(w->config, w->weights, w->watcher.get(),
+                                                     moe_options);
+  EXPECT_TRUE(moe.ok()) << moe.status();
+  w->moe = std::move(*moe);
   w->transformer = std::make_unique<engine::Transformer>(w->config, w->weights, w->moe.get());
   return w;
 }
 
-TEST_F(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
+TEST_P(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
   auto engine = engine::Engine::Load(model_);
   ASSERT_TRUE(engine.ok());
-  auto worker = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32);
+  auto worker = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32, GetParam());
   for (const auto& w : worker->weights.layers) {
     for (const auto& e : w.experts)
       ASSERT_EQ(e, nullptr) << "attention worker holds a routed expert";
@@ -162,8 +171,10 @@ TEST_F(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
     for (auto& t : *step) got[t.id].push_back(t);
   }
   // A figure, not a check: the cost of the expert round trips per decode step (all MoE layers).
-  std::printf("decode with direct expert dispatch: %.2f ms per step of %zu sequences (%d steps)\n",
-              absl::ToDoubleMilliseconds(absl::Now() - start) / steps, cases.size(), steps);
+  std::printf(
+      "decode with direct expert dispatch (%s): %.2f ms per step of %zu sequences (%d steps)\n",
+      std::string(expert_plane::MoeTransportName(GetParam())).c_str(),
+      absl::ToDoubleMilliseconds(absl::Now() - start) / steps, cases.size(), steps);
   for (size_t i = 0; i < cases.size(); ++i) {
     engine::GenerateRequest r;
     r.prompt = cases[i].prompt;
@@ -189,9 +200,42 @@ TEST_F(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
       (c.num_hidden_layers - c.first_k_dense_replace) + c.num_nextn_predict_layers;
   EXPECT_EQ(expert_bytes, moe_blocks * c.n_routed_experts * one);
   EXPECT_GT(worker->moe->bytes_sent(), 0u);
+  // Every part went over the transport asked for, and nothing failed over.
+  const v1::MoeStats stats = worker->moe->Stats();
+  const bool ucx = GetParam() == expert_plane::MoeTransport::kUcx;
+  EXPECT_GT(ucx ? stats.parts_ucx() : stats.parts_grpc(), 0u);
+  EXPECT_EQ(ucx ? stats.parts_grpc() : stats.parts_ucx(), 0u);
+  EXPECT_EQ(stats.failovers(), 0u);
 }
 
-TEST_F(MoeClusterTest, StatusCommandShowsTheCluster) {
+// A worker that asks for UCX reaches replicas that serve gRPC only over gRPC (and replicas that
+// serve both over UCX), with the same outputs.
+TEST_P(MoeClusterTest, UcxWorkerUsesWhatEachReplicaServes) {
+  auto ucx = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32,
+                        expert_plane::MoeTransport::kUcx);
+  auto grpc = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32,
+                         expert_plane::MoeTransport::kGrpc);
+  const auto& c = ucx->config;
+  std::vector<int32_t> prompt = {0, 3, 1, 4, 1, 5, 9, 2, 6};
+  std::vector<float> a, b;
+  engine::LatentCache ca(c.num_hidden_layers, c.latent_dim()),
+      cb(c.num_hidden_layers, c.latent_dim());
+  std::vector<engine::SequenceChunk> ba = {{prompt, &ca}}, bb = {{prompt, &cb}};
+  ASSERT_TRUE(ucx->transformer->Forward(ba, engine::AttentionForm::kAbsorbed, &a).ok());
+  ASSERT_TRUE(grpc->transformer->Forward(bb, engine::AttentionForm::kAbsorbed, &b).ok());
+  ASSERT_EQ(a, b);  // the same partial sums, bit for bit, whatever carried them
+  const v1::MoeStats stats = ucx->moe->Stats();
+  if (GetParam() == expert_plane::MoeTransport::kUcx) {
+    EXPECT_GT(stats.parts_ucx(), 0u);
+    EXPECT_EQ(stats.parts_grpc(), 0u);
+  } else {
+    EXPECT_EQ(stats.parts_ucx(), 0u);
+    EXPECT_GT(stats.parts_grpc(), 0u);
+  }
+  EXPECT_EQ(grpc->moe->Stats().parts_ucx(), 0u);
+}
+
+TEST_P(MoeClusterTest, StatusCommandShowsTheCluster) {
   FILE* pipe = ::popen((Binary() + " status --endpoint " + router_address_ + " 2>&1").c_str(), "r");
   ASSERT_NE(pipe, nullptr);
   std::string out;
@@ -205,9 +249,9 @@ TEST_F(MoeClusterTest, StatusCommandShowsTheCluster) {
   EXPECT_EQ(out.find("OUT OF SERVICE"), std::string::npos) << out;
 }
 
-TEST_F(MoeClusterTest, Bf16WireStaysCloseToFp32) {
-  auto fp32 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32);
-  auto bf16 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_BF16);
+TEST_P(MoeClusterTest, Bf16WireStaysCloseToFp32) {
+  auto fp32 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32, GetParam());
+  auto bf16 = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_BF16, GetParam());
   const auto& c = fp32->config;
   std::vector<int32_t> prompt = {0, 17, 33, 49, 65, 81};
   std::vector<float> a, b;
@@ -225,8 +269,8 @@ TEST_F(MoeClusterTest, Bf16WireStaysCloseToFp32) {
   EXPECT_LT(bf16->moe->bytes_sent(), fp32->moe->bytes_sent());
 }
 
-TEST_F(MoeClusterTest, AKilledExpertServiceIsAClearErrorNotAHang) {
-  auto worker = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32);
+TEST_P(MoeClusterTest, AKilledExpertServiceIsAClearErrorNotAHang) {
+  auto worker = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32, GetParam());
   const auto& c = worker->config;
   experts_[1]->Signal(SIGKILL);
   (void)experts_[1]->Terminate(absl::Seconds(2));
@@ -255,6 +299,40 @@ TEST_F(MoeClusterTest, AKilledExpertServiceIsAClearErrorNotAHang) {
   }
   EXPECT_TRUE(out);
 }
+
+// A replica killed while the worker is connected to it is noticed by its broken connection, at
+// once, not by the per-batch deadline (30 s here): over UCX through the gRPC stream kept open
+// beside the UCX endpoint, since UCX over shared memory notices no dead peer of its own.
+TEST_P(MoeClusterTest, AReplicaKilledWhileConnectedIsNoticedByItsConnection) {
+  auto worker = MakeWorker(model_, router_address_, v1::WIRE_DTYPE_FP32, GetParam(),
+                           absl::Seconds(30));
+  const auto& c = worker->config;
+  std::vector<int32_t> prompt = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  auto forward = [&] {
+    engine::LatentCache cache(c.num_hidden_layers, c.latent_dim());
+    std::vector<engine::SequenceChunk> batch = {{prompt, &cache}};
+    std::vector<float> hidden;
+    return worker->transformer->Forward(batch, engine::AttentionForm::kAbsorbed, &hidden);
+  };
+  ASSERT_TRUE(forward().ok());  // both replicas connected
+  experts_[1]->Signal(SIGKILL);
+  (void)experts_[1]->Terminate(absl::Seconds(2));
+  const absl::Time start = absl::Now();
+  absl::Status status = forward();
+  const absl::Duration took = absl::Now() - start;
+  std::printf("a killed replica noticed after %.0f ms (%s)\n", absl::ToDoubleMilliseconds(took),
+              std::string(expert_plane::MoeTransportName(GetParam())).c_str());
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+  EXPECT_NE(status.message().find("expert shard 1"), std::string::npos) << status;
+  EXPECT_LT(took, absl::Seconds(5));
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, MoeClusterTest,
+                         ::testing::Values(expert_plane::MoeTransport::kUcx,
+                                           expert_plane::MoeTransport::kGrpc),
+                         [](const auto& info) {
+                           return std::string(expert_plane::MoeTransportName(info.param));
+                         });
 
 }  // namespace
 }  // namespace splitmoe

@@ -27,6 +27,9 @@ namespace {
 
 using nlohmann::json;
 
+// Measured on the project's 2-core VMs (docs/performance.md): see BusyPollFlag.
+constexpr int64_t kDefaultBusyPollUs = 0;
+
 absl::StatusOr<v1::WireDtype> WireFlag(const Flags& f) {
   const std::string wire = f.Get("wire-dtype", "fp32");
   if (wire == "fp32") return v1::WIRE_DTYPE_FP32;
@@ -39,11 +42,13 @@ absl::StatusOr<v1::WireDtype> WireFlag(const Flags& f) {
 absl::StatusOr<expert_plane::DirectMoeOptions> MoeFlags(const Flags& f) {
   expert_plane::DirectMoeOptions o;
   SPLITMOE_ASSIGN_OR_RETURN(o.dtype, WireFlag(f));
-  const std::string transport = f.Get("moe-transport", "grpc");
-  if (transport != "grpc") {
-    return absl::InvalidArgumentError(
-        "--moe-transport: only grpc is available (the UCX expert transport is not built yet)");
+  const std::string transport = f.Get("moe-transport", "ucx");
+  if (transport != "ucx" && transport != "grpc") {
+    return absl::InvalidArgumentError("--moe-transport must be ucx or grpc");
   }
+  o.transport = transport == "ucx" ? expert_plane::MoeTransport::kUcx
+                                   : expert_plane::MoeTransport::kGrpc;
+  SPLITMOE_ASSIGN_OR_RETURN(o.busy_poll, BusyPollFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t deadline, f.GetInt("expert-deadline-ms", 500));
   if (deadline <= 0) return absl::InvalidArgumentError("--expert-deadline-ms must be > 0");
   o.deadline = absl::Milliseconds(deadline);
@@ -91,12 +96,20 @@ absl::StatusOr<std::vector<int32_t>> RemotePrompt(const Flags& f, v1::Generation
 
 }  // namespace
 
+absl::StatusOr<absl::Duration> BusyPollFlag(const Flags& f) {
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t us, f.GetInt("busy-poll-us", kDefaultBusyPollUs));
+  if (us < 0 || us > 1000000) {
+    return absl::InvalidArgumentError("--busy-poll-us must be in [0, 1000000]");
+  }
+  return absl::Microseconds(us);
+}
+
 absl::Status PrefillCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "router", "wire-dtype", "attention", "batch-tokens",
-               "moe-transport", "expert-deadline-ms", "micro-batches"},
+               "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us"},
               {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
@@ -122,7 +135,8 @@ absl::Status DecodeCommand(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
                                    {"model", "listen", "router", "cache-blocks", "block-tokens",
                                     "cache-dtype", "wire-dtype", "reclaim-grace-ms",
-                                    "moe-transport", "expert-deadline-ms", "micro-batches"},
+                                    "moe-transport", "expert-deadline-ms", "micro-batches",
+                                    "busy-poll-us"},
                                    {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
@@ -191,7 +205,7 @@ absl::Status UpCommand(int argc, char** argv) {
       {"model", "prefill", "decode", "experts", "expert-replicas", "port", "host", "cache-blocks",
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
-       "expert-deadline-ms", "micro-batches"},
+       "expert-deadline-ms", "micro-batches", "busy-poll-us"},
       {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   const std::string model = f.Get("model");
@@ -280,10 +294,12 @@ absl::Status UpCommand(int argc, char** argv) {
   std::vector<int64_t> next_replica(static_cast<size_t>(n_experts), 0);
   auto start_expert = [&](int64_t s) {
     const int64_t r = next_replica[static_cast<size_t>(s)]++;
-    absl::StatusOr<std::string> started =
-        start(absl::StrCat("expert", s, ".", r),
-              {"expert", "--model", model, "--router", *router, "--listen", host + ":0",
-               "--shard", std::to_string(s), "--num-shards", std::to_string(n_experts)});
+    std::vector<std::string> args = {"expert", "--model", model, "--router", *router,
+                                     "--listen", host + ":0", "--shard", std::to_string(s),
+                                     "--num-shards", std::to_string(n_experts)};
+    pass(args, "moe-transport");
+    pass(args, "busy-poll-us");
+    absl::StatusOr<std::string> started = start(absl::StrCat("expert", s, ".", r), args);
     children.back().shard = s;
     return started;
   };
@@ -297,7 +313,8 @@ absl::Status UpCommand(int argc, char** argv) {
     std::vector<std::string> args = {"decode", "--model", model, "--router", *router,
                                      "--listen", host + ":0"};
     for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
-                             "moe-transport", "expert-deadline-ms", "micro-batches"})
+                             "moe-transport", "expert-deadline-ms", "micro-batches",
+                             "busy-poll-us"})
       pass(args, flag);
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
     if (!r.ok()) return fail(r.status());
@@ -305,7 +322,8 @@ absl::Status UpCommand(int argc, char** argv) {
   for (int64_t i = 0; i < n_prefill; ++i) {
     std::vector<std::string> args = {"prefill", "--model", model, "--router", *router,
                                      "--listen", host + ":0"};
-    for (const char* flag : {"wire-dtype", "moe-transport", "expert-deadline-ms", "micro-batches"})
+    for (const char* flag :
+         {"wire-dtype", "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us"})
       pass(args, flag);
     if (f.Has("prefill-batch-tokens")) {
       args.push_back("--batch-tokens");

@@ -10,9 +10,15 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "tools/cli/flags.h"
 
 namespace splitmoe::cli {
+
+// `--busy-poll-us N` of prefill, decode, expert and up: how long latency-critical threads poll
+// before they sleep (runtime/spin.h); 0 turns polling off.
+absl::StatusOr<absl::Duration> BusyPollFlag(const Flags& f);
 
 absl::Status PrefillCommand(int argc, char** argv);
 absl::Status DecodeCommand(int argc, char** argv);

@@ -277,7 +277,9 @@ absl::Status Router(int argc, char** argv) {
 absl::Status Expert(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
-      f.Parse(argc, argv, 2, {"model", "listen", "router", "shard", "num-shards"}, {}));
+      f.Parse(argc, argv, 2,
+              {"model", "listen", "router", "shard", "num-shards", "moe-transport", "busy-poll-us"},
+              {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("expert needs --model DIR");
   expert_service::ExpertOptions o;
   o.model_dir = f.Get("model");
@@ -286,6 +288,12 @@ absl::Status Expert(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shard, f.GetInt("shard", 0));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shards, f.GetInt("num-shards", 1));
   o.shard = {static_cast<int32_t>(shard), static_cast<int32_t>(shards)};
+  const std::string transport = f.Get("moe-transport", "ucx");
+  if (transport != "ucx" && transport != "grpc") {
+    return absl::InvalidArgumentError("--moe-transport must be ucx or grpc");
+  }
+  o.ucx = transport == "ucx";
+  SPLITMOE_ASSIGN_OR_RETURN(o.busy_poll, cli::BusyPollFlag(f));
   return expert_service::RunExpert(o);
 }
 
@@ -371,6 +379,8 @@ absl::Status Status(int argc, char** argv) {
                                                         r.bias_updates(), " updates")
                                          : std::string("off"))
             << ", failovers " << r.failovers() << "\n";
+  std::cout << "MoE batch parts sent over ucx " << r.expert_parts_ucx() << ", over grpc "
+            << r.expert_parts_grpc() << "\n";
   std::cout << "placement " << (r.placement_id() == 0 ? std::string("default (contiguous)")
                                                        : std::to_string(r.placement_id()));
   if (r.next_placement_id() != 0) std::cout << ", loading " << r.next_placement_id();
@@ -384,8 +394,8 @@ absl::Status Status(int argc, char** argv) {
     int live = 0;
     for (const v1::ReplicaStatus& rep : pool.replicas()) {
       live += rep.healthy();
-      std::cout << "  " << rep.worker_id() << (rep.healthy() ? "" : " (down)") << " tokens "
-                << rep.tokens();
+      std::cout << "  " << rep.worker_id() << (rep.healthy() ? "" : " (down)") << " ["
+                << rep.transport() << "] tokens " << rep.tokens();
     }
     if (live == 0) std::cout << "  NO LIVE REPLICA";
     std::cout << "\n";
