@@ -20,8 +20,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   load.mtp = options.load_mtp;
   SPLITMOE_ASSIGN_OR_RETURN(engine->weights_, model::LoadWeights(*ckpt, load));
   if (options.pack_weights) {
-    SPLITMOE_RETURN_IF_ERROR(PackForInference(&engine->weights_));
-    kernels::SetBlasThreads(1);  // oneDNN owns the cores; OpenBLAS only runs attention GEMMs
+    SPLITMOE_RETURN_IF_ERROR(PackForInference(&engine->weights_));  // and OpenBLAS one thread
   }
   if (std::ifstream(model_dir + "/tokenizer.json")) {
     SPLITMOE_ASSIGN_OR_RETURN(engine->tokenizer_, tokenizer::Tokenizer::LoadFromDir(model_dir));

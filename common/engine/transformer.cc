@@ -122,6 +122,7 @@ absl::Status PackLayer(model::LayerWeights* l) {
 }  // namespace
 
 absl::Status PackForInference(model::ModelWeights* w) {
+  kernels::SetBlasThreads(1);
   for (auto& layer : w->layers) SPLITMOE_RETURN_IF_ERROR(PackLayer(&layer));
   SPLITMOE_RETURN_IF_ERROR(Pack(&w->lm_head));
   for (auto& m : w->mtp) {

@@ -93,7 +93,10 @@ void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t h
 // Packs, for oneDNN, every weight the forward pass only uses through kernels::Linear (all
 // projections, experts, gate, output heads; not the embeddings nor kv_b_proj, whose per-head
 // slices are read directly) and releases their plain copies. Call once after loading, before
-// any Transformer uses the weights.
+// any Transformer uses the weights. Also limits OpenBLAS to one thread, process-wide: oneDNN
+// owns the cores, OpenBLAS runs only the per-sequence attention GEMMs, and two thread pools
+// spinning on the same cores cost decode more than half its time (docs/performance.md) — in
+// the engine, and in every worker and expert process, which all pack their weights here.
 absl::Status PackForInference(model::ModelWeights* weights);
 
 enum class AttentionForm {
