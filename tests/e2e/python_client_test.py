@@ -3,12 +3,14 @@
 driven by the Python client generated from proto/ with Debian's python3-grpcio, against the
 float64 PyTorch reference (tools/reference/dsref.py).
 
-For each checkpoint: `splitmoe up --experts 2 --decode 2` (16-token cache blocks), then several
-concurrent clients send the same prompts (1, 9, 40 and 70 tokens) at once. Greedy tokens must
-equal the reference's, generated and prompt logprobs agree within 1e-3 (what the issue allows
+For each checkpoint: `splitmoe up --experts 2 --expert-replicas 2 --decode 2` (16-token cache
+blocks; MoE batches over UCX, the default), then several concurrent clients send the same prompts
+(1, 9, 40 and 70 tokens) at once, and while they run one expert replica is killed (SIGKILL): no
+request may fail or change. Greedy tokens must equal the reference's, generated and prompt logprobs agree within 1e-3 (what the issue allows
 against DeepSeek's reference; the engine itself agrees to 1e-4); the standard health service
-answers SERVING; bad input is INVALID_ARGUMENT; and once the clients are done the cluster holds
-no cache block and no request.
+answers SERVING; bad input is INVALID_ARGUMENT; once the clients are done the cluster holds
+no cache block and no request; and `splitmoe scale` brings the killed replica's pool back to two
+live replicas.
 
 Usage: python_client_test.py --splitmoe build/bin/splitmoe --stubs build/python
 """
@@ -41,8 +43,8 @@ def reference(model, tokens, max_tokens):
 
 class Cluster:
     def __init__(self, splitmoe, model):
-        self.proc = subprocess.Popen([splitmoe, "up", "--model", model, "--experts", "2", "--decode", "2",
-                                      "--block-tokens", "16", "--heartbeat-ms", "100"],
+        self.proc = subprocess.Popen([splitmoe, "up", "--model", model, "--experts", "2", "--expert-replicas", "2",
+                                      "--decode", "2", "--block-tokens", "16", "--heartbeat-ms", "100"],
                                      stdout=subprocess.PIPE, text=True)
         deadline = time.time() + 180
         self.endpoint = None
@@ -56,6 +58,17 @@ class Cluster:
         if self.endpoint is None:
             self.stop()
             raise RuntimeError("splitmoe up did not become ready")
+
+    def kill_expert(self, shard):
+        """SIGKILLs one replica of `shard` (a child of `up`); returns its pid."""
+        ps = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(self.proc.pid)], capture_output=True,
+                            text=True, check=True).stdout
+        for line in ps.splitlines():
+            pid, cmd = line.strip().split(" ", 1)
+            if " expert " in f" {cmd} " and f"--shard {shard} " in f"{cmd} ":
+                os.kill(int(pid), 9)
+                return int(pid)
+        raise RuntimeError(f"no replica of shard {shard} among {ps}")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -71,6 +84,7 @@ def generate(stub, pb, tokens, max_tokens, errors, results, key):
     req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=tokens), stop=pb.StopConditions(max_tokens=max_tokens),
                              logprobs=3, prompt_logprobs=3)
     out = {"tokens": [], "logprobs": [], "prompt_logprobs": None, "finish": None}
+    results[key] = out  # read while streaming: the kill waits for decoding to be under way
     try:
         for event in stub.Generate(req, timeout=120):
             out["tokens"].extend(event.token_ids)
@@ -117,7 +131,7 @@ def main():
             subprocess.run([sys.executable, WRITER, "--out", model, "--variant", variant, "--seed", "7"], check=True)
             prompts = [[0] + [(i * 7919 + seed) % 1000 for i in range(1, n)] for n, seed in
                        [(1, 3), (9, 5), (40, 13), (70, 11)]]
-            max_tokens = 10
+            max_tokens = 24
             want = [reference(model, t, max_tokens) for t in prompts]
             cluster = Cluster(args.splitmoe, model)
             errors = []
@@ -131,6 +145,12 @@ def main():
                                                  args=(stub, pb, tokens, max_tokens, errors, results, (i, c)))
                             threads.append(t)
                             t.start()
+                    deadline = time.time() + 60  # kill once every client is decoding
+                    while time.time() < deadline and (len(results) < len(threads) or
+                                                      min(len(r["tokens"]) for r in results.values()) < 2):
+                        time.sleep(0.002)
+                    killed_shard = VARIANTS.index(variant) % 2
+                    killed = cluster.kill_expert(killed_shard)
                     for t in threads:
                         t.join()
                     for (i, c), got in sorted(results.items()):
@@ -184,6 +204,21 @@ def main():
                         time.sleep(0.05)
                     else:
                         errors.append(f"still held after the clients finished: {held}")
+
+                    # The killed replica's pool is whole again: `scale` to two (up restarts the
+                    # dead child too; scale waits until the router sees two live replicas).
+                    scaled = subprocess.run([args.splitmoe, "scale", "--endpoint", cluster.endpoint, "--shard",
+                                             str(killed_shard), "--replicas", "2"], capture_output=True, text=True,
+                                            timeout=120)
+                    if scaled.returncode != 0:
+                        errors.append(f"scale after killing {killed}: {scaled.stdout} {scaled.stderr}")
+                    status = registry.ClusterStatus(internal_pb2.ClusterStatusRequest(), timeout=10)
+                    for pool in status.pools:
+                        live = sum(1 for r in pool.replicas if r.healthy)
+                        if live != 2:
+                            errors.append(f"pool {pool.shard}: {live} live replicas after scale")
+                    if status.routing.expert_parts_ucx == 0:
+                        errors.append("no MoE batch went over UCX")
             finally:
                 code = cluster.stop()
                 if code != 0:
@@ -193,7 +228,8 @@ def main():
                 print(f"FAIL {variant}:\n  " + "\n  ".join(errors[:12]))
             else:
                 passed += 1
-                print(f"ok   {variant}: {len(prompts) * CLIENTS_PER_PROMPT} concurrent clients, "
+                print(f"ok   {variant}: {len(prompts) * CLIENTS_PER_PROMPT} concurrent clients, replica {killed} "
+                      f"of shard {killed_shard} killed mid-run, {status.routing.failovers} failovers, "
                       f"greedy {[w[0]['tokens'] for w in want]}")
     print(f"{passed} passed, {failures} failed")
     return 1 if failures else 0
