@@ -84,18 +84,11 @@ absl::StatusOr<std::unique_ptr<UcxExpertServer>> UcxExpertServer::Start(
     ExpertIngress* ingress, absl::string_view name, absl::Duration busy_poll) {
   std::unique_ptr<UcxExpertServer> server(new UcxExpertServer());
   server->ingress_ = ingress;
-  transfer::TransportOptions options;
-  options.name = std::string(name);
-  options.busy_poll_us = absl::ToInt64Microseconds(busy_poll);
   absl::StatusOr<std::unique_ptr<transfer::UcxTransport>> transport =
-      transfer::UcxTransport::Create(options);
-  if (!transport.ok()) {
-    return absl::UnavailableError(
-        absl::StrCat("the UCX expert transport cannot start: ", transport.status().message()));
-  }
+      expert_plane::StartExpertTransport(
+          name, busy_poll, [raw = server.get()](transfer::Message m) { raw->OnMessage(std::move(m)); });
+  if (!transport.ok()) return transport.status();
   server->transport_ = std::move(*transport);
-  server->transport_->SetMessageHandler(
-      [raw = server.get()](transfer::Message m) { raw->OnMessage(std::move(m)); });
   return server;
 }
 

@@ -43,9 +43,8 @@ class UcxExpertLink::Channel final : public ExpertChannel {
   std::unique_ptr<ExpertClient> liveness_;
 };
 
-absl::StatusOr<std::unique_ptr<UcxExpertLink>> UcxExpertLink::Create(absl::string_view name,
-                                                                     absl::Duration busy_poll) {
-  std::unique_ptr<UcxExpertLink> link(new UcxExpertLink());
+absl::StatusOr<std::unique_ptr<transfer::UcxTransport>> StartExpertTransport(
+    absl::string_view name, absl::Duration busy_poll, transfer::MessageHandler handler) {
   transfer::TransportOptions options;
   options.name = std::string(name);
   options.busy_poll_us = absl::ToInt64Microseconds(busy_poll);
@@ -55,9 +54,17 @@ absl::StatusOr<std::unique_ptr<UcxExpertLink>> UcxExpertLink::Create(absl::strin
     return absl::UnavailableError(
         absl::StrCat("the UCX expert transport cannot start: ", transport.status().message()));
   }
+  (*transport)->SetMessageHandler(std::move(handler));
+  return transport;
+}
+
+absl::StatusOr<std::unique_ptr<UcxExpertLink>> UcxExpertLink::Create(absl::string_view name,
+                                                                     absl::Duration busy_poll) {
+  std::unique_ptr<UcxExpertLink> link(new UcxExpertLink());
+  absl::StatusOr<std::unique_ptr<transfer::UcxTransport>> transport = StartExpertTransport(
+      name, busy_poll, [raw = link.get()](transfer::Message m) { raw->OnMessage(std::move(m)); });
+  if (!transport.ok()) return transport.status();
   link->transport_ = std::move(*transport);
-  link->transport_->SetMessageHandler(
-      [raw = link.get()](transfer::Message m) { raw->OnMessage(std::move(m)); });
   return link;
 }
 

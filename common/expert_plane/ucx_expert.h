@@ -44,6 +44,11 @@ namespace splitmoe::expert_plane {
 inline constexpr uint32_t kExpertBatchTag = 1;   // ExpertBatch, attention worker -> replica
 inline constexpr uint32_t kExpertResultTag = 2;  // ExpertResult, replica -> attention worker
 
+// A UcxTransport for expert traffic, both ends: `busy_poll` as TransportOptions::busy_poll_us,
+// `handler` for what arrives. Unavailable (naming the cause) when UCX cannot start.
+absl::StatusOr<std::unique_ptr<transfer::UcxTransport>> StartExpertTransport(
+    absl::string_view name, absl::Duration busy_poll, transfer::MessageHandler handler);
+
 class UcxExpertLink {
  public:
   // Unavailable when UCX cannot start (no usable transport).

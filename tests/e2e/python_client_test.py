@@ -205,18 +205,35 @@ def main():
                     else:
                         errors.append(f"still held after the clients finished: {held}")
 
-                    # The killed replica's pool is whole again: `scale` to two (up restarts the
-                    # dead child too; scale waits until the router sees two live replicas).
+                    # The router has noticed the death (a replica of the pool out of service or
+                    # gone from it) ...
+                    deadline = time.time() + 30
+                    while time.time() < deadline:
+                        status = registry.ClusterStatus(internal_pb2.ClusterStatusRequest(), timeout=10)
+                        pool = [p for p in status.pools if p.shard == killed_shard][0]
+                        if any(not r.healthy for r in pool.replicas) or len(pool.replicas) < 2:
+                            break
+                        time.sleep(0.05)
+                    else:
+                        errors.append("the router never noticed the killed replica")
+                    # ... and the pool is whole again: `scale` to two (up restarts the dead child
+                    # too; scale waits until the router sees two live replicas).
                     scaled = subprocess.run([args.splitmoe, "scale", "--endpoint", cluster.endpoint, "--shard",
                                              str(killed_shard), "--replicas", "2"], capture_output=True, text=True,
                                             timeout=120)
                     if scaled.returncode != 0:
                         errors.append(f"scale after killing {killed}: {scaled.stdout} {scaled.stderr}")
-                    status = registry.ClusterStatus(internal_pb2.ClusterStatusRequest(), timeout=10)
-                    for pool in status.pools:
-                        live = sum(1 for r in pool.replicas if r.healthy)
-                        if live != 2:
-                            errors.append(f"pool {pool.shard}: {live} live replicas after scale")
+                    # The router's view lags by its heartbeat timeout (the dead replica may still
+                    # count as live when scale returns): wait for two live replicas per pool.
+                    deadline = time.time() + 60
+                    while True:
+                        status = registry.ClusterStatus(internal_pb2.ClusterStatusRequest(), timeout=10)
+                        live = {pool.shard: sum(1 for r in pool.replicas if r.healthy) for pool in status.pools}
+                        if all(n == 2 for n in live.values()) or time.time() > deadline:
+                            break
+                        time.sleep(0.1)
+                    if any(n != 2 for n in live.values()):
+                        errors.append(f"live replicas per pool after scale: {live}")
                     if status.routing.expert_parts_ucx == 0:
                         errors.append("no MoE batch went over UCX")
             finally:
