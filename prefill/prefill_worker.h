@@ -7,7 +7,8 @@
 //   (one batch at a time), prefilled together (engine::PrefillBatch: one forward pass per round
 //   over the next chunk of every prompt, so projections and MoE dispatches are shared; with
 //   `micro_batches` 2 and two or more prompts, two groups in ping-pong, one's attention while the
-//   other's experts compute). After every layer, each prompt's new latents are
+//   other's experts compute; with one prompt of several chunks, its chunks as a wavefront, one
+//   chunk's attention while the chunk before waits for its experts). After every layer, each prompt's new latents are
 //   put into its decode worker's reserved blocks (LatentShipper) while the next layer computes;
 //   then, per prompt, flush and Decode.Start with the first sampled token — data, flush,
 //   notification, in that order. A prompt that is cancelled (the router cancels the call) or

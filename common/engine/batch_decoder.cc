@@ -42,78 +42,118 @@ absl::StatusOr<DecodedToken> PrefillFirstToken(
 
 namespace {
 
-// PrefillBatch of one group of prompts.
-absl::Status PrefillGroup(Transformer& transformer, std::vector<PrefillItem>& items,
-                          AttentionForm form, const BatchLayerDoneFn& on_layer_done,
-                          int64_t chunk_tokens) {
+// Round k of a group runs chunk k (tokens [k * chunk_tokens, ...)) of every prompt that long,
+// at position base + k * chunk_tokens of its cache. Returns the forward pass's error when it is
+// not the items' own (those stay in their statuses); items already failed are left out.
+absl::Status RunRound(Transformer& transformer, std::vector<PrefillItem>& items,
+                      const std::vector<int64_t>& base, int64_t k, int64_t chunk_tokens,
+                      AttentionForm form, const BatchLayerDoneFn& on_layer_done,
+                      const LayerOrder* order) {
   const int64_t h = transformer.config().hidden_size;
-  std::vector<float> logits(static_cast<size_t>(transformer.config().vocab_size));
-  std::vector<size_t> offset(items.size(), 0);  // prompt tokens already run, per item
-  for (PrefillItem& item : items) {
-    if (item.prompt.empty()) item.status = absl::InvalidArgumentError("empty prompt");
-    if (item.prompt_top_logprobs >= 0) item.prompt_logprobs.assign(item.prompt.size(), std::nullopt);
+  std::vector<size_t> round;
+  std::vector<SequenceChunk> batch;
+  const auto begin = static_cast<size_t>(k * chunk_tokens);
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (!items[i].status.ok() || begin >= items[i].prompt.size()) continue;
+    const size_t n = std::min(items[i].prompt.size() - begin, static_cast<size_t>(chunk_tokens));
+    round.push_back(i);
+    batch.push_back({items[i].prompt.subspan(begin, n), items[i].cache,
+                     base[i] + static_cast<int64_t>(begin)});
+  }
+  if (round.empty()) return absl::OkStatus();
+  Transformer::LayerDoneFn hook;
+  if (on_layer_done) {
+    hook = [&](int64_t layer) -> absl::Status {
+      bool any = false;
+      for (size_t r = 0; r < round.size(); ++r) {
+        PrefillItem& item = items[round[r]];
+        if (!item.status.ok()) continue;
+        item.status = on_layer_done(round[r], layer, static_cast<int64_t>(begin),
+                                    static_cast<int64_t>(batch[r].tokens.size()));
+        any = any || item.status.ok();
+      }
+      // Nobody left in this round: stop the pass (its caches are abandoned with the items).
+      return any ? absl::OkStatus() : absl::CancelledError("every prompt of the round stopped");
+    };
   }
   std::vector<float> hidden;
-  while (true) {
-    // This round: the next chunk of every item still going.
-    std::vector<size_t> round;
-    std::vector<SequenceChunk> batch;
-    for (size_t i = 0; i < items.size(); ++i) {
-      if (!items[i].status.ok() || offset[i] >= items[i].prompt.size()) continue;
-      const size_t n = std::min(items[i].prompt.size() - offset[i], static_cast<size_t>(chunk_tokens));
-      round.push_back(i);
-      batch.push_back({items[i].prompt.subspan(offset[i], n), items[i].cache});
+  absl::Status forward = transformer.Forward(batch, form, &hidden, hook, order);
+  if (!forward.ok()) {
+    bool stopped_by_items = true;
+    for (size_t i : round) stopped_by_items = stopped_by_items && !items[i].status.ok();
+    if (stopped_by_items) return absl::OkStatus();  // their own statuses say why
+    for (size_t i : round) {
+      if (items[i].status.ok()) items[i].status = forward;
     }
-    if (round.empty()) return absl::OkStatus();
-    Transformer::LayerDoneFn hook;
-    if (on_layer_done) {
-      hook = [&](int64_t layer) -> absl::Status {
-        bool any = false;
-        for (size_t r = 0; r < round.size(); ++r) {
-          PrefillItem& item = items[round[r]];
-          if (!item.status.ok()) continue;
-          item.status = on_layer_done(round[r], layer, static_cast<int64_t>(offset[round[r]]),
-                                      static_cast<int64_t>(batch[r].tokens.size()));
-          any = any || item.status.ok();
-        }
-        // Nobody left in this round: stop the pass (its caches are abandoned with the items).
-        return any ? absl::OkStatus() : absl::CancelledError("every prompt of the round stopped");
-      };
-    }
-    absl::Status forward = transformer.Forward(batch, form, &hidden, hook);
-    if (!forward.ok()) {
-      bool stopped_by_items = true;
-      for (size_t i : round) stopped_by_items = stopped_by_items && !items[i].status.ok();
-      if (stopped_by_items) continue;  // their own statuses say why
-      for (size_t i : round) {
-        if (items[i].status.ok()) items[i].status = forward;
-      }
-      return forward;
-    }
-    int64_t row = 0;
-    for (size_t r = 0; r < round.size(); ++r) {
-      PrefillItem& item = items[round[r]];
-      const size_t begin = offset[round[r]], n = batch[r].tokens.size();
-      offset[round[r]] += n;
-      if (item.status.ok() && item.prompt_top_logprobs >= 0) {
-        // Row j (position begin + j) predicts the token at begin + j + 1.
-        for (size_t j = 0; j < n && begin + j + 1 < item.prompt.size(); ++j) {
-          transformer.Logits(hidden.data() + (row + static_cast<int64_t>(j)) * h, 1,
-                             logits.data());
-          item.prompt_logprobs[begin + j + 1] =
-              ComputeLogprob(logits, item.prompt[begin + j + 1], item.prompt_top_logprobs);
-        }
-      }
-      if (item.status.ok() && offset[round[r]] == item.prompt.size()) {
-        transformer.Logits(hidden.data() + (row + static_cast<int64_t>(n) - 1) * h, 1,
-                           logits.data());
-        item.first.token =
-            SampleToken(logits, item.sampling, static_cast<int64_t>(item.prompt.size()));
-        if (item.logprobs >= 0) item.first.logprob = ComputeLogprob(logits, item.first.token, item.logprobs);
-      }
-      row += static_cast<int64_t>(n);
-    }
+    return forward;
   }
+  std::vector<float> logits(static_cast<size_t>(transformer.config().vocab_size));
+  int64_t row = 0;
+  for (size_t r = 0; r < round.size(); ++r) {
+    PrefillItem& item = items[round[r]];
+    const size_t n = batch[r].tokens.size();
+    if (item.status.ok() && item.prompt_top_logprobs >= 0) {
+      // Row j (position begin + j) predicts the token at begin + j + 1.
+      for (size_t j = 0; j < n && begin + j + 1 < item.prompt.size(); ++j) {
+        transformer.Logits(hidden.data() + (row + static_cast<int64_t>(j)) * h, 1, logits.data());
+        item.prompt_logprobs[begin + j + 1] =
+            ComputeLogprob(logits, item.prompt[begin + j + 1], item.prompt_top_logprobs);
+      }
+    }
+    if (item.status.ok() && begin + n == item.prompt.size()) {
+      transformer.Logits(hidden.data() + (row + static_cast<int64_t>(n) - 1) * h, 1,
+                         logits.data());
+      item.first.token =
+          SampleToken(logits, item.sampling, static_cast<int64_t>(item.prompt.size()));
+      if (item.logprobs >= 0) item.first.logprob = ComputeLogprob(logits, item.first.token, item.logprobs);
+    }
+    row += static_cast<int64_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+// PrefillBatch of one group of prompts: its rounds one after the other, or — with `overlap`
+// and two rounds or more — pipelined as a wavefront (overlap.h, ChunkWavefront): even rounds on
+// one pass, odd rounds on the other, so a chunk's MoE round trip overlaps the next chunk's
+// attention.
+absl::Status PrefillGroup(Transformer& transformer, std::vector<PrefillItem>& items,
+                          AttentionForm form, const BatchLayerDoneFn& on_layer_done,
+                          int64_t chunk_tokens, PingPong* overlap) {
+  int64_t rounds = 0;
+  std::vector<int64_t> base(items.size(), 0);  // each cache's length before the prompt
+  for (size_t i = 0; i < items.size(); ++i) {
+    PrefillItem& item = items[i];
+    if (item.prompt.empty()) item.status = absl::InvalidArgumentError("empty prompt");
+    if (item.prompt_top_logprobs >= 0) item.prompt_logprobs.assign(item.prompt.size(), std::nullopt);
+    if (!item.status.ok()) continue;
+    base[i] = item.cache->length();
+    // All of the prompt's room now: no cache grows (and moves its rows) while another round's
+    // latents are in flight from it.
+    item.status = item.cache->Reserve(base[i] + static_cast<int64_t>(item.prompt.size()));
+    rounds = std::max(rounds, (static_cast<int64_t>(item.prompt.size()) + chunk_tokens - 1) /
+                                  chunk_tokens);
+  }
+  if (overlap == nullptr || rounds < 2) {
+    for (int64_t k = 0; k < rounds; ++k) {
+      SPLITMOE_RETURN_IF_ERROR(
+          RunRound(transformer, items, base, k, chunk_tokens, form, on_layer_done, nullptr));
+    }
+    return absl::OkStatus();
+  }
+  ChunkWavefront wave(rounds);
+  absl::Status status[2];
+  auto pass = [&](int parity) {
+    for (int64_t k = parity; k < rounds; k += 2) {
+      LayerOrder order{[&, k](int64_t layer) { return wave.AwaitLayer(k, layer); },
+                       [&, k](int64_t layer) { wave.LayerWritten(k, layer); }};
+      absl::Status s =
+          RunRound(transformer, items, base, k, chunk_tokens, form, on_layer_done, &order);
+      wave.RoundEnded(k);  // always: the next round may be waiting for it
+      if (status[parity].ok()) status[parity] = s;
+    }
+  };
+  overlap->Run([&] { pass(0); }, [&] { pass(1); });
+  return status[0].ok() ? status[1] : status[0];
 }
 
 }  // namespace
@@ -122,7 +162,7 @@ absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& it
                           AttentionForm form, const BatchLayerDoneFn& on_layer_done,
                           int64_t chunk_tokens, PingPong* overlap) {
   if (overlap == nullptr || items.size() < 2) {
-    return PrefillGroup(transformer, items, form, on_layer_done, chunk_tokens);
+    return PrefillGroup(transformer, items, form, on_layer_done, chunk_tokens, overlap);
   }
   // Two groups of near-equal prompt tokens (longest first, each to the lighter group), run in
   // ping-pong; each item's result is what it would be alone.
@@ -151,7 +191,7 @@ absl::Status PrefillBatch(Transformer& transformer, std::vector<PrefillItem>& it
         return on_layer_done(index[g][item], layer, first, count);
       };
     }
-    status[g] = PrefillGroup(transformer, group[g], form, hook, chunk_tokens);
+    status[g] = PrefillGroup(transformer, group[g], form, hook, chunk_tokens, nullptr);
   };
   overlap->Run([&] { run(0); }, [&] { run(1); });
   for (int g = 0; g < 2; ++g) {

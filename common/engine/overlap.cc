@@ -2,6 +2,10 @@
 
 #include <pthread.h>
 
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
 namespace splitmoe::engine {
 namespace internal {
 
@@ -123,6 +127,44 @@ ComputeReleased::~ComputeReleased() {
   if (baton_ == nullptr) return;
   baton_->EndWait();
   released = false;
+}
+
+ChunkWavefront::ChunkWavefront(int64_t rounds) : rounds_(static_cast<size_t>(rounds)) {}
+
+absl::Status ChunkWavefront::AwaitLayer(int64_t round, int64_t layer) {
+  if (round <= 0) return absl::OkStatus();
+  std::unique_lock<std::mutex> lock(mu_);
+  const Progress& before = rounds_[static_cast<size_t>(round - 1)];
+  auto ready = [&] { return before.written >= layer || before.ended; };
+  if (!ready()) {
+    lock.unlock();
+    {
+      ComputeReleased away;  // the round before computes meanwhile
+      std::unique_lock<std::mutex> wait(mu_);
+      cv_.wait(wait, ready);
+    }  // `wait` unlocks before `away` waits for the compute: its holder may be about to lock mu_
+    lock.lock();
+  }
+  if (before.written >= layer) return absl::OkStatus();
+  return absl::CancelledError(
+      absl::StrCat("prefill chunk ", round - 1, " failed before writing layer ", layer));
+}
+
+void ChunkWavefront::LayerWritten(int64_t round, int64_t layer) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Progress& p = rounds_[static_cast<size_t>(round)];
+    p.written = std::max(p.written, layer);
+  }
+  cv_.notify_all();
+}
+
+void ChunkWavefront::RoundEnded(int64_t round) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    rounds_[static_cast<size_t>(round)].ended = true;
+  }
+  cv_.notify_all();
 }
 
 }  // namespace splitmoe::engine

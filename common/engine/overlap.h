@@ -27,7 +27,10 @@
 #include <mutex>
 #include <thread>
 
+#include <vector>
+
 #include "absl/functional/function_ref.h"
+#include "absl/status/status.h"
 
 namespace splitmoe::engine {
 namespace internal {
@@ -73,6 +76,39 @@ class ComputeReleased {
 
  private:
   internal::Baton* baton_;  // the pass's, or null outside a pass
+};
+
+// The wavefront of pipelined chunks (prefill of long prompts): the rounds of a prefill — chunk
+// 0, 1, 2, ... of the same prompts — run as two passes in ping-pong (even rounds on one, odd on
+// the other), and round r may run its attention at layer l once round r - 1 has written its
+// latents of layer l there. So chunk r's attention at layer l runs while chunk r - 1's experts
+// of layer l are out: a chunk's MoE overlaps the next chunk's attention. Waiting gives the
+// compute away (ComputeReleased). Thread-safe.
+//
+//   ChunkWavefront wave(rounds);
+//   LayerOrder order{[&](int64_t l) { return wave.AwaitLayer(r, l); },
+//                    [&](int64_t l) { wave.LayerWritten(r, l); }};
+//   absl::Status s = model.Forward(chunk_r, form, &hidden, nullptr, &order);
+//   wave.RoundEnded(r);
+class ChunkWavefront {
+ public:
+  explicit ChunkWavefront(int64_t rounds);
+  // Before round `round`'s attention at `layer`: OK once round - 1 has written that layer (at
+  // once for round 0); Cancelled when round - 1 ended without writing it (it failed).
+  absl::Status AwaitLayer(int64_t round, int64_t layer);
+  // Round `round` has written its latents of `layer` (layers are written in ascending order).
+  void LayerWritten(int64_t round, int64_t layer);
+  // Round `round` is over (every layer written, or failed): nobody waits for it any more.
+  void RoundEnded(int64_t round);
+
+ private:
+  struct Progress {
+    int64_t written = -1;  // highest layer written
+    bool ended = false;
+  };
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Progress> rounds_;  // guarded by mu_
 };
 
 }  // namespace splitmoe::engine

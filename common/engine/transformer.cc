@@ -21,6 +21,10 @@ int64_t TotalRows(absl::Span<const SequenceChunk> batch) {
   return rows;
 }
 
+int64_t StartOf(const SequenceChunk& chunk) {
+  return chunk.start >= 0 ? chunk.start : chunk.cache->length();
+}
+
 // Softmax of each row of scores [rows, keys] over its first valid[r] keys; the rest get 0.
 void CausalSoftmax(float* scores, int64_t rows, int64_t keys, const int64_t* valid) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -175,7 +179,7 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
   std::vector<float> cos_sin(static_cast<size_t>(dr));
   int64_t row = 0;
   for (const SequenceChunk& chunk : batch) {
-    const int64_t start = chunk.cache->length();
+    const int64_t start = StartOf(chunk);
     for (int64_t i = 0; i < static_cast<int64_t>(chunk.tokens.size()); ++i, ++row) {
       rope_.CosSin(start + i, cos_sin.data());
       float* cached = chunk.cache->Row(cache_layer, start + i);
@@ -196,7 +200,7 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
   row = 0;
   for (const SequenceChunk& chunk : batch) {
     const int64_t n = static_cast<int64_t>(chunk.tokens.size());
-    const int64_t start = chunk.cache->length();
+    const int64_t start = StartOf(chunk);
     const int64_t keys = start + n;
     const float* latents = chunk.cache->LayerRows(cache_layer, keys);  // [keys, lat]
     const float* qc = q.data() + row * heads * qk;
@@ -256,14 +260,17 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
 
 absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_index,
                                 int64_t cache_layer, absl::Span<const SequenceChunk> batch,
-                                AttentionForm form, float* h, int64_t rows) {
+                                AttentionForm form, float* h, int64_t rows,
+                                const LayerOrder* order) {
   const model::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
   std::vector<float> xn(static_cast<size_t>(rows * hidden)),
       delta(static_cast<size_t>(rows * hidden));
   kernels::RmsNorm(h, rows, hidden, hidden, w.input_norm.data(), eps, xn.data(), hidden);
+  if (order != nullptr) SPLITMOE_RETURN_IF_ERROR(order->before_attention(layer_index));
   Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows);
+  if (order != nullptr) order->after_attention(layer_index);
   for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
   kernels::RmsNorm(h, rows, hidden, hidden, w.post_attention_norm.data(), eps, xn.data(), hidden);
   if (!w.is_moe) {
@@ -289,7 +296,8 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
 }
 
 absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
-                                  std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done) {
+                                  std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done,
+                                  const LayerOrder* order) {
   const model::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
   const int64_t rows = TotalRows(batch);
@@ -300,7 +308,7 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
             absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
       }
     }
-    const int64_t end = chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size());
+    const int64_t end = StartOf(chunk) + static_cast<int64_t>(chunk.tokens.size());
     if (end > c.max_position_embeddings) {
       return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
                                                      " tokens exceeds max_position_embeddings ",
@@ -319,11 +327,12 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
   }
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch,
-                                   form, h.data(), rows));
+                                   form, h.data(), rows, order));
     if (on_layer_done) SPLITMOE_RETURN_IF_ERROR(on_layer_done(layer));
   }
   for (const SequenceChunk& chunk : batch) {
-    chunk.cache->Commit(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
+    chunk.cache->Commit(std::max(chunk.cache->length(),
+                                 StartOf(chunk) + static_cast<int64_t>(chunk.tokens.size())));
   }
   kernels::RmsNorm(h.data(), rows, hidden, hidden, weights_.final_norm.data(),
                    static_cast<float>(c.rms_norm_eps), h.data(), hidden);

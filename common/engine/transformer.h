@@ -105,8 +105,21 @@ enum class AttentionForm {
 };
 
 struct SequenceChunk {
-  absl::Span<const int32_t> tokens;  // new tokens; the first sits at position cache->length()
+  absl::Span<const int32_t> tokens;  // new tokens; the first sits at position `start`
   SequenceCache* cache;              // main layers: num_hidden_layers; MTP: one layer per module
+  // Position of the first token; -1: cache->length(). Pipelined prefill (PrefillBatch) runs a
+  // chunk while the one before it is still in flight, so it names its start itself.
+  int64_t start = -1;
+};
+
+// Orders passes over consecutive chunks of the same sequences that run at once (pipelined
+// prefill, under engine/overlap.h's ping-pong): a chunk's attention at a layer reads the
+// latents the chunk before it writes there. `before_attention(layer)` may wait for them (an
+// error stops the pass: the chunk before failed); `after_attention(layer)` says this pass's
+// latents of `layer` are written.
+struct LayerOrder {
+  std::function<absl::Status(int64_t layer)> before_attention;
+  std::function<void(int64_t layer)> after_attention;
 };
 
 class Transformer {
@@ -122,9 +135,12 @@ class Transformer {
   // every chunk are then in the chunks' caches (rows length() .. length() + tokens - 1), so a
   // prefill worker can ship them while the next layer computes. An error from the hook stops
   // the pass and is returned (a cancelled prefill); the caches then hold partial rows.
+  // `order`, when given, is asked before and told after each layer's attention (LayerOrder).
+  // A chunk's cache then only grows: its length becomes the furthest end any pass committed.
   using LayerDoneFn = std::function<absl::Status(int64_t layer)>;
   absl::Status Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
-                       std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done = nullptr);
+                       std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done = nullptr,
+                       const LayerOrder* order = nullptr);
 
   // logits[rows, vocab] = hidden[rows, hidden] @ lm_head^T
   void Logits(const float* hidden, int64_t rows, float* logits) const;
@@ -142,7 +158,7 @@ class Transformer {
   // One decoder block over h [rows, hidden] in place. `cache_layer` indexes the chunk caches.
   absl::Status Block(const model::LayerWeights& w, int64_t layer_index, int64_t cache_layer,
                      absl::Span<const SequenceChunk> batch, AttentionForm form, float* h,
-                     int64_t rows);
+                     int64_t rows, const LayerOrder* order = nullptr);
   void Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
                  absl::Span<const SequenceChunk> batch, AttentionForm form, float* out,
                  int64_t rows);

@@ -860,6 +860,30 @@ TEST(MicroBatchTest, PingPongClustersEqualTheEngineWhileAReplicaDies) {
   }
   std::printf("decode: %llu micro-batch overlaps\n", static_cast<unsigned long long>(overlaps));
   EXPECT_GT(overlaps, 0u) << "no micro-batch ever computed while the other waited";
+  // A long prompt alone: its 256-token chunks prefill as a wavefront (a chunk's experts behind
+  // the next chunk's attention), and it still equals the engine.
+  Case long_prompt;
+  std::mt19937_64 rng(71);
+  for (int t = 0; t < 700; ++t) {
+    long_prompt.prompt.push_back(static_cast<int32_t>(rng() % (*e)->config().vocab_size));
+  }
+  long_prompt.max_tokens = 6;
+  long_prompt.logprobs = 3;
+  auto prefill_overlaps = [&] {
+    uint64_t n = 0;
+    const v1::ClusterStatusResponse now = cluster->Status();
+    for (const auto& w : now.workers()) {
+      if (w.role() == v1::WORKER_ROLE_PREFILL) n += w.load().micro_batch_overlaps();
+    }
+    return n;
+  };
+  const uint64_t before = prefill_overlaps();
+  ExpectConcurrentEqualsEngine(*cluster, **e, {long_prompt});
+  absl::SleepFor(absl::Milliseconds(300));
+  const uint64_t chunk_overlaps = prefill_overlaps() - before;
+  std::printf("prefill of one 700-token prompt: %llu overlaps\n",
+              static_cast<unsigned long long>(chunk_overlaps));
+  EXPECT_GT(chunk_overlaps, 0u) << "no chunk computed while the one before waited for experts";
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 

@@ -3,6 +3,7 @@
 // exactly the tokens (and logprobs) each would produce alone through Engine::Generate.
 #include "common/engine/batch_decoder.h"
 
+#include <atomic>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -219,6 +220,169 @@ TEST(BatchDecoderTest, PrefillBatchEqualsPrefillingAlone) {
 TEST(BatchDecoderTest, PrefillBatchInTwoPingPongGroupsEqualsPrefillingAlone) {
   PingPong overlap;
   ExpectPrefillBatchEqualsPrefillingAlone(&overlap);
+}
+
+// Local experts that take `delay` to answer, waiting outside the compute as remote experts do
+// (ComputeReleased), and fail the `fail_at`-th call when asked.
+class SlowExperts : public MoeExecutor {
+ public:
+  SlowExperts(const model::ModelConfig& c, const model::ModelWeights& w, absl::Duration delay)
+      : local_(c, w), delay_(delay) {}
+  void FailAt(int call) { fail_at_ = call; }
+  std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores, int64_t rows,
+                                 float* out) override {
+    class Slow : public Pending {
+     public:
+      Slow(std::unique_ptr<Pending> inner, absl::Duration delay, bool fail)
+          : inner_(std::move(inner)), delay_(delay), fail_(fail) {}
+      absl::Status Wait() override {
+        {
+          ComputeReleased away;
+          absl::SleepFor(delay_);
+        }
+        absl::Status s = inner_->Wait();
+        return fail_ ? absl::UnavailableError("expert shard 0 went away") : s;
+      }
+
+     private:
+      std::unique_ptr<Pending> inner_;
+      absl::Duration delay_;
+      bool fail_;
+    };
+    const bool fail = ++calls_ == fail_at_;
+    return std::make_unique<Slow>(local_.Start(layer, x, scores, rows, out), delay_, fail);
+  }
+
+ private:
+  LocalMoeExecutor local_;
+  absl::Duration delay_;
+  std::atomic<int> calls_{0};
+  int fail_at_ = -1;
+};
+
+// A long prompt prefilled as a wavefront of chunks (two passes in ping-pong, a chunk's MoE
+// round trip behind the next chunk's attention) gives exactly what it gives chunk after chunk:
+// the first token, its logprob, every prompt logprob and every cached latent, bit for bit; every
+// layer of every chunk is handed to the hook once; and the passes really overlap.
+TEST(BatchDecoderTest, APipelinedLongPromptEqualsItsChunksInTurn) {
+  auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  const auto& c = e.config();
+  SlowExperts experts(c, e.weights(), absl::Milliseconds(1));
+  Transformer remote(c, e.weights(), &experts);
+  const std::vector<int32_t> prompt = Prompt(700, 9);
+  constexpr int64_t kChunk = 64;  // 11 rounds, the last ragged
+  auto run = [&](PingPong* overlap, LatentCache* cache,
+                 std::map<std::pair<int64_t, int64_t>, int64_t>* rows) {
+    std::vector<PrefillItem> items(1);
+    items[0].prompt = prompt;
+    items[0].cache = cache;
+    items[0].sampling = {.temperature = 0.7, .top_p = 1.0, .top_k = 0, .seed = 3};
+    items[0].logprobs = 2;
+    items[0].prompt_top_logprobs = 2;
+    EXPECT_TRUE(PrefillBatch(remote, items, AttentionForm::kAbsorbed,
+                             [&](size_t, int64_t layer, int64_t first, int64_t count) {
+                               (*rows)[{layer, first}] += count;
+                               return absl::OkStatus();
+                             },
+                             kChunk, overlap)
+                    .ok());
+    EXPECT_TRUE(items[0].status.ok()) << items[0].status;
+    return items[0];
+  };
+  LatentCache in_turn(c.num_hidden_layers, c.latent_dim()), piped(c.num_hidden_layers, c.latent_dim());
+  std::map<std::pair<int64_t, int64_t>, int64_t> rows_in_turn, rows_piped;
+  const PrefillItem want = run(nullptr, &in_turn, &rows_in_turn);
+  PingPong overlap;
+  const PrefillItem got = run(&overlap, &piped, &rows_piped);
+  EXPECT_GT(overlap.handoffs(), 0u);
+  std::printf("pipelined prefill of %zu tokens in %lld-token chunks: %llu handoffs\n",
+              prompt.size(), static_cast<long long>(kChunk),
+              static_cast<unsigned long long>(overlap.handoffs()));
+  EXPECT_EQ(rows_piped, rows_in_turn);
+  EXPECT_EQ(rows_piped.size(), static_cast<size_t>(11 * c.num_hidden_layers));
+  EXPECT_EQ(got.first.token, want.first.token);
+  EXPECT_EQ(got.first.logprob->logprob, want.first.logprob->logprob);
+  ASSERT_EQ(got.prompt_logprobs.size(), want.prompt_logprobs.size());
+  for (size_t j = 1; j < want.prompt_logprobs.size(); ++j) {
+    ASSERT_EQ(got.prompt_logprobs[j]->logprob, want.prompt_logprobs[j]->logprob) << j;
+  }
+  ASSERT_EQ(piped.length(), static_cast<int64_t>(prompt.size()));
+  ASSERT_EQ(in_turn.length(), piped.length());
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (int64_t v = 0; v < piped.length() * c.latent_dim(); ++v) {
+      ASSERT_EQ(piped.Layer(l)[v], in_turn.Layer(l)[v]) << "layer " << l << " value " << v;
+    }
+  }
+}
+
+// Many pipelined prefills with experts that answer at once or nearly: every interleaving of
+// the two passes' waits (for the chunk before, for the experts) ends, with the same token.
+TEST(BatchDecoderTest, PipelinedPrefillsNeverDeadlock) {
+  auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  const auto& c = e.config();
+  const std::vector<int32_t> prompt = Prompt(200, 6);
+  PingPong overlap;
+  int32_t first = -1;
+  for (int run = 0; run < 60; ++run) {
+    SlowExperts experts(c, e.weights(), absl::Microseconds(run % 3 == 0 ? 0 : 20 * (run % 7)));
+    Transformer remote(c, e.weights(), &experts);
+    LatentCache cache(c.num_hidden_layers, c.latent_dim());
+    std::vector<PrefillItem> items(1);
+    items[0].prompt = prompt;
+    items[0].cache = &cache;
+    ASSERT_TRUE(PrefillBatch(remote, items, AttentionForm::kAbsorbed, nullptr, 16, &overlap).ok());
+    ASSERT_TRUE(items[0].status.ok());
+    if (first < 0) first = items[0].first.token;
+    EXPECT_EQ(items[0].first.token, first) << "run " << run;
+  }
+}
+
+// A failure in the middle of a pipelined prefill (an expert call of round 3) ends both passes
+// with it, and a prompt stopped by the hook stops alone: nothing hangs.
+TEST(BatchDecoderTest, APipelinedPrefillStopsOnAFailureWithoutHanging) {
+  auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  const auto& c = e.config();
+  const std::vector<int32_t> prompt = Prompt(500, 4);
+  const int64_t moe_layers = c.num_hidden_layers - c.first_k_dense_replace;
+  {
+    SlowExperts experts(c, e.weights(), absl::Microseconds(200));
+    experts.FailAt(static_cast<int>(3 * moe_layers + 1));
+    Transformer remote(c, e.weights(), &experts);
+    LatentCache cache(c.num_hidden_layers, c.latent_dim());
+    std::vector<PrefillItem> items(1);
+    items[0].prompt = prompt;
+    items[0].cache = &cache;
+    PingPong overlap;
+    absl::Status s = PrefillBatch(remote, items, AttentionForm::kAbsorbed, nullptr, 64, &overlap);
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+    EXPECT_EQ(items[0].status.code(), absl::StatusCode::kUnavailable) << items[0].status;
+  }
+  {
+    SlowExperts experts(c, e.weights(), absl::Microseconds(200));
+    Transformer remote(c, e.weights(), &experts);
+    LatentCache cache(c.num_hidden_layers, c.latent_dim());
+    std::vector<PrefillItem> items(1);
+    items[0].prompt = prompt;
+    items[0].cache = &cache;
+    PingPong overlap;
+    int calls = 0;
+    absl::Status s = PrefillBatch(remote, items, AttentionForm::kAbsorbed,
+                                  [&](size_t, int64_t, int64_t first, int64_t) {
+                                    ++calls;
+                                    return first >= 128 ? absl::CancelledError("client went away")
+                                                        : absl::OkStatus();
+                                  },
+                                  64, &overlap);
+    EXPECT_TRUE(s.ok()) << s;  // the prompt's own status says why
+    EXPECT_EQ(items[0].status.code(), absl::StatusCode::kCancelled);
+    EXPECT_LE(calls, 2 * c.num_hidden_layers + 2);  // rounds 0 and 1, and round 2's first layer
+  }
 }
 
 }  // namespace
