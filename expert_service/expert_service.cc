@@ -92,7 +92,9 @@ absl::StatusOr<std::unique_ptr<UcxExpertServer>> UcxExpertServer::Start(
   return server;
 }
 
-UcxExpertServer::~UcxExpertServer() { transport_->Shutdown(); }
+UcxExpertServer::~UcxExpertServer() {
+  if (transport_ != nullptr) transport_->Shutdown();  // null: Start failed before it started
+}
 
 void UcxExpertServer::OnMessage(transfer::Message m) {
   v1::ExpertBatch batch;

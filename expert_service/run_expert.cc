@@ -35,6 +35,12 @@ absl::Status RunExpert(const ExpertOptions& options) {
         ucx, UcxExpertServer::Start(&ingress, absl::StrCat("expert-", options.shard.shard),
                                     options.busy_poll));
   }
+  // On every way out, the actor stops (answering what it holds, through `ingress` and `ucx`)
+  // before they go: declared after them, destroyed before them.
+  struct StopActorFirst {
+    runtime::Actor<ExpertsActor>& actor;
+    ~StopActorFirst() { actor.Stop(); }
+  } stop_actor_first{actor};
   std::unique_ptr<rpc::Registration> membership;
   // The routing table, as every worker sees it: the drain below waits until it no longer lists
   // this replica.

@@ -21,6 +21,8 @@ if [ "${SPLITMOE_SANITIZE:-1}" != "0" ]; then
   fi
   cmake --build build-asan -j "${SPLITMOE_JOBS:-2}"
   # The benchmark smoke run is timing, not correctness: not repeated under the sanitizers.
+  # Leaks inside third-party libraries only are suppressed (scripts/lsan.supp says which and why).
   # shellcheck disable=SC2086
-  (cd build-asan && ctest --output-on-failure -j 2 -LE bench ${CTEST_ARGS:-})
+  (cd build-asan && LSAN_OPTIONS="suppressions=$PWD/../scripts/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}" \
+     ctest --output-on-failure -j 2 -LE bench ${CTEST_ARGS:-})
 fi

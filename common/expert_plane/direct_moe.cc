@@ -244,10 +244,13 @@ absl::StatusOr<std::shared_ptr<ExpertChannel>> DirectMoeExecutor::Client(
     Replica& r = replicas_[address];
     if (r.client != nullptr && !r.client->broken()) return r.client;
   }
-  absl::StatusOr<std::unique_ptr<ExpertChannel>> client;
+  absl::StatusOr<std::unique_ptr<ExpertChannel>> client =
+      absl::FailedPreconditionError("no UCX expert transport here or there");
   if (ucx_ != nullptr && !replica.ucx_worker_address().empty()) {
     client = ucx_->Connect(replica, options_.connect_timeout);
-  } else {
+  }
+  // No UCX path to the replica (or none asked for): its gRPC stream.
+  if (client.status().code() == absl::StatusCode::kFailedPrecondition) {
     absl::StatusOr<std::unique_ptr<ExpertClient>> grpc =
         ExpertClient::Connect(address, options_.connect_timeout);
     if (grpc.ok()) {

@@ -69,8 +69,9 @@ absl::StatusOr<std::unique_ptr<UcxExpertLink>> UcxExpertLink::Create(absl::strin
 }
 
 UcxExpertLink::~UcxExpertLink() {
-  // The progress thread stops first: no answer can arrive while the rest fail.
-  transport_->Shutdown();
+  // The progress thread stops first: no answer can arrive while the rest fail. (No transport:
+  // Create failed before it started.)
+  if (transport_ != nullptr) transport_->Shutdown();
   std::map<uint64_t, Waiting> left;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -87,8 +88,8 @@ absl::StatusOr<std::unique_ptr<ExpertChannel>> UcxExpertLink::Connect(
   }
   absl::StatusOr<transfer::PeerId> peer = transport_->Connect(replica.ucx_worker_address());
   if (!peer.ok()) {
-    return absl::UnavailableError(absl::StrCat("expert replica ", replica.address(),
-                                               " (ucx): ", peer.status().message()));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expert replica ", replica.address(), ": no UCX path to it: ", peer.status().message()));
   }
   uint64_t id;
   {

@@ -59,7 +59,9 @@ class UcxExpertLink {
   ~UcxExpertLink();
 
   // A channel to `replica` (which must advertise a ucx_worker_address): batches over UCX, the
-  // gRPC stream beside it for liveness. Unavailable when either cannot be opened.
+  // gRPC stream beside it for liveness. FailedPrecondition when UCX finds no path to the
+  // replica (no transport in common: its gRPC stream may still serve), Unavailable when the
+  // replica cannot be reached at all.
   absl::StatusOr<std::unique_ptr<ExpertChannel>> Connect(const v1::ExpertReplica& replica,
                                                          absl::Duration connect_timeout);
 

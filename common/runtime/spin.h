@@ -13,6 +13,7 @@
 #ifndef SPLITMOE_COMMON_RUNTIME_SPIN_H_
 #define SPLITMOE_COMMON_RUNTIME_SPIN_H_
 
+#include <algorithm>
 #include <chrono>
 #include <thread>
 
@@ -25,7 +26,9 @@ namespace splitmoe::runtime {
 template <typename Ready>
 bool SpinFor(absl::Duration budget, Ready&& ready) {
   if (budget <= absl::ZeroDuration()) return ready();
-  const auto until = std::chrono::steady_clock::now() + absl::ToChronoNanoseconds(budget);
+  // At most a second: a longer poll is a mistake, and an infinite budget would overflow.
+  const auto until = std::chrono::steady_clock::now() +
+                     absl::ToChronoNanoseconds(std::min(budget, absl::Seconds(1)));
   while (true) {
     if (ready()) return true;
     if (std::chrono::steady_clock::now() >= until) return false;

@@ -599,7 +599,10 @@ class UcxTransport::Impl {
       }
       if (worker_fd_ >= 0) {
         ucs_status_t s = ucp_worker_arm(worker_);
-        if (s == UCS_ERR_BUSY) continue;
+        if (s == UCS_ERR_BUSY) {  // events arrived meanwhile: progress them, not asleep
+          sleeping_.store(false);
+          continue;
+        }
       }
       epoll_event events[4];
       epoll_wait(epoll_fd_, events, 4, worker_fd_ >= 0 ? 50 : 1);
@@ -632,7 +635,15 @@ class UcxTransport::Impl {
         expired.insert(op->peer);
       }
     }
-    for (Op* op : stale) OrphanOp(op, absl::OkStatus());
+    for (Op* op : stale) {
+      // A reply that never left, or a message never received whole: its sender or receiver hears
+      // of it (the reply's `done`; the message is dropped and counted).
+      if (op->kind == OpKind::kRecvMessage) ++messages_rejected_;
+      OrphanOp(op, op->kind == OpKind::kMessage
+                       ? absl::DeadlineExceededError(Prefix(absl::StrCat(
+                             "reply not sent within ", options_.operation_timeout_ms, " ms")))
+                       : absl::OkStatus());
+    }
     for (PeerId id : expired) {
       FailPeer(id, absl::DeadlineExceededError(
                        Prefix(absl::StrCat("peer ", id, " did not complete an operation within ",

@@ -199,11 +199,16 @@ class UcxTransport {
   void SetNotificationHandler(NotificationHandler handler);
 
   // Sends (tag, payload) to the peer's message handler: eagerly when small, by rendezvous
-  // (received straight into the message's buffer) when large. `done` runs once the peer has
-  // the bytes (or with the failure; the peer is then failed as for a Put).
+  // (received straight into the message's buffer) when large. `done` runs once the bytes have
+  // left (eager) or the peer has them (rendezvous), or with the failure (the peer is then failed
+  // as for a Put). A message the receiver refuses (malformed, over its max_message_bytes) fails
+  // the send when it went by rendezvous; an eager one is dropped and counted in the receiver's
+  // messages_rejected: the request/reply protocol on top notices by its own deadline.
   void SendMessage(PeerId peer, uint32_t tag, std::string payload, DoneCallback done);
-  // Answers a message received here on the endpoint it came by. A failure is reported to
-  // `done` only (there is no PeerId to fail).
+  // Answers a message received here on the endpoint it came by (UCX's reply endpoint, which with
+  // error mode NONE lives until this transport's worker is destroyed, so a ReplyTo may be kept
+  // while the answer is computed). A failure is reported to `done` only (there is no PeerId to
+  // fail).
   void SendReply(const ReplyTo& to, uint32_t tag, std::string payload, DoneCallback done);
   // Handler for messages (and replies) arriving here; runs on the progress thread and must not
   // block. Messages that arrive before a handler is set are queued and delivered to it.
