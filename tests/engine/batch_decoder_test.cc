@@ -260,6 +260,22 @@ class SlowExperts : public MoeExecutor {
   int fail_at_ = -1;
 };
 
+// One prompt through PrefillBatch on `model` with a fresh cache: PrefillBatch's status and the
+// item (its own status, first token).
+std::pair<absl::Status, PrefillItem> PrefillOne(Transformer& model, const std::vector<int32_t>& prompt,
+                                                int64_t chunk_tokens, PingPong* overlap,
+                                                const BatchLayerDoneFn& hook = nullptr) {
+  const auto& c = model.config();
+  LatentCache cache(c.num_hidden_layers, c.latent_dim());
+  std::vector<PrefillItem> items(1);
+  items[0].prompt = prompt;
+  items[0].cache = &cache;
+  absl::Status s =
+      PrefillBatch(model, items, AttentionForm::kAbsorbed, hook, chunk_tokens, overlap);
+  items[0].cache = nullptr;  // gone with this scope
+  return {s, std::move(items[0])};
+}
+
 // A long prompt prefilled as a wavefront of chunks (two passes in ping-pong, a chunk's MoE
 // round trip behind the next chunk's attention) gives exactly what it gives chunk after chunk:
 // the first token, its logprob, every prompt logprob and every cached latent, bit for bit; every
@@ -330,14 +346,11 @@ TEST(BatchDecoderTest, PipelinedPrefillsNeverDeadlock) {
   for (int run = 0; run < 60; ++run) {
     SlowExperts experts(c, e.weights(), absl::Microseconds(run % 3 == 0 ? 0 : 20 * (run % 7)));
     Transformer remote(c, e.weights(), &experts);
-    LatentCache cache(c.num_hidden_layers, c.latent_dim());
-    std::vector<PrefillItem> items(1);
-    items[0].prompt = prompt;
-    items[0].cache = &cache;
-    ASSERT_TRUE(PrefillBatch(remote, items, AttentionForm::kAbsorbed, nullptr, 16, &overlap).ok());
-    ASSERT_TRUE(items[0].status.ok());
-    if (first < 0) first = items[0].first.token;
-    EXPECT_EQ(items[0].first.token, first) << "run " << run;
+    auto [status, item] = PrefillOne(remote, prompt, 16, &overlap);
+    ASSERT_TRUE(status.ok()) << status;
+    ASSERT_TRUE(item.status.ok()) << item.status;
+    if (first < 0) first = item.first.token;
+    EXPECT_EQ(item.first.token, first) << "run " << run;
   }
 }
 
@@ -354,33 +367,25 @@ TEST(BatchDecoderTest, APipelinedPrefillStopsOnAFailureWithoutHanging) {
     SlowExperts experts(c, e.weights(), absl::Microseconds(200));
     experts.FailAt(static_cast<int>(3 * moe_layers + 1));
     Transformer remote(c, e.weights(), &experts);
-    LatentCache cache(c.num_hidden_layers, c.latent_dim());
-    std::vector<PrefillItem> items(1);
-    items[0].prompt = prompt;
-    items[0].cache = &cache;
     PingPong overlap;
-    absl::Status s = PrefillBatch(remote, items, AttentionForm::kAbsorbed, nullptr, 64, &overlap);
-    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
-    EXPECT_EQ(items[0].status.code(), absl::StatusCode::kUnavailable) << items[0].status;
+    auto [status, item] = PrefillOne(remote, prompt, 64, &overlap);
+    EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+    EXPECT_EQ(item.status.code(), absl::StatusCode::kUnavailable) << item.status;
   }
   {
     SlowExperts experts(c, e.weights(), absl::Microseconds(200));
     Transformer remote(c, e.weights(), &experts);
-    LatentCache cache(c.num_hidden_layers, c.latent_dim());
-    std::vector<PrefillItem> items(1);
-    items[0].prompt = prompt;
-    items[0].cache = &cache;
     PingPong overlap;
     int calls = 0;
-    absl::Status s = PrefillBatch(remote, items, AttentionForm::kAbsorbed,
-                                  [&](size_t, int64_t, int64_t first, int64_t) {
-                                    ++calls;
-                                    return first >= 128 ? absl::CancelledError("client went away")
-                                                        : absl::OkStatus();
-                                  },
-                                  64, &overlap);
-    EXPECT_TRUE(s.ok()) << s;  // the prompt's own status says why
-    EXPECT_EQ(items[0].status.code(), absl::StatusCode::kCancelled);
+    auto [status, item] = PrefillOne(remote, prompt, 64, &overlap,
+                                     [&](size_t, int64_t, int64_t first, int64_t) {
+                                       ++calls;
+                                       return first >= 128
+                                                  ? absl::CancelledError("client went away")
+                                                  : absl::OkStatus();
+                                     });
+    EXPECT_TRUE(status.ok()) << status;  // the prompt's own status says why
+    EXPECT_EQ(item.status.code(), absl::StatusCode::kCancelled);
     EXPECT_LE(calls, 2 * c.num_hidden_layers + 2);  // rounds 0 and 1, and round 2's first layer
   }
 }
