@@ -311,25 +311,23 @@ class UcxTransport::Impl {
   }
 
   void SetMessageHandler(MessageHandler handler) {
-    auto shared = std::make_shared<MessageHandler>(std::move(handler));
-    Post([this, shared] {
-      message_handler_ = std::move(*shared);
-      while (message_handler_ && !undelivered_messages_.empty()) {
-        Message m = std::move(undelivered_messages_.front());
-        undelivered_messages_.pop_front();
-        message_handler_(std::move(m));
-      }
-    });
+    Install(std::move(handler), &message_handler_, &undelivered_messages_);
   }
 
   void SetNotificationHandler(NotificationHandler handler) {
-    auto shared = std::make_shared<NotificationHandler>(std::move(handler));
-    Post([this, shared] {
-      handler_ = std::move(*shared);
-      while (handler_ && !undelivered_.empty()) {
-        Notification n = std::move(undelivered_.front());
-        undelivered_.pop_front();
-        handler_(std::move(n));
+    Install(std::move(handler), &handler_, &undelivered_);
+  }
+
+  // Sets `*slot` to `handler` on the progress thread and hands it what arrived before it.
+  template <typename Handler, typename Item>
+  void Install(Handler handler, Handler* slot, std::deque<Item>* queued) {
+    auto shared = std::make_shared<Handler>(std::move(handler));
+    Post([shared, slot, queued] {
+      *slot = std::move(*shared);
+      while (*slot && !queued->empty()) {
+        Item item = std::move(queued->front());
+        queued->pop_front();
+        (*slot)(std::move(item));
       }
     });
   }
