@@ -99,6 +99,38 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
   m.reply(std::move(response));
 }
 
+void DecodeActor::Handle(WritersGone m, runtime::Context<Message>& ctx) {
+  int32_t freed = 0;
+  for (const std::string& writer : m.request.writer_ids()) {
+    if (writer.empty()) continue;
+    // Remembered (bounded), so a Release naming the writer that arrives after this is freed too.
+    if (gone_writers_.insert(writer).second) gone_order_.push_back(writer);
+    while (gone_order_.size() > kMaxGoneWriters) {
+      gone_writers_.erase(gone_order_.front());
+      gone_order_.pop_front();
+    }
+  }
+  std::vector<uint64_t> ids;
+  for (const auto& [id, held] : held_) {
+    if (held.state == State::kQuarantined && !held.writer.empty() &&
+        gone_writers_.count(held.writer)) {
+      ids.push_back(id);
+    }
+  }
+  for (uint64_t id : ids) {
+    Free(id, ctx);
+    ++freed;
+  }
+  if (freed > 0) {
+    std::cerr << "decode: " << freed << " quarantined reservation" << (freed == 1 ? "" : "s")
+              << " of dead writers freed\n";
+  }
+  PublishLoad();
+  v1::WritersGoneResponse response;
+  response.set_reservations_freed(freed);
+  m.reply(std::move(response));
+}
+
 void DecodeActor::Handle(ReleaseReservation m, runtime::Context<Message>& ctx) {
   const uint64_t id = m.request.reservation_id();
   auto it = held_.find(id);
@@ -132,6 +164,8 @@ void DecodeActor::Handle(ReleaseReservation m, runtime::Context<Message>& ctx) {
       } else {
         held.state = State::kQuarantined;  // no Start from now on; blocks wait for the writer
         held.release_reason = m.request.reason();
+        if (!m.request.writer_id().empty()) held.writer = m.request.writer_id();
+        if (!held.writer.empty() && gone_writers_.count(held.writer)) Free(id, ctx);
       }
       break;
   }
@@ -434,6 +468,18 @@ grpc::ServerUnaryReactor* DecodeService::Cancel(grpc::CallbackServerContext* ctx
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   actor_.Send(CancelSequence{request->request_id(),
                              [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DecodeService::WritersGone(grpc::CallbackServerContext* ctx,
+                                                     const v1::WritersGoneRequest* request,
+                                                     v1::WritersGoneResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  actor_.Send(decode::WritersGone{
+      *request, [reactor, response](absl::StatusOr<v1::WritersGoneResponse> r) {
+        if (r.ok()) *response = std::move(*r);
+        reactor->Finish(rpc::ToGrpcStatus(r.status()));
+      }});
   return reactor;
 }
 

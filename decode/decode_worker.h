@@ -11,6 +11,7 @@
 //   RunStep             (self)             hands one decode step of the batch to the executor
 //   StepDone            (executor)         its tokens: streamed; finished sequences freed
 //   ReclaimReservation  (timer)            a reservation whose writer never confirmed
+//   WritersGone         (Decode.WritersGone) the router knows these writers are dead
 // The step (the forward pass, with its MoE round trips) runs on the actor's executor, never in
 // a handler: while it runs, the actor answers Reserve, Start, Release and Cancel at once. The
 // batch belongs to the step until StepDone: a sequence started meanwhile waits in `joining_`
@@ -30,10 +31,12 @@
 #ifndef SPLITMOE_DECODE_DECODE_WORKER_H_
 #define SPLITMOE_DECODE_DECODE_WORKER_H_
 
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <variant>
 #include <vector>
@@ -56,6 +59,11 @@ struct ReserveBlocks {
 struct ReleaseReservation {
   v1::ReleaseRequest request;
   runtime::Reply<void> reply;
+};
+// Decode.WritersGone: the router reports these writers dead; their quarantined blocks are freed.
+struct WritersGone {
+  v1::WritersGoneRequest request;
+  runtime::Reply<v1::WritersGoneResponse> reply;
 };
 struct StartSequence {
   v1::StartRequest request;
@@ -114,7 +122,7 @@ struct DecodeActorOptions {
 class DecodeActor {
  public:
   using Message = std::variant<ReserveBlocks, ReleaseReservation, StartSequence, CancelSequence,
-                               AddTokenSink, RunStep, StepDone, ReclaimReservation>;
+                               AddTokenSink, RunStep, StepDone, ReclaimReservation, WritersGone>;
 
   // `executor` runs the steps (a ThreadExecutor in the process; Inline or Manual in tests).
   DecodeActor(engine::Transformer* transformer, PagedLatentCache cache, DecodeActorOptions options,
@@ -128,6 +136,7 @@ class DecodeActor {
   void Handle(RunStep m, runtime::Context<Message>& ctx);
   void Handle(StepDone m, runtime::Context<Message>& ctx);
   void Handle(ReclaimReservation m, runtime::Context<Message>& ctx);
+  void Handle(WritersGone m, runtime::Context<Message>& ctx);
 
  private:
   enum class State { kReserved, kRunning, kQuarantined };
@@ -137,7 +146,9 @@ class DecodeActor {
     State state = State::kReserved;
     runtime::TimerId reclaim;
     std::string release_reason;
+    std::string writer;  // who was sent the destination (Release.writer_id), when known
   };
+  static constexpr size_t kMaxGoneWriters = 1024;
 
   // Frees the blocks of `id` and forgets it (its timer cancelled).
   void Free(uint64_t id, runtime::Context<Message>& ctx);
@@ -162,6 +173,8 @@ class DecodeActor {
   std::map<uint64_t, Held> held_;                  // by reservation (sequence) id
   std::map<std::string, uint64_t> by_request_;     // request id -> reservation id
   uint64_t max_issued_ = 0;                        // highest reservation id ever granted
+  std::set<std::string> gone_writers_;             // reported dead (the last kMaxGoneWriters)
+  std::deque<std::string> gone_order_;
   bool step_scheduled_ = false;
   std::vector<std::function<bool(const v1::TokenEvent&)>> sinks_;
   uint64_t latent_tokens_ = 0, latent_bytes_ = 0, tokens_generated_ = 0;
@@ -187,6 +200,9 @@ class DecodeService final : public v1::Decode::CallbackService {
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* ctx,
                                    const v1::CancelRequest* request,
                                    v1::CancelResponse* response) override;
+  grpc::ServerUnaryReactor* WritersGone(grpc::CallbackServerContext* ctx,
+                                        const v1::WritersGoneRequest* request,
+                                        v1::WritersGoneResponse* response) override;
   grpc::ServerWriteReactor<v1::TokenEvent>* StreamTokens(
       grpc::CallbackServerContext* ctx, const v1::StreamTokensRequest* request) override;
 

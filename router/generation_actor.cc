@@ -3,6 +3,7 @@
 #include <iostream>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/rpc/rpc.h"
@@ -86,15 +87,30 @@ absl::Status WorkerError(const std::string& role, const std::string& worker,
   return absl::Status(code, absl::StrCat(role, " worker ", worker, ": ", status.message()));
 }
 
+// Whether a worker's failure is the worker's (it died, broke, stopped or is unreachable) rather
+// than the request's: only then does another worker get the request.
+bool WorkerFault(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kInternal:
+    case absl::StatusCode::kUnknown:
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kCancelled:  // the worker was stopped under the request
+      return true;
+    default:
+      return false;
+  }
+}
+
 }  // namespace
 
 GenerationActor::GenerationActor(const model::ModelConfig& config,
                                  const tokenizer::Tokenizer* tokenizer, GenerationOptions options,
-                                 std::shared_ptr<std::atomic<int32_t>> in_flight)
+                                 std::shared_ptr<FrontDoorGauges> gauges)
     : config_(config),
       tokenizer_(tokenizer),
       options_(options),
-      in_flight_gauge_(std::move(in_flight)) {
+      gauges_(gauges != nullptr ? std::move(gauges) : std::make_shared<FrontDoorGauges>()) {
   std::random_device rd;
   router_tag_ = absl::StrFormat("%08x", rd());
 }
@@ -132,7 +148,7 @@ GenerationActor::Worker* GenerationActor::LeastLoaded(v1::WorkerRole role,
                                                       const std::vector<std::string>& exclude) {
   Worker* best = nullptr;
   for (auto& [id, w] : workers_) {
-    if (w.info.role != role) continue;
+    if (w.info.role != role || w.leaving) continue;
     if (role == v1::WORKER_ROLE_DECODE && !w.stream_up) continue;
     if (std::find(exclude.begin(), exclude.end(), id) != exclude.end()) continue;
     if (best == nullptr || w.in_flight < best->in_flight) best = &w;
@@ -140,10 +156,20 @@ GenerationActor::Worker* GenerationActor::LeastLoaded(v1::WorkerRole role,
   return best;
 }
 
+GenerationActor::Worker* GenerationActor::Preferred(v1::WorkerRole role,
+                                                    const std::vector<std::string>& exclude,
+                                                    const std::vector<std::string>& avoid) {
+  std::vector<std::string> both = exclude;
+  both.insert(both.end(), avoid.begin(), avoid.end());
+  Worker* w = LeastLoaded(role, both);
+  return w != nullptr ? w : LeastLoaded(role, exclude);
+}
+
 void GenerationActor::Handle(UseServingWorkers m, Ctx& ctx) {
   std::map<std::string, ServingWorker> next;
   for (ServingWorker& w : m.workers) next[w.id] = std::move(w);
-  // Workers that left: their requests fail now rather than wait for a timeout.
+  // Workers that left: their requests move to other workers now rather than wait for a timeout.
+  std::vector<std::string> writers_gone;
   for (auto it = workers_.begin(); it != workers_.end();) {
     auto found = next.find(it->first);
     if (found != next.end() && found->second.address == it->second.info.address) {
@@ -156,15 +182,19 @@ void GenerationActor::Handle(UseServingWorkers m, Ctx& ctx) {
       if (r.prefill_worker == id || r.decode_worker == id) affected.push_back(serial);
     }
     if (it->second.stream_ctx) it->second.stream_ctx->TryCancel();
-    it = workers_.erase(it);
+    if (it->second.info.role == v1::WORKER_ROLE_PREFILL) writers_gone.push_back(id);
+    // Listed (never chosen) until its requests have moved, so what they hold there is released
+    // on the way out in case it still lives.
+    it->second.leaving = true;
+    const absl::Status why = absl::UnavailableError(absl::StrCat("worker ", id, " left the cluster"));
     for (uint64_t serial : affected) {
       auto r = requests_.find(serial);
-      if (r != requests_.end()) {
-        FinishWithError(r->second,
-                        absl::UnavailableError(absl::StrCat("worker ", id, " left the cluster")));
-      }
+      if (r != requests_.end()) Failover(r->second, why, id, ctx);
     }
+    it = workers_.erase(it);
   }
+  // A dead writer puts nothing more: its quarantined blocks come back now.
+  if (!writers_gone.empty()) ReportWritersGone(writers_gone);
   for (auto& [id, info] : next) {
     if (workers_.count(id)) continue;
     Worker w;
@@ -207,9 +237,10 @@ void GenerationActor::Handle(TokenStreamDown m, Ctx& ctx) {
   for (uint64_t serial : affected) {
     auto r = requests_.find(serial);
     if (r == requests_.end()) continue;
-    FinishWithError(r->second, absl::UnavailableError(absl::StrCat(
-                                   "lost the token stream of decode worker ", m.worker_id, ": ",
-                                   m.status.message())));
+    Failover(r->second,
+             absl::UnavailableError(absl::StrCat("lost the token stream of decode worker ",
+                                                 m.worker_id, ": ", m.status.message())),
+             m.worker_id, ctx);
   }
   ctx.ScheduleAfter(absl::Milliseconds(500), ReconnectTokenStream{m.worker_id});
 }
@@ -244,7 +275,7 @@ void GenerationActor::Handle(NewGeneration m, Ctx& ctx) {
   by_public_id_[public_id] = r.serial;
   by_internal_id_[r.internal_id] = r.serial;
   Request& stored = requests_.emplace(r.serial, std::move(r)).first->second;
-  in_flight_gauge_->store(static_cast<int32_t>(requests_.size()));
+  gauges_->requests_in_flight.store(static_cast<int32_t>(requests_.size()));
   Admit(stored, ctx);
 }
 
@@ -253,13 +284,13 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
     FinishWithError(r, absl::UnavailableError("no prefill worker is serving"));
     return;
   }
-  if (r.request.stop().max_tokens() == 1) {  // the prefill's token is all: no decode worker
+  if (RemainingTokens(r) == 1) {  // the prefill's token is all: no decode worker
     SendPrefill(r, ctx);
     return;
   }
   std::vector<std::string> exclude = r.decode_tried;
   exclude.insert(exclude.end(), r.too_small.begin(), r.too_small.end());
-  Worker* decode = LeastLoaded(v1::WORKER_ROLE_DECODE, exclude);
+  Worker* decode = Preferred(v1::WORKER_ROLE_DECODE, exclude, r.failed_workers);
   if (decode == nullptr) {
     if (LeastLoaded(v1::WORKER_ROLE_DECODE, {}) == nullptr) {
       FinishWithError(r, absl::UnavailableError("no decode worker is serving"));
@@ -294,8 +325,8 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
   auto call = std::make_shared<Call>();
   call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   call->request.set_request_id(r.internal_id);
-  call->request.set_prompt_tokens(static_cast<int32_t>(r.prompt.size()));
-  call->request.set_max_tokens(r.request.stop().max_tokens());
+  call->request.set_prompt_tokens(static_cast<int32_t>(r.prompt.size() + r.generated.size()));
+  call->request.set_max_tokens(RemainingTokens(r));
   call->request.set_timeout_ms(
       static_cast<int32_t>(absl::ToInt64Milliseconds(options_.prefill_timeout)));
   decode->decode->async()->Reserve(
@@ -312,7 +343,7 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
 void GenerationActor::Handle(RetryAdmission m, Ctx& ctx) {
   auto it = requests_.find(m.serial);
   if (it != requests_.end() && it->second.stage == Stage::kAdmitting &&
-      it->second.decode_worker.empty()) {
+      it->second.decode_worker.empty() && it->second.prefill_worker.empty()) {
     Admit(it->second, ctx);
   }
 }
@@ -322,7 +353,7 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
   if (it == requests_.end()) {
     // The client left meanwhile: no writer ever saw these blocks.
     if (m.result.ok()) {
-      ReleaseOnDecode(m.worker_id, m.result->destination(), m.internal_id, true,
+      ReleaseOnDecode(m.worker_id, m.result->destination(), m.internal_id, true, "",
                       "client left before prefill");
     } else {
       CancelOnDecode(m.worker_id, m.internal_id);
@@ -330,6 +361,16 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
     return;
   }
   Request& r = it->second;
+  if (m.internal_id != r.internal_id) {
+    // An earlier attempt's reservation (the request moved on meanwhile): nobody will write it.
+    if (m.result.ok()) {
+      ReleaseOnDecode(m.worker_id, m.result->destination(), m.internal_id, true, "",
+                      "superseded attempt");
+    } else {
+      CancelOnDecode(m.worker_id, m.internal_id);
+    }
+    return;
+  }
   if (Worker* w = FindWorker(m.worker_id)) --w->in_flight;
   r.decode_worker.clear();
   if (!m.result.ok()) {
@@ -345,22 +386,24 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
     }
     // A lost reply may hide a granted reservation: cancel it by request id.
     CancelOnDecode(m.worker_id, r.internal_id);
-    FinishWithError(r, WorkerError("decode", m.worker_id, m.result.status()));
+    Failover(r, WorkerError("decode", m.worker_id, m.result.status()), m.worker_id, ctx);
     return;
   }
   Worker* w = FindWorker(m.worker_id);
   if (w != nullptr && !w->stream_up) {
     // Its token stream broke meanwhile: the tokens would go nowhere. Give the blocks back (no
     // writer saw them) and choose again.
-    ReleaseOnDecode(m.worker_id, m.result->destination(), r.internal_id, true,
+    ReleaseOnDecode(m.worker_id, m.result->destination(), r.internal_id, true, "",
                     "token stream down");
     r.decode_tried.push_back(m.worker_id);
     Admit(r, ctx);
     return;
   }
-  if (w == nullptr) {
-    FinishWithError(r, absl::UnavailableError(
-                           absl::StrCat("decode worker ", m.worker_id, " left the cluster")));
+  if (w == nullptr || w->leaving) {
+    // Left meanwhile: what it granted is gone with it.
+    Failover(r, absl::UnavailableError(absl::StrCat("decode worker ", m.worker_id,
+                                                    " left the cluster")),
+             m.worker_id, ctx);
     return;
   }
   ++w->in_flight;
@@ -372,13 +415,14 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
 }
 
 void GenerationActor::SendPrefill(Request& r, Ctx& ctx) {
-  Worker* prefill = LeastLoaded(v1::WORKER_ROLE_PREFILL, {});
+  Worker* prefill = Preferred(v1::WORKER_ROLE_PREFILL, {}, r.failed_workers);
   if (prefill == nullptr) {
     FinishWithError(r, absl::UnavailableError("no prefill worker is serving"));
     return;
   }
   r.stage = Stage::kPrefilling;
   r.prefill_worker = prefill->info.id;
+  r.writer = prefill->info.id;
   ++prefill->in_flight;
   struct Call {
     v1::PrefillRequest request;
@@ -389,18 +433,23 @@ void GenerationActor::SendPrefill(Request& r, Ctx& ctx) {
   r.prefill_ctx->set_deadline(std::chrono::system_clock::now() +
                               absl::ToChronoMilliseconds(options_.prefill_timeout));
   call->request.set_request_id(r.internal_id);
+  // After a failover the prompt is what the request has produced so far: the next token is
+  // sampled at the same position, with the same (seed, position) key, as it would have been.
   *call->request.mutable_prompt() = {r.prompt.begin(), r.prompt.end()};
+  call->request.mutable_prompt()->Add(r.generated.begin(), r.generated.end());
   *call->request.mutable_sampling() = InternalSampling(r.request, config_);
-  call->request.set_prompt_logprobs(r.request.prompt_logprobs());
+  call->request.mutable_sampling()->set_max_tokens(RemainingTokens(r));
+  call->request.set_prompt_logprobs(r.first_token_done ? 0 : r.request.prompt_logprobs());
   if (r.destination) *call->request.mutable_destination() = *r.destination;
   r.prefill_sent = true;
   prefill->prefill->async()->RunPrefill(
       r.prefill_ctx.get(), &call->request, &call->response,
-      [call, pctx = r.prefill_ctx, self = ctx.self(), serial = r.serial](grpc::Status s) {
+      [call, pctx = r.prefill_ctx, self = ctx.self(), serial = r.serial,
+       internal_id = r.internal_id](grpc::Status s) {
         absl::StatusOr<v1::PrefillResponse> result =
             s.ok() ? absl::StatusOr<v1::PrefillResponse>(std::move(call->response))
                    : absl::StatusOr<v1::PrefillResponse>(rpc::FromGrpcStatus(s));
-        self.Send(PrefillDone{serial, std::move(result)});
+        self.Send(PrefillDone{serial, internal_id, std::move(result)});
       });
 }
 
@@ -408,15 +457,22 @@ void GenerationActor::Handle(PrefillDone m, Ctx& ctx) {
   auto it = requests_.find(m.serial);
   if (it == requests_.end()) return;  // abandoned: the reservation was released then
   Request& r = it->second;
+  if (m.internal_id != r.internal_id) return;  // an earlier attempt: released when it moved on
   if (Worker* w = FindWorker(r.prefill_worker)) --w->in_flight;
   const std::string prefill_worker = r.prefill_worker;
   r.prefill_worker.clear();
   r.prefill_ctx.reset();
   if (!m.result.ok()) {
-    FinishWithError(r, WorkerError("prefill", prefill_worker, m.result.status()));
+    const absl::Status error = WorkerError("prefill", prefill_worker, m.result.status());
+    if (WorkerFault(m.result.status())) {
+      Failover(r, error, prefill_worker, ctx);
+    } else {
+      FinishWithError(r, error);
+    }
     return;
   }
   const v1::PrefillResponse& p = *m.result;
+  const bool first = !r.first_token_done;  // not a failover's continuation
   r.first_token_done = true;
   const bool decoding = r.destination.has_value() && p.finish_reason().empty();
   if (decoding) {
@@ -426,7 +482,7 @@ void GenerationActor::Handle(PrefillDone m, Ctx& ctx) {
     DetachDecode(r);  // the prefill worker released the reservation (the first token ended it)
   }
   if (EmitToken(r, p.first_token(), p.has_first_token_logprob() ? &p.first_token_logprob() : nullptr,
-                p.finish_reason(), &p)) {
+                p.finish_reason(), first ? &p : nullptr)) {
     return;
   }
   // Decode events that arrived before this reply, in order.
@@ -435,11 +491,11 @@ void GenerationActor::Handle(PrefillDone m, Ctx& ctx) {
   for (v1::TokenEvent& e : buffered) {
     auto again = requests_.find(serial);
     if (again == requests_.end()) return;
-    Handle(DecodeTokenEvent{again->second.decode_worker, std::move(e)});
+    Handle(DecodeTokenEvent{again->second.decode_worker, std::move(e)}, ctx);
   }
 }
 
-void GenerationActor::Handle(DecodeTokenEvent m) {
+void GenerationActor::Handle(DecodeTokenEvent m, Ctx& ctx) {
   auto found = by_internal_id_.find(m.event.request_id());
   if (found == by_internal_id_.end()) return;  // finished or abandoned already
   Request& r = requests_.at(found->second);
@@ -451,9 +507,14 @@ void GenerationActor::Handle(DecodeTokenEvent m) {
   const v1::TokenEvent& e = m.event;
   if (e.finished() && e.token() < 0) {  // the sequence ended without a token: why?
     DetachDecode(r);  // the decode worker already freed everything
-    FinishWithError(r, absl::UnavailableError(absl::StrCat("decode worker ", m.worker_id,
-                                                           " stopped the sequence: ",
-                                                           e.finish_reason())));
+    const absl::Status why = absl::UnavailableError(absl::StrCat(
+        "decode worker ", m.worker_id, " stopped the sequence: ", e.finish_reason()));
+    // A failed step (its experts or the worker failing) moves on; a cancel does not.
+    if (absl::StartsWith(e.finish_reason(), "error")) {
+      Failover(r, why, m.worker_id, ctx);
+    } else {
+      FinishWithError(r, why);
+    }
     return;
   }
   if (e.finished()) {
@@ -467,6 +528,7 @@ bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogpro
                                 const v1::PrefillResponse* first) {
   const absl::Time now = absl::Now();
   ++r.completion_tokens;
+  r.generated.push_back(token);
   if (first != nullptr) r.first_token_at = now;
   bool stopped = false;
   const bool last = !worker_finish.empty();
@@ -521,18 +583,78 @@ void GenerationActor::Handle(ClientGone m) {
 }
 
 void GenerationActor::Abandon(Request& r, const std::string& reason) {
+  ReleaseAttempt(r, reason);
+  Forget(r.serial);
+}
+
+void GenerationActor::ReleaseAttempt(Request& r, const std::string& reason) {
   if (r.prefill_ctx) r.prefill_ctx->TryCancel();  // the prefill worker stops, flushes, releases
+  r.prefill_ctx.reset();
   if (Worker* w = FindWorker(r.prefill_worker)) --w->in_flight;
+  r.prefill_worker.clear();
   if (!r.decode_worker.empty()) {
     if (Worker* w = FindWorker(r.decode_worker)) --w->in_flight;
     if (r.destination) {
       // Running: stopped and freed at once. Reserved: refused from now on; the blocks are
-      // reused once the writer confirms (or immediately if no writer ever saw them).
-      ReleaseOnDecode(r.decode_worker, *r.destination, r.internal_id, !r.prefill_sent, reason);
+      // reused once the writer confirms, or is known dead (WritersGone), or immediately if no
+      // writer ever saw them.
+      ReleaseOnDecode(r.decode_worker, *r.destination, r.internal_id, !r.prefill_sent,
+                      r.prefill_sent ? r.writer : "", reason);
     }
     // Still admitting (Reserve in flight): ReserveDone releases what it got.
   }
-  Forget(r.serial);
+  r.decode_worker.clear();
+  r.destination.reset();
+}
+
+int32_t GenerationActor::RemainingTokens(const Request& r) const {
+  return r.request.stop().max_tokens() - static_cast<int32_t>(r.generated.size());
+}
+
+void GenerationActor::Failover(Request& r, const absl::Status& why,
+                               const std::string& failed_worker, Ctx& ctx) {
+  if (r.failovers >= options_.max_failovers || r.stream->closed() || RemainingTokens(r) <= 0) {
+    FinishWithError(r, why);
+    return;
+  }
+  ++r.failovers;
+  gauges_->request_failovers.fetch_add(1);
+  std::cerr << "router: request " << r.request.request_id() << " moves on (failover "
+            << r.failovers << ", " << r.generated.size() << " tokens produced): " << why.message()
+            << "\n";
+  ReleaseAttempt(r, absl::StrCat("failover: ", why.message()));
+  if (!failed_worker.empty()) r.failed_workers.push_back(failed_worker);
+  // A new attempt with its own id: nothing of the old one (a late reply, a token event, a
+  // release) can touch it.
+  by_internal_id_.erase(r.internal_id);
+  r.internal_id = absl::StrCat(router_tag_, "-", r.serial, ".", r.failovers);
+  by_internal_id_[r.internal_id] = r.serial;
+  r.stage = Stage::kAdmitting;
+  r.writer.clear();
+  r.prefill_sent = false;
+  r.buffered.clear();
+  r.decode_tried.clear();
+  r.too_small.clear();
+  r.admission_deadline = absl::Now() + options_.admission_timeout;
+  // At once the first time; then a short back-off, so a cluster still noticing a death is not
+  // asked again and again.
+  ctx.ScheduleAfter(absl::Milliseconds(50) * (r.failovers - 1), RetryAdmission{r.serial});
+}
+
+void GenerationActor::ReportWritersGone(const std::vector<std::string>& writers) {
+  for (auto& [id, w] : workers_) {
+    if (w.info.role != v1::WORKER_ROLE_DECODE || w.leaving) continue;
+    struct Call {
+      grpc::ClientContext ctx;
+      v1::WritersGoneRequest request;
+      v1::WritersGoneResponse response;
+    };
+    auto call = std::make_shared<Call>();
+    call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    *call->request.mutable_writer_ids() = {writers.begin(), writers.end()};
+    w.decode->async()->WritersGone(&call->ctx, &call->request, &call->response,
+                                   [call](grpc::Status) {});
+  }
 }
 
 void GenerationActor::Forget(uint64_t serial) {
@@ -541,7 +663,7 @@ void GenerationActor::Forget(uint64_t serial) {
   by_public_id_.erase(it->second.request.request_id());
   by_internal_id_.erase(it->second.internal_id);
   requests_.erase(it);
-  in_flight_gauge_->store(static_cast<int32_t>(requests_.size()));
+  gauges_->requests_in_flight.store(static_cast<int32_t>(requests_.size()));
 }
 
 void GenerationActor::Handle(CheckProgress m, Ctx& ctx) {
@@ -549,9 +671,11 @@ void GenerationActor::Handle(CheckProgress m, Ctx& ctx) {
   if (it == requests_.end() || it->second.stage != Stage::kDecoding) return;
   Request& r = it->second;
   if (r.completion_tokens == m.tokens_seen) {
-    FinishWithError(r, absl::UnavailableError(absl::StrCat(
-                           "decode worker ", r.decode_worker, " produced no token for ",
-                           absl::FormatDuration(options_.progress_timeout))));
+    const std::string stuck = r.decode_worker;
+    Failover(r, absl::UnavailableError(absl::StrCat(
+                    "decode worker ", stuck, " produced no token for ",
+                    absl::FormatDuration(options_.progress_timeout))),
+             stuck, ctx);
     return;
   }
   ctx.ScheduleAfter(options_.progress_timeout, CheckProgress{r.serial, r.completion_tokens});
@@ -576,7 +700,7 @@ void GenerationActor::CancelOnDecode(const std::string& worker_id, const std::st
 void GenerationActor::ReleaseOnDecode(const std::string& worker_id,
                                       const v1::LatentDestination& destination,
                                       const std::string& internal_id, bool writer_done,
-                                      const std::string& reason) {
+                                      const std::string& writer_id, const std::string& reason) {
   Worker* w = FindWorker(worker_id);
   if (w == nullptr) return;  // gone: its reservations went with it
   struct Call {
@@ -591,6 +715,7 @@ void GenerationActor::ReleaseOnDecode(const std::string& worker_id,
   call->request.set_writer_done(writer_done);
   call->request.set_request_id(internal_id);
   call->request.set_generation(destination.generation());
+  call->request.set_writer_id(writer_id);
   w->decode->async()->Release(&call->ctx, &call->request, &call->response,
                               [call, worker_id](grpc::Status s) {
                                 if (!s.ok()) {

@@ -67,6 +67,7 @@ struct RetryAdmission {
 };
 struct PrefillDone {
   uint64_t serial = 0;
+  std::string internal_id;  // the attempt it answers
   absl::StatusOr<v1::PrefillResponse> result;
 };
 struct TokenStreamUp {
@@ -91,6 +92,14 @@ struct CheckProgress {
   int32_t tokens_seen = 0;
 };
 
+// What the front door shows in ClusterStatus; written by the generation actor, read by the
+// registry actor. Thread-safe.
+struct FrontDoorGauges {
+  std::atomic<int32_t> requests_in_flight{0};
+  // Requests moved to other workers after a worker failed (each move counted).
+  std::atomic<uint64_t> request_failovers{0};
+};
+
 struct GenerationOptions {
   // How long a request may wait for cache blocks before RESOURCE_EXHAUSTED.
   absl::Duration admission_timeout = absl::Seconds(30);
@@ -99,6 +108,10 @@ struct GenerationOptions {
   // A decoding request with no new token for this long fails (UNAVAILABLE): its decode worker
   // or the stream from it is stuck.
   absl::Duration progress_timeout = absl::Seconds(60);
+  // Failover: a request whose prefill or decode worker fails (dies, its stream breaks, it
+  // refuses with UNAVAILABLE) starts again on other workers from what it has produced so far
+  // (prompt + generated tokens re-prefilled), at most this many times. 0: fail it instead.
+  int32_t max_failovers = 5;
 };
 
 class GenerationActor {
@@ -109,7 +122,7 @@ class GenerationActor {
                    ReconnectTokenStream, CheckProgress>;
 
   GenerationActor(const model::ModelConfig& config, const tokenizer::Tokenizer* tokenizer,
-                  GenerationOptions options, std::shared_ptr<std::atomic<int32_t>> in_flight);
+                  GenerationOptions options, std::shared_ptr<FrontDoorGauges> gauges);
   ~GenerationActor();
 
   void Handle(UseServingWorkers m, runtime::Context<Message>& ctx);
@@ -119,7 +132,7 @@ class GenerationActor {
   void Handle(RetryAdmission m, runtime::Context<Message>& ctx);
   void Handle(PrefillDone m, runtime::Context<Message>& ctx);
   void Handle(TokenStreamUp m);
-  void Handle(DecodeTokenEvent m);
+  void Handle(DecodeTokenEvent m, runtime::Context<Message>& ctx);
   void Handle(TokenStreamDown m, runtime::Context<Message>& ctx);
   void Handle(ReconnectTokenStream m, runtime::Context<Message>& ctx);
   void Handle(CheckProgress m, runtime::Context<Message>& ctx);
@@ -135,6 +148,7 @@ class GenerationActor {
     std::shared_ptr<grpc::ClientContext> stream_ctx;
     uint64_t stream = 0;
     bool stream_up = false;
+    bool leaving = false;  // out of service: its requests are moving away
   };
   enum class Stage { kAdmitting, kPrefilling, kDecoding };
   struct Request {
@@ -146,6 +160,7 @@ class GenerationActor {
     std::shared_ptr<rpc::ServerStream<v1::GenerateEvent>> stream;
     Stage stage = Stage::kAdmitting;
     std::string prefill_worker, decode_worker;
+    std::string writer;  // the prefill worker this attempt's destination was sent to
     std::vector<std::string> decode_tried;  // full caches this admission round
     std::vector<std::string> too_small;     // decode workers whose whole cache is too small
     std::optional<v1::LatentDestination> destination;
@@ -156,9 +171,27 @@ class GenerationActor {
     std::unique_ptr<tokenizer::TextStream> text;
     int32_t completion_tokens = 0;
     absl::Time first_token_at;
+    // Every token emitted so far (a failover re-prefills prompt + generated), the failovers so
+    // far and the workers that failed this request (chosen again only when nothing else serves).
+    std::vector<int32_t> generated;
+    int32_t failovers = 0;
+    std::vector<std::string> failed_workers;
   };
 
   void Admit(Request& r, runtime::Context<Message>& ctx);
+  // The worker serving `r` failed with `why`: start again elsewhere from what has been produced
+  // (a new attempt, with its own internal id), or finish with `why` when failover is spent or
+  // the error is the request's own fault.
+  void Failover(Request& r, const absl::Status& why, const std::string& failed_worker,
+                runtime::Context<Message>& ctx);
+  // Releases what the current attempt holds on workers (reservation or running sequence,
+  // prefill call), as Abandon does, without forgetting the request.
+  void ReleaseAttempt(Request& r, const std::string& reason);
+  // Tokens still to generate, and the prompt the next prefill runs (prompt + generated).
+  int32_t RemainingTokens(const Request& r) const;
+  // Tells every decode worker that these prefill workers are dead (their quarantined blocks
+  // are freed at once).
+  void ReportWritersGone(const std::vector<std::string>& writers);
   void SendPrefill(Request& r, runtime::Context<Message>& ctx);
   // Emits one generated token; returns true when the request is over (finished).
   bool EmitToken(Request& r, int32_t token, const v1::TokenLogprob* logprob,
@@ -174,16 +207,19 @@ class GenerationActor {
   void OpenTokenStream(Worker& w, runtime::Context<Message>& ctx);
   void ReleaseOnDecode(const std::string& worker_id, const v1::LatentDestination& destination,
                        const std::string& internal_id, bool writer_done,
-                       const std::string& reason);
+                       const std::string& writer_id, const std::string& reason);
   // Best effort, by request id: a reservation whose grant never reached this router.
   void CancelOnDecode(const std::string& worker_id, const std::string& internal_id);
   Worker* FindWorker(const std::string& id);
   Worker* LeastLoaded(v1::WorkerRole role, const std::vector<std::string>& exclude);
+  // LeastLoaded avoiding `avoid` when anything else serves.
+  Worker* Preferred(v1::WorkerRole role, const std::vector<std::string>& exclude,
+                    const std::vector<std::string>& avoid);
 
   const model::ModelConfig& config_;
   const tokenizer::Tokenizer* tokenizer_;
   GenerationOptions options_;
-  std::shared_ptr<std::atomic<int32_t>> in_flight_gauge_;
+  std::shared_ptr<FrontDoorGauges> gauges_;
   std::map<std::string, Worker> workers_;  // by worker id
   std::map<uint64_t, Request> requests_;   // by serial
   std::map<std::string, uint64_t> by_public_id_, by_internal_id_;

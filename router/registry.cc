@@ -229,13 +229,29 @@ void WorkerRegistry::Deregister(const std::string& worker_id) { workers_.erase(w
 
 std::vector<std::string> WorkerRegistry::Sweep(absl::Time now) {
   std::vector<std::string> lost;
-  for (auto& [id, w] : workers_) {
-    if (w.status.healthy() && now - w.last_heartbeat > heartbeat_interval_ * missed_allowed_) {
+  const absl::Duration window = heartbeat_interval_ * missed_allowed_;
+  for (auto it = workers_.begin(); it != workers_.end();) {
+    Worker& w = it->second;
+    if (w.status.healthy() && now - w.last_heartbeat > window) {
       w.status.set_healthy(false);
-      lost.push_back(id);
+      w.status.clear_load();
+      lost.push_back(it->first);
+    }
+    if (!w.status.healthy() && now - w.last_heartbeat > window + kForgetAfter) {
+      it = workers_.erase(it);  // dead: no longer listed
+    } else {
+      ++it;
     }
   }
   return lost;
+}
+
+bool WorkerRegistry::ConnectionLost(const std::string& worker_id) {
+  auto it = workers_.find(worker_id);
+  if (it == workers_.end() || !it->second.status.healthy()) return false;
+  it->second.status.set_healthy(false);
+  it->second.status.clear_load();
+  return true;
 }
 
 bool WorkerRegistry::RefreshTable() {

@@ -51,7 +51,13 @@ class WorkerRegistry {
   v1::HeartbeatResponse Heartbeat(const v1::HeartbeatRequest& request, absl::Time now);
   void Deregister(const std::string& worker_id);
   // Marks workers silent for more than missed_allowed intervals unhealthy; returns their ids.
+  // Workers out of service and silent for `kForgetAfter` more are dropped from the listing.
   std::vector<std::string> Sweep(absl::Time now);
+  // The worker's connection to the router broke (its Registry.Attach stream ended): out of
+  // service at once, its load cleared. True when it was in service.
+  bool ConnectionLost(const std::string& worker_id);
+  bool Knows(const std::string& worker_id) const { return workers_.count(worker_id) > 0; }
+  static constexpr absl::Duration kForgetAfter = absl::Seconds(10);
 
   // Rebuilds the routing table from the registry; true when it changed (a new version).
   bool RefreshTable();

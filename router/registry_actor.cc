@@ -2,6 +2,8 @@
 
 #include <iostream>
 
+#include "absl/strings/str_cat.h"
+
 namespace splitmoe::router {
 
 void RegistryActor::Handle(RegisterWorker m) {
@@ -33,9 +35,26 @@ void RegistryActor::Handle(DeregisterWorker m) {
   m.reply(absl::OkStatus());
 }
 
+void RegistryActor::Handle(AttachWorker m) {
+  if (!registry_.Knows(m.worker_id)) {
+    m.finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          absl::StrCat("worker ", m.worker_id, " is not registered")));
+  }
+}
+
+void RegistryActor::Handle(WorkerConnectionLost m) {
+  if (!registry_.ConnectionLost(m.worker_id)) return;
+  std::cerr << "router: worker " << m.worker_id << " lost its connection: out of service\n";
+  PublishTable(absl::Now());
+  PublishServing();
+}
+
 void RegistryActor::Handle(GetClusterStatus m) {
   v1::ClusterStatusResponse status = registry_.Status(absl::Now());
-  if (requests_in_flight_ != nullptr) status.set_requests_in_flight(requests_in_flight_->load());
+  if (gauges_ != nullptr) {
+    status.set_requests_in_flight(gauges_->requests_in_flight.load());
+    status.set_request_failovers(gauges_->request_failovers.load());
+  }
   m.reply(std::move(status));
 }
 

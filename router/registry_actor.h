@@ -52,6 +52,16 @@ struct SweepWorkers {};
 struct AddTableWatcher {
   std::function<bool(const v1::RoutingTable&)> write;
 };
+// Registry.Attach: a registered worker's liveness stream. Unknown worker: the stream is finished
+// NOT_FOUND. `finish` ends the stream with a status (called on the actor's thread).
+struct AttachWorker {
+  std::string worker_id;
+  std::function<void(grpc::Status)> finish;
+};
+// The worker's Attach stream ended (its process died or its connection broke).
+struct WorkerConnectionLost {
+  std::string worker_id;
+};
 // EPLB: compute a placement and (unless a dry run) start loading it (Registry.Rebalance).
 struct RebalanceExperts {
   v1::RebalanceRequest request;
@@ -61,19 +71,20 @@ struct RebalanceExperts {
 class RegistryActor {
  public:
   using Message = std::variant<RegisterWorker, WorkerHeartbeat, DeregisterWorker, GetClusterStatus,
-                               SweepWorkers, AddTableWatcher, RebalanceExperts>;
+                               SweepWorkers, AddTableWatcher, RebalanceExperts, AttachWorker,
+                               WorkerConnectionLost>;
 
   // `generation` (may be empty) receives the healthy prefill and decode workers after every
   // change; `requests_in_flight` (may be null) is the front door's gauge for ClusterStatus.
   RegistryActor(WorkerRegistry registry, absl::Duration sweep_interval, absl::Duration settle,
                 runtime::ActorRef<GenerationActor::Message> generation = {},
-                std::shared_ptr<std::atomic<int32_t>> requests_in_flight = nullptr,
+                std::shared_ptr<FrontDoorGauges> gauges = nullptr,
                 absl::Time now = absl::Now())
       : registry_(std::move(registry)),
         sweep_interval_(sweep_interval),
         settle_until_(now + settle),
         generation_(std::move(generation)),
-        requests_in_flight_(std::move(requests_in_flight)) {}
+        gauges_(std::move(gauges)) {}
 
   void Handle(RegisterWorker m);
   void Handle(WorkerHeartbeat m);
@@ -82,6 +93,8 @@ class RegistryActor {
   void Handle(SweepWorkers m, runtime::Context<Message>& ctx);
   void Handle(AddTableWatcher m);
   void Handle(RebalanceExperts m);
+  void Handle(AttachWorker m);
+  void Handle(WorkerConnectionLost m);
 
   // The table watchers receive (for tests).
   const v1::RoutingTable& table() const { return registry_.table(); }
@@ -97,7 +110,7 @@ class RegistryActor {
   absl::Time settle_until_;
   bool settled_ = false;
   runtime::ActorRef<GenerationActor::Message> generation_;
-  std::shared_ptr<std::atomic<int32_t>> requests_in_flight_;
+  std::shared_ptr<FrontDoorGauges> gauges_;
   std::vector<std::function<bool(const v1::RoutingTable&)>> watchers_;
 };
 

@@ -74,4 +74,17 @@ grpc::ServerWriteReactor<v1::RoutingTable>* RegistryService::WatchRoutingTable(
   return reactor;
 }
 
+grpc::ServerWriteReactor<v1::AttachEvent>* RegistryService::Attach(
+    grpc::CallbackServerContext* /*ctx*/, const v1::AttachRequest* request) {
+  const std::string id = request->worker_id();
+  // The stream stays open, silent, for as long as the worker lives; its end is the news.
+  auto [reactor, stream] = rpc::ServerStream<v1::AttachEvent>::Create(
+      [registry = registry_, id] { registry.Send(WorkerConnectionLost{id}); });
+  auto finish = [stream = stream](grpc::Status s) { stream->Finish(std::move(s)); };
+  if (!registry_.Send(AttachWorker{id, finish})) {
+    stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
+  }
+  return reactor;
+}
+
 }  // namespace splitmoe::router

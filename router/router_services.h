@@ -30,6 +30,8 @@ class RegistryService final : public v1::Registry::CallbackService {
                                           v1::ClusterStatusResponse* response) override;
   grpc::ServerWriteReactor<v1::RoutingTable>* WatchRoutingTable(
       grpc::CallbackServerContext* ctx, const v1::WatchRoutingTableRequest* request) override;
+  grpc::ServerWriteReactor<v1::AttachEvent>* Attach(grpc::CallbackServerContext* ctx,
+                                                    const v1::AttachRequest* request) override;
   grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* ctx,
                                       const v1::RebalanceRequest* request,
                                       v1::RebalanceResponse* response) override;

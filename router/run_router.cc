@@ -58,13 +58,13 @@ absl::Status RunRouter(const RouterOptions& options) {
                              fingerprint, routing));
   // The generation actor owns public requests; the registry actor tells it which prefill and
   // decode workers serve.
-  auto requests_in_flight = std::make_shared<std::atomic<int32_t>>(0);
+  auto gauges = std::make_shared<FrontDoorGauges>();
   GenerationOptions generation_options;
   generation_options.admission_timeout = options.admission_timeout;
   generation_options.prefill_timeout = options.prefill_timeout;
   runtime::Actor<GenerationActor> generation(
       "generation", std::make_unique<GenerationActor>(config, tokenizer.get(), generation_options,
-                                                      requests_in_flight));
+                                                      gauges));
   // The registry actor owns membership and the routing table; it tells the generation actor
   // which prefill and decode workers serve. Until the expert services have registered (or
   // `settle` has passed) it publishes no table, so workers that outlived a previous router keep
@@ -73,7 +73,7 @@ absl::Status RunRouter(const RouterOptions& options) {
       options.heartbeat_interval * (options.missed_heartbeats_allowed + 1);
   runtime::Actor<RegistryActor> registry(
       "registry", std::make_unique<RegistryActor>(std::move(workers), options.heartbeat_interval,
-                                                  settle, generation.ref(), requests_in_flight));
+                                                  settle, generation.ref(), gauges));
   registry.ScheduleAfter(options.heartbeat_interval, SweepWorkers{});
 
   RegistryService registry_service(registry.ref());

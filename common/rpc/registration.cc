@@ -7,6 +7,42 @@
 
 namespace splitmoe::rpc {
 
+// The worker's end of Registry.Attach: reads (the router writes nothing) until the call ends.
+class Registration::AttachStream : public grpc::ClientReadReactor<v1::AttachEvent> {
+ public:
+  AttachStream(v1::Registry::Stub* stub, const std::string& worker_id) {
+    request_.set_worker_id(worker_id);
+    stub->async()->Attach(&ctx_, &request_, this);
+    StartRead(&event_);
+    StartCall();
+  }
+  ~AttachStream() {
+    ctx_.TryCancel();
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [this] { return done_; });
+  }
+  bool done() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return done_;
+  }
+  void OnReadDone(bool ok) override {
+    if (ok) StartRead(&event_);
+  }
+  void OnDone(const grpc::Status& /*status*/) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    done_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  grpc::ClientContext ctx_;
+  v1::AttachRequest request_;
+  v1::AttachEvent event_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+};
+
 absl::StatusOr<std::unique_ptr<Registration>> Registration::Start(const std::string& router_address,
                                                                   v1::RegisterRequest request,
                                                                   LoadFn load,
@@ -30,6 +66,7 @@ absl::StatusOr<std::unique_ptr<Registration>> Registration::Start(const std::str
     }
     absl::SleepFor(absl::Milliseconds(200));
   }
+  r->Reattach();
   r->thread_ = std::thread([raw = r.get()] { raw->HeartbeatLoop(); });
   return r;
 }
@@ -45,6 +82,11 @@ absl::Status Registration::RegisterOnce() {
   if (response.heartbeat_interval_ms() > 0)
     interval_ = absl::Milliseconds(response.heartbeat_interval_ms());
   return absl::OkStatus();
+}
+
+void Registration::Reattach() {
+  attach_.reset();  // ends the old stream first (the router ignores the end of an old id's)
+  attach_ = std::make_unique<AttachStream>(stub_.get(), worker_id());
 }
 
 std::string Registration::worker_id() const {
@@ -67,7 +109,9 @@ void Registration::HeartbeatLoop() {
     grpc::Status status = stub_->Heartbeat(&context, beat, &response);
     if (status.ok() && !response.known()) {
       std::cerr << "router forgot worker " << beat.worker_id() << ": registering again\n";
-      (void)RegisterOnce();
+      if (RegisterOnce().ok()) Reattach();
+    } else if (status.ok() && attach_->done()) {
+      Reattach();  // the router knows us but the stream broke (e.g. it could not open)
     }
     lock.lock();
   }
@@ -86,6 +130,7 @@ Registration::~Registration() {
   request.set_worker_id(worker_id());
   v1::DeregisterResponse response;
   (void)stub_->Deregister(&context, request, &response);
+  attach_.reset();  // after the drain: the router already let the worker go
 }
 
 }  // namespace splitmoe::rpc

@@ -3,6 +3,9 @@
 // worker's load every interval the router asked for and registers again if the router has
 // forgotten the worker (it missed too many beats). The destructor deregisters (drain) and joins.
 // The load callback runs on the heartbeat thread and must be cheap and thread-safe.
+// Beside the heartbeats, a registered worker holds a Registry.Attach stream open: when its
+// process dies the kernel closes the connection and the router takes it out of service at that
+// moment. A broken Attach is opened again by the heartbeat thread.
 //
 //   SPLITMOE_ASSIGN_OR_RETURN(auto membership, Registration::Start(router, request, [&] { return
 //   Load(); }));
@@ -33,8 +36,11 @@ class Registration {
 
  private:
   Registration() = default;
+  class AttachStream;
   absl::Status RegisterOnce();
   void HeartbeatLoop();
+  // (Re)opens the Attach stream for the current worker id. Not under mu_.
+  void Reattach();
 
   v1::RegisterRequest request_;
   LoadFn load_;
@@ -45,6 +51,7 @@ class Registration {
   std::string worker_id_;
   absl::Duration interval_ = absl::Milliseconds(500);
   std::thread thread_;
+  std::unique_ptr<AttachStream> attach_;  // heartbeat thread (and the destructor after it)
 };
 
 }  // namespace splitmoe::rpc

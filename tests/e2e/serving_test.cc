@@ -761,6 +761,89 @@ TEST(ServingFailureTest, AKilledDecodeWorkerFailsItsRequestsAndUpRestartsIt) {
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 
+// Healthy workers of `role` as the router lists them.
+int HealthyWorkers(Cluster& cluster, v1::WorkerRole role) {
+  int n = 0;
+  const v1::ClusterStatusResponse status = cluster.Status();
+  for (const auto& w : status.workers()) n += w.role() == role && w.healthy();
+  return n;
+}
+
+// Kills (-9) a worker of `role` and returns how long the router took to take it out of service.
+absl::Duration KillAndTimeNotice(Cluster& cluster, pid_t pid, v1::WorkerRole role) {
+  const int before = HealthyWorkers(cluster, role);
+  ::kill(pid, SIGKILL);
+  const absl::Time killed = absl::Now();
+  while (HealthyWorkers(cluster, role) >= before && absl::Now() - killed < absl::Seconds(10)) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return absl::Now() - killed;
+}
+
+// With a spare of each role, a decode worker killed (-9) while its sequences decode and a
+// prefill worker killed while it holds prompts lose no request and change no output: each
+// request moves to the other worker (re-prefilled from prompt + tokens so far) and its stream
+// goes on; the death is noticed by the broken connection (well under a second), and the
+// quarantined blocks of the dead writer come back at once.
+TEST(WorkerFailoverTest, KilledDecodeAndPrefillWorkersLoseNothing) {
+  const std::string model = testing::TinyModel("worker_failover");
+  auto e = engine::Engine::Load(model);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto cluster = Cluster::Up(model, {"--prefill", "2", "--decode", "2", "--block-tokens", "16",
+                                     "--cache-blocks", "200"});
+  ASSERT_NE(cluster, nullptr);
+  const int64_t vocab = (*e)->config().vocab_size;
+
+  // A decode worker dies mid-decode.
+  std::vector<Case> cases = MixedCases(vocab, 16, 21);
+  for (Case& c : cases) c.max_tokens = 64;
+  const pid_t decode = ChildWithRole(cluster->up->pid(), "decode");
+  ASSERT_GT(decode, 0);
+  absl::Duration decode_notice;
+  std::thread decode_killer([&] {
+    absl::SleepFor(absl::Milliseconds(250));
+    decode_notice = KillAndTimeNotice(*cluster, decode, v1::WORKER_ROLE_DECODE);
+  });
+  ExpectConcurrentEqualsEngine(*cluster, **e, cases);
+  decode_killer.join();
+  const uint64_t after_decode = cluster->Status().request_failovers();
+  std::printf("decode worker killed: noticed in %s, %llu requests moved\n",
+              absl::FormatDuration(decode_notice).c_str(),
+              static_cast<unsigned long long>(after_decode));
+  EXPECT_GT(after_decode, 0u) << "the kill hit no request: the test proved nothing";
+  EXPECT_LT(decode_notice, absl::Seconds(1));
+  EXPECT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+
+  // `up` brings the decode worker back; then a prefill worker is stopped while prompts are sent
+  // to it and killed with them in hand.
+  for (int i = 0; i < 300 && HealthyWorkers(*cluster, v1::WORKER_ROLE_DECODE) < 2; ++i) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_EQ(HealthyWorkers(*cluster, v1::WORKER_ROLE_DECODE), 2);
+  const pid_t prefill = ChildWithRole(cluster->up->pid(), "prefill");
+  ASSERT_GT(prefill, 0);
+  cases = MixedCases(vocab, 16, 22);
+  for (Case& c : cases) c.max_tokens = 24;
+  absl::Duration prefill_notice;
+  std::thread prefill_killer([&] {
+    absl::SleepFor(absl::Milliseconds(60));
+    ::kill(prefill, SIGSTOP);
+    absl::SleepFor(absl::Milliseconds(300));
+    prefill_notice = KillAndTimeNotice(*cluster, prefill, v1::WORKER_ROLE_PREFILL);
+  });
+  ExpectConcurrentEqualsEngine(*cluster, **e, cases);
+  prefill_killer.join();
+  const uint64_t moved = cluster->Status().request_failovers() - after_decode;
+  std::printf("prefill worker killed: noticed in %s, %llu requests moved\n",
+              absl::FormatDuration(prefill_notice).c_str(), static_cast<unsigned long long>(moved));
+  EXPECT_GT(moved, 0u) << "the kill hit no request: the test proved nothing";
+  EXPECT_LT(prefill_notice, absl::Seconds(1));
+  // The dead writer's quarantined blocks are back within 5 s (not its 60 s deadline).
+  EXPECT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  EXPECT_FALSE(cluster->up->Poll().has_value()) << "`splitmoe up` stopped on a dead child";
+  EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+}
+
 // Device-limited routing passed to the processes: 4 shards, one per expert group of the tiny
 // model (4 groups, 2 kept). M = 2 = topk_group is exactly the model's routing (tokens equal the
 // engine's); M = 1 binds (routing differs from the model's by design). Either way the router's
