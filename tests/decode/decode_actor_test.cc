@@ -251,6 +251,55 @@ TEST_P(DecodeActorTest, AReleasedReservationIsFencedUntilItsWriterIsDone) {
   EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
 }
 
+// A writer the router reports dead puts nothing more: its quarantined reservations are freed at
+// once (not at deadline + grace), also when its Release arrives after the report; another
+// writer's stay fenced.
+TEST_P(DecodeActorTest, ADeadWritersQuarantinedBlocksComeBackAtOnce) {
+  auto release = [&](uint64_t id, const std::string& writer) {
+    v1::ReleaseRequest r;
+    r.set_reservation_id(id);
+    r.set_reason("failover");
+    r.set_writer_id(writer);
+    absl::Status out = absl::UnknownError("no reply");
+    actor_->Send(ReleaseReservation{r, [&out](absl::Status s) { out = s; }});
+    scheduler_.RunUntilIdle();
+    return out;
+  };
+  auto gone = [&](const std::vector<std::string>& writers) {
+    v1::WritersGoneRequest r;
+    *r.mutable_writer_ids() = {writers.begin(), writers.end()};
+    int32_t freed = -1;
+    actor_->Send(WritersGone{r, [&freed](absl::StatusOr<v1::WritersGoneResponse> resp) {
+                               ASSERT_TRUE(resp.ok()) << resp.status();
+                               freed = resp->reservations_freed();
+                             }});
+    scheduler_.RunUntilIdle();
+    return freed;
+  };
+  auto a = Reserve("a", 20, 4, /*timeout_ms=*/60000);
+  auto b = Reserve("b", 20, 4, 60000);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(release(a->reservation_id(), "PREFILL-1").ok());
+  ASSERT_TRUE(release(b->reservation_id(), "PREFILL-2").ok());
+  EXPECT_EQ(gauge_->Get().cache_blocks_quarantined(), 4);
+  EXPECT_EQ(gone({"PREFILL-1"}), 1);
+  EXPECT_EQ(gauge_->Get().cache_blocks_quarantined(), 2);  // b's writer may still put
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 2);
+  // A Release naming a writer already reported dead frees at once.
+  auto c = Reserve("c", 20, 4, 60000);
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(release(c->reservation_id(), "PREFILL-1").ok());
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 2);
+  // A reservation that was never released is not the report's to free.
+  auto d = Reserve("d", 20, 4, 60000);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(gone({"PREFILL-2", ""}), 1);
+  EXPECT_EQ(gauge_->Get().cache_blocks_quarantined(), 0);
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 2);  // d's
+  ASSERT_TRUE(Release(d->reservation_id(), true).ok());
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+}
+
 TEST_P(DecodeActorTest, ReleasingARunningSequenceStopsItAndTellsTheRouter) {
   const std::vector<int32_t> prompt = {0, 3, 4, 5};
   auto a = Reserve("a", 4, 50);

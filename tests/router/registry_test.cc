@@ -114,6 +114,30 @@ TEST(RegistryTest, AShardWhoseReplicasAllDiedStaysMappedWithAnEmptyPool) {
   EXPECT_FALSE(status.pools(0).replicas(0).healthy());
 }
 
+// A worker whose connection broke is out of service at once and, its load cleared, unlisted
+// once silent for kForgetAfter; a heartbeat from it then asks it to register again.
+TEST(RegistryTest, ALostConnectionTakesAWorkerOutAtOnceAndItIsForgotten) {
+  WorkerRegistry r = Make();
+  v1::RegisterRequest request;
+  request.set_role(v1::WORKER_ROLE_DECODE);
+  request.set_address("d:1");
+  auto d = r.Register(request, kT0);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(r.Healthy(v1::WORKER_ROLE_DECODE).size(), 1u);
+  EXPECT_TRUE(r.ConnectionLost(d->worker_id()));
+  EXPECT_FALSE(r.ConnectionLost(d->worker_id()));  // once
+  EXPECT_FALSE(r.ConnectionLost("nobody"));
+  EXPECT_TRUE(r.Healthy(v1::WORKER_ROLE_DECODE).empty());
+  EXPECT_EQ(r.Status(kT0).workers_size(), 1);  // listed, out of service, for a while
+  EXPECT_TRUE(r.Sweep(kT0 + absl::Milliseconds(300)).empty());
+  EXPECT_EQ(r.Status(kT0).workers_size(), 1);
+  (void)r.Sweep(kT0 + absl::Milliseconds(300) + WorkerRegistry::kForgetAfter + absl::Milliseconds(1));
+  EXPECT_EQ(r.Status(kT0).workers_size(), 0);
+  v1::HeartbeatRequest beat;
+  beat.set_worker_id(d->worker_id());
+  EXPECT_FALSE(r.Heartbeat(beat, kT0 + absl::Seconds(20)).known());
+}
+
 v1::HeartbeatRequest Stats(const std::string& id, const std::vector<uint64_t>& layer1,
                            const std::vector<uint64_t>& devices) {
   v1::HeartbeatRequest beat;
