@@ -1,11 +1,13 @@
 #include "common/model/config.h"
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
+#include <limits>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/base/file.h"
 #include "common/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -14,19 +16,35 @@ namespace {
 
 using nlohmann::json;
 
-// Reads an integer field; `required` fields must be present and non-null.
+// Reads an integer field; `required` fields must be present and non-null. Values outside int64
+// (a huge unsigned or float) are refused here, before they can wrap into something plausible.
 absl::Status ReadInt(const json& j, const char* key, bool required, int64_t* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
     if (required) return absl::InvalidArgumentError(absl::StrCat("missing field '", key, "'"));
     return absl::OkStatus();
   }
-  if (it->is_number_integer() || it->is_number_unsigned()) {
+  if (it->is_number_unsigned()) {
+    const uint64_t v = it->get<uint64_t>();
+    if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("field '", key, "' = ", v, " is out of range"));
+    }
+    *out = static_cast<int64_t>(v);
+    return absl::OkStatus();
+  }
+  if (it->is_number_integer()) {
     *out = it->get<int64_t>();
     return absl::OkStatus();
   }
   if (it->is_number_float() && std::floor(it->get<double>()) == it->get<double>()) {
-    *out = static_cast<int64_t>(it->get<double>());
+    const double v = it->get<double>();
+    // 2^63 is the first double past int64's range; casting it or more is undefined.
+    if (!(std::fabs(v) < 0x1p63)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("field '", key, "' = ", it->dump(), " is out of range"));
+    }
+    *out = static_cast<int64_t>(v);
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(
@@ -36,9 +54,9 @@ absl::Status ReadInt(const json& j, const char* key, bool required, int64_t* out
 absl::Status ReadDouble(const json& j, const char* key, double* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return absl::OkStatus();
-  if (!it->is_number()) {
+  if (!it->is_number() || !std::isfinite(it->get<double>())) {
     return absl::InvalidArgumentError(
-        absl::StrCat("field '", key, "' must be a number, got ", it->dump()));
+        absl::StrCat("field '", key, "' must be a finite number, got ", it->dump()));
   }
   *out = it->get<double>();
   return absl::OkStatus();
@@ -66,23 +84,136 @@ absl::Status ReadTokenId(const json& j, const char* key, int64_t* out) {
   return ReadInt(j, key, false, out);
 }
 
+// Upper bounds on every size-like field, checked before anything is sized by them. Each is
+// far above every published DeepSeek-V2/V3/R1 config.json (V3: hidden 7168, intermediate 18432,
+// moe_intermediate 2048, vocab 129280, 61 layers, 128 heads, q_lora 1536, kv_lora 512, head dims
+// 128/64/128, 256 routed experts + 1 shared, 8 per token, 8 groups, max_position 163840, 1 MTP
+// layer) and low enough that no field alone can make a loader allocate absurdly.
+struct FieldBound {
+  const char* name;
+  int64_t value;
+  int64_t min;
+  int64_t max;
+};
+
+absl::Status CheckBounds(const ModelConfig& c) {
+  constexpr int64_t kMaxLayers = 1024;
+  constexpr int64_t kMaxPositions = int64_t{1} << 24;  // 16M tokens
+  const FieldBound bounds[] = {
+      {"vocab_size", c.vocab_size, 1, int64_t{1} << 22},
+      {"hidden_size", c.hidden_size, 1, int64_t{1} << 16},
+      {"intermediate_size", c.intermediate_size, 0, int64_t{1} << 18},
+      {"moe_intermediate_size", c.moe_intermediate_size, 0, int64_t{1} << 16},
+      {"num_hidden_layers", c.num_hidden_layers, 1, kMaxLayers},
+      {"num_attention_heads", c.num_attention_heads, 1, 4096},
+      {"q_lora_rank", c.q_lora_rank, 0, int64_t{1} << 16},
+      {"kv_lora_rank", c.kv_lora_rank, 1, int64_t{1} << 16},
+      {"qk_nope_head_dim", c.qk_nope_head_dim, 0, 4096},
+      {"qk_rope_head_dim", c.qk_rope_head_dim, 1, 4096},
+      {"v_head_dim", c.v_head_dim, 1, 4096},
+      {"n_shared_experts", c.n_shared_experts, 0, 1024},
+      {"n_routed_experts", c.n_routed_experts, 0, 65536},
+      {"num_experts_per_tok", c.num_experts_per_tok, 0, 4096},
+      {"n_group", c.n_group, 0, 65536},
+      {"topk_group", c.topk_group, 0, 65536},
+      {"first_k_dense_replace", c.first_k_dense_replace, 0, kMaxLayers},
+      {"moe_layer_freq", c.moe_layer_freq, 1, kMaxLayers},
+      {"max_position_embeddings", c.max_position_embeddings, 1, kMaxPositions},
+      {"num_nextn_predict_layers", c.num_nextn_predict_layers, 0, 64},
+      {"rope_scaling.original_max_position_embeddings", c.yarn.original_max_position_embeddings, 1,
+       kMaxPositions},
+      {"bos_token_id", c.bos_token_id, -1, c.vocab_size - 1},
+      {"eos_token_id", c.eos_token_id, -1, c.vocab_size - 1},
+  };
+  for (const FieldBound& b : bounds) {
+    if (b.value > b.max) {
+      if (absl::EndsWith(b.name, "token_id")) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(b.name, " = ", b.value, " lies outside vocab_size ", c.vocab_size));
+      }
+      return absl::InvalidArgumentError(
+          absl::StrCat(b.name, " = ", b.value, " exceeds the limit ", b.max));
+    }
+    if (b.value < b.min) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          b.name, " must be ", b.min == 1 ? "> 0" : absl::StrCat(">= ", b.min), ", got ", b.value));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Bounds on what the fields imply together: the routed experts a full load holds (each one a
+// LayerWeights slot and three tensor names before any data is read), the largest single tensor
+// and the whole parameter count. V3 (with its MTP layer): 59 x 256 = 15104 expert instances, its
+// largest tensor the 129280 x 7168 embedding (0.93 G elements), 685 G parameters. Runs after
+// CheckBounds, which keeps every product below int64's range.
+absl::Status CheckDerivedBounds(const ModelConfig& c) {
+  constexpr int64_t kMaxExpertInstances = int64_t{1} << 18;
+  constexpr int64_t kMaxTensorElements = int64_t{1} << 33;
+  constexpr double kMaxParameters = 0x1p43;  // 8.8 T
+  const int64_t blocks = c.num_hidden_layers + c.num_nextn_predict_layers;
+  int64_t moe_blocks = 0;
+  for (int64_t layer = 0; layer < blocks; ++layer) moe_blocks += c.IsMoeLayer(layer) ? 1 : 0;
+  if (moe_blocks * c.n_routed_experts > kMaxExpertInstances) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(moe_blocks, " MoE layers (num_hidden_layers + num_nextn_predict_layers) x ",
+                     c.n_routed_experts, " n_routed_experts = ", moe_blocks * c.n_routed_experts,
+                     " expert instances exceeds the limit ", kMaxExpertInstances));
+  }
+  const int64_t h = c.hidden_size, heads = c.num_attention_heads;
+  const int64_t q_in = c.q_lora_rank > 0 ? c.q_lora_rank : h;
+  const int64_t shared_inter = c.n_shared_experts * c.moe_intermediate_size;
+  struct Tensor {
+    const char* what;
+    int64_t rows, cols;
+  } const tensors[] = {
+      {"embed_tokens / lm_head (vocab_size x hidden_size)", c.vocab_size, h},
+      {"q_proj / q_b_proj (num_attention_heads * qk_head_dim x q_lora_rank or hidden_size)",
+       heads * c.qk_head_dim(), q_in},
+      {"q_a_proj (q_lora_rank x hidden_size)", c.q_lora_rank, h},
+      {"kv_a_proj_with_mqa (kv_lora_rank + qk_rope_head_dim x hidden_size)", c.latent_dim(), h},
+      {"kv_b_proj (num_attention_heads * (qk_nope_head_dim + v_head_dim) x kv_lora_rank)",
+       heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank},
+      {"o_proj (hidden_size x num_attention_heads * v_head_dim)", h, heads * c.v_head_dim},
+      {"dense mlp (intermediate_size x hidden_size)", c.intermediate_size, h},
+      {"shared experts (n_shared_experts * moe_intermediate_size x hidden_size)", shared_inter, h},
+      {"eh_proj (hidden_size x 2 * hidden_size)", h, 2 * h},
+  };
+  for (const Tensor& t : tensors) {
+    if (t.rows * t.cols > kMaxTensorElements) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", t.what, " = ", t.rows, " x ",
+                                                     t.cols, " elements exceeds the limit ",
+                                                     kMaxTensorElements));
+    }
+  }
+  // Parameters per decoder block (attention + its MLP), in double: an estimate, never wraps.
+  auto d = [](int64_t v) { return static_cast<double>(v); };
+  const double attention = d(heads * c.qk_head_dim()) * d(q_in) + d(c.q_lora_rank) * d(h) +
+                           d(c.latent_dim()) * d(h) +
+                           d(heads * (c.qk_nope_head_dim + c.v_head_dim)) * d(c.kv_lora_rank) +
+                           d(h) * d(heads * c.v_head_dim);
+  const double dense_mlp = 3 * d(c.intermediate_size) * d(h);
+  const double moe_mlp = 3 * d(c.moe_intermediate_size) * d(h) * d(c.n_routed_experts) +
+                         3 * d(shared_inter) * d(h) + d(c.n_routed_experts) * d(h);
+  const double parameters = d(blocks) * attention + d(moe_blocks) * moe_mlp +
+                            d(blocks - moe_blocks) * dense_mlp +
+                            d(2 + 2 * c.num_nextn_predict_layers) * d(c.vocab_size) * d(h) +
+                            d(c.num_nextn_predict_layers) * 2 * d(h) * d(h);
+  if (parameters > kMaxParameters) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the config implies ", absl::StrFormat("%.4g", parameters),
+        " parameters, over the limit of ", absl::StrFormat("%.4g", kMaxParameters),
+        " (check num_hidden_layers, hidden_size, n_routed_experts, moe_intermediate_size)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Validate(const ModelConfig& c) {
   auto positive = [](int64_t v, const char* name) -> absl::Status {
     if (v <= 0) return absl::InvalidArgumentError(absl::StrCat(name, " must be > 0, got ", v));
     return absl::OkStatus();
   };
-  SPLITMOE_RETURN_IF_ERROR(positive(c.vocab_size, "vocab_size"));
-  SPLITMOE_RETURN_IF_ERROR(positive(c.hidden_size, "hidden_size"));
-  SPLITMOE_RETURN_IF_ERROR(positive(c.num_hidden_layers, "num_hidden_layers"));
-  SPLITMOE_RETURN_IF_ERROR(positive(c.num_attention_heads, "num_attention_heads"));
-  SPLITMOE_RETURN_IF_ERROR(positive(c.kv_lora_rank, "kv_lora_rank"));
-  SPLITMOE_RETURN_IF_ERROR(positive(c.qk_rope_head_dim, "qk_rope_head_dim"));
-  SPLITMOE_RETURN_IF_ERROR(positive(c.v_head_dim, "v_head_dim"));
-  SPLITMOE_RETURN_IF_ERROR(positive(c.max_position_embeddings, "max_position_embeddings"));
-  if (c.qk_nope_head_dim < 0 || c.q_lora_rank < 0 || c.n_shared_experts < 0 ||
-      c.n_routed_experts < 0 || c.first_k_dense_replace < 0 || c.num_nextn_predict_layers < 0) {
-    return absl::InvalidArgumentError("negative dimension or count");
-  }
+  SPLITMOE_RETURN_IF_ERROR(CheckBounds(c));
   if (c.qk_rope_head_dim % 2 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "qk_rope_head_dim must be even (RoPE rotates pairs), got ", c.qk_rope_head_dim));
@@ -128,11 +259,7 @@ absl::Status Validate(const ModelConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("rope_scaling.factor must be >= 1, got ", c.yarn.factor));
   }
-  if (c.bos_token_id >= c.vocab_size || c.eos_token_id >= c.vocab_size) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("bos/eos token id outside vocab_size ", c.vocab_size));
-  }
-  return absl::OkStatus();
+  return CheckDerivedBounds(c);
 }
 
 absl::StatusOr<ModelConfig> ParseJson(const json& j) {
@@ -262,12 +389,9 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
 }
 
 absl::StatusOr<ModelConfig> LoadModelConfig(absl::string_view model_dir) {
-  std::string path = absl::StrCat(model_dir, "/config.json");
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return ParseModelConfig(buffer.str(), path);
+  const std::string path = absl::StrCat(model_dir, "/config.json");
+  SPLITMOE_ASSIGN_OR_RETURN(std::string text, ReadRegularFile(path, kMaxConfigJsonBytes));
+  return ParseModelConfig(text, path);
 }
 
 std::string ModelConfigToJson(const ModelConfig& c) {

@@ -74,9 +74,19 @@ struct ModelConfig {
   double SoftmaxScale() const;
 };
 
-// Parses config.json text; `source` names the file in errors.
+// config.json is a few KiB; anything larger is not one.
+inline constexpr uint64_t kMaxConfigJsonBytes = 1 << 20;
+
+// Parses config.json text; `source` names the file in errors. Besides the math (divisibility,
+// ranges, known methods) every size-like field has an upper bound far above any published
+// DeepSeek-V2/V3/R1 config (e.g. num_hidden_layers 1024, hidden_size 65536, vocab_size 4M,
+// n_routed_experts 65536), as do the expert instances, the largest tensor and the parameter
+// count they imply together, so that a hostile config.json is refused with the field named
+// ("config.json: n_routed_experts = 4194304 exceeds the limit 65536") before anything is sized
+// by it.
 absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text, absl::string_view source);
-// Reads DIR/config.json.
+// Reads DIR/config.json (a regular file of at most kMaxConfigJsonBytes; a FIFO or directory is
+// refused, never waited on).
 absl::StatusOr<ModelConfig> LoadModelConfig(absl::string_view model_dir);
 // Serialises back to the Hugging Face field names (used by make-tiny; round-trips Parse).
 std::string ModelConfigToJson(const ModelConfig& config);

@@ -197,7 +197,25 @@ TinyModelOptions BenchModelOptions() {
 absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_dir,
                             const std::string& tokenizer_dir) {
   SPLITMOE_ASSIGN_OR_RETURN(ModelConfig c, TinyModelConfig(o));
-  if (o.shards < 1) return absl::InvalidArgumentError("shards must be >= 1");
+  if (o.shards < 1 || o.shards > kMaxTinyShards) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shards must be in [1, ", kMaxTinyShards, "], got ", o.shards));
+  }
+  // The config's own bounds (ParseModelConfig) keep the layout's tensor list small; the bytes are
+  // checked here, before anything is generated or written, since the writer holds them all.
+  std::vector<TensorSpec> specs = TensorLayout(c, /*include_mtp=*/true);
+  uint64_t total_bytes = 0;
+  for (const TensorSpec& s : specs) {
+    int64_t numel = 1;
+    for (int64_t d : s.shape) numel *= d;
+    total_bytes += static_cast<uint64_t>(numel) * 2;
+  }
+  if (total_bytes > kMaxTinyModelBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("make-tiny: the model would hold ", total_bytes,
+                     " bytes of BF16 weights, over the limit of ", kMaxTinyModelBytes,
+                     " (the writer keeps the whole checkpoint in memory): use smaller sizes"));
+  }
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec) return absl::PermissionDeniedError(absl::StrCat(out_dir, ": ", ec.message()));
@@ -206,15 +224,8 @@ absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_di
     cfg << ModelConfigToJson(c);
     if (!cfg) return absl::DataLossError(absl::StrCat(out_dir, "/config.json: write failed"));
   }
-  std::vector<TensorSpec> specs = TensorLayout(c, /*include_mtp=*/true);
   // Assign tensors to shards in order, balancing bytes roughly.
   std::vector<std::vector<TensorToWrite>> shards(static_cast<size_t>(o.shards));
-  uint64_t total_bytes = 0;
-  for (const TensorSpec& s : specs) {
-    int64_t numel = 1;
-    for (int64_t d : s.shape) numel *= d;
-    total_bytes += static_cast<uint64_t>(numel) * 2;
-  }
   uint64_t written = 0;
   std::map<std::string, std::string> weight_map;
   auto shard_name = [&](size_t i) {

@@ -51,6 +51,12 @@ struct TinyModelOptions {
   double logit_scale = 12.0;  // std of the logits, in units of the normed hidden state
 };
 
+// The writer generates every tensor in memory before writing: a model whose BF16 weights exceed
+// this is refused before anything is allocated or written. (The benchmark model is ~0.8 GB.)
+inline constexpr uint64_t kMaxTinyModelBytes = uint64_t{4} << 30;
+inline constexpr int64_t kMaxTinyShards = 1024;
+
+// The config the options describe, validated like any config.json (ParseModelConfig's bounds).
 absl::StatusOr<ModelConfig> TinyModelConfig(const TinyModelOptions& options);
 
 // Writes the checkpoint into out_dir (created if needed). tokenizer_dir, when not empty, holds
