@@ -1,9 +1,9 @@
 #include "common/engine/engine.h"
 
 #include <algorithm>
-#include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/base/file.h"
 #include "common/base/status_macros.h"
 #include "common/kernels/cpu_ops.h"
 #include "common/tokenizer/text_stream.h"
@@ -22,7 +22,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   if (options.pack_weights) {
     SPLITMOE_RETURN_IF_ERROR(PackForInference(&engine->weights_));  // and OpenBLAS one thread
   }
-  if (std::ifstream(model_dir + "/tokenizer.json")) {
+  SPLITMOE_ASSIGN_OR_RETURN(const bool has_tokenizer,
+                            RegularFileExists(model_dir + "/tokenizer.json"));
+  if (has_tokenizer) {
     SPLITMOE_ASSIGN_OR_RETURN(engine->tokenizer_, tokenizer::Tokenizer::LoadFromDir(model_dir));
     if (engine->tokenizer_->vocab_size() > engine->config_.vocab_size) {
       return absl::InvalidArgumentError(

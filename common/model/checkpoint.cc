@@ -1,11 +1,13 @@
 #include "common/model/checkpoint.h"
 
-#include <fstream>
-#include <sstream>
+#include <filesystem>
+#include <set>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/base/file.h"
 #include "common/base/status_macros.h"
 #include "common/model/numeric.h"
 #include "nlohmann/json.hpp"
@@ -15,9 +17,30 @@ namespace {
 
 using nlohmann::json;
 
-bool FileExists(const std::string& path) {
-  std::ifstream in(path);
-  return static_cast<bool>(in);
+// Parses model.safetensors.index.json's weight_map (tensor -> shard file name), refusing file
+// names that leave the directory.
+absl::StatusOr<std::vector<std::pair<std::string, std::string>>> ReadIndex(
+    const std::string& index_path) {
+  SPLITMOE_ASSIGN_OR_RETURN(std::string text, ReadRegularFile(index_path, kMaxIndexJsonBytes));
+  json index = json::parse(text, nullptr, false);
+  if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
+      !index["weight_map"].is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(index_path, ": no weight_map object"));
+  }
+  std::vector<std::pair<std::string, std::string>> entries;
+  for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path, ": tensor '", it.key(), "' maps to a non-string"));
+    }
+    std::string file = it.value().get<std::string>();
+    if (file.empty() || absl::StrContains(file, "/") || absl::StrContains(file, "..")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          index_path, ": tensor '", it.key(), "' maps to an invalid file name '", file, "'"));
+    }
+    entries.emplace_back(it.key(), std::move(file));
+  }
+  return entries;
 }
 
 bool IsFloatDType(DType d) {
@@ -32,29 +55,18 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   SPLITMOE_ASSIGN_OR_RETURN(ckpt->config_, LoadModelConfig(dir));
   const std::string index_path = dir + "/model.safetensors.index.json";
   const std::string single_path = dir + "/model.safetensors";
-  if (FileExists(index_path)) {
-    std::ifstream in(index_path);
-    std::stringstream text;
-    text << in.rdbuf();
-    json index = json::parse(text.str(), nullptr, false);
-    if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
-        !index["weight_map"].is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(index_path, ": no weight_map object"));
+  // Either is refused (not skipped) when it exists but is not a regular file.
+  SPLITMOE_ASSIGN_OR_RETURN(const bool has_index, RegularFileExists(index_path));
+  if (has_index) {
+    SPLITMOE_ASSIGN_OR_RETURN(auto entries, ReadIndex(index_path));
+    for (auto& [tensor, file] : entries) {
+      ckpt->names_.push_back(tensor);
+      ckpt->weight_map_.emplace(std::move(tensor), std::move(file));
     }
-    for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
-      if (!it.value().is_string()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(index_path, ": tensor '", it.key(), "' maps to a non-string"));
-      }
-      std::string file = it.value().get<std::string>();
-      if (file.empty() || absl::StrContains(file, "/") || absl::StrContains(file, "..")) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            index_path, ": tensor '", it.key(), "' maps to an invalid file name '", file, "'"));
-      }
-      ckpt->weight_map_.emplace(it.key(), file);
-      ckpt->names_.push_back(it.key());
-    }
-  } else if (FileExists(single_path)) {
+    return ckpt;
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(const bool has_single, RegularFileExists(single_path));
+  if (has_single) {
     SPLITMOE_ASSIGN_OR_RETURN(const SafetensorsFile* file, ckpt->OpenFile("model.safetensors"));
     for (const auto& [name, info] : file->tensors()) {
       ckpt->weight_map_.emplace(name, "model.safetensors");
@@ -65,6 +77,26 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
         absl::StrCat(dir, ": neither model.safetensors nor model.safetensors.index.json"));
   }
   return ckpt;
+}
+
+absl::StatusOr<std::vector<std::string>> WeightFileNames(const std::string& dir) {
+  const std::string index_path = dir + "/model.safetensors.index.json";
+  std::set<std::string> names;
+  SPLITMOE_ASSIGN_OR_RETURN(const bool has_index, RegularFileExists(index_path));
+  if (has_index) {
+    SPLITMOE_ASSIGN_OR_RETURN(auto entries, ReadIndex(index_path));
+    for (auto& [tensor, file] : entries) names.insert(std::move(file));
+    return std::vector<std::string>(names.begin(), names.end());
+  }
+  std::error_code ec;
+  std::filesystem::directory_iterator it(dir, ec);
+  if (ec) return absl::NotFoundError(absl::StrCat(dir, ": cannot list: ", ec.message()));
+  for (; it != std::filesystem::directory_iterator(); it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (absl::EndsWith(name, ".safetensors")) names.insert(name);
+  }
+  if (ec) return absl::InternalError(absl::StrCat(dir, ": listing failed: ", ec.message()));
+  return std::vector<std::string>(names.begin(), names.end());
 }
 
 bool Checkpoint::Has(absl::string_view name) const { return weight_map_.count(name) > 0; }

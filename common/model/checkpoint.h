@@ -27,6 +27,15 @@ namespace splitmoe::model {
 // FP8 checkpoints carry one fp32 scale per kFp8BlockSize x kFp8BlockSize block of a weight.
 inline constexpr int64_t kFp8BlockSize = 128;
 
+// model.safetensors.index.json maps each of a large checkpoint's ~100k tensor names to a shard
+// (DeepSeek-V3's is ~9 MB); anything larger is not one.
+inline constexpr uint64_t kMaxIndexJsonBytes = 256 << 20;
+
+// The safetensors files of a model directory, sorted by name: the shards the index names when
+// model.safetensors.index.json exists, else every *.safetensors file in the directory. Reads the
+// index only (never a shard).
+absl::StatusOr<std::vector<std::string>> WeightFileNames(const std::string& dir);
+
 class Checkpoint {
  public:
   static absl::StatusOr<std::unique_ptr<Checkpoint>> Open(const std::string& dir);

@@ -1,18 +1,16 @@
 #include "common/model/safetensors.h"
 
-#include <fcntl.h>
 #include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <fstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/base/file.h"
+#include "common/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace splitmoe::model {
@@ -91,23 +89,15 @@ std::string ShapeString(absl::Span<const int64_t> shape) {
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
-  }
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    ::close(fd);
-    return absl::InternalError(absl::StrCat(path, ": fstat failed"));
-  }
-  size_t size = static_cast<size_t>(st.st_size);
+  // A FIFO, directory or device is refused here (RegularFile never blocks on open), before the
+  // mmap that would fail or map something that is not a file.
+  SPLITMOE_ASSIGN_OR_RETURN(RegularFile regular, RegularFile::Open(path));
+  const size_t size = static_cast<size_t>(regular.size_bytes());
   if (size < 8) {
-    ::close(fd);
     return absl::InvalidArgumentError(
         absl::StrCat(path, ": truncated (", size, " bytes, no header)"));
   }
-  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-  ::close(fd);
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, regular.fd(), 0);
   if (map == MAP_FAILED) return absl::InternalError(absl::StrCat(path, ": mmap failed"));
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
@@ -190,6 +180,28 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
   }
   return file;
+}
+
+absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path) {
+  SPLITMOE_ASSIGN_OR_RETURN(RegularFile file, RegularFile::Open(path));
+  SafetensorsHeader header;
+  header.file_bytes = file.size_bytes();
+  if (header.file_bytes < 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": truncated (", header.file_bytes, " bytes, no header)"));
+  }
+  unsigned char len_bytes[8];
+  SPLITMOE_RETURN_IF_ERROR(file.ReadAt(0, 8, reinterpret_cast<char*>(len_bytes)));
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
+  if (header_len > kMaxHeaderBytes || header_len > header.file_bytes - 8) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": header length ", header_len,
+                                                   " exceeds the file (", header.file_bytes,
+                                                   " bytes): truncated or not a safetensors file"));
+  }
+  header.bytes.resize(static_cast<size_t>(8 + header_len));
+  SPLITMOE_RETURN_IF_ERROR(file.ReadAt(0, header.bytes.size(), header.bytes.data()));
+  return header;
 }
 
 SafetensorsFile::~SafetensorsFile() {

@@ -1,7 +1,8 @@
 // Reading and writing `.safetensors` files (the Hugging Face weight format): an 8-byte
 // little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
 //
-// SafetensorsFile memory-maps the file and validates the whole header on Open (known dtypes,
+// SafetensorsFile memory-maps the file (after checking it is a regular file: a FIFO or device
+// is refused, never waited on) and validates the whole header on Open (known dtypes,
 // offsets inside the data region, sizes matching shapes, no overlapping tensors), so a bad file
 // is refused with an error naming the file and tensor before any weight is touched. Pages are
 // only read when a tensor's data is used: opening a shard and taking one tensor reads that
@@ -62,6 +63,15 @@ class SafetensorsFile {
   size_t size_ = 0;
   std::map<std::string, TensorInfo, std::less<>> tensors_;
 };
+
+// The header of a safetensors file as stored (the 8-byte length and the JSON, exactly
+// 8 + length bytes) and the file's size: what identifies the file's contents short of reading
+// its data. Used by the model fingerprint; the header is bounded by the format's 100 MB limit.
+struct SafetensorsHeader {
+  uint64_t file_bytes = 0;
+  std::string bytes;
+};
+absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path);
 
 // One tensor to write: `data` holds exactly numel * DTypeSize(dtype) bytes.
 struct TensorToWrite {

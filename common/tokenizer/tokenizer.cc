@@ -4,15 +4,14 @@
 #include <array>
 #include <deque>
 #include <exception>
-#include <fstream>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
+#include "common/base/file.h"
 #include "common/base/status_macros.h"
 #include "common/tokenizer/internal/regex.h"
 #include "common/tokenizer/internal/utf8.h"
@@ -45,17 +44,10 @@ std::array<char32_t, 256> BytesToUnicode() {
   return table;
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", path));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat("error reading ", path));
-  return std::move(ss).str();
-}
-
-absl::StatusOr<Json> ReadJsonFile(const std::string& path) {
-  SPLITMOE_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+// A regular file of at most max_bytes (a FIFO or directory is refused, never waited on);
+// NotFound when it does not exist.
+absl::StatusOr<Json> ReadJsonFile(const std::string& path, uint64_t max_bytes) {
+  SPLITMOE_ASSIGN_OR_RETURN(std::string text, ReadRegularFile(path, max_bytes));
   try {
     return Json::parse(text);
   } catch (const std::exception& e) {
@@ -790,7 +782,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromDir(absl::string_v
 
   const std::string tokenizer_path = absl::StrCat(dir, "/tokenizer.json");
   {
-    SPLITMOE_ASSIGN_OR_RETURN(Json j, internal::ReadJsonFile(tokenizer_path));
+    SPLITMOE_ASSIGN_OR_RETURN(Json j,
+                              internal::ReadJsonFile(tokenizer_path, kMaxTokenizerJsonBytes));
     absl::Status status;
     try {
       status = tokenizer->impl_->Parse(j);
@@ -801,7 +794,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromDir(absl::string_v
   }
 
   const std::string config_path = absl::StrCat(dir, "/tokenizer_config.json");
-  auto config_or = internal::ReadJsonFile(config_path);
+  auto config_or = internal::ReadJsonFile(config_path, kMaxTokenizerConfigJsonBytes);
   if (absl::IsNotFound(config_or.status())) return tokenizer;
   SPLITMOE_RETURN_IF_ERROR(config_or.status());
   const Json& config = *config_or;

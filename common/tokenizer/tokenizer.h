@@ -49,10 +49,17 @@ namespace internal {
 class TokenizerImpl;
 }  // namespace internal
 
+// Bounds on the files LoadFromDir reads (DeepSeek-V3's tokenizer.json is ~8 MB, its
+// tokenizer_config.json a few KiB with the chat template).
+inline constexpr uint64_t kMaxTokenizerJsonBytes = 128 << 20;
+inline constexpr uint64_t kMaxTokenizerConfigJsonBytes = 16 << 20;
+
 class Tokenizer {
  public:
   // Reads DIR/tokenizer.json and, if present, DIR/tokenizer_config.json (bos_token, eos_token,
-  // add_bos_token, add_eos_token, chat_template). Errors name the offending file.
+  // add_bos_token, add_eos_token, chat_template). Errors name the offending file. Each must be
+  // a regular file within the bounds above: a FIFO, directory or device is refused, never
+  // waited on.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadFromDir(absl::string_view dir);
 
   ~Tokenizer();

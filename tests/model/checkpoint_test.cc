@@ -5,10 +5,12 @@
 #include <filesystem>
 #include <fstream>
 
+#include "absl/strings/str_cat.h"
 #include "common/model/numeric.h"
 #include "common/model/safetensors.h"
 #include "common/model/weights.h"
 #include "gtest/gtest.h"
+#include "tests/testing/special_files.h"
 #include "tests/testing/test_models.h"
 
 namespace splitmoe::model {
@@ -311,6 +313,101 @@ TEST(CheckpointTest, MissingDirectoryIsNotFound) {
   auto ckpt = Checkpoint::Open("/nonexistent/model");
   ASSERT_FALSE(ckpt.ok());
   EXPECT_EQ(ckpt.status().code(), absl::StatusCode::kNotFound);
+}
+
+// A FIFO, directory or device where a checkpoint file should be is an error naming the path,
+// returned at once: opening a FIFO for reading would otherwise wait for a writer forever.
+TEST(CheckpointTest, NonRegularFilesAreRefusedWithoutBlocking) {
+  const std::string single =
+      testing::TinyModel("special_src", [](TinyModelOptions& o) { o.mtp_layers = 0; });
+  const std::string sharded = testing::TinyModel("special_sharded_src", [](TinyModelOptions& o) {
+    o.shards = 2;
+    o.mtp_layers = 0;
+  });
+  struct Case {
+    std::string src, file;
+    bool fifo;
+  } cases[] = {
+      {single, "config.json", true},
+      {single, "config.json", false},
+      {single, "model.safetensors", true},
+      {single, "model.safetensors", false},
+      {sharded, "model.safetensors.index.json", true},
+      {sharded, "model.safetensors.index.json", false},
+      {sharded, "model-00002-of-00002.safetensors", true},
+      {sharded, "model-00001-of-00002.safetensors", false},
+  };
+  int n = 0;
+  for (const Case& c : cases) {
+    const std::string dir = testing::TempDir(absl::StrCat("special_", n++));
+    fs::copy(c.src, dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+    const std::string path = dir + "/" + c.file;
+    if (c.fifo) {
+      testing::MakeFifo(path);
+    } else {
+      testing::MakeDirectory(path);
+    }
+    absl::Status s = testing::RunWithDeadline([&] { return LoadAll(dir); }, {path});
+    ExpectErrorMentions(
+        s, {path, c.fifo ? "not a regular file (a FIFO)" : "not a regular file (a directory)"});
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  }
+  // The device case, on the file the loader maps.
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> dev = SafetensorsFile::Open("/dev/zero");
+  ASSERT_FALSE(dev.ok());
+  EXPECT_NE(dev.status().message().find("a character device"), std::string::npos) << dev.status();
+}
+
+// A config.json whose sizes are absurd is refused by Checkpoint::Open with the field named,
+// before anything is allocated for it.
+TEST(CheckpointTest, AbsurdConfigIsRefusedBeforeAllocating) {
+  const std::string src =
+      testing::TinyModel("absurd_src", [](TinyModelOptions& o) { o.mtp_layers = 0; });
+  const std::string dir = testing::TempDir("absurd");
+  fs::copy(src, dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  std::ifstream in(dir + "/config.json");
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  const std::string from = "\"n_routed_experts\": 16";
+  ASSERT_NE(text.find(from), std::string::npos) << text;
+  text.replace(text.find(from), from.size(), "\"n_routed_experts\": 4194304");
+  std::ofstream(dir + "/config.json", std::ios::trunc) << text;
+  auto ckpt = Checkpoint::Open(dir);
+  ASSERT_FALSE(ckpt.ok());
+  EXPECT_EQ(ckpt.status().code(), absl::StatusCode::kInvalidArgument);
+  ExpectErrorMentions(ckpt.status(),
+                      {dir + "/config.json", "n_routed_experts = 4194304 exceeds the limit 65536"});
+}
+
+// The tiny-model writer holds the whole checkpoint in memory: a model over its limit is refused
+// before anything is generated or written.
+TEST(CheckpointTest, TinyWriterRefusesAModelOverItsLimit) {
+  TinyModelOptions o;
+  o.hidden_size = 4096;  // 2 x 129280 x 4096 BF16 embeddings and heads alone: 2 GiB, x2 with MTP
+  const std::string dir = testing::TempDir("tiny_too_big") + "/out";
+  absl::Status s = WriteTinyModel(o, dir, "");
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  ExpectErrorMentions(s, {"make-tiny", "over the limit of 4294967296"});
+  EXPECT_FALSE(fs::exists(dir));
+}
+
+TEST(CheckpointTest, WeightFileNamesComeFromTheIndexElseTheDirectory) {
+  const std::string sharded = testing::TinyModel("names_sharded", [](TinyModelOptions& o) {
+    o.shards = 3;
+    o.mtp_layers = 0;
+  });
+  auto names = WeightFileNames(sharded);
+  ASSERT_TRUE(names.ok()) << names.status();
+  EXPECT_EQ(*names, (std::vector<std::string>{"model-00001-of-00003.safetensors",
+                                              "model-00002-of-00003.safetensors",
+                                              "model-00003-of-00003.safetensors"}));
+  const std::string dir = testing::TempDir("names_dir");
+  std::ofstream(dir + "/b.safetensors") << "x";
+  std::ofstream(dir + "/a.safetensors") << "x";
+  std::ofstream(dir + "/config.json") << "{}";
+  names = WeightFileNames(dir);
+  ASSERT_TRUE(names.ok()) << names.status();
+  EXPECT_EQ(*names, (std::vector<std::string>{"a.safetensors", "b.safetensors"}));
 }
 
 TEST(CheckpointTest, TinyModelIsDeterministic) {

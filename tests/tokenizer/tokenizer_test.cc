@@ -21,6 +21,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/special_files.h"
 #include "tests/tokenizer/tokenizer_test_util.h"
 
 namespace splitmoe::tokenizer {
@@ -541,6 +542,31 @@ TEST_F(SyntheticTest, SplitBehaviors) {
   auto tok = Load(SyntheticTokenizerJson(ByteLevelPreTokenizer(false)));
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_THAT(Enc(**tok, "a-b"), ElementsAre(262, 'b'));
+}
+
+// tokenizer.json or tokenizer_config.json as a FIFO or directory: an error naming the file at
+// once (a FIFO would otherwise block the loader until something writes to it).
+TEST_F(SyntheticTest, NonRegularFilesAreRefusedWithoutBlocking) {
+  const Json good = SyntheticTokenizerJson(ByteLevelPreTokenizer(true));
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    for (bool fifo : {true, false}) {
+      Write("tokenizer.json", good.dump());
+      std::filesystem::remove_all(dir_ / "tokenizer_config.json");
+      const std::string path = (dir_ / name).string();
+      if (fifo) {
+        ::splitmoe::testing::MakeFifo(path);
+      } else {
+        ::splitmoe::testing::MakeDirectory(path);
+      }
+      absl::Status s = ::splitmoe::testing::RunWithDeadline(
+          [&] { return Tokenizer::LoadFromDir(dir_.string()).status(); }, {path});
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+      EXPECT_THAT(s.message(), HasSubstr(path));
+      EXPECT_THAT(s.message(), HasSubstr(fifo ? "not a regular file (a FIFO)"
+                                              : "not a regular file (a directory)"));
+      std::filesystem::remove_all(path);
+    }
+  }
 }
 
 TEST_F(SyntheticTest, LoadErrorsNameTheFile) {
