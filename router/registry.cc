@@ -102,8 +102,8 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
   if (r.address().empty()) return absl::InvalidArgumentError("worker address missing");
   if (!model_fingerprint_.empty() && r.model_fingerprint() != model_fingerprint_) {
     return absl::FailedPreconditionError(
-        absl::StrCat("worker at ", r.address(), " serves another model (", r.model_fingerprint(),
-                     " != ", model_fingerprint_, ")"));
+        absl::StrCat("worker at ", r.address(),
+                     " serves another model (config, tokenizer or weights differ)"));
   }
   const int64_t n = config_.n_routed_experts;
   for (int32_t e : r.experts()) {

@@ -6,12 +6,18 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <fstream>
-#include <sstream>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/base/file.h"
+#include "common/base/mix64.h"
+#include "common/base/status_macros.h"
+#include "common/model/checkpoint.h"
+#include "common/model/config.h"
 #include "common/model/numeric.h"
+#include "common/model/safetensors.h"
+#include "common/tokenizer/tokenizer.h"
 
 namespace splitmoe::rpc {
 
@@ -88,15 +94,75 @@ v1::TokenLogprob ToProto(const engine::TokenLogprob& lp) {
   return out;
 }
 
+namespace {
+
+// Two independent 64-bit lanes (xor-then-mix and multiply-add-then-mix, different seeds) over
+// length-prefixed items, so that neither a shifted boundary nor one lane's collision goes
+// unnoticed. Not cryptographic: it tells models apart, it does not authenticate them.
+class FingerprintHasher {
+ public:
+  void AddU64(uint64_t v) {
+    a_ = Mix64(a_ ^ v) + 0x9e3779b97f4a7c15ull;
+    b_ = Mix64(b_ + v * 0xff51afd7ed558ccdull) ^ 0xc4ceb9fe1a85ec53ull;
+  }
+  void Add(absl::string_view bytes) {
+    AddU64(bytes.size());
+    size_t i = 0;
+    for (; i + 8 <= bytes.size(); i += 8) {
+      uint64_t word;
+      std::memcpy(&word, bytes.data() + i, 8);
+      AddU64(word);
+    }
+    if (i < bytes.size()) {
+      uint64_t word = 0;
+      std::memcpy(&word, bytes.data() + i, bytes.size() - i);
+      AddU64(word);
+    }
+  }
+  std::string Hex() const { return absl::StrFormat("%016x%016x", Mix64(a_), Mix64(b_ ^ a_)); }
+
+ private:
+  uint64_t a_ = 0x243f6a8885a308d3ull;
+  uint64_t b_ = 0x13198a2e03707344ull;
+};
+
+}  // namespace
+
 absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
-  const std::string path = model_dir + "/config.json";
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot read"));
-  std::stringstream bytes;
-  bytes << in.rdbuf();
-  uint64_t h = 1469598103934665603ull;  // FNV-1a 64
-  for (unsigned char c : bytes.str()) h = (h ^ c) * 1099511628211ull;
-  return absl::StrFormat("%016x", h);
+  FingerprintHasher h;
+  SPLITMOE_ASSIGN_OR_RETURN(
+      std::string config, ReadRegularFile(model_dir + "/config.json", model::kMaxConfigJsonBytes));
+  h.Add("config.json");
+  h.Add(config);
+  // Optional files: whether each is there counts, and so do its bytes. One that exists but is
+  // not a regular file (a FIFO, a directory) is an error here, before anyone opens it.
+  const std::pair<const char*, uint64_t> optional_files[] = {
+      {"tokenizer.json", tokenizer::kMaxTokenizerJsonBytes},
+      {"tokenizer_config.json", tokenizer::kMaxTokenizerConfigJsonBytes},
+      {"model.safetensors.index.json", model::kMaxIndexJsonBytes}};
+  for (const auto& [name, max_bytes] : optional_files) {
+    const std::string path = absl::StrCat(model_dir, "/", name);
+    SPLITMOE_ASSIGN_OR_RETURN(const bool present, RegularFileExists(path));
+    h.Add(name);
+    h.Add(present ? "present" : "absent");
+    if (present) {
+      SPLITMOE_ASSIGN_OR_RETURN(std::string bytes, ReadRegularFile(path, max_bytes));
+      h.Add(bytes);
+    }
+  }
+  // Weights: each safetensors file's size and header (names, dtypes, shapes, offsets, metadata),
+  // never its data.
+  SPLITMOE_ASSIGN_OR_RETURN(std::vector<std::string> weight_files,
+                            model::WeightFileNames(model_dir));
+  h.AddU64(weight_files.size());
+  for (const std::string& name : weight_files) {
+    SPLITMOE_ASSIGN_OR_RETURN(model::SafetensorsHeader header,
+                              model::ReadSafetensorsHeader(model_dir + "/" + name));
+    h.Add(name);
+    h.AddU64(header.file_bytes);
+    h.Add(header.bytes);
+  }
+  return h.Hex();
 }
 
 std::string AdvertisedAddress(const std::string& bound) {

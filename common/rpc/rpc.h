@@ -47,8 +47,13 @@ absl::StatusOr<RunningServer> StartServer(const std::string& address,
 // A token's logprob and its alternatives as the API carries them.
 v1::TokenLogprob ToProto(const engine::TokenLogprob& logprob);
 
-// A short hash (16 hex digits, FNV-1a) of the model directory's config.json bytes: workers
-// register with it and the router refuses a worker of another model.
+// A 128-bit hash (32 hex digits, two independent 64-bit lanes; not cryptographic) of what makes
+// a model directory the same model: config.json, tokenizer.json and tokenizer_config.json (and
+// whether each is there), model.safetensors.index.json, and every safetensors file's name, size
+// and header (the index's shards, else every *.safetensors in the directory, sorted by name).
+// Cheap: weight data is never read. Workers register with it and the router refuses a worker of
+// another model, also one with the same config.json but other weights. Every file must be a
+// regular file (a FIFO or directory is an error, never waited on).
 absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir);
 
 // The address a worker registers: `bound` as is, except that a wildcard host (0.0.0.0, [::])

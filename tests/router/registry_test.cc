@@ -445,5 +445,26 @@ TEST(RegistryActorTest, ARebalanceIsPublishedThenSwitchedByTheLastReadyHeartbeat
   EXPECT_EQ(watcher.seen.back().next_placement().id(), 0u);
 }
 
+// A worker of another model is refused without either fingerprint in the message: they say
+// nothing to an operator and tell a caller what the router serves.
+TEST(RegistryTest, AWorkerOfAnotherModelIsRefusedWithoutTheFingerprints) {
+  const std::string ours = "0123456789abcdef0123456789abcdef";
+  const std::string theirs = "fedcba9876543210fedcba9876543210";
+  absl::StatusOr<WorkerRegistry> r =
+      WorkerRegistry::Create(Config(), absl::Milliseconds(100), 3, ours, RoutingOptions{});
+  ASSERT_TRUE(r.ok()) << r.status();
+  v1::RegisterRequest request = Expert(0, {0, 1, 2, 3}, "a:1");
+  request.set_model_fingerprint(theirs);
+  absl::StatusOr<v1::RegisterResponse> refused = r->Register(request, kT0);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string message(refused.status().message());
+  EXPECT_NE(message.find("worker at a:1 serves another model"), std::string::npos) << message;
+  EXPECT_EQ(message.find(ours), std::string::npos) << message;
+  EXPECT_EQ(message.find(theirs), std::string::npos) << message;
+  request.set_model_fingerprint(ours);
+  EXPECT_TRUE(r->Register(request, kT0).ok());
+}
+
 }  // namespace
 }  // namespace splitmoe::router
