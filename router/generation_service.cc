@@ -1,6 +1,12 @@
 #include "router/generation_service.h"
 
+#include <google/protobuf/descriptor.h>
+#include <google/protobuf/unknown_field_set.h>
+#include <grpcpp/impl/codegen/proto_utils.h>
+
 #include <cmath>
+#include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/engine/sampler.h"
@@ -20,7 +26,97 @@ absl::Status CheckId(int32_t id, const model::ModelConfig& config, absl::string_
   return absl::OkStatus();
 }
 
+// Strictly well-formed UTF-8 (no overlongs, surrogates or code points above U+10FFFF): what
+// protobuf requires of a proto3 string.
+bool IsValidUtf8(absl::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto b0 = static_cast<unsigned char>(s[i]);
+    if (b0 < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t n;
+    unsigned char lo = 0x80, hi = 0xbf;  // the allowed range of the second byte
+    if (b0 >= 0xc2 && b0 <= 0xdf) {
+      n = 2;
+    } else if (b0 >= 0xe0 && b0 <= 0xef) {
+      n = 3;
+      if (b0 == 0xe0) lo = 0xa0;
+      if (b0 == 0xed) hi = 0x9f;
+    } else if (b0 >= 0xf0 && b0 <= 0xf4) {
+      n = 4;
+      if (b0 == 0xf0) lo = 0x90;
+      if (b0 == 0xf4) hi = 0x8f;
+    } else {
+      return false;
+    }
+    if (i + n > s.size()) return false;
+    const auto b1 = static_cast<unsigned char>(s[i + 1]);
+    if (b1 < lo || b1 > hi) return false;
+    for (size_t k = 2; k < n; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + k]);
+      if (b < 0x80 || b > 0xbf) return false;
+    }
+    i += n;
+  }
+  return true;
+}
+
+// The first string field of `fields` (the wire format of a `type` message, read without any
+// checks) that is not valid UTF-8, as a dotted path ("text", "stop.stop"); empty when none is.
+std::string FirstInvalidUtf8Field(const google::protobuf::Descriptor* type,
+                                  const google::protobuf::UnknownFieldSet& fields) {
+  using google::protobuf::FieldDescriptor;
+  for (int i = 0; i < fields.field_count(); ++i) {
+    const google::protobuf::UnknownField& f = fields.field(i);
+    if (f.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) continue;
+    const FieldDescriptor* field = type->FindFieldByNumber(f.number());
+    if (field == nullptr) continue;
+    if (field->type() == FieldDescriptor::TYPE_STRING) {
+      if (!IsValidUtf8(f.length_delimited())) return field->name();
+    } else if (field->type() == FieldDescriptor::TYPE_MESSAGE) {
+      google::protobuf::UnknownFieldSet nested;
+      if (!nested.ParseFromString(f.length_delimited())) continue;  // the real parse says so
+      std::string inner = FirstInvalidUtf8Field(field->message_type(), nested);
+      if (!inner.empty()) return absl::StrCat(field->name(), ".", inner);
+    }
+  }
+  return "";
+}
+
 }  // namespace
+
+absl::Status ParseRawRequest(const grpc::ByteBuffer& raw, google::protobuf::Message* request) {
+  const std::string& type = request->GetDescriptor()->name();
+  std::vector<grpc::Slice> slices;
+  if (!raw.Dump(&slices).ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request is not a valid ", type, ": its bytes cannot be read"));
+  }
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  // Strings first, on a parse that checks nothing: protobuf's own parser refuses invalid UTF-8
+  // without saying where (and logs a line per request, which a client could flood).
+  google::protobuf::UnknownFieldSet fields;
+  if (fields.ParseFromString(bytes)) {
+    const std::string bad = FirstInvalidUtf8Field(request->GetDescriptor(), fields);
+    if (!bad.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("request is not a valid ", type, ": field '", bad,
+                       "' is not valid UTF-8 (strings must be valid UTF-8)"));
+    }
+  }
+  if (!request->ParseFromString(bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request is not a valid ", type,
+        ": the bytes do not parse as one (malformed wire format or a field of the wrong type; "
+        "strings must be valid UTF-8)"));
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
     const v1::GenerateRequest& r, const model::ModelConfig& config,
@@ -95,37 +191,58 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
   return prompt;
 }
 
-grpc::ServerWriteReactor<v1::GenerateEvent>* GenerationService::Generate(
-    grpc::CallbackServerContext* /*ctx*/, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
+    grpc::CallbackServerContext* /*ctx*/, const grpc::ByteBuffer* raw) {
   const uint64_t serial = next_serial_.fetch_add(1);
   runtime::ActorRef<GenerationActor::Message> actor = actor_;
-  auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::Create(
+  auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw(
       [actor, serial] { actor.Send(ClientGone{serial}); });
+  v1::GenerateRequest request;
+  absl::Status parsed = ParseRawRequest(*raw, &request);
+  if (!parsed.ok()) {
+    stream->Finish(rpc::ToGrpcStatus(parsed));
+    return reactor;
+  }
   absl::StatusOr<std::vector<int32_t>> prompt =
-      ValidateGenerateRequest(*request, config_, tokenizer_);
+      ValidateGenerateRequest(request, config_, tokenizer_);
   if (!prompt.ok()) {
     stream->Finish(rpc::ToGrpcStatus(prompt.status()));
     return reactor;
   }
-  if (!actor_.Send(NewGeneration{serial, *request, std::move(*prompt), absl::Now(), stream})) {
+  if (!actor_.Send(
+          NewGeneration{serial, std::move(request), std::move(*prompt), absl::Now(), stream})) {
     stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
   }
   return reactor;
 }
 
 grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* ctx,
-                                                      const v1::TokenizeRequest* request,
-                                                      v1::TokenizeResponse* response) {
+                                                      const grpc::ByteBuffer* raw,
+                                                      grpc::ByteBuffer* raw_response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  v1::TokenizeRequest request;
+  absl::Status parsed = ParseRawRequest(*raw, &request);
+  if (!parsed.ok()) {
+    reactor->Finish(rpc::ToGrpcStatus(parsed));
+    return reactor;
+  }
   if (tokenizer_ == nullptr) {
     reactor->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                                  "the model directory has no tokenizer"));
     return reactor;
   }
   absl::StatusOr<std::vector<int32_t>> ids =
-      tokenizer_->Encode(request->text(), request->add_special_tokens());
-  if (ids.ok()) *response->mutable_ids() = {ids->begin(), ids->end()};
-  reactor->Finish(rpc::ToGrpcStatus(ids.status()));
+      tokenizer_->Encode(request.text(), request.add_special_tokens());
+  if (!ids.ok()) {
+    reactor->Finish(rpc::ToGrpcStatus(ids.status()));
+    return reactor;
+  }
+  v1::TokenizeResponse response;
+  *response.mutable_ids() = {ids->begin(), ids->end()};
+  bool own_buffer = false;
+  grpc::Status serialised = grpc::SerializationTraits<v1::TokenizeResponse>::Serialize(
+      response, raw_response, &own_buffer);
+  reactor->Finish(serialised);
   return reactor;
 }
 

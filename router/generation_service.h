@@ -2,13 +2,22 @@
 // gRPC thread (stateless work with the immutable config and tokenizer) and post the request to
 // the generation actor, which owns it from then on; Tokenize, Detokenize and ModelInfo are
 // answered from the immutable model data directly.
+//
+// Generate and Tokenize, whose requests carry text, are registered raw: the handler parses the
+// bytes itself, so that a request gRPC's own deserialisation would drop with UNIMPLEMENTED and
+// no message (proto3 refuses a string field holding invalid UTF-8) is answered INVALID_ARGUMENT
+// naming the field.
 #ifndef SPLITMOE_ROUTER_GENERATION_SERVICE_H_
 #define SPLITMOE_ROUTER_GENERATION_SERVICE_H_
+
+#include <google/protobuf/message.h>
+#include <grpcpp/grpcpp.h>
 
 #include <atomic>
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/model/config.h"
 #include "common/runtime/actor.h"
@@ -24,7 +33,16 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(const v1::GenerateR
                                                              const model::ModelConfig& config,
                                                              const tokenizer::Tokenizer* tokenizer);
 
-class GenerationService final : public v1::Generation::CallbackService {
+// Parses a request received raw; InvalidArgument "request is not a valid <Type>: ..." naming
+// the first string field that is not valid UTF-8, or saying the bytes are not the message.
+absl::Status ParseRawRequest(const grpc::ByteBuffer& raw, google::protobuf::Message* request);
+
+// The callback service with Generate and Tokenize taking raw bytes (see above).
+using GenerationServiceBase = v1::Generation::WithRawCallbackMethod_Generate<
+    v1::Generation::WithRawCallbackMethod_Tokenize<v1::Generation::WithCallbackMethod_Detokenize<
+        v1::Generation::WithCallbackMethod_ModelInfo<v1::Generation::Service>>>>;
+
+class GenerationService final : public GenerationServiceBase {
  public:
   // `tokenizer` may be null (token-id prompts only); `config_json` is returned by ModelInfo.
   GenerationService(const model::ModelConfig& config, const tokenizer::Tokenizer* tokenizer,
@@ -36,11 +54,10 @@ class GenerationService final : public v1::Generation::CallbackService {
         config_json_(std::move(config_json)),
         actor_(std::move(actor)) {}
 
-  grpc::ServerWriteReactor<v1::GenerateEvent>* Generate(
-      grpc::CallbackServerContext* ctx, const v1::GenerateRequest* request) override;
-  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
-                                     const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* ctx,
+                                                       const grpc::ByteBuffer* raw) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
+                                     grpc::ByteBuffer* raw_response) override;
   grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* ctx,
                                        const v1::DetokenizeRequest* request,
                                        v1::DetokenizeResponse* response) override;

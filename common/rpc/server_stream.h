@@ -12,16 +12,23 @@
 //   actor.Send(NewRequest{..., stream});
 //   return reactor;
 //   ... stream->Write(event); stream->Finish(grpc::Status::OK);
+//
+// A method the service registers raw (the generated WithRawCallbackMethod_* mixin, so that the
+// handler parses the request itself and can answer a malformed one with a reason) gets its
+// reactor from CreateRaw: the reactor speaks grpc::ByteBuffer and each T is serialised as it is
+// written; the handle is the same ServerStream<T>, so whoever writes cannot tell.
 #ifndef SPLITMOE_COMMON_RPC_SERVER_STREAM_H_
 #define SPLITMOE_COMMON_RPC_SERVER_STREAM_H_
 
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/codegen/proto_utils.h>
 
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 namespace splitmoe::rpc {
@@ -34,11 +41,12 @@ class ServerStream : public std::enable_shared_from_this<ServerStream<T>> {
   // The reactor to return from the service method, and the handle to write with.
   static std::pair<grpc::ServerWriteReactor<T>*, std::shared_ptr<ServerStream>> Create(
       CancelFn on_cancel) {
-    auto stream = std::shared_ptr<ServerStream>(new ServerStream(std::move(on_cancel)));
-    auto* reactor = new Reactor(stream);
-    stream->reactor_ = reactor;
-    reactor->StartSendInitialMetadata();  // the client sees the stream open before any event
-    return {reactor, stream};
+    return CreateWith<T>(std::move(on_cancel));
+  }
+  // The same for a method registered raw: the reactor writes serialised T.
+  static std::pair<grpc::ServerWriteReactor<grpc::ByteBuffer>*, std::shared_ptr<ServerStream>>
+  CreateRaw(CancelFn on_cancel) {
+    return CreateWith<grpc::ByteBuffer>(std::move(on_cancel));
   }
 
   // A reader this far behind is not reading: the call is ended (RESOURCE_EXHAUSTED) rather than
@@ -78,9 +86,33 @@ class ServerStream : public std::enable_shared_from_this<ServerStream<T>> {
   }
 
  private:
-  class Reactor : public grpc::ServerWriteReactor<T> {
+  // What the stream drives: the reactor, whichever type it speaks on the wire.
+  class Sink {
+   public:
+    virtual ~Sink() = default;
+    // Starts writing `message` (valid until OnWriteDone); false when it cannot be serialised.
+    virtual bool StartWriteMessage(const T* message) = 0;
+    virtual void FinishCall(grpc::Status status) = 0;
+  };
+
+  template <typename Wire>
+  class Reactor : public grpc::ServerWriteReactor<Wire>, public Sink {
    public:
     explicit Reactor(std::shared_ptr<ServerStream> stream) : stream_(std::move(stream)) {}
+    bool StartWriteMessage(const T* message) override {
+      if constexpr (std::is_same_v<Wire, T>) {
+        this->StartWrite(message);
+      } else {
+        bool own_buffer = false;
+        wire_.Clear();
+        if (!grpc::SerializationTraits<T>::Serialize(*message, &wire_, &own_buffer).ok()) {
+          return false;
+        }
+        this->StartWrite(&wire_);
+      }
+      return true;
+    }
+    void FinishCall(grpc::Status status) override { this->Finish(std::move(status)); }
     void OnWriteDone(bool ok) override {
       std::lock_guard<std::mutex> lock(stream_->mu_);
       stream_->writing_ = false;
@@ -101,7 +133,7 @@ class ServerStream : public std::enable_shared_from_this<ServerStream<T>> {
         // A cancelled call still needs its Finish: gRPC calls OnDone only after it.
         if (!stream_->finish_issued_ && !stream_->writing_) {
           stream_->finish_issued_ = true;
-          this->Finish(grpc::Status::CANCELLED);
+          this->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
         }
       }
       if (cancel) cancel();
@@ -116,7 +148,18 @@ class ServerStream : public std::enable_shared_from_this<ServerStream<T>> {
 
    private:
     std::shared_ptr<ServerStream> stream_;
+    grpc::ByteBuffer wire_;  // the message being written, when Wire is ByteBuffer
   };
+
+  template <typename Wire>
+  static std::pair<grpc::ServerWriteReactor<Wire>*, std::shared_ptr<ServerStream>> CreateWith(
+      CancelFn on_cancel) {
+    auto stream = std::shared_ptr<ServerStream>(new ServerStream(std::move(on_cancel)));
+    auto* reactor = new Reactor<Wire>(stream);
+    stream->reactor_ = reactor;
+    reactor->StartSendInitialMetadata();  // the client sees the stream open before any event
+    return {reactor, stream};
+  }
 
   explicit ServerStream(CancelFn on_cancel) : on_cancel_(std::move(on_cancel)) {}
 
@@ -124,25 +167,33 @@ class ServerStream : public std::enable_shared_from_this<ServerStream<T>> {
     if (reactor_ == nullptr || writing_ || finish_issued_) return;
     if (broken_) {
       finish_issued_ = true;
-      reactor_->Finish(finishing_ ? finish_status_ : grpc::Status::CANCELLED);
+      reactor_->FinishCall(finishing_ ? finish_status_
+                                      : grpc::Status(grpc::StatusCode::CANCELLED,
+                                                     "the stream broke (the client went away)"));
       return;
     }
     if (!queue_.empty()) {
       current_ = std::move(queue_.front());
       queue_.pop_front();
+      if (!reactor_->StartWriteMessage(&current_)) {
+        broken_ = finishing_ = finish_issued_ = true;
+        queue_.clear();
+        reactor_->FinishCall(
+            grpc::Status(grpc::StatusCode::INTERNAL, "cannot serialise a stream message"));
+        return;
+      }
       writing_ = true;
-      reactor_->StartWrite(&current_);
       return;
     }
     if (finishing_) {
       finish_issued_ = true;
-      reactor_->Finish(finish_status_);
+      reactor_->FinishCall(finish_status_);
     }
   }
 
   mutable std::mutex mu_;
   CancelFn on_cancel_;
-  Reactor* reactor_ = nullptr;  // null once gRPC is done with the call
+  Sink* reactor_ = nullptr;  // null once gRPC is done with the call
   std::deque<T> queue_;
   T current_;
   bool writing_ = false;
