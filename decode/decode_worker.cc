@@ -5,6 +5,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/rpc/security.h"
 #include "common/rpc/rpc.h"
 #include "decode/paged_sequence_cache.h"
 
@@ -436,6 +437,7 @@ void DecodeActor::PublishLoad() {
 grpc::ServerUnaryReactor* DecodeService::Reserve(grpc::CallbackServerContext* ctx,
                                                  const v1::ReserveRequest* request,
                                                  v1::ReserveResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   actor_.Send(ReserveBlocks{*request, [reactor, response](absl::StatusOr<v1::ReserveResponse> r) {
                               if (r.ok()) *response = std::move(*r);
@@ -447,6 +449,7 @@ grpc::ServerUnaryReactor* DecodeService::Reserve(grpc::CallbackServerContext* ct
 grpc::ServerUnaryReactor* DecodeService::Release(grpc::CallbackServerContext* ctx,
                                                  const v1::ReleaseRequest* request,
                                                  v1::ReleaseResponse* /*response*/) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   actor_.Send(ReleaseReservation{
       *request, [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
@@ -456,6 +459,7 @@ grpc::ServerUnaryReactor* DecodeService::Release(grpc::CallbackServerContext* ct
 grpc::ServerUnaryReactor* DecodeService::Start(grpc::CallbackServerContext* ctx,
                                                const v1::StartRequest* request,
                                                v1::StartResponse* /*response*/) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   actor_.Send(StartSequence{*request,
                             [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
@@ -465,6 +469,7 @@ grpc::ServerUnaryReactor* DecodeService::Start(grpc::CallbackServerContext* ctx,
 grpc::ServerUnaryReactor* DecodeService::Cancel(grpc::CallbackServerContext* ctx,
                                                 const v1::CancelRequest* request,
                                                 v1::CancelResponse* /*response*/) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   actor_.Send(CancelSequence{request->request_id(),
                              [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
@@ -474,6 +479,7 @@ grpc::ServerUnaryReactor* DecodeService::Cancel(grpc::CallbackServerContext* ctx
 grpc::ServerUnaryReactor* DecodeService::WritersGone(grpc::CallbackServerContext* ctx,
                                                      const v1::WritersGoneRequest* request,
                                                      v1::WritersGoneResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   actor_.Send(decode::WritersGone{
       *request, [reactor, response](absl::StatusOr<v1::WritersGoneResponse> r) {
@@ -484,7 +490,10 @@ grpc::ServerUnaryReactor* DecodeService::WritersGone(grpc::CallbackServerContext
 }
 
 grpc::ServerWriteReactor<v1::TokenEvent>* DecodeService::StreamTokens(
-    grpc::CallbackServerContext* /*ctx*/, const v1::StreamTokensRequest* /*request*/) {
+    grpc::CallbackServerContext* ctx, const v1::StreamTokensRequest* /*request*/) {
+  if (grpc::Status s = rpc::CheckInternalCaller(ctx); !s.ok()) {
+    return rpc::RefusedWriter<v1::TokenEvent>(std::move(s));
+  }
   auto [reactor, stream] = rpc::ServerStream<v1::TokenEvent>::Create(nullptr);
   auto write = [stream = stream](const v1::TokenEvent& e) { return stream->Write(e); };
   if (!actor_.Send(AddTokenSink{write})) {

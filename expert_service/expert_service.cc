@@ -1,6 +1,7 @@
 #include "expert_service/expert_service.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/rpc/security.h"
 #include "common/rpc/bidi_stream.h"
 #include "common/expert_plane/ucx_expert.h"
 #include "common/rpc/rpc.h"
@@ -73,7 +74,10 @@ void ExpertIngress::Submit(v1::ExpertBatch batch, std::function<void(v1::ExpertR
 }
 
 grpc::ServerBidiReactor<v1::ExpertBatch, v1::ExpertResult>* ExpertComputeService::Compute(
-    grpc::CallbackServerContext* /*context*/) {
+    grpc::CallbackServerContext* context) {
+  if (grpc::Status s = rpc::CheckInternalCaller(context); !s.ok()) {
+    return rpc::RefusedBidi<v1::ExpertBatch, v1::ExpertResult>(std::move(s));
+  }
   using Stream = rpc::BidiStream<v1::ExpertBatch, v1::ExpertResult>;
   return new Stream([this](v1::ExpertBatch batch, Stream::Reply reply) {
     ingress_->Submit(std::move(batch), [reply](v1::ExpertResult r) { reply(std::move(r)); });

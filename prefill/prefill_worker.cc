@@ -6,6 +6,7 @@
 #include "common/base/status_macros.h"
 #include "common/engine/batch_decoder.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 #include "prefill/latent_shipper.h"
 
 namespace splitmoe::prefill {
@@ -249,8 +250,7 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Conclude(Job& job, uint64_t* b
 v1::Decode::Stub* PrefillActor::DecodeStub(const std::string& address) {
   auto& stub = decode_stubs_[address];
   if (stub == nullptr) {
-    stub = v1::Decode::NewStub(grpc::CreateCustomChannel(
-        address, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+    stub = v1::Decode::NewStub(rpc::InternalChannel(address));
   }
   return stub.get();
 }
@@ -286,6 +286,7 @@ void PrefillActor::PublishLoad() {
 grpc::ServerUnaryReactor* PrefillService::RunPrefill(grpc::CallbackServerContext* ctx,
                                                      const v1::PrefillRequest* request,
                                                      v1::PrefillResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   in_flight_.fetch_add(1);
   // The context stays valid until Finish, which the reply calls after the handler is done.

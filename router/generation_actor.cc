@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 
 namespace splitmoe::router {
 namespace {
@@ -199,8 +200,7 @@ void GenerationActor::Handle(UseServingWorkers m, Ctx& ctx) {
     if (workers_.count(id)) continue;
     Worker w;
     w.info = info;
-    w.channel = grpc::CreateCustomChannel(info.address, grpc::InsecureChannelCredentials(),
-                                          rpc::ClientChannelArguments());
+    w.channel = rpc::InternalChannel(info.address);
     if (info.role == v1::WORKER_ROLE_PREFILL) w.prefill = v1::Prefill::NewStub(w.channel);
     if (info.role == v1::WORKER_ROLE_DECODE) w.decode = v1::Decode::NewStub(w.channel);
     Worker& added = workers_.emplace(id, std::move(w)).first->second;

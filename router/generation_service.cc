@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/engine/sampler.h"
+#include "common/rpc/security.h"
 #include "common/rpc/rpc.h"
 
 namespace splitmoe::router {
@@ -192,11 +193,15 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
-    grpc::CallbackServerContext* /*ctx*/, const grpc::ByteBuffer* raw) {
+    grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw) {
   const uint64_t serial = next_serial_.fetch_add(1);
   runtime::ActorRef<GenerationActor::Message> actor = actor_;
   auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw(
       [actor, serial] { actor.Send(ClientGone{serial}); });
+  if (grpc::Status key = rpc::CheckApiKey(ctx); !key.ok()) {
+    stream->Finish(std::move(key));
+    return reactor;
+  }
   v1::GenerateRequest request;
   absl::Status parsed = ParseRawRequest(*raw, &request);
   if (!parsed.ok()) {
@@ -219,6 +224,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
 grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* ctx,
                                                       const grpc::ByteBuffer* raw,
                                                       grpc::ByteBuffer* raw_response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefusePublic(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   v1::TokenizeRequest request;
   absl::Status parsed = ParseRawRequest(*raw, &request);
@@ -249,6 +255,7 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* GenerationService::Detokenize(grpc::CallbackServerContext* ctx,
                                                         const v1::DetokenizeRequest* request,
                                                         v1::DetokenizeResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefusePublic(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   if (tokenizer_ == nullptr) {
     reactor->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
@@ -284,6 +291,7 @@ grpc::ServerUnaryReactor* GenerationService::ModelInfo(grpc::CallbackServerConte
   response->set_bos_token_id(static_cast<int32_t>(c.bos_token_id));
   response->set_eos_token_id(static_cast<int32_t>(c.eos_token_id));
   response->set_config_json(config_json_);
+  if (grpc::ServerUnaryReactor* refused = rpc::RefusePublic(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;

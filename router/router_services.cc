@@ -1,5 +1,6 @@
 #include "router/router_services.h"
 
+#include "common/rpc/security.h"
 #include "common/rpc/server_stream.h"
 #include "common/rpc/rpc.h"
 
@@ -11,6 +12,7 @@ namespace splitmoe::router {
 grpc::ServerUnaryReactor* RegistryService::Register(grpc::CallbackServerContext* ctx,
                                                     const v1::RegisterRequest* request,
                                                     v1::RegisterResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   registry_.Send(
       RegisterWorker{*request, [reactor, response](absl::StatusOr<v1::RegisterResponse> r) {
@@ -23,6 +25,7 @@ grpc::ServerUnaryReactor* RegistryService::Register(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* RegistryService::Heartbeat(grpc::CallbackServerContext* ctx,
                                                      const v1::HeartbeatRequest* request,
                                                      v1::HeartbeatResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   registry_.Send(
       WorkerHeartbeat{*request, [reactor, response](absl::StatusOr<v1::HeartbeatResponse> r) {
@@ -35,6 +38,7 @@ grpc::ServerUnaryReactor* RegistryService::Heartbeat(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* RegistryService::Deregister(grpc::CallbackServerContext* ctx,
                                                       const v1::DeregisterRequest* request,
                                                       v1::DeregisterResponse* /*response*/) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   registry_.Send(DeregisterWorker{
       request->worker_id(), [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
@@ -44,6 +48,7 @@ grpc::ServerUnaryReactor* RegistryService::Deregister(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* RegistryService::ClusterStatus(
     grpc::CallbackServerContext* ctx, const v1::ClusterStatusRequest* /*request*/,
     v1::ClusterStatusResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   registry_.Send(GetClusterStatus{[reactor, response](absl::StatusOr<v1::ClusterStatusResponse> r) {
     if (r.ok()) *response = std::move(*r);
@@ -55,6 +60,7 @@ grpc::ServerUnaryReactor* RegistryService::ClusterStatus(
 grpc::ServerUnaryReactor* RegistryService::Rebalance(grpc::CallbackServerContext* ctx,
                                                      const v1::RebalanceRequest* request,
                                                      v1::RebalanceResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   registry_.Send(
       RebalanceExperts{*request, [reactor, response](absl::StatusOr<v1::RebalanceResponse> r) {
@@ -65,7 +71,10 @@ grpc::ServerUnaryReactor* RegistryService::Rebalance(grpc::CallbackServerContext
 }
 
 grpc::ServerWriteReactor<v1::RoutingTable>* RegistryService::WatchRoutingTable(
-    grpc::CallbackServerContext* /*ctx*/, const v1::WatchRoutingTableRequest* /*request*/) {
+    grpc::CallbackServerContext* ctx, const v1::WatchRoutingTableRequest* /*request*/) {
+  if (grpc::Status s = rpc::CheckInternalCaller(ctx); !s.ok()) {
+    return rpc::RefusedWriter<v1::RoutingTable>(std::move(s));
+  }
   auto [reactor, stream] = rpc::ServerStream<v1::RoutingTable>::Create(nullptr);
   auto write = [stream = stream](const v1::RoutingTable& t) { return stream->Write(t); };
   if (!registry_.Send(AddTableWatcher{write})) {
@@ -75,7 +84,10 @@ grpc::ServerWriteReactor<v1::RoutingTable>* RegistryService::WatchRoutingTable(
 }
 
 grpc::ServerWriteReactor<v1::AttachEvent>* RegistryService::Attach(
-    grpc::CallbackServerContext* /*ctx*/, const v1::AttachRequest* request) {
+    grpc::CallbackServerContext* ctx, const v1::AttachRequest* request) {
+  if (grpc::Status s = rpc::CheckInternalCaller(ctx); !s.ok()) {
+    return rpc::RefusedWriter<v1::AttachEvent>(std::move(s));
+  }
   const std::string id = request->worker_id();
   // The stream stays open, silent, for as long as the worker lives; its end is the news.
   auto [reactor, stream] = rpc::ServerStream<v1::AttachEvent>::Create(
@@ -84,6 +96,18 @@ grpc::ServerWriteReactor<v1::AttachEvent>* RegistryService::Attach(
   if (!registry_.Send(AttachWorker{id, finish})) {
     stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
   }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ClusterInfoService::ClusterStatus(
+    grpc::CallbackServerContext* ctx, const v1::ClusterStatusRequest* /*request*/,
+    v1::ClusterStatusResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefusePublic(ctx)) return refused;
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  registry_.Send(GetClusterStatus{[reactor, response](absl::StatusOr<v1::ClusterStatusResponse> r) {
+    if (r.ok()) *response = std::move(*r);
+    reactor->Finish(rpc::ToGrpcStatus(r.status()));
+  }});
   return reactor;
 }
 

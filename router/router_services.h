@@ -41,6 +41,19 @@ class RegistryService final : public v1::Registry::CallbackService {
 };
 
 
+// The public ClusterInfo service: ClusterStatus answered by the registry actor.
+class ClusterInfoService final : public v1::ClusterInfo::CallbackService {
+ public:
+  explicit ClusterInfoService(runtime::ActorRef<RegistryActor::Message> registry)
+      : registry_(std::move(registry)) {}
+  grpc::ServerUnaryReactor* ClusterStatus(grpc::CallbackServerContext* ctx,
+                                          const v1::ClusterStatusRequest* request,
+                                          v1::ClusterStatusResponse* response) override;
+
+ private:
+  runtime::ActorRef<RegistryActor::Message> registry_;
+};
+
 }  // namespace splitmoe::router
 
 #endif  // SPLITMOE_ROUTER_ROUTER_SERVICES_H_

@@ -14,6 +14,7 @@
 #include "common/model/checkpoint.h"
 #include "common/process/signals.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 #include "common/runtime/actor.h"
 #include "router/generation_actor.h"
 #include "router/generation_service.h"
@@ -77,17 +78,38 @@ absl::Status RunRouter(const RouterOptions& options) {
   registry.ScheduleAfter(options.heartbeat_interval, SweepWorkers{});
 
   RegistryService registry_service(registry.ref());
+  ClusterInfoService info_service(registry.ref());
   GenerationService generation_service(config, tokenizer.get(), model_name, config_json,
                                        generation.ref());
-  SPLITMOE_ASSIGN_OR_RETURN(
-      rpc::RunningServer server,
-      rpc::StartServer(options.listen,
-                       {&registry_service, &generation_service}));
+  SPLITMOE_RETURN_IF_ERROR(rpc::ConfigureApiKeys(options.api_keys_file));
+  rpc::RunningServer server, internal;
+  if (options.internal_listen.empty()) {
+    if (rpc::InternalSecurityMode() != "open" || !options.api_keys_file.empty()) {
+      return absl::InvalidArgumentError(
+          "router: TLS, a cluster token or API keys need --internal-listen (the internal "
+          "services are never served on the public port of a closed cluster)");
+    }
+    SPLITMOE_ASSIGN_OR_RETURN(
+        server, rpc::StartServer(options.listen,
+                                 {&registry_service, &info_service, &generation_service},
+                                 options.public_max_message_bytes));
+  } else {
+    SPLITMOE_ASSIGN_OR_RETURN(
+        server, rpc::StartServer(options.listen, {&info_service, &generation_service},
+                                 options.public_max_message_bytes,
+                                 grpc::InsecureServerCredentials()));
+    SPLITMOE_ASSIGN_OR_RETURN(internal,
+                              rpc::StartServer(options.internal_listen, {&registry_service}));
+  }
   std::cout << "listening " << server.address << std::endl;
+  std::cout << "internal " << (internal.server ? internal.address : server.address) << std::endl;
 
   const int signal = process::WaitForTerminationSignal();
   std::cerr << "router: signal " << signal << ", stopping\n";
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (internal.server) {
+    internal.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  }
   generation.Stop();  // fails the requests still open
   registry.Stop();
   return absl::OkStatus();

@@ -1,7 +1,10 @@
 // `splitmoe router`: the router process, the cluster's front door and control plane. Serves the
-// public Generation API and the internal Registry service (membership, status, the routing-table
-// watch streams) on one gRPC port, with health and reflection; prints "listening HOST:PORT" once
-// serving and runs until SIGINT/SIGTERM. It is not on the MoE data path.
+// public Generation API and ClusterInfo (with health and reflection) on `listen`, and the internal
+// Registry service (membership, status, the routing-table watch streams) on `internal_listen`
+// with the internal plane's credentials (common/rpc/security.h); prints "listening HOST:PORT"
+// (the public address) and then "internal HOST:PORT" once serving, and runs until
+// SIGINT/SIGTERM. Without `internal_listen` (an open development cluster only) both are served
+// on `listen`. It is not on the MoE data path.
 #ifndef SPLITMOE_ROUTER_RUN_ROUTER_H_
 #define SPLITMOE_ROUTER_RUN_ROUTER_H_
 
@@ -15,6 +18,9 @@ namespace splitmoe::router {
 struct RouterOptions {
   std::string model_dir;
   std::string listen = "127.0.0.1:0";
+  std::string internal_listen;  // empty: the internal services on `listen` (open clusters only)
+  std::string api_keys_file;    // the public door's API keys (empty: none asked)
+  int public_max_message_bytes = 4 << 20;
   absl::Duration heartbeat_interval = absl::Milliseconds(300);
   int missed_heartbeats_allowed = 3;
   // Device-limited routing: each token's experts on at most this many expert shards (0: off;

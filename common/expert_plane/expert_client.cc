@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 
 namespace splitmoe::expert_plane {
 
@@ -12,8 +13,7 @@ absl::StatusOr<std::unique_ptr<ExpertClient>> ExpertClient::Connect(
   std::unique_ptr<ExpertClient> c(new ExpertClient());
   c->address_ = address;
   c->on_break_ = std::move(on_break);
-  c->channel_ = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(),
-                                          rpc::ClientChannelArguments());
+  c->channel_ = rpc::InternalChannel(address);
   if (!c->channel_->WaitForConnected(std::chrono::system_clock::now() +
                                      absl::ToChronoMilliseconds(connect_timeout))) {
     return absl::UnavailableError(absl::StrCat("expert replica ", address, " unreachable"));

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 
 namespace splitmoe::expert_plane {
 
@@ -11,8 +12,7 @@ std::unique_ptr<RoutingTableWatcher> RoutingTableWatcher::Start(const std::strin
   std::unique_ptr<RoutingTableWatcher> w(new RoutingTableWatcher());
   w->router_address_ = router_address;
   w->worker_id_ = std::move(worker_id);
-  w->stub_ = v1::Registry::NewStub(grpc::CreateCustomChannel(
-      router_address, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+  w->stub_ = v1::Registry::NewStub(rpc::InternalChannel(router_address));
   w->thread_ = std::thread([raw = w.get()] { raw->Loop(); });
   return w;
 }

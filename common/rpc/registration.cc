@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 
 namespace splitmoe::rpc {
 
@@ -50,8 +51,7 @@ absl::StatusOr<std::unique_ptr<Registration>> Registration::Start(const std::str
   std::unique_ptr<Registration> r(new Registration());
   r->request_ = std::move(request);
   r->load_ = std::move(load);
-  r->stub_ = v1::Registry::NewStub(grpc::CreateCustomChannel(
-      router_address, grpc::InsecureChannelCredentials(), ClientChannelArguments()));
+  r->stub_ = v1::Registry::NewStub(InternalChannel(router_address));
   const absl::Time deadline = absl::Now() + timeout;
   absl::Status status;
   while (!(status = r->RegisterOnce()).ok()) {

@@ -16,6 +16,7 @@
 #include "common/model/checkpoint.h"
 #include "common/model/config.h"
 #include "common/model/numeric.h"
+#include "common/rpc/security.h"
 #include "common/model/safetensors.h"
 #include "common/tokenizer/tokenizer.h"
 
@@ -63,12 +64,16 @@ absl::Status DecodeTensor(const std::string& bytes, v1::WireDtype dtype, int64_t
 
 absl::StatusOr<RunningServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
-                                          int max_message_bytes) {
+                                          int max_message_bytes,
+                                          std::shared_ptr<grpc::ServerCredentials> credentials) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(address,
+                           credentials != nullptr ? credentials : InternalServerCredentials(),
+                           &port);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   for (grpc::Service* s : services) builder.RegisterService(s);

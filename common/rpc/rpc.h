@@ -40,9 +40,12 @@ struct RunningServer {
 // Binds `address` ("host:port", port 0 picks a free one) with every service in `services`, the
 // grpc.health.v1 service (all services SERVING) and server reflection. Messages up to
 // `max_message_bytes` are accepted (gRPC's default of 4 MiB is too small for MoE batches).
-absl::StatusOr<RunningServer> StartServer(const std::string& address,
-                                          const std::vector<grpc::Service*>& services,
-                                          int max_message_bytes = 256 << 20);
+// `credentials` null: the internal plane's (security.h InternalServerCredentials). A port
+// another process holds is refused (no SO_REUSEPORT: two routers never split one port).
+absl::StatusOr<RunningServer> StartServer(
+    const std::string& address, const std::vector<grpc::Service*>& services,
+    int max_message_bytes = 256 << 20,
+    std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
 
 // A token's logprob and its alternatives as the API carries them.
 v1::TokenLogprob ToProto(const engine::TokenLogprob& logprob);

@@ -20,6 +20,7 @@
 #include "common/engine/batch_decoder.h"
 #include "common/engine/engine.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 #include "nlohmann/json.hpp"
 #include "splitmoe/v1/generation.grpc.pb.h"
 #include "tools/cli/flags.h"
@@ -82,10 +83,10 @@ absl::StatusOr<int64_t> RemoteVocab(v1::Generation::Stub& stub) {
   return info.vocab_size();
 }
 
-absl::StatusOr<std::vector<Sample>> RunEndpoint(const std::string& endpoint, const Workload& w,
+absl::StatusOr<std::vector<Sample>> RunEndpoint(const std::string& endpoint,
+                                                const std::string& api_key, const Workload& w,
                                                 double* wall_s) {
-  auto stub = v1::Generation::NewStub(grpc::CreateCustomChannel(
-      endpoint, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+  auto stub = v1::Generation::NewStub(rpc::PublicChannel(endpoint, api_key));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t vocab, RemoteVocab(*stub));
   std::vector<Sample> samples(static_cast<size_t>(w.requests));
   std::atomic<int64_t> next{0};
@@ -208,7 +209,7 @@ absl::Status BenchCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
                                    {"model", "endpoint", "concurrency", "requests",
-                                    "prompt-tokens", "max-tokens", "json", "seed"},
+                                    "prompt-tokens", "max-tokens", "json", "seed", "api-key"},
                                    {}));
   if (f.Has("model") == f.Has("endpoint")) {
     return absl::InvalidArgumentError("bench needs exactly one of --model DIR and --endpoint HOST:PORT");
@@ -229,7 +230,7 @@ absl::Status BenchCommand(int argc, char** argv) {
   double wall_s = 0;
   absl::StatusOr<std::vector<Sample>> samples =
       f.Has("model") ? RunModel(f.Get("model"), w, &wall_s)
-                     : RunEndpoint(f.Get("endpoint"), w, &wall_s);
+                     : RunEndpoint(f.Get("endpoint"), rpc::ClientApiKey(f.Get("api-key")), w, &wall_s);
   if (!samples.ok()) return samples.status();
   std::vector<double> ttft, tpot, e2e;
   int64_t tokens = 0, errors = 0;

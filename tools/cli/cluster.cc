@@ -16,6 +16,7 @@
 #include "common/process/subprocess.h"
 #include "common/expert_plane/direct_moe.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 #include "decode/run_decode.h"
 #include "nlohmann/json.hpp"
 #include "prefill/run_prefill.h"
@@ -73,9 +74,10 @@ json LogprobJson(const v1::TokenLogprob& lp, bool with_top) {
   return {{"token", lp.token()}, {"logprob", lp.logprob()}, {"top_logprobs", top}};
 }
 
-std::unique_ptr<v1::Generation::Stub> GenerationStub(const std::string& endpoint) {
-  return v1::Generation::NewStub(grpc::CreateCustomChannel(
-      endpoint, grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+// The public door, with the API key of --api-key or $SPLITMOE_API_KEY when there is one.
+std::unique_ptr<v1::Generation::Stub> GenerationStub(const Flags& f) {
+  return v1::Generation::NewStub(
+      rpc::PublicChannel(f.Get("endpoint"), rpc::ClientApiKey(f.Get("api-key"))));
 }
 
 // The prompt's ids: --prompt-tokens, or --prompt tokenised by the cluster (BOS as configured).
@@ -171,6 +173,7 @@ class LauncherService final : public v1::Launcher::CallbackService {
   };
   grpc::ServerUnaryReactor* Scale(grpc::CallbackServerContext* ctx, const v1::ScaleRequest* request,
                                   v1::ScaleResponse* response) override {
+    if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     std::lock_guard<std::mutex> lock(mu_);
     if (closed_) {
@@ -205,9 +208,49 @@ absl::Status UpCommand(int argc, char** argv) {
       {"model", "prefill", "decode", "experts", "expert-replicas", "port", "host", "cache-blocks",
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
-       "expert-deadline-ms", "micro-batches", "busy-poll-us"},
-      {}));
+       "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys"},
+      {"tls"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
+  // A closed internal plane: mutual TLS with a throwaway CA and a certificate per role
+  // (--tls), or the cluster token every child is given (--cluster-token-file, taken by main).
+  // Either way, and with --api-keys, the router serves its internal services on their own port.
+  const rpc::SecurityOptions given = rpc::ConfiguredSecurity();
+  if (!given.tls_cert.empty()) {
+    return absl::InvalidArgumentError(
+        "up makes its own certificates: use --tls (--tls-cert/--tls-key/--tls-ca are for "
+        "processes started by hand)");
+  }
+  std::string tls_dir;
+  if (f.Has("tls")) {
+    if (!given.cluster_token_file.empty()) {
+      return absl::InvalidArgumentError("--tls and --cluster-token-file: give one or the other");
+    }
+    char tmpl[] = "/tmp/splitmoe-tls-XXXXXX";
+    if (::mkdtemp(tmpl) == nullptr) return absl::InternalError("cannot make a certificate folder");
+    tls_dir = tmpl;
+    SPLITMOE_RETURN_IF_ERROR(rpc::MakeLocalCertificates(
+        tls_dir, {"router", "prefill", "decode", "expert", "admin"}));
+    SPLITMOE_RETURN_IF_ERROR(rpc::ConfigureInternalSecurity({.tls_cert = tls_dir + "/admin.crt",
+                                                             .tls_key = tls_dir + "/admin.key",
+                                                             .tls_ca = tls_dir + "/ca.crt",
+                                                             .role = "admin"}));
+    std::cout << "certificates " << tls_dir << " (admin.crt/admin.key for scale and rebalance)"
+              << std::endl;
+  }
+  const bool closed = !tls_dir.empty() || !given.cluster_token_file.empty() || f.Has("api-keys");
+  // The internal plane's flags for a child of `role`.
+  auto security = [&](std::vector<std::string>& argv, const std::string& role) {
+    if (!tls_dir.empty()) {
+      for (const std::string& a : {std::string("--tls-cert"), tls_dir + "/" + role + ".crt",
+                                   std::string("--tls-key"), tls_dir + "/" + role + ".key",
+                                   std::string("--tls-ca"), tls_dir + "/ca.crt"}) {
+        argv.push_back(a);
+      }
+    } else if (!given.cluster_token_file.empty()) {
+      argv.push_back("--cluster-token-file");
+      argv.push_back(given.cluster_token_file);
+    }
+  };
   const std::string model = f.Get("model");
   SPLITMOE_ASSIGN_OR_RETURN(int64_t n_prefill, f.GetInt("prefill", 1));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t n_decode, f.GetInt("decode", 1));
@@ -285,12 +328,24 @@ absl::Status UpCommand(int argc, char** argv) {
   std::vector<std::string> router_args = {"router", "--model", model, "--listen",
                                           absl::StrCat(host, ":", port), "--launcher",
                                           launcher_server.address};
-  for (const char* flag : {"heartbeat-ms", "max-devices", "bias-update-rate", "bias-bound"})
+  for (const char* flag : {"heartbeat-ms", "max-devices", "bias-update-rate", "bias-bound",
+                           "api-keys"})
     pass(router_args, flag);
-  absl::StatusOr<std::string> router = start("router", router_args);
+  security(router_args, "router");
+  if (closed) {
+    router_args.push_back("--internal-listen");
+    router_args.push_back(host + ":0");
+  }
+  absl::StatusOr<std::string> public_address = start("router", router_args);
+  if (!public_address.ok()) return fail(public_address.status());
+  // Workers and this launcher reach the router's internal port (the same as the public one in
+  // an open cluster).
+  absl::StatusOr<std::string> router =
+      children.front().process->ReadLineMatching("internal ", absl::Seconds(30));
   if (!router.ok()) return fail(router.status());
-  // A restarted router binds the same address, so the workers find it again.
-  children.front().args[4] = *router;
+  // A restarted router binds the same addresses, so the workers find it again.
+  children.front().args[4] = *public_address;
+  if (closed) children.front().args.back() = *router;
   std::vector<int64_t> next_replica(static_cast<size_t>(n_experts), 0);
   auto start_expert = [&](int64_t s) {
     const int64_t r = next_replica[static_cast<size_t>(s)]++;
@@ -299,6 +354,7 @@ absl::Status UpCommand(int argc, char** argv) {
                                      "--num-shards", std::to_string(n_experts)};
     pass(args, "moe-transport");
     pass(args, "busy-poll-us");
+    security(args, "expert");
     absl::StatusOr<std::string> started = start(absl::StrCat("expert", s, ".", r), args);
     children.back().shard = s;
     return started;
@@ -316,6 +372,7 @@ absl::Status UpCommand(int argc, char** argv) {
                              "moe-transport", "expert-deadline-ms", "micro-batches",
                              "busy-poll-us"})
       pass(args, flag);
+    security(args, "decode");
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
     if (!r.ok()) return fail(r.status());
   }
@@ -329,13 +386,13 @@ absl::Status UpCommand(int argc, char** argv) {
       args.push_back("--batch-tokens");
       args.push_back(f.Get("prefill-batch-tokens"));
     }
+    security(args, "prefill");
     absl::StatusOr<std::string> r = start(absl::StrCat("prefill", i), args);
     if (!r.ok()) return fail(r.status());
   }
 
   // Healthy = registered and heartbeating, as the router sees it.
-  auto registry = v1::Registry::NewStub(
-      grpc::CreateChannel(*router, grpc::InsecureChannelCredentials()));
+  auto registry = v1::Registry::NewStub(rpc::InternalChannel(*router));
   const int64_t want = n_experts * replicas + n_decode + n_prefill;
   bool healthy = false;
   for (int i = 0; i < 600 && !healthy; ++i) {
@@ -352,7 +409,8 @@ absl::Status UpCommand(int argc, char** argv) {
   if (!healthy) {
     return fail(absl::DeadlineExceededError("the cluster's workers did not all become healthy"));
   }
-  std::cout << "ready grpc=" << *router << std::endl;
+  if (closed) std::cout << "internal grpc=" << *router << std::endl;
+  std::cout << "ready grpc=" << *public_address << std::endl;
 
   // Grows or shrinks one shard's pool: new replicas started (they join when registered), the
   // newest surplus ones drained with SIGTERM, waited for, and not restarted.
@@ -445,15 +503,17 @@ absl::Status UpCommand(int argc, char** argv) {
 
 absl::Status ScaleCommand(int argc, char** argv) {
   Flags f;
-  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"endpoint", "shard", "replicas"}, {}));
+  SPLITMOE_RETURN_IF_ERROR(
+      f.Parse(argc, argv, 2, {"endpoint", "shard", "replicas", "api-key"}, {}));
   if (!f.Has("endpoint") || !f.Has("shard") || !f.Has("replicas")) {
     return absl::InvalidArgumentError("scale needs --endpoint HOST:PORT --shard K --replicas R");
   }
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shard, f.GetInt("shard", 0));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t replicas, f.GetInt("replicas", 0));
-  auto channel = grpc::CreateCustomChannel(f.Get("endpoint"), grpc::InsecureChannelCredentials(),
-                                           rpc::ClientChannelArguments());
-  auto registry = v1::Registry::NewStub(channel);
+  // The cluster's view through the public port; the Launcher is internal (an admin's
+  // credentials where the plane is closed).
+  auto registry = v1::ClusterInfo::NewStub(
+      rpc::PublicChannel(f.Get("endpoint"), rpc::ClientApiKey(f.Get("api-key"))));
   auto status = [&]() -> absl::StatusOr<v1::ClusterStatusResponse> {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
@@ -469,9 +529,7 @@ absl::Status ScaleCommand(int argc, char** argv) {
                      " was not started by `splitmoe up` (its router names no launcher): start or "
                      "stop `splitmoe expert --shard K` processes yourself"));
   }
-  auto launcher = v1::Launcher::NewStub(grpc::CreateCustomChannel(
-      before.launcher_address(), grpc::InsecureChannelCredentials(),
-      rpc::ClientChannelArguments()));
+  auto launcher = v1::Launcher::NewStub(rpc::InternalChannel(before.launcher_address()));
   v1::ScaleRequest request;
   request.set_shard(static_cast<int32_t>(shard));
   request.set_replicas(static_cast<int32_t>(replicas));
@@ -514,8 +572,9 @@ absl::Status RebalanceCommand(int argc, char** argv) {
     return absl::InvalidArgumentError(
         "--redundant-experts must be in [0, 1048576] and --wait-s >= 0");
   }
-  auto registry = v1::Registry::NewStub(grpc::CreateCustomChannel(
-      f.Get("endpoint"), grpc::InsecureChannelCredentials(), rpc::ClientChannelArguments()));
+  // Internal (Registry.Rebalance): the router's internal address, with an admin's credentials
+  // where the plane is closed.
+  auto registry = v1::Registry::NewStub(rpc::InternalChannel(f.Get("endpoint")));
   v1::RebalanceRequest request;
   request.set_redundant_experts(static_cast<int32_t>(redundant));
   request.set_dry_run(f.Has("dry-run"));
@@ -582,7 +641,7 @@ absl::Status RebalanceCommand(int argc, char** argv) {
 }
 
 absl::Status GenerateRemote(const Flags& f) {
-  auto stub = GenerationStub(f.Get("endpoint"));
+  auto stub = GenerationStub(f);
   SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RemotePrompt(f, *stub));
   v1::GenerateRequest request;
   *request.mutable_token_ids()->mutable_ids() = {prompt.begin(), prompt.end()};
@@ -638,7 +697,7 @@ absl::Status ScoreRemote(const Flags& f) {
   if (f.Has("mtp")) {
     return absl::InvalidArgumentError("--mtp is not served through a cluster; use --model");
   }
-  auto stub = GenerationStub(f.Get("endpoint"));
+  auto stub = GenerationStub(f);
   SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RemotePrompt(f, *stub));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-logprobs", 5));
   if (k < 0 || k > 20) {

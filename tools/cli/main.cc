@@ -8,9 +8,13 @@
 #include <cstdlib>
 #include <functional>
 #include <iostream>
+#include <map>
+#include <set>
+#include <vector>
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
@@ -20,6 +24,7 @@
 #include "common/model/weights.h"
 #include "common/process/signals.h"
 #include "common/rpc/rpc.h"
+#include "common/rpc/security.h"
 #include "expert_service/run_expert.h"
 #include "google/protobuf/util/json_util.h"
 #include "nlohmann/json.hpp"
@@ -179,7 +184,8 @@ absl::Status Score(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
-              {"model", "endpoint", "prompt", "prompt-tokens", "top-logprobs", "attention"},
+              {"model", "endpoint", "prompt", "prompt-tokens", "top-logprobs", "attention",
+               "api-key"},
               {"json", "mtp"}));
   if (f.Has("endpoint") && !f.Has("model")) return ScoreRemote(f);
   if (f.Has("model") == f.Has("endpoint")) {
@@ -208,7 +214,7 @@ absl::Status Generate(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
-              {"model", "endpoint", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p",
+              {"model", "endpoint", "api-key", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p",
                "top-k", "seed", "logprobs", "stop", "stop-token-ids", "attention", "device",
                "precision"},
               {"json", "ignore-eos"}));
@@ -241,12 +247,20 @@ absl::Status Router(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "heartbeat-ms", "max-devices", "admission-timeout-ms",
-               "prefill-timeout-ms", "bias-update-rate", "bias-bound", "launcher"},
+               "prefill-timeout-ms", "bias-update-rate", "bias-bound", "launcher",
+               "internal-listen", "api-keys", "max-message-bytes"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
   router::RouterOptions o;
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
+  o.internal_listen = f.Get("internal-listen");
+  o.api_keys_file = f.Get("api-keys");
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t max_message, f.GetInt("max-message-bytes", 4 << 20));
+  if (max_message < 1024 || max_message > (1 << 30)) {
+    return absl::InvalidArgumentError("--max-message-bytes must be in [1024, 1 GiB]");
+  }
+  o.public_max_message_bytes = static_cast<int32_t>(max_message);
   SPLITMOE_ASSIGN_OR_RETURN(int64_t ms, f.GetInt("heartbeat-ms", 300));
   if (ms <= 0) return absl::InvalidArgumentError("--heartbeat-ms must be > 0");
   o.heartbeat_interval = absl::Milliseconds(ms);
@@ -300,10 +314,11 @@ absl::Status Expert(int argc, char** argv) {
 // `splitmoe status --endpoint HOST:PORT`: the cluster as the router sees it.
 absl::Status Status(int argc, char** argv) {
   Flags f;
-  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"endpoint"}, {"json"}));
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"endpoint", "api-key"}, {"json"}));
   if (!f.Has("endpoint")) return absl::InvalidArgumentError("status needs --endpoint HOST:PORT");
-  auto stub = v1::Registry::NewStub(
-      grpc::CreateChannel(f.Get("endpoint"), grpc::InsecureChannelCredentials()));
+  // The public port (ClusterInfo), with an API key: an operator needs no internal certificate.
+  auto stub = v1::ClusterInfo::NewStub(
+      rpc::PublicChannel(f.Get("endpoint"), rpc::ClientApiKey(f.Get("api-key"))));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   v1::ClusterStatusResponse status;
@@ -466,14 +481,67 @@ int Usage() {
   return 2;
 }
 
+// Takes the internal plane's flags (--tls-cert, --tls-key, --tls-ca, --cluster-token-file) out
+// of argv for every command that joins or manages a cluster and configures this process's
+// credentials with them (role: the command for cluster roles, "admin" for the tools).
+absl::Status TakeSecurityFlags(const std::string& cmd, std::vector<char*>* args) {
+  static const std::set<std::string> kFlags = {"tls-cert", "tls-key", "tls-ca",
+                                               "cluster-token-file"};
+  std::map<std::string, std::string> values;
+  std::vector<char*> rest;
+  for (size_t i = 0; i < args->size(); ++i) {
+    std::string a = (*args)[i];
+    if (i >= 2 && absl::StartsWith(a, "--")) {
+      std::string name = a.substr(2), value;
+      const size_t eq = name.find('=');
+      bool has_value = false;
+      if (eq != std::string::npos) {
+        value = name.substr(eq + 1);
+        name = name.substr(0, eq);
+        has_value = true;
+      }
+      if (kFlags.count(name)) {
+        if (!has_value) {
+          if (i + 1 >= args->size()) {
+            return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+          }
+          value = (*args)[++i];
+        }
+        values[name] = value;
+        continue;
+      }
+    }
+    rest.push_back((*args)[i]);
+  }
+  *args = std::move(rest);
+  const bool role = cmd == "router" || cmd == "prefill" || cmd == "decode" || cmd == "expert";
+  splitmoe::rpc::SecurityOptions options{.tls_cert = values["tls-cert"],
+                                         .tls_key = values["tls-key"],
+                                         .tls_ca = values["tls-ca"],
+                                         .cluster_token_file = values["cluster-token-file"],
+                                         .role = role ? cmd : "admin"};
+  return splitmoe::rpc::ConfigureInternalSecurity(options);
+}
+
 }  // namespace
 }  // namespace splitmoe::cli
 
-int main(int argc, char** argv) {
+int main(int argc, char** raw_argv) {
   using namespace splitmoe::cli;
   if (argc < 2) return Usage();
-  const std::string cmd = argv[1];
+  const std::string cmd = raw_argv[1];
   absl::Status status;
+  std::vector<char*> args(raw_argv, raw_argv + argc);
+  if (cmd != "make-tiny" && cmd != "inspect" && cmd != "help" && cmd != "--help") {
+    status = TakeSecurityFlags(cmd, &args);
+    if (!status.ok()) {
+      std::cerr << "error: " << status.ToString() << "\n";
+      return 2;
+    }
+  }
+  args.push_back(nullptr);
+  argc = static_cast<int>(args.size()) - 1;
+  char** argv = args.data();
   if (cmd == "make-tiny") {
     status = MakeTiny(argc, argv);
   } else if (cmd == "inspect") {
