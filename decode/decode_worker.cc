@@ -10,6 +10,12 @@
 #include "decode/paged_sequence_cache.h"
 
 namespace splitmoe::decode {
+
+std::string RequestOwner(const std::string& request_id) {
+  const size_t dash = request_id.find('-');
+  return dash == std::string::npos ? std::string() : request_id.substr(0, dash);
+}
+
 namespace {
 
 // The fence value a reservation is known by: the generation of its first block when granted.
@@ -43,10 +49,12 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
         absl::StrCat("reserve: request ", r.request_id(), " already holds a reservation")));
     return;
   }
-  if (r.prompt_tokens() <= 0 || r.max_tokens() <= 0 || r.timeout_ms() < 0) {
+  if (r.prompt_tokens() <= 0 || r.max_tokens() <= 0 || r.timeout_ms() < 0 ||
+      r.timeout_ms() > kMaxReservationTimeoutMs) {
     m.reply(absl::InvalidArgumentError(
         absl::StrCat("reserve: prompt_tokens ", r.prompt_tokens(), " and max_tokens ",
-                     r.max_tokens(), " must be > 0, timeout_ms >= 0")));
+                     r.max_tokens(), " must be > 0, timeout_ms in [0, ",
+                     kMaxReservationTimeoutMs, "]")));
     return;
   }
   if (static_cast<int64_t>(r.prompt_tokens()) + r.max_tokens() > c.max_position_embeddings) {
@@ -270,7 +278,7 @@ void DecodeActor::Handle(CancelSequence m, runtime::Context<Message>& ctx) {
   m.reply(absl::OkStatus());
 }
 
-void DecodeActor::Handle(AddTokenSink m) { sinks_.push_back(std::move(m.write)); }
+void DecodeActor::Handle(AddTokenSink m) { sinks_.push_back(std::move(m)); }
 
 void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
   step_scheduled_ = false;
@@ -402,8 +410,13 @@ void DecodeActor::StopNow(uint64_t id, const std::string& reason, runtime::Conte
 }
 
 void DecodeActor::Emit(v1::TokenEvent event) {
+  const std::string owner = RequestOwner(event.request_id());
   for (auto it = sinks_.begin(); it != sinks_.end();) {
-    it = (*it)(event) ? it + 1 : sinks_.erase(it);
+    if (it->router_id != owner) {
+      ++it;
+      continue;
+    }
+    it = it->write(event) ? it + 1 : sinks_.erase(it);
   }
 }
 
@@ -471,6 +484,12 @@ grpc::ServerUnaryReactor* DecodeService::Cancel(grpc::CallbackServerContext* ctx
                                                 v1::CancelResponse* /*response*/) {
   if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (RequestOwner(request->request_id()) != request->router_id()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                                 absl::StrCat("cancel: request ", request->request_id(),
+                                              " is not router '", request->router_id(), "''s")));
+    return reactor;
+  }
   actor_.Send(CancelSequence{request->request_id(),
                              [reactor](absl::Status s) { reactor->Finish(rpc::ToGrpcStatus(s)); }});
   return reactor;
@@ -490,13 +509,13 @@ grpc::ServerUnaryReactor* DecodeService::WritersGone(grpc::CallbackServerContext
 }
 
 grpc::ServerWriteReactor<v1::TokenEvent>* DecodeService::StreamTokens(
-    grpc::CallbackServerContext* ctx, const v1::StreamTokensRequest* /*request*/) {
+    grpc::CallbackServerContext* ctx, const v1::StreamTokensRequest* request) {
   if (grpc::Status s = rpc::CheckInternalCaller(ctx); !s.ok()) {
     return rpc::RefusedWriter<v1::TokenEvent>(std::move(s));
   }
   auto [reactor, stream] = rpc::ServerStream<v1::TokenEvent>::Create(nullptr);
   auto write = [stream = stream](const v1::TokenEvent& e) { return stream->Write(e); };
-  if (!actor_.Send(AddTokenSink{write})) {
+  if (!actor_.Send(AddTokenSink{write, request->router_id()})) {
     stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "decode worker is stopping"));
   }
   return reactor;

@@ -75,8 +75,10 @@ struct CancelSequence {
 };
 // A router's token stream: `write` queues one event and returns false once the stream is gone
 // (it is then dropped). Called on the actor's thread; must not block.
+// Events go only to the sinks of the router that owns the request (RequestOwner).
 struct AddTokenSink {
   std::function<bool(const v1::TokenEvent&)> write;
+  std::string router_id;
 };
 struct RunStep {};
 struct StepDone {
@@ -118,6 +120,13 @@ struct DecodeActorOptions {
   // 2: a step of two or more sequences runs as two micro-batches in ping-pong; 1: one batch.
   int micro_batches = 1;
 };
+
+// The router that owns a request: its internal id is "<router id>-<serial>" (empty: no '-').
+std::string RequestOwner(const std::string& request_id);
+
+// The longest a reservation may wait for its writer (ReserveRequest.timeout_ms is capped): a
+// caller cannot hold blocks and the region's key for days.
+inline constexpr int32_t kMaxReservationTimeoutMs = 10 * 60 * 1000;
 
 class DecodeActor {
  public:
@@ -176,7 +185,7 @@ class DecodeActor {
   std::set<std::string> gone_writers_;             // reported dead (the last kMaxGoneWriters)
   std::deque<std::string> gone_order_;
   bool step_scheduled_ = false;
-  std::vector<std::function<bool(const v1::TokenEvent&)>> sinks_;
+  std::vector<AddTokenSink> sinks_;
   uint64_t latent_tokens_ = 0, latent_bytes_ = 0, tokens_generated_ = 0;
   // Last: destroyed first, so a step still running finishes while what it uses exists.
   std::unique_ptr<runtime::Executor> executor_;

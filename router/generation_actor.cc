@@ -692,6 +692,7 @@ void GenerationActor::CancelOnDecode(const std::string& worker_id, const std::st
   auto call = std::make_shared<Call>();
   call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   call->request.set_request_id(internal_id);
+  call->request.set_router_id(router_tag_);
   // INVALID_ARGUMENT (unknown request) is the common answer: nothing was granted.
   w->decode->async()->Cancel(&call->ctx, &call->request, &call->response,
                              [call](grpc::Status) {});

@@ -254,6 +254,37 @@ TEST_P(DecodeActorTest, AReleasedReservationIsFencedUntilItsWriterIsDone) {
 // A writer the router reports dead puts nothing more: its quarantined reservations are freed at
 // once (not at deadline + grace), also when its Release arrives after the report; another
 // writer's stay fenced.
+// A router's token stream carries only its own requests' events (ids "<router id>-..."), and a
+// reservation cannot be held longer than kMaxReservationTimeoutMs.
+TEST_P(DecodeActorTest, TokensGoOnlyToTheOwningRouterAndReservationsAreBounded) {
+  std::map<std::string, std::vector<std::string>> seen;
+  for (const std::string router : {"ra", "rb"}) {
+    actor_->Send(AddTokenSink{[&seen, router](const v1::TokenEvent& e) {
+                                seen[router].push_back(e.request_id());
+                                return true;
+                              },
+                              router});
+  }
+  scheduler_.RunUntilIdle();
+  const std::vector<int32_t> prompt = {0, 5, 9};
+  for (const std::string id : {"ra-1", "rb-7"}) {
+    auto d = Reserve(id, 3, 4);
+    ASSERT_TRUE(d.ok()) << d.status();
+    engine::DecodedToken first = WritePrompt(*d, prompt, 2);
+    ASSERT_TRUE(Start(id, *d, prompt, first.token, 4, d->generation()).ok());
+  }
+  ASSERT_EQ(seen["ra"].size(), 3u);  // max_tokens 4: the first came from the prefill
+  ASSERT_EQ(seen["rb"].size(), 3u);
+  for (const std::string& id : seen["ra"]) EXPECT_EQ(id, "ra-1");
+  for (const std::string& id : seen["rb"]) EXPECT_EQ(id, "rb-7");
+  EXPECT_TRUE(events_.empty()) << "the sink of no router saw another's tokens";
+  EXPECT_EQ(RequestOwner("ra-1.2"), "ra");
+  EXPECT_EQ(RequestOwner("plain"), "");
+  EXPECT_EQ(Reserve("long", 3, 4, kMaxReservationTimeoutMs + 1).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Reserve("ok", 3, 4, kMaxReservationTimeoutMs).ok());
+}
+
 TEST_P(DecodeActorTest, ADeadWritersQuarantinedBlocksComeBackAtOnce) {
   auto release = [&](uint64_t id, const std::string& writer) {
     v1::ReleaseRequest r;

@@ -280,8 +280,10 @@ absl::Status Router(int argc, char** argv) {
   o.bias_bound = static_cast<float>(bound);
   SPLITMOE_ASSIGN_OR_RETURN(int64_t admission, f.GetInt("admission-timeout-ms", 30000));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t prefill, f.GetInt("prefill-timeout-ms", 60000));
-  if (admission <= 0 || prefill <= 0) {
-    return absl::InvalidArgumentError("--admission-timeout-ms and --prefill-timeout-ms must be > 0");
+  if (admission <= 0 || prefill <= 0 || prefill > 600000) {
+    return absl::InvalidArgumentError(
+        "--admission-timeout-ms must be > 0 and --prefill-timeout-ms in (0, 600000] (a decode "
+        "worker holds a reservation for its writer at most 10 minutes)");
   }
   o.admission_timeout = absl::Milliseconds(admission);
   o.prefill_timeout = absl::Milliseconds(prefill);
