@@ -400,7 +400,10 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
     return;
   }
   if (w == nullptr || w->leaving) {
-    // Left meanwhile: what it granted is gone with it.
+    // Left meanwhile: what it granted goes with it (released, no writer saw it, in case it
+    // still lives).
+    ReleaseOnDecode(m.worker_id, m.result->destination(), r.internal_id, true, "",
+                    "decode worker left the cluster");
     Failover(r, absl::UnavailableError(absl::StrCat("decode worker ", m.worker_id,
                                                     " left the cluster")),
              m.worker_id, ctx);
@@ -719,7 +722,8 @@ void GenerationActor::ReleaseOnDecode(const std::string& worker_id,
   call->request.set_writer_id(writer_id);
   w->decode->async()->Release(&call->ctx, &call->request, &call->response,
                               [call, worker_id](grpc::Status s) {
-                                if (!s.ok()) {
+                                // UNAVAILABLE: the worker is gone, and its blocks with it.
+                                if (!s.ok() && s.error_code() != grpc::StatusCode::UNAVAILABLE) {
                                   std::cerr << "router: release on decode worker " << worker_id
                                             << " failed: " << s.error_message() << "\n";
                                 }

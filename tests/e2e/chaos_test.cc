@@ -208,6 +208,7 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
   // The killer: one process at a time, the next only once the cluster is whole again.
   std::map<std::string, int> kills;
   uint64_t request_failovers = 0, part_failovers = 0;  // summed over router incarnations
+  double router_recovery_ms = 0;  // kill to every worker registered with the new router
   std::vector<double> notice_ms;
   std::mt19937_64 chaos(7);
   const std::vector<std::string> roles = {"prefill", "decode", "expert", "expert", "router"};
@@ -246,6 +247,9 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
     absl::SleepFor(absl::Milliseconds(300));
     while (!whole() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(100));
     ASSERT_TRUE(whole()) << "the cluster did not recover from killing a " << role;
+    if (role == "router") {
+      router_recovery_ms = std::max(router_recovery_ms, absl::ToDoubleMilliseconds(absl::Now() - killed));
+    }
   }
   stop = true;
   for (auto& t : clients) t.join();
@@ -276,7 +280,8 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
       "chaos soak: %s, %d requests, %d attempts retried after a router death, %d lost, %d "
       "changed; "
       "kills: prefill %d, decode %d, expert %d, router %d; request failovers %llu, expert-part "
-      "failovers %llu; worker death noticed in median %.0f ms, max %.0f ms\n",
+      "failovers %llu; worker death noticed in median %.0f ms, max %.0f ms; a killed router "
+      "restarted by up (1 s back-off) with every worker registered again within %.0f ms\n",
       absl::FormatDuration(length).c_str(), requests.load(), retries.load(), lost.load(),
       changed.load(), kills["prefill"], kills["decode"], kills["expert"], kills["router"],
       static_cast<unsigned long long>(request_failovers +
@@ -284,7 +289,7 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
       static_cast<unsigned long long>(part_failovers +
                                       (final_status ? final_status->routing().failovers() : 0)),
       notice_ms.empty() ? 0.0 : notice_ms[notice_ms.size() / 2],
-      notice_ms.empty() ? 0.0 : notice_ms.back());
+      notice_ms.empty() ? 0.0 : notice_ms.back(), router_recovery_ms);
   for (size_t i = 0; i < failures.size() && i < 10; ++i) std::printf("  %s\n", failures[i].c_str());
   EXPECT_EQ(lost.load(), 0);
   EXPECT_EQ(changed.load(), 0);
