@@ -92,12 +92,14 @@ absl::Status RunRouter(const RouterOptions& options) {
     SPLITMOE_ASSIGN_OR_RETURN(
         server, rpc::StartServer(options.listen,
                                  {&registry_service, &info_service, &generation_service},
-                                 options.public_max_message_bytes));
+                                 options.public_max_message_bytes, nullptr,
+                                 options.max_streams_per_client));
   } else {
     SPLITMOE_ASSIGN_OR_RETURN(
         server, rpc::StartServer(options.listen, {&info_service, &generation_service},
                                  options.public_max_message_bytes,
-                                 grpc::InsecureServerCredentials()));
+                                 grpc::InsecureServerCredentials(),
+                                 options.max_streams_per_client));
     SPLITMOE_ASSIGN_OR_RETURN(internal,
                               rpc::StartServer(options.internal_listen, {&registry_service}));
   }

@@ -65,7 +65,8 @@ absl::Status DecodeTensor(const std::string& bytes, v1::WireDtype dtype, int64_t
 absl::StatusOr<RunningServer> StartServer(const std::string& address,
                                           const std::vector<grpc::Service*>& services,
                                           int max_message_bytes,
-                                          std::shared_ptr<grpc::ServerCredentials> credentials) {
+                                          std::shared_ptr<grpc::ServerCredentials> credentials,
+                                          int max_streams_per_connection) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -74,6 +75,9 @@ absl::StatusOr<RunningServer> StartServer(const std::string& address,
                            credentials != nullptr ? credentials : InternalServerCredentials(),
                            &port);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  if (max_streams_per_connection > 0) {
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams_per_connection);
+  }
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   for (grpc::Service* s : services) builder.RegisterService(s);

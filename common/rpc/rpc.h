@@ -42,10 +42,13 @@ struct RunningServer {
 // `max_message_bytes` are accepted (gRPC's default of 4 MiB is too small for MoE batches).
 // `credentials` null: the internal plane's (security.h InternalServerCredentials). A port
 // another process holds is refused (no SO_REUSEPORT: two routers never split one port).
+// `max_streams_per_connection` > 0 caps a client connection's concurrent calls (HTTP/2
+// SETTINGS_MAX_CONCURRENT_STREAMS: the client queues the rest).
 absl::StatusOr<RunningServer> StartServer(
     const std::string& address, const std::vector<grpc::Service*>& services,
     int max_message_bytes = 256 << 20,
-    std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
+    std::shared_ptr<grpc::ServerCredentials> credentials = nullptr,
+    int max_streams_per_connection = 0);
 
 // A token's logprob and its alternatives as the API carries them.
 v1::TokenLogprob ToProto(const engine::TokenLogprob& logprob);

@@ -693,6 +693,20 @@ TEST(ServingFailureTest, NoWorkerOfANeededRoleIsUnavailable) {
   EXPECT_EQ((*router)->Terminate(absl::Seconds(5)), "exited with code 0");
 }
 
+// A second router on a port one already serves is refused (no SO_REUSEPORT: two routers never
+// split one port's traffic).
+TEST(ServingFailureTest, ASecondRouterOnTheSamePortIsRefused) {
+  const std::string model = testing::TinyModel("serving_failure");
+  auto router = process::Subprocess::Start("router", {Binary(), "router", "--model", model});
+  ASSERT_TRUE(router.ok());
+  auto address = (*router)->ReadLineMatching("listening ", absl::Seconds(60));
+  ASSERT_TRUE(address.ok()) << address.status();
+  const CommandResult second = RunSplitmoe("router --model " + model + " --listen " + *address);
+  EXPECT_NE(second.rc, 0);
+  EXPECT_NE(second.out.find("cannot listen on " + *address), std::string::npos) << second.out;
+  EXPECT_EQ((*router)->Terminate(absl::Seconds(5)), "exited with code 0");
+}
+
 // Every child of `parent` whose command line contains each of `parts`.
 std::vector<pid_t> ChildrenMatching(pid_t parent, const std::vector<std::string>& parts) {
   std::vector<pid_t> out;

@@ -248,7 +248,7 @@ absl::Status Router(int argc, char** argv) {
       f.Parse(argc, argv, 2,
               {"model", "listen", "heartbeat-ms", "max-devices", "admission-timeout-ms",
                "prefill-timeout-ms", "bias-update-rate", "bias-bound", "launcher",
-               "internal-listen", "api-keys", "max-message-bytes"},
+               "internal-listen", "api-keys", "max-message-bytes", "max-streams-per-client"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
   router::RouterOptions o;
@@ -261,6 +261,11 @@ absl::Status Router(int argc, char** argv) {
     return absl::InvalidArgumentError("--max-message-bytes must be in [1024, 1 GiB]");
   }
   o.public_max_message_bytes = static_cast<int32_t>(max_message);
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t streams, f.GetInt("max-streams-per-client", 1024));
+  if (streams < 1 || streams > (1 << 20)) {
+    return absl::InvalidArgumentError("--max-streams-per-client must be in [1, 1048576]");
+  }
+  o.max_streams_per_client = static_cast<int32_t>(streams);
   SPLITMOE_ASSIGN_OR_RETURN(int64_t ms, f.GetInt("heartbeat-ms", 300));
   if (ms <= 0) return absl::InvalidArgumentError("--heartbeat-ms must be > 0");
   o.heartbeat_interval = absl::Milliseconds(ms);
@@ -468,7 +473,8 @@ int Usage() {
          "            [--port P] [--cache-blocks N] [--bias-update-rate U] (and the roles' flags)\n"
          "            [--tls | --cluster-token-file F] [--api-keys FILE]   (a closed cluster)\n"
          "  router    --model DIR [--listen HOST:PORT] [--internal-listen HOST:PORT] [--api-keys FILE]\n"
-         "            [--max-message-bytes N] [--max-devices M] [--heartbeat-ms MS]\n"
+         "            [--max-message-bytes N] [--max-streams-per-client N] [--max-devices M]\n"
+         "            [--heartbeat-ms MS]\n"
          "            [--bias-update-rate U] [--bias-bound B]\n"
          "  (router, prefill, decode, expert, scale, rebalance: --tls-cert F --tls-key F --tls-ca F\n"
          "   or --cluster-token-file F close the internal plane; generate, score, status, scale,\n"
