@@ -5,6 +5,21 @@
 #include "common/rpc/rpc.h"
 
 namespace splitmoe::router {
+namespace {
+
+// Registry.ClusterStatus and ClusterInfo.ClusterStatus: the registry actor answers.
+grpc::ServerUnaryReactor* AnswerClusterStatus(runtime::ActorRef<RegistryActor::Message>& registry,
+                                              grpc::CallbackServerContext* ctx,
+                                              v1::ClusterStatusResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  registry.Send(GetClusterStatus{[reactor, response](absl::StatusOr<v1::ClusterStatusResponse> r) {
+    if (r.ok()) *response = std::move(*r);
+    reactor->Finish(rpc::ToGrpcStatus(r.status()));
+  }});
+  return reactor;
+}
+
+}  // namespace
 
 // Each handler sends a message carrying a reply that finishes the RPC; a stopped actor answers
 // that reply itself (Unavailable), so every call finishes exactly once.
@@ -49,12 +64,7 @@ grpc::ServerUnaryReactor* RegistryService::ClusterStatus(
     grpc::CallbackServerContext* ctx, const v1::ClusterStatusRequest* /*request*/,
     v1::ClusterStatusResponse* response) {
   if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  registry_.Send(GetClusterStatus{[reactor, response](absl::StatusOr<v1::ClusterStatusResponse> r) {
-    if (r.ok()) *response = std::move(*r);
-    reactor->Finish(rpc::ToGrpcStatus(r.status()));
-  }});
-  return reactor;
+  return AnswerClusterStatus(registry_, ctx, response);
 }
 
 grpc::ServerUnaryReactor* RegistryService::Rebalance(grpc::CallbackServerContext* ctx,
@@ -103,12 +113,7 @@ grpc::ServerUnaryReactor* ClusterInfoService::ClusterStatus(
     grpc::CallbackServerContext* ctx, const v1::ClusterStatusRequest* /*request*/,
     v1::ClusterStatusResponse* response) {
   if (grpc::ServerUnaryReactor* refused = rpc::RefusePublic(ctx)) return refused;
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  registry_.Send(GetClusterStatus{[reactor, response](absl::StatusOr<v1::ClusterStatusResponse> r) {
-    if (r.ok()) *response = std::move(*r);
-    reactor->Finish(rpc::ToGrpcStatus(r.status()));
-  }});
-  return reactor;
+  return AnswerClusterStatus(registry_, ctx, response);
 }
 
 }  // namespace splitmoe::router

@@ -27,6 +27,7 @@
 #include "gtest/gtest.h"
 #include "splitmoe/v1/generation.grpc.pb.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
+#include "tests/testing/children.h"
 #include "tests/testing/test_models.h"
 
 namespace splitmoe {
@@ -37,25 +38,9 @@ std::string Binary() {
   return std::string(dir ? dir : ".") + "/bin/splitmoe";
 }
 
-// Children of `parent` whose command line starts with `splitmoe <role>`.
+// Children of `parent` running `splitmoe <role>`.
 std::vector<pid_t> Children(pid_t parent, const std::string& role) {
-  std::vector<pid_t> out;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream stat(entry.path() / "stat");
-    std::string line;
-    std::getline(stat, line);
-    const size_t close = line.rfind(')');
-    if (close == std::string::npos) continue;
-    std::vector<std::string> fields = absl::StrSplit(line.substr(close + 2), ' ');
-    if (fields.size() < 2 || std::stoi(fields[1]) != parent) continue;
-    std::ifstream cmd(entry.path() / "cmdline");
-    std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
-    std::vector<std::string> args = absl::StrSplit(argv, '\0');
-    if (args.size() > 1 && args[1] == role) out.push_back(std::stoi(name));
-  }
-  return out;
+  return testing::ChildrenMatching(parent, {"splitmoe " + role + " "});
 }
 
 struct Case {

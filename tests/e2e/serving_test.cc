@@ -27,6 +27,7 @@
 #include "nlohmann/json.hpp"
 #include "splitmoe/v1/generation.grpc.pb.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
+#include "tests/testing/children.h"
 #include "tests/testing/test_models.h"
 
 namespace splitmoe {
@@ -707,28 +708,7 @@ TEST(ServingFailureTest, ASecondRouterOnTheSamePortIsRefused) {
   EXPECT_EQ((*router)->Terminate(absl::Seconds(5)), "exited with code 0");
 }
 
-// Every child of `parent` whose command line contains each of `parts`.
-std::vector<pid_t> ChildrenMatching(pid_t parent, const std::vector<std::string>& parts) {
-  std::vector<pid_t> out;
-  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream stat(entry.path() / "stat");
-    std::string line;
-    std::getline(stat, line);
-    const size_t close = line.rfind(')');
-    if (close == std::string::npos) continue;
-    std::vector<std::string> fields = absl::StrSplit(line.substr(close + 2), ' ');
-    if (fields.size() < 2 || std::stoi(fields[1]) != parent) continue;
-    std::ifstream cmd(entry.path() / "cmdline");
-    std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
-    std::replace(argv.begin(), argv.end(), '\0', ' ');
-    bool all = true;
-    for (const std::string& p : parts) all &= argv.find(p) != std::string::npos;
-    if (all) out.push_back(std::stoi(name));
-  }
-  return out;
-}
+using testing::ChildrenMatching;
 
 // The pid of a child of `parent` running role `role` (-1 if none).
 pid_t ChildWithRole(pid_t parent, const std::string& role) {
