@@ -42,6 +42,26 @@ absl::StatusOr<DecodedToken> PrefillFirstToken(
 
 namespace {
 
+// A prompt's own faults fail that prompt alone, before any forward pass (Transformer::Forward
+// refuses a whole round for one bad id or one sequence past the context): an id outside the
+// vocabulary, or more tokens than the context holds after the `cached` ones.
+absl::Status CheckPrompt(const model::ModelConfig& c, absl::Span<const int32_t> prompt,
+                         int64_t cached) {
+  for (int32_t t : prompt) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  const int64_t end = cached + static_cast<int64_t>(prompt.size());
+  if (end > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
+                                                   " tokens exceeds max_position_embeddings ",
+                                                   c.max_position_embeddings));
+  }
+  return absl::OkStatus();
+}
+
 // Round k of a group runs chunk k (tokens [k * chunk_tokens, ...)) of every prompt that long,
 // at position base + k * chunk_tokens of its cache. Returns the forward pass's error when it is
 // not the items' own (those stay in their statuses); items already failed are left out.
@@ -124,6 +144,9 @@ absl::Status PrefillGroup(Transformer& transformer, std::vector<PrefillItem>& it
   for (size_t i = 0; i < items.size(); ++i) {
     PrefillItem& item = items[i];
     if (item.prompt.empty()) item.status = absl::InvalidArgumentError("empty prompt");
+    if (item.status.ok()) {
+      item.status = CheckPrompt(transformer.config(), item.prompt, item.cache->length());
+    }
     if (item.prompt_top_logprobs >= 0) item.prompt_logprobs.assign(item.prompt.size(), std::nullopt);
     if (!item.status.ok()) continue;
     base[i] = item.cache->length();

@@ -222,6 +222,50 @@ TEST(BatchDecoderTest, PrefillBatchInTwoPingPongGroupsEqualsPrefillingAlone) {
   ExpectPrefillBatchEqualsPrefillingAlone(&overlap);
 }
 
+// A prompt with an id outside the vocabulary or longer than the context fails alone with
+// INVALID_ARGUMENT; the prompts batched with it give what they give alone (found by
+// tests/fuzz/prefill_request_fuzz: one bad prompt used to fail its whole prefill batch).
+void ExpectABadPromptFailsAlone(PingPong* overlap) {
+  auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine& e = **engine;
+  const auto& c = e.config();
+  std::vector<int32_t> too_long = Prompt(c.max_position_embeddings + 1, 9);
+  const std::vector<std::vector<int32_t>> prompts = {
+      Prompt(5, 1), {3, -1, 4}, Prompt(7, 2), {2, static_cast<int32_t>(c.vocab_size)}, too_long};
+  std::vector<std::unique_ptr<LatentCache>> caches;
+  std::vector<PrefillItem> items(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    caches.push_back(std::make_unique<LatentCache>(c.num_hidden_layers, c.latent_dim()));
+    items[i].prompt = prompts[i];
+    items[i].cache = caches[i].get();
+  }
+  ASSERT_TRUE(PrefillBatch(e.transformer(), items, AttentionForm::kAbsorbed, nullptr, 256, overlap)
+                  .ok());
+  for (size_t i : {1, 3, 4}) {
+    EXPECT_EQ(items[i].status.code(), absl::StatusCode::kInvalidArgument) << i;
+  }
+  EXPECT_NE(items[1].status.message().find("token id -1 outside the vocabulary"),
+            std::string::npos) << items[1].status;
+  EXPECT_NE(items[4].status.message().find("exceeds max_position_embeddings"), std::string::npos)
+      << items[4].status;
+  for (size_t i : {0, 2}) {
+    ASSERT_TRUE(items[i].status.ok()) << i << ": " << items[i].status;
+    LatentCache alone(c.num_hidden_layers, c.latent_dim());
+    auto first = PrefillFirstToken(e.transformer(), prompts[i], &alone, {}, -1,
+                                   AttentionForm::kAbsorbed);
+    ASSERT_TRUE(first.ok()) << first.status();
+    EXPECT_EQ(items[i].first.token, first->token) << i;
+  }
+}
+
+TEST(BatchDecoderTest, ABadPromptFailsAlone) { ExpectABadPromptFailsAlone(nullptr); }
+
+TEST(BatchDecoderTest, ABadPromptFailsAloneInPingPongGroups) {
+  PingPong overlap;
+  ExpectABadPromptFailsAlone(&overlap);
+}
+
 // Local experts that take `delay` to answer, waiting outside the compute as remote experts do
 // (ComputeReleased), and fail the `fail_at`-th call when asked.
 class SlowExperts : public MoeExecutor {
