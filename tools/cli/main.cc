@@ -545,6 +545,11 @@ int main(int argc, char** raw_argv) {
   const std::string cmd = raw_argv[1];
   absl::Status status;
   std::vector<char*> args(raw_argv, raw_argv + argc);
+  const bool long_running =
+      cmd == "router" || cmd == "expert" || cmd == "prefill" || cmd == "decode" || cmd == "up";
+  // Before any thread exists (making credentials starts gRPC's threads): SIGINT/SIGTERM are then
+  // taken only by the waiting main thread, never by a thread that would die of them.
+  if (long_running) splitmoe::process::BlockTerminationSignals();
   if (cmd != "make-tiny" && cmd != "inspect" && cmd != "help" && cmd != "--help") {
     status = TakeSecurityFlags(cmd, &args);
     if (!status.ok()) {
@@ -571,10 +576,7 @@ int main(int argc, char** raw_argv) {
     status = BenchCommand(argc, argv);
   } else if (cmd == "status") {
     status = Status(argc, argv);
-  } else if (cmd == "router" || cmd == "expert" || cmd == "prefill" || cmd == "decode" ||
-             cmd == "up") {
-    // Before any thread exists: SIGINT/SIGTERM are then taken only by the waiting main thread.
-    splitmoe::process::BlockTerminationSignals();
+  } else if (long_running) {
     if (cmd == "router") status = Router(argc, argv);
     if (cmd == "expert") status = Expert(argc, argv);
     if (cmd == "prefill") status = PrefillCommand(argc, argv);
