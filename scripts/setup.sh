@@ -10,6 +10,9 @@ APT_PACKAGES=(
   libabsl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libpcre2-dev libopenblas-dev libdnnl-dev libgoogle-glog-dev
   python3-torch python3-numpy python3-grpcio python3-protobuf python3-matplotlib
+  # scripts/fuzz.sh: clang with libFuzzer (libclang_rt.fuzzer*.a is in libclang-rt-14-dev, only
+  # recommended by clang-14, so named here for --no-install-recommends).
+  clang-14 libclang-rt-14-dev
 )
 # Node.js may come from elsewhere with npm bundled (Debian's npm then conflicts): only ask
 # apt for what is really absent.

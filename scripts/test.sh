@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing, builds, runs ctest (all labels), then builds the
 # same tree with AddressSanitizer + UndefinedBehaviorSanitizer into build-asan/ and runs the
-# tests again there. Idempotent; a second run only rebuilds what changed.
+# tests again there, then runs each libFuzzer target briefly (scripts/fuzz.sh, clang, build-fuzz/).
+# Idempotent; a second run only rebuilds what changed.
 #   CTEST_ARGS="-L unit" ./scripts/test.sh      # a subset
 #   SPLITMOE_SANITIZE=0 ./scripts/test.sh       # skip the sanitizer pass
+#   SPLITMOE_FUZZ=0 ./scripts/test.sh           # skip the fuzzing pass (docs/fuzzing.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -26,4 +28,10 @@ if [ "${SPLITMOE_SANITIZE:-1}" != "0" ]; then
   # shellcheck disable=SC2086
   (cd build-asan && LSAN_OPTIONS="suppressions=$PWD/../scripts/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}" \
      ctest --output-on-failure -j 2 -LE "bench|soak" ${CTEST_ARGS:-})
+fi
+
+# Each libFuzzer target for a short while over its seed corpus (scripts/fuzz.sh; longer campaigns
+# in docs/fuzzing.md).
+if [ "${SPLITMOE_FUZZ:-1}" != "0" ]; then
+  ./scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 fi
