@@ -477,6 +477,7 @@ void GenerationActor::Handle(PrefillDone m, Ctx& ctx) {
   const v1::PrefillResponse& p = *m.result;
   const bool first = !r.first_token_done;  // not a failover's continuation
   r.first_token_done = true;
+  r.attempt_prefilled = true;
   const bool decoding = r.destination.has_value() && p.finish_reason().empty();
   if (decoding) {
     r.stage = Stage::kDecoding;
@@ -503,7 +504,7 @@ void GenerationActor::Handle(DecodeTokenEvent m, Ctx& ctx) {
   if (found == by_internal_id_.end()) return;  // finished or abandoned already
   Request& r = requests_.at(found->second);
   if (r.decode_worker != m.worker_id) return;
-  if (!r.first_token_done) {
+  if (!r.attempt_prefilled) {
     r.buffered.push_back(std::move(m.event));
     return;
   }
@@ -635,6 +636,7 @@ void GenerationActor::Failover(Request& r, const absl::Status& why,
   r.stage = Stage::kAdmitting;
   r.writer.clear();
   r.prefill_sent = false;
+  r.attempt_prefilled = false;
   r.buffered.clear();
   r.decode_tried.clear();
   r.too_small.clear();

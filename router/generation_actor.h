@@ -166,7 +166,10 @@ class GenerationActor {
     std::optional<v1::LatentDestination> destination;
     std::shared_ptr<grpc::ClientContext> prefill_ctx;
     bool prefill_sent = false;
-    bool first_token_done = false;
+    bool first_token_done = false;  // the request's first token (of any attempt) was emitted
+    // This attempt's prefill reply has come: until then its decode worker's events wait in
+    // `buffered` (they can overtake the reply; after a failover too).
+    bool attempt_prefilled = false;
     std::vector<v1::TokenEvent> buffered;  // decode events that overtook the prefill reply
     std::unique_ptr<tokenizer::TextStream> text;
     int32_t completion_tokens = 0;
