@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/base/file.h"
+#include "common/base/json_text.h"
 #include "common/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -42,13 +43,13 @@ absl::Status ReadInt(const json& j, const char* key, bool required, int64_t* out
     // 2^63 is the first double past int64's range; casting it or more is undefined.
     if (!(std::fabs(v) < 0x1p63)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("field '", key, "' = ", it->dump(), " is out of range"));
+          absl::StrCat("field '", key, "' = ", JsonForError(*it), " is out of range"));
     }
     *out = static_cast<int64_t>(v);
     return absl::OkStatus();
   }
   return absl::InvalidArgumentError(
-      absl::StrCat("field '", key, "' must be an integer, got ", it->dump()));
+      absl::StrCat("field '", key, "' must be an integer, got ", JsonForError(*it)));
 }
 
 absl::Status ReadDouble(const json& j, const char* key, double* out) {
@@ -56,7 +57,7 @@ absl::Status ReadDouble(const json& j, const char* key, double* out) {
   if (it == j.end() || it->is_null()) return absl::OkStatus();
   if (!it->is_number() || !std::isfinite(it->get<double>())) {
     return absl::InvalidArgumentError(
-        absl::StrCat("field '", key, "' must be a finite number, got ", it->dump()));
+        absl::StrCat("field '", key, "' must be a finite number, got ", JsonForError(*it)));
   }
   *out = it->get<double>();
   return absl::OkStatus();
@@ -67,7 +68,7 @@ absl::Status ReadBool(const json& j, const char* key, bool* out) {
   if (it == j.end() || it->is_null()) return absl::OkStatus();
   if (!it->is_boolean()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("field '", key, "' must be a boolean, got ", it->dump()));
+        absl::StrCat("field '", key, "' must be a boolean, got ", JsonForError(*it)));
   }
   *out = it->get<bool>();
   return absl::OkStatus();
@@ -282,7 +283,7 @@ absl::StatusOr<ModelConfig> ParseJson(const json& j) {
   SPLITMOE_RETURN_IF_ERROR(ReadInt(j, "n_group", false, &c.n_group));
   SPLITMOE_RETURN_IF_ERROR(ReadInt(j, "topk_group", false, &c.topk_group));
   if (auto it = j.find("topk_method"); it != j.end() && !it->is_null()) {
-    std::string m = it->is_string() ? it->get<std::string>() : it->dump();
+    std::string m = it->is_string() ? it->get<std::string>() : JsonForError(*it);
     if (m == "greedy")
       c.topk_method = TopkMethod::kGreedy;
     else if (m == "group_limited_greedy")
@@ -293,7 +294,7 @@ absl::StatusOr<ModelConfig> ParseJson(const json& j) {
       return absl::InvalidArgumentError(absl::StrCat("unknown topk_method '", m, "'"));
   }
   if (auto it = j.find("scoring_func"); it != j.end() && !it->is_null()) {
-    std::string f = it->is_string() ? it->get<std::string>() : it->dump();
+    std::string f = it->is_string() ? it->get<std::string>() : JsonForError(*it);
     if (f == "softmax")
       c.scoring_func = ScoringFunc::kSoftmax;
     else if (f == "sigmoid")

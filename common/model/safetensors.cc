@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/base/file.h"
+#include "common/base/json_text.h"
 #include "common/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -131,23 +132,26 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     info.name = name;
     if (!entry["dtype"].is_string() ||
         !ParseDType(entry["dtype"].get<std::string>(), &info.dtype)) {
-      return TensorError(path, name, absl::StrCat("unsupported dtype ", entry["dtype"].dump()));
+      return TensorError(path, name, absl::StrCat("unsupported dtype ", JsonForError(entry["dtype"])));
     }
     const json& shape = entry["shape"];
     if (!shape.is_array()) return TensorError(path, name, "shape is not an array");
     int64_t numel = 1;
     for (const json& d : shape) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0 || d.get<int64_t>() > (int64_t{1} << 40)) {
-        return TensorError(path, name, absl::StrCat("bad shape ", shape.dump()));
+        return TensorError(path, name, absl::StrCat("bad shape ", JsonForError(shape)));
       }
       info.shape.push_back(d.get<int64_t>());
+      // Checked before multiplying: two dimensions of 2^32 overflow int64 (and wrapped to 0).
+      if (d.get<int64_t>() != 0 && numel > (int64_t{1} << 40) / d.get<int64_t>()) {
+        return TensorError(path, name, "shape too large");
+      }
       numel *= d.get<int64_t>();
-      if (numel > (int64_t{1} << 40)) return TensorError(path, name, "shape too large");
     }
     const json& offsets = entry["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
         !offsets[1].is_number_unsigned()) {
-      return TensorError(path, name, absl::StrCat("bad data_offsets ", offsets.dump()));
+      return TensorError(path, name, absl::StrCat("bad data_offsets ", JsonForError(offsets)));
     }
     uint64_t begin = offsets[0].get<uint64_t>();
     uint64_t end = offsets[1].get<uint64_t>();

@@ -33,7 +33,8 @@ class TextStream {
   // Text that became final with `id`. `last`: no token follows (everything held is released).
   absl::StatusOr<std::string> Push(int32_t id, bool last, bool* stopped);
 
-  // All text returned so far.
+  // Everything decoded so far: what Push() returned, then a tail still held back (empty once
+  // the last token or a stop string ended the stream).
   const std::string& text() const { return text_; }
 
  private:

@@ -12,6 +12,7 @@
 #include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/file.h"
+#include "common/base/json_text.h"
 #include "common/base/status_macros.h"
 #include "common/tokenizer/internal/regex.h"
 #include "common/tokenizer/internal/utf8.h"
@@ -59,6 +60,20 @@ bool GetBool(const Json& obj, const char* key, bool fallback) {
   auto it = obj.find(key);
   if (it == obj.end() || it->is_null()) return fallback;
   return it->get<bool>();
+}
+
+// A token id: an integer in [0, 2^31), or an error naming `what` (nlohmann's get<int32_t>()
+// would convert a float or a larger integer, 2.5e48 included, without a word).
+absl::StatusOr<int32_t> TokenId(const Json& id, const std::string& what) {
+  if (!id.is_number_integer()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has id ", JsonForError(id), ": not an integer"));
+  }
+  if (id.is_number_unsigned() ? id.get<uint64_t>() > INT32_MAX
+                              : (id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has id ", JsonForError(id),
+                                                   ": outside [0, 2147483647]"));
+  }
+  return static_cast<int32_t>(id.get<int64_t>());
 }
 
 // "type" of a component object, "" for null.
@@ -240,17 +255,16 @@ absl::Status TokenizerImpl::Parse(const Json& j) {
     for (const Json& t : *it) {
       AddedToken token;
       token.content = t.at("content").get<std::string>();
-      token.id = t.at("id").get<int32_t>();
+      const bool valid_utf8 = internal::FindInvalidUtf8(token.content) == internal::kAllValid;
+      SPLITMOE_ASSIGN_OR_RETURN(
+          token.id, TokenId(t.at("id"), valid_utf8 ? absl::StrCat("added token \"", token.content, "\"")
+                                                   : std::string("an added token")));
       token.special = GetBool(t, "special", false);
       token.lstrip = GetBool(t, "lstrip", false);
       token.rstrip = GetBool(t, "rstrip", false);
       token.single_word = GetBool(t, "single_word", false);
       token.normalized = GetBool(t, "normalized", !token.special);
-      if (token.id < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("added token \"", token.content, "\" has negative id ", token.id));
-      }
-      if (internal::FindInvalidUtf8(token.content) != internal::kAllValid) {
+      if (!valid_utf8) {
         return absl::InvalidArgumentError(
             absl::StrCat("added token ", token.id, " is not valid UTF-8"));
       }
@@ -360,11 +374,8 @@ absl::Status TokenizerImpl::ParseModel(const Json& model,
   if (!v.is_object()) return absl::InvalidArgumentError("model.vocab is not an object");
   vocab->reserve(v.size());
   for (auto it = v.begin(); it != v.end(); ++it) {
-    const int32_t id = it.value().get<int32_t>();
-    if (id < 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("vocab token \"", it.key(), "\" has negative id ", id));
-    }
+    SPLITMOE_ASSIGN_OR_RETURN(const int32_t id,
+                              TokenId(it.value(), absl::StrCat("vocab token \"", it.key(), "\"")));
     (*vocab)[it.key()] = id;
   }
   const Json& merges = model.at("merges");

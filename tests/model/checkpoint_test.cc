@@ -238,6 +238,13 @@ TEST(SafetensorsTest, RefusesBadHeaders) {
       {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}})", 16, "out of range"},
       {R"({"a": {"dtype": "F32", "shape": [4]}})", 16, "lacks"},
       {R"({"a": )", 16, "not a JSON object"},
+      // Each dimension within bounds, their product not (it overflowed int64 and wrapped to 0).
+      {R"({"a": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 0]}})", 16,
+       "shape too large"},
+      // Nested past any stack the error message's text would need (found by safetensors_fuzz).
+      {R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": )" + std::string(200000, '[') +
+           std::string(200000, ']') + "}}",
+       16, "bad data_offsets [[[[...]]]]"},
   };
   for (const Case& c : cases) {
     WriteRaw(path, c.header, c.data);

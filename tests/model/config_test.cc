@@ -260,6 +260,20 @@ TEST(ModelConfigTest, RefusesNonFiniteNumbers) {
   EXPECT_FALSE(r.ok());
 }
 
+// A value nested 400 000 deep (1 MB, within the size bound) is refused naming the field, with
+// a bounded text of the value (printing it whole overflowed the stack; found by config_fuzz).
+TEST(ModelConfigTest, RefusesDeeplyNestedValuesWithABoundedMessage) {
+  const std::string deep = std::string(400000, '[') + std::string(400000, ']');
+  absl::StatusOr<ModelConfig> r = ParseModelConfig(
+      Replace(kV3Config, R"("num_hidden_layers": 61)", R"("num_hidden_layers": )" + deep),
+      "deep/config.json");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("'num_hidden_layers' must be an integer, got [[[[...]]]]"),
+            std::string::npos)
+      << r.status().message().substr(0, 300);
+  EXPECT_LT(r.status().message().size(), 400u);
+}
+
 TEST(ModelConfigTest, RefusesNonJson) {
   EXPECT_FALSE(ParseModelConfig("{not json", "x").ok());
   EXPECT_FALSE(ParseModelConfig("[1, 2]", "x").ok());

@@ -585,6 +585,22 @@ TEST_F(SyntheticTest, LoadErrorsNameTheFile) {
   EXPECT_EQ(bad_vocab.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad_vocab.status().message(), HasSubstr("tokenizer.json"));
 
+  // Ids that are not integers in [0, 2^31) are refused naming the token (a float such as 2.5e48
+  // was converted to an int32 without a word, UB found by tokenizer_load_fuzz).
+  for (const Json& id : {Json(2.5e48), Json(7.5), Json(-1), Json(int64_t{1} << 31),
+                         Json(uint64_t{1} << 63)}) {
+    Json bad_id = SyntheticTokenizerJson(ByteLevelPreTokenizer(true));
+    bad_id["model"]["vocab"]["hello"] = id;
+    auto vocab_id = Load(bad_id);
+    EXPECT_EQ(vocab_id.status().code(), absl::StatusCode::kInvalidArgument) << id.dump();
+    EXPECT_THAT(vocab_id.status().message(), HasSubstr("vocab token \"hello\" has id"));
+    bad_id = SyntheticTokenizerJson(ByteLevelPreTokenizer(true));
+    bad_id["added_tokens"][0]["id"] = id;
+    auto added_id = Load(bad_id);
+    EXPECT_EQ(added_id.status().code(), absl::StatusCode::kInvalidArgument) << id.dump();
+    EXPECT_THAT(added_id.status().message(), HasSubstr("added token \"<s>\" has id"));
+  }
+
   Json nfc = SyntheticTokenizerJson(ByteLevelPreTokenizer(true));
   nfc["normalizer"] = {{"type", "NFC"}};
   auto unsupported = Load(nfc);
