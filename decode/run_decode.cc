@@ -67,8 +67,8 @@ absl::Status RunDecode(const DecodeOptions& options) {
     request.set_transfer_mode(actor_options.transfer_mode);
     request.set_model_fingerprint(side->fingerprint());
     SPLITMOE_ASSIGN_OR_RETURN(
-        std::unique_ptr<rpc::Registration> membership,
-        rpc::Registration::Start(options.router, request, [gauge, &side] {
+        std::unique_ptr<rpc::Membership> membership,
+        rpc::Membership::Start(rpc::RouterAddresses(options.router), request, [gauge, &side] {
           v1::WorkerLoad load = gauge->Get();
           *load.mutable_moe() = side->moe().Stats();
           return load;

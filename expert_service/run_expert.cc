@@ -41,7 +41,7 @@ absl::Status RunExpert(const ExpertOptions& options) {
     runtime::Actor<ExpertsActor>& actor;
     ~StopActorFirst() { actor.Stop(); }
   } stop_actor_first{actor};
-  std::unique_ptr<rpc::Registration> membership;
+  std::unique_ptr<rpc::Membership> membership;
   // The routing table, as every worker sees it: the drain below waits until it no longer lists
   // this replica.
   std::unique_ptr<expert_plane::RoutingTableWatcher> table;
@@ -67,7 +67,7 @@ absl::Status RunExpert(const ExpertOptions& options) {
     SPLITMOE_ASSIGN_OR_RETURN(std::string fingerprint, rpc::ModelFingerprint(options.model_dir));
     request.set_model_fingerprint(fingerprint);
     SPLITMOE_ASSIGN_OR_RETURN(membership,
-                              rpc::Registration::Start(options.router, request, [&] {
+                              rpc::Membership::Start(rpc::RouterAddresses(options.router), request, [&] {
                                 v1::WorkerLoad load;
                                 load.set_tokens_processed(ingress.assignments());
                                 for (uint64_t id : placements->Ready())

@@ -35,8 +35,8 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
     request.set_resident_weight_bytes(side->resident_weight_bytes());
     request.set_transfer_mode(transfer::UcxTlsDescription());
     request.set_model_fingerprint(side->fingerprint());
-    SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<rpc::Registration> membership,
-                              rpc::Registration::Start(options.router, request, [&] {
+    SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<rpc::Membership> membership,
+                              rpc::Membership::Start(rpc::RouterAddresses(options.router), request, [&] {
                                 // In flight first: the actor publishes its counters before
                                 // it replies, so a count that includes the reply sees them.
                                 const int32_t in_flight = service.in_flight();

@@ -7,12 +7,13 @@
 
 namespace splitmoe::expert_plane {
 
-std::unique_ptr<RoutingTableWatcher> RoutingTableWatcher::Start(const std::string& router_address,
+std::unique_ptr<RoutingTableWatcher> RoutingTableWatcher::Start(const std::string& routers,
                                                                 std::string worker_id) {
   std::unique_ptr<RoutingTableWatcher> w(new RoutingTableWatcher());
-  w->router_address_ = router_address;
   w->worker_id_ = std::move(worker_id);
-  w->stub_ = v1::Registry::NewStub(rpc::InternalChannel(router_address));
+  for (const std::string& address : rpc::RouterAddresses(routers)) {
+    w->stubs_.push_back(v1::Registry::NewStub(rpc::InternalChannel(address)));
+  }
   w->thread_ = std::thread([raw = w.get()] { raw->Loop(); });
   return w;
 }
@@ -50,8 +51,14 @@ void RoutingTableWatcher::Offer(v1::RoutingTable table) {
 
 void RoutingTableWatcher::Loop() {
   absl::Duration backoff = absl::Milliseconds(50);
-  while (true) {
+  size_t next = 0;
+  while (!stubs_.empty()) {
+    const size_t i = next;
     grpc::ClientContext context;
+    if (i > 0) {
+      context.set_deadline(std::chrono::system_clock::now() +
+                           absl::ToChronoMilliseconds(kRecheckFirst));
+    }
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_) return;
@@ -60,16 +67,26 @@ void RoutingTableWatcher::Loop() {
     v1::WatchRoutingTableRequest request;
     request.set_worker_id(worker_id_);
     std::unique_ptr<grpc::ClientReader<v1::RoutingTable>> reader =
-        stub_->WatchRoutingTable(&context, request);
+        stubs_[i]->WatchRoutingTable(&context, request);
     v1::RoutingTable table;
     while (reader->Read(&table)) {
-      backoff = absl::Milliseconds(50);  // the router answers: the next loss starts afresh
+      backoff = absl::Milliseconds(50);  // a router answers: the next loss starts afresh
       Offer(std::move(table));
       table = v1::RoutingTable();
     }
-    (void)reader->Finish();  // the router went away (or we are stopping): keep the last table
+    // The router went away, or its time as a stand-in is up (or we are stopping): the last
+    // table stays in force.
+    const grpc::Status status = reader->Finish();
     std::unique_lock<std::mutex> lock(mu_);
     open_ = nullptr;
+    if (stopping_) return;
+    if (i > 0 && status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+      next = 0;  // the first router may be back
+      continue;
+    }
+    // The next router at once; after the whole list failed, wait (with back-off).
+    next = (i + 1) % stubs_.size();
+    if (next != 0) continue;
     if (cv_.wait_for(lock, absl::ToChronoMilliseconds(backoff), [this] { return stopping_; }))
       return;
     backoff = std::min(backoff * 2, absl::Seconds(1));

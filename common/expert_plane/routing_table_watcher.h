@@ -5,9 +5,14 @@
 // thread subscribes again with back-off until the router is back; a table from a restarted
 // router (another router_id) replaces the old one whatever its version.
 //
+// Several routers (`--router A,B`): the first that answers is followed. One after the first is
+// followed only for kRecheckFirst at a time, then the list is tried again from its start, so
+// every process of a cluster follows the same router (the first live one) and they all see one
+// placement. When the followed router dies, the next one's table takes over at once.
+//
 // Current() may be called from any thread and never blocks on the network.
 //
-//   auto watcher = RoutingTableWatcher::Start("10.0.0.1:7000", "decode-3");
+//   auto watcher = RoutingTableWatcher::Start("10.0.0.1:7000,10.0.0.2:7000", "decode-3");
 //   watcher->WaitForTable(absl::Seconds(10));
 //   std::shared_ptr<const v1::RoutingTable> table = watcher->Current();  // null before the first
 #ifndef SPLITMOE_COMMON_EXPERT_PLANE_ROUTING_TABLE_WATCHER_H_
@@ -20,6 +25,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/time/time.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
@@ -28,8 +34,10 @@ namespace splitmoe::expert_plane {
 
 class RoutingTableWatcher {
  public:
-  static std::unique_ptr<RoutingTableWatcher> Start(const std::string& router_address,
+  // `routers`: one address, or several separated by commas, in order of preference.
+  static std::unique_ptr<RoutingTableWatcher> Start(const std::string& routers,
                                                     std::string worker_id = "");
+  static constexpr absl::Duration kRecheckFirst = absl::Seconds(3);
   ~RoutingTableWatcher();
 
   // The table in force; null until the first one arrived.
@@ -43,9 +51,8 @@ class RoutingTableWatcher {
   // Swaps `table` in unless it is older than the one in force from the same router.
   void Offer(v1::RoutingTable table);
 
-  std::string router_address_;
   std::string worker_id_;
-  std::unique_ptr<v1::Registry::Stub> stub_;
+  std::vector<std::unique_ptr<v1::Registry::Stub>> stubs_;  // one per router, in order
   std::thread thread_;
 
   mutable std::mutex mu_;  // guards everything below

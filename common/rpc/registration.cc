@@ -44,29 +44,24 @@ class Registration::AttachStream : public grpc::ClientReadReactor<v1::AttachEven
   bool done_ = false;
 };
 
-absl::StatusOr<std::unique_ptr<Registration>> Registration::Start(const std::string& router_address,
-                                                                  v1::RegisterRequest request,
-                                                                  LoadFn load,
-                                                                  absl::Duration timeout) {
+namespace {
+
+// A refusal (wrong model, bad credentials, bad request) is final; an unreachable router may
+// come up later.
+bool Final(const absl::Status& status) {
+  return !status.ok() && status.code() != absl::StatusCode::kUnavailable &&
+         status.code() != absl::StatusCode::kDeadlineExceeded;
+}
+
+}  // namespace
+
+std::unique_ptr<Registration> Registration::Start(const std::string& router_address,
+                                                  v1::RegisterRequest request, LoadFn load) {
   std::unique_ptr<Registration> r(new Registration());
+  r->router_address_ = router_address;
   r->request_ = std::move(request);
   r->load_ = std::move(load);
   r->stub_ = v1::Registry::NewStub(InternalChannel(router_address));
-  const absl::Time deadline = absl::Now() + timeout;
-  absl::Status status;
-  while (!(status = r->RegisterOnce()).ok()) {
-    // A refusal (wrong model, bad request) is final; an unreachable router may come up later.
-    if (status.code() != absl::StatusCode::kUnavailable &&
-        status.code() != absl::StatusCode::kDeadlineExceeded) {
-      return status;
-    }
-    if (absl::Now() > deadline) {
-      return absl::UnavailableError(
-          absl::StrCat("router ", router_address, " did not answer: ", status.message()));
-    }
-    absl::SleepFor(absl::Milliseconds(200));
-  }
-  r->Reattach();
   r->thread_ = std::thread([raw = r.get()] { raw->HeartbeatLoop(); });
   return r;
 }
@@ -76,9 +71,13 @@ absl::Status Registration::RegisterOnce() {
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   v1::RegisterResponse response;
   absl::Status status = FromGrpcStatus(stub_->Register(&context, request_, &response));
-  if (!status.ok()) return status;
   std::lock_guard<std::mutex> lock(mu_);
+  if (!status.ok()) {
+    if (worker_id_.empty()) state_ = status;
+    return status;
+  }
   worker_id_ = response.worker_id();
+  state_ = absl::OkStatus();
   if (response.heartbeat_interval_ms() > 0)
     interval_ = absl::Milliseconds(response.heartbeat_interval_ms());
   return absl::OkStatus();
@@ -94,9 +93,33 @@ std::string Registration::worker_id() const {
   return worker_id_;
 }
 
+absl::Status Registration::state() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return state_;
+}
+
 void Registration::HeartbeatLoop() {
   std::unique_lock<std::mutex> lock(mu_);
+  absl::StatusCode refused = absl::StatusCode::kOk;  // the last refusal printed
   while (!stopping_) {
+    if (worker_id_.empty()) {  // started in the background: register first
+      lock.unlock();
+      const absl::Status status = RegisterOnce();
+      if (status.ok()) {
+        Reattach();
+        std::cerr << "registered with router " << router_address_ << " as " << worker_id()
+                  << "\n";
+      } else if (Final(status) && status.code() != refused) {
+        std::cerr << "router " << router_address_ << " refused this worker: " << status.message()
+                  << "\n";
+      }
+      refused = status.code();
+      lock.lock();
+      if (!status.ok()) {
+        cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stopping_; });
+      }
+      continue;
+    }
     cv_.wait_for(lock, absl::ToChronoMilliseconds(interval_), [this] { return stopping_; });
     if (stopping_) break;
     v1::HeartbeatRequest beat;
@@ -124,6 +147,7 @@ Registration::~Registration() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  if (worker_id().empty()) return;  // never registered
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
   v1::DeregisterRequest request;
@@ -131,6 +155,35 @@ Registration::~Registration() {
   v1::DeregisterResponse response;
   (void)stub_->Deregister(&context, request, &response);
   attach_.reset();  // after the drain: the router already let the worker go
+}
+
+absl::StatusOr<std::unique_ptr<Membership>> Membership::Start(
+    const std::vector<std::string>& routers, v1::RegisterRequest request,
+    Registration::LoadFn load, absl::Duration timeout) {
+  if (routers.empty()) return absl::InvalidArgumentError("no router to register with");
+  std::unique_ptr<Membership> m(new Membership());
+  for (const std::string& router : routers) {
+    m->registrations_.push_back(Registration::Start(router, request, load));
+  }
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    absl::Status last;
+    for (const auto& r : m->registrations_) {
+      const absl::Status state = r->state();
+      if (state.ok()) return m;
+      if (Final(state)) return state;
+      last = absl::UnavailableError(
+          absl::StrCat("router ", r->router_address(), " did not answer: ", state.message()));
+    }
+    if (absl::Now() > deadline) return last;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
+std::vector<std::string> Membership::worker_ids() const {
+  std::vector<std::string> ids;
+  for (const auto& r : registrations_) ids.push_back(r->worker_id());
+  return ids;
 }
 
 }  // namespace splitmoe::rpc

@@ -8,7 +8,9 @@
 #include <cstring>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/str_format.h"
 #include "common/base/file.h"
 #include "common/base/mix64.h"
@@ -184,6 +186,14 @@ std::string AdvertisedAddress(const std::string& bound) {
   return absl::StrCat(name, bound.substr(colon));
 }
 
+std::vector<std::string> RouterAddresses(const std::string& flag) {
+  std::vector<std::string> out;
+  for (absl::string_view a : absl::StrSplit(flag, ',', absl::SkipWhitespace())) {
+    out.emplace_back(absl::StripAsciiWhitespace(a));
+  }
+  return out;
+}
+
 grpc::ChannelArguments ClientChannelArguments(int max_message_bytes) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
@@ -191,9 +201,12 @@ grpc::ChannelArguments ClientChannelArguments(int max_message_bytes) {
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
   // A peer that went away (a restarted router, a replaced replica) is tried again within a
-  // second, not after gRPC's default back-off of up to two minutes.
+  // second, not after gRPC's default back-off of up to two minutes. gRPC takes the "minimum
+  // back-off" as the least time a connection attempt (TCP and HTTP/2 handshake) may take: at
+  // 100 ms, attempts on a busy machine were cut short again and again ("tcp handshaker
+  // shutdown") and a restarted router stayed unreachable from an old channel for ~8 s.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   return args;
 }

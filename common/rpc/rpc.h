@@ -66,6 +66,10 @@ absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir);
 // becomes this machine's host name, which other machines can resolve.
 std::string AdvertisedAddress(const std::string& bound);
 
+// The routers of a `--router` flag: one address, or several separated by commas ("A,B"), in
+// the order given (the first is preferred). Blank entries are dropped.
+std::vector<std::string> RouterAddresses(const std::string& flag);
+
 // Channel arguments every splitmoe client uses (message size, keepalive).
 grpc::ChannelArguments ClientChannelArguments(int max_message_bytes = 256 << 20);
 

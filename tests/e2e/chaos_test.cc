@@ -1,9 +1,9 @@
-// A chaos soak: a cluster with a spare of every worker role (2 prefill, 2 decode, 2 expert shards
-// x 2 replicas) under steady load from concurrent clients, while a random process (router
-// included) is killed with SIGKILL every few seconds and `splitmoe up` restarts it. Asserts that
-// no request is lost (a client retries only when the router it was talking to died), every output
-// equals the engine's, and afterwards nothing is held: no request in flight, no cache block used
-// or quarantined. Prints requests, kills per role, retries, failovers and the time the router took
+// A chaos soak: a cluster with a spare of every role (2 routers, 2 prefill, 2 decode, 2 expert
+// shards x 2 replicas) under steady load from concurrent clients spread over both routers, while
+// a random process (a router included) is killed with SIGKILL every few seconds and `splitmoe up`
+// restarts it. Asserts that no request is lost (a client retries, on the other router, only when
+// the router it was talking to died), every output equals the engine's, and afterwards nothing
+// is held: no request in flight, no cache block used or quarantined. Prints requests, kills per role, retries, failovers and the time the router took
 // to notice each worker's death. SPLITMOE_CHAOS_SECONDS sets the length (default 75).
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
@@ -16,6 +16,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -95,20 +96,31 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
   auto up = process::Subprocess::Start(
       "up", {Binary(), "up", "--model", model, "--heartbeat-ms", "100", "--prefill", "2",
              "--decode", "2", "--experts", "2", "--expert-replicas", "2", "--block-tokens", "16",
-             "--cache-blocks", "200"});
+             "--cache-blocks", "200", "--routers", "2"});
   ASSERT_TRUE(up.ok()) << up.status();
   auto ready = (*up)->ReadLineMatching("ready grpc=", absl::Seconds(180));
   ASSERT_TRUE(ready.ok()) << ready.status();
-  auto channel = grpc::CreateCustomChannel(*ready, grpc::InsecureChannelCredentials(),
-                                           rpc::ClientChannelArguments());
-  auto generation = v1::Generation::NewStub(channel);
-  auto info = v1::ClusterInfo::NewStub(channel);
-  auto status = [&]() -> std::optional<v1::ClusterStatusResponse> {
+  const std::vector<std::string> endpoints = absl::StrSplit(*ready, ',');
+  ASSERT_EQ(endpoints.size(), 2u) << *ready;
+  std::unique_ptr<v1::Generation::Stub> generation[2];
+  std::unique_ptr<v1::ClusterInfo::Stub> info[2];
+  for (int i = 0; i < 2; ++i) {
+    auto channel = grpc::CreateCustomChannel(endpoints[i], grpc::InsecureChannelCredentials(),
+                                             rpc::ClientChannelArguments());
+    generation[i] = v1::Generation::NewStub(channel);
+    info[i] = v1::ClusterInfo::NewStub(channel);
+  }
+  // Router i's view; status() is the first live router's.
+  auto status_of = [&](int i) -> std::optional<v1::ClusterStatusResponse> {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
     v1::ClusterStatusResponse s;
-    if (!info->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &s).ok()) return std::nullopt;
+    if (!info[i]->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &s).ok()) return std::nullopt;
     return s;
+  };
+  auto status = [&]() -> std::optional<v1::ClusterStatusResponse> {
+    if (auto s = status_of(0)) return s;
+    return status_of(1);
   };
   auto healthy = [&](v1::WorkerRole role) {
     int n = 0;
@@ -120,26 +132,28 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
   const std::map<v1::WorkerRole, int> full = {{v1::WORKER_ROLE_PREFILL, 2},
                                               {v1::WORKER_ROLE_DECODE, 2},
                                               {v1::WORKER_ROLE_EXPERT, 4}};
+  // Both routers up, each with every worker registered.
   auto whole = [&] {
-    auto s = status();
-    if (!s) return false;
-    std::map<v1::WorkerRole, int> n;
-    for (const auto& w : s->workers()) n[w.role()] += w.healthy();
-    for (const auto& [role, want] : full) {
-      if (n[role] != want) return false;
+    for (int i = 0; i < 2; ++i) {
+      auto s = status_of(i);
+      if (!s) return false;
+      std::map<v1::WorkerRole, int> n;
+      for (const auto& w : s->workers()) n[w.role()] += w.healthy();
+      for (const auto& [role, want] : full) {
+        if (n[role] != want) return false;
+      }
     }
     return true;
   };
 
-  // Clients: each request until it succeeds; a failure is retried only if a router was killed
-  // while it was in flight.
+  // Clients, spread over the two routers: each request until it succeeds; a failure is retried,
+  // on the other router, only if a router was killed while it was in flight.
   std::mutex mu;
   std::vector<absl::Time> router_kills;
   std::atomic<bool> stop{false};
   std::atomic<int> requests{0}, retries{0}, lost{0}, changed{0};
   std::vector<std::string> failures;
-  // A router killed while the request was in flight, or shortly before it was sent (the
-  // router is down until `up` has restarted it: about a second).
+  // A router killed while the request was in flight, or shortly before it was sent.
   auto router_died_since = [&](absl::Time t) {
     std::lock_guard<std::mutex> lock(mu);
     for (absl::Time k : router_kills) {
@@ -151,6 +165,7 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
   for (int k = 0; k < 4; ++k) {
     clients.emplace_back([&, k] {
       std::mt19937_64 pick(k);
+      int router = k % 2;
       while (!stop.load()) {
         const Case& c = cases[pick() % cases.size()];
         ++requests;
@@ -158,7 +173,7 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
           const absl::Time start = absl::Now();
           grpc::ClientContext ctx;
           ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-          auto reader = generation->Generate(&ctx, ToRequest(c));
+          auto reader = generation[router]->Generate(&ctx, ToRequest(c));
           v1::GenerateEvent event;
           std::vector<int32_t> got;
           while (reader->Read(&event)) got.insert(got.end(), event.token_ids().begin(), event.token_ids().end());
@@ -171,13 +186,14 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
             }
             break;
           }
-          // The router may be down for a moment after its own death: wait for it then.
-          // Only the router's own absence: an error a worker caused names the worker.
+          // Only the router's own absence: an error a worker caused names the worker. The
+          // other router serves meanwhile.
           const bool router_gone = s.error_code() == grpc::StatusCode::UNAVAILABLE &&
                                    s.error_message().find("worker") == std::string::npos;
           if (router_gone && router_died_since(start) && attempt < 300) {
             ++retries;
-            absl::SleepFor(absl::Milliseconds(100));
+            router = 1 - router;
+            if (attempt > 0) absl::SleepFor(absl::Milliseconds(100));
             continue;
           }
           ++lost;
@@ -208,11 +224,11 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
                                        : role == "decode" ? v1::WORKER_ROLE_DECODE
                                                           : v1::WORKER_ROLE_EXPERT;
     const int before = role == "router" ? 0 : healthy(worker_role);
-    if (role == "router") {  // its counters die with it
-      if (auto s = status()) {
-        request_failovers += s->request_failovers();
-        part_failovers += s->routing().failovers();
-      }
+    // A router's counters die with it: keep both routers' as they were before the kill, and
+    // add the dead one's once it is known which it was.
+    std::optional<v1::ClusterStatusResponse> before_kill[2];
+    if (role == "router") {
+      for (int i = 0; i < 2; ++i) before_kill[i] = status_of(i);
     }
     const absl::Time killed = absl::Now();
     if (role == "router") {
@@ -226,6 +242,13 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
         absl::SleepFor(absl::Milliseconds(5));
       }
       notice_ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - killed));
+    } else {
+      for (int i = 0; i < 2; ++i) {
+        if (before_kill[i] && !status_of(i)) {
+          request_failovers += before_kill[i]->request_failovers();
+          part_failovers += before_kill[i]->routing().failovers();
+        }
+      }
     }
     // `up` restarts it (after its back-off); wait until every role is whole again.
     const absl::Time deadline = absl::Now() + absl::Seconds(60);
@@ -244,10 +267,15 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
   for (int i = 0; i < 100; ++i) {
     held.clear();
     auto s = status();
+    for (int r = 0; r < 2; ++r) {
+      auto v = status_of(r);
+      if (v && v->requests_in_flight() != 0) {
+        absl::StrAppend(&held, "router ", r, " in flight ", v->requests_in_flight(), " ");
+      }
+    }
     if (!s) {
       held = "no status";
     } else {
-      if (s->requests_in_flight() != 0) held = absl::StrCat("router in flight ", s->requests_in_flight());
       for (const auto& w : s->workers()) {
         const auto& l = w.load();
         if (l.requests_in_flight() || l.cache_blocks_used() || l.cache_blocks_quarantined() ||
@@ -259,20 +287,24 @@ TEST(ChaosSoakTest, RandomKillsUnderLoadLoseNothingAndChangeNothing) {
     if (held.empty()) break;
     absl::SleepFor(absl::Milliseconds(50));
   }
-  auto final_status = status();
+  std::optional<v1::ClusterStatusResponse> final_status[2] = {status_of(0), status_of(1)};
+  for (int i = 0; i < 2; ++i) {
+    if (!final_status[i]) continue;
+    request_failovers += final_status[i]->request_failovers();
+    part_failovers += final_status[i]->routing().failovers();
+  }
   std::sort(notice_ms.begin(), notice_ms.end());
   std::printf(
       "chaos soak: %s, %d requests, %d attempts retried after a router death, %d lost, %d "
       "changed; "
       "kills: prefill %d, decode %d, expert %d, router %d; request failovers %llu, expert-part "
       "failovers %llu; worker death noticed in median %.0f ms, max %.0f ms; a killed router "
-      "restarted by up (1 s back-off) with every worker registered again within %.0f ms\n",
+      "restarted by up (1 s back-off) with every worker registered again within %.0f ms (the other "
+      "router serving meanwhile)\n",
       absl::FormatDuration(length).c_str(), requests.load(), retries.load(), lost.load(),
       changed.load(), kills["prefill"], kills["decode"], kills["expert"], kills["router"],
-      static_cast<unsigned long long>(request_failovers +
-                                      (final_status ? final_status->request_failovers() : 0)),
-      static_cast<unsigned long long>(part_failovers +
-                                      (final_status ? final_status->routing().failovers() : 0)),
+      static_cast<unsigned long long>(request_failovers),
+      static_cast<unsigned long long>(part_failovers),
       notice_ms.empty() ? 0.0 : notice_ms[notice_ms.size() / 2],
       notice_ms.empty() ? 0.0 : notice_ms.back(), router_recovery_ms);
   for (size_t i = 0; i < failures.size() && i < 10; ++i) std::printf("  %s\n", failures[i].c_str());

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/process/subprocess.h"
@@ -74,10 +75,11 @@ json LogprobJson(const v1::TokenLogprob& lp, bool with_top) {
   return {{"token", lp.token()}, {"logprob", lp.logprob()}, {"top_logprobs", top}};
 }
 
-// The public door, with the API key of --api-key or $SPLITMOE_API_KEY when there is one.
-std::unique_ptr<v1::Generation::Stub> GenerationStub(const Flags& f) {
+// The public door of `endpoint`, with the API key of --api-key or $SPLITMOE_API_KEY when there
+// is one.
+std::unique_ptr<v1::Generation::Stub> GenerationStub(const Flags& f, const std::string& endpoint) {
   return v1::Generation::NewStub(
-      rpc::PublicChannel(f.Get("endpoint"), rpc::ClientApiKey(f.Get("api-key"))));
+      rpc::PublicChannel(endpoint, rpc::ClientApiKey(f.Get("api-key"))));
 }
 
 // The prompt's ids: --prompt-tokens, or --prompt tokenised by the cluster (BOS as configured).
@@ -208,7 +210,7 @@ absl::Status UpCommand(int argc, char** argv) {
       {"model", "prefill", "decode", "experts", "expert-replicas", "port", "host", "cache-blocks",
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
-       "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys"},
+       "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers"},
       {"tls"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   // A closed internal plane: mutual TLS with a throwaway CA and a certificate per role
@@ -257,11 +259,16 @@ absl::Status UpCommand(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t n_experts, f.GetInt("experts", 1));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t replicas, f.GetInt("expert-replicas", 1));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 0));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t n_routers, f.GetInt("routers", 1));
   if (n_prefill < 1 || n_decode < 1 || n_experts < 1 || replicas < 1 || port < 0 ||
       port > 65535) {
     return absl::InvalidArgumentError(
         "--prefill, --decode, --experts and --expert-replicas must be >= 1 and --port in "
         "[0, 65535]");
+  }
+  if (n_routers < 1 || n_routers > 8 || (port > 0 && port + n_routers - 1 > 65535)) {
+    return absl::InvalidArgumentError(
+        "--routers must be in [1, 8] (with --port P they listen on P, P+1, ...)");
   }
   SPLITMOE_RETURN_IF_ERROR(MoeFlags(f).status());  // refuse bad worker flags before starting
   SPLITMOE_RETURN_IF_ERROR(MicroBatchesFlag(f).status());
@@ -325,27 +332,37 @@ absl::Status UpCommand(int argc, char** argv) {
   LauncherService launcher;
   SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer launcher_server,
                             rpc::StartServer(host + ":0", {&launcher}));
-  std::vector<std::string> router_args = {"router", "--model", model, "--listen",
-                                          absl::StrCat(host, ":", port), "--launcher",
-                                          launcher_server.address};
-  for (const char* flag : {"heartbeat-ms", "max-devices", "bias-update-rate", "bias-bound",
-                           "api-keys"})
-    pass(router_args, flag);
-  security(router_args, "router");
-  if (closed) {
-    router_args.push_back("--internal-listen");
-    router_args.push_back(host + ":0");
+  // Routers: every worker registers with each (`--router A,B,...`), so losing one loses only
+  // the requests in flight through it. Router i listens on --port + i (or any free port).
+  std::vector<std::string> publics, internals;
+  for (int64_t i = 0; i < n_routers; ++i) {
+    std::vector<std::string> router_args = {
+        "router", "--model", model, "--listen",
+        absl::StrCat(host, ":", port > 0 ? port + i : 0), "--launcher", launcher_server.address};
+    for (const char* flag : {"heartbeat-ms", "max-devices", "bias-update-rate", "bias-bound",
+                             "api-keys"})
+      pass(router_args, flag);
+    security(router_args, "router");
+    if (closed) {
+      router_args.push_back("--internal-listen");
+      router_args.push_back(host + ":0");
+    }
+    absl::StatusOr<std::string> public_address =
+        start(n_routers == 1 ? "router" : absl::StrCat("router", i), router_args);
+    if (!public_address.ok()) return fail(public_address.status());
+    // Workers and this launcher reach the router's internal port (the same as the public one
+    // in an open cluster).
+    absl::StatusOr<std::string> internal =
+        children.back().process->ReadLineMatching("internal ", absl::Seconds(30));
+    if (!internal.ok()) return fail(internal.status());
+    // A restarted router binds the same addresses, so the workers find it again.
+    children.back().args[4] = *public_address;
+    if (closed) children.back().args.back() = *internal;
+    publics.push_back(*public_address);
+    internals.push_back(*internal);
   }
-  absl::StatusOr<std::string> public_address = start("router", router_args);
-  if (!public_address.ok()) return fail(public_address.status());
-  // Workers and this launcher reach the router's internal port (the same as the public one in
-  // an open cluster).
-  absl::StatusOr<std::string> router =
-      children.front().process->ReadLineMatching("internal ", absl::Seconds(30));
-  if (!router.ok()) return fail(router.status());
-  // A restarted router binds the same addresses, so the workers find it again.
-  children.front().args[4] = *public_address;
-  if (closed) children.front().args.back() = *router;
+  const std::string routers = absl::StrJoin(internals, ",");
+  const std::string* router = &routers;
   std::vector<int64_t> next_replica(static_cast<size_t>(n_experts), 0);
   auto start_expert = [&](int64_t s) {
     const int64_t r = next_replica[static_cast<size_t>(s)]++;
@@ -391,26 +408,29 @@ absl::Status UpCommand(int argc, char** argv) {
     if (!r.ok()) return fail(r.status());
   }
 
-  // Healthy = registered and heartbeating, as the router sees it.
-  auto registry = v1::Registry::NewStub(rpc::InternalChannel(*router));
+  // Healthy = registered and heartbeating, as every router sees it.
   const int64_t want = n_experts * replicas + n_decode + n_prefill;
-  bool healthy = false;
-  for (int i = 0; i < 600 && !healthy; ++i) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
-    v1::ClusterStatusResponse status;
-    if (registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status).ok()) {
-      int64_t n = 0;
-      for (const auto& w : status.workers()) n += w.healthy();
-      healthy = n == want;
+  for (const std::string& internal : internals) {
+    auto registry = v1::Registry::NewStub(rpc::InternalChannel(internal));
+    bool healthy = false;
+    for (int i = 0; i < 600 && !healthy; ++i) {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+      v1::ClusterStatusResponse status;
+      if (registry->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status).ok()) {
+        int64_t n = 0;
+        for (const auto& w : status.workers()) n += w.healthy();
+        healthy = n == want;
+      }
+      if (!healthy) absl::SleepFor(absl::Milliseconds(100));
     }
-    if (!healthy) absl::SleepFor(absl::Milliseconds(100));
+    if (!healthy) {
+      return fail(absl::DeadlineExceededError(absl::StrCat(
+          "the cluster's workers did not all become healthy at router ", internal)));
+    }
   }
-  if (!healthy) {
-    return fail(absl::DeadlineExceededError("the cluster's workers did not all become healthy"));
-  }
-  if (closed) std::cout << "internal grpc=" << *router << std::endl;
-  std::cout << "ready grpc=" << *public_address << std::endl;
+  if (closed) std::cout << "internal grpc=" << routers << std::endl;
+  std::cout << "ready grpc=" << absl::StrJoin(publics, ",") << std::endl;
 
   // Grows or shrinks one shard's pool: new replicas started (they join when registered), the
   // newest surplus ones drained with SIGTERM, waited for, and not restarted.
@@ -640,8 +660,10 @@ absl::Status RebalanceCommand(int argc, char** argv) {
   return absl::OkStatus();
 }
 
-absl::Status GenerateRemote(const Flags& f) {
-  auto stub = GenerationStub(f);
+namespace {
+
+absl::Status GenerateAt(const Flags& f, const std::string& endpoint, bool* committed) {
+  auto stub = GenerationStub(f, endpoint);
   SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RemotePrompt(f, *stub));
   v1::GenerateRequest request;
   *request.mutable_token_ids()->mutable_ids() = {prompt.begin(), prompt.end()};
@@ -678,7 +700,10 @@ absl::Status GenerateRemote(const Flags& f) {
     tokens.insert(tokens.end(), event.token_ids().begin(), event.token_ids().end());
     text += event.text();
     for (const auto& lp : event.logprobs()) lps.push_back(LogprobJson(lp, logprobs > 0));
-    if (!as_json) std::cout << event.text() << std::flush;
+    if (!as_json) {
+      std::cout << event.text() << std::flush;
+      *committed = true;  // printed: a retry elsewhere would print it again
+    }
     if (event.finished()) {
       finish = event.finish_reason() == v1::FINISH_REASON_STOP ? "stop" : "length";
     }
@@ -693,11 +718,11 @@ absl::Status GenerateRemote(const Flags& f) {
   return absl::OkStatus();
 }
 
-absl::Status ScoreRemote(const Flags& f) {
+absl::Status ScoreAt(const Flags& f, const std::string& endpoint) {
   if (f.Has("mtp")) {
     return absl::InvalidArgumentError("--mtp is not served through a cluster; use --model");
   }
-  auto stub = GenerationStub(f);
+  auto stub = GenerationStub(f, endpoint);
   SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, RemotePrompt(f, *stub));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-logprobs", 5));
   if (k < 0 || k > 20) {
@@ -724,6 +749,39 @@ absl::Status ScoreRemote(const Flags& f) {
   json out = {{"prompt_tokens", prompt}, {"prompt_logprobs", lps}};
   std::cout << out.dump() << "\n";
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status OnEachEndpoint(
+    const Flags& f,
+    const std::function<absl::Status(const std::string& endpoint, bool* committed)>& call) {
+  const std::vector<std::string> endpoints = rpc::RouterAddresses(f.Get("endpoint"));
+  if (endpoints.empty()) return absl::InvalidArgumentError("--endpoint needs HOST:PORT");
+  absl::Status status;
+  for (size_t i = 0; i < endpoints.size(); ++i) {
+    bool committed = false;
+    status = call(endpoints[i], &committed);
+    if (status.code() != absl::StatusCode::kUnavailable || committed ||
+        i + 1 == endpoints.size()) {
+      return status;
+    }
+    std::cerr << "router " << endpoints[i] << ": " << status.message() << "; trying "
+              << endpoints[i + 1] << "\n";
+  }
+  return status;
+}
+
+absl::Status GenerateRemote(const Flags& f) {
+  return OnEachEndpoint(f, [&f](const std::string& endpoint, bool* committed) {
+    return GenerateAt(f, endpoint, committed);
+  });
+}
+
+absl::Status ScoreRemote(const Flags& f) {
+  return OnEachEndpoint(f, [&f](const std::string& endpoint, bool*) {
+    return ScoreAt(f, endpoint);
+  });
 }
 
 }  // namespace splitmoe::cli

@@ -7,6 +7,7 @@
 #ifndef SPLITMOE_TOOLS_CLI_CLUSTER_H_
 #define SPLITMOE_TOOLS_CLI_CLUSTER_H_
 
+#include <functional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -29,6 +30,12 @@ absl::Status ScaleCommand(int argc, char** argv);
 // `splitmoe rebalance --endpoint E [--redundant-experts N] [--dry-run] [--wait-s S] [--json]`:
 // EPLB from the router's observed loads; applied live unless --dry-run (waits until in force).
 absl::Status RebalanceCommand(int argc, char** argv);
+// `--endpoint A,B,...`: runs `call` against each router in turn while it fails UNAVAILABLE (the
+// router is down, or died under the call) and has not set `*committed` (output already given,
+// which a retry would repeat). Returns the last status.
+absl::Status OnEachEndpoint(
+    const Flags& f,
+    const std::function<absl::Status(const std::string& endpoint, bool* committed)>& call);
 // `f` was parsed by the single-process command and has --endpoint.
 absl::Status GenerateRemote(const Flags& f);
 absl::Status ScoreRemote(const Flags& f);

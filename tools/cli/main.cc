@@ -324,13 +324,15 @@ absl::Status Status(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"endpoint", "api-key"}, {"json"}));
   if (!f.Has("endpoint")) return absl::InvalidArgumentError("status needs --endpoint HOST:PORT");
   // The public port (ClusterInfo), with an API key: an operator needs no internal certificate.
-  auto stub = v1::ClusterInfo::NewStub(
-      rpc::PublicChannel(f.Get("endpoint"), rpc::ClientApiKey(f.Get("api-key"))));
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // Several routers (--endpoint A,B): the first that answers.
   v1::ClusterStatusResponse status;
-  SPLITMOE_RETURN_IF_ERROR(
-      rpc::FromGrpcStatus(stub->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status)));
+  SPLITMOE_RETURN_IF_ERROR(OnEachEndpoint(f, [&](const std::string& endpoint, bool*) {
+    auto stub = v1::ClusterInfo::NewStub(
+        rpc::PublicChannel(endpoint, rpc::ClientApiKey(f.Get("api-key"))));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    return rpc::FromGrpcStatus(stub->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status));
+  }));
   if (f.Has("json")) {
     std::string text;
     google::protobuf::util::JsonPrintOptions options;
@@ -470,7 +472,9 @@ int Usage() {
          "            (score/generate: --endpoint HOST:PORT instead of --model asks a cluster;\n"
          "             generate --device cuda:N [--precision fp32|bf16] runs the engine on a GPU)\n"
          "  up        --model DIR [--prefill N] [--decode N] [--experts N] [--expert-replicas R]\n"
-         "            [--port P] [--cache-blocks N] [--bias-update-rate U] (and the roles' flags)\n"
+         "            [--port P] [--routers N] [--cache-blocks N] [--bias-update-rate U]\n"
+         "            (and the roles' flags; --routers N: N routers, each worker registered with\n"
+         "            every one; prints ready grpc=A,B,...)\n"
          "            [--tls | --cluster-token-file F] [--api-keys FILE]   (a closed cluster)\n"
          "  router    --model DIR [--listen HOST:PORT] [--internal-listen HOST:PORT] [--api-keys FILE]\n"
          "            [--max-message-bytes N] [--max-streams-per-client N] [--max-devices M]\n"
@@ -479,18 +483,21 @@ int Usage() {
          "  (router, prefill, decode, expert, scale, rebalance: --tls-cert F --tls-key F --tls-ca F\n"
          "   or --cluster-token-file F close the internal plane; generate, score, status, scale,\n"
          "   bench: --api-key KEY or SPLITMOE_API_KEY at the public port)\n"
-         "  prefill   --model DIR --router HOST:PORT [--listen HOST:PORT] [--wire-dtype fp32|bf16]\n"
+         "  prefill   --model DIR --router HOST:PORT[,...] [--listen HOST:PORT] [--wire-dtype fp32|bf16]\n"
          "            [--expert-deadline-ms MS] [--batch-tokens N] [--micro-batches 1|2]\n"
-         "  decode    --model DIR --router HOST:PORT [--listen HOST:PORT] [--cache-blocks N]\n"
+         "  decode    --model DIR --router HOST:PORT[,...] [--listen HOST:PORT] [--cache-blocks N]\n"
          "            [--block-tokens T] [--cache-dtype fp32|bf16] [--wire-dtype fp32|bf16]\n"
          "            [--micro-batches 1|2]  (2: two micro-batches in ping-pong; default 1)\n"
-         "  expert    --model DIR --router HOST:PORT --shard S --num-shards N\n"
+         "  expert    --model DIR --router HOST:PORT[,...] --shard S --num-shards N\n"
          "  status    --endpoint HOST:PORT [--json]\n"
          "  scale     --endpoint HOST:PORT --shard K --replicas R   (a cluster started by up)\n"
          "  rebalance --endpoint HOST:PORT [--redundant-experts N] [--dry-run] [--wait-s S] [--json]\n"
          "            (EPLB from the observed loads, applied live)\n"
          "  bench     (--model DIR | --endpoint HOST:PORT) [--concurrency C] [--requests N]\n"
-         "            [--prompt-tokens P] [--max-tokens T] [--seed S] [--json FILE]\n";
+         "            [--prompt-tokens P] [--max-tokens T] [--seed S] [--json FILE]\n"
+         "  (--router A,B: the worker registers with every router and follows the first live\n"
+         "   one's routing table; --endpoint A,B: generate, score and status try the next router\n"
+         "   when one is unreachable)\n";
   return 2;
 }
 
