@@ -38,6 +38,7 @@ constexpr unsigned kAmFlushRequest = 12;  // FlushRequestHeader, sent with a rep
 constexpr unsigned kAmFlushReply = 13;    // FlushReplyHeader
 constexpr unsigned kAmNotify = 14;        // NotifyHeader + payload
 constexpr unsigned kAmMessage = 15;       // MessageHeader + payload, sent with a reply endpoint
+constexpr unsigned kAmHello = 16;         // HelloHeader + the sender's worker address
 
 struct PutHeader {
   uint64_t source_id;
@@ -65,6 +66,15 @@ struct MessageHeader {
   uint32_t tag;
   uint32_t reserved;
 };
+
+// The first message on every endpoint we create: who we are and where to answer us. Replies
+// (SendReply, flush replies) then go over an endpoint the receiver creates and owns. UCX's own
+// reply endpoint is not safe to keep: when the sender dies UCX destroys it, and a reply sent on
+// it later touched freed memory (an expert replica answering a killed decode worker crashed).
+struct HelloHeader {
+  uint64_t source_id;
+};
+constexpr size_t kMaxWorkerAddressBytes = 16384;
 
 template <typename T>
 std::string HeaderBytes(const T& h) {
@@ -303,8 +313,13 @@ class UcxTransport::Impl {
     auto shared_done = std::make_shared<DoneCallback>(std::move(done));
     if (!Post([this, to, tag, p = std::move(payload), shared_done]() mutable {
           if (closing_) return (*shared_done)(absl::CancelledError(Prefix("transport shut down")));
-          DoSendMessage(reinterpret_cast<ucp_ep_h>(to.endpoint), 0, tag, std::move(p),
-                        std::move(*shared_done));
+          PeerId peer = 0;
+          ucp_ep_h ep = ReplyEndpoint(to.source_id, reinterpret_cast<ucp_ep_h>(to.endpoint), &peer);
+          if (ep == nullptr) {
+            return (*shared_done)(absl::UnavailableError(
+                Prefix(absl::StrCat("SendReply: source ", to.source_id, " is gone"))));
+          }
+          DoSendMessage(ep, peer, tag, std::move(p), std::move(*shared_done));
         })) {
       (*shared_done)(ShutDownError());
     }
@@ -398,6 +413,7 @@ class UcxTransport::Impl {
     std::set<uint64_t> landed;  // seqs above the watermark that have landed
     uint64_t rejected = 0;
     std::vector<std::pair<uint64_t, std::function<void()>>> waiters;  // (seq needed, action)
+    std::string address;  // the sender's worker address (its hello); empty until it came
   };
 
   struct RegionRecord {
@@ -543,7 +559,7 @@ class UcxTransport::Impl {
     for (const Handler& h :
          {Handler{kAmPut, &Impl::OnPutAm}, Handler{kAmFlushRequest, &Impl::OnFlushRequestAm},
           Handler{kAmFlushReply, &Impl::OnFlushReplyAm}, Handler{kAmNotify, &Impl::OnNotifyAm},
-          Handler{kAmMessage, &Impl::OnMessageAm}}) {
+          Handler{kAmMessage, &Impl::OnMessageAm}, Handler{kAmHello, &Impl::OnHelloAm}}) {
       ucp_am_handler_param_t hp{};
       hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
                       UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
@@ -863,7 +879,32 @@ class UcxTransport::Impl {
     PeerId id = peer->id;
     peer_by_address_[address] = id;
     peers_[id] = std::move(peer);
+    SendHello(ep);
     return id;
+  }
+
+  void SendHello(ucp_ep_h ep) {
+    Op* op = NewOp(OpKind::kInternalSend, 0, nullptr);
+    op->header = HeaderBytes(HelloHeader{source_id_});
+    op->payload = worker_address_;
+    ucp_request_param_t param = SendParam(op);
+    HandleNbx(op, ucp_am_send_nbx(ep, kAmHello, op->header.data(), op->header.size(),
+                                  op->payload.data(), op->payload.size(), &param));
+  }
+
+  // Where a reply to `source_id` goes: an endpoint of ours to the address of its hello (`*peer`
+  // set; created on the first reply, then reused), or, for a sender that sent no hello, UCX's
+  // reply endpoint `fallback`. Null when the sender's endpoint has failed (it is gone).
+  ucp_ep_h ReplyEndpoint(uint64_t source_id, ucp_ep_h fallback, PeerId* peer) {
+    *peer = 0;
+    auto it = sources_.find(source_id);
+    if (it == sources_.end() || it->second.address.empty()) return fallback;
+    absl::StatusOr<PeerId> id = DoConnect(it->second.address);
+    if (!id.ok()) return nullptr;
+    Peer* p = FindPeer(*id);
+    if (p == nullptr || !p->failure.ok()) return nullptr;
+    *peer = *id;
+    return p->ep;
   }
 
   // Marks the peer failed, fails its pending operations with `status` and force-closes its
@@ -1120,12 +1161,15 @@ class UcxTransport::Impl {
     ucp_ep_h reply_ep = param->reply_ep;
     self->WhenLanded(h.source_id, h.puts_sent, [self, reply_ep, h] {
       if (self->closing_) return;
+      PeerId peer = 0;
+      ucp_ep_h ep = self->ReplyEndpoint(h.source_id, reply_ep, &peer);
+      if (ep == nullptr) return;  // the writer is gone: nobody waits for the reply
       Op* op = self->NewOp(OpKind::kInternalSend, 0, nullptr);
       op->header = HeaderBytes(FlushReplyHeader{h.flush_seq, self->sources_[h.source_id].rejected});
       ucp_request_param_t p = self->SendParam(op);
       p.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
       p.flags = UCP_AM_SEND_FLAG_EAGER;
-      self->HandleNbx(op, ucp_am_send_nbx(reply_ep, kAmFlushReply, op->header.data(),
+      self->HandleNbx(op, ucp_am_send_nbx(ep, kAmFlushReply, op->header.data(),
                                           op->header.size(), nullptr, 0, &p));
     });
     return UCS_OK;
@@ -1173,6 +1217,18 @@ class UcxTransport::Impl {
         self->undelivered_.push_back(std::move(n));
       }
     });
+    return UCS_OK;
+  }
+
+  static ucs_status_t OnHelloAm(void* arg, const void* header, size_t header_length, void* data,
+                                size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    HelloHeader h{};
+    if (!ParseHeader(header, header_length, h) || length == 0 || length > kMaxWorkerAddressBytes ||
+        (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
+      return UCS_OK;  // no hello: replies to it go over UCX's reply endpoint
+    }
+    self->sources_[h.source_id].address.assign(static_cast<const char*>(data), length);
     return UCS_OK;
   }
 

@@ -3,8 +3,10 @@
 // register memory (RegisterRegion), describe it to a peer (RegionDescriptor), write into it
 // (Put), make the writes visible (Flush), and tell the peer (SendNotification). Beside that,
 // request/reply traffic of any size (SendMessage / SendReply, the expert data plane): a message
-// reaches the peer's message handler whole, with a ReplyTo that answers on the endpoint it came
-// by, so the receiver needs no connection back to the sender.
+// reaches the peer's message handler whole, with a ReplyTo to answer it. Every endpoint a
+// transport creates first sends a hello with its worker address; answers (and flush replies)
+// go over an endpoint the receiver creates to that address and owns, never over UCX's reply
+// endpoint, which UCX destroys when the sender dies (answering on it then crashed).
 //
 // Put paths. Where UCX has a real RMA lane to the peer (shared memory, RDMA) a Put is a
 // ucp_put_nbx into the peer's region. Where the only lane is tcp, UCX would emulate puts about
@@ -205,10 +207,10 @@ class UcxTransport {
   // the send when it went by rendezvous; an eager one is dropped and counted in the receiver's
   // messages_rejected: the request/reply protocol on top notices by its own deadline.
   void SendMessage(PeerId peer, uint32_t tag, std::string payload, DoneCallback done);
-  // Answers a message received here on the endpoint it came by (UCX's reply endpoint, which with
-  // error mode NONE lives until this transport's worker is destroyed, so a ReplyTo may be kept
-  // while the answer is computed). A failure is reported to `done` only (there is no PeerId to
-  // fail).
+  // Answers a message received here: over this transport's own endpoint to the sender's hello
+  // address (made on the first answer, then reused; a ReplyTo may be kept while the answer is
+  // computed), or UCX's reply endpoint for a sender that sent no hello. A sender that is gone
+  // fails the answer (UNAVAILABLE, to `done`), never the process.
   void SendReply(const ReplyTo& to, uint32_t tag, std::string payload, DoneCallback done);
   // Handler for messages (and replies) arriving here; runs on the progress thread and must not
   // block. Messages that arrive before a handler is set are queued and delivered to it.

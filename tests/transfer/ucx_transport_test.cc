@@ -25,6 +25,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <future>
+#include <thread>
 #include <memory>
 #include <mutex>
 #include <numeric>
@@ -47,6 +49,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr size_t kTargetRegionBytes = 32 << 20;
 constexpr uint32_t kTagVerify = 1;  // payload: "offset length checksum"
+constexpr uint32_t kTagReplyLater = 50;  // answered (tag 51) 500 ms after it arrived
 
 // ---- Small helpers ----
 
@@ -218,6 +221,13 @@ int RunTarget(int fd) {
   });
   UcxTransport* raw = t->get();
   (*t)->SetMessageHandler([raw](Message m) {
+    if (m.tag == kTagReplyLater) {  // answered after 500 ms, by when its sender may be dead
+      std::thread([raw, m = std::move(m)]() mutable {
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        raw->SendReply(m.reply_to, m.tag + 1, std::move(m.payload), [](absl::Status) {});
+      }).detach();
+      return;
+    }
     raw->SendReply(m.reply_to, m.tag + 1, Scrambled(std::move(m.payload)), [](absl::Status) {});
   });
   if (!SendMsg(fd, (*t)->Describe(*region).Serialize())) return 1;
@@ -253,10 +263,29 @@ int RunTarget(int fd) {
   return 0;
 }
 
-// A target child process; killed and reaped on destruction.
+// ---- The sender process: sends the target one message to answer later, then waits to die ----
+
+int RunSender(int fd) {
+  alarm(60);
+  absl::StatusOr<std::string> address = RecvMsg(fd, 15000);
+  if (!address.ok()) return 1;
+  absl::StatusOr<std::unique_ptr<UcxTransport>> t = UcxTransport::Create({.name = "sender"});
+  if (!t.ok()) return 1;
+  absl::StatusOr<PeerId> peer = (*t)->Connect(*address);
+  if (!peer.ok()) return 1;
+  std::promise<absl::Status> sent;
+  (*t)->SendMessage(*peer, kTagReplyLater, "answer me later",
+                    [&sent](absl::Status s) { sent.set_value(s); });
+  if (!sent.get_future().get().ok()) return 1;
+  SendMsg(fd, "SENT");
+  while (true) ::pause();  // killed by the test
+}
+
+// A child process (the target, or a sender with --transfer-child=sender); killed and reaped on
+// destruction.
 class Target {
  public:
-  static std::unique_ptr<Target> Spawn() {
+  static std::unique_ptr<Target> Spawn(const char* child_role = "--transfer-child=target") {
     int fds[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) return nullptr;
     char exe[4096];
@@ -269,9 +298,9 @@ class Target {
       ::prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (::getppid() != parent) ::_exit(1);
       ::dup2(fds[1], 100);  // dup2 clears close-on-exec
-      char role[] = "--transfer-child=target";
+      std::string role = child_role;
       char fd_arg[] = "--fd=100";
-      char* argv[] = {exe, role, fd_arg, nullptr};
+      char* argv[] = {exe, role.data(), fd_arg, nullptr};
       ::execv(exe, argv);
       ::_exit(127);
     }
@@ -597,6 +626,31 @@ TEST_F(UcxTransportTest, MessagesOfEverySizeAreAnsweredOnTheirEndpoint) {
   }
 }
 
+// The target answers a message after its sender died: the answer fails (it goes over an endpoint
+// the target made to the sender's hello address) and the target lives on. UCX's own reply
+// endpoint, used before, is destroyed by UCX when the sender dies, and answering on it crashed
+// the answering process (an expert replica whose decode worker was killed).
+TEST_F(UcxTransportTest, AnAnswerToADeadSenderFailsAndTheAnswererLivesOn) {
+  std::unique_ptr<Target> sender = Target::Spawn("--transfer-child=sender");
+  ASSERT_NE(sender, nullptr);
+  ASSERT_TRUE(SendMsg(sender->fd(), remote_.worker_address));
+  absl::StatusOr<std::string> sent = RecvMsg(sender->fd(), 15000);
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  ASSERT_EQ(*sent, "SENT");
+  sender->Kill();  // before the target answers (500 ms after it got the message)
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  // The target still answers: a round trip through it.
+  ASSERT_NO_FATAL_FAILURE(MakeInitiator({.name = "initiator"}));
+  Inbox inbox;
+  initiator_->SetMessageHandler(inbox.Handler());
+  ASSERT_TRUE(WaitOne([&](DoneCallback cb) {
+                initiator_->SendMessage(peer_, 40, "still there?", std::move(cb));
+              }).ok());
+  absl::StatusOr<Message> reply = inbox.Next(15000);
+  ASSERT_TRUE(reply.ok()) << reply.status() << " (the target died answering a dead sender?)";
+  EXPECT_EQ(reply->payload, Scrambled("still there?"));
+}
+
 TEST_F(UcxTransportTest, MessagesToADeadTargetFailWithinTheOperationTimeout) {
   ASSERT_NO_FATAL_FAILURE(MakeInitiator({.name = "initiator", .operation_timeout_ms = 1000}));
   Inbox inbox;
@@ -670,6 +724,11 @@ int main(int argc, char** argv) {
     int fd = -1;
     if (std::sscanf(argv[2], "--fd=%d", &fd) != 1) return 2;
     return splitmoe::transfer::RunTarget(fd);
+  }
+  if (argc == 3 && std::strcmp(argv[1], "--transfer-child=sender") == 0) {
+    int fd = -1;
+    if (std::sscanf(argv[2], "--fd=%d", &fd) != 1) return 2;
+    return splitmoe::transfer::RunSender(fd);
   }
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
