@@ -78,7 +78,7 @@ for t in "${targets[@]}"; do
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
   rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
-  cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 || true)
+  cov=$(grep -aoE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 || true)
   line=$(printf '%-22s %4ss  execs %-9s exec/s %-6s %-22s peak RSS %s MB' "$name" "$elapsed" \
          "${execs:--}" "${rate:--}" "${cov:--}" "${rss:--}")
   if [ "$rc" -ne 0 ]; then
