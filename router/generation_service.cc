@@ -192,16 +192,50 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
   return prompt;
 }
 
+std::string GenerationService::ClientOf(const grpc::CallbackServerContext& ctx) {
+  const auto& metadata = ctx.client_metadata();
+  if (rpc::ApiKeysRequired()) {
+    auto it = metadata.find("authorization");
+    if (it != metadata.end()) return absl::StrCat("key ", std::string(it->second.data(), it->second.size()));
+  }
+  // "ipv4:10.0.0.7:51234", "ipv6:[::1]:51234": the host, without the port.
+  const std::string peer = ctx.peer();
+  const size_t colon = peer.rfind(':');
+  return colon == std::string::npos ? peer : peer.substr(0, colon);
+}
+
 grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
     grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw) {
   const uint64_t serial = next_serial_.fetch_add(1);
   runtime::ActorRef<GenerationActor::Message> actor = actor_;
-  auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw(
-      [actor, serial] { actor.Send(ClientGone{serial}); });
   if (grpc::Status key = rpc::CheckApiKey(ctx); !key.ok()) {
+    auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw([] {});
     stream->Finish(std::move(key));
     return reactor;
   }
+  // The client's ticket: counted while the stream lives (the ticket goes with the stream's
+  // cancel callback, which the stream drops when it ends).
+  const std::string client = ClientOf(*ctx);
+  int open = 0;
+  {
+    std::lock_guard<std::mutex> lock(streams_->mu);
+    open = streams_->open[client];
+    if (open < max_streams_per_client_) ++streams_->open[client];
+  }
+  if (open >= max_streams_per_client_) {
+    auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw([] {});
+    stream->Finish(grpc::Status(
+        grpc::StatusCode::RESOURCE_EXHAUSTED,
+        absl::StrCat("this client has ", open, " Generate streams open, the most allowed "
+                     "(--max-streams-per-client ", max_streams_per_client_, ")")));
+    return reactor;
+  }
+  auto ticket = std::shared_ptr<void>(nullptr, [counts = streams_, client](void*) {
+    std::lock_guard<std::mutex> lock(counts->mu);
+    if (--counts->open[client] <= 0) counts->open.erase(client);
+  });
+  auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw(
+      [actor, serial, ticket] { actor.Send(ClientGone{serial}); });
   v1::GenerateRequest request;
   absl::Status parsed = ParseRawRequest(*raw, &request);
   if (!parsed.ok()) {

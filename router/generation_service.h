@@ -7,6 +7,11 @@
 // bytes itself, so that a request gRPC's own deserialisation would drop with UNIMPLEMENTED and
 // no message (proto3 refuses a string field holding invalid UTF-8) is answered INVALID_ARGUMENT
 // naming the field.
+//
+// A client may hold at most `max_streams_per_client` Generate streams at once (the router's
+// --max-streams-per-client, which also caps each HTTP/2 connection): a client is its API key
+// where keys are asked for, else its host, so opening more connections does not raise the cap.
+// One more is RESOURCE_EXHAUSTED at once.
 #ifndef SPLITMOE_ROUTER_GENERATION_SERVICE_H_
 #define SPLITMOE_ROUTER_GENERATION_SERVICE_H_
 
@@ -14,6 +19,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -47,12 +55,15 @@ class GenerationService final : public GenerationServiceBase {
   // `tokenizer` may be null (token-id prompts only); `config_json` is returned by ModelInfo.
   GenerationService(const model::ModelConfig& config, const tokenizer::Tokenizer* tokenizer,
                     std::string model_name, std::string config_json,
-                    runtime::ActorRef<GenerationActor::Message> actor)
+                    runtime::ActorRef<GenerationActor::Message> actor,
+                    int max_streams_per_client = 1024)
       : config_(config),
         tokenizer_(tokenizer),
         model_name_(std::move(model_name)),
         config_json_(std::move(config_json)),
-        actor_(std::move(actor)) {}
+        actor_(std::move(actor)),
+        streams_(std::make_shared<StreamCounts>()),
+        max_streams_per_client_(max_streams_per_client) {}
 
   grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* ctx,
                                                        const grpc::ByteBuffer* raw) override;
@@ -70,8 +81,19 @@ class GenerationService final : public GenerationServiceBase {
   const tokenizer::Tokenizer* tokenizer_;
   std::string model_name_;
   std::string config_json_;
+  // Who `ctx`'s caller is, for the stream cap: its API key, else its host.
+  static std::string ClientOf(const grpc::CallbackServerContext& ctx);
+
+  // Open Generate streams per client; shared with the streams' tickets, which may outlive the
+  // service by a moment.
+  struct StreamCounts {
+    std::mutex mu;
+    std::map<std::string, int> open;
+  };
   runtime::ActorRef<GenerationActor::Message> actor_;
   std::atomic<uint64_t> next_serial_{1};
+  std::shared_ptr<StreamCounts> streams_;
+  const int max_streams_per_client_;
 };
 
 }  // namespace splitmoe::router

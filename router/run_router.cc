@@ -80,7 +80,7 @@ absl::Status RunRouter(const RouterOptions& options) {
   RegistryService registry_service(registry.ref());
   ClusterInfoService info_service(registry.ref());
   GenerationService generation_service(config, tokenizer.get(), model_name, config_json,
-                                       generation.ref());
+                                       generation.ref(), options.max_streams_per_client);
   SPLITMOE_RETURN_IF_ERROR(rpc::ConfigureApiKeys(options.api_keys_file));
   rpc::RunningServer server, internal;
   if (options.internal_listen.empty()) {

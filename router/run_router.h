@@ -21,7 +21,8 @@ struct RouterOptions {
   std::string internal_listen;  // empty: the internal services on `listen` (open clusters only)
   std::string api_keys_file;    // the public door's API keys (empty: none asked)
   int public_max_message_bytes = 4 << 20;
-  // Concurrent calls one client connection may have open on the public port.
+  // Concurrent calls one connection may have open on the public port, and Generate streams one
+  // client (its API key, else its host) may have open across its connections.
   int max_streams_per_client = 1024;
   absl::Duration heartbeat_interval = absl::Milliseconds(300);
   int missed_heartbeats_allowed = 3;

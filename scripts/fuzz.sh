@@ -86,7 +86,7 @@ for t in "${targets[@]}"; do
     summary+=("$line  FAILED (exit $rc)")
     echo "fuzz: $name FAILED (exit $rc); the end of its log:" >&2
     tail -n 60 "$log" >&2
-    grep -oE "Test unit written to [^ ]+" "$log" | awk '{print $5}' | while read -r a; do
+    grep -aoE "Test unit written to [^ ]+" "$log" | awk '{print $5}' | while read -r a; do
       echo "fuzz: the input ($a, $(stat -c %s "$a") bytes; first 512 shown):" >&2
       head -c 512 "$a" | od -A d -t x1z -v >&2 || true
       echo "fuzz: reproduce with: $BUILD/fuzz/$name $a" >&2

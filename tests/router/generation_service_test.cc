@@ -7,6 +7,7 @@
 #include <grpcpp/generic/generic_stub.h>
 
 #include <future>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -17,11 +18,16 @@
 namespace splitmoe::router {
 namespace {
 
-// Answers every request with one event echoing its prompt, then OK.
+// Answers every request with one event echoing its prompt, then OK; a request whose id begins
+// with "hold" is held open (its stream kept) until a ClientGone arrives for it.
 class FakeGeneration {
  public:
   using Message = GenerationActor::Message;
   void Handle(NewGeneration m) {
+    if (m.request.request_id().rfind("hold", 0) == 0) {
+      held_[m.serial] = m.stream;
+      return;
+    }
     v1::GenerateEvent event;
     event.set_request_id(m.request.request_id());
     for (int32_t id : m.prompt) event.add_token_ids(id);
@@ -30,8 +36,12 @@ class FakeGeneration {
     m.stream->Write(std::move(event));
     m.stream->Finish(grpc::Status::OK);
   }
+  void Handle(ClientGone m) { held_.erase(m.serial); }
   template <typename Other>
   void Handle(Other) {}
+
+ private:
+  std::map<uint64_t, std::shared_ptr<rpc::ServerStream<v1::GenerateEvent>>> held_;
 };
 
 model::ModelConfig Config() {
@@ -166,6 +176,75 @@ TEST_F(GenerationServiceTest, ValidRequestsStillStreamThroughTheRawMethod) {
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(s.error_message().find("need a tokenizer"), std::string::npos) << s.error_message();
   }
+}
+
+// At most N Generate streams per client, counted across its connections (one client: one host
+// here); the next is RESOURCE_EXHAUSTED at once, and a stream that ends makes room.
+TEST(GenerationStreamCapTest, AClientHoldsAtMostNStreamsAcrossConnections) {
+  const model::ModelConfig config = Config();
+  runtime::Actor<FakeGeneration> actor("fake-generation", std::make_unique<FakeGeneration>());
+  GenerationService service(config, nullptr, "tiny", "{}", actor.ref(),
+                            /*max_streams_per_client=*/2);
+  absl::StatusOr<rpc::RunningServer> server = rpc::StartServer("127.0.0.1:0", {&service});
+  ASSERT_TRUE(server.ok()) << server.status();
+  // Separate connections (channels with different arguments are not shared by gRPC).
+  auto connect = [&](int i) {
+    grpc::ChannelArguments args = rpc::ClientChannelArguments();
+    args.SetInt("splitmoe.test.connection", i);
+    return v1::Generation::NewStub(
+        grpc::CreateCustomChannel(server->address, grpc::InsecureChannelCredentials(), args));
+  };
+  auto request = [](const std::string& id) {
+    v1::GenerateRequest r;
+    r.set_request_id(id);
+    r.mutable_token_ids()->add_ids(5);
+    r.mutable_stop()->set_max_tokens(4);
+    return r;
+  };
+  struct Open {
+    std::unique_ptr<v1::Generation::Stub> stub;
+    grpc::ClientContext ctx;
+    std::unique_ptr<grpc::ClientReader<v1::GenerateEvent>> reader;
+  };
+  std::vector<std::unique_ptr<Open>> held;
+  for (int i = 0; i < 2; ++i) {
+    held.push_back(std::make_unique<Open>());
+    held.back()->stub = connect(i);
+    held.back()->reader = held.back()->stub->Generate(&held.back()->ctx, request(absl::StrCat("hold-", i)));
+  }
+  // Both reach the service before the third is sent (a short request on each connection would
+  // be counted too, so wait on the server's side instead).
+  absl::SleepFor(absl::Milliseconds(300));
+  auto third = connect(2);
+  {
+    grpc::ClientContext ctx;
+    auto reader = third->Generate(&ctx, request("third"));
+    v1::GenerateEvent event;
+    EXPECT_FALSE(reader->Read(&event));
+    grpc::Status s = reader->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+    EXPECT_NE(s.error_message().find("--max-streams-per-client 2"), std::string::npos)
+        << s.error_message();
+  }
+  // One held stream ends (its client cancels): the next request is served.
+  held[0]->ctx.TryCancel();
+  (void)held[0]->reader->Finish();
+  grpc::Status served;
+  for (int i = 0; i < 100; ++i) {
+    grpc::ClientContext ctx;
+    auto reader = third->Generate(&ctx, request(absl::StrCat("after-", i)));
+    v1::GenerateEvent event;
+    while (reader->Read(&event)) {
+    }
+    served = reader->Finish();
+    if (served.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) break;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_TRUE(served.ok()) << served.error_message();
+  held[1]->ctx.TryCancel();
+  (void)held[1]->reader->Finish();
+  server->server->Shutdown(std::chrono::system_clock::now());
+  actor.Stop();
 }
 
 }  // namespace
