@@ -17,6 +17,9 @@ absl::StatusOr<std::string> TextStream::Push(int32_t id, bool last, bool* stoppe
   if (!piece.ok()) return piece.status();
   const size_t searched_from = emitted_;
   text_ += *piece;
+  // The last token releases what the detokenizer held (an incomplete character becomes U+FFFD):
+  // searched for stop strings like the rest (it could complete one).
+  if (last) text_ += detok_->Finish();
   // A stop string can only start in the part not yet returned (it was held back otherwise).
   size_t cut = std::string::npos;
   for (const std::string& s : stop_) {
@@ -27,8 +30,6 @@ absl::StatusOr<std::string> TextStream::Push(int32_t id, bool last, bool* stoppe
     text_.resize(cut);
     stopped_ = *stopped = true;
     last = true;
-  } else if (last) {
-    text_ += detok_->Finish();
   }
   size_t safe = text_.size();
   if (!last && max_stop_ > 0) {

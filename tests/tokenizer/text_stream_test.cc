@@ -95,6 +95,37 @@ TEST_F(TextStreamTest, HeldBackTailsNeverSplitACharacter) {
   EXPECT_EQ(Join(pieces), "深度求索的模型很好用，我们来");
 }
 
+// The last token leaves an incomplete character, which the end of the stream releases as
+// U+FFFD: a stop string it completes still ends the text (it was returned before; found by
+// tokenizer_fuzz).
+TEST_F(TextStreamTest, AStopStringCompletedByTheReleasedTailStillStops) {
+  const std::string replacement = "\xef\xbf\xbd";
+  // A token that is the lead byte of a multi-byte character alone (byte-level BPE has one per
+  // byte): the detokenizer holds it back, and only the end of the stream releases it, as U+FFFD.
+  int32_t lone = -1;
+  for (int32_t id = 0; id < tok_->vocab_size() && lone < 0; ++id) {
+    IncrementalDetokenizer probe(*tok_, /*skip_special_tokens=*/true);
+    auto piece = probe.Push(id);
+    if (piece.ok() && piece->empty() && probe.Finish() == replacement) lone = id;
+  }
+  ASSERT_GE(lone, 0);
+  auto ids = tok_->Encode("land", false);
+  ASSERT_TRUE(ids.ok());
+  std::vector<int32_t> all(ids->begin(), ids->end());
+  all.push_back(lone);
+  TextStream stream(tok_.get(), {"land" + replacement});
+  bool stopped = false;
+  std::string text;
+  for (size_t i = 0; i < all.size() && !stopped; ++i) {
+    auto piece = stream.Push(all[i], i + 1 == all.size(), &stopped);
+    ASSERT_TRUE(piece.ok()) << piece.status();
+    text += *piece;
+  }
+  EXPECT_TRUE(stopped) << "the stop string completed by the released tail was missed";
+  EXPECT_EQ(text, "");
+  EXPECT_EQ(stream.text(), "");
+}
+
 TEST_F(TextStreamTest, NoTokenizerMeansNoText) {
   TextStream stream(nullptr, {"a"});
   bool stopped = true;
