@@ -362,11 +362,10 @@ absl::Status UpCommand(int argc, char** argv) {
     internals.push_back(*internal);
   }
   const std::string routers = absl::StrJoin(internals, ",");
-  const std::string* router = &routers;
   std::vector<int64_t> next_replica(static_cast<size_t>(n_experts), 0);
   auto start_expert = [&](int64_t s) {
     const int64_t r = next_replica[static_cast<size_t>(s)]++;
-    std::vector<std::string> args = {"expert", "--model", model, "--router", *router,
+    std::vector<std::string> args = {"expert", "--model", model, "--router", routers,
                                      "--listen", host + ":0", "--shard", std::to_string(s),
                                      "--num-shards", std::to_string(n_experts)};
     pass(args, "moe-transport");
@@ -383,7 +382,7 @@ absl::Status UpCommand(int argc, char** argv) {
     }
   }
   for (int64_t i = 0; i < n_decode; ++i) {
-    std::vector<std::string> args = {"decode", "--model", model, "--router", *router,
+    std::vector<std::string> args = {"decode", "--model", model, "--router", routers,
                                      "--listen", host + ":0"};
     for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
                              "moe-transport", "expert-deadline-ms", "micro-batches",
@@ -394,7 +393,7 @@ absl::Status UpCommand(int argc, char** argv) {
     if (!r.ok()) return fail(r.status());
   }
   for (int64_t i = 0; i < n_prefill; ++i) {
-    std::vector<std::string> args = {"prefill", "--model", model, "--router", *router,
+    std::vector<std::string> args = {"prefill", "--model", model, "--router", routers,
                                      "--listen", host + ":0"};
     for (const char* flag :
          {"wire-dtype", "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us"})
