@@ -251,7 +251,7 @@ class GenerationActorTest : public ::testing::Test {
   rpc::RunningServer d1_server_, d2_server_, prefill_server_, front_;
 };
 
-// A decode worker dies mid-request; on the next decode worker the new attempt's first tokens
+// A decode worker dies mid-request; on the other decode worker the new attempt's first tokens
 // arrive before its prefill reply (its decode worker starts the sequence before the prefill
 // worker answers the router). The client still gets every token once, in order.
 TEST_F(GenerationActorTest, AfterAFailoverTokensThatOvertakeThePrefillReplyWaitForIt) {
@@ -281,32 +281,45 @@ TEST_F(GenerationActorTest, AfterAFailoverTokensThatOvertakeThePrefillReplyWaitF
     finished = reader->Finish();
     client_done.Notify();
   });
+  // Whatever way the test ends, the client's call ends and its thread is joined.
+  struct JoinOnExit {
+    grpc::ClientContext& ctx;
+    std::thread& thread;
+    ~JoinOnExit() {
+      if (!thread.joinable()) return;
+      ctx.TryCancel();
+      thread.join();
+    }
+  } join_client{client_ctx, client};
 
-  // The first attempt: reserved on d1 (the first of two idle workers), prefilled, two tokens.
+  // The first attempt: reserved on one decode worker (either: both are idle), prefilled, two
+  // tokens.
   ASSERT_TRUE(PumpUntil([&] { return prefill_.calls() == 1; }));
-  ASSERT_EQ(d1_.reserved().size(), 1u);
-  const std::string first_attempt = d1_.reserved()[0].request_id();
+  ASSERT_EQ(d1_.reserved().size() + d2_.reserved().size(), 1u);
+  FakeDecode& first = d1_.reserved().empty() ? d2_ : d1_;
+  FakeDecode& second = &first == &d1_ ? d2_ : d1_;
+  const std::string first_attempt = first.reserved()[0].request_id();
   prefill_.Answer(0, 10);
-  d1_.Push(Token(first_attempt, 11));
-  d1_.Push(Token(first_attempt, 12));
+  first.Push(Token(first_attempt, 11));
+  first.Push(Token(first_attempt, 12));
   ASSERT_TRUE(PumpUntil([&] { return got().size() == 3; })) << got().size();
 
-  // d1 dies: the request moves to d2, re-prefilled from prompt + the three tokens.
-  d1_.BreakStream();
+  // It dies: the request moves to the other, re-prefilled from prompt + the three tokens.
+  first.BreakStream();
   ASSERT_TRUE(PumpUntil([&] { return prefill_.calls() == 2; }));
-  ASSERT_EQ(d2_.reserved().size(), 1u);
-  const std::string second_attempt = d2_.reserved()[0].request_id();
+  ASSERT_EQ(second.reserved().size(), 1u);
+  const std::string second_attempt = second.reserved()[0].request_id();
   EXPECT_NE(second_attempt, first_attempt);
-  EXPECT_EQ(d2_.reserved()[0].prompt_tokens(), 5);
-  EXPECT_EQ(d2_.reserved()[0].max_tokens(), 3);
+  EXPECT_EQ(second.reserved()[0].prompt_tokens(), 5);
+  EXPECT_EQ(second.reserved()[0].max_tokens(), 3);
   const v1::PrefillRequest again = prefill_.request(1);
   EXPECT_EQ(std::vector<int32_t>(again.prompt().begin(), again.prompt().end()),
             (std::vector<int32_t>{5, 6, 10, 11, 12}));
   EXPECT_EQ(again.sampling().max_tokens(), 3);
 
-  // d2's tokens for the new attempt overtake the prefill reply, the last one included.
-  d2_.Push(Token(second_attempt, 14));
-  d2_.Push(Token(second_attempt, 15, /*last=*/true));
+  // Its tokens for the new attempt overtake the prefill reply, the last one included.
+  second.Push(Token(second_attempt, 14));
+  second.Push(Token(second_attempt, 15, /*last=*/true));
   // Both reach the actor (two messages) and wait there.
   size_t handled = 0;
   for (absl::Time deadline = absl::Now() + absl::Seconds(10); handled < 2 && absl::Now() < deadline;) {
@@ -322,8 +335,8 @@ TEST_F(GenerationActorTest, AfterAFailoverTokensThatOvertakeThePrefillReplyWaitF
   client.join();
   EXPECT_TRUE(finished.ok()) << finished.error_message();
   EXPECT_EQ(got(), (std::vector<int32_t>{10, 11, 12, 13, 14, 15}));
-  // The first attempt's blocks on d1 were given back.
-  std::vector<std::string> released = d1_.released();
+  // The first attempt's blocks on the dead worker were given back.
+  std::vector<std::string> released = first.released();
   EXPECT_NE(std::find(released.begin(), released.end(), first_attempt), released.end());
 }
 
