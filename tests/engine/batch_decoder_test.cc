@@ -154,6 +154,19 @@ TEST(BatchDecoderTest, CancelAndStopIds) {
 // latents; an item stopped by the hook stops alone.
 // Each prompt of a PrefillBatch gives what it gives alone; with `overlap`, as two groups in
 // ping-pong.
+// One PrefillItem per prompt, each writing its own fresh cache (kept in `caches`).
+std::vector<PrefillItem> ItemsWithCaches(const model::ModelConfig& c,
+                                         const std::vector<std::vector<int32_t>>& prompts,
+                                         std::vector<std::unique_ptr<LatentCache>>* caches) {
+  std::vector<PrefillItem> items(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    caches->push_back(std::make_unique<LatentCache>(c.num_hidden_layers, c.latent_dim()));
+    items[i].prompt = prompts[i];
+    items[i].cache = caches->back().get();
+  }
+  return items;
+}
+
 void ExpectPrefillBatchEqualsPrefillingAlone(PingPong* overlap) {
   auto engine = Engine::Load(testing::TinyModel("batch", nullptr));
   ASSERT_TRUE(engine.ok()) << engine.status();
@@ -162,11 +175,8 @@ void ExpectPrefillBatchEqualsPrefillingAlone(PingPong* overlap) {
   const std::vector<std::vector<int32_t>> prompts = {Prompt(5, 1), Prompt(300, 2), Prompt(17, 3),
                                                      Prompt(1, 4), Prompt(40, 5)};
   std::vector<std::unique_ptr<LatentCache>> caches;
-  std::vector<PrefillItem> items(prompts.size());
+  std::vector<PrefillItem> items = ItemsWithCaches(c, prompts, &caches);
   for (size_t i = 0; i < prompts.size(); ++i) {
-    caches.push_back(std::make_unique<LatentCache>(c.num_hidden_layers, c.latent_dim()));
-    items[i].prompt = prompts[i];
-    items[i].cache = caches[i].get();
     items[i].sampling = {.temperature = i % 2 ? 0.9 : 0.0, .top_p = 1.0, .top_k = 0, .seed = i};
     items[i].logprobs = 3;
     items[i].prompt_top_logprobs = 2;
@@ -234,12 +244,7 @@ void ExpectABadPromptFailsAlone(PingPong* overlap) {
   const std::vector<std::vector<int32_t>> prompts = {
       Prompt(5, 1), {3, -1, 4}, Prompt(7, 2), {2, static_cast<int32_t>(c.vocab_size)}, too_long};
   std::vector<std::unique_ptr<LatentCache>> caches;
-  std::vector<PrefillItem> items(prompts.size());
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    caches.push_back(std::make_unique<LatentCache>(c.num_hidden_layers, c.latent_dim()));
-    items[i].prompt = prompts[i];
-    items[i].cache = caches[i].get();
-  }
+  std::vector<PrefillItem> items = ItemsWithCaches(c, prompts, &caches);
   ASSERT_TRUE(PrefillBatch(e.transformer(), items, AttentionForm::kAbsorbed, nullptr, 256, overlap)
                   .ok());
   for (size_t i : {1, 3, 4}) {
