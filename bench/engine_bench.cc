@@ -3,9 +3,14 @@
 //   BM_PeakSgemm         fp32 GEMM 2048^3 (oneDNN): the GEMM rate this machine reaches
 //   BM_MemoryRead        streaming read bandwidth over 1 GiB, every core
 //   BM_LayerGemm/...     the engine's own GEMM shapes (prefill and decode), packed as the engine
-//   runs them BM_Prefill/T         prompt tokens/s (one sequence of T tokens) BM_Decode/B generated
-//   tokens/s with B sequences decoding together (context 256)
-// Counters: GFLOPs, GBps, tokens_per_s and fractions of the measured peaks. Run:
+//   runs them
+//   BM_NarrowGemm/...    the same shapes with BF16 / FP8 weights (kernels/cpu/narrow_linear.h)
+//   BM_Prefill/W/T       prompt tokens/s (one sequence of T tokens)
+//   BM_Decode/W/B        generated tokens/s with B sequences decoding together (context 256)
+// W: how the weights are held, 0 fp32 (widened at load, packed for oneDNN), 1 BF16 (the bench
+// checkpoint's dtype, read in place), 2 FP8 E4M3 (an FP8 copy of the bench model, in place).
+// Counters: GFLOPs, GBps, tokens_per_s and fractions of the peaks measured in the same run
+// (of_gemm_peak, of_read_bw). Run:
 //   build/bench/engine_bench --benchmark_counters_tabular=true
 // SPLITMOE_BENCH_SMALL=1 uses a tiny model (the ctest smoke run).
 #include <benchmark/benchmark.h>
@@ -17,6 +22,7 @@
 #include <numeric>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "common/engine/engine.h"
 #include "common/kernels/cpu_ops.h"
 #include "common/kernels/packed_linear.h"
@@ -36,25 +42,40 @@ model::TinyModelOptions BenchOptions() {
   return o;
 }
 
-engine::Engine& BenchEngine() {
-  static std::unique_ptr<engine::Engine> engine = [] {
-    std::string dir = (std::filesystem::temp_directory_path() /
-                       (Small() ? "splitmoe_bench_small" : "splitmoe_bench_model"))
-                          .string();
-    if (!std::filesystem::exists(dir + "/config.json")) {
-      absl::Status s = model::WriteTinyModel(BenchOptions(), dir, "");
-      if (!s.ok()) {
-        std::fprintf(stderr, "make bench model: %s\n", s.ToString().c_str());
-        std::exit(1);
-      }
-    }
-    auto e = engine::Engine::Load(dir);
-    if (!e.ok()) {
-      std::fprintf(stderr, "load bench model: %s\n", e.status().ToString().c_str());
+// Peaks measured earlier in the same run (0 until measured).
+double g_peak_gflops = 0.0, g_read_gbps = 0.0;
+
+enum WeightMode { kFp32 = 0, kBf16 = 1, kFp8 = 2 };
+const char* ModeName(int64_t mode) { return mode == kFp32 ? "fp32" : mode == kBf16 ? "bf16" : "fp8"; }
+
+engine::Engine& BenchEngine(int64_t mode = kFp32) {
+  static std::unique_ptr<engine::Engine> engines[3];
+  std::unique_ptr<engine::Engine>& engine = engines[mode];
+  if (engine) return *engine;
+  engines[0].reset();  // one model resident at a time: the runs go mode by mode
+  engines[1].reset();
+  engines[2].reset();
+  model::TinyModelOptions options = BenchOptions();
+  options.fp8 = mode == kFp8;
+  std::string dir = (std::filesystem::temp_directory_path() /
+                     absl::StrCat(Small() ? "splitmoe_bench_small" : "splitmoe_bench_model",
+                                  mode == kFp8 ? "_fp8" : ""))
+                        .string();
+  if (!std::filesystem::exists(dir + "/config.json")) {
+    absl::Status s = model::WriteTinyModel(options, dir, "");
+    if (!s.ok()) {
+      std::fprintf(stderr, "make bench model: %s\n", s.ToString().c_str());
       std::exit(1);
     }
-    return std::move(*e);
-  }();
+  }
+  engine::EngineOptions eo;
+  eo.weights = mode == kFp32 ? model::ResidentDType::kFloat32 : model::ResidentDType::kCheckpoint;
+  auto e = engine::Engine::Load(dir, eo);
+  if (!e.ok()) {
+    std::fprintf(stderr, "load bench model: %s\n", e.status().ToString().c_str());
+    std::exit(1);
+  }
+  engine = std::move(*e);
   return *engine;
 }
 
@@ -66,6 +87,7 @@ void BM_PeakSgemm(benchmark::State& state) {
   if (!packed.ok()) state.SkipWithError("pack");
   w.packed = *packed;
   std::vector<float> a(n * n, 0.5f), c(n * n);
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
     kernels::Linear(a.data(), n, w, c.data());
     benchmark::DoNotOptimize(c.data());
@@ -73,6 +95,8 @@ void BM_PeakSgemm(benchmark::State& state) {
   state.counters["GFLOPs"] =
       benchmark::Counter(2.0 * n * n * n * state.iterations(), benchmark::Counter::kIsRate,
                          benchmark::Counter::kIs1000);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  g_peak_gflops = 2.0 * n * n * n * state.iterations() / seconds / 1e9;
 }
 BENCHMARK(BM_PeakSgemm)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -82,6 +106,7 @@ void BM_MemoryRead(benchmark::State& state) {
   const size_t n = (Small() ? 16u : 256u) << 20;  // floats: 1 GiB at full size
   std::vector<float> a(n, 1.0f);
   const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  const auto t0 = std::chrono::steady_clock::now();
   for (auto _ : state) {
     std::vector<std::thread> pool;
     std::vector<float> sums(threads);
@@ -101,6 +126,8 @@ void BM_MemoryRead(benchmark::State& state) {
   }
   state.counters["GBps"] = benchmark::Counter(static_cast<double>(n * 4) * state.iterations(),
                                               benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  g_read_gbps = static_cast<double>(n * 4) * state.iterations() / seconds / 1e9;
 }
 BENCHMARK(BM_MemoryRead)->Unit(benchmark::kMillisecond)->UseRealTime();
 
@@ -135,10 +162,46 @@ BENCHMARK(BM_LayerGemm)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
+// BM_LayerGemm's shapes with the weight in BF16 (W=1) or FP8 (W=2), as the engine holds them.
+void BM_NarrowGemm(benchmark::State& state) {
+  const int64_t m = state.range(0), k = state.range(1), n = state.range(2), mode = state.range(3);
+  const model::WeightDType dtype =
+      mode == kBf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFp8E4M3;
+  const int64_t vbytes = model::WeightDTypeBytes(dtype);
+  auto bytes = std::make_shared<std::vector<uint8_t>>(static_cast<size_t>(n * k * vbytes), 0x3a);
+  model::Matrix w;
+  w.rows = n;
+  w.cols = k;
+  w.dtype = dtype;
+  w.raw = bytes->data();
+  w.keep = bytes;
+  if (dtype == model::WeightDType::kFp8E4M3)
+    w.scale_inv.assign(static_cast<size_t>(w.scale_rows() * w.scale_cols()), 0.01f);
+  std::vector<float> x(m * k, 1.0f), y(m * n);
+  for (auto _ : state) {
+    kernels::Linear(x.data(), m, w, y.data());
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double flops = 2.0 * m * n * k * state.iterations();
+  const double weight_bytes = static_cast<double>(n * k * vbytes) * state.iterations();
+  state.counters["GFLOPs"] =
+      benchmark::Counter(flops, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["GBps_weights"] =
+      benchmark::Counter(weight_bytes, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.SetLabel(ModeName(mode));
+}
+BENCHMARK(BM_NarrowGemm)
+    ->ArgsProduct({{1, 8}, {1024}, {512, 32768}, {kBf16, kFp8}})
+    ->Args({128, 1024, 2816, kBf16})
+    ->Args({512, 1024, 512, kBf16})
+    ->Args({512, 1024, 512, kFp8})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
 void BM_Prefill(benchmark::State& state) {
-  engine::Engine& e = BenchEngine();
+  engine::Engine& e = BenchEngine(state.range(0));
   const auto& c = e.config();
-  std::vector<int32_t> prompt(state.range(0));
+  std::vector<int32_t> prompt(state.range(1));
   for (size_t i = 0; i < prompt.size(); ++i)
     prompt[i] = static_cast<int32_t>((i * 7919 + 11) % c.vocab_size);
   std::vector<float> hidden, logits(c.vocab_size);
@@ -151,13 +214,44 @@ void BM_Prefill(benchmark::State& state) {
   }
   state.counters["tokens_per_s"] = benchmark::Counter(
       static_cast<double>(prompt.size()) * state.iterations(), benchmark::Counter::kIsRate);
+  // FLOPs per token of the matrices a prompt token multiplies (every projection, the dense MLPs,
+  // the shared expert and k routed experts; attention itself left out), as a fraction of the
+  // GEMM peak measured above: the end-to-end efficiency.
+  const auto& w = e.weights();
+  double params = 0.0;
+  auto add = [&](const model::Matrix& m) { params += static_cast<double>(m.rows * m.cols); };
+  for (const auto& l : w.layers) {
+    for (const model::Matrix* m : {&l.attn.q_proj, &l.attn.q_a_proj, &l.attn.q_b_proj,
+                                   &l.attn.kv_a_proj, &l.attn.kv_b_proj, &l.attn.o_proj,
+                                   &l.gate, &l.dense.gate, &l.dense.up, &l.dense.down,
+                                   &l.shared.gate, &l.shared.up, &l.shared.down})
+      add(*m);
+    for (const auto& x : l.experts) {
+      if (x) {
+        params += static_cast<double>(c.num_experts_per_tok) *
+                  static_cast<double>(x->gate.rows * x->gate.cols * 3);
+        break;
+      }
+    }
+  }
+  const double gflop_per_token = 2.0 * params / 1e9;
+  state.counters["GFLOP_per_token"] = gflop_per_token;
+  if (g_peak_gflops > 0) {
+    state.counters["of_gemm_peak"] = benchmark::Counter(
+        gflop_per_token * static_cast<double>(prompt.size()) * state.iterations() / g_peak_gflops,
+        benchmark::Counter::kIsRate);
+  }
+  state.SetLabel(ModeName(state.range(0)));
 }
-BENCHMARK(BM_Prefill)->Arg(32)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Prefill)
+    ->ArgsProduct({{kFp32, kBf16, kFp8}, {32, 128, 512}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void BM_Decode(benchmark::State& state) {
-  engine::Engine& e = BenchEngine();
+  engine::Engine& e = BenchEngine(state.range(0));
   const auto& c = e.config();
-  const int64_t batch_size = state.range(0), context = 256;
+  const int64_t batch_size = state.range(1), context = 256;
   std::vector<std::unique_ptr<engine::LatentCache>> caches;
   std::vector<float> hidden;
   for (int64_t b = 0; b < batch_size; ++b) {
@@ -199,11 +293,20 @@ void BM_Decode(benchmark::State& state) {
     }
     const double active = static_cast<double>(e.weights().bytes() - expert_bytes - e.weights().embed.bytes() +
                                               moe_layers * c.num_experts_per_tok * one_expert);
+    state.counters["active_weight_MB"] = active / 1e6;
     state.counters["active_weight_GBps"] =
         benchmark::Counter(active * state.iterations(), benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+    if (g_read_gbps > 0) {
+      state.counters["of_read_bw"] = benchmark::Counter(
+          active * state.iterations() / (g_read_gbps * 1e9), benchmark::Counter::kIsRate);
+    }
   }
+  state.SetLabel(ModeName(state.range(0)));
 }
-BENCHMARK(BM_Decode)->Arg(1)->Arg(8)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Decode)
+    ->ArgsProduct({{kFp32, kBf16, kFp8}, {1, 8}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 }  // namespace splitmoe

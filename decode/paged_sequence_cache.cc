@@ -1,5 +1,6 @@
 #include "decode/paged_sequence_cache.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -28,19 +29,42 @@ float* PagedSequenceCache::Row(int64_t layer, int64_t position) {
   return reinterpret_cast<float*>(cache_->RowPointer(*table, layer, position));
 }
 
+void PagedSequenceCache::RowsWritten(int64_t layer) {
+  if (!bf16()) return;
+  const BlockTable* table = cache_->Find(id_);
+  for (auto it = staged_.lower_bound({layer, 0}); it != staged_.end() && it->first.first == layer;) {
+    if (table != nullptr)
+      (void)cache_->StoreRow(*table, it->first.first, it->first.second, it->second.data());
+    it = staged_.erase(it);
+  }
+}
+
+kernels::LatentBlocks PagedSequenceCache::View(int64_t layer, int64_t keys) {
+  const PagedLatentLayout& layout = cache_->layout();
+  kernels::LatentBlocks view;
+  view.dtype = bf16() ? kernels::LatentStorage::kBFloat16 : kernels::LatentStorage::kFloat32;
+  view.block_tokens = layout.block_tokens;
+  view.keys = keys;
+  const BlockTable* table = cache_->Find(id_);
+  if (table == nullptr) {
+    view.keys = 0;
+    return view;
+  }
+  view.keys = std::min(keys, table->length);
+  const int64_t blocks = cache_->BlocksFor(view.keys);
+  for (int64_t b = 0; b < blocks; ++b) {
+    view.blocks.push_back(cache_->arena_base() +
+                          cache_->LayerSlabOffset(table->blocks[static_cast<size_t>(b)], layer));
+  }
+  return view;
+}
+
 const float* PagedSequenceCache::LayerRows(int64_t layer, int64_t keys) {
   const int64_t dim = latent_dim();
   scratch_.resize(static_cast<size_t>(keys * dim));
+  RowsWritten(layer);
   const BlockTable* table = cache_->Find(id_);
-  // Rows already stored; for bf16, the rows of this step are still staged in fp32.
-  const int64_t stored = bf16() ? std::min(length_, keys) : keys;
-  if (table != nullptr && stored > 0)
-    (void)cache_->GatherLayer(*table, layer, stored, scratch_.data());
-  for (int64_t p = stored; p < keys; ++p) {
-    auto it = staged_.find({layer, p});
-    if (it != staged_.end())
-      std::memcpy(&scratch_[p * dim], it->second.data(), dim * sizeof(float));
-  }
+  if (table != nullptr && keys > 0) (void)cache_->GatherLayer(*table, layer, keys, scratch_.data());
   return scratch_.data();
 }
 
@@ -48,7 +72,7 @@ void PagedSequenceCache::Commit(int64_t new_length) {
   if (bf16()) {
     const BlockTable* table = cache_->Find(id_);
     for (const auto& [key, row] : staged_)
-      (void)cache_->StoreRow(*table, key.first, key.second, row.data());
+      if (table != nullptr) (void)cache_->StoreRow(*table, key.first, key.second, row.data());
     staged_.clear();
   }
   length_ = new_length;

@@ -1,7 +1,9 @@
 // PagedSequenceCache: one sequence's view of the decode worker's PagedLatentCache, as the
 // engine::SequenceCache the Transformer reads and writes. New tokens' rows are written straight
-// into the arena (fp32) or staged and stored on Commit (bf16); LayerRows gathers the sequence's
-// rows of one layer across its blocks into a scratch buffer. Owned with the cache by the decode
+// into the arena (fp32) or staged in fp32 and stored, rounded, once the layer's rows are written
+// (RowsWritten; bf16), so attention reads them as the cache holds them. View hands the
+// attention the sequence's blocks in place; LayerRows (the naive form of prefill) gathers one
+// layer's rows into a scratch buffer. Owned with the cache by the decode
 // worker's actor; not thread-safe.
 //
 //   SPLITMOE_ASSIGN_OR_RETURN(Reservation r, cache.Reserve(prompt.size(), max_tokens));
@@ -29,6 +31,8 @@ class PagedSequenceCache : public engine::SequenceCache {
   int64_t length() const override { return length_; }
   absl::Status Reserve(int64_t tokens) override;
   float* Row(int64_t layer, int64_t position) override;
+  void RowsWritten(int64_t layer) override;
+  kernels::LatentBlocks View(int64_t layer, int64_t keys) override;
   const float* LayerRows(int64_t layer, int64_t keys) override;
   void Commit(int64_t new_length) override;
 

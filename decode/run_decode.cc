@@ -20,7 +20,8 @@ absl::Status RunDecode(const DecodeOptions& options) {
   }
   SPLITMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<expert_plane::AttentionSide> side,
-      expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe));
+      expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe,
+                                      options.weights));
   const model::ModelConfig& c = side->config();
 
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,

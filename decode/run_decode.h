@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "common/expert_plane/direct_moe.h"
+#include "common/model/checkpoint.h"
 #include "decode/paged_latent_cache.h"
 #include "splitmoe/v1/internal.pb.h"
 
@@ -25,6 +26,7 @@ struct DecodeOptions {
   LatentDType cache_dtype = LatentDType::kFloat32;
   // The expert data plane: wire dtype, per-batch deadlines, failover.
   expert_plane::DirectMoeOptions moe;
+  model::ResidentDType weights = model::ResidentDType::kCheckpoint;  // `--weights`
   absl::Duration reclaim_grace = absl::Seconds(5);
   // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention
   // while the other's experts compute); 1: one batch.

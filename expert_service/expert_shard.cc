@@ -35,6 +35,7 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const std::string
   model::LoadOptions options;
   options.attention_side = false;  // routed experts only: no embeddings, attention, gate, head
   options.expert_filter = [first, last](int64_t, int64_t e) { return e >= first && e <= last; };
+  options.resident = spec.weights;
   SPLITMOE_ASSIGN_OR_RETURN(shard->weights_, model::LoadWeights(*ckpt, options));
   SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&shard->weights_));
   return shard;
@@ -49,6 +50,7 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::LoadPlaced(
   model::LoadOptions options;
   options.attention_side = false;
   options.expert_filter = std::move(holds);
+  options.resident = spec.weights;
   SPLITMOE_ASSIGN_OR_RETURN(shard->weights_, model::LoadWeights(*ckpt, options));
   SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&shard->weights_));
   return shard;

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/model/config.h"
+#include "common/model/checkpoint.h"
 #include "common/model/weights.h"
 
 namespace splitmoe::expert_service {
@@ -26,6 +27,8 @@ namespace splitmoe::expert_service {
 struct ShardSpec {
   int32_t shard = 0;
   int32_t num_shards = 1;
+  // How the shard holds its experts (`--weights`): in the checkpoint's dtype, or fp32.
+  model::ResidentDType weights = model::ResidentDType::kCheckpoint;
 };
 
 // The experts shard `spec` holds under contiguous placement, ascending.

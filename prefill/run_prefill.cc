@@ -16,7 +16,8 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
   if (options.router.empty()) return absl::InvalidArgumentError("prefill: --router is required");
   SPLITMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<expert_plane::AttentionSide> side,
-      expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe));
+      expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe,
+                                      options.weights));
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
                             transfer::UcxTransport::Create({.name = "prefill"}));
   auto gauge = std::make_shared<decode::LoadGauge>();

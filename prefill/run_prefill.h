@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "common/engine/transformer.h"
 #include "common/expert_plane/direct_moe.h"
+#include "common/model/checkpoint.h"
 #include "splitmoe/v1/internal.pb.h"
 
 namespace splitmoe::prefill {
@@ -20,6 +21,7 @@ struct PrefillOptions {
   std::string router;  // required
   // The expert data plane: wire dtype, per-batch deadlines, failover.
   expert_plane::DirectMoeOptions moe;
+  model::ResidentDType weights = model::ResidentDType::kCheckpoint;  // `--weights`
   engine::AttentionForm form = engine::AttentionForm::kAbsorbed;
   // Prompts that arrive together are prefilled together up to this many tokens.
   int64_t batch_tokens = 2048;

@@ -1,35 +1,59 @@
 #!/usr/bin/env bash
-# The GPU path on a machine with an NVIDIA GPU, in one run: builds the CUDA kernels, their tests
-# and the GPU benchmark (build-gpu/), checks every kernel against the CPU path (a skipped case
-# fails this script: here the GPU must be there), then times them against the device's own
-# measured ceilings. Needs what scripts/setup.sh installs (Debian packages) plus a CUDA toolkit
-# and driver. Prints a short table last.
-#   ARCH=90 ./scripts/gpu-check.sh        # compute capability to build for (Hopper: 90)
+# The GPU path on a machine with an NVIDIA GPU, in one run: checks every kernel against the CPU
+# path (a skipped case fails this script: here the GPU must be there), the engine on the GPU
+# against the CPU engine, then times the kernels against the device's own measured ceilings.
+# Prints a short table last; logs go to $OUT (default: gpu-check/ beside the binaries).
+#
+# Two ways to run it:
+#   - from a bundle (scripts/gpu-bundle.sh made it here): gpu-bundle/gpu-check.sh unpacks
+#     payload.tar.xz beside itself and runs its binaries with its own libraries; the machine needs
+#     only a CUDA toolkit (cudart, cuBLAS) and a driver: what a lent, bare GPU machine has.
+#   - from a checkout with the Debian packages (scripts/setup.sh) and a CUDA toolkit: builds
+#     build-gpu/ first. ARCH=90 ./scripts/gpu-check.sh (compute capability; Hopper: 90)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-BUILD_DIR=${BUILD_DIR:-build-gpu}
-OUT_DIR=${OUT:-$BUILD_DIR/gpu-check}
+here=$(cd "$(dirname "$0")" && pwd)
+if [ -f "$here/payload.tar.xz" ]; then
+  root=${BUNDLE_DIR:-$here/unpacked}
+  if [ ! -d "$root/bin" ]; then
+    mkdir -p "$root"
+    tar -C "$root" -xJf "$here/payload.tar.xz"
+  fi
+  export LD_LIBRARY_PATH="$root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  for cuda in /usr/local/cuda/lib64 /usr/local/cuda/lib; do
+    [ -d "$cuda" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$cuda"
+  done
+  export SPLITMOE_SOURCE_DIR="$root"
+  ops="$root/bin/cuda_ops_test" engine_test="$root/bin/gpu_engine_test" bench="$root/bin/cuda_bench"
+  OUT_DIR=${OUT:-$root/gpu-check}
+else
+  cd "$here/.."
+  BUILD_DIR=${BUILD_DIR:-build-gpu}
+  if [ ! -f "$BUILD_DIR/build.ninja" ]; then
+    cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_CUDA_ARCHITECTURES="${ARCH:-90}" -DSPLITMOE_ENABLE_CUDA=ON
+  fi
+  # Without a CUDA toolkit the GPU targets do not exist and the build below says so.
+  cmake --build "$BUILD_DIR" -j "$(nproc)" --target cuda_ops_test gpu_engine_test cuda_bench
+  export SPLITMOE_SOURCE_DIR=$PWD
+  ops="$BUILD_DIR/tests/cuda_ops_test" engine_test="$BUILD_DIR/tests/gpu_engine_test"
+  bench="$BUILD_DIR/bench/cuda_bench"
+  OUT_DIR=${OUT:-$BUILD_DIR/gpu-check}
+fi
 mkdir -p "$OUT_DIR"
 command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "nvidia-smi not found"
-if [ ! -f "$BUILD_DIR/build.ninja" ]; then
-  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_CUDA_ARCHITECTURES="${ARCH:-90}" -DSPLITMOE_ENABLE_CUDA=ON
-fi
-# Without a CUDA toolkit the GPU targets do not exist and the build below says so.
-cmake --build "$BUILD_DIR" -j "$(nproc)" --target cuda_ops_test gpu_engine_test cuda_bench
 
 echo "== kernels against the CPU path"
 status=0
-"$BUILD_DIR/tests/cuda_ops_test" 2>&1 | tee "$OUT_DIR/cuda_ops_test.log" || status=1
+"$ops" 2>&1 | tee "$OUT_DIR/cuda_ops_test.log" || status=1
 echo "== the engine on the GPU against the CPU engine"
-SPLITMOE_SOURCE_DIR=$PWD SPLITMOE_BINARY_DIR=$BUILD_DIR "$BUILD_DIR/tests/gpu_engine_test" 2>&1 |
+"$engine_test" 2>&1 |
   tee "$OUT_DIR/gpu_engine_test.log" || status=1
 if grep -q "\[  SKIPPED \]" "$OUT_DIR/cuda_ops_test.log" "$OUT_DIR/gpu_engine_test.log"; then
   echo "GPU checks were skipped: no usable device" >&2
   status=1
 fi
 echo "== timing"
-"$BUILD_DIR/bench/cuda_bench" 2>&1 | tee "$OUT_DIR/cuda_bench.log" || status=1
+"$bench" 2>&1 | tee "$OUT_DIR/cuda_bench.log" || status=1
 echo "== summary"
 grep -hE "^\[  (PASSED|FAILED) |^\[       OK|^\[  FAILED|fp32 mode|bf16 mode|bench model" \
   "$OUT_DIR/cuda_ops_test.log" "$OUT_DIR/gpu_engine_test.log" || true

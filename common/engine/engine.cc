@@ -18,6 +18,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   engine->config_ = ckpt->config();
   model::LoadOptions load;
   load.mtp = options.load_mtp;
+  load.resident = options.weights;
   SPLITMOE_ASSIGN_OR_RETURN(engine->weights_, model::LoadWeights(*ckpt, load));
   if (options.pack_weights) {
     SPLITMOE_RETURN_IF_ERROR(PackForInference(&engine->weights_));  // and OpenBLAS one thread

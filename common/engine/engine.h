@@ -31,6 +31,8 @@ struct EngineOptions {
   // Attention form of prompt passes; decode always uses the absorbed form over the latents.
   AttentionForm prefill_form = AttentionForm::kAbsorbed;
   bool load_mtp = true;
+  // Weights in the checkpoint's dtype (BF16/FP8, widened as read) or widened to fp32 at load.
+  model::ResidentDType weights = model::ResidentDType::kCheckpoint;
   // Pack weights for oneDNN (faster GEMMs, see bench/blas_choice_bench.cc); off: plain OpenBLAS.
   bool pack_weights = true;
 };

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/kernels/cpu/mla_attention.h"
 
 namespace splitmoe::engine {
 
@@ -26,6 +27,12 @@ class SequenceCache {
   virtual absl::Status Reserve(int64_t tokens) = 0;
   // Write target for the latents of a token at `position` >= length(), fp32 [latent_dim].
   virtual float* Row(int64_t layer, int64_t position) = 0;
+  // The rows of `layer` written through Row() are complete: a cache that stages them (bf16)
+  // stores them now, so View and LayerRows see them.
+  virtual void RowsWritten(int64_t layer) {}
+  // Rows [0, keys) of `layer` in place, as the blocks the cache keeps them in (no copy); valid
+  // until the cache changes.
+  virtual kernels::LatentBlocks View(int64_t layer, int64_t keys) = 0;
   // Rows [0, keys) of `layer` — stored ones and those written through Row() since — as one
   // contiguous fp32 array [keys, latent_dim], valid until the next call on this cache.
   virtual const float* LayerRows(int64_t layer, int64_t keys) = 0;
@@ -48,6 +55,15 @@ class LatentCache : public SequenceCache {
     return absl::OkStatus();
   }
   const float* LayerRows(int64_t layer, int64_t /*keys*/) override { return Layer(layer); }
+  // The contiguous rows, seen as blocks of kViewBlockTokens.
+  kernels::LatentBlocks View(int64_t layer, int64_t keys) override {
+    kernels::LatentBlocks view;
+    view.block_tokens = kViewBlockTokens;
+    view.keys = keys;
+    for (int64_t r = 0; r < keys; r += kViewBlockTokens) view.blocks.push_back(Row(layer, r));
+    return view;
+  }
+  static constexpr int64_t kViewBlockTokens = 64;
   void Commit(int64_t new_length) override { length_ = new_length; }
 
   // Grows every layer to hold `tokens` rows; existing rows are kept.

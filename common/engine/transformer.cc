@@ -7,6 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/engine/routing.h"
+#include "common/kernels/cpu/mla_attention.h"
+#include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu_ops.h"
 #include "common/kernels/packed_linear.h"
 
@@ -154,13 +156,12 @@ void Transformer::Mlp(const model::MlpWeights& w, const float* x, int64_t rows, 
   kernels::Linear(g.data(), rows, w.down, out);
 }
 
-void Transformer::Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
-                            absl::Span<const SequenceChunk> batch, AttentionForm form, float* out,
-                            int64_t rows) {
+absl::Status Transformer::Attention(const model::AttentionWeights& w, const float* x,
+                                    int64_t cache_layer, absl::Span<const SequenceChunk> batch,
+                                    AttentionForm form, float* out, int64_t rows) {
   const model::ModelConfig& c = config_;
   const int64_t heads = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
   const int64_t dv = c.v_head_dim, kvr = c.kv_lora_rank, qk = c.qk_head_dim(), lat = c.latent_dim();
-  const int64_t hidden = c.hidden_size;
 
   // Queries q [rows, heads, qk].
   std::vector<float> q(static_cast<size_t>(rows * heads * qk));
@@ -192,50 +193,80 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
         kernels::ApplyRope(q.data() + (row * heads + h) * qk + dn, cos_sin.data(), dr);
       }
     }
+    chunk.cache->RowsWritten(cache_layer);
   }
 
-  // Attention per chunk into o [rows, heads, dv].
+  // kv_b_proj [heads * (dn + dv), kvr]: per head W_UK (dn rows) then W_UV (dv rows). fp32
+  // weights are read where they are; narrow ones are widened a head's rows at a time.
+  const model::Matrix& kvb = w.kv_b_proj;
+  std::vector<float> widened;
+  auto head_rows = [&](int64_t first, int64_t count) -> const float* {
+    if (!kvb.narrow()) return kvb.data.data() + first * kvr;
+    widened.resize(static_cast<size_t>(count * kvr));
+    kernels::WidenRows(kvb, first, count, widened.data());
+    return widened.data();
+  };
+
+  // Attention into o [rows, heads, dv].
   std::vector<float> o(static_cast<size_t>(rows * heads * dv));
-  const float* wkvb = w.kv_b_proj.data.data();  // [heads * (dn + dv), kvr]
-  row = 0;
-  for (const SequenceChunk& chunk : batch) {
-    const int64_t n = static_cast<int64_t>(chunk.tokens.size());
-    const int64_t start = StartOf(chunk);
-    const int64_t keys = start + n;
-    const float* latents = chunk.cache->LayerRows(cache_layer, keys);  // [keys, lat]
-    const float* qc = q.data() + row * heads * qk;
-    float* oc = o.data() + row * heads * dv;
-    if (form == AttentionForm::kAbsorbed) {
-      // qf [n, heads, lat] = [q_nope @ W_UK[h], q_pe]
-      std::vector<float> qf(static_cast<size_t>(n * heads * lat));
-      for (int64_t h = 0; h < heads; ++h) {
-        kernels::Gemm(false, false, n, kvr, dn, 1.0f, qc + h * qk, heads * qk,
-                      wkvb + h * (dn + dv) * kvr, kvr, 0.0f, qf.data() + h * lat, heads * lat);
-        for (int64_t t = 0; t < n; ++t) {
-          std::memcpy(&qf[(t * heads + h) * lat + kvr], qc + (t * heads + h) * qk + dn,
-                      dr * sizeof(float));
-        }
+  if (form == AttentionForm::kAbsorbed) {
+    // qf [rows, heads, lat] = [q_nope @ W_UK[h], q_pe], every row of the batch at once.
+    std::vector<float> qf(static_cast<size_t>(rows * heads * lat));
+    for (int64_t h = 0; h < heads; ++h) {
+      kernels::Gemm(false, false, rows, kvr, dn, 1.0f, q.data() + h * qk, heads * qk,
+                    head_rows(h * (dn + dv), dn), kvr, 0.0f, qf.data() + h * lat, heads * lat);
+      for (int64_t t = 0; t < rows; ++t) {
+        std::memcpy(&qf[(t * heads + h) * lat + kvr], &q[(t * heads + h) * qk + dn],
+                    dr * sizeof(float));
       }
-      std::vector<float> scores(static_cast<size_t>(n * heads * keys));
-      kernels::Gemm(false, true, n * heads, keys, lat, softmax_scale_, qf.data(), lat, latents, lat,
-                    0.0f, scores.data(), keys);
-      std::vector<int64_t> valid(static_cast<size_t>(n * heads));
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t h = 0; h < heads; ++h) valid[t * heads + h] = start + t + 1;
-      CausalSoftmax(scores.data(), n * heads, keys, valid.data());
-      std::vector<float> olat(static_cast<size_t>(n * heads * kvr));
-      kernels::Gemm(false, false, n * heads, kvr, keys, 1.0f, scores.data(), keys, latents, lat,
-                    0.0f, olat.data(), kvr);
-      for (int64_t h = 0; h < heads; ++h) {
-        kernels::Gemm(false, true, n, dv, kvr, 1.0f, olat.data() + h * kvr, heads * kvr,
-                      wkvb + (h * (dn + dv) + dn) * kvr, kvr, 0.0f, oc + h * dv, heads * dv);
+    }
+    // One batched call over every sequence's latents, read in place.
+    std::vector<kernels::MlaSequence> sequences;
+    sequences.reserve(batch.size());
+    row = 0;
+    for (const SequenceChunk& chunk : batch) {
+      const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+      const int64_t start = StartOf(chunk);
+      if (n > 0) {
+        sequences.push_back({chunk.cache->View(cache_layer, start + n), row, n, start});
       }
-    } else {
+      row += n;
+    }
+    std::vector<float> olat(static_cast<size_t>(rows * heads * kvr));
+    kernels::MlaAttentionParams params;
+    params.heads = heads;
+    params.kv_lora_rank = kvr;
+    params.rope_dim = dr;
+    params.softmax_scale = softmax_scale_;
+    params.q = qf.data();
+    params.out = olat.data();
+    params.sequences = sequences;
+    SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(params));
+    for (int64_t h = 0; h < heads; ++h) {
+      kernels::Gemm(false, true, rows, dv, kvr, 1.0f, olat.data() + h * kvr, heads * kvr,
+                    head_rows(h * (dn + dv) + dn, dv), kvr, 0.0f, o.data() + h * dv, heads * dv);
+    }
+  } else {
+    row = 0;
+    for (const SequenceChunk& chunk : batch) {
+      const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+      const int64_t start = StartOf(chunk);
+      const int64_t keys = start + n;
+      const float* latents = chunk.cache->LayerRows(cache_layer, keys);  // [keys, lat]
+      const float* qc = q.data() + row * heads * qk;
+      float* oc = o.data() + row * heads * dv;
       // Expand every key: kvfull [keys, heads * (dn + dv)] = c_kv @ kv_b_proj^T.
       const int64_t kvw = heads * (dn + dv);
       std::vector<float> kvfull(static_cast<size_t>(keys * kvw));
-      kernels::Gemm(false, true, keys, kvw, kvr, 1.0f, latents, lat, wkvb, kvr, 0.0f, kvfull.data(),
-                    kvw);
+      if (kvb.narrow()) {
+        std::vector<float> ckv(static_cast<size_t>(keys * kvr));
+        for (int64_t s = 0; s < keys; ++s)
+          std::memcpy(&ckv[s * kvr], latents + s * lat, kvr * sizeof(float));
+        kernels::Linear(ckv.data(), keys, kvb, kvfull.data());
+      } else {
+        kernels::Gemm(false, true, keys, kvw, kvr, 1.0f, latents, lat, kvb.data.data(), kvr, 0.0f,
+                      kvfull.data(), kvw);
+      }
       std::vector<float> k(static_cast<size_t>(keys * qk));
       std::vector<float> scores(static_cast<size_t>(n * keys));
       std::vector<int64_t> valid(static_cast<size_t>(n));
@@ -251,11 +282,11 @@ void Transformer::Attention(const model::AttentionWeights& w, const float* x, in
         kernels::Gemm(false, false, n, dv, keys, 1.0f, scores.data(), keys,
                       kvfull.data() + h * (dn + dv) + dn, kvw, 0.0f, oc + h * dv, heads * dv);
       }
+      row += n;
     }
-    row += n;
   }
   kernels::Linear(o.data(), rows, w.o_proj, out);
-  (void)hidden;
+  return absl::OkStatus();
 }
 
 absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_index,
@@ -269,7 +300,8 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
       delta(static_cast<size_t>(rows * hidden));
   kernels::RmsNorm(h, rows, hidden, hidden, w.input_norm.data(), eps, xn.data(), hidden);
   if (order != nullptr) SPLITMOE_RETURN_IF_ERROR(order->before_attention(layer_index));
-  Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows);
+  SPLITMOE_RETURN_IF_ERROR(
+      Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows));
   if (order != nullptr) order->after_attention(layer_index);
   for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
   kernels::RmsNorm(h, rows, hidden, hidden, w.post_attention_norm.data(), eps, xn.data(), hidden);
@@ -321,7 +353,7 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
   int64_t row = 0;
   for (const SequenceChunk& chunk : batch) {
     for (int32_t t : chunk.tokens) {
-      std::memcpy(&h[row * hidden], weights_.embed.row(t), hidden * sizeof(float));
+      kernels::WidenRows(weights_.embed, t, 1, &h[row * hidden]);
       ++row;
     }
   }
@@ -362,7 +394,8 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
     for (int32_t t : chunk.tokens) {
       if (t < 0 || t >= c.vocab_size)
         return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
-      kernels::RmsNorm(m.embed.row(t), 1, hidden, hidden, m.enorm.data(), eps,
+      kernels::WidenRows(m.embed, t, 1, &cat[row * 2 * hidden]);
+      kernels::RmsNorm(&cat[row * 2 * hidden], 1, hidden, hidden, m.enorm.data(), eps,
                        &cat[row * 2 * hidden], hidden);
       kernels::RmsNorm(main_hidden + row * hidden, 1, hidden, hidden, m.hnorm.data(), eps,
                        &cat[row * 2 * hidden + hidden], hidden);

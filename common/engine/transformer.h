@@ -1,13 +1,15 @@
-// Transformer: the DeepSeek-V2/V3 forward pass on the CPU in fp32 — embeddings, MLA (naive or
-// absorbed form over the latent cache), dense SwiGLU and DeepSeekMoE layers, the final norm,
+// Transformer: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (weights held in fp32 or their
+// checkpoint dtype, widened as read) — embeddings, MLA (naive or absorbed form over the latent
+// cache; the absorbed form attends every sequence of the batch in one call over the latents in
+// place, kernels/cpu/mla_attention.h), dense SwiGLU and DeepSeekMoE layers, the final norm,
 // the output head and the MTP module — exactly the math of DeepSeek's reference
 // (inference/model.py). Routed experts are reached through a MoeExecutor, so the same code runs
 // with local experts (single-process engine) or remote ones (the cluster).
 //
 // A forward call takes a batch of sequence chunks: each chunk is some new tokens of one
 // sequence, starting at that sequence's cache length (a whole prompt for prefill, one token for
-// decode). Projections and experts run over all rows of the batch at once; attention runs per
-// chunk. Not thread-safe: one caller at a time (the owner of the sequences' caches).
+// decode). Projections and experts run over all rows of the batch at once; so does the absorbed
+// attention; the naive form (prefill) runs per chunk. Not thread-safe: one caller at a time (the owner of the sequences' caches).
 //
 //   LocalMoeExecutor moe(config, weights);
 //   Transformer model(config, weights, &moe);
@@ -159,7 +161,7 @@ class Transformer {
   absl::Status Block(const model::LayerWeights& w, int64_t layer_index, int64_t cache_layer,
                      absl::Span<const SequenceChunk> batch, AttentionForm form, float* h,
                      int64_t rows, const LayerOrder* order = nullptr);
-  void Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
+  absl::Status Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
                  absl::Span<const SequenceChunk> batch, AttentionForm form, float* out,
                  int64_t rows);
   void Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out);

@@ -26,13 +26,14 @@ class AttentionSide {
  public:
   static absl::StatusOr<std::unique_ptr<AttentionSide>> Load(const std::string& model_dir,
                                                              const std::string& router_address,
-                                                             DirectMoeOptions moe_options);
+                                                             DirectMoeOptions moe_options,
+                                                             model::ResidentDType weights);
 
   const model::ModelConfig& config() const { return config_; }
   engine::Transformer& transformer() { return *transformer_; }
   DirectMoeExecutor& moe() { return *moe_; }
   const RoutingTableWatcher& routing_table() const { return *watcher_; }
-  // Resident weight bytes (fp32 or packed), as `splitmoe status` shows them.
+  // Resident weight bytes (checkpoint dtype, fp32 or packed), as `splitmoe status` shows them.
   uint64_t resident_weight_bytes() const { return weights_.bytes(); }
   // The config.json fingerprint workers register with.
   const std::string& fingerprint() const { return fingerprint_; }

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/packed_linear.h"
 
 namespace splitmoe::kernels {
@@ -28,6 +29,10 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 void Linear(const float* x, int64_t m, const model::Matrix& w, float* y) {
   if (w.packed != nullptr) {
     w.packed->Run(x, m, y);
+    return;
+  }
+  if (w.narrow()) {
+    NarrowLinear(x, m, w, y);
     return;
   }
   const float beta = 0.0f;

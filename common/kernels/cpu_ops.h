@@ -15,7 +15,7 @@
 namespace splitmoe::kernels {
 
 // y[m, w.rows] = x[m, w.cols] @ w^T (y is overwritten). Packed weights run through oneDNN,
-// plain ones through OpenBLAS.
+// plain fp32 ones through OpenBLAS, BF16/FP8 ones through cpu/narrow_linear.h.
 void Linear(const float* x, int64_t m, const model::Matrix& w, float* y);
 
 // OpenBLAS and oneDNN (OpenMP) each keep a pool of spinning threads; on a small machine the two

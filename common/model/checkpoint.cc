@@ -67,7 +67,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
   }
   SPLITMOE_ASSIGN_OR_RETURN(const bool has_single, RegularFileExists(single_path));
   if (has_single) {
-    SPLITMOE_ASSIGN_OR_RETURN(const SafetensorsFile* file, ckpt->OpenFile("model.safetensors"));
+    SPLITMOE_ASSIGN_OR_RETURN(std::shared_ptr<const SafetensorsFile> file, ckpt->OpenFile("model.safetensors"));
     for (const auto& [name, info] : file->tensors()) {
       ckpt->weight_map_.emplace(name, "model.safetensors");
       ckpt->names_.push_back(name);
@@ -101,13 +101,15 @@ absl::StatusOr<std::vector<std::string>> WeightFileNames(const std::string& dir)
 
 bool Checkpoint::Has(absl::string_view name) const { return weight_map_.count(name) > 0; }
 
-absl::StatusOr<const SafetensorsFile*> Checkpoint::OpenFile(const std::string& file_name) {
+absl::StatusOr<std::shared_ptr<const SafetensorsFile>> Checkpoint::OpenFile(
+    const std::string& file_name) {
   auto it = files_.find(file_name);
-  if (it != files_.end()) return it->second.get();
-  SPLITMOE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir_ + "/" + file_name));
-  const SafetensorsFile* raw = file.get();
-  files_.emplace(file_name, std::move(file));
-  return raw;
+  if (it != files_.end()) return it->second;
+  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file,
+                            SafetensorsFile::Open(dir_ + "/" + file_name));
+  std::shared_ptr<const SafetensorsFile> shared(std::move(file));
+  files_.emplace(file_name, shared);
+  return shared;
 }
 
 absl::StatusOr<Checkpoint::Located> Checkpoint::Locate(const std::string& name) {
@@ -115,13 +117,13 @@ absl::StatusOr<Checkpoint::Located> Checkpoint::Locate(const std::string& name) 
   if (it == weight_map_.end()) {
     return absl::NotFoundError(absl::StrCat(dir_, ": missing tensor '", name, "'"));
   }
-  SPLITMOE_ASSIGN_OR_RETURN(const SafetensorsFile* file, OpenFile(it->second));
+  SPLITMOE_ASSIGN_OR_RETURN(std::shared_ptr<const SafetensorsFile> file, OpenFile(it->second));
   const TensorInfo* info = file->Find(name);
   if (info == nullptr) {
     return absl::NotFoundError(absl::StrCat(file->path(), ": missing tensor '", name,
                                             "' (the index says it is in this file)"));
   }
-  return Located{file, info};
+  return Located{std::move(file), info};
 }
 
 absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name,
@@ -150,29 +152,8 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name
           absl::StrCat(path, ": tensor '", name, "': F8_E4M3 is only supported for 2-D weights"));
     }
     const int64_t rows = shape[0], cols = shape[1];
-    const int64_t srows = (rows + kFp8BlockSize - 1) / kFp8BlockSize;
+    SPLITMOE_ASSIGN_OR_RETURN(std::vector<float> scales, LoadScales(name, path, rows, cols));
     const int64_t scols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
-    if (!Has(scale_name)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": tensor '", name, "' is F8_E4M3 but '", scale_name, "' is missing"));
-    }
-    SPLITMOE_ASSIGN_OR_RETURN(Located sloc, Locate(scale_name));
-    if (sloc.info->dtype != DType::kF32 && sloc.info->dtype != DType::kBF16) {
-      return absl::InvalidArgumentError(absl::StrCat(sloc.file->path(), ": tensor '", scale_name,
-                                                     "': dtype ", DTypeName(sloc.info->dtype),
-                                                     ", expected F32"));
-    }
-    if (sloc.info->shape != std::vector<int64_t>{srows, scols}) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(sloc.file->path(), ": tensor '", scale_name, "': expected shape ",
-                       ShapeString({srows, scols}), " (one scale per 128x128 block of ",
-                       ShapeString(shape), "), found ", ShapeString(sloc.info->shape)));
-    }
-    std::vector<float> scales(static_cast<size_t>(srows * scols));
-    ConvertToFloat(sloc.info->dtype, sloc.file->Data(*sloc.info).data(), srows * scols,
-                   scales.data());
-    bytes_read_ += sloc.info->nbytes;
-    consumed_.insert(scale_name);
     for (int64_t r = 0; r < rows; ++r) {
       const float* srow = scales.data() + (r / kFp8BlockSize) * scols;
       float* orow = out.data() + r * cols;
@@ -186,10 +167,73 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name
   return out;
 }
 
-absl::StatusOr<Matrix> Checkpoint::LoadMatrix(const std::string& name, int64_t rows, int64_t cols) {
+absl::StatusOr<std::vector<float>> Checkpoint::LoadScales(const std::string& name,
+                                                          const std::string& path, int64_t rows,
+                                                          int64_t cols) {
+  const std::string scale_name = name + "_scale_inv";
+  const int64_t srows = (rows + kFp8BlockSize - 1) / kFp8BlockSize;
+  const int64_t scols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
+  if (!Has(scale_name)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": tensor '", name, "' is F8_E4M3 but '", scale_name, "' is missing"));
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(Located sloc, Locate(scale_name));
+  if (sloc.info->dtype != DType::kF32 && sloc.info->dtype != DType::kBF16) {
+    return absl::InvalidArgumentError(absl::StrCat(sloc.file->path(), ": tensor '", scale_name,
+                                                   "': dtype ", DTypeName(sloc.info->dtype),
+                                                   ", expected F32"));
+  }
+  if (sloc.info->shape != std::vector<int64_t>{srows, scols}) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(sloc.file->path(), ": tensor '", scale_name, "': expected shape ",
+                     ShapeString({srows, scols}), " (one scale per 128x128 block of ",
+                     ShapeString({rows, cols}), "), found ", ShapeString(sloc.info->shape)));
+  }
+  std::vector<float> scales(static_cast<size_t>(srows * scols));
+  ConvertToFloat(sloc.info->dtype, sloc.file->Data(*sloc.info).data(), srows * scols,
+                 scales.data());
+  bytes_read_ += sloc.info->nbytes;
+  consumed_.insert(scale_name);
+  return scales;
+}
+
+absl::StatusOr<ResidentDType> ParseResidentDType(absl::string_view name) {
+  if (name == "checkpoint") return ResidentDType::kCheckpoint;
+  if (name == "fp32") return ResidentDType::kFloat32;
+  return absl::InvalidArgumentError(
+      absl::StrCat("weights dtype '", name, "': expected checkpoint or fp32"));
+}
+
+absl::StatusOr<Matrix> Checkpoint::LoadMatrix(const std::string& name, int64_t rows, int64_t cols,
+                                              ResidentDType resident) {
   Matrix m;
   m.rows = rows;
   m.cols = cols;
+  if (resident == ResidentDType::kCheckpoint) {
+    SPLITMOE_ASSIGN_OR_RETURN(Located loc, Locate(name));
+    const TensorInfo& info = *loc.info;
+    const bool narrow = info.dtype == DType::kBF16 || info.dtype == DType::kF8E4M3;
+    if (narrow && info.shape == std::vector<int64_t>{rows, cols}) {
+      const std::string& path = loc.file->path();
+      if (info.dtype == DType::kF8E4M3) {
+        SPLITMOE_ASSIGN_OR_RETURN(m.scale_inv, LoadScales(name, path, rows, cols));
+        m.dtype = WeightDType::kFp8E4M3;
+      } else {
+        if (Has(name + "_scale_inv")) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(path, ": tensor '", name, "' is BF16 but has a '", name,
+                           "_scale_inv' (only F8_E4M3 weights are scaled)"));
+        }
+        m.dtype = WeightDType::kBFloat16;
+      }
+      m.raw = loc.file->Data(info).data();
+      m.keep = loc.file;  // the mapping lives as long as any weight viewing it
+      bytes_read_ += info.nbytes;
+      consumed_.insert(name);
+      return m;
+    }
+    // Other dtypes (F32, F16) and shape errors take the fp32 path, which reports them.
+  }
   SPLITMOE_ASSIGN_OR_RETURN(m.data, LoadFloat(name, {rows, cols}));
   return m;
 }

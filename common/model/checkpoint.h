@@ -4,6 +4,9 @@
 // of layers or experts never touches the other shards. Not thread-safe while loading (the lazy
 // shard table); load from one thread, then share the resulting weights.
 //
+// Weights can stay in their checkpoint dtype (ResidentDType::kCheckpoint): a BF16 or FP8 matrix is
+// then a view of the mapped file (Matrix::raw), which it keeps mapped after the Checkpoint goes.
+//
 //   SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));
 //   SPLITMOE_ASSIGN_OR_RETURN(Matrix wo, ckpt->LoadMatrix("model.layers.0.self_attn.o_proj.weight",
 //                                                         hidden, heads * v_head_dim));
@@ -24,9 +27,6 @@
 
 namespace splitmoe::model {
 
-// FP8 checkpoints carry one fp32 scale per kFp8BlockSize x kFp8BlockSize block of a weight.
-inline constexpr int64_t kFp8BlockSize = 128;
-
 // model.safetensors.index.json maps each of a large checkpoint's ~100k tensor names to a shard
 // (DeepSeek-V3's is ~9 MB); anything larger is not one.
 inline constexpr uint64_t kMaxIndexJsonBytes = 256 << 20;
@@ -35,6 +35,12 @@ inline constexpr uint64_t kMaxIndexJsonBytes = 256 << 20;
 // model.safetensors.index.json exists, else every *.safetensors file in the directory. Reads the
 // index only (never a shard).
 absl::StatusOr<std::vector<std::string>> WeightFileNames(const std::string& dir);
+
+// How a loaded weight matrix is held: widened to fp32 (the reference mode, and what oneDNN
+// packs), or in the checkpoint's own dtype where the kernels read it (BF16, FP8 E4M3; other
+// dtypes are widened to fp32 either way).
+enum class ResidentDType { kCheckpoint, kFloat32 };
+absl::StatusOr<ResidentDType> ParseResidentDType(absl::string_view name);  // "checkpoint", "fp32"
 
 class Checkpoint {
  public:
@@ -49,7 +55,9 @@ class Checkpoint {
 
   // Loads a weight as fp32 after checking its shape; FP8 weights are dequantised with their
   // `<name>_scale_inv` block scales. Errors name the file and the tensor.
-  absl::StatusOr<Matrix> LoadMatrix(const std::string& name, int64_t rows, int64_t cols);
+  // With kCheckpoint, BF16 and FP8 weights stay in their dtype (a view of the mapped file).
+  absl::StatusOr<Matrix> LoadMatrix(const std::string& name, int64_t rows, int64_t cols,
+                                    ResidentDType resident = ResidentDType::kFloat32);
   absl::StatusOr<std::vector<float>> LoadVector(const std::string& name, int64_t size);
 
   // Names that were loaded (with their scales); used to find tensors nobody asked for.
@@ -61,19 +69,22 @@ class Checkpoint {
 
  private:
   struct Located {
-    const SafetensorsFile* file;
+    std::shared_ptr<const SafetensorsFile> file;
     const TensorInfo* info;
   };
   absl::StatusOr<Located> Locate(const std::string& name);
-  absl::StatusOr<const SafetensorsFile*> OpenFile(const std::string& file_name);
+  absl::StatusOr<std::shared_ptr<const SafetensorsFile>> OpenFile(const std::string& file_name);
   absl::StatusOr<std::vector<float>> LoadFloat(const std::string& name,
                                                const std::vector<int64_t>& shape);
+  // The fp32 block scales of FP8 weight `name` [rows, cols] (checked, marked consumed).
+  absl::StatusOr<std::vector<float>> LoadScales(const std::string& name, const std::string& path,
+                                                int64_t rows, int64_t cols);
 
   std::string dir_;
   ModelConfig config_;
   std::map<std::string, std::string, std::less<>> weight_map_;  // tensor -> file name
   std::vector<std::string> names_;
-  std::map<std::string, std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, std::shared_ptr<const SafetensorsFile>> files_;
   std::set<std::string> consumed_;
   uint64_t bytes_read_ = 0;
 };

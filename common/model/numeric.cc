@@ -50,6 +50,18 @@ float F16ToFloat(uint16_t h) {
 
 float Fp8E4M3ToFloat(uint8_t bits) { return Fp8Table()[bits]; }
 
+const char* WeightDTypeName(WeightDType dtype) {
+  switch (dtype) {
+    case WeightDType::kFloat32:
+      return "fp32";
+    case WeightDType::kBFloat16:
+      return "bf16";
+    case WeightDType::kFp8E4M3:
+      return "fp8_e4m3";
+  }
+  return "?";
+}
+
 uint8_t FloatToFp8E4M3(float f) {
   if (std::isnan(f)) return 0x7f;
   uint8_t sign = std::signbit(f) ? 0x80 : 0;

@@ -11,6 +11,7 @@
 
 #include "absl/types/span.h"
 #include "common/model/safetensors.h"
+#include "common/model/tensor.h"
 
 namespace splitmoe::model {
 

@@ -61,9 +61,9 @@ class WeightLoader {
 
   absl::Status LoadMlp(const std::string& prefix, int64_t inter, MlpWeights* mlp) {
     const int64_t h = c_.hidden_size;
-    SPLITMOE_ASSIGN_OR_RETURN(mlp->gate, ckpt_.LoadMatrix(prefix + "gate_proj.weight", inter, h));
-    SPLITMOE_ASSIGN_OR_RETURN(mlp->up, ckpt_.LoadMatrix(prefix + "up_proj.weight", inter, h));
-    SPLITMOE_ASSIGN_OR_RETURN(mlp->down, ckpt_.LoadMatrix(prefix + "down_proj.weight", h, inter));
+    SPLITMOE_ASSIGN_OR_RETURN(mlp->gate, ckpt_.LoadMatrix(prefix + "gate_proj.weight", inter, h, options_.resident));
+    SPLITMOE_ASSIGN_OR_RETURN(mlp->up, ckpt_.LoadMatrix(prefix + "up_proj.weight", inter, h, options_.resident));
+    SPLITMOE_ASSIGN_OR_RETURN(mlp->down, ckpt_.LoadMatrix(prefix + "down_proj.weight", h, inter, options_.resident));
     return absl::OkStatus();
   }
 
@@ -80,29 +80,29 @@ class WeightLoader {
       AttentionWeights& at = w->attn;
       if (c_.q_lora_rank > 0) {
         SPLITMOE_ASSIGN_OR_RETURN(at.q_a_proj,
-                                  ckpt_.LoadMatrix(a + "q_a_proj.weight", c_.q_lora_rank, h));
+                                  ckpt_.LoadMatrix(a + "q_a_proj.weight", c_.q_lora_rank, h, options_.resident));
         SPLITMOE_ASSIGN_OR_RETURN(at.q_a_norm,
                                   ckpt_.LoadVector(a + "q_a_layernorm.weight", c_.q_lora_rank));
         SPLITMOE_ASSIGN_OR_RETURN(
             at.q_b_proj,
-            ckpt_.LoadMatrix(a + "q_b_proj.weight", heads * c_.qk_head_dim(), c_.q_lora_rank));
+            ckpt_.LoadMatrix(a + "q_b_proj.weight", heads * c_.qk_head_dim(), c_.q_lora_rank, options_.resident));
       } else {
         SPLITMOE_ASSIGN_OR_RETURN(
-            at.q_proj, ckpt_.LoadMatrix(a + "q_proj.weight", heads * c_.qk_head_dim(), h));
+            at.q_proj, ckpt_.LoadMatrix(a + "q_proj.weight", heads * c_.qk_head_dim(), h, options_.resident));
       }
       SPLITMOE_ASSIGN_OR_RETURN(
-          at.kv_a_proj, ckpt_.LoadMatrix(a + "kv_a_proj_with_mqa.weight", c_.latent_dim(), h));
+          at.kv_a_proj, ckpt_.LoadMatrix(a + "kv_a_proj_with_mqa.weight", c_.latent_dim(), h, options_.resident));
       SPLITMOE_ASSIGN_OR_RETURN(at.kv_a_norm,
                                 ckpt_.LoadVector(a + "kv_a_layernorm.weight", c_.kv_lora_rank));
       SPLITMOE_ASSIGN_OR_RETURN(
           at.kv_b_proj,
           ckpt_.LoadMatrix(a + "kv_b_proj.weight", heads * (c_.qk_nope_head_dim + c_.v_head_dim),
-                           c_.kv_lora_rank));
+                           c_.kv_lora_rank, options_.resident));
       SPLITMOE_ASSIGN_OR_RETURN(at.o_proj,
-                                ckpt_.LoadMatrix(a + "o_proj.weight", h, heads * c_.v_head_dim));
+                                ckpt_.LoadMatrix(a + "o_proj.weight", h, heads * c_.v_head_dim, options_.resident));
       if (w->is_moe) {
         SPLITMOE_ASSIGN_OR_RETURN(w->gate,
-                                  ckpt_.LoadMatrix(p + "mlp.gate.weight", c_.n_routed_experts, h));
+                                  ckpt_.LoadMatrix(p + "mlp.gate.weight", c_.n_routed_experts, h, options_.resident));
         if (c_.HasScoreBias()) {
           SPLITMOE_ASSIGN_OR_RETURN(
               w->gate_bias,
@@ -138,13 +138,13 @@ class WeightLoader {
     const int64_t h = c_.hidden_size;
     if (options_.attention_side) {
       SPLITMOE_ASSIGN_OR_RETURN(m->embed,
-                                ckpt_.LoadMatrix(p + "embed_tokens.weight", c_.vocab_size, h));
+                                ckpt_.LoadMatrix(p + "embed_tokens.weight", c_.vocab_size, h, options_.resident));
       SPLITMOE_ASSIGN_OR_RETURN(m->enorm, ckpt_.LoadVector(p + "enorm.weight", h));
       SPLITMOE_ASSIGN_OR_RETURN(m->hnorm, ckpt_.LoadVector(p + "hnorm.weight", h));
-      SPLITMOE_ASSIGN_OR_RETURN(m->eh_proj, ckpt_.LoadMatrix(p + "eh_proj.weight", h, 2 * h));
+      SPLITMOE_ASSIGN_OR_RETURN(m->eh_proj, ckpt_.LoadMatrix(p + "eh_proj.weight", h, 2 * h, options_.resident));
       SPLITMOE_ASSIGN_OR_RETURN(m->head_norm, ckpt_.LoadVector(p + "shared_head.norm.weight", h));
       SPLITMOE_ASSIGN_OR_RETURN(m->head,
-                                ckpt_.LoadMatrix(p + "shared_head.head.weight", c_.vocab_size, h));
+                                ckpt_.LoadMatrix(p + "shared_head.head.weight", c_.vocab_size, h, options_.resident));
     }
     return LoadBlock(layer, &m->block);
   }
@@ -250,12 +250,12 @@ absl::StatusOr<ModelWeights> LoadWeights(Checkpoint& ckpt, const LoadOptions& op
   const int64_t h = c.hidden_size;
   if (options.attention_side) {
     SPLITMOE_ASSIGN_OR_RETURN(w.embed,
-                              ckpt.LoadMatrix("model.embed_tokens.weight", c.vocab_size, h));
+                              ckpt.LoadMatrix("model.embed_tokens.weight", c.vocab_size, h, options.resident));
     SPLITMOE_ASSIGN_OR_RETURN(w.final_norm, ckpt.LoadVector("model.norm.weight", h));
     if (c.tie_word_embeddings) {
       w.lm_head = w.embed;
     } else {
-      SPLITMOE_ASSIGN_OR_RETURN(w.lm_head, ckpt.LoadMatrix("lm_head.weight", c.vocab_size, h));
+      SPLITMOE_ASSIGN_OR_RETURN(w.lm_head, ckpt.LoadMatrix("lm_head.weight", c.vocab_size, h, options.resident));
     }
   }
   w.layers.resize(static_cast<size_t>(c.num_hidden_layers));

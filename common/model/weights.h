@@ -1,4 +1,5 @@
-// The weights of a DeepSeek-V2/V3 model in fp32, and the one description of the checkpoint's
+// The weights of a DeepSeek-V2/V3 model (matrices in their checkpoint dtype or fp32, see
+// tensor.h; norms and biases in fp32), and the one description of the checkpoint's
 // tensor names and shapes (TensorLayout) shared by the loader and the tiny-model writer.
 //
 // LoadWeights can load a subset: a role that serves attention loads everything but the routed
@@ -71,7 +72,7 @@ struct ModelWeights {
   Matrix lm_head;  // [vocab, hidden]; a copy of embed when tied
   std::vector<MtpWeights> mtp;
 
-  uint64_t bytes() const;  // resident fp32 bytes
+  uint64_t bytes() const;  // resident bytes, however each weight is held
 };
 
 struct LoadOptions {
@@ -80,6 +81,8 @@ struct LoadOptions {
   // Which routed experts to hold (layer, expert) when routed_experts; null: all of them.
   std::function<bool(int64_t layer, int64_t expert)> expert_filter;
   bool mtp = true;  // load MTP modules when the checkpoint has them
+  // BF16/FP8 matrices stay in their dtype (views of the mapped checkpoint) or become fp32.
+  ResidentDType resident = ResidentDType::kCheckpoint;
 };
 
 // Expected tensors of a checkpoint for `config`, in a stable order.

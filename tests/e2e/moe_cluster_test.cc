@@ -195,7 +195,8 @@ TEST_P(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
   uint64_t expert_bytes = 0;
   const v1::ClusterStatusResponse status = Status();
   for (const auto& w : status.workers()) expert_bytes += w.resident_weight_bytes();
-  const uint64_t one = 3ull * c.moe_intermediate_size * c.hidden_size * 4;
+  // BF16, held in the checkpoint's dtype: 2 bytes a value.
+  const uint64_t one = 3ull * c.moe_intermediate_size * c.hidden_size * 2;
   const uint64_t moe_blocks =
       (c.num_hidden_layers - c.first_k_dense_replace) + c.num_nextn_predict_layers;
   EXPECT_EQ(expert_bytes, moe_blocks * c.n_routed_experts * one);

@@ -562,12 +562,21 @@ std::vector<engine::DecodedToken> DecodeOnBf16Cache(engine::Engine& e, const Cas
   EXPECT_TRUE(cache.ok()) << cache.status();
   auto reservation = cache->Reserve(static_cast<int64_t>(c.prompt.size()), c.max_tokens);
   EXPECT_TRUE(reservation.ok()) << reservation.status();
-  auto view = std::make_unique<decode::PagedSequenceCache>(&*cache, reservation->id, 0);
+  // As the cluster does it: the prompt on an fp32 cache (the prefill worker's), its rows stored
+  // into the bf16 cache (the put), then decode on the bf16 cache, where each new token's latent
+  // is stored before it is attended.
+  engine::LatentCache prompt_cache(cfg.num_hidden_layers, cfg.latent_dim());
   std::vector<engine::DecodedToken> out;
-  auto first = engine::PrefillFirstToken(e.transformer(), c.prompt, view.get(), c.sampling,
+  auto first = engine::PrefillFirstToken(e.transformer(), c.prompt, &prompt_cache, c.sampling,
                                          c.logprobs, engine::AttentionForm::kAbsorbed);
   EXPECT_TRUE(first.ok()) << first.status();
   out.push_back(*first);
+  const decode::BlockTable* table = cache->Find(reservation->id);
+  for (int64_t layer = 0; layer < cfg.num_hidden_layers; ++layer)
+    for (int64_t p = 0; p < static_cast<int64_t>(c.prompt.size()); ++p)
+      EXPECT_TRUE(cache->StoreRow(*table, layer, p, prompt_cache.Row(layer, p)).ok());
+  auto view = std::make_unique<decode::PagedSequenceCache>(
+      &*cache, reservation->id, static_cast<int64_t>(c.prompt.size()));
   engine::BatchDecoder decoder(&e.transformer(), cfg.eos_token_id);
   engine::DecodeSequence s;
   s.id = "ref";

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "common/engine/engine.h"
+#include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu_ops.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_models.h"
@@ -139,8 +140,9 @@ TEST(LatentCacheTest, HoldsExactlyTheLatentsOfEachToken) {
   const int64_t h = c.hidden_size, kvr = c.kv_lora_rank, dr = c.qk_rope_head_dim;
   RopeTable rope(c);
   for (int64_t p = 0; p < 3; ++p) {
-    std::vector<float> xn(h), kv(c.latent_dim()), expect(c.latent_dim()), cs(dr);
-    kernels::RmsNorm(w.embed.row(tokens[p]), 1, h, h, w.layers[0].input_norm.data(), 1e-6f,
+    std::vector<float> emb(h), xn(h), kv(c.latent_dim()), expect(c.latent_dim()), cs(dr);
+    kernels::WidenRows(w.embed, tokens[p], 1, emb.data());
+    kernels::RmsNorm(emb.data(), 1, h, h, w.layers[0].input_norm.data(), 1e-6f,
                      xn.data(), h);
     kernels::Linear(xn.data(), 1, w.layers[0].attn.kv_a_proj, kv.data());
     kernels::RmsNorm(kv.data(), 1, kvr, kvr, w.layers[0].attn.kv_a_norm.data(), 1e-6f,

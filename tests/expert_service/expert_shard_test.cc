@@ -76,11 +76,17 @@ TEST(ExpertShardTest, HoldsOnlyItsExpertsAndRefusesOthers) {
   ASSERT_TRUE(shard.ok());
   const auto& c = (*shard)->config();
   EXPECT_EQ((*shard)->experts().front(), c.n_routed_experts / 2);
-  // Experts of 2 MoE layers + 1 MTP block, half of them, 3 matrices of moe_inter x hidden each.
+  // Experts of 2 MoE layers + 1 MTP block, half of them, 3 matrices of moe_inter x hidden each,
+  // held as the checkpoint stores them: BF16, 2 bytes a value.
   const uint64_t expected =
-      3ull * (c.n_routed_experts / 2) * 3 * c.moe_intermediate_size * c.hidden_size * 4;
+      3ull * (c.n_routed_experts / 2) * 3 * c.moe_intermediate_size * c.hidden_size * 2;
   EXPECT_NEAR(static_cast<double>((*shard)->resident_bytes()), static_cast<double>(expected),
               expected * 0.05);
+  // Widened at load (--weights fp32), twice that.
+  auto fp32 = ExpertShard::Load(
+      dir, {.shard = 1, .num_shards = 2, .weights = model::ResidentDType::kFloat32});
+  ASSERT_TRUE(fp32.ok());
+  EXPECT_NEAR(static_cast<double>((*fp32)->resident_bytes()), 2.0 * expected, expected * 0.1);
   std::vector<float> x(c.hidden_size, 1.0f), out(c.hidden_size);
   std::vector<int32_t> offsets = {0, 1}, ids = {0};
   std::vector<float> weights = {1.0f};

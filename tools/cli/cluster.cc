@@ -113,7 +113,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "router", "wire-dtype", "attention", "batch-tokens",
-               "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us"},
+               "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us", "weights"},
               {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
@@ -131,6 +131,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(o.batch_tokens, f.GetInt("batch-tokens", o.batch_tokens));
   if (o.batch_tokens <= 0) return absl::InvalidArgumentError("--batch-tokens must be > 0");
   SPLITMOE_ASSIGN_OR_RETURN(o.micro_batches, MicroBatchesFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(o.weights, model::ParseResidentDType(f.Get("weights", "checkpoint")));
   return prefill::RunPrefillWorker(o);
 }
 
@@ -140,7 +141,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
                                    {"model", "listen", "router", "cache-blocks", "block-tokens",
                                     "cache-dtype", "wire-dtype", "reclaim-grace-ms",
                                     "moe-transport", "expert-deadline-ms", "micro-batches",
-                                    "busy-poll-us"},
+                                    "busy-poll-us", "weights"},
                                    {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
@@ -157,6 +158,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
   }
   o.cache_dtype = dtype == "fp32" ? decode::LatentDType::kFloat32 : decode::LatentDType::kBFloat16;
   SPLITMOE_ASSIGN_OR_RETURN(o.moe, MoeFlags(f));
+  SPLITMOE_ASSIGN_OR_RETURN(o.weights, model::ParseResidentDType(f.Get("weights", "checkpoint")));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t grace, f.GetInt("reclaim-grace-ms", 5000));
   if (grace < 0) return absl::InvalidArgumentError("--reclaim-grace-ms must be >= 0");
   o.reclaim_grace = absl::Milliseconds(grace);
@@ -210,9 +212,12 @@ absl::Status UpCommand(int argc, char** argv) {
       {"model", "prefill", "decode", "experts", "expert-replicas", "port", "host", "cache-blocks",
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
-       "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers"},
+       "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers", "weights"},
       {"tls"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
+  if (f.Has("weights")) {
+    SPLITMOE_RETURN_IF_ERROR(model::ParseResidentDType(f.Get("weights")).status());
+  }
   // A closed internal plane: mutual TLS with a throwaway CA and a certificate per role
   // (--tls), or the cluster token every child is given (--cluster-token-file, taken by main).
   // Either way, and with --api-keys, the router serves its internal services on their own port.
@@ -370,6 +375,7 @@ absl::Status UpCommand(int argc, char** argv) {
                                      "--num-shards", std::to_string(n_experts)};
     pass(args, "moe-transport");
     pass(args, "busy-poll-us");
+    pass(args, "weights");
     security(args, "expert");
     absl::StatusOr<std::string> started = start(absl::StrCat("expert", s, ".", r), args);
     children.back().shard = s;
@@ -386,7 +392,7 @@ absl::Status UpCommand(int argc, char** argv) {
                                      "--listen", host + ":0"};
     for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
                              "moe-transport", "expert-deadline-ms", "micro-batches",
-                             "busy-poll-us"})
+                             "busy-poll-us", "weights"})
       pass(args, flag);
     security(args, "decode");
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
@@ -396,7 +402,8 @@ absl::Status UpCommand(int argc, char** argv) {
     std::vector<std::string> args = {"prefill", "--model", model, "--router", routers,
                                      "--listen", host + ":0"};
     for (const char* flag :
-         {"wire-dtype", "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us"})
+         {"wire-dtype", "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us",
+          "weights"})
       pass(args, flag);
     if (f.Has("prefill-batch-tokens")) {
       args.push_back("--batch-tokens");

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <filesystem>
 #include <iostream>
 #include <map>
 #include <set>
@@ -117,12 +118,22 @@ absl::Status MakeTiny(int argc, char** argv) {
 
 absl::Status Inspect(int argc, char** argv) {
   Flags f;
-  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"model"}, {"json"}));
+  SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2, {"model", "weights"}, {"json"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("inspect needs --model DIR");
   SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(f.Get("model")));
   const model::ModelConfig& c = ckpt->config();
-  // Validates every tensor by loading the model once (this is also what a server does at start).
-  SPLITMOE_ASSIGN_OR_RETURN(model::ModelWeights w, model::LoadWeights(*ckpt, model::LoadOptions{}));
+  // Validates every tensor by loading the model once (this is also what a server does at start),
+  // holding the weights as a server would (--weights).
+  model::LoadOptions load;
+  SPLITMOE_ASSIGN_OR_RETURN(load.resident, model::ParseResidentDType(f.Get("weights", "checkpoint")));
+  SPLITMOE_ASSIGN_OR_RETURN(model::ModelWeights w, model::LoadWeights(*ckpt, load));
+  // What the weights occupy on disk: the safetensors files' sizes.
+  uint64_t checkpoint_bytes = 0;
+  SPLITMOE_ASSIGN_OR_RETURN(std::vector<std::string> files, model::WeightFileNames(ckpt->dir()));
+  for (const std::string& name : files) {
+    std::error_code error;
+    checkpoint_bytes += std::filesystem::file_size(ckpt->dir() + "/" + name, error);
+  }
   int64_t moe_layers = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.IsMoeLayer(l) ? 1 : 0;
   uint64_t expert_bytes = 0;
@@ -132,10 +143,15 @@ absl::Status Inspect(int argc, char** argv) {
       {"model_dir", ckpt->dir()},
       {"config", json::parse(model::ModelConfigToJson(c))},
       {"tensors", ckpt->tensor_names().size()},
+      {"checkpoint_bytes", checkpoint_bytes},
       {"checkpoint_bytes_read", ckpt->bytes_read()},
-      {"resident_fp32_bytes", w.bytes()},
-      {"routed_expert_fp32_bytes", expert_bytes},
-      {"attention_side_fp32_bytes", w.bytes() - expert_bytes},
+      {"weights", f.Get("weights", "checkpoint")},
+      {"resident_bytes", w.bytes()},
+      {"resident_to_checkpoint", checkpoint_bytes ? static_cast<double>(w.bytes()) /
+                                                        static_cast<double>(checkpoint_bytes)
+                                                  : 0.0},
+      {"routed_expert_bytes", expert_bytes},
+      {"attention_side_bytes", w.bytes() - expert_bytes},
       {"moe_layers", moe_layers},
       {"dense_layers", c.num_hidden_layers - moe_layers},
       {"mtp_modules_loaded", w.mtp.size()},
@@ -165,8 +181,8 @@ absl::Status Inspect(int argc, char** argv) {
             << "  MTP modules: " << w.mtp.size() << " (config: " << c.num_nextn_predict_layers
             << ")\n"
             << "  tensors: " << ckpt->tensor_names().size() << ", checkpoint bytes "
-            << ckpt->bytes_read() << ", resident fp32 bytes " << w.bytes() << " (routed experts "
-            << expert_bytes << ")\n"
+            << checkpoint_bytes << ", resident bytes (" << f.Get("weights", "checkpoint")
+            << ") " << w.bytes() << " (routed experts " << expert_bytes << ")\n"
             << "  latent cache: " << c.latent_dim()
             << " values per token per layer = " << c.latent_dim() * c.num_hidden_layers * 2
             << " bytes/token in bf16, " << c.latent_dim() * c.num_hidden_layers * 4 << " in fp32\n";
@@ -185,7 +201,7 @@ absl::Status Score(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "endpoint", "prompt", "prompt-tokens", "top-logprobs", "attention",
-               "api-key"},
+               "api-key", "weights"},
               {"json", "mtp"}));
   if (f.Has("endpoint") && !f.Has("model")) return ScoreRemote(f);
   if (f.Has("model") == f.Has("endpoint")) {
@@ -193,6 +209,8 @@ absl::Status Score(int argc, char** argv) {
   }
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(options.weights,
+                            model::ParseResidentDType(f.Get("weights", "checkpoint")));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
   SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> tokens, PromptTokens(f, eng->tokenizer()));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t k, f.GetInt("top-logprobs", 5));
@@ -216,7 +234,7 @@ absl::Status Generate(int argc, char** argv) {
       f.Parse(argc, argv, 2,
               {"model", "endpoint", "api-key", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p",
                "top-k", "seed", "logprobs", "stop", "stop-token-ids", "attention", "device",
-               "precision"},
+               "precision", "weights"},
               {"json", "ignore-eos"}));
   if (f.Has("endpoint") && !f.Has("model")) return GenerateRemote(f);
   if (f.Has("model") == f.Has("endpoint")) {
@@ -225,6 +243,8 @@ absl::Status Generate(int argc, char** argv) {
   if (f.Get("device", "cpu") != "cpu") return GenerateOnDevice(f, f.Get("device"));
   engine::EngineOptions options;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(options.weights,
+                            model::ParseResidentDType(f.Get("weights", "checkpoint")));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
   SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateRequest req,
                             GenerateRequestFromFlags(f, eng->tokenizer()));
@@ -299,7 +319,8 @@ absl::Status Expert(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
-              {"model", "listen", "router", "shard", "num-shards", "moe-transport", "busy-poll-us"},
+              {"model", "listen", "router", "shard", "num-shards", "moe-transport", "busy-poll-us",
+               "weights"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("expert needs --model DIR");
   expert_service::ExpertOptions o;
@@ -309,6 +330,8 @@ absl::Status Expert(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shard, f.GetInt("shard", 0));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shards, f.GetInt("num-shards", 1));
   o.shard = {static_cast<int32_t>(shard), static_cast<int32_t>(shards)};
+  SPLITMOE_ASSIGN_OR_RETURN(o.shard.weights,
+                            model::ParseResidentDType(f.Get("weights", "checkpoint")));
   const std::string transport = f.Get("moe-transport", "ucx");
   if (transport != "ucx" && transport != "grpc") {
     return absl::InvalidArgumentError("--moe-transport must be ucx or grpc");
@@ -463,7 +486,7 @@ int Usage() {
          "[flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
-         "  inspect   --model DIR [--json]\n"
+         "  inspect   --model DIR [--weights checkpoint|fp32] [--json]\n"
          "  score     --model DIR (--prompt TEXT | --prompt-tokens IDS) [--top-logprobs K] [--mtp] "
          "--json\n"
          "  generate  --model DIR (--prompt TEXT | --prompt-tokens IDS) [--max-tokens N] "

@@ -372,6 +372,8 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Load(const std::string& mo
   }
   model::LoadOptions load;
   load.mtp = false;
+  // The upload below converts from fp32 host copies (to fp32 or bf16 on the device).
+  load.resident = model::ResidentDType::kFloat32;
   SPLITMOE_ASSIGN_OR_RETURN(model::ModelWeights w, model::LoadWeights(*ckpt, load));
   Impl& d = *impl;
   SPLITMOE_ASSIGN_OR_RETURN(d.embed, d.UploadF32(w.embed.data.data(), w.embed.data.size()));

@@ -1,0 +1,43 @@
+// CPU kernels over weights held in their checkpoint dtype (BF16, FP8 E4M3 with 128x128 block
+// scales; model::Matrix::narrow()). Activations and accumulation are fp32: each weight value is
+// widened to fp32 as it is read (exactly the value the fp32 loader would have produced), so the
+// results differ from the fp32 reference only by the order of the sums.
+//
+// - NarrowLinear at small M (decode: one row per sequence) streams the weight once, rows split
+//   across the OpenMP threads, every row of x against each weight row while it is in registers:
+//   memory-bound at the weight's bytes, which is what BF16/FP8 halve or quarter.
+// - At larger M (prefill) each thread widens a panel of weight rows into fp32 once and runs an
+//   sgemm of all of x against it, so the GEMM keeps its peak and the widening is amortised over
+//   the M rows.
+// AVX-512 where the CPU has it (checked once at run time), portable loops elsewhere. Stateless;
+// any thread may call them (they use the OpenMP pool that oneDNN shares).
+//
+//   kernels::NarrowLinear(x, m, w, y);          // y[m, w.rows] = x[m, w.cols] @ w^T
+//   kernels::WidenRows(w, row, 1, embedding);   // w[row, :] as fp32
+#ifndef SPLITMOE_COMMON_KERNELS_CPU_NARROW_LINEAR_H_
+#define SPLITMOE_COMMON_KERNELS_CPU_NARROW_LINEAR_H_
+
+#include <cstdint>
+
+#include "common/model/tensor.h"
+
+namespace splitmoe::kernels {
+
+// out[nrows, w.cols] = w[row0 : row0 + nrows, :] as fp32. Any weight (fp32, bf16, fp8; not a
+// packed one).
+void WidenRows(const model::Matrix& w, int64_t row0, int64_t nrows, float* out);
+
+// y[m, w.rows] = x[m, w.cols] @ w^T for a narrow weight (w.narrow()). y is overwritten.
+void NarrowLinear(const float* x, int64_t m, const model::Matrix& w, float* y);
+
+// Rows of x up to which NarrowLinear streams the weight instead of widening panels.
+inline constexpr int64_t kNarrowStreamMaxRows = 16;
+
+// Whether the AVX-512 kernels run on this CPU (else the portable loops).
+bool NarrowKernelsUseAvx512();
+// Tests: run the portable loops even where AVX-512 exists (false), or go back (true).
+void SetNarrowKernelsAvx512ForTest(bool use);
+
+}  // namespace splitmoe::kernels
+
+#endif  // SPLITMOE_COMMON_KERNELS_CPU_NARROW_LINEAR_H_

@@ -1,0 +1,271 @@
+// The CPU kernels over narrow weights and the batched paged MLA attention, each against a
+// reference written here from the definitions (scalar conversions of common/model/numeric.h,
+// plain loops, a two-pass softmax), on both the AVX-512 and the portable paths.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "common/kernels/cpu/mla_attention.h"
+#include "common/kernels/cpu/narrow_linear.h"
+#include "common/model/numeric.h"
+#include "gtest/gtest.h"
+
+namespace splitmoe::kernels {
+namespace {
+
+using model::Matrix;
+using model::WeightDType;
+
+// A narrow weight owning its bytes, and the fp32 values it stands for (the loader's
+// dequantisation: fp8 value times its block's scale, in fp32).
+struct NarrowWeight {
+  Matrix m;
+  std::vector<float> reference;
+};
+
+NarrowWeight MakeWeight(WeightDType dtype, int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  NarrowWeight w;
+  w.m.rows = rows;
+  w.m.cols = cols;
+  w.m.dtype = dtype;
+  w.reference.resize(static_cast<size_t>(rows * cols));
+  auto bytes = std::make_shared<std::vector<uint8_t>>(
+      static_cast<size_t>(rows * cols * model::WeightDTypeBytes(dtype)) + 1);
+  uint8_t* base = bytes->data() + 1;  // deliberately unaligned, as safetensors data may be
+  if (dtype == WeightDType::kBFloat16) {
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      const uint16_t b = model::FloatToBf16(normal(rng) * 0.05f);
+      std::memcpy(base + 2 * i, &b, 2);
+      w.reference[i] = model::Bf16ToFloat(b);
+    }
+  } else {
+    w.m.scale_inv.resize(static_cast<size_t>(w.m.scale_rows() * w.m.scale_cols()));
+    for (float& s : w.m.scale_inv) s = std::ldexp(1.0f + 0.37f * normal(rng) * normal(rng), -9);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        // Every code but NaN, subnormals and signed zeros included.
+        uint8_t code = static_cast<uint8_t>(rng() & 0xff);
+        if ((code & 0x7f) == 0x7f) code ^= 1;
+        base[r * cols + c] = code;
+        const float scale = w.m.scale_inv[(r / model::kFp8BlockSize) * w.m.scale_cols() +
+                                          c / model::kFp8BlockSize];
+        w.reference[r * cols + c] = model::Fp8E4M3ToFloat(code) * scale;
+      }
+    }
+  }
+  w.m.raw = base;
+  w.m.keep = bytes;
+  return w;
+}
+
+std::vector<float> Activations(int64_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) v = normal(rng);
+  return x;
+}
+
+class NarrowKernelTest : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override {
+    if (GetParam() && !NarrowKernelsUseAvx512()) GTEST_SKIP() << "no AVX-512 on this CPU";
+    SetNarrowKernelsAvx512ForTest(GetParam());
+  }
+  void TearDown() override { SetNarrowKernelsAvx512ForTest(true); }
+};
+
+TEST_P(NarrowKernelTest, WidenedRowsAreExactlyTheLoadersValues) {
+  for (WeightDType dtype : {WeightDType::kBFloat16, WeightDType::kFp8E4M3}) {
+    NarrowWeight w = MakeWeight(dtype, 300, 291, 7);
+    std::vector<float> out(300 * 291);
+    WidenRows(w.m, 0, 300, out.data());
+    for (size_t i = 0; i < out.size(); ++i) {
+      ASSERT_EQ(std::memcmp(&out[i], &w.reference[i], 4), 0)
+          << model::WeightDTypeName(dtype) << " element " << i << ": " << out[i] << " vs "
+          << w.reference[i];
+    }
+  }
+}
+
+TEST_P(NarrowKernelTest, Fp8NanCodesStayNan) {
+  NarrowWeight w = MakeWeight(WeightDType::kFp8E4M3, 1, 20, 1);
+  auto bytes = std::make_shared<std::vector<uint8_t>>(20, 0x38);  // 1.0
+  (*bytes)[3] = 0x7f;
+  (*bytes)[17] = 0xff;
+  w.m.raw = bytes->data();
+  w.m.keep = bytes;
+  std::vector<float> out(20);
+  WidenRows(w.m, 0, 1, out.data());
+  EXPECT_TRUE(std::isnan(out[3]));
+  EXPECT_TRUE(std::isnan(out[17]));
+  EXPECT_EQ(out[0], w.m.scale_inv[0]);
+}
+
+TEST_P(NarrowKernelTest, LinearMatchesTheFp32Product) {
+  // Shapes off every vector width and tile: K not a multiple of 16, N not of 4, M across the
+  // streaming (<= 16) and panel paths.
+  for (WeightDType dtype : {WeightDType::kBFloat16, WeightDType::kFp8E4M3}) {
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{37, 200}, {300, 1000}, {257, 129}}) {
+      NarrowWeight w = MakeWeight(dtype, n, k, static_cast<uint32_t>(n * k));
+      for (int64_t m : {1, 2, 3, 4, 5, 8, 16, 17, 64, 130}) {
+        std::vector<float> x = Activations(m * k, static_cast<uint32_t>(m));
+        std::vector<float> y(static_cast<size_t>(m * n), std::nanf(""));
+        NarrowLinear(x.data(), m, w.m, y.data());
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) {
+            double ref = 0.0, mag = 0.0;
+            for (int64_t c = 0; c < k; ++c) {
+              ref += static_cast<double>(x[i * k + c]) * w.reference[j * k + c];
+              mag += std::fabs(static_cast<double>(x[i * k + c]) * w.reference[j * k + c]);
+            }
+            // fp32 accumulation in another order: bounded by K ulps of the magnitude.
+            ASSERT_NEAR(y[i * n + j], ref, 1e-6 * mag * std::sqrt(static_cast<double>(k)) + 1e-7)
+                << model::WeightDTypeName(dtype) << " m=" << m << " n=" << n << " k=" << k
+                << " at " << i << "," << j;
+          }
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Paths, NarrowKernelTest, ::testing::Values(true, false),
+                         [](const auto& info) { return info.param ? "Avx512" : "Portable"; });
+
+// --- MlaAttention
+
+struct PagedLatents {
+  std::vector<std::vector<uint8_t>> blocks;  // each block_tokens rows
+  LatentBlocks view;
+  std::vector<float> rows;  // [keys, lat] as the attention sees them (bf16-rounded if bf16)
+};
+
+PagedLatents MakeLatents(int64_t keys, int64_t lat, int64_t block_tokens, bool bf16,
+                         uint32_t seed) {
+  PagedLatents p;
+  std::vector<float> values = Activations(keys * lat, seed);
+  p.rows.resize(values.size());
+  p.view.dtype = bf16 ? LatentStorage::kBFloat16 : LatentStorage::kFloat32;
+  p.view.block_tokens = block_tokens;
+  p.view.keys = keys;
+  const int64_t vb = bf16 ? 2 : 4;
+  const int64_t nblocks = (keys + block_tokens - 1) / block_tokens;
+  p.blocks.resize(static_cast<size_t>(nblocks));
+  // Blocks in reverse order of allocation, as a paged cache hands them out.
+  for (int64_t b = nblocks - 1; b >= 0; --b) {
+    p.blocks[b].assign(static_cast<size_t>(block_tokens * lat * vb), 0xee);
+  }
+  for (int64_t r = 0; r < keys; ++r) {
+    uint8_t* dst = p.blocks[r / block_tokens].data() + (r % block_tokens) * lat * vb;
+    for (int64_t v = 0; v < lat; ++v) {
+      float x = values[r * lat + v];
+      if (bf16) {
+        const uint16_t b = model::FloatToBf16(x);
+        std::memcpy(dst + 2 * v, &b, 2);
+        x = model::Bf16ToFloat(b);
+      } else {
+        std::memcpy(dst + 4 * v, &x, 4);
+      }
+      p.rows[r * lat + v] = x;
+    }
+  }
+  for (auto& b : p.blocks) p.view.blocks.push_back(b.data());
+  return p;
+}
+
+TEST(MlaAttentionTest, BatchedPagedAttentionMatchesTwoPassSoftmax) {
+  const int64_t heads = 5, kvr = 24, dr = 8, lat = kvr + dr;
+  const float scale = 0.17f;
+  struct Seq {
+    int64_t start, rows, block_tokens;
+    bool bf16;
+  };
+  // Decode rows (1 token), a chunk of several causal rows, a single key, blocks that end
+  // exactly at the context and blocks longer than it.
+  const std::vector<Seq> shapes = {{0, 1, 4, false},  {37, 1, 16, true}, {8, 5, 3, false},
+                                   {63, 1, 64, true}, {100, 3, 7, true}, {15, 1, 16, false}};
+  std::vector<PagedLatents> latents;
+  std::vector<MlaSequence> sequences;
+  int64_t rows = 0;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const Seq& s = shapes[i];
+    latents.push_back(MakeLatents(s.start + s.rows, lat, s.block_tokens, s.bf16,
+                                  static_cast<uint32_t>(10 + i)));
+  }
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    sequences.push_back({latents[i].view, rows, shapes[i].rows, shapes[i].start});
+    rows += shapes[i].rows;
+  }
+  std::vector<float> q = Activations(rows * heads * lat, 99);
+  std::vector<float> out(static_cast<size_t>(rows * heads * kvr), std::nanf(""));
+  MlaAttentionParams p;
+  p.heads = heads;
+  p.kv_lora_rank = kvr;
+  p.rope_dim = dr;
+  p.softmax_scale = scale;
+  p.q = q.data();
+  p.out = out.data();
+  p.sequences = sequences;
+  ASSERT_TRUE(MlaAttention(p).ok());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const MlaSequence& s = sequences[i];
+    const std::vector<float>& kv = latents[i].rows;
+    for (int64_t t = 0; t < s.rows; ++t) {
+      const int64_t valid = s.start + t + 1;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* qv = &q[((s.first_row + t) * heads + h) * lat];
+        std::vector<double> score(static_cast<size_t>(valid));
+        double mx = -1e300, sum = 0.0;
+        for (int64_t j = 0; j < valid; ++j) {
+          double d = 0.0;
+          for (int64_t v = 0; v < lat; ++v) d += static_cast<double>(qv[v]) * kv[j * lat + v];
+          score[j] = d * scale;
+          mx = std::max(mx, score[j]);
+        }
+        for (double& x : score) sum += (x = std::exp(x - mx));
+        for (int64_t v = 0; v < kvr; ++v) {
+          double o = 0.0;
+          for (int64_t j = 0; j < valid; ++j) o += score[j] / sum * kv[j * lat + v];
+          ASSERT_NEAR(out[((s.first_row + t) * heads + h) * kvr + v], o, 2e-5)
+              << "sequence " << i << " token " << t << " head " << h << " value " << v;
+        }
+      }
+    }
+  }
+}
+
+TEST(MlaAttentionTest, BadParamsAreRefusedWithTheirName) {
+  PagedLatents l = MakeLatents(10, 16, 4, false, 1);
+  std::vector<float> q(2 * 2 * 16), out(2 * 2 * 12);
+  std::vector<MlaSequence> seqs = {{l.view, 0, 1, 9}};
+  MlaAttentionParams p;
+  p.heads = 2;
+  p.kv_lora_rank = 12;
+  p.rope_dim = 4;
+  p.q = q.data();
+  p.out = out.data();
+  p.sequences = seqs;
+  EXPECT_TRUE(MlaAttention(p).ok());
+  seqs[0].start = 10;  // 11 keys, the blocks hold 10
+  absl::Status s = MlaAttention(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("sequence 0 attends 11 keys"), std::string::npos) << s;
+  seqs[0].start = 9;
+  seqs[0].latents.blocks[1] = nullptr;
+  s = MlaAttention(p);
+  EXPECT_NE(s.message().find("block 1 is null"), std::string::npos) << s;
+  seqs[0].latents = l.view;
+  p.heads = 0;
+  EXPECT_EQ(MlaAttention(p).code(), absl::StatusCode::kInvalidArgument);
+  p.heads = 2;
+  p.out = nullptr;
+  EXPECT_EQ(MlaAttention(p).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace splitmoe::kernels
