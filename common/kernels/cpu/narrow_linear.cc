@@ -124,19 +124,39 @@ SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, in
     rows[j] = w.raw + (r0 + j) * row_bytes;
     srows[j] = D == WeightDType::kFp8E4M3 ? ScaleRow(w, r0 + j) : nullptr;
   }
+  // Every loop over R and MB is unrolled so the accumulators live in registers.
   __m512 acc[R][MB];
+#pragma GCC unroll 4
   for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < k; c += 16) {
-    const __mmask16 m = TailMask(k - c);
+  const int64_t full = k / 16 * 16;
+  for (int64_t c = 0; c < full; c += 16) {
     __m512 xv[MB];
-    for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_ps(m, x + i * ldx + c);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + c);
+#pragma GCC unroll 4
     for (int j = 0; j < R; ++j) {
-      const __m512 wv = LoadW<D>(rows[j], srows[j], c, m);
+      const __m512 wv = LoadW<D>(rows[j], srows[j], c, static_cast<__mmask16>(0xffff));
+#pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
     }
   }
+  if (full < k) {
+    const __mmask16 m = TailMask(k - full);
+    __m512 xv[MB];
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_ps(m, x + i * ldx + full);
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) {
+      const __m512 wv = LoadW<D>(rows[j], srows[j], full, m);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
+    }
+  }
+#pragma GCC unroll 4
   for (int j = 0; j < R; ++j)
+#pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) y[i * ldy + r0 + j] = _mm512_reduce_add_ps(acc[j][i]);
 }
 
