@@ -7,25 +7,14 @@
 #include <cstring>
 #include <limits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "absl/strings/str_cat.h"
+#include "common/kernels/cpu/threads.h"
 #include "common/model/numeric.h"
 
 namespace splitmoe::kernels {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int Threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 struct Scratch {
   std::vector<float> q, scores, acc, max, sum, keys;
@@ -150,7 +139,7 @@ absl::Status MlaAttention(const MlaAttentionParams& p) {
   if (n == 0) return absl::OkStatus();
   // Split heads so that every thread has work even for one sequence; each split reads the
   // sequence's latents once more (from cache when they fit).
-  const int64_t splits = std::clamp<int64_t>((Threads() + n - 1) / n, 1, p.heads);
+  const int64_t splits = std::clamp<int64_t>((CpuThreads() + n - 1) / n, 1, p.heads);
   const int64_t per = (p.heads + splits - 1) / splits;
   const int64_t items = n * splits;
 #pragma omp parallel for schedule(dynamic, 1) if (items > 1)

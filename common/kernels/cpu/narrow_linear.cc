@@ -15,10 +15,7 @@
 #include <limits>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "common/kernels/cpu/threads.h"
 #include "common/model/numeric.h"
 
 namespace splitmoe::kernels {
@@ -26,14 +23,6 @@ namespace {
 
 using model::Matrix;
 using model::WeightDType;
-
-int Threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 // The fp8 scale row of weight row r.
 const float* ScaleRow(const Matrix& w, int64_t r) {
@@ -247,7 +236,7 @@ void StreamLinearPortable(const float* x, int64_t m, const Matrix& w, float* y) 
 // Each thread widens panels of weight rows once and multiplies all of x against them.
 void PanelLinear(const float* x, int64_t m, const Matrix& w, float* y) {
   const int64_t n = w.rows, k = w.cols;
-  const int64_t threads = Threads();
+  const int64_t threads = CpuThreads();
   // Panels of up to 256 rows, at least two per thread when the weight allows.
   int64_t rows_per_panel = std::min<int64_t>(256, (n + 2 * threads - 1) / (2 * threads));
   rows_per_panel = std::max<int64_t>(16, (rows_per_panel + 15) / 16 * 16);
