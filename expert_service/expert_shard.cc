@@ -84,7 +84,7 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
                      " hidden values, ", offsets.size(), " offsets, ", expert_ids.size(),
                      " expert ids, ", weights.size(), " weights (hidden_size ", h, ")"));
   }
-  // Group (token, weight) by expert, then one gathered GEMM per expert, like the engine.
+  // Group (token, weight) by expert, then the engine's AccumulateExperts (grouped at decode sizes).
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(config_.n_routed_experts));
   std::vector<std::vector<float>> gate(static_cast<size_t>(config_.n_routed_experts));
   for (int64_t t = 0; t < tokens; ++t) {
@@ -100,12 +100,11 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
     }
   }
   std::fill(out.begin(), out.end(), 0.0f);
+  std::vector<engine::ExpertRows> selected;
   for (int32_t e = 0; e < config_.n_routed_experts; ++e) {
-    if (rows[e].empty()) continue;
-    engine::AccumulateExpert(*w->experts[static_cast<size_t>(e)], hidden.data(), h, rows[e],
-                             gate[e], out.data());
+    if (!rows[e].empty()) selected.push_back({w->experts[static_cast<size_t>(e)].get(), rows[e], gate[e]});
   }
-  return absl::OkStatus();
+  return engine::AccumulateExperts(selected, hidden.data(), h, out.data());
 }
 
 }  // namespace splitmoe::expert_service

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -57,6 +58,107 @@ void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t h
   }
 }
 
+namespace {
+
+// Whether a projection of `rows` rows runs as a kernels::GroupedLinear task.
+bool Grouped(const model::Matrix& w, int64_t rows) {
+  return w.narrow() && rows <= kernels::kNarrowStreamMaxRows;
+}
+
+kernels::LinearTask Task(const float* x, int64_t ldx, int64_t m, const model::Matrix& w, float* y,
+                         int64_t ldy) {
+  return {x, ldx, m, &w, 0, w.rows, false, y, ldy};
+}
+
+}  // namespace
+
+absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float* x,
+                               int64_t hidden, float* out) {
+  bool grouped = !experts.empty();
+  int64_t total = 0;
+  for (const ExpertRows& e : experts) {
+    const auto n = static_cast<int64_t>(e.rows.size());
+    grouped = grouped && Grouped(e.expert->gate, n) && Grouped(e.expert->up, n) &&
+              Grouped(e.expert->down, n) && e.expert->gate.rows == experts[0].expert->gate.rows;
+    total += n;
+  }
+  if (!grouped) {
+    bool narrow = true;
+    for (const ExpertRows& e : experts) {
+      narrow = narrow && e.expert->gate.narrow() && e.expert->up.narrow() && e.expert->down.narrow();
+    }
+    if (!narrow || experts.size() < 2) {
+      for (const ExpertRows& e : experts) {
+        if (!e.rows.empty()) AccumulateExpert(*e.expert, x, hidden, e.rows, e.weight, out);
+      }
+      return absl::OkStatus();
+    }
+    // Prefill over narrow weights: experts side by side, each on one thread (its weight panels
+    // widened once, its GEMMs on that thread), into their own rows of ys; then the weighted
+    // sums in expert order, the same sums as one expert at a time.
+    std::vector<int64_t> first(experts.size() + 1, 0);
+    for (size_t i = 0; i < experts.size(); ++i)
+      first[i + 1] = first[i] + static_cast<int64_t>(experts[i].rows.size());
+    std::vector<float> ys(static_cast<size_t>(total * hidden));
+    kernels::ParallelFor(static_cast<int64_t>(experts.size()), [&](int64_t i) {
+      const ExpertRows& e = experts[static_cast<size_t>(i)];
+      const auto n = static_cast<int64_t>(e.rows.size());
+      if (n == 0) return;
+      const int64_t inter = e.expert->gate.rows;
+      float* xs = &ys[first[i] * hidden];  // gathered x, then the expert's output in place
+      for (int64_t r = 0; r < n; ++r)
+        std::memcpy(xs + r * hidden, x + e.rows[r] * hidden, hidden * sizeof(float));
+      std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
+      kernels::Linear(xs, n, e.expert->gate, g.data());
+      kernels::Linear(xs, n, e.expert->up, u.data());
+      kernels::SiluMul(g.data(), u.data(), n * inter);
+      kernels::Linear(g.data(), n, e.expert->down, xs);
+    });
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const ExpertRows& e = experts[i];
+      for (size_t r = 0; r < e.rows.size(); ++r) {
+        float* o = out + e.rows[r] * hidden;
+        const float* y = &ys[(first[i] + static_cast<int64_t>(r)) * hidden];
+        for (int64_t j = 0; j < hidden; ++j) o[j] += e.weight[r] * y[j];
+      }
+    }
+    return absl::OkStatus();
+  }
+  const int64_t inter = experts[0].expert->gate.rows;
+  std::vector<float> xs(static_cast<size_t>(total * hidden));
+  std::vector<float> g(static_cast<size_t>(total * inter)), u(static_cast<size_t>(total * inter));
+  std::vector<kernels::LinearTask> tasks;
+  tasks.reserve(2 * experts.size());
+  int64_t off = 0;
+  for (const ExpertRows& e : experts) {
+    const auto n = static_cast<int64_t>(e.rows.size());
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(&xs[(off + i) * hidden], x + e.rows[i] * hidden, hidden * sizeof(float));
+    tasks.push_back(Task(&xs[off * hidden], hidden, n, e.expert->gate, &g[off * inter], inter));
+    tasks.push_back(Task(&xs[off * hidden], hidden, n, e.expert->up, &u[off * inter], inter));
+    off += n;
+  }
+  SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
+  kernels::SiluMul(g.data(), u.data(), total * inter);
+  tasks.clear();
+  off = 0;
+  for (const ExpertRows& e : experts) {
+    const auto n = static_cast<int64_t>(e.rows.size());
+    tasks.push_back(Task(&g[off * inter], inter, n, e.expert->down, &xs[off * hidden], hidden));
+    off += n;
+  }
+  SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
+  off = 0;
+  for (const ExpertRows& e : experts) {
+    for (size_t i = 0; i < e.rows.size(); ++i, ++off) {
+      float* o = out + e.rows[i] * hidden;
+      const float* y = &xs[off * hidden];
+      for (int64_t j = 0; j < hidden; ++j) o[j] += e.weight[i] * y[j];
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::unique_ptr<MoeExecutor::Pending> LocalMoeExecutor::Start(int64_t layer, const float* x,
                                                               const float* scores, int64_t rows,
                                                               float* out) {
@@ -84,6 +186,7 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
     }
   }
   std::fill(out, out + rows * hidden, 0.0f);
+  std::vector<ExpertRows> selected;
   for (int64_t e = 0; e < n; ++e) {
     if (token_rows[e].empty()) continue;
     const model::MlpWeights* expert = w.experts[static_cast<size_t>(e)].get();
@@ -91,9 +194,9 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
       return absl::FailedPreconditionError(
           absl::StrCat("layer ", layer, ": routed expert ", e, " is not loaded in this process"));
     }
-    AccumulateExpert(*expert, x, hidden, token_rows[e], token_weights[e], out);
+    selected.push_back({expert, token_rows[e], token_weights[e]});
   }
-  return absl::OkStatus();
+  return AccumulateExperts(selected, x, hidden, out);
 }
 
 namespace {
@@ -147,13 +250,21 @@ Transformer::Transformer(const model::ModelConfig& config, const model::ModelWei
       rope_(config),
       softmax_scale_(static_cast<float>(config.SoftmaxScale())) {}
 
-void Transformer::Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out) {
-  const int64_t inter = w.gate.rows;
+absl::Status Transformer::Mlp(const model::MlpWeights& w, const float* x, int64_t rows,
+                              float* out) {
+  const int64_t inter = w.gate.rows, hidden = w.gate.cols;
   std::vector<float> g(static_cast<size_t>(rows * inter)), u(static_cast<size_t>(rows * inter));
-  kernels::Linear(x, rows, w.gate, g.data());
-  kernels::Linear(x, rows, w.up, u.data());
+  if (Grouped(w.gate, rows) && Grouped(w.up, rows)) {
+    const kernels::LinearTask both[] = {Task(x, hidden, rows, w.gate, g.data(), inter),
+                                        Task(x, hidden, rows, w.up, u.data(), inter)};
+    SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(both));
+  } else {
+    kernels::Linear(x, rows, w.gate, g.data());
+    kernels::Linear(x, rows, w.up, u.data());
+  }
   kernels::SiluMul(g.data(), u.data(), rows * inter);
   kernels::Linear(g.data(), rows, w.down, out);
+  return absl::OkStatus();
 }
 
 absl::Status Transformer::Attention(const model::AttentionWeights& w, const float* x,
@@ -165,18 +276,27 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
 
   // Queries q [rows, heads, qk].
   std::vector<float> q(static_cast<size_t>(rows * heads * qk));
+  // Latents: kv [rows, kv_lora_rank + rope] -> cache rows (normalised c_kv, rotated k_pe).
+  std::vector<float> kv(static_cast<size_t>(rows * lat));
+  const int64_t hidden = c.hidden_size;
+  const bool grouped_in = c.q_lora_rank > 0 && Grouped(w.q_a_proj, rows) && Grouped(w.kv_a_proj, rows);
   if (c.q_lora_rank > 0) {
     std::vector<float> qa(static_cast<size_t>(rows * c.q_lora_rank));
-    kernels::Linear(x, rows, w.q_a_proj, qa.data());
+    if (grouped_in) {  // both down-projections of x in one pass
+      const kernels::LinearTask both[] = {
+          Task(x, hidden, rows, w.q_a_proj, qa.data(), c.q_lora_rank),
+          Task(x, hidden, rows, w.kv_a_proj, kv.data(), lat)};
+      SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(both));
+    } else {
+      kernels::Linear(x, rows, w.q_a_proj, qa.data());
+    }
     kernels::RmsNorm(qa.data(), rows, c.q_lora_rank, c.q_lora_rank, w.q_a_norm.data(),
                      static_cast<float>(c.rms_norm_eps), qa.data(), c.q_lora_rank);
     kernels::Linear(qa.data(), rows, w.q_b_proj, q.data());
   } else {
     kernels::Linear(x, rows, w.q_proj, q.data());
   }
-  // Latents: kv [rows, kv_lora_rank + rope] -> cache rows (normalised c_kv, rotated k_pe).
-  std::vector<float> kv(static_cast<size_t>(rows * lat));
-  kernels::Linear(x, rows, w.kv_a_proj, kv.data());
+  if (!grouped_in) kernels::Linear(x, rows, w.kv_a_proj, kv.data());
   std::vector<float> cos_sin(static_cast<size_t>(dr));
   int64_t row = 0;
   for (const SequenceChunk& chunk : batch) {
@@ -197,14 +317,25 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
   }
 
   // kv_b_proj [heads * (dn + dv), kvr]: per head W_UK (dn rows) then W_UV (dv rows). fp32
-  // weights are read where they are; narrow ones are widened a head's rows at a time.
+  // weights are read where they are. Narrow ones at decode sizes are streamed in place
+  // (kernels::GroupedLinear); at prefill sizes each head's rows are widened once, on the thread
+  // that runs that head's GEMMs, the heads side by side.
   const model::Matrix& kvb = w.kv_b_proj;
+  const bool grouped_heads = Grouped(kvb, rows);
+  const bool parallel_heads = kvb.narrow() && !grouped_heads;
   std::vector<float> widened;
+  if (parallel_heads) widened.resize(static_cast<size_t>(kvb.rows * kvr));
   auto head_rows = [&](int64_t first, int64_t count) -> const float* {
     if (!kvb.narrow()) return kvb.data.data() + first * kvr;
-    widened.resize(static_cast<size_t>(count * kvr));
-    kernels::WidenRows(kvb, first, count, widened.data());
-    return widened.data();
+    kernels::WidenRows(kvb, first, count, widened.data() + first * kvr);
+    return widened.data() + first * kvr;
+  };
+  auto for_heads = [&](const std::function<void(int64_t)>& body) {
+    if (parallel_heads) {
+      kernels::ParallelFor(heads, body);
+    } else {
+      for (int64_t h = 0; h < heads; ++h) body(h);
+    }
   };
 
   // Attention into o [rows, heads, dv].
@@ -212,14 +343,24 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
   if (form == AttentionForm::kAbsorbed) {
     // qf [rows, heads, lat] = [q_nope @ W_UK[h], q_pe], every row of the batch at once.
     std::vector<float> qf(static_cast<size_t>(rows * heads * lat));
-    for (int64_t h = 0; h < heads; ++h) {
-      kernels::Gemm(false, false, rows, kvr, dn, 1.0f, q.data() + h * qk, heads * qk,
-                    head_rows(h * (dn + dv), dn), kvr, 0.0f, qf.data() + h * lat, heads * lat);
+    std::vector<kernels::LinearTask> tasks;
+    if (grouped_heads) {
+      for (int64_t h = 0; h < heads; ++h) {
+        tasks.push_back({q.data() + h * qk, heads * qk, rows, &kvb, h * (dn + dv), dn,
+                         /*transposed=*/true, qf.data() + h * lat, heads * lat});
+      }
+      SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
+    }
+    for_heads([&](int64_t h) {
+      if (!grouped_heads) {
+        kernels::Gemm(false, false, rows, kvr, dn, 1.0f, q.data() + h * qk, heads * qk,
+                      head_rows(h * (dn + dv), dn), kvr, 0.0f, qf.data() + h * lat, heads * lat);
+      }
       for (int64_t t = 0; t < rows; ++t) {
         std::memcpy(&qf[(t * heads + h) * lat + kvr], &q[(t * heads + h) * qk + dn],
                     dr * sizeof(float));
       }
-    }
+    });
     // One batched call over every sequence's latents, read in place.
     std::vector<kernels::MlaSequence> sequences;
     sequences.reserve(batch.size());
@@ -242,9 +383,19 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
     params.out = olat.data();
     params.sequences = sequences;
     SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(params));
-    for (int64_t h = 0; h < heads; ++h) {
-      kernels::Gemm(false, true, rows, dv, kvr, 1.0f, olat.data() + h * kvr, heads * kvr,
-                    head_rows(h * (dn + dv) + dn, dv), kvr, 0.0f, o.data() + h * dv, heads * dv);
+    if (grouped_heads) {  // every head's W_UV slice, likewise
+      tasks.clear();
+      for (int64_t h = 0; h < heads; ++h) {
+        tasks.push_back({olat.data() + h * kvr, heads * kvr, rows, &kvb, h * (dn + dv) + dn, dv,
+                         /*transposed=*/false, o.data() + h * dv, heads * dv});
+      }
+      SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
+    } else {
+      for_heads([&](int64_t h) {
+        kernels::Gemm(false, true, rows, dv, kvr, 1.0f, olat.data() + h * kvr, heads * kvr,
+                      head_rows(h * (dn + dv) + dn, dv), kvr, 0.0f, o.data() + h * dv,
+                      heads * dv);
+      });
     }
   } else {
     row = 0;
@@ -306,7 +457,7 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
   for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
   kernels::RmsNorm(h, rows, hidden, hidden, w.post_attention_norm.data(), eps, xn.data(), hidden);
   if (!w.is_moe) {
-    Mlp(w.dense, xn.data(), rows, delta.data());
+    SPLITMOE_RETURN_IF_ERROR(Mlp(w.dense, xn.data(), rows, delta.data()));
   } else {
     std::vector<float> scores(static_cast<size_t>(rows * c.n_routed_experts));
     GateScores(c, xn.data(), rows, w.gate, scores.data());
@@ -316,7 +467,11 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
     std::vector<float> shared;
     if (c.n_shared_experts > 0) {
       shared.resize(static_cast<size_t>(rows * hidden));
-      Mlp(w.shared, xn.data(), rows, shared.data());
+      absl::Status st = Mlp(w.shared, xn.data(), rows, shared.data());
+      if (!st.ok()) {
+        (void)routed->Wait();  // never leave the routed experts running on our buffers
+        return st;
+      }
     }
     SPLITMOE_RETURN_IF_ERROR(Annotate(routed->Wait(), absl::StrCat("MoE layer ", layer_index)));
     if (!shared.empty()) {

@@ -92,6 +92,20 @@ class LocalMoeExecutor : public MoeExecutor {
 void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
                       absl::Span<const int32_t> rows, absl::Span<const float> weight, float* out);
 
+// One expert's share of a MoE layer: the rows of x routed to it and their gate weights.
+struct ExpertRows {
+  const model::MlpWeights* expert = nullptr;
+  absl::Span<const int32_t> rows;
+  absl::Span<const float> weight;
+};
+
+// AccumulateExpert for every expert of a layer. Where every expert holds narrow (BF16/FP8)
+// weights and none has more than kernels::kNarrowStreamMaxRows rows (decode), all their gate and
+// up projections run as one kernels::GroupedLinear, then all their down projections as another:
+// two parallel regions for the layer instead of three per expert. Otherwise one expert at a time.
+absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float* x,
+                               int64_t hidden, float* out);
+
 // Packs, for oneDNN, every weight the forward pass only uses through kernels::Linear (all
 // projections, experts, gate, output heads; not the embeddings nor kv_b_proj, whose per-head
 // slices are read directly) and releases their plain copies. Call once after loading, before
@@ -164,7 +178,7 @@ class Transformer {
   absl::Status Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
                  absl::Span<const SequenceChunk> batch, AttentionForm form, float* out,
                  int64_t rows);
-  void Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out);
+  absl::Status Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out);
 
   const model::ModelConfig& config_;
   const model::ModelWeights& weights_;

@@ -1,16 +1,24 @@
 #include "common/kernels/cpu_ops.h"
 
 #include <cblas.h>
+#include <oneapi/dnnl/dnnl.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include "common/kernels/cpu/narrow_linear.h"
+#include "common/kernels/cpu/threads.h"
 #include "common/kernels/packed_linear.h"
 
 namespace splitmoe::kernels {
 
 void SetBlasThreads(int threads) { openblas_set_num_threads(threads); }
+
+void ParallelFor(int64_t n, const std::function<void(int64_t)>& body) {
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1 && !CpuInParallel())
+  for (int64_t i = 0; i < n; ++i) body(i);
+}
 
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -18,6 +26,13 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  if (CpuInParallel()) {
+    // On one thread of a parallel region (ParallelFor): oneDNN's sgemm, which runs on the
+    // calling thread there and is safe to call from several at once.
+    (void)dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta,
+                     c, ldc);
     return;
   }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
@@ -47,6 +62,7 @@ void Linear(const float* x, int64_t m, const model::Matrix& w, float* y) {
 
 void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const float* weight,
              float eps, float* out, int64_t out_stride) {
+#pragma omp parallel for schedule(static) if (rows * dim >= (1 << 16) && !CpuInParallel())
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * x_stride;
     float* o = out + r * out_stride;
@@ -58,6 +74,8 @@ void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const 
 }
 
 void SiluMul(float* gate, const float* up, int64_t n) {
+  // Element by element, so splitting it across threads changes no result.
+#pragma omp parallel for schedule(static) if (n >= (1 << 16) && !CpuInParallel())
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
     gate[i] = g / (1.0f + std::exp(-g)) * up[i];

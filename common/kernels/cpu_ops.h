@@ -9,6 +9,7 @@
 #define SPLITMOE_COMMON_KERNELS_CPU_OPS_H_
 
 #include <cstdint>
+#include <functional>
 
 #include "common/model/tensor.h"
 
@@ -24,7 +25,14 @@ void Linear(const float* x, int64_t m, const model::Matrix& w, float* y);
 // `threads` threads (1 by default from Engine::Load). Process-wide; call before serving.
 void SetBlasThreads(int threads);
 
+// body(i) for i in [0, n), spread over the CPU kernels' threads (the OpenMP pool oneDNN shares),
+// one index at a time as threads come free; serially inside a parallel region. Kernels that
+// body calls run on its thread alone, so it must call only thread-safe ones (the narrow-weight
+// kernels and dnnl_sgemm are; a packed oneDNN primitive and OpenBLAS are not promised to be).
+void ParallelFor(int64_t n, const std::function<void(int64_t)>& body);
+
 // General row-major GEMM: C[m, n] = alpha * op(A) @ op(B) + beta * C, with leading dimensions.
+// OpenBLAS; inside a parallel region (ParallelFor) oneDNN's sgemm on the calling thread.
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 

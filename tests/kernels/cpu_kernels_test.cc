@@ -134,6 +134,88 @@ TEST_P(NarrowKernelTest, LinearMatchesTheFp32Product) {
   }
 }
 
+TEST_P(NarrowKernelTest, GroupedLinearMatchesTheFp32ProductsInBothForms) {
+  // Several tasks in one call, as a decode step issues them: slices of weight rows at offsets
+  // that cut fp8 scale blocks, strided x and y, both forms, M from 1 to the streaming limit,
+  // columns off the 16- and 64-wide vectors.
+  for (WeightDType dtype : {WeightDType::kBFloat16, WeightDType::kFp8E4M3}) {
+    NarrowWeight a = MakeWeight(dtype, 300, 200, 11);
+    NarrowWeight b = MakeWeight(dtype, 260, 1000, 12);
+    for (int64_t m : {1, 3, 4, 7, 16}) {
+      struct Case {
+        const NarrowWeight* w;
+        int64_t row0, rows;
+        bool transposed;
+        int64_t ldx, ldy;
+      };
+      const std::vector<Case> cases = {
+          {&a, 0, 300, false, 200, 300},  {&a, 37, 101, false, 211, 130},
+          {&b, 130, 129, false, 1000, 129}, {&a, 64, 64, true, 70, 205},
+          {&b, 3, 250, true, 250, 1000},  {&a, 200, 100, true, 100, 200}};
+      std::vector<std::vector<float>> xs, ys;
+      std::vector<LinearTask> tasks;
+      for (size_t t = 0; t < cases.size(); ++t) {
+        const Case& c = cases[t];
+        xs.push_back(Activations(m * c.ldx, static_cast<uint32_t>(m * 10 + t)));
+        ys.emplace_back(static_cast<size_t>(m * c.ldy), std::nanf(""));
+      }
+      for (size_t t = 0; t < cases.size(); ++t) {
+        const Case& c = cases[t];
+        tasks.push_back({xs[t].data(), c.ldx, m, &c.w->m, c.row0, c.rows, c.transposed,
+                         ys[t].data(), c.ldy});
+      }
+      ASSERT_TRUE(GroupedLinear(tasks).ok());
+      for (size_t t = 0; t < cases.size(); ++t) {
+        const Case& c = cases[t];
+        const int64_t k = c.w->m.cols;
+        const int64_t in = c.transposed ? c.rows : k, out = c.transposed ? k : c.rows;
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < out; ++j) {
+            double ref = 0.0, mag = 0.0;
+            for (int64_t r = 0; r < in; ++r) {
+              const float wv = c.transposed ? c.w->reference[(c.row0 + r) * k + j]
+                                            : c.w->reference[(c.row0 + j) * k + r];
+              const double p = static_cast<double>(xs[t][i * c.ldx + r]) * wv;
+              ref += p;
+              mag += std::fabs(p);
+            }
+            ASSERT_NEAR(ys[t][i * c.ldy + j], ref,
+                        1e-6 * mag * std::sqrt(static_cast<double>(in)) + 1e-7)
+                << model::WeightDTypeName(dtype) << " task " << t << " m=" << m << " at " << i
+                << "," << j;
+          }
+          // Nothing written past the task's own columns.
+          for (int64_t j = out; j < c.ldy; ++j) ASSERT_TRUE(std::isnan(ys[t][i * c.ldy + j]));
+        }
+      }
+    }
+  }
+}
+
+TEST_P(NarrowKernelTest, GroupedLinearRefusesWhatItDoesNotRun) {
+  NarrowWeight w = MakeWeight(WeightDType::kBFloat16, 64, 64, 3);
+  std::vector<float> x(64 * 64), y(64 * 64);
+  LinearTask ok{x.data(), 64, 4, &w.m, 0, 64, false, y.data(), 64};
+  EXPECT_TRUE(GroupedLinear({ok}).ok());
+  LinearTask too_many_rows = ok;
+  too_many_rows.m = kNarrowStreamMaxRows + 1;
+  LinearTask past_the_weight = ok;
+  past_the_weight.row0 = 1;
+  LinearTask short_stride = ok;
+  short_stride.ldy = 10;
+  Matrix fp32;
+  fp32.rows = fp32.cols = 64;
+  fp32.data.assign(64 * 64, 1.0f);
+  LinearTask not_narrow = ok;
+  not_narrow.w = &fp32;
+  for (const LinearTask& bad : {too_many_rows, past_the_weight, short_stride, not_narrow}) {
+    EXPECT_FALSE(GroupedLinearSupports(bad));
+    absl::Status s = GroupedLinear({ok, bad});
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("task 1"), std::string::npos) << s;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Paths, NarrowKernelTest, ::testing::Values(true, false),
                          [](const auto& info) { return info.param ? "Avx512" : "Portable"; });
 
