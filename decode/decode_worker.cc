@@ -5,6 +5,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/engine/request_check.h"
 #include "common/rpc/security.h"
 #include "common/rpc/rpc.h"
 #include "decode/paged_sequence_cache.h"
@@ -57,10 +58,8 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
                      kMaxReservationTimeoutMs, "]")));
     return;
   }
-  if (static_cast<int64_t>(r.prompt_tokens()) + r.max_tokens() > c.max_position_embeddings) {
-    m.reply(absl::InvalidArgumentError(absl::StrCat(
-        "reserve: ", r.prompt_tokens(), " prompt tokens + max_tokens ", r.max_tokens(),
-        " exceed the context of ", c.max_position_embeddings)));
+  if (absl::Status s = engine::CheckContext(c, r.prompt_tokens(), r.max_tokens()); !s.ok()) {
+    m.reply(absl::InvalidArgumentError(absl::StrCat("reserve: ", s.message())));
     return;
   }
   const int64_t needed = cache_.BlocksFor(static_cast<int64_t>(r.prompt_tokens()) + r.max_tokens());

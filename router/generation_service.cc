@@ -9,6 +9,8 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
+#include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
 #include "common/rpc/security.h"
 #include "common/rpc/rpc.h"
@@ -16,16 +18,7 @@
 namespace splitmoe::router {
 namespace {
 
-constexpr int kMaxLogprobs = 20;
 constexpr size_t kMaxRequestIdBytes = 256;
-
-absl::Status CheckId(int32_t id, const model::ModelConfig& config, absl::string_view what) {
-  if (id < 0 || id >= config.vocab_size) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, " ", id, " outside the vocabulary [0, ", config.vocab_size, ")"));
-  }
-  return absl::OkStatus();
-}
 
 // Strictly well-formed UTF-8 (no overlongs, surrogates or code points above U+10FFFF): what
 // protobuf requires of a proto3 string.
@@ -145,50 +138,32 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
     default:
       return absl::InvalidArgumentError("no prompt: set text or token_ids");
   }
-  if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
-  for (int32_t id : prompt) {
-    absl::Status s = CheckId(id, config, "prompt token id");
-    if (!s.ok()) return s;
-  }
-  const int64_t max_tokens = r.stop().max_tokens();
-  if (max_tokens <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("stop.max_tokens must be > 0, got ", max_tokens));
-  }
-  if (static_cast<int64_t>(prompt.size()) + max_tokens > config.max_position_embeddings) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt (", prompt.size(), " tokens) + max_tokens (", max_tokens,
-                     ") exceeds the context of ", config.max_position_embeddings, " tokens"));
-  }
   const v1::SamplingParams& s = r.sampling();
   if (!std::isfinite(s.temperature()) || !std::isfinite(s.top_p())) {
     return absl::InvalidArgumentError("temperature and top_p must be finite");
   }
-  absl::Status sampling = engine::ValidateSamplingParams(
-      {.temperature = s.temperature(),
-       .top_p = s.top_p() == 0 ? 1.0 : s.top_p(),
-       .top_k = s.top_k(),
-       .seed = s.seed()});
-  if (!sampling.ok()) return sampling;
-  if (r.logprobs() < 0 || r.logprobs() > kMaxLogprobs) {
+  const engine::SamplingParams sampling{.temperature = s.temperature(),
+                                        .top_p = s.top_p() == 0 ? 1.0 : s.top_p(),
+                                        .top_k = s.top_k(),
+                                        .seed = s.seed()};
+  if (r.logprobs() < 0 || r.prompt_logprobs() < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("logprobs must be in [0, ", kMaxLogprobs, "], got ", r.logprobs()));
+        absl::StrCat("logprobs and prompt_logprobs must be in [0, ", engine::kMaxLogprobs,
+                     "], got ", r.logprobs(), " and ", r.prompt_logprobs()));
   }
-  if (r.prompt_logprobs() < 0 || r.prompt_logprobs() > kMaxLogprobs) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt_logprobs must be in [0, ",
-                                                   kMaxLogprobs, "], got ", r.prompt_logprobs()));
-  }
-  if (r.stop().stop_size() > 0 && tokenizer == nullptr) {
-    return absl::InvalidArgumentError(
-        "stop strings need a tokenizer, and the model directory has none");
-  }
-  for (const std::string& stop : r.stop().stop()) {
-    if (stop.empty()) return absl::InvalidArgumentError("empty stop string");
-  }
-  for (int32_t id : r.stop().stop_token_ids()) {
-    absl::Status st = CheckId(id, config, "stop token id");
-    if (!st.ok()) return st;
-  }
+  const std::vector<std::string> stop(r.stop().stop().begin(), r.stop().stop().end());
+  engine::RequestShape shape;
+  shape.prompt = prompt;
+  shape.max_tokens = r.stop().max_tokens();
+  shape.max_tokens_name = "stop.max_tokens";
+  shape.logprobs = r.logprobs();
+  shape.prompt_logprobs = r.prompt_logprobs();
+  shape.stop = stop;
+  shape.stop_token_ids = absl::MakeConstSpan(r.stop().stop_token_ids().data(),
+                                             static_cast<size_t>(r.stop().stop_token_ids_size()));
+  shape.sampling = &sampling;
+  shape.has_tokenizer = tokenizer != nullptr;
+  SPLITMOE_RETURN_IF_ERROR(engine::CheckRequest(config, shape));
   return prompt;
 }
 
@@ -296,12 +271,12 @@ grpc::ServerUnaryReactor* GenerationService::Detokenize(grpc::CallbackServerCont
                                  "the model directory has no tokenizer"));
     return reactor;
   }
-  for (int32_t id : request->ids()) {
-    absl::Status s = CheckId(id, config_, "token id");
-    if (!s.ok()) {
-      reactor->Finish(rpc::ToGrpcStatus(s));
-      return reactor;
-    }
+  if (absl::Status s = engine::CheckTokenIds(
+          config_, absl::MakeConstSpan(request->ids().data(), static_cast<size_t>(request->ids_size())),
+          "token id");
+      !s.ok()) {
+    reactor->Finish(rpc::ToGrpcStatus(s));
+    return reactor;
   }
   std::vector<int32_t> ids(request->ids().begin(), request->ids().end());
   absl::StatusOr<std::string> text = tokenizer_->Decode(ids, request->skip_special_tokens());

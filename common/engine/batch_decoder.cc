@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
+#include "common/engine/request_check.h"
 
 namespace splitmoe::engine {
 
@@ -47,19 +48,8 @@ namespace {
 // vocabulary, or more tokens than the context holds after the `cached` ones.
 absl::Status CheckPrompt(const model::ModelConfig& c, absl::Span<const int32_t> prompt,
                          int64_t cached) {
-  for (int32_t t : prompt) {
-    if (t < 0 || t >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
-    }
-  }
-  const int64_t end = cached + static_cast<int64_t>(prompt.size());
-  if (end > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
-                                                   " tokens exceeds max_position_embeddings ",
-                                                   c.max_position_embeddings));
-  }
-  return absl::OkStatus();
+  SPLITMOE_RETURN_IF_ERROR(CheckTokenIds(c, prompt, "token id"));
+  return CheckContext(c, cached + static_cast<int64_t>(prompt.size()), /*max_tokens=*/0);
 }
 
 // Round k of a group runs chunk k (tokens [k * chunk_tokens, ...)) of every prompt that long,

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/base/file.h"
 #include "common/base/status_macros.h"
+#include "common/engine/batch_decoder.h"
 #include "common/kernels/cpu_ops.h"
 #include "common/tokenizer/text_stream.h"
 
@@ -95,72 +96,75 @@ absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, in
   return result;
 }
 
+RequestShape ShapeOf(const GenerateRequest& r, bool has_tokenizer) {
+  RequestShape shape;
+  shape.prompt = r.prompt;
+  shape.max_tokens = r.max_tokens;
+  shape.logprobs = r.logprobs;
+  shape.stop = r.stop;
+  shape.stop_token_ids = r.stop_token_ids;
+  shape.sampling = &r.sampling;
+  shape.has_tokenizer = has_tokenizer;
+  return shape;
+}
+
 absl::Status Engine::ValidateRequest(const GenerateRequest& r) const {
-  if (r.prompt.empty()) return absl::InvalidArgumentError("empty prompt");
-  for (int32_t t : r.prompt) {
-    if (t < 0 || t >= config_.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "prompt token id ", t, " outside the vocabulary [0, ", config_.vocab_size, ")"));
-    }
-  }
-  if (r.max_tokens <= 0)
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be > 0, got ", r.max_tokens));
-  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_tokens;
-  if (total > config_.max_position_embeddings) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt (", r.prompt.size(), " tokens) + max_tokens (", r.max_tokens,
-                     ") exceeds the context of ", config_.max_position_embeddings, " tokens"));
-  }
-  if (r.logprobs > 20) return absl::InvalidArgumentError("logprobs must be <= 20");
-  if (!r.stop.empty() && tokenizer_ == nullptr) {
-    return absl::InvalidArgumentError(
-        "stop strings need a tokenizer, and the model directory has none");
-  }
-  for (const std::string& s : r.stop) {
-    if (s.empty()) return absl::InvalidArgumentError("empty stop string");
-  }
-  return ValidateSamplingParams(r.sampling);
+  return CheckRequest(config_, ShapeOf(r, tokenizer_ != nullptr));
 }
 
 absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
                                                 const TokenCallback& on_token) {
   SPLITMOE_RETURN_IF_ERROR(ValidateRequest(request));
-  const int64_t vocab = config_.vocab_size, hidden_size = config_.hidden_size;
-  LatentCache cache(config_.num_hidden_layers, config_.latent_dim());
-  std::vector<float> hidden, logits(static_cast<size_t>(vocab));
-  SPLITMOE_RETURN_IF_ERROR(Prefill(request.prompt, &cache, &hidden));
-  transformer_->Logits(
-      hidden.data() + (static_cast<int64_t>(request.prompt.size()) - 1) * hidden_size, 1,
-      logits.data());
+  // The serving path with one sequence: the prefill worker's PrefillFirstToken, then the decode
+  // worker's BatchDecoder, so the engine and the cluster sample, stop and score in one place.
+  auto cache = std::make_unique<LatentCache>(config_.num_hidden_layers, config_.latent_dim());
+  SPLITMOE_ASSIGN_OR_RETURN(
+      DecodedToken first, PrefillFirstToken(*transformer_, request.prompt, cache.get(),
+                                            request.sampling, request.logprobs,
+                                            options_.prefill_form));
+  first.finish_reason = FinishReason(first.token, 1, request.max_tokens, config_.eos_token_id,
+                                     request.ignore_eos, request.stop_token_ids);
+  first.finished = !first.finish_reason.empty();
 
   tokenizer::TextStream text(tokenizer_.get(), request.stop);
-
   GenerateResult result;
   result.finish_reason = "length";
-  for (int64_t i = 0; i < request.max_tokens; ++i) {
-    const int64_t position = static_cast<int64_t>(request.prompt.size()) + i;
-    const int32_t token = SampleToken(logits, request.sampling, position);
-    result.tokens.push_back(token);
-    if (request.logprobs >= 0)
-      result.logprobs.push_back(ComputeLogprob(logits, token, request.logprobs));
-    bool stop = (!request.ignore_eos && token == config_.eos_token_id) ||
-                std::find(request.stop_token_ids.begin(), request.stop_token_ids.end(), token) !=
-                    request.stop_token_ids.end();
-    const bool last = stop || i + 1 == request.max_tokens;
+  // Appends one token; true when the sequence is done (its own stop, or a stop string).
+  auto emit = [&](const DecodedToken& t) -> absl::StatusOr<bool> {
+    result.tokens.push_back(t.token);
+    if (t.logprob.has_value()) result.logprobs.push_back(*t.logprob);
     bool stopped_by_string = false;
-    SPLITMOE_ASSIGN_OR_RETURN(std::string piece, text.Push(token, last, &stopped_by_string));
-    stop = stop || stopped_by_string;
+    SPLITMOE_ASSIGN_OR_RETURN(std::string piece, text.Push(t.token, t.finished, &stopped_by_string));
     result.text += piece;
-    if (on_token) on_token(token, piece);
-    if (stop) {
+    if (on_token) on_token(t.token, piece);
+    if (stopped_by_string) {
       result.finish_reason = "stop";
-      break;
+      return true;
     }
-    if (last) break;
-    std::vector<int32_t> next = {token};
-    std::vector<SequenceChunk> step = {{next, &cache}};
-    SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(step, AttentionForm::kAbsorbed, &hidden));
-    transformer_->Logits(hidden.data(), 1, logits.data());
+    if (t.finished) result.finish_reason = t.finish_reason;
+    return t.finished;
+  };
+  SPLITMOE_ASSIGN_OR_RETURN(bool done, emit(first));
+  if (done) return result;
+
+  BatchDecoder decoder(transformer_.get(), config_.eos_token_id);
+  DecodeSequence sequence;
+  sequence.id = "generate";
+  sequence.prompt_tokens = static_cast<int64_t>(request.prompt.size());
+  sequence.next_token = first.token;
+  sequence.generated = 1;
+  sequence.sampling = request.sampling;
+  sequence.max_tokens = request.max_tokens;
+  sequence.stop_token_ids = request.stop_token_ids;
+  sequence.ignore_eos = request.ignore_eos;
+  sequence.logprobs = request.logprobs;
+  sequence.cache = std::move(cache);
+  SPLITMOE_RETURN_IF_ERROR(decoder.Add(std::move(sequence)));
+  while (!done && decoder.running() > 0) {
+    SPLITMOE_ASSIGN_OR_RETURN(std::vector<DecodedToken> step, decoder.Step());
+    for (const DecodedToken& t : step) {
+      SPLITMOE_ASSIGN_OR_RETURN(done, emit(t));
+    }
   }
   return result;
 }

@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
 #include "common/engine/transformer.h"
 #include "common/model/checkpoint.h"
@@ -53,6 +54,9 @@ struct GenerateRequest {
   std::vector<int32_t> stop_token_ids;  // besides eos
   bool ignore_eos = false;
 };
+
+// The request as CheckRequest sees it (views into r, which must outlive it).
+RequestShape ShapeOf(const GenerateRequest& r, bool has_tokenizer);
 
 struct GenerateResult {
   std::vector<int32_t> tokens;

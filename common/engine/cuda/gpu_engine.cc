@@ -443,20 +443,9 @@ absl::StatusOr<GenerateResult> GpuEngine::Generate(const GenerateRequest& reques
   Impl& d = *impl_;
   const model::ModelConfig& c = d.config;
   SPLITMOE_RETURN_IF_ERROR(Cuda(cudaSetDevice(d.options.device), "cudaSetDevice"));
-  if (request.prompt.empty()) return absl::InvalidArgumentError("empty prompt");
-  for (int32_t t : request.prompt) {
-    if (t < 0 || t >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", t, " outside the vocabulary"));
-    }
-  }
-  if (request.max_tokens <= 0) return absl::InvalidArgumentError("max_tokens must be > 0");
-  const int64_t total = static_cast<int64_t>(request.prompt.size()) + request.max_tokens;
-  if (total > d.options.max_context || total > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat("prompt + max_tokens = ", total,
-                                                   " exceeds the GPU engine's context of ",
-                                                   d.options.max_context));
-  }
-  SPLITMOE_RETURN_IF_ERROR(ValidateSamplingParams(request.sampling));
+  RequestShape shape = ShapeOf(request, /*has_tokenizer=*/false);
+  shape.max_context = d.options.max_context;  // the device cache's size
+  SPLITMOE_RETURN_IF_ERROR(CheckRequest(c, shape));
   std::vector<float> logits;
   const int64_t n = static_cast<int64_t>(request.prompt.size());
   for (int64_t begin = 0; begin < n; begin += kChunk) {
