@@ -11,6 +11,7 @@
 #include "common/kernels/cpu/mla_attention.h"
 #include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu_ops.h"
+#include "common/kernels/ops.h"
 #include "common/kernels/packed_linear.h"
 
 namespace splitmoe::engine {
@@ -262,7 +263,7 @@ absl::Status Transformer::Mlp(const model::MlpWeights& w, const float* x, int64_
     kernels::Linear(x, rows, w.gate, g.data());
     kernels::Linear(x, rows, w.up, u.data());
   }
-  kernels::SiluMul(g.data(), u.data(), rows * inter);
+  SPLITMOE_RETURN_IF_ERROR(kernels::SwiGlu(device_, {g.data(), u.data(), rows * inter}));
   kernels::Linear(g.data(), rows, w.down, out);
   return absl::OkStatus();
 }
@@ -290,31 +291,35 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
     } else {
       kernels::Linear(x, rows, w.q_a_proj, qa.data());
     }
-    kernels::RmsNorm(qa.data(), rows, c.q_lora_rank, c.q_lora_rank, w.q_a_norm.data(),
-                     static_cast<float>(c.rms_norm_eps), qa.data(), c.q_lora_rank);
+    SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+        device_, {qa.data(), rows, c.q_lora_rank, 0, w.q_a_norm.data(),
+                  static_cast<float>(c.rms_norm_eps), qa.data(), 0}));
     kernels::Linear(qa.data(), rows, w.q_b_proj, q.data());
   } else {
     kernels::Linear(x, rows, w.q_proj, q.data());
   }
   if (!grouped_in) kernels::Linear(x, rows, w.kv_a_proj, kv.data());
-  std::vector<float> cos_sin(static_cast<size_t>(dr));
+  std::vector<int32_t> positions(static_cast<size_t>(rows));
   int64_t row = 0;
   for (const SequenceChunk& chunk : batch) {
     const int64_t start = StartOf(chunk);
     for (int64_t i = 0; i < static_cast<int64_t>(chunk.tokens.size()); ++i, ++row) {
-      rope_.CosSin(start + i, cos_sin.data());
+      positions[static_cast<size_t>(row)] = static_cast<int32_t>(start + i);
       float* cached = chunk.cache->Row(cache_layer, start + i);
       const float* kvr_row = kv.data() + row * lat;
-      kernels::RmsNorm(kvr_row, 1, kvr, kvr, w.kv_a_norm.data(), static_cast<float>(c.rms_norm_eps),
-                       cached, kvr);
+      SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+          device_, {kvr_row, 1, kvr, 0, w.kv_a_norm.data(), static_cast<float>(c.rms_norm_eps),
+                    cached, 0}));
       std::memcpy(cached + kvr, kvr_row + kvr, dr * sizeof(float));
-      kernels::ApplyRope(cached + kvr, cos_sin.data(), dr);
-      for (int64_t h = 0; h < heads; ++h) {
-        kernels::ApplyRope(q.data() + (row * heads + h) * qk + dn, cos_sin.data(), dr);
-      }
+      SPLITMOE_RETURN_IF_ERROR(kernels::Rope(
+          device_, {cached, 1, 1, lat, kvr, dr, &positions[static_cast<size_t>(row)],
+                    rope_.inv_freq().data()}));
     }
     chunk.cache->RowsWritten(cache_layer);
   }
+  // The queries' rope part, every row and head at once.
+  SPLITMOE_RETURN_IF_ERROR(kernels::Rope(
+      device_, {q.data(), rows, heads, qk, dn, dr, positions.data(), rope_.inv_freq().data()}));
 
   // kv_b_proj [heads * (dn + dv), kvr]: per head W_UK (dn rows) then W_UV (dv rows). fp32
   // weights are read where they are. Narrow ones at decode sizes are streamed in place
@@ -449,13 +454,15 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
   const float eps = static_cast<float>(c.rms_norm_eps);
   std::vector<float> xn(static_cast<size_t>(rows * hidden)),
       delta(static_cast<size_t>(rows * hidden));
-  kernels::RmsNorm(h, rows, hidden, hidden, w.input_norm.data(), eps, xn.data(), hidden);
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::RmsNorm(device_, {h, rows, hidden, 0, w.input_norm.data(), eps, xn.data(), 0}));
   if (order != nullptr) SPLITMOE_RETURN_IF_ERROR(order->before_attention(layer_index));
   SPLITMOE_RETURN_IF_ERROR(
       Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows));
   if (order != nullptr) order->after_attention(layer_index);
   for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
-  kernels::RmsNorm(h, rows, hidden, hidden, w.post_attention_norm.data(), eps, xn.data(), hidden);
+  SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+      device_, {h, rows, hidden, 0, w.post_attention_norm.data(), eps, xn.data(), 0}));
   if (!w.is_moe) {
     SPLITMOE_RETURN_IF_ERROR(Mlp(w.dense, xn.data(), rows, delta.data()));
   } else {
@@ -521,8 +528,9 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
     chunk.cache->Commit(std::max(chunk.cache->length(),
                                  StartOf(chunk) + static_cast<int64_t>(chunk.tokens.size())));
   }
-  kernels::RmsNorm(h.data(), rows, hidden, hidden, weights_.final_norm.data(),
-                   static_cast<float>(c.rms_norm_eps), h.data(), hidden);
+  SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+      device_, {h.data(), rows, hidden, 0, weights_.final_norm.data(),
+                static_cast<float>(c.rms_norm_eps), h.data(), 0}));
   return absl::OkStatus();
 }
 
@@ -550,10 +558,12 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
       if (t < 0 || t >= c.vocab_size)
         return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
       kernels::WidenRows(m.embed, t, 1, &cat[row * 2 * hidden]);
-      kernels::RmsNorm(&cat[row * 2 * hidden], 1, hidden, hidden, m.enorm.data(), eps,
-                       &cat[row * 2 * hidden], hidden);
-      kernels::RmsNorm(main_hidden + row * hidden, 1, hidden, hidden, m.hnorm.data(), eps,
-                       &cat[row * 2 * hidden + hidden], hidden);
+      SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+          device_, {&cat[row * 2 * hidden], 1, hidden, 0, m.enorm.data(), eps,
+                    &cat[row * 2 * hidden], 0}));
+      SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+          device_, {main_hidden + row * hidden, 1, hidden, 0, m.hnorm.data(), eps,
+                    &cat[row * 2 * hidden + hidden], 0}));
       ++row;
     }
   }
@@ -563,7 +573,8 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
   for (const SequenceChunk& chunk : batch) {
     chunk.cache->Commit(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
   }
-  kernels::RmsNorm(h.data(), rows, hidden, hidden, m.head_norm.data(), eps, h.data(), hidden);
+  SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+      device_, {h.data(), rows, hidden, 0, m.head_norm.data(), eps, h.data(), 0}));
   mtp_logits->resize(static_cast<size_t>(rows * c.vocab_size));
   kernels::Linear(h.data(), rows, m.head, mtp_logits->data());
   return absl::OkStatus();

@@ -30,6 +30,7 @@
 #include "absl/types/span.h"
 #include "common/engine/latent_cache.h"
 #include "common/engine/rope.h"
+#include "common/kernels/ops.h"
 #include "common/model/config.h"
 #include "common/model/weights.h"
 
@@ -183,6 +184,9 @@ class Transformer {
   const model::ModelConfig& config_;
   const model::ModelWeights& weights_;
   MoeExecutor* moe_;
+  // Where the forward pass's ops run (kernels/ops.h): the CPU for now; the CUDA backend of the
+  // same ops is the GPU engine's next step (docs/architecture.md).
+  kernels::Device device_;
   RopeTable rope_;
   float softmax_scale_;
 };

@@ -1,0 +1,211 @@
+#include "common/kernels/ops.h"
+
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/kernels/cpu_ops.h"
+
+#ifdef SPLITMOE_OPS_CUDA
+#include "common/kernels/cuda/cuda_ops.h"
+#endif
+
+namespace splitmoe::kernels {
+namespace {
+
+absl::Status Unsupported(const Device& device, absl::string_view op, absl::string_view why) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(op, " on ", DeviceName(device), ": ", why));
+}
+
+// What every op asks of the device itself.
+absl::Status CheckDevice(const Device& device, absl::string_view op) {
+  if (!BackendBuilt(device.backend)) {
+    return absl::UnimplementedError(absl::StrCat(
+        op, " on ", DeviceName(device),
+        ": this build has no CUDA backend (CMake found no CUDA toolkit)"));
+  }
+  if (device.backend == Backend::kCuda && (device.index < 0 || device.stream == nullptr)) {
+    return Unsupported(device, op, "a CUDA device needs an index >= 0 and a stream");
+  }
+  return absl::OkStatus();
+}
+
+#ifdef SPLITMOE_OPS_CUDA
+cudaStream_t StreamOf(const Device& d) { return static_cast<cudaStream_t>(d.stream); }
+#endif
+
+}  // namespace
+
+std::string DeviceName(const Device& device) {
+  return device.backend == Backend::kCpu ? std::string("cpu")
+                                         : absl::StrCat("cuda:", device.index);
+}
+
+bool BackendBuilt(Backend backend) {
+#ifdef SPLITMOE_OPS_CUDA
+  return true;
+#else
+  return backend == Backend::kCpu;
+#endif
+}
+
+// ---- RmsNorm
+
+absl::Status Supports(const Device& device, const RmsNormParams& p) {
+  if (absl::Status s = CheckDevice(device, "RmsNorm"); !s.ok()) return s;
+  const int64_t xs = p.x_stride == 0 ? p.dim : p.x_stride;
+  const int64_t os = p.out_stride == 0 ? p.dim : p.out_stride;
+  if (p.rows < 0 || p.dim <= 0 || xs < p.dim || os < p.dim) {
+    return Unsupported(device, "RmsNorm",
+                       absl::StrCat(p.rows, " rows of ", p.dim, " values, strides ", xs, " and ",
+                                    os, ": need rows >= 0, dim > 0, strides >= dim"));
+  }
+  if (p.rows > 0 && (p.x == nullptr || p.weight == nullptr || p.out == nullptr)) {
+    return Unsupported(device, "RmsNorm", "null x, weight or out");
+  }
+  if (!(p.eps > 0.0f) || !std::isfinite(p.eps)) {
+    return Unsupported(device, "RmsNorm", absl::StrCat("eps must be finite and > 0, got ", p.eps));
+  }
+  if (p.x == p.out && xs != os) {
+    return Unsupported(device, "RmsNorm", "in place needs equal strides");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RmsNorm(const Device& device, const RmsNormParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.rows == 0) return absl::OkStatus();
+  const int64_t xs = p.x_stride == 0 ? p.dim : p.x_stride;
+  const int64_t os = p.out_stride == 0 ? p.dim : p.out_stride;
+  if (device.backend == Backend::kCpu) {
+    RmsNorm(p.x, p.rows, p.dim, xs, p.weight, p.eps, p.out, os);
+    return absl::OkStatus();
+  }
+#ifdef SPLITMOE_OPS_CUDA
+  return cuda::RmsNormStridedDevice(p.x, p.rows, p.dim, xs, p.weight, p.eps, p.out, os,
+                                    StreamOf(device));
+#else
+  return CheckDevice(device, "RmsNorm");
+#endif
+}
+
+// ---- SwiGlu
+
+absl::Status Supports(const Device& device, const SwiGluParams& p) {
+  if (absl::Status s = CheckDevice(device, "SwiGlu"); !s.ok()) return s;
+  if (p.n < 0) return Unsupported(device, "SwiGlu", absl::StrCat("n must be >= 0, got ", p.n));
+  if (p.n > 0 && (p.gate == nullptr || p.up == nullptr)) {
+    return Unsupported(device, "SwiGlu", "null gate or up");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SwiGlu(const Device& device, const SwiGluParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.n == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) {
+    SiluMul(p.gate, p.up, p.n);
+    return absl::OkStatus();
+  }
+#ifdef SPLITMOE_OPS_CUDA
+  return cuda::SiluMulDevice(p.gate, p.up, p.n, StreamOf(device));
+#else
+  return CheckDevice(device, "SwiGlu");
+#endif
+}
+
+// ---- Rope
+
+absl::Status Supports(const Device& device, const RopeParams& p) {
+  if (absl::Status s = CheckDevice(device, "Rope"); !s.ok()) return s;
+  if (p.rows < 0 || p.heads <= 0 || p.rope_dim <= 0 || p.rope_dim % 2 != 0 || p.offset < 0 ||
+      p.offset + p.rope_dim > p.head_stride) {
+    return Unsupported(device, "Rope",
+                       absl::StrCat(p.rows, " rows of ", p.heads, " heads (stride ", p.head_stride,
+                                    "), values [", p.offset, ", ", p.offset + p.rope_dim,
+                                    "): need an even rope_dim inside each head"));
+  }
+  if (p.rows > 0 && (p.x == nullptr || p.positions == nullptr || p.inv_freq == nullptr)) {
+    return Unsupported(device, "Rope", "null x, positions or inv_freq");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Rope(const Device& device, const RopeParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.rows == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) {
+    const int64_t half = p.rope_dim / 2;
+    std::vector<float> cos_sin(static_cast<size_t>(p.rope_dim));
+    for (int64_t r = 0; r < p.rows; ++r) {
+      if (p.positions[r] < 0) {
+        return Unsupported(device, "Rope", absl::StrCat("row ", r, ": position ", p.positions[r]));
+      }
+      const float t = static_cast<float>(p.positions[r]);
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = t * p.inv_freq[i];
+        cos_sin[2 * i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+        cos_sin[2 * i + 1] = static_cast<float>(std::sin(static_cast<double>(angle)));
+      }
+      for (int64_t h = 0; h < p.heads; ++h) {
+        ApplyRope(p.x + (r * p.heads + h) * p.head_stride + p.offset, cos_sin.data(), p.rope_dim);
+      }
+    }
+    return absl::OkStatus();
+  }
+#ifdef SPLITMOE_OPS_CUDA
+  return cuda::RopeDevice(p.x, p.rows, p.heads, p.head_stride, p.offset, p.rope_dim, p.positions,
+                          p.inv_freq, StreamOf(device));
+#else
+  return CheckDevice(device, "Rope");
+#endif
+}
+
+// ---- Linear
+
+absl::Status Supports(const Device& device, const LinearParams& p) {
+  if (absl::Status s = CheckDevice(device, "Linear"); !s.ok()) return s;
+  if (p.w == nullptr || p.m < 0 || p.w->rows <= 0 || p.w->cols <= 0) {
+    return Unsupported(device, "Linear", "need a weight of positive shape and m >= 0");
+  }
+  if (p.m > 0 && (p.x == nullptr || p.y == nullptr)) {
+    return Unsupported(device, "Linear", "null x or y");
+  }
+  if (device.backend == Backend::kCpu) {
+    const bool has_values = p.w->packed != nullptr || p.w->narrow() ||
+                            static_cast<int64_t>(p.w->data.size()) == p.w->rows * p.w->cols;
+    if (!has_values) {
+      return Unsupported(device, "Linear",
+                         absl::StrCat("the ", p.w->rows, " x ", p.w->cols,
+                                      " weight holds no values in host memory"));
+    }
+    return absl::OkStatus();
+  }
+  if (p.w_device == nullptr) return Unsupported(device, "Linear", "no weight in device memory");
+  if (p.w_device_dtype != model::WeightDType::kFloat32) {
+    return Unsupported(device, "Linear",
+                       absl::StrCat(model::WeightDTypeName(p.w_device_dtype),
+                                    " device weights need BF16 activations (the GPU engine's "
+                                    "bf16 mode), not this fp32 entry"));
+  }
+  if (device.blas == nullptr) return Unsupported(device, "Linear", "no cuBLAS handle");
+  return absl::OkStatus();
+}
+
+absl::Status Linear(const Device& device, const LinearParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.m == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) {
+    Linear(p.x, p.m, *p.w, p.y);
+    return absl::OkStatus();
+  }
+#ifdef SPLITMOE_OPS_CUDA
+  return cuda::GemmF32(static_cast<cublasHandle_t>(device.blas), p.x, p.m, p.w->cols,
+                       static_cast<const float*>(p.w_device), p.w->rows, p.y);
+#else
+  return CheckDevice(device, "Linear");
+#endif
+}
+
+}  // namespace splitmoe::kernels

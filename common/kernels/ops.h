@@ -1,0 +1,102 @@
+// The engine's ops behind one interface for every backend, in the spirit of FlashMLA's params
+// struct and single entry: per op a params struct, a capability check saying whether a backend
+// runs those params (dtypes, shapes, where the pointers live), and one validated entry returning
+// a Status. The CPU implementations are common/kernels/cpu_ops.h and common/kernels/cpu/; the
+// CUDA ones common/kernels/cuda/cuda_ops.h (built where CMake finds a toolkit; elsewhere a CUDA
+// device is refused as unsupported, never silently run on the CPU).
+//
+//   kernels::Device cpu;                                   // or {Backend::kCuda, 0, stream, blas}
+//   kernels::RmsNormParams p{.x = h, .rows = n, .dim = d, .weight = w, .eps = 1e-6f, .out = o};
+//   SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(cpu, p));    // checks, then runs
+//
+// Pointers are in the memory of the params' device: host memory for Backend::kCpu, device
+// memory for Backend::kCuda (then the op is asynchronous on `stream`). Each op's semantics are
+// the CPU implementation's; tests/kernels/ops_test.cc runs every op on both backends against
+// each other where a GPU is present (skipped, never passed, where not).
+#ifndef SPLITMOE_COMMON_KERNELS_OPS_H_
+#define SPLITMOE_COMMON_KERNELS_OPS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "common/model/tensor.h"
+
+namespace splitmoe::kernels {
+
+enum class Backend { kCpu, kCuda };
+
+// Where an op runs. For kCuda: the device index, and the stream (cudaStream_t) and cuBLAS
+// handle (cublasHandle_t, bound to that stream) the op is enqueued on, as void* so this header
+// needs no CUDA.
+struct Device {
+  Backend backend = Backend::kCpu;
+  int index = 0;
+  void* stream = nullptr;
+  void* blas = nullptr;
+};
+
+// "cpu" or "cuda:N".
+std::string DeviceName(const Device& device);
+// Whether this build has the backend at all (the CUDA one only where a toolkit was found).
+bool BackendBuilt(Backend backend);
+
+// out[r * out_stride + i] = x[r * x_stride + i] * rsqrt(mean_i(x[r, i]^2) + eps) * weight[i],
+// i < dim, r < rows. out may alias x (same stride).
+struct RmsNormParams {
+  const float* x = nullptr;
+  int64_t rows = 0;
+  int64_t dim = 0;
+  int64_t x_stride = 0;  // 0: dim
+  const float* weight = nullptr;
+  float eps = 1e-6f;
+  float* out = nullptr;
+  int64_t out_stride = 0;  // 0: dim
+};
+absl::Status Supports(const Device& device, const RmsNormParams& p);
+absl::Status RmsNorm(const Device& device, const RmsNormParams& p);
+
+// SwiGLU: gate[i] = silu(gate[i]) * up[i], i < n.
+struct SwiGluParams {
+  float* gate = nullptr;
+  const float* up = nullptr;
+  int64_t n = 0;
+};
+absl::Status Supports(const Device& device, const SwiGluParams& p);
+absl::Status SwiGlu(const Device& device, const SwiGluParams& p);
+
+// DeepSeek's interleaved RoPE, in place: for each row r and head h, the pairs
+// (v[2i], v[2i + 1]) of v = x + r * heads * head_stride + h * head_stride + offset, i < rope_dim
+// / 2, rotate by angle = float(positions[r]) * inv_freq[i] (fp32, as the reference's
+// torch.outer), cos and sin taken in double and rounded to fp32.
+struct RopeParams {
+  float* x = nullptr;
+  int64_t rows = 0;
+  int64_t heads = 1;
+  int64_t head_stride = 0;
+  int64_t offset = 0;
+  int64_t rope_dim = 0;
+  const int32_t* positions = nullptr;  // [rows]
+  const float* inv_freq = nullptr;     // [rope_dim / 2]
+};
+absl::Status Supports(const Device& device, const RopeParams& p);
+absl::Status Rope(const Device& device, const RopeParams& p);
+
+// y[m, w.rows] = x[m, w.cols] @ w^T, y overwritten. On the CPU `w` holds the values (fp32,
+// packed, BF16 or FP8 in place). On CUDA `w` gives the shape and `w_device` the values in device
+// memory as `w_device_dtype` (fp32: cuBLAS SGEMM, the reference mode; BF16 weights need BF16
+// activations and run through the GPU engine's own path, so they are refused here for now).
+struct LinearParams {
+  const float* x = nullptr;
+  int64_t m = 0;
+  const model::Matrix* w = nullptr;
+  const void* w_device = nullptr;
+  model::WeightDType w_device_dtype = model::WeightDType::kFloat32;
+  float* y = nullptr;
+};
+absl::Status Supports(const Device& device, const LinearParams& p);
+absl::Status Linear(const Device& device, const LinearParams& p);
+
+}  // namespace splitmoe::kernels
+
+#endif  // SPLITMOE_COMMON_KERNELS_OPS_H_

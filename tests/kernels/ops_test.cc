@@ -1,0 +1,259 @@
+// The op interface (common/kernels/ops.h): each op on the CPU against a reference written here
+// from its definition (double-precision loops), each capability check refusing what it names,
+// and, where this build has CUDA and the machine a GPU, each op on the GPU against the CPU on the
+// same inputs (the Cuda* cases: skipped, never passed, without a device; ctest runs them as the
+// separate ops_cuda_test so a skip reads as a skip).
+#include "common/kernels/ops.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+#ifdef SPLITMOE_OPS_CUDA
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "common/kernels/cuda/cuda_ops.h"
+#endif
+
+namespace splitmoe::kernels {
+namespace {
+
+std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+// Every op's inputs, the same on both backends.
+struct Inputs {
+  static constexpr int64_t kRows = 5, kDim = 200, kStride = 211;
+  std::vector<float> x = Random(kRows * kStride, 1);
+  std::vector<float> weight = Random(kDim, 2);
+  std::vector<float> gate = Random(1000, 3, 4.0f), up = Random(1000, 4);
+  // RoPE: 5 rows of 3 heads of 96 values, rotating [64, 96) at positions far apart.
+  std::vector<float> heads = Random(kRows * 3 * 96, 5);
+  std::vector<int32_t> positions = {0, 1, 17, 4095, 163839};
+  std::vector<float> inv_freq = [] {
+    std::vector<float> f(16);
+    for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / 32));
+    return f;
+  }();
+  model::Matrix w = [] {
+    model::Matrix m;
+    m.rows = 70;
+    m.cols = 130;
+    m.data = Random(70 * 130, 6, 0.1f);
+    return m;
+  }();
+  std::vector<float> lx = Random(9 * 130, 7);
+};
+
+TEST(OpsTest, RmsNormMatchesItsDefinitionStridedAndInPlace) {
+  Inputs in;
+  const int64_t rows = Inputs::kRows, dim = Inputs::kDim, xs = Inputs::kStride, os = 203;
+  std::vector<float> out(rows * os, std::nanf(""));
+  ASSERT_TRUE(RmsNorm(Device{}, {in.x.data(), rows, dim, xs, in.weight.data(), 1e-6f, out.data(), os}).ok());
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < dim; ++i) ss += double(in.x[r * xs + i]) * in.x[r * xs + i];
+    const double inv = 1.0 / std::sqrt(ss / dim + 1e-6);
+    for (int64_t i = 0; i < dim; ++i)
+      ASSERT_NEAR(out[r * os + i], in.x[r * xs + i] * inv * in.weight[i], 2e-6) << r << "," << i;
+    for (int64_t i = dim; i < os; ++i) ASSERT_TRUE(std::isnan(out[r * os + i]));  // untouched
+  }
+  std::vector<float> inplace = in.x;
+  ASSERT_TRUE(RmsNorm(Device{}, {inplace.data(), rows, dim, xs, in.weight.data(), 1e-6f,
+                                 inplace.data(), xs}).ok());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) ASSERT_EQ(inplace[r * xs + i], out[r * os + i]);
+}
+
+TEST(OpsTest, SwiGluMatchesItsDefinition) {
+  Inputs in;
+  std::vector<float> g = in.gate;
+  ASSERT_TRUE(SwiGlu(Device{}, {g.data(), in.up.data(), 1000}).ok());
+  for (size_t i = 0; i < g.size(); ++i) {
+    const double a = in.gate[i];
+    ASSERT_NEAR(g[i], a / (1.0 + std::exp(-a)) * in.up[i], 1e-5 * (1 + std::fabs(g[i]))) << i;
+  }
+}
+
+TEST(OpsTest, RopeRotatesInterleavedPairsOfEveryHead) {
+  Inputs in;
+  std::vector<float> x = in.heads;
+  ASSERT_TRUE(Rope(Device{}, {x.data(), Inputs::kRows, 3, 96, 64, 32, in.positions.data(),
+                              in.inv_freq.data()}).ok());
+  for (int64_t r = 0; r < Inputs::kRows; ++r) {
+    for (int64_t h = 0; h < 3; ++h) {
+      const int64_t base = (r * 3 + h) * 96;
+      for (int64_t i = 0; i < 64; ++i) ASSERT_EQ(x[base + i], in.heads[base + i]);  // nope part
+      for (int64_t i = 0; i < 16; ++i) {
+        const double angle = static_cast<float>(in.positions[r]) * in.inv_freq[i];
+        const double a = in.heads[base + 64 + 2 * i], b = in.heads[base + 64 + 2 * i + 1];
+        ASSERT_NEAR(x[base + 64 + 2 * i], a * std::cos(angle) - b * std::sin(angle), 1e-5);
+        ASSERT_NEAR(x[base + 64 + 2 * i + 1], a * std::sin(angle) + b * std::cos(angle), 1e-5);
+      }
+    }
+  }
+}
+
+TEST(OpsTest, LinearMatchesItsDefinition) {
+  Inputs in;
+  std::vector<float> y(9 * 70);
+  ASSERT_TRUE(Linear(Device{}, LinearParams{in.lx.data(), 9, &in.w, nullptr,
+                                            model::WeightDType::kFloat32, y.data()}).ok());
+  for (int64_t i = 0; i < 9; ++i) {
+    for (int64_t j = 0; j < 70; ++j) {
+      double ref = 0;
+      for (int64_t c = 0; c < 130; ++c) ref += double(in.lx[i * 130 + c]) * in.w.data[j * 130 + c];
+      ASSERT_NEAR(y[i * 70 + j], ref, 1e-4) << i << "," << j;
+    }
+  }
+}
+
+TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
+  Inputs in;
+  std::vector<float> out(1000);
+  auto refused = [](const absl::Status& s, const std::string& needle) {
+    EXPECT_FALSE(s.ok()) << needle;
+    EXPECT_NE(s.message().find(needle), std::string::npos) << s;
+  };
+  refused(RmsNorm(Device{}, {in.x.data(), 2, 200, 100, in.weight.data(), 1e-6f, out.data(), 0}),
+          "strides >= dim");
+  refused(RmsNorm(Device{}, {in.x.data(), 2, 200, 0, in.weight.data(), 0.0f, out.data(), 0}),
+          "eps must be finite and > 0");
+  refused(RmsNorm(Device{}, {in.x.data(), 2, 200, 0, nullptr, 1e-6f, out.data(), 0}), "null");
+  refused(SwiGlu(Device{}, {out.data(), nullptr, 4}), "null gate or up");
+  refused(Rope(Device{}, {out.data(), 1, 1, 96, 70, 32, in.positions.data(), in.inv_freq.data()}),
+          "even rope_dim inside each head");
+  const int32_t negative = -1;
+  refused(Rope(Device{}, {out.data(), 1, 1, 96, 64, 32, &negative, in.inv_freq.data()}),
+          "position -1");
+  model::Matrix empty;
+  empty.rows = 4;
+  empty.cols = 4;
+  refused(Linear(Device{}, LinearParams{in.lx.data(), 1, &empty, nullptr,
+                                        model::WeightDType::kFloat32, out.data()}),
+          "holds no values in host memory");
+  // On CUDA: fp32 device weights only through this entry, and a stream is required.
+  Device gpu{Backend::kCuda, 0, reinterpret_cast<void*>(1), reinterpret_cast<void*>(1)};
+  if (BackendBuilt(Backend::kCuda)) {
+    refused(Linear(gpu, LinearParams{in.lx.data(), 1, &in.w, in.w.data.data(),
+                                     model::WeightDType::kBFloat16, out.data()}),
+            "need BF16 activations");
+    refused(SwiGlu(Device{Backend::kCuda, 0, nullptr, nullptr}, {out.data(), out.data(), 4}),
+            "needs an index >= 0 and a stream");
+  } else {
+    const absl::Status s = SwiGlu(gpu, {out.data(), out.data(), 4});
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  }
+  EXPECT_EQ(DeviceName(gpu), "cuda:0");
+  EXPECT_EQ(DeviceName(Device{}), "cpu");
+}
+
+// ---- The same ops on a GPU against the CPU.
+
+#ifdef SPLITMOE_OPS_CUDA
+template <typename T>
+struct DeviceBuffer {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(const std::vector<T>& host) : n(host.size()) {
+    EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(n, 1) * sizeof(T)),
+              cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(p, host.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  ~DeviceBuffer() { cudaFree(p); }
+  std::vector<T> Get() const {
+    std::vector<T> host(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(host.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return host;
+  }
+};
+
+class CudaOpsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<int> n = cuda::DeviceCount();
+    if (!n.ok() || *n == 0) GTEST_SKIP() << "no CUDA device: the GPU side of every op is owed";
+    ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+    ASSERT_EQ(cudaStreamCreate(&stream_), cudaSuccess);
+    ASSERT_EQ(cublasCreate(&blas_), CUBLAS_STATUS_SUCCESS);
+    ASSERT_EQ(cublasSetStream(blas_, stream_), CUBLAS_STATUS_SUCCESS);
+    gpu_ = Device{Backend::kCuda, 0, stream_, blas_};
+  }
+  void TearDown() override {
+    if (blas_ != nullptr) cublasDestroy(blas_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  static void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& cpu, double tol,
+                          const std::string& what) {
+    ASSERT_EQ(gpu.size(), cpu.size());
+    double worst = 0;
+    for (size_t i = 0; i < cpu.size(); ++i) {
+      if (std::isnan(cpu[i])) continue;
+      worst = std::max(worst, std::fabs(double(gpu[i]) - cpu[i]) / (1.0 + std::fabs(cpu[i])));
+    }
+    EXPECT_LE(worst, tol) << what;
+    std::printf("%s: max relative difference GPU vs CPU %.3g\n", what.c_str(), worst);
+  }
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  Device gpu_;
+};
+
+TEST_F(CudaOpsTest, CudaRmsNormEqualsCpu) {
+  Inputs in;
+  const int64_t rows = Inputs::kRows, dim = Inputs::kDim, xs = Inputs::kStride;
+  std::vector<float> cpu(rows * xs, std::nanf(""));
+  ASSERT_TRUE(RmsNorm(Device{}, {in.x.data(), rows, dim, xs, in.weight.data(), 1e-6f, cpu.data(), xs}).ok());
+  DeviceBuffer<float> x(in.x), w(in.weight), out(std::vector<float>(rows * xs, std::nanf("")));
+  ASSERT_TRUE(RmsNorm(gpu_, {x.p, rows, dim, xs, w.p, 1e-6f, out.p, xs}).ok());
+  ExpectClose(out.Get(), cpu, 1e-5, "RmsNorm");
+}
+
+TEST_F(CudaOpsTest, CudaSwiGluEqualsCpu) {
+  Inputs in;
+  std::vector<float> cpu = in.gate;
+  ASSERT_TRUE(SwiGlu(Device{}, {cpu.data(), in.up.data(), 1000}).ok());
+  DeviceBuffer<float> g(in.gate), u(in.up);
+  ASSERT_TRUE(SwiGlu(gpu_, {g.p, u.p, 1000}).ok());
+  ExpectClose(g.Get(), cpu, 1e-5, "SwiGlu");
+}
+
+TEST_F(CudaOpsTest, CudaRopeEqualsCpu) {
+  Inputs in;
+  std::vector<float> cpu = in.heads;
+  ASSERT_TRUE(Rope(Device{}, {cpu.data(), Inputs::kRows, 3, 96, 64, 32, in.positions.data(),
+                              in.inv_freq.data()}).ok());
+  DeviceBuffer<float> x(in.heads), f(in.inv_freq);
+  DeviceBuffer<int32_t> pos(in.positions);
+  ASSERT_TRUE(Rope(gpu_, {x.p, Inputs::kRows, 3, 96, 64, 32, pos.p, f.p}).ok());
+  ExpectClose(x.Get(), cpu, 1e-5, "Rope");
+}
+
+TEST_F(CudaOpsTest, CudaLinearEqualsCpu) {
+  Inputs in;
+  std::vector<float> cpu(9 * 70);
+  ASSERT_TRUE(Linear(Device{}, LinearParams{in.lx.data(), 9, &in.w, nullptr,
+                                            model::WeightDType::kFloat32, cpu.data()}).ok());
+  DeviceBuffer<float> x(in.lx), w(in.w.data), y(std::vector<float>(9 * 70));
+  ASSERT_TRUE(Linear(gpu_, LinearParams{x.p, 9, &in.w, w.p, model::WeightDType::kFloat32, y.p}).ok());
+  ExpectClose(y.Get(), cpu, 1e-5, "Linear");
+}
+#else
+TEST(CudaOpsTest, CudaBackendNotBuilt) {
+  GTEST_SKIP() << "this build has no CUDA backend: the GPU side of every op is owed";
+}
+#endif
+
+}  // namespace
+}  // namespace splitmoe::kernels
