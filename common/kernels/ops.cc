@@ -6,12 +6,14 @@
 #include "absl/strings/str_cat.h"
 #include "common/kernels/cpu_ops.h"
 
-#ifdef SPLITMOE_OPS_CUDA
-#include "common/kernels/cuda/cuda_ops.h"
-#endif
+#include <atomic>
 
 namespace splitmoe::kernels {
 namespace {
+
+std::atomic<const OpsBackend*> g_cuda{nullptr};
+
+const OpsBackend& Cuda() { return *g_cuda.load(std::memory_order_acquire); }
 
 absl::Status Unsupported(const Device& device, absl::string_view op, absl::string_view why) {
   return absl::InvalidArgumentError(
@@ -20,20 +22,17 @@ absl::Status Unsupported(const Device& device, absl::string_view op, absl::strin
 
 // What every op asks of the device itself.
 absl::Status CheckDevice(const Device& device, absl::string_view op) {
-  if (!BackendBuilt(device.backend)) {
+  if (!BackendAvailable(device.backend)) {
     return absl::UnimplementedError(absl::StrCat(
         op, " on ", DeviceName(device),
-        ": this build has no CUDA backend (CMake found no CUDA toolkit)"));
+        ": this process has no CUDA backend (a GPU binary links splitmoe::ops_cuda and calls "
+        "EnableCudaOps(); CMake builds it where it finds a CUDA toolkit)"));
   }
   if (device.backend == Backend::kCuda && (device.index < 0 || device.stream == nullptr)) {
     return Unsupported(device, op, "a CUDA device needs an index >= 0 and a stream");
   }
   return absl::OkStatus();
 }
-
-#ifdef SPLITMOE_OPS_CUDA
-cudaStream_t StreamOf(const Device& d) { return static_cast<cudaStream_t>(d.stream); }
-#endif
 
 }  // namespace
 
@@ -42,12 +41,12 @@ std::string DeviceName(const Device& device) {
                                          : absl::StrCat("cuda:", device.index);
 }
 
-bool BackendBuilt(Backend backend) {
-#ifdef SPLITMOE_OPS_CUDA
-  return true;
-#else
-  return backend == Backend::kCpu;
-#endif
+bool BackendAvailable(Backend backend) {
+  return backend == Backend::kCpu || g_cuda.load(std::memory_order_acquire) != nullptr;
+}
+
+void SetOpsBackend(Backend backend, const OpsBackend* table) {
+  if (backend == Backend::kCuda) g_cuda.store(table, std::memory_order_release);
 }
 
 // ---- RmsNorm
@@ -82,12 +81,7 @@ absl::Status RmsNorm(const Device& device, const RmsNormParams& p) {
     RmsNorm(p.x, p.rows, p.dim, xs, p.weight, p.eps, p.out, os);
     return absl::OkStatus();
   }
-#ifdef SPLITMOE_OPS_CUDA
-  return cuda::RmsNormStridedDevice(p.x, p.rows, p.dim, xs, p.weight, p.eps, p.out, os,
-                                    StreamOf(device));
-#else
-  return CheckDevice(device, "RmsNorm");
-#endif
+  return Cuda().rms_norm(device, p);
 }
 
 // ---- SwiGlu
@@ -108,11 +102,7 @@ absl::Status SwiGlu(const Device& device, const SwiGluParams& p) {
     SiluMul(p.gate, p.up, p.n);
     return absl::OkStatus();
   }
-#ifdef SPLITMOE_OPS_CUDA
-  return cuda::SiluMulDevice(p.gate, p.up, p.n, StreamOf(device));
-#else
-  return CheckDevice(device, "SwiGlu");
-#endif
+  return Cuda().swiglu(device, p);
 }
 
 // ---- Rope
@@ -154,12 +144,7 @@ absl::Status Rope(const Device& device, const RopeParams& p) {
     }
     return absl::OkStatus();
   }
-#ifdef SPLITMOE_OPS_CUDA
-  return cuda::RopeDevice(p.x, p.rows, p.heads, p.head_stride, p.offset, p.rope_dim, p.positions,
-                          p.inv_freq, StreamOf(device));
-#else
-  return CheckDevice(device, "Rope");
-#endif
+  return Cuda().rope(device, p);
 }
 
 // ---- Linear
@@ -182,15 +167,7 @@ absl::Status Supports(const Device& device, const LinearParams& p) {
     }
     return absl::OkStatus();
   }
-  if (p.w_device == nullptr) return Unsupported(device, "Linear", "no weight in device memory");
-  if (p.w_device_dtype != model::WeightDType::kFloat32) {
-    return Unsupported(device, "Linear",
-                       absl::StrCat(model::WeightDTypeName(p.w_device_dtype),
-                                    " device weights need BF16 activations (the GPU engine's "
-                                    "bf16 mode), not this fp32 entry"));
-  }
-  if (device.blas == nullptr) return Unsupported(device, "Linear", "no cuBLAS handle");
-  return absl::OkStatus();
+  return Cuda().supports_linear(device, p);
 }
 
 absl::Status Linear(const Device& device, const LinearParams& p) {
@@ -200,12 +177,7 @@ absl::Status Linear(const Device& device, const LinearParams& p) {
     Linear(p.x, p.m, *p.w, p.y);
     return absl::OkStatus();
   }
-#ifdef SPLITMOE_OPS_CUDA
-  return cuda::GemmF32(static_cast<cublasHandle_t>(device.blas), p.x, p.m, p.w->cols,
-                       static_cast<const float*>(p.w_device), p.w->rows, p.y);
-#else
-  return CheckDevice(device, "Linear");
-#endif
+  return Cuda().linear(device, p);
 }
 
 }  // namespace splitmoe::kernels

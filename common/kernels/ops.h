@@ -2,8 +2,10 @@
 // struct and single entry: per op a params struct, a capability check saying whether a backend
 // runs those params (dtypes, shapes, where the pointers live), and one validated entry returning
 // a Status. The CPU implementations are common/kernels/cpu_ops.h and common/kernels/cpu/; the
-// CUDA ones common/kernels/cuda/cuda_ops.h (built where CMake finds a toolkit; elsewhere a CUDA
-// device is refused as unsupported, never silently run on the CPU).
+// CUDA ones common/kernels/cuda/cuda_ops.h, behind this interface in `splitmoe::ops_cuda`
+// (cuda/ops_cuda.h), which a binary links and enables (EnableCudaOps()) only when it runs on a
+// GPU, so CPU binaries never load the CUDA libraries. Without it a CUDA device is refused
+// (Unimplemented), never silently run on the CPU.
 //
 //   kernels::Device cpu;                                   // or {Backend::kCuda, 0, stream, blas}
 //   kernels::RmsNormParams p{.x = h, .rows = n, .dim = d, .weight = w, .eps = 1e-6f, .out = o};
@@ -38,8 +40,8 @@ struct Device {
 
 // "cpu" or "cuda:N".
 std::string DeviceName(const Device& device);
-// Whether this build has the backend at all (the CUDA one only where a toolkit was found).
-bool BackendBuilt(Backend backend);
+// Whether this process has the backend: the CPU always, CUDA once EnableCudaOps() ran.
+bool BackendAvailable(Backend backend);
 
 // out[r * out_stride + i] = x[r * x_stride + i] * rsqrt(mean_i(x[r, i]^2) + eps) * weight[i],
 // i < dim, r < rows. out may alias x (same stride).
@@ -96,6 +98,18 @@ struct LinearParams {
 };
 absl::Status Supports(const Device& device, const LinearParams& p);
 absl::Status Linear(const Device& device, const LinearParams& p);
+
+// The implementations of a backend other than the CPU, run after the params were checked (the
+// generic checks here, then the backend's own `supports`). Installed by the backend's library
+// (cuda/ops_cuda.h); process-wide, set once before use.
+struct OpsBackend {
+  absl::Status (*supports_linear)(const Device&, const LinearParams&) = nullptr;
+  absl::Status (*rms_norm)(const Device&, const RmsNormParams&) = nullptr;
+  absl::Status (*swiglu)(const Device&, const SwiGluParams&) = nullptr;
+  absl::Status (*rope)(const Device&, const RopeParams&) = nullptr;
+  absl::Status (*linear)(const Device&, const LinearParams&) = nullptr;
+};
+void SetOpsBackend(Backend backend, const OpsBackend* table);
 
 }  // namespace splitmoe::kernels
 

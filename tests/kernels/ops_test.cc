@@ -18,6 +18,7 @@
 #include <cuda_runtime_api.h>
 
 #include "common/kernels/cuda/cuda_ops.h"
+#include "common/kernels/cuda/ops_cuda.h"
 #endif
 
 namespace splitmoe::kernels {
@@ -142,17 +143,23 @@ TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
   refused(Linear(Device{}, LinearParams{in.lx.data(), 1, &empty, nullptr,
                                         model::WeightDType::kFloat32, out.data()}),
           "holds no values in host memory");
-  // On CUDA: fp32 device weights only through this entry, and a stream is required.
+  // On CUDA: refused as unimplemented until the backend is enabled; then fp32 device weights
+  // only through this entry, and a stream is required.
   Device gpu{Backend::kCuda, 0, reinterpret_cast<void*>(1), reinterpret_cast<void*>(1)};
-  if (BackendBuilt(Backend::kCuda)) {
+  const absl::Status none = SwiGlu(gpu, {out.data(), out.data(), 4});
+  EXPECT_EQ(none.code(), absl::StatusCode::kUnimplemented) << none;
+  EXPECT_FALSE(BackendAvailable(Backend::kCuda));
+#ifdef SPLITMOE_OPS_CUDA
+  EnableCudaOps();
+  EXPECT_TRUE(BackendAvailable(Backend::kCuda));
+#endif
+  if (BackendAvailable(Backend::kCuda)) {
     refused(Linear(gpu, LinearParams{in.lx.data(), 1, &in.w, in.w.data.data(),
                                      model::WeightDType::kBFloat16, out.data()}),
             "need BF16 activations");
     refused(SwiGlu(Device{Backend::kCuda, 0, nullptr, nullptr}, {out.data(), out.data(), 4}),
             "needs an index >= 0 and a stream");
-  } else {
-    const absl::Status s = SwiGlu(gpu, {out.data(), out.data(), 4});
-    EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+    SetOpsBackend(Backend::kCuda, nullptr);  // back to a CPU-only process for the other cases
   }
   EXPECT_EQ(DeviceName(gpu), "cuda:0");
   EXPECT_EQ(DeviceName(Device{}), "cpu");
@@ -184,6 +191,7 @@ class CudaOpsTest : public ::testing::Test {
   void SetUp() override {
     absl::StatusOr<int> n = cuda::DeviceCount();
     if (!n.ok() || *n == 0) GTEST_SKIP() << "no CUDA device: the GPU side of every op is owed";
+    EnableCudaOps();
     ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
     ASSERT_EQ(cudaStreamCreate(&stream_), cudaSuccess);
     ASSERT_EQ(cublasCreate(&blas_), CUBLAS_STATUS_SUCCESS);
