@@ -146,11 +146,6 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
                                         .top_p = s.top_p() == 0 ? 1.0 : s.top_p(),
                                         .top_k = s.top_k(),
                                         .seed = s.seed()};
-  if (r.logprobs() < 0 || r.prompt_logprobs() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("logprobs and prompt_logprobs must be in [0, ", engine::kMaxLogprobs,
-                     "], got ", r.logprobs(), " and ", r.prompt_logprobs()));
-  }
   const std::vector<std::string> stop(r.stop().stop().begin(), r.stop().stop().end());
   engine::RequestShape shape;
   shape.prompt = prompt;
@@ -164,6 +159,16 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
   shape.sampling = &sampling;
   shape.has_tokenizer = tokenizer != nullptr;
   SPLITMOE_RETURN_IF_ERROR(engine::CheckRequest(config, shape));
+  // On the wire 0 means none: a negative count is malformed, not "none" as in the engine.
+  if (r.logprobs() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logprobs must be in [0, ", engine::kMaxLogprobs, "], got ", r.logprobs()));
+  }
+  if (r.prompt_logprobs() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt_logprobs must be in [0, ",
+                                                   engine::kMaxLogprobs, "], got ",
+                                                   r.prompt_logprobs()));
+  }
   return prompt;
 }
 

@@ -49,7 +49,13 @@ namespace {
 absl::Status CheckPrompt(const model::ModelConfig& c, absl::Span<const int32_t> prompt,
                          int64_t cached) {
   SPLITMOE_RETURN_IF_ERROR(CheckTokenIds(c, prompt, "token id"));
-  return CheckContext(c, cached + static_cast<int64_t>(prompt.size()), /*max_tokens=*/0);
+  const int64_t end = cached + static_cast<int64_t>(prompt.size());
+  if (end > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
+                                                   " tokens exceeds the context of ",
+                                                   c.max_position_embeddings, " tokens"));
+  }
+  return absl::OkStatus();
 }
 
 // Round k of a group runs chunk k (tokens [k * chunk_tokens, ...)) of every prompt that long,

@@ -10,6 +10,7 @@
 #include "common/engine/routing.h"
 #include "common/kernels/cpu/mla_attention.h"
 #include "common/kernels/cpu/narrow_linear.h"
+#include "common/kernels/cpu/threads.h"
 #include "common/kernels/cpu_ops.h"
 #include "common/kernels/ops.h"
 #include "common/kernels/packed_linear.h"
@@ -61,6 +62,12 @@ void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t h
 
 namespace {
 
+// A thread's buffer for one head's widened kv_b_proj rows; grows, never shrinks.
+std::vector<float>& HeadRowsScratch() {
+  thread_local std::vector<float> buffer;
+  return buffer;
+}
+
 // Whether a projection of `rows` rows runs as a kernels::GroupedLinear task.
 bool Grouped(const model::Matrix& w, int64_t rows) {
   return w.narrow() && rows <= kernels::kNarrowStreamMaxRows;
@@ -88,7 +95,9 @@ absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float
     for (const ExpertRows& e : experts) {
       narrow = narrow && e.expert->gate.narrow() && e.expert->up.narrow() && e.expert->down.narrow();
     }
-    if (!narrow || experts.size() < 2) {
+    // Side by side only where there are experts enough to keep every thread busy; else one
+    // expert at a time, each over all the threads.
+    if (!narrow || static_cast<int64_t>(experts.size()) < 2 * kernels::CpuThreads()) {
       for (const ExpertRows& e : experts) {
         if (!e.rows.empty()) AccumulateExpert(*e.expert, x, hidden, e.rows, e.weight, out);
       }
@@ -96,32 +105,45 @@ absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float
     }
     // Prefill over narrow weights: experts side by side, each on one thread (its weight panels
     // widened once, its GEMMs on that thread), into their own rows of ys; then the weighted
-    // sums in expert order, the same sums as one expert at a time.
-    std::vector<int64_t> first(experts.size() + 1, 0);
-    for (size_t i = 0; i < experts.size(); ++i)
-      first[i + 1] = first[i] + static_cast<int64_t>(experts[i].rows.size());
-    std::vector<float> ys(static_cast<size_t>(total * hidden));
-    kernels::ParallelFor(static_cast<int64_t>(experts.size()), [&](int64_t i) {
-      const ExpertRows& e = experts[static_cast<size_t>(i)];
-      const auto n = static_cast<int64_t>(e.rows.size());
-      if (n == 0) return;
-      const int64_t inter = e.expert->gate.rows;
-      float* xs = &ys[first[i] * hidden];  // gathered x, then the expert's output in place
-      for (int64_t r = 0; r < n; ++r)
-        std::memcpy(xs + r * hidden, x + e.rows[r] * hidden, hidden * sizeof(float));
-      std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
-      kernels::Linear(xs, n, e.expert->gate, g.data());
-      kernels::Linear(xs, n, e.expert->up, u.data());
-      kernels::SiluMul(g.data(), u.data(), n * inter);
-      kernels::Linear(g.data(), n, e.expert->down, xs);
-    });
-    for (size_t i = 0; i < experts.size(); ++i) {
-      const ExpertRows& e = experts[i];
-      for (size_t r = 0; r < e.rows.size(); ++r) {
-        float* o = out + e.rows[r] * hidden;
-        const float* y = &ys[(first[i] + static_cast<int64_t>(r)) * hidden];
-        for (int64_t j = 0; j < hidden; ++j) o[j] += e.weight[r] * y[j];
+    // sums in expert order, the same sums as one expert at a time. In waves of at most
+    // kWaveFloats outputs, so a long batch holds a bounded buffer.
+    constexpr int64_t kWaveFloats = int64_t{16} << 20;  // 64 MiB
+    std::vector<float> ys;
+    size_t begin = 0;
+    while (begin < experts.size()) {
+      size_t end = begin;
+      std::vector<int64_t> first = {0};
+      while (end < experts.size() &&
+             (end == begin ||
+              (first.back() + static_cast<int64_t>(experts[end].rows.size())) * hidden <=
+                  kWaveFloats)) {
+        first.push_back(first.back() + static_cast<int64_t>(experts[end].rows.size()));
+        ++end;
       }
+      ys.resize(static_cast<size_t>(first.back() * hidden));
+      kernels::ParallelFor(static_cast<int64_t>(end - begin), [&](int64_t i) {
+        const ExpertRows& e = experts[begin + static_cast<size_t>(i)];
+        const auto n = static_cast<int64_t>(e.rows.size());
+        if (n == 0) return;
+        const int64_t inter = e.expert->gate.rows;
+        float* xs = ys.data() + first[i] * hidden;  // gathered x, then the expert's output
+        for (int64_t r = 0; r < n; ++r)
+          std::memcpy(xs + r * hidden, x + e.rows[r] * hidden, hidden * sizeof(float));
+        std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
+        kernels::Linear(xs, n, e.expert->gate, g.data());
+        kernels::Linear(xs, n, e.expert->up, u.data());
+        kernels::SiluMul(g.data(), u.data(), n * inter);
+        kernels::Linear(g.data(), n, e.expert->down, xs);
+      });
+      for (size_t i = begin; i < end; ++i) {
+        const ExpertRows& e = experts[i];
+        for (size_t r = 0; r < e.rows.size(); ++r) {
+          float* o = out + e.rows[r] * hidden;
+          const float* y = ys.data() + (first[i - begin] + static_cast<int64_t>(r)) * hidden;
+          for (int64_t j = 0; j < hidden; ++j) o[j] += e.weight[r] * y[j];
+        }
+      }
+      begin = end;
     }
     return absl::OkStatus();
   }
@@ -133,10 +155,13 @@ absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float
   int64_t off = 0;
   for (const ExpertRows& e : experts) {
     const auto n = static_cast<int64_t>(e.rows.size());
+    if (n == 0) continue;
     for (int64_t i = 0; i < n; ++i)
-      std::memcpy(&xs[(off + i) * hidden], x + e.rows[i] * hidden, hidden * sizeof(float));
-    tasks.push_back(Task(&xs[off * hidden], hidden, n, e.expert->gate, &g[off * inter], inter));
-    tasks.push_back(Task(&xs[off * hidden], hidden, n, e.expert->up, &u[off * inter], inter));
+      std::memcpy(xs.data() + (off + i) * hidden, x + e.rows[i] * hidden, hidden * sizeof(float));
+    tasks.push_back(
+        Task(xs.data() + off * hidden, hidden, n, e.expert->gate, g.data() + off * inter, inter));
+    tasks.push_back(
+        Task(xs.data() + off * hidden, hidden, n, e.expert->up, u.data() + off * inter, inter));
     off += n;
   }
   SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
@@ -145,7 +170,9 @@ absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float
   off = 0;
   for (const ExpertRows& e : experts) {
     const auto n = static_cast<int64_t>(e.rows.size());
-    tasks.push_back(Task(&g[off * inter], inter, n, e.expert->down, &xs[off * hidden], hidden));
+    if (n == 0) continue;
+    tasks.push_back(
+        Task(g.data() + off * inter, inter, n, e.expert->down, xs.data() + off * hidden, hidden));
     off += n;
   }
   SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
@@ -153,7 +180,7 @@ absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float
   for (const ExpertRows& e : experts) {
     for (size_t i = 0; i < e.rows.size(); ++i, ++off) {
       float* o = out + e.rows[i] * hidden;
-      const float* y = &xs[off * hidden];
+      const float* y = xs.data() + off * hidden;
       for (int64_t j = 0; j < hidden; ++j) o[j] += e.weight[i] * y[j];
     }
   }
@@ -328,12 +355,14 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
   const model::Matrix& kvb = w.kv_b_proj;
   const bool grouped_heads = Grouped(kvb, rows);
   const bool parallel_heads = kvb.narrow() && !grouped_heads;
-  std::vector<float> widened;
-  if (parallel_heads) widened.resize(static_cast<size_t>(kvb.rows * kvr));
+  // A head's rows as fp32: in place, or widened into the calling thread's buffer (one head's
+  // rows at a time, so it stays in cache; never the whole matrix).
   auto head_rows = [&](int64_t first, int64_t count) -> const float* {
     if (!kvb.narrow()) return kvb.data.data() + first * kvr;
-    kernels::WidenRows(kvb, first, count, widened.data() + first * kvr);
-    return widened.data() + first * kvr;
+    std::vector<float>& buffer = HeadRowsScratch();
+    if (static_cast<int64_t>(buffer.size()) < count * kvr) buffer.resize(static_cast<size_t>(count * kvr));
+    kernels::WidenRows(kvb, first, count, buffer.data());
+    return buffer.data();
   };
   auto for_heads = [&](const std::function<void(int64_t)>& body) {
     if (parallel_heads) {

@@ -103,7 +103,10 @@ struct ExpertRows {
 // AccumulateExpert for every expert of a layer. Where every expert holds narrow (BF16/FP8)
 // weights and none has more than kernels::kNarrowStreamMaxRows rows (decode), all their gate and
 // up projections run as one kernels::GroupedLinear, then all their down projections as another:
-// two parallel regions for the layer instead of three per expert. Otherwise one expert at a time.
+// two parallel regions for the layer instead of three per expert. Narrow weights with more rows
+// and experts enough for every thread (prefill) run side by side, one expert per thread, in
+// waves of bounded output. Otherwise one expert at a time over all the threads. Every path adds
+// the experts' outputs in the order given, so the results are the same sums.
 absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float* x,
                                int64_t hidden, float* out);
 

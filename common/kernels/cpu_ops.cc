@@ -15,6 +15,26 @@ namespace splitmoe::kernels {
 
 void SetBlasThreads(int threads) { openblas_set_num_threads(threads); }
 
+void SgemmOnThisThread(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                       float* c, int64_t ldc) {
+  if (dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta, c,
+                 ldc) == dnnl_success) {
+    return;
+  }
+  // oneDNN refused (arguments it does not take, or no memory for its scratch): the same product
+  // by definition, slowly, rather than leaving c unwritten.
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t p = 0; p < k; ++p) {
+        sum += (trans_a ? a[p * lda + i] : a[i * lda + p]) * (trans_b ? b[j * ldb + p] : b[p * ldb + j]);
+      }
+      c[i * ldc + j] = alpha * sum + (beta == 0.0f ? 0.0f : beta * c[i * ldc + j]);
+    }
+  }
+}
+
 void ParallelFor(int64_t n, const std::function<void(int64_t)>& body) {
 #pragma omp parallel for schedule(dynamic, 1) if (n > 1 && !CpuInParallel())
   for (int64_t i = 0; i < n; ++i) body(i);
@@ -31,8 +51,7 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   if (CpuInParallel()) {
     // On one thread of a parallel region (ParallelFor): oneDNN's sgemm, which runs on the
     // calling thread there and is safe to call from several at once.
-    (void)dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a, lda, b, ldb, beta,
-                     c, ldc);
+    SgemmOnThisThread(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,

@@ -31,6 +31,12 @@ void SetBlasThreads(int threads);
 // kernels and dnnl_sgemm are; a packed oneDNN primitive and OpenBLAS are not promised to be).
 void ParallelFor(int64_t n, const std::function<void(int64_t)>& body);
 
+// The same GEMM with oneDNN's sgemm on the calling thread (inside a parallel region it runs
+// there alone; safe from several threads at once).
+void SgemmOnThisThread(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                       const float* a, int64_t lda, const float* b, int64_t ldb, float beta,
+                       float* c, int64_t ldc);
+
 // General row-major GEMM: C[m, n] = alpha * op(A) @ op(B) + beta * C, with leading dimensions.
 // OpenBLAS; inside a parallel region (ParallelFor) oneDNN's sgemm on the calling thread.
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,

@@ -126,12 +126,14 @@ absl::Status Rope(const Device& device, const RopeParams& p) {
   if (absl::Status s = Supports(device, p); !s.ok()) return s;
   if (p.rows == 0) return absl::OkStatus();
   if (device.backend == Backend::kCpu) {
-    const int64_t half = p.rope_dim / 2;
-    std::vector<float> cos_sin(static_cast<size_t>(p.rope_dim));
-    for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t r = 0; r < p.rows; ++r) {  // all refused before any row is rotated
       if (p.positions[r] < 0) {
         return Unsupported(device, "Rope", absl::StrCat("row ", r, ": position ", p.positions[r]));
       }
+    }
+    const int64_t half = p.rope_dim / 2;
+    std::vector<float> cos_sin(static_cast<size_t>(p.rope_dim));
+    for (int64_t r = 0; r < p.rows; ++r) {
       const float t = static_cast<float>(p.positions[r]);
       for (int64_t i = 0; i < half; ++i) {
         const float angle = t * p.inv_freq[i];

@@ -70,7 +70,9 @@ absl::Status SwiGlu(const Device& device, const SwiGluParams& p);
 // DeepSeek's interleaved RoPE, in place: for each row r and head h, the pairs
 // (v[2i], v[2i + 1]) of v = x + r * heads * head_stride + h * head_stride + offset, i < rope_dim
 // / 2, rotate by angle = float(positions[r]) * inv_freq[i] (fp32, as the reference's
-// torch.outer), cos and sin taken in double and rounded to fp32.
+// torch.outer), cos and sin taken in double and rounded to fp32. Positions must be >= 0: the CPU
+// refuses a negative one before rotating anything; a device cannot read them to check, so its
+// callers pass positions they computed.
 struct RopeParams {
   float* x = nullptr;
   int64_t rows = 0;

@@ -56,6 +56,15 @@ TEST(RequestCheckTest, EachRefusalNamesWhatIsWrong) {
   r = ok;
   r.max_tokens = std::numeric_limits<int64_t>::max();  // no overflow into acceptance
   expect(r, "exceeds the context");
+  r.max_context = 1000;  // a larger cache does not widen the model's context
+  r.max_tokens = 62;
+  expect(r, "exceeds the context of 64 tokens");
+  r = ok;
+  r.logprobs = -1;  // none
+  r.prompt_logprobs = -1;
+  EXPECT_TRUE(CheckRequest(c, r).ok());
+  r.logprobs = kMaxLogprobs;
+  EXPECT_TRUE(CheckRequest(c, r).ok());
   r = ok;
   r.logprobs = kMaxLogprobs + 1;
   expect(r, "logprobs must be in [0, 20]");

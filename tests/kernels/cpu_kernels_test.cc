@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "common/engine/transformer.h"
 #include "common/kernels/cpu/mla_attention.h"
 #include "common/kernels/cpu/narrow_linear.h"
 #include "common/model/numeric.h"
@@ -104,13 +105,21 @@ TEST_P(NarrowKernelTest, Fp8NanCodesStayNan) {
   EXPECT_TRUE(std::isnan(out[3]));
   EXPECT_TRUE(std::isnan(out[17]));
   EXPECT_EQ(out[0], w.m.scale_inv[0]);
+  // Bit for bit the loader's values, the NaNs' signs included (0xff is -NaN).
+  for (int c : {3, 17}) {
+    const float ref = model::Fp8E4M3ToFloat((*bytes)[c]) * w.m.scale_inv[0];
+    EXPECT_EQ(std::memcmp(&out[c], &ref, 4), 0) << "code " << int((*bytes)[c]);
+  }
 }
 
 TEST_P(NarrowKernelTest, LinearMatchesTheFp32Product) {
   // Shapes off every vector width and tile: K not a multiple of 16, N not of 4, M across the
   // streaming (<= 16) and panel paths.
   for (WeightDType dtype : {WeightDType::kBFloat16, WeightDType::kFp8E4M3}) {
-    for (auto [n, k] : {std::pair<int64_t, int64_t>{37, 200}, {300, 1000}, {257, 129}}) {
+    // 301 x 1000 and 6 x 16384 are split across the threads with a tail of rows (and more
+    // threads than tiles where the machine has them); the small ones run on one thread.
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{37, 200}, {300, 1000}, {257, 129}, {301, 1000},
+                        {6, 16384}}) {
       NarrowWeight w = MakeWeight(dtype, n, k, static_cast<uint32_t>(n * k));
       for (int64_t m : {1, 2, 3, 4, 5, 8, 16, 17, 64, 130}) {
         std::vector<float> x = Activations(m * k, static_cast<uint32_t>(m));
@@ -164,7 +173,14 @@ TEST_P(NarrowKernelTest, GroupedLinearMatchesTheFp32ProductsInBothForms) {
         tasks.push_back({xs[t].data(), c.ldx, m, &c.w->m, c.row0, c.rows, c.transposed,
                          ys[t].data(), c.ldy});
       }
+      // Tasks with nothing to do: no rows of x (y untouched), no weight rows (the transposed
+      // form's empty sums are zeros).
+      std::vector<float> untouched(8, 7.0f), zeros(static_cast<size_t>(m * 200), 7.0f);
+      tasks.push_back({xs[0].data(), 200, 0, &a.m, 0, 300, false, untouched.data(), 300});
+      tasks.push_back({xs[0].data(), 200, m, &a.m, 5, 0, true, zeros.data(), 200});
       ASSERT_TRUE(GroupedLinear(tasks).ok());
+      for (float v : untouched) ASSERT_EQ(v, 7.0f);
+      for (float v : zeros) ASSERT_EQ(v, 0.0f);
       for (size_t t = 0; t < cases.size(); ++t) {
         const Case& c = cases[t];
         const int64_t k = c.w->m.cols;
@@ -213,6 +229,52 @@ TEST_P(NarrowKernelTest, GroupedLinearRefusesWhatItDoesNotRun) {
     absl::Status s = GroupedLinear({ok, bad});
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(s.message().find("task 1"), std::string::npos) << s;
+  }
+}
+
+// engine::AccumulateExperts over narrow experts equals adding one expert at a time
+// (engine::AccumulateExpert), bit for bit, on each of its paths: decode sizes (grouped), prefill
+// sizes with experts enough for every thread (side by side), few experts (one at a time).
+TEST_P(NarrowKernelTest, AccumulateExpertsEqualsOneExpertAtATime) {
+  const int64_t hidden = 256, inter = 128;
+  for (WeightDType dtype : {WeightDType::kBFloat16, WeightDType::kFp8E4M3}) {
+    std::vector<NarrowWeight> keep;
+    std::vector<model::MlpWeights> experts(12);
+    for (size_t e = 0; e < experts.size(); ++e) {
+      keep.push_back(MakeWeight(dtype, inter, hidden, static_cast<uint32_t>(100 + 3 * e)));
+      experts[e].gate = keep.back().m;
+      keep.push_back(MakeWeight(dtype, inter, hidden, static_cast<uint32_t>(101 + 3 * e)));
+      experts[e].up = keep.back().m;
+      keep.push_back(MakeWeight(dtype, hidden, inter, static_cast<uint32_t>(102 + 3 * e)));
+      experts[e].down = keep.back().m;
+    }
+    for (auto [tokens, used] : {std::pair<int64_t, size_t>{6, 12}, {200, 12}, {200, 2}}) {
+      const std::vector<float> x = Activations(tokens * hidden, static_cast<uint32_t>(tokens));
+      std::vector<std::vector<int32_t>> rows(used);
+      std::vector<std::vector<float>> weights(used);
+      std::mt19937 rng(static_cast<uint32_t>(tokens + used));
+      for (int64_t t = 0; t < tokens; ++t) {
+        for (size_t k = 0; k < 2; ++k) {  // two experts per token
+          const size_t e = (static_cast<size_t>(t) * 5 + k * 7 + rng() % 3) % used;
+          rows[e].push_back(static_cast<int32_t>(t));
+          weights[e].push_back(0.25f + 0.5f * static_cast<float>(rng() % 100) / 100.0f);
+        }
+      }
+      std::vector<engine::ExpertRows> selected;
+      std::vector<float> expected(static_cast<size_t>(tokens * hidden), 0.0f);
+      for (size_t e = 0; e < used; ++e) {
+        if (rows[e].empty()) continue;
+        selected.push_back({&experts[e], rows[e], weights[e]});
+        engine::AccumulateExpert(experts[e], x.data(), hidden, rows[e], weights[e], expected.data());
+      }
+      std::vector<float> got(static_cast<size_t>(tokens * hidden), 0.0f);
+      ASSERT_TRUE(engine::AccumulateExperts(selected, x.data(), hidden, got.data()).ok());
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_EQ(std::memcmp(&got[i], &expected[i], 4), 0)
+            << model::WeightDTypeName(dtype) << " tokens=" << tokens << " experts=" << used
+            << " at " << i << ": " << got[i] << " vs " << expected[i];
+      }
+    }
   }
 }
 

@@ -199,6 +199,7 @@ class CudaOpsTest : public ::testing::Test {
     gpu_ = Device{Backend::kCuda, 0, stream_, blas_};
   }
   void TearDown() override {
+    SetOpsBackend(Backend::kCuda, nullptr);  // each case starts from a CPU-only process
     if (blas_ != nullptr) cublasDestroy(blas_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
   }

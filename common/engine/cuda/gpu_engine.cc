@@ -443,6 +443,9 @@ absl::StatusOr<GenerateResult> GpuEngine::Generate(const GenerateRequest& reques
   Impl& d = *impl_;
   const model::ModelConfig& c = d.config;
   SPLITMOE_RETURN_IF_ERROR(Cuda(cudaSetDevice(d.options.device), "cudaSetDevice"));
+  if (!request.stop.empty()) {
+    return absl::InvalidArgumentError("stop strings are not supported by the GPU engine yet");
+  }
   RequestShape shape = ShapeOf(request, /*has_tokenizer=*/false);
   shape.max_context = d.options.max_context;  // the device cache's size
   SPLITMOE_RETURN_IF_ERROR(CheckRequest(c, shape));

@@ -6,7 +6,6 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <immintrin.h>
-#include <oneapi/dnnl/dnnl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +18,7 @@
 #include "common/base/status_macros.h"
 
 #include "common/kernels/cpu/threads.h"
+#include "common/kernels/cpu_ops.h"
 #include "common/model/numeric.h"
 
 namespace splitmoe::kernels {
@@ -77,7 +77,10 @@ SPLITMOE_AVX512 inline __m512 LoadFp8Over256(const uint8_t* p, __mmask16 m) {
   const __m512 v = _mm512_cvtph_ps(h);
   const __mmask16 nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7f)),
                                             _mm_set1_epi8(0x7f));
-  return _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+  // NaN with the code's sign, as the scalar table gives (0xff is -NaN).
+  const __m512 signed_nan = _mm512_or_ps(_mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                                         _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
+  return _mm512_mask_mov_ps(v, nan, signed_nan);
 }
 
 // 16 weight values of a row starting at column c, widened (and scaled: fp8).
@@ -260,7 +263,7 @@ SPLITMOE_AVX512 void StreamLinearAvx512(const float* x, int64_t m, const Matrix&
     StreamRange<D>(x, w.cols, m, w, 0, n, y, n);
     return;
   }
-#pragma omp parallel
+#pragma omp parallel if (!CpuInParallel())
   {
     // Contiguous, tile-aligned slices: each thread streams one run of the weight's rows (the
     // hardware prefetchers follow it; interleaved tiles read 0.8 of this bandwidth).
@@ -304,7 +307,7 @@ std::vector<float>& Scratch() {
 
 void StreamLinearPortable(const float* x, int64_t m, const Matrix& w, float* y) {
   const int64_t n = w.rows, k = w.cols;
-#pragma omp parallel for schedule(static) if (n * k >= (1 << 16))
+#pragma omp parallel for schedule(static) if (n * k >= (1 << 16) && !CpuInParallel())
   for (int64_t r = 0; r < n; ++r) {
     std::vector<float>& row = Scratch();
     if (static_cast<int64_t>(row.size()) < k) row.resize(static_cast<size_t>(k));
@@ -326,7 +329,7 @@ void PanelLinear(const float* x, int64_t m, const Matrix& w, float* y) {
   int64_t rows_per_panel = std::min<int64_t>(256, (n + 2 * threads - 1) / (2 * threads));
   rows_per_panel = std::max<int64_t>(16, (rows_per_panel + 15) / 16 * 16);
   const int64_t panels = (n + rows_per_panel - 1) / rows_per_panel;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (!CpuInParallel())
   for (int64_t p = 0; p < panels; ++p) {
     const int64_t r0 = p * rows_per_panel;
     const int64_t nr = std::min(rows_per_panel, n - r0);
@@ -334,7 +337,7 @@ void PanelLinear(const float* x, int64_t m, const Matrix& w, float* y) {
     if (static_cast<int64_t>(panel.size()) < nr * k) panel.resize(static_cast<size_t>(nr * k));
     WidenRows(w, r0, nr, panel.data());
     // Inside the parallel region oneDNN runs the sgemm on this thread alone.
-    (void)dnnl_sgemm('N', 'T', m, nr, k, 1.0f, x, k, panel.data(), k, 0.0f, y + r0, n);
+    SgemmOnThisThread(false, true, m, nr, k, 1.0f, x, k, panel.data(), k, 0.0f, y + r0, n);
   }
 }
 
@@ -363,8 +366,9 @@ void NarrowLinear(const float* x, int64_t m, const Matrix& w, float* y) {
   // BF16 streams further than FP8: its widening is two instructions per 16 values, so
   // re-reading the weight from cache for every 4 rows of x beats a widened panel up to ~128
   // rows (BM_NarrowGemm at M = 48: 293 against 176 GFLOP/s); FP8's widening does not pay that.
-  const int64_t stream_max =
-      w.dtype == WeightDType::kBFloat16 ? kBf16StreamMaxRows : kNarrowStreamMaxRows;
+  const int64_t stream_max = w.dtype == WeightDType::kBFloat16 && NarrowKernelsUseAvx512()
+                                 ? kBf16StreamMaxRows
+                                 : kNarrowStreamMaxRows;
   if (m > stream_max) {
     PanelLinear(x, m, w, y);
   } else if (!NarrowKernelsUseAvx512()) {
@@ -473,7 +477,13 @@ absl::Status GroupedLinear(absl::Span<const LinearTask> tasks) {
   const int64_t target = std::max<int64_t>(64 << 10, total / (8 * threads));
   std::vector<Unit> units;
   for (const LinearTask& t : tasks) {
-    if (t.m == 0 || t.rows == 0) continue;
+    if (t.m == 0) continue;
+    if (t.rows == 0) {  // an empty sum: the transposed form's outputs are zeros
+      if (t.transposed) {
+        for (int64_t i = 0; i < t.m; ++i) std::fill(t.y + i * t.ldy, t.y + i * t.ldy + t.w->cols, 0.0f);
+      }
+      continue;
+    }
     const int64_t row_bytes = t.w->cols * model::WeightDTypeBytes(t.w->dtype);
     if (!t.transposed) {
       const int64_t step =
@@ -489,7 +499,7 @@ absl::Status GroupedLinear(absl::Span<const LinearTask> tasks) {
     }
   }
   const auto n = static_cast<int64_t>(units.size());
-#pragma omp parallel for schedule(dynamic, 1) if (total >= (1 << 16) && n > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (total >= (1 << 16) && n > 1 && !CpuInParallel())
   for (int64_t i = 0; i < n; ++i) RunUnit(units[static_cast<size_t>(i)]);
   return absl::OkStatus();
 }
