@@ -15,7 +15,9 @@
 #    F32 KV cache), max |logprob difference| over the prompt's token and top-5 logprobs.
 # 4. For each round, interleaved: llama.cpp BF16, splitmoe BF16 (W=1), llama.cpp F32, splitmoe
 #    fp32 (W=0). Each figure is the best over rounds and over --repeats inside each run
-#    (llama.cpp: repeated measurements; engine_bench: --benchmark_repetitions, each >= 1 s).
+#    (llama.cpp: repeated measurements; engine_bench: --benchmark_repetitions, each >= 1 s, after
+#    1 s of warm-up: a first 512-token prefill touches the mapped weights' pages and reads ~2x
+#    slower).
 #    splitmoe: BM_Decode/W/{1,8} (context 256, one step timed) and BM_Prefill/W/512.
 #    llama.cpp: B sequences with a 256-token prompt each, then --decode-tokens greedy steps
 #    together (B * steps / wall time; context 256..320), and one 512-token prompt up to its first
@@ -116,6 +118,7 @@ for ((r = 1; r <= rounds; r++)); do
     log "round $r: splitmoe $dt (W=$w) (load $l)"
     OMP_NUM_THREADS="$threads" "$engine_bench" \
       --benchmark_filter="^BM_(Prefill/$w/512|Decode/$w/[18])/" --benchmark_min_time=1 \
+      --benchmark_min_warmup_time=1 \
       --benchmark_counters_tabular=true --benchmark_repetitions="$repeats" \
       --benchmark_out="$out/splitmoe_${dt}_r$r.json" --benchmark_out_format=json >&2
     echo "$l" >"$out/splitmoe_${dt}_r$r.load"
