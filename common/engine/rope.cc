@@ -1,5 +1,7 @@
 #include "common/engine/rope.h"
 
+#include "common/kernels/cpu_ops.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -47,12 +49,7 @@ RopeTable::RopeTable(const model::ModelConfig& config) : dim_(config.qk_rope_hea
 }
 
 void RopeTable::CosSin(int64_t position, float* out) const {
-  const float t = static_cast<float>(position);
-  for (size_t i = 0; i < inv_freq_.size(); ++i) {
-    const float angle = t * inv_freq_[i];  // fp32 like torch.outer in the reference
-    out[2 * i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-    out[2 * i + 1] = static_cast<float>(std::sin(static_cast<double>(angle)));
-  }
+  kernels::RopeCosSin(position, inv_freq_.data(), dim_, out);
 }
 
 }  // namespace splitmoe::engine

@@ -41,23 +41,39 @@ void CausalSoftmax(float* scores, int64_t rows, int64_t keys, const int64_t* val
 
 }  // namespace
 
+namespace {
+
+// ys[r] = expert(x[rows[r]]) for r < rows.size(); ys [rows.size(), hidden].
+void RunExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
+               absl::Span<const int32_t> rows, float* ys) {
+  const auto n = static_cast<int64_t>(rows.size());
+  const int64_t inter = expert.gate.rows;
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(ys + i * hidden, x + rows[i] * hidden, hidden * sizeof(float));
+  std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
+  kernels::Linear(ys, n, expert.gate, g.data());
+  kernels::Linear(ys, n, expert.up, u.data());
+  kernels::SiluMul(g.data(), u.data(), n * inter);
+  kernels::Linear(g.data(), n, expert.down, ys);
+}
+
+// out[rows[r]] += weight[r] * ys[r].
+void AddWeighted(absl::Span<const int32_t> rows, absl::Span<const float> weight, const float* ys,
+                 int64_t hidden, float* out) {
+  for (size_t r = 0; r < rows.size(); ++r) {
+    float* o = out + rows[r] * hidden;
+    const float* y = ys + static_cast<int64_t>(r) * hidden;
+    for (int64_t j = 0; j < hidden; ++j) o[j] += weight[r] * y[j];
+  }
+}
+
+}  // namespace
+
 void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
                       absl::Span<const int32_t> rows, absl::Span<const float> weight, float* out) {
-  const int64_t n = static_cast<int64_t>(rows.size());
-  const int64_t inter = expert.gate.rows;
-  std::vector<float> xs(static_cast<size_t>(n * hidden));
-  for (int64_t i = 0; i < n; ++i)
-    std::memcpy(&xs[i * hidden], x + rows[i] * hidden, hidden * sizeof(float));
-  std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
-  kernels::Linear(xs.data(), n, expert.gate, g.data());
-  kernels::Linear(xs.data(), n, expert.up, u.data());
-  kernels::SiluMul(g.data(), u.data(), n * inter);
-  kernels::Linear(g.data(), n, expert.down, xs.data());
-  for (int64_t i = 0; i < n; ++i) {
-    float* o = out + rows[i] * hidden;
-    const float* y = &xs[i * hidden];
-    for (int64_t j = 0; j < hidden; ++j) o[j] += weight[i] * y[j];
-  }
+  std::vector<float> ys(rows.size() * static_cast<size_t>(hidden));
+  RunExpert(expert, x, hidden, rows, ys.data());
+  AddWeighted(rows, weight, ys.data(), hidden, out);
 }
 
 namespace {
@@ -123,25 +139,11 @@ absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float
       ys.resize(static_cast<size_t>(first.back() * hidden));
       kernels::ParallelFor(static_cast<int64_t>(end - begin), [&](int64_t i) {
         const ExpertRows& e = experts[begin + static_cast<size_t>(i)];
-        const auto n = static_cast<int64_t>(e.rows.size());
-        if (n == 0) return;
-        const int64_t inter = e.expert->gate.rows;
-        float* xs = ys.data() + first[i] * hidden;  // gathered x, then the expert's output
-        for (int64_t r = 0; r < n; ++r)
-          std::memcpy(xs + r * hidden, x + e.rows[r] * hidden, hidden * sizeof(float));
-        std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
-        kernels::Linear(xs, n, e.expert->gate, g.data());
-        kernels::Linear(xs, n, e.expert->up, u.data());
-        kernels::SiluMul(g.data(), u.data(), n * inter);
-        kernels::Linear(g.data(), n, e.expert->down, xs);
+        if (!e.rows.empty()) RunExpert(*e.expert, x, hidden, e.rows, ys.data() + first[i] * hidden);
       });
       for (size_t i = begin; i < end; ++i) {
-        const ExpertRows& e = experts[i];
-        for (size_t r = 0; r < e.rows.size(); ++r) {
-          float* o = out + e.rows[r] * hidden;
-          const float* y = ys.data() + (first[i - begin] + static_cast<int64_t>(r)) * hidden;
-          for (int64_t j = 0; j < hidden; ++j) o[j] += e.weight[r] * y[j];
-        }
+        AddWeighted(experts[i].rows, experts[i].weight, ys.data() + first[i - begin] * hidden,
+                    hidden, out);
       }
       begin = end;
     }
@@ -178,11 +180,8 @@ absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float
   SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
   off = 0;
   for (const ExpertRows& e : experts) {
-    for (size_t i = 0; i < e.rows.size(); ++i, ++off) {
-      float* o = out + e.rows[i] * hidden;
-      const float* y = xs.data() + off * hidden;
-      for (int64_t j = 0; j < hidden; ++j) o[j] += e.weight[i] * y[j];
-    }
+    AddWeighted(e.rows, e.weight, xs.data() + off * hidden, hidden, out);
+    off += static_cast<int64_t>(e.rows.size());
   }
   return absl::OkStatus();
 }

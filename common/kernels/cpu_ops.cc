@@ -117,6 +117,15 @@ void SoftmaxInPlace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
+void RopeCosSin(int64_t position, const float* inv_freq, int64_t dim, float* cos_sin) {
+  const float t = static_cast<float>(position);
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    const float angle = t * inv_freq[i];  // fp32 like torch.outer in the reference
+    cos_sin[2 * i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+    cos_sin[2 * i + 1] = static_cast<float>(std::sin(static_cast<double>(angle)));
+  }
+}
+
 void ApplyRope(float* x, const float* cos_sin, int64_t dim) {
   for (int64_t i = 0; i < dim / 2; ++i) {
     const float c = cos_sin[2 * i], s = cos_sin[2 * i + 1];

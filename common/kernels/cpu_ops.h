@@ -56,6 +56,10 @@ void SoftmaxInPlace(float* x, int64_t n);
 // interleaved "complex" RoPE). cos_sin holds [dim/2] (cos, sin) pairs for the position.
 void ApplyRope(float* x, const float* cos_sin, int64_t dim);
 
+// The dim/2 (cos, sin) pairs of `position`: angle = float(position) * inv_freq[i] in fp32 (as
+// the reference's torch.outer), cos and sin in double, rounded to fp32.
+void RopeCosSin(int64_t position, const float* inv_freq, int64_t dim, float* cos_sin);
+
 }  // namespace splitmoe::kernels
 
 #endif  // SPLITMOE_COMMON_KERNELS_CPU_OPS_H_

@@ -131,15 +131,9 @@ absl::Status Rope(const Device& device, const RopeParams& p) {
         return Unsupported(device, "Rope", absl::StrCat("row ", r, ": position ", p.positions[r]));
       }
     }
-    const int64_t half = p.rope_dim / 2;
     std::vector<float> cos_sin(static_cast<size_t>(p.rope_dim));
     for (int64_t r = 0; r < p.rows; ++r) {
-      const float t = static_cast<float>(p.positions[r]);
-      for (int64_t i = 0; i < half; ++i) {
-        const float angle = t * p.inv_freq[i];
-        cos_sin[2 * i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-        cos_sin[2 * i + 1] = static_cast<float>(std::sin(static_cast<double>(angle)));
-      }
+      RopeCosSin(p.positions[r], p.inv_freq, p.rope_dim, cos_sin.data());
       for (int64_t h = 0; h < p.heads; ++h) {
         ApplyRope(p.x + (r * p.heads + h) * p.head_stride + p.offset, cos_sin.data(), p.rope_dim);
       }
