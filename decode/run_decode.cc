@@ -5,6 +5,7 @@
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/expert_plane/attention_side.h"
+#include "common/metrics/metrics.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
@@ -67,13 +68,19 @@ absl::Status RunDecode(const DecodeOptions& options) {
     request.set_ucx_worker_address(transport->WorkerAddress());
     request.set_transfer_mode(actor_options.transfer_mode);
     request.set_model_fingerprint(side->fingerprint());
+    const std::function<v1::WorkerLoad()> load = [gauge, &side] {
+      v1::WorkerLoad load = gauge->Get();
+      *load.mutable_moe() = side->moe().Stats();
+      return load;
+    };
+    metrics::Handle load_metrics = metrics::ExportWorkerLoad("decode", load);
+    if (!options.metrics_listen.empty()) {
+      SPLITMOE_ASSIGN_OR_RETURN(std::string url, metrics::Serve(options.metrics_listen));
+      request.set_metrics_url(url);
+    }
     SPLITMOE_ASSIGN_OR_RETURN(
         std::unique_ptr<rpc::Membership> membership,
-        rpc::Membership::Start(rpc::RouterAddresses(options.router), request, [gauge, &side] {
-          v1::WorkerLoad load = gauge->Get();
-          *load.mutable_moe() = side->moe().Stats();
-          return load;
-        }));
+        rpc::Membership::Start(rpc::RouterAddresses(options.router), request, load));
     std::cerr << "decode: cache " << options.cache_blocks << " blocks x " << options.block_tokens
               << " tokens (" << (options.cache_blocks * layout.block_bytes() >> 20)
               << " MiB, " << (layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")

@@ -21,6 +21,7 @@ struct DecodeOptions {
   std::string model_dir;
   std::string listen = "127.0.0.1:0";
   std::string router;  // required: registration and the routing table
+  std::string metrics_listen;  // Prometheus /metrics on HOST:PORT; empty: not served
   int64_t cache_blocks = 256;
   int64_t block_tokens = 64;
   LatentDType cache_dtype = LatentDType::kFloat32;

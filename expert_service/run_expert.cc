@@ -7,6 +7,7 @@
 #include "common/base/status_macros.h"
 #include "common/expert_plane/routing_table_watcher.h"
 #include "common/process/signals.h"
+#include "common/metrics/metrics.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
@@ -48,6 +49,19 @@ absl::Status RunExpert(const ExpertOptions& options) {
   // EPLB: the placements the table names, loaded beside the default one.
   std::unique_ptr<PlacementLoader> placements;
   const std::string address = rpc::AdvertisedAddress(server.address);
+  // The load the heartbeat reports, also the metrics' (dropped before what it reads).
+  const std::function<v1::WorkerLoad()> load = [&] {
+    v1::WorkerLoad load;
+    load.set_tokens_processed(ingress.assignments());
+    if (placements != nullptr) {
+      for (uint64_t id : placements->Ready()) load.add_placements_ready(id);
+    }
+    return load;
+  };
+  metrics::Handle load_metrics = metrics::ExportWorkerLoad("expert", load);
+  if (options.router.empty() && !options.metrics_listen.empty()) {
+    SPLITMOE_RETURN_IF_ERROR(metrics::Serve(options.metrics_listen).status());
+  }
   if (!options.router.empty()) {
     table = expert_plane::RoutingTableWatcher::Start(options.router);
     placements = std::make_unique<PlacementLoader>(options.model_dir, options.shard,
@@ -66,14 +80,12 @@ absl::Status RunExpert(const ExpertOptions& options) {
     }
     SPLITMOE_ASSIGN_OR_RETURN(std::string fingerprint, rpc::ModelFingerprint(options.model_dir));
     request.set_model_fingerprint(fingerprint);
-    SPLITMOE_ASSIGN_OR_RETURN(membership,
-                              rpc::Membership::Start(rpc::RouterAddresses(options.router), request, [&] {
-                                v1::WorkerLoad load;
-                                load.set_tokens_processed(ingress.assignments());
-                                for (uint64_t id : placements->Ready())
-                                  load.add_placements_ready(id);
-                                return load;
-                              }));
+    if (!options.metrics_listen.empty()) {
+      SPLITMOE_ASSIGN_OR_RETURN(std::string url, metrics::Serve(options.metrics_listen));
+      request.set_metrics_url(url);
+    }
+    SPLITMOE_ASSIGN_OR_RETURN(membership, rpc::Membership::Start(
+                                              rpc::RouterAddresses(options.router), request, load));
   }
   std::cout << "listening " << server.address << std::endl;
   const int signal = process::WaitForTerminationSignal();

@@ -16,6 +16,7 @@ struct ExpertOptions {
   std::string model_dir;
   std::string listen = "127.0.0.1:0";
   std::string router;  // empty: serve without registering (tests)
+  std::string metrics_listen;  // Prometheus /metrics on HOST:PORT; empty: not served
   ShardSpec shard;
   // Also serve batches as UCX active messages (`--moe-transport ucx`, the default); gRPC
   // ExpertCompute is always served.

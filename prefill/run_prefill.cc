@@ -5,6 +5,7 @@
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/expert_plane/attention_side.h"
+#include "common/metrics/metrics.h"
 #include "common/rpc/registration.h"
 #include "common/rpc/rpc.h"
 #include "common/runtime/actor.h"
@@ -36,16 +37,23 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
     request.set_resident_weight_bytes(side->resident_weight_bytes());
     request.set_transfer_mode(transfer::UcxTlsDescription());
     request.set_model_fingerprint(side->fingerprint());
-    SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<rpc::Membership> membership,
-                              rpc::Membership::Start(rpc::RouterAddresses(options.router), request, [&] {
-                                // In flight first: the actor publishes its counters before
-                                // it replies, so a count that includes the reply sees them.
-                                const int32_t in_flight = service.in_flight();
-                                v1::WorkerLoad load = gauge->Get();
-                                load.set_requests_in_flight(in_flight);
-                                *load.mutable_moe() = side->moe().Stats();
-                                return load;
-                              }));
+    // In flight first: the actor publishes its counters before it replies, so a count that
+    // includes the reply sees them.
+    const std::function<v1::WorkerLoad()> load = [&] {
+      const int32_t in_flight = service.in_flight();
+      v1::WorkerLoad load = gauge->Get();
+      load.set_requests_in_flight(in_flight);
+      *load.mutable_moe() = side->moe().Stats();
+      return load;
+    };
+    metrics::Handle load_metrics = metrics::ExportWorkerLoad("prefill", load);
+    if (!options.metrics_listen.empty()) {
+      SPLITMOE_ASSIGN_OR_RETURN(std::string url, metrics::Serve(options.metrics_listen));
+      request.set_metrics_url(url);
+    }
+    SPLITMOE_ASSIGN_OR_RETURN(
+        std::unique_ptr<rpc::Membership> membership,
+        rpc::Membership::Start(rpc::RouterAddresses(options.router), request, load));
     std::cout << "listening " << server.address << std::endl;
     const int signal = process::WaitForTerminationSignal();
     std::cerr << "prefill: signal " << signal << ", stopping\n";

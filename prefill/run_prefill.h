@@ -19,6 +19,7 @@ struct PrefillOptions {
   std::string model_dir;
   std::string listen = "127.0.0.1:0";
   std::string router;  // required
+  std::string metrics_listen;  // Prometheus /metrics on HOST:PORT; empty: not served
   // The expert data plane: wire dtype, per-batch deadlines, failover.
   expert_plane::DirectMoeOptions moe;
   model::ResidentDType weights = model::ResidentDType::kCheckpoint;  // `--weights`

@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "common/rpc/rpc.h"
 #include "common/rpc/security.h"
+#include "router/router_metrics.h"
 
 namespace splitmoe::router {
 namespace {
@@ -120,6 +121,7 @@ GenerationActor::~GenerationActor() {
   for (auto& [serial, r] : requests_) {
     if (r.prefill_ctx) r.prefill_ctx->TryCancel();
     r.stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
+    CountRequestError(grpc::StatusCode::UNAVAILABLE);
     // Stop what decode workers hold for it (briefly, synchronously: the process is ending).
     Worker* w = FindWorker(r.decode_worker);
     if (w == nullptr || !r.destination) continue;
@@ -257,6 +259,7 @@ void GenerationActor::Handle(NewGeneration m, Ctx& ctx) {
     m.stream->Finish(grpc::Status(
         grpc::StatusCode::INVALID_ARGUMENT,
         absl::StrCat("request id '", public_id, "' is already in flight")));
+    CountRequestError(grpc::StatusCode::INVALID_ARGUMENT);
     return;
   }
   if (m.stream->closed()) return;  // the client left while the request was queued
@@ -534,6 +537,13 @@ bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogpro
   ++r.completion_tokens;
   r.generated.push_back(token);
   if (first != nullptr) r.first_token_at = now;
+  if (r.completion_tokens == 1) {
+    ObserveTimeToFirstToken(now - r.received);
+  } else {
+    ObserveTimePerOutputToken(now - r.last_token_at);
+  }
+  r.last_token_at = now;
+  CountOutputToken();
   bool stopped = false;
   const bool last = !worker_finish.empty();
   absl::StatusOr<std::string> piece = r.text->Push(token, last, &stopped);
@@ -564,6 +574,8 @@ bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogpro
   r.stream->Write(std::move(event));
   if (!finished) return false;
   r.stream->Finish(grpc::Status::OK);
+  CountRequestOk();
+  ObserveEndToEnd(now - r.received, static_cast<int32_t>(r.prompt.size()), r.completion_tokens);
   // A stop string ended it while the decode worker still runs the sequence: stop that too.
   Abandon(r, "finished at a stop string");
   return true;
@@ -577,12 +589,14 @@ void GenerationActor::DetachDecode(Request& r) {
 
 void GenerationActor::FinishWithError(Request& r, const absl::Status& error) {
   r.stream->Finish(rpc::ToGrpcStatus(error));
+  CountRequestError(static_cast<grpc::StatusCode>(error.code()));
   Abandon(r, std::string(error.message()));
 }
 
 void GenerationActor::Handle(ClientGone m) {
   auto it = requests_.find(m.serial);
   if (it == requests_.end()) return;
+  CountRequestCancelled();
   Abandon(it->second, "client cancelled");
 }
 

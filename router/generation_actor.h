@@ -22,6 +22,8 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <utility>
 #include <optional>
 #include <string>
 #include <variant>
@@ -98,6 +100,21 @@ struct FrontDoorGauges {
   std::atomic<int32_t> requests_in_flight{0};
   // Requests moved to other workers after a worker failed (each move counted).
   std::atomic<uint64_t> request_failovers{0};
+
+  // Where the router serves its metrics and HTTP API (set once they listen).
+  void SetUrls(std::string metrics_url, std::string http_url) {
+    std::lock_guard<std::mutex> lock(mu_);
+    metrics_url_ = std::move(metrics_url);
+    http_url_ = std::move(http_url);
+  }
+  std::pair<std::string, std::string> Urls() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {metrics_url_, http_url_};
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::string metrics_url_, http_url_;
 };
 
 struct GenerationOptions {
@@ -174,6 +191,7 @@ class GenerationActor {
     std::unique_ptr<tokenizer::TextStream> text;
     int32_t completion_tokens = 0;
     absl::Time first_token_at;
+    absl::Time last_token_at;
     // Every token emitted so far (a failover re-prefills prompt + generated), the failovers so
     // far and the workers that failed this request (chosen again only when nothing else serves).
     std::vector<int32_t> generated;

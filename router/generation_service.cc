@@ -4,16 +4,22 @@
 #include <google/protobuf/unknown_field_set.h>
 #include <grpcpp/impl/codegen/proto_utils.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/chat/chat_template.h"
+#include "nlohmann/json.hpp"
 #include "common/base/status_macros.h"
 #include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
 #include "common/rpc/security.h"
 #include "common/rpc/rpc.h"
+#include "router/router_metrics.h"
 
 namespace splitmoe::router {
 namespace {
@@ -112,6 +118,67 @@ absl::Status ParseRawRequest(const grpc::ByteBuffer& raw, google::protobuf::Mess
   return absl::OkStatus();
 }
 
+int32_t EffectiveMaxTokens(const v1::GenerateRequest& r, size_t prompt_tokens,
+                           const model::ModelConfig& config) {
+  if (r.stop().max_tokens() != 0) return r.stop().max_tokens();
+  // Unset: what the context leaves (at least 1, so that a full prompt is refused by the check
+  // naming the context rather than by one about max_tokens).
+  const int64_t left = config.max_position_embeddings - static_cast<int64_t>(prompt_tokens);
+  return static_cast<int32_t>(std::clamp<int64_t>(left, 1, std::numeric_limits<int32_t>::max()));
+}
+
+absl::StatusOr<std::string> ChatPromptText(const v1::ChatMessages& chat,
+                                           const tokenizer::Tokenizer& tokenizer) {
+  if (tokenizer.chat_template().empty()) {
+    return absl::InvalidArgumentError(
+        "the model has no chat template (tokenizer_config.json's chat_template): send text or "
+        "token_ids");
+  }
+  if (chat.messages().empty()) return absl::InvalidArgumentError("messages is empty");
+  nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+  for (const v1::ChatMessage& m : chat.messages()) {
+    nlohmann::ordered_json message = {{"role", m.role()}};
+    message["content"] = m.has_content() ? nlohmann::ordered_json(m.content()) : nlohmann::ordered_json(nullptr);
+    if (m.tool_calls_size() > 0) {
+      nlohmann::ordered_json calls = nlohmann::ordered_json::array();
+      for (const v1::ToolCall& c : m.tool_calls()) {
+        calls.push_back({{"id", c.id()},
+                         {"type", c.type().empty() ? "function" : c.type()},
+                         {"function",
+                          {{"name", c.function().name()},
+                           {"arguments", c.function().arguments()}}}});
+      }
+      message["tool_calls"] = std::move(calls);
+    }
+    if (!m.tool_call_id().empty()) message["tool_call_id"] = m.tool_call_id();
+    if (!m.name().empty()) message["name"] = m.name();
+    messages.push_back(std::move(message));
+  }
+  chat::ChatRenderOptions options;
+  options.add_generation_prompt =
+      !chat.has_add_generation_prompt() || chat.add_generation_prompt();
+  auto special = [&](int32_t id) -> std::string {
+    if (id < 0) return "";
+    absl::StatusOr<std::string> text = tokenizer.Decode({id}, false);
+    return text.ok() ? *text : "";
+  };
+  options.bos_token = special(tokenizer.bos_id());
+  options.eos_token = special(tokenizer.eos_id());
+  if (!chat.tools_json().empty()) {
+    options.tools = nlohmann::ordered_json::parse(chat.tools_json(), nullptr, false);
+    if (options.tools.is_discarded() || !options.tools.is_array()) {
+      return absl::InvalidArgumentError("messages.tools_json is not a JSON list");
+    }
+  }
+  absl::StatusOr<std::string> text =
+      chat::RenderChat(tokenizer.chat_template(), messages, options);
+  if (!text.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the chat template refused the conversation: ", text.status().message()));
+  }
+  return text;
+}
+
 absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
     const v1::GenerateRequest& r, const model::ModelConfig& config,
     const tokenizer::Tokenizer* tokenizer) {
@@ -135,8 +202,21 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
     case v1::GenerateRequest::kTokenIds:
       prompt.assign(r.token_ids().ids().begin(), r.token_ids().ids().end());
       break;
+    case v1::GenerateRequest::kMessages: {
+      if (tokenizer == nullptr) {
+        return absl::InvalidArgumentError(
+            "messages need a tokenizer and a chat template, and the model directory has no "
+            "tokenizer: send token_ids");
+      }
+      SPLITMOE_ASSIGN_OR_RETURN(std::string text, ChatPromptText(r.messages(), *tokenizer));
+      absl::StatusOr<std::vector<int32_t>> ids = tokenizer->Encode(text, false);
+      if (!ids.ok()) return absl::InvalidArgumentError(ids.status().message());
+      prompt = std::move(*ids);
+      if (prompt.empty()) return absl::InvalidArgumentError("the chat template rendered nothing");
+      break;
+    }
     default:
-      return absl::InvalidArgumentError("no prompt: set text or token_ids");
+      return absl::InvalidArgumentError("no prompt: set text, token_ids or messages");
   }
   const v1::SamplingParams& s = r.sampling();
   if (!std::isfinite(s.temperature()) || !std::isfinite(s.top_p())) {
@@ -149,7 +229,7 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(
   const std::vector<std::string> stop(r.stop().stop().begin(), r.stop().stop().end());
   engine::RequestShape shape;
   shape.prompt = prompt;
-  shape.max_tokens = r.stop().max_tokens();
+  shape.max_tokens = EffectiveMaxTokens(r, prompt.size(), config);
   shape.max_tokens_name = "stop.max_tokens";
   shape.logprobs = r.logprobs();
   shape.prompt_logprobs = r.prompt_logprobs();
@@ -178,8 +258,15 @@ std::string GenerationService::ClientOf(const grpc::CallbackServerContext& ctx) 
     auto it = metadata.find("authorization");
     if (it != metadata.end()) return absl::StrCat("key ", std::string(it->second.data(), it->second.size()));
   }
-  // "ipv4:10.0.0.7:51234", "ipv6:[::1]:51234": the host, without the port.
+  // "ipv4:10.0.0.7:51234", "ipv6:[::1]:51234": the host, without the port. The HTTP front
+  // door calls in process and names its client's host (a remote peer cannot claim to).
   const std::string peer = ctx.peer();
+  if (absl::StartsWith(peer, "inproc")) {
+    auto it = metadata.find("x-splitmoe-http-client");
+    if (it != metadata.end()) {
+      return absl::StrCat("http ", std::string(it->second.data(), it->second.size()));
+    }
+  }
   const size_t colon = peer.rfind(':');
   return colon == std::string::npos ? peer : peer.substr(0, colon);
 }
@@ -190,6 +277,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
   runtime::ActorRef<GenerationActor::Message> actor = actor_;
   if (grpc::Status key = rpc::CheckApiKey(ctx); !key.ok()) {
     auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw([] {});
+    CountRequestError(key.error_code());
     stream->Finish(std::move(key));
     return reactor;
   }
@@ -204,6 +292,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
   }
   if (open >= max_streams_per_client_) {
     auto [reactor, stream] = rpc::ServerStream<v1::GenerateEvent>::CreateRaw([] {});
+    CountRequestError(grpc::StatusCode::RESOURCE_EXHAUSTED);
     stream->Finish(grpc::Status(
         grpc::StatusCode::RESOURCE_EXHAUSTED,
         absl::StrCat("this client has ", open, " Generate streams open, the most allowed "
@@ -219,17 +308,21 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
   v1::GenerateRequest request;
   absl::Status parsed = ParseRawRequest(*raw, &request);
   if (!parsed.ok()) {
+    CountRequestError(grpc::StatusCode::INVALID_ARGUMENT);
     stream->Finish(rpc::ToGrpcStatus(parsed));
     return reactor;
   }
   absl::StatusOr<std::vector<int32_t>> prompt =
       ValidateGenerateRequest(request, config_, tokenizer_);
   if (!prompt.ok()) {
+    CountRequestError(static_cast<grpc::StatusCode>(prompt.status().code()));
     stream->Finish(rpc::ToGrpcStatus(prompt.status()));
     return reactor;
   }
+  request.mutable_stop()->set_max_tokens(EffectiveMaxTokens(request, prompt->size(), config_));
   if (!actor_.Send(
           NewGeneration{serial, std::move(request), std::move(*prompt), absl::Now(), stream})) {
+    CountRequestError(grpc::StatusCode::UNAVAILABLE);
     stream->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "router is stopping"));
   }
   return reactor;

@@ -41,6 +41,17 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(const v1::GenerateR
                                                              const model::ModelConfig& config,
                                                              const tokenizer::Tokenizer* tokenizer);
 
+// The number of tokens `r` may generate: its stop.max_tokens, or when 0 (unset) what the
+// context leaves after the prompt.
+int32_t EffectiveMaxTokens(const v1::GenerateRequest& r, size_t prompt_tokens,
+                           const model::ModelConfig& config);
+
+// A conversation rendered through the tokenizer's chat template (with its BOS and EOS texts and
+// the tools), ready to be tokenised without special tokens. InvalidArgument when the model has
+// no template or the template refuses the conversation.
+absl::StatusOr<std::string> ChatPromptText(const v1::ChatMessages& chat,
+                                           const tokenizer::Tokenizer& tokenizer);
+
 // Parses a request received raw; InvalidArgument "request is not a valid <Type>: ..." naming
 // the first string field that is not valid UTF-8, or saying the bytes are not the message.
 absl::Status ParseRawRequest(const grpc::ByteBuffer& raw, google::protobuf::Message* request);

@@ -162,6 +162,7 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
   w.status.set_healthy(true);
   w.status.set_resident_weight_bytes(r.resident_weight_bytes());
   w.status.set_transfer_mode(r.transfer_mode());
+  w.status.set_metrics_url(r.metrics_url());
   if (r.role() == v1::WORKER_ROLE_EXPERT) w.ucx_worker_address = r.ucx_worker_address();
   w.last_heartbeat = now;
   v1::RegisterResponse response;
@@ -429,6 +430,28 @@ bool WorkerRegistry::TableComplete() const {
     if (pool.replicas_size() == 0) return false;
   }
   return !table_.pools().empty();
+}
+
+std::string WorkerRegistry::NotReadyReason() const {
+  std::vector<std::string> missing;
+  if (Healthy(v1::WORKER_ROLE_PREFILL).empty()) missing.push_back("no prefill worker serving");
+  if (Healthy(v1::WORKER_ROLE_DECODE).empty()) missing.push_back("no decode worker serving");
+  if (table_.expert_to_shard_size() > 0) {
+    std::vector<std::string> shards;
+    for (const v1::ExpertPool& pool : table_.pools()) {
+      if (pool.replicas_size() == 0) shards.push_back(absl::StrCat(pool.shard()));
+    }
+    int32_t unclaimed = 0;
+    for (int32_t s : table_.expert_to_shard()) unclaimed += s < 0 ? 1 : 0;
+    if (!shards.empty()) {
+      missing.push_back(absl::StrCat("expert shard(s) ", absl::StrJoin(shards, ","),
+                                     " without a live replica"));
+    }
+    if (unclaimed > 0) {
+      missing.push_back(absl::StrCat(unclaimed, " routed expert(s) hosted by no expert shard"));
+    }
+  }
+  return absl::StrJoin(missing, "; ");
 }
 
 void WorkerRegistry::CloseBalancingWindow() {

@@ -64,6 +64,9 @@ class WorkerRegistry {
   const v1::RoutingTable& table() const { return table_; }
   // True when every routed expert has a shard with at least one live replica.
   bool TableComplete() const;
+  // Why the cluster cannot serve a request now (no healthy prefill or decode worker, an expert
+  // shard without a live replica), or empty when it can: the router's readiness.
+  std::string NotReadyReason() const;
 
   // Closes the balancing window: the online bias moves by the loads reported since the last
   // call (when enabled), and the window's MaxVio is recorded. Call RefreshTable() after.

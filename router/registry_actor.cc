@@ -54,6 +54,13 @@ void RegistryActor::Handle(GetClusterStatus m) {
   if (gauges_ != nullptr) {
     status.set_requests_in_flight(gauges_->requests_in_flight.load());
     status.set_request_failovers(gauges_->request_failovers.load());
+    auto [metrics_url, http_url] = gauges_->Urls();
+    status.set_metrics_url(metrics_url);
+    status.set_http_url(http_url);
+  }
+  if (readiness_ != nullptr) {
+    status.set_ready(readiness_->ready());
+    status.set_not_ready_reason(readiness_->reason());
   }
   m.reply(std::move(status));
 }
@@ -66,6 +73,7 @@ void RegistryActor::Handle(SweepWorkers, runtime::Context<Message>& ctx) {
   }
   registry_.CloseBalancingWindow();
   PublishTable(now);
+  if (routing_snapshot_ != nullptr) routing_snapshot_->Set(registry_.Status(now).routing());
   if (!lost.empty()) PublishServing();
   ctx.ScheduleAfter(sweep_interval_, SweepWorkers{});
 }
@@ -77,6 +85,7 @@ void RegistryActor::Handle(AddTableWatcher m) {
 
 void RegistryActor::PublishTable(absl::Time now) {
   const bool changed = registry_.RefreshTable();
+  UpdateReadiness();
   if (!settled_) {
     settled_ = registry_.TableComplete() || now >= settle_until_;
     if (!settled_) return;
@@ -97,6 +106,11 @@ void RegistryActor::PublishServing() {
     }
   }
   generation_.Send(std::move(serving));
+  UpdateReadiness();
+}
+
+void RegistryActor::UpdateReadiness() {
+  if (readiness_ != nullptr) readiness_->Set(registry_.NotReadyReason());
 }
 
 }  // namespace splitmoe::router

@@ -21,10 +21,12 @@
 #include <variant>
 #include <vector>
 #include <functional>
+#include <mutex>
 
 #include "common/runtime/actor.h"
 #include "common/runtime/reply.h"
 #include "router/generation_actor.h"
+#include "router/readiness.h"
 #include "router/registry.h"
 
 namespace splitmoe::router {
@@ -68,6 +70,24 @@ struct RebalanceExperts {
   runtime::Reply<v1::RebalanceResponse> reply;
 };
 
+// The routing status as of the registry actor's last sweep, for readers off its thread (the
+// metrics). Thread-safe.
+class RoutingSnapshot {
+ public:
+  void Set(v1::RoutingStatus status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    status_ = std::move(status);
+  }
+  v1::RoutingStatus Get() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return status_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  v1::RoutingStatus status_;
+};
+
 class RegistryActor {
  public:
   using Message = std::variant<RegisterWorker, WorkerHeartbeat, DeregisterWorker, GetClusterStatus,
@@ -96,6 +116,13 @@ class RegistryActor {
   void Handle(AttachWorker m);
   void Handle(WorkerConnectionLost m);
 
+  // Where the actor reports readiness after every change (set before the actor starts).
+  void set_readiness(std::shared_ptr<Readiness> readiness) { readiness_ = std::move(readiness); }
+  // Where the actor leaves the routing status at every sweep (set before the actor starts).
+  void set_routing_snapshot(std::shared_ptr<RoutingSnapshot> snapshot) {
+    routing_snapshot_ = std::move(snapshot);
+  }
+
   // The table watchers receive (for tests).
   const v1::RoutingTable& table() const { return registry_.table(); }
   bool publishing() const { return settled_; }
@@ -104,6 +131,7 @@ class RegistryActor {
   // A new table version (if any) to every watcher, once settled.
   void PublishTable(absl::Time now);
   void PublishServing();
+  void UpdateReadiness();
 
   WorkerRegistry registry_;
   absl::Duration sweep_interval_;
@@ -111,6 +139,8 @@ class RegistryActor {
   bool settled_ = false;
   runtime::ActorRef<GenerationActor::Message> generation_;
   std::shared_ptr<FrontDoorGauges> gauges_;
+  std::shared_ptr<Readiness> readiness_;
+  std::shared_ptr<RoutingSnapshot> routing_snapshot_;
   std::vector<std::function<bool(const v1::RoutingTable&)>> watchers_;
 };
 

@@ -2,7 +2,8 @@
 // public Generation API and ClusterInfo (with health and reflection) on `listen`, and the internal
 // Registry service (membership, status, the routing-table watch streams) on `internal_listen`
 // with the internal plane's credentials (common/rpc/security.h); prints "listening HOST:PORT"
-// (the public address) and then "internal HOST:PORT" once serving, and runs until
+// (the public address), "internal HOST:PORT" and, with an HTTP front door, "http HOST:PORT"
+// once serving, and runs until
 // SIGINT/SIGTERM. Without `internal_listen` (an open development cluster only) both are served
 // on `listen`. It is not on the MoE data path.
 #ifndef SPLITMOE_ROUTER_RUN_ROUTER_H_
@@ -38,6 +39,14 @@ struct RouterOptions {
   // prompt's prefill and latent transfer.
   absl::Duration admission_timeout = absl::Seconds(30);
   absl::Duration prefill_timeout = absl::Seconds(60);
+  // The OpenAI-compatible HTTP front door (router/http_front_door.h): HOST:PORT, empty for none;
+  // it prints "http HOST:PORT" once serving.
+  std::string http_listen;
+  int http_threads = 2;
+  // Prometheus /metrics on HOST:PORT (empty: not served); prints "metrics URL".
+  std::string metrics_listen;
+  // The model's name on the HTTP API (`model`); empty: the model directory's name.
+  std::string served_model_name;
 };
 
 // Blocks until a termination signal; then stops serving and returns.

@@ -3,6 +3,8 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <mutex>
+
 #include <unistd.h>
 
 #include <cstring>
@@ -176,9 +178,29 @@ absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir) {
   return h.Hex();
 }
 
+namespace {
+std::mutex advertise_mu;
+std::string& AdvertiseHost() {
+  static std::string* host = new std::string();
+  return *host;
+}
+}  // namespace
+
+void SetAdvertiseHost(const std::string& host) {
+  std::lock_guard<std::mutex> lock(advertise_mu);
+  // An IPv6 literal is bracketed in HOST:PORT.
+  AdvertiseHost() = host.find(':') != std::string::npos && host.front() != '['
+                        ? absl::StrCat("[", host, "]")
+                        : host;
+}
+
 std::string AdvertisedAddress(const std::string& bound) {
   const size_t colon = bound.rfind(':');
   if (colon == std::string::npos) return bound;
+  {
+    std::lock_guard<std::mutex> lock(advertise_mu);
+    if (!AdvertiseHost().empty()) return absl::StrCat(AdvertiseHost(), bound.substr(colon));
+  }
   const std::string host = bound.substr(0, colon);
   if (host != "0.0.0.0" && host != "[::]" && host != "::" && host != "[::0]") return bound;
   char name[256] = {};

@@ -62,9 +62,12 @@ v1::TokenLogprob ToProto(const engine::TokenLogprob& logprob);
 // regular file (a FIFO or directory is an error, never waited on).
 absl::StatusOr<std::string> ModelFingerprint(const std::string& model_dir);
 
-// The address a worker registers: `bound` as is, except that a wildcard host (0.0.0.0, [::])
-// becomes this machine's host name, which other machines can resolve.
+// The address a worker registers (and its metrics URL): `bound` with the host given to
+// SetAdvertiseHost (the process's --advertise-host, e.g. a pod IP or DNS name) when one was;
+// else `bound` as is, except that a wildcard host (0.0.0.0, [::]) becomes this machine's host
+// name, which other machines can resolve.
 std::string AdvertisedAddress(const std::string& bound);
+void SetAdvertiseHost(const std::string& host);
 
 // The routers of a `--router` flag: one address, or several separated by commas ("A,B"), in
 // the order given (the first is preferred). Blank entries are dropped.

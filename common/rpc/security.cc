@@ -301,26 +301,31 @@ bool ApiKeysRequired() {
   return !State().api_keys.empty();
 }
 
-grpc::Status CheckApiKey(const grpc::CallbackServerContext* ctx) {
+grpc::Status CheckAuthorization(const std::optional<absl::string_view>& authorization) {
   std::vector<std::string> keys;
   {
     std::lock_guard<std::mutex> lock(StateMutex());
     if (State().api_keys.empty()) return grpc::Status::OK;
     keys = State().api_keys;
   }
-  const auto& metadata = ctx->client_metadata();
-  auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
+  if (!authorization.has_value()) {
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         "an API key is required: metadata `authorization: Bearer KEY`");
   }
-  const absl::string_view value(it->second.data(), it->second.size());
+  const absl::string_view value = *authorization;
   bool ok = false;
   if (absl::StartsWith(value, "Bearer ")) {
     for (const std::string& k : keys) ok |= ConstantTimeEqual(value.substr(7), k);
   }
   if (!ok) return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the API key is not valid");
   return grpc::Status::OK;
+}
+
+grpc::Status CheckApiKey(const grpc::CallbackServerContext* ctx) {
+  const auto& metadata = ctx->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) return CheckAuthorization(std::nullopt);
+  return CheckAuthorization(absl::string_view(it->second.data(), it->second.size()));
 }
 
 grpc::ServerUnaryReactor* RefusePublic(grpc::CallbackServerContext* ctx) {

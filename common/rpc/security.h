@@ -26,11 +26,13 @@
 #include <grpcpp/grpcpp.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace splitmoe::rpc {
 
@@ -89,6 +91,9 @@ grpc::ServerWriteReactor<Response>* RefusedWriter(grpc::Status status) {
 absl::Status ConfigureApiKeys(const std::string& api_keys_file);
 bool ApiKeysRequired();
 grpc::Status CheckApiKey(const grpc::CallbackServerContext* ctx);
+// The same check on the value of an `authorization` header (nullopt: no header), for the HTTP
+// front door.
+grpc::Status CheckAuthorization(const std::optional<absl::string_view>& authorization);
 grpc::ServerUnaryReactor* RefusePublic(grpc::CallbackServerContext* ctx);
 // The API key a client command sends: --api-key, else $SPLITMOE_API_KEY, else none.
 std::string ClientApiKey(const std::string& flag_value);

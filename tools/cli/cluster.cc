@@ -112,7 +112,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
-              {"model", "listen", "router", "wire-dtype", "attention", "batch-tokens",
+              {"model", "listen", "router", "metrics-listen", "wire-dtype", "attention", "batch-tokens",
                "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us", "weights"},
               {}));
   if (!f.Has("model") || !f.Has("router")) {
@@ -121,6 +121,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   prefill::PrefillOptions o;
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
+  o.metrics_listen = f.Get("metrics-listen");
   o.router = f.Get("router");
   SPLITMOE_ASSIGN_OR_RETURN(o.moe, MoeFlags(f));
   const std::string form = f.Get("attention", "absorbed");
@@ -138,7 +139,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
 absl::Status DecodeCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
-                                   {"model", "listen", "router", "cache-blocks", "block-tokens",
+                                   {"model", "listen", "router", "metrics-listen", "cache-blocks", "block-tokens",
                                     "cache-dtype", "wire-dtype", "reclaim-grace-ms",
                                     "moe-transport", "expert-deadline-ms", "micro-batches",
                                     "busy-poll-us", "weights"},
@@ -149,6 +150,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
   decode::DecodeOptions o;
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
+  o.metrics_listen = f.Get("metrics-listen");
   o.router = f.Get("router");
   SPLITMOE_ASSIGN_OR_RETURN(o.cache_blocks, f.GetInt("cache-blocks", o.cache_blocks));
   SPLITMOE_ASSIGN_OR_RETURN(o.block_tokens, f.GetInt("block-tokens", o.block_tokens));
@@ -212,7 +214,8 @@ absl::Status UpCommand(int argc, char** argv) {
       {"model", "prefill", "decode", "experts", "expert-replicas", "port", "host", "cache-blocks",
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
-       "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers", "weights"},
+       "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers", "weights",
+       "http-port", "served-model-name"},
       {"tls"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   if (f.Has("weights")) {
@@ -265,6 +268,12 @@ absl::Status UpCommand(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t replicas, f.GetInt("expert-replicas", 1));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t port, f.GetInt("port", 0));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t n_routers, f.GetInt("routers", 1));
+  // The OpenAI-compatible HTTP front door: router i on --http-port + i (0: any free port).
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t http_port, f.GetInt("http-port", -1));
+  if (f.Has("http-port") && (http_port < 0 || http_port + n_routers - 1 > 65535)) {
+    return absl::InvalidArgumentError(
+        "--http-port must be in [0, 65535] (with --routers N they listen on P, P+1, ...)");
+  }
   if (n_prefill < 1 || n_decode < 1 || n_experts < 1 || replicas < 1 || port < 0 ||
       port > 65535) {
     return absl::InvalidArgumentError(
@@ -339,14 +348,20 @@ absl::Status UpCommand(int argc, char** argv) {
                             rpc::StartServer(host + ":0", {&launcher}));
   // Routers: every worker registers with each (`--router A,B,...`), so losing one loses only
   // the requests in flight through it. Router i listens on --port + i (or any free port).
-  std::vector<std::string> publics, internals;
+  std::vector<std::string> publics, internals, https;
   for (int64_t i = 0; i < n_routers; ++i) {
     std::vector<std::string> router_args = {
         "router", "--model", model, "--listen",
         absl::StrCat(host, ":", port > 0 ? port + i : 0), "--launcher", launcher_server.address};
     for (const char* flag : {"heartbeat-ms", "max-devices", "bias-update-rate", "bias-bound",
-                             "api-keys"})
+                             "api-keys", "served-model-name"})
       pass(router_args, flag);
+    router_args.push_back("--metrics-listen");
+    router_args.push_back(host + ":0");
+    if (http_port >= 0) {
+      router_args.push_back("--http-listen");
+      router_args.push_back(absl::StrCat(host, ":", http_port > 0 ? http_port + i : 0));
+    }
     security(router_args, "router");
     if (closed) {
       router_args.push_back("--internal-listen");
@@ -363,6 +378,16 @@ absl::Status UpCommand(int argc, char** argv) {
     // A restarted router binds the same addresses, so the workers find it again.
     children.back().args[4] = *public_address;
     if (closed) children.back().args.back() = *internal;
+    if (http_port >= 0) {
+      absl::StatusOr<std::string> http =
+          children.back().process->ReadLineMatching("http ", absl::Seconds(30));
+      if (!http.ok()) return fail(http.status());
+      std::vector<std::string>& args = children.back().args;
+      for (size_t k = 0; k + 1 < args.size(); ++k) {
+        if (args[k] == "--http-listen") args[k + 1] = *http;
+      }
+      https.push_back(absl::StrCat("http://", *http));
+    }
     publics.push_back(*public_address);
     internals.push_back(*internal);
   }
@@ -372,7 +397,8 @@ absl::Status UpCommand(int argc, char** argv) {
     const int64_t r = next_replica[static_cast<size_t>(s)]++;
     std::vector<std::string> args = {"expert", "--model", model, "--router", routers,
                                      "--listen", host + ":0", "--shard", std::to_string(s),
-                                     "--num-shards", std::to_string(n_experts)};
+                                     "--num-shards", std::to_string(n_experts),
+                                     "--metrics-listen", host + ":0"};
     pass(args, "moe-transport");
     pass(args, "busy-poll-us");
     pass(args, "weights");
@@ -389,7 +415,7 @@ absl::Status UpCommand(int argc, char** argv) {
   }
   for (int64_t i = 0; i < n_decode; ++i) {
     std::vector<std::string> args = {"decode", "--model", model, "--router", routers,
-                                     "--listen", host + ":0"};
+                                     "--listen", host + ":0", "--metrics-listen", host + ":0"};
     for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
                              "moe-transport", "expert-deadline-ms", "micro-batches",
                              "busy-poll-us", "weights"})
@@ -400,7 +426,7 @@ absl::Status UpCommand(int argc, char** argv) {
   }
   for (int64_t i = 0; i < n_prefill; ++i) {
     std::vector<std::string> args = {"prefill", "--model", model, "--router", routers,
-                                     "--listen", host + ":0"};
+                                     "--listen", host + ":0", "--metrics-listen", host + ":0"};
     for (const char* flag :
          {"wire-dtype", "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us",
           "weights"})
@@ -436,7 +462,9 @@ absl::Status UpCommand(int argc, char** argv) {
     }
   }
   if (closed) std::cout << "internal grpc=" << routers << std::endl;
-  std::cout << "ready grpc=" << absl::StrJoin(publics, ",") << std::endl;
+  std::cout << "ready grpc=" << absl::StrJoin(publics, ",");
+  if (!https.empty()) std::cout << " http=" << absl::StrJoin(https, ",");
+  std::cout << std::endl;
 
   // Grows or shrinks one shard's pool: new replicas started (they join when registered), the
   // newest surplus ones drained with SIGTERM, waited for, and not restarted.

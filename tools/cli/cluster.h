@@ -39,6 +39,9 @@ absl::Status OnEachEndpoint(
 // `f` was parsed by the single-process command and has --endpoint.
 absl::Status GenerateRemote(const Flags& f);
 absl::Status ScoreRemote(const Flags& f);
+// `chat --endpoint E | --model DIR`: an interactive terminal chat that streams the replies
+// (stdin lines are user turns; /reset starts over, /exit or end of input quits).
+absl::Status ChatCommand(int argc, char** argv);
 // `generate --device cuda:N`: the engine on a GPU (an error in a build without CUDA).
 absl::Status GenerateOnDevice(const Flags& f, const std::string& device);
 

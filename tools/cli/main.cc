@@ -18,6 +18,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/base/status_macros.h"
 #include "common/engine/engine.h"
 #include "common/model/checkpoint.h"
@@ -268,12 +269,21 @@ absl::Status Router(int argc, char** argv) {
       f.Parse(argc, argv, 2,
               {"model", "listen", "heartbeat-ms", "max-devices", "admission-timeout-ms",
                "prefill-timeout-ms", "bias-update-rate", "bias-bound", "launcher",
-               "internal-listen", "api-keys", "max-message-bytes", "max-streams-per-client"},
+               "internal-listen", "api-keys", "max-message-bytes", "max-streams-per-client",
+               "http-listen", "http-threads", "served-model-name", "metrics-listen"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("router needs --model DIR");
   router::RouterOptions o;
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
+  o.http_listen = f.Get("http-listen");
+  o.served_model_name = f.Get("served-model-name");
+  o.metrics_listen = f.Get("metrics-listen");
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t http_threads, f.GetInt("http-threads", 2));
+  if (http_threads < 1 || http_threads > 64) {
+    return absl::InvalidArgumentError("--http-threads must be in [1, 64]");
+  }
+  o.http_threads = static_cast<int>(http_threads);
   o.internal_listen = f.Get("internal-listen");
   o.api_keys_file = f.Get("api-keys");
   SPLITMOE_ASSIGN_OR_RETURN(int64_t max_message, f.GetInt("max-message-bytes", 4 << 20));
@@ -320,11 +330,12 @@ absl::Status Expert(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "router", "shard", "num-shards", "moe-transport", "busy-poll-us",
-               "weights"},
+               "weights", "metrics-listen"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("expert needs --model DIR");
   expert_service::ExpertOptions o;
   o.model_dir = f.Get("model");
+  o.metrics_listen = f.Get("metrics-listen");
   o.listen = f.Get("listen", o.listen);
   o.router = f.Get("router");
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shard, f.GetInt("shard", 0));
@@ -479,10 +490,11 @@ absl::Status Status(int argc, char** argv) {
   return absl::OkStatus();
 }
 
-int Usage() {
-  std::cerr
-      << "usage: splitmoe <make-tiny|inspect|score|generate|up|router|prefill|decode|expert|status|scale|\n"
-         "                rebalance|bench> "
+// The usage text: one block per subcommand ("  name  flags" and its indented continuation
+// lines), then notes shared by several ("  (...").
+constexpr char kUsage[] =
+    "usage: splitmoe <make-tiny|inspect|score|generate|chat|up|router|prefill|decode|expert|\n"
+         "                status|scale|rebalance|bench> "
          "[flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
@@ -494,15 +506,24 @@ int Usage() {
          "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n"
          "            (score/generate: --endpoint HOST:PORT instead of --model asks a cluster;\n"
          "             generate --device cuda:N [--precision fp32|bf16] runs the engine on a GPU)\n"
+         "  chat      (--endpoint HOST:PORT | --model DIR) [--system TEXT] [--max-tokens N]\n"
+         "            [--temperature T] [--top-p P] [--seed S]   (interactive: a line per user\n"
+         "            turn, the reply streams; /reset starts over, /exit quits)\n"
          "  up        --model DIR [--prefill N] [--decode N] [--experts N] [--expert-replicas R]\n"
-         "            [--port P] [--routers N] [--cache-blocks N] [--bias-update-rate U]\n"
+         "            [--port P] [--http-port P] [--routers N] [--cache-blocks N] [--bias-update-rate U]\n"
          "            (and the roles' flags; --routers N: N routers, each worker registered with\n"
-         "            every one; prints ready grpc=A,B,...)\n"
+         "            every one; prints ready grpc=A,B,... [http=URL,...])\n"
          "            [--tls | --cluster-token-file F] [--api-keys FILE]   (a closed cluster)\n"
          "  router    --model DIR [--listen HOST:PORT] [--internal-listen HOST:PORT] [--api-keys FILE]\n"
          "            [--max-message-bytes N] [--max-streams-per-client N] [--max-devices M]\n"
-         "            [--heartbeat-ms MS]\n"
+         "            [--heartbeat-ms MS] [--http-listen HOST:PORT] [--http-threads N]\n"
+         "            [--served-model-name NAME] [--metrics-listen HOST:PORT]\n"
+         "            (--http-listen: the OpenAI-compatible HTTP API, /v1/completions,\n"
+         "            /v1/chat/completions, /v1/models, /health)\n"
          "            [--bias-update-rate U] [--bias-bound B]\n"
+         "  (prefill, decode, expert: --advertise-host HOST registers HOST:PORT instead of the\n"
+         "   bound address, e.g. a pod IP behind --listen 0.0.0.0:PORT; every role:\n"
+         "   --metrics-listen HOST:PORT serves Prometheus /metrics and /health there)\n"
          "  (router, prefill, decode, expert, scale, rebalance: --tls-cert F --tls-key F --tls-ca F\n"
          "   or --cluster-token-file F close the internal plane; generate, score, status, scale,\n"
          "   bench: --api-key KEY or SPLITMOE_API_KEY at the public port)\n"
@@ -521,15 +542,47 @@ int Usage() {
          "  (--router A,B: the worker registers with every router and follows the first live\n"
          "   one's routing table; --endpoint A,B: generate, score and status try the next router\n"
          "   when one is unreachable)\n";
+
+int Usage() {
+  std::cerr << kUsage;
   return 2;
 }
 
-// Takes the internal plane's flags (--tls-cert, --tls-key, --tls-ca, --cluster-token-file) out
-// of argv for every command that joins or manages a cluster and configures this process's
-// credentials with them (role: the command for cluster roles, "admin" for the tools).
+// `splitmoe CMD --help`: CMD's block of the usage text and the notes that name it, on stdout.
+// False when CMD has no block.
+bool SubcommandHelp(const std::string& cmd) {
+  std::vector<std::string> lines = absl::StrSplit(kUsage, '\n');
+  std::string block;
+  bool in_block = false, in_note = false, note_matches = false;
+  std::string note;
+  for (const std::string& line : lines) {
+    const bool continuation = absl::StartsWith(line, "   ");
+    if (!continuation) {
+      if (in_note && note_matches) block += note;
+      in_block = absl::StartsWith(line, "  " + cmd + " ");
+      in_note = absl::StartsWith(line, "  (");
+      note = "";
+      note_matches = false;
+    }
+    if (in_block) block += line + "\n";
+    if (in_note) {
+      note += line + "\n";
+      note_matches |= absl::StrContains(line, cmd);
+    }
+  }
+  if (in_note && note_matches) block += note;
+  if (block.empty()) return false;
+  std::cout << "usage: splitmoe " << cmd << " [flags]\n" << block
+            << "exit codes: 0 done, 1 failed (error: ... on stderr), 2 bad usage or arguments\n";
+  return true;
+}
+
+// Takes the process-wide flags (--tls-cert, --tls-key, --tls-ca, --cluster-token-file,
+// --advertise-host) out of argv for every command that joins or manages a cluster and
+// configures this process's credentials and advertised host with them (role: the command for cluster roles, "admin" for the tools).
 absl::Status TakeSecurityFlags(const std::string& cmd, std::vector<char*>* args) {
   static const std::set<std::string> kFlags = {"tls-cert", "tls-key", "tls-ca",
-                                               "cluster-token-file"};
+                                               "cluster-token-file", "advertise-host"};
   std::map<std::string, std::string> values;
   std::vector<char*> rest;
   for (size_t i = 0; i < args->size(); ++i) {
@@ -558,6 +611,13 @@ absl::Status TakeSecurityFlags(const std::string& cmd, std::vector<char*>* args)
   }
   *args = std::move(rest);
   const bool role = cmd == "router" || cmd == "prefill" || cmd == "decode" || cmd == "expert";
+  if (values.count("advertise-host")) {
+    if (!role || cmd == "router" || values["advertise-host"].empty()) {
+      return absl::InvalidArgumentError(
+          "--advertise-host HOST is for prefill, decode and expert (the address they register)");
+    }
+    splitmoe::rpc::SetAdvertiseHost(values["advertise-host"]);
+  }
   splitmoe::rpc::SecurityOptions options{.tls_cert = values["tls-cert"],
                                          .tls_key = values["tls-key"],
                                          .tls_ca = values["tls-ca"],
@@ -573,6 +633,10 @@ int main(int argc, char** raw_argv) {
   using namespace splitmoe::cli;
   if (argc < 2) return Usage();
   const std::string cmd = raw_argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = raw_argv[i];
+    if (a == "--help" || a == "-h") return SubcommandHelp(cmd) ? 0 : Usage();
+  }
   absl::Status status;
   std::vector<char*> args(raw_argv, raw_argv + argc);
   const bool long_running =
@@ -598,6 +662,8 @@ int main(int argc, char** raw_argv) {
     status = Score(argc, argv);
   } else if (cmd == "generate") {
     status = Generate(argc, argv);
+  } else if (cmd == "chat") {
+    status = ChatCommand(argc, argv);
   } else if (cmd == "scale") {
     status = ScaleCommand(argc, argv);
   } else if (cmd == "rebalance") {
