@@ -4,6 +4,7 @@
 #include <iostream>
 #include <set>
 
+#include "common/base/log.h"
 #include "absl/strings/str_cat.h"
 #include "common/engine/request_check.h"
 #include "common/rpc/security.h"
@@ -130,8 +131,8 @@ void DecodeActor::Handle(WritersGone m, runtime::Context<Message>& ctx) {
     ++freed;
   }
   if (freed > 0) {
-    std::cerr << "decode: " << freed << " quarantined reservation" << (freed == 1 ? "" : "s")
-              << " of dead writers freed\n";
+    SPLITMOE_LOG(INFO, "decode").With("reservations", freed)
+        << "quarantined reservations of dead writers freed";
   }
   PublishLoad();
   v1::WritersGoneResponse response;
@@ -304,7 +305,7 @@ void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
   stopping.swap(stopping_);
   absl::StatusOr<std::vector<engine::DecodedToken>>& step = m.tokens;
   if (!step.ok()) {
-    std::cerr << "decode: step failed: " << step.status() << "\n";
+    SPLITMOE_LOG(ERROR, "decode") << "step failed: " << step.status();
     // Every sequence of the step fails; those that joined meanwhile go on.
     std::set<std::string> joined;
     for (const engine::DecodeSequence& seq : joining_) joined.insert(seq.id);
@@ -355,9 +356,9 @@ void DecodeActor::Handle(ReclaimReservation m, runtime::Context<Message>& ctx) {
   auto it = held_.find(m.reservation_id);
   if (it == held_.end() || it->second.state == State::kRunning) return;
   it->second.reclaim = runtime::TimerId();  // this timer has fired
-  std::cerr << "decode: reservation " << m.reservation_id << " of request "
-            << it->second.request_id
-            << " was never started or confirmed by its writer; reclaiming its blocks\n";
+  SPLITMOE_LOG(WARNING, "decode").With("reservation", m.reservation_id)
+          .With("request", it->second.request_id)
+      << "reservation never started or confirmed by its writer: reclaiming its blocks";
   Free(m.reservation_id, ctx);
   PublishLoad();
 }

@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/expert_plane/attention_side.h"
@@ -81,15 +82,17 @@ absl::Status RunDecode(const DecodeOptions& options) {
     SPLITMOE_ASSIGN_OR_RETURN(
         std::unique_ptr<rpc::Membership> membership,
         rpc::Membership::Start(rpc::RouterAddresses(options.router), request, load));
-    std::cerr << "decode: cache " << options.cache_blocks << " blocks x " << options.block_tokens
-              << " tokens (" << (options.cache_blocks * layout.block_bytes() >> 20)
-              << " MiB, " << (layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")
-              << "), " << actor_options.transfer_mode << ", " << options.micro_batches
-              << " micro-batch" << (options.micro_batches > 1 ? "es" : "") << "\n";
+    SPLITMOE_LOG(INFO, "decode").With("cache_blocks", options.cache_blocks)
+            .With("block_tokens", options.block_tokens)
+            .With("cache_mib", options.cache_blocks * layout.block_bytes() >> 20)
+            .With("cache_dtype", layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")
+            .With("transfer", actor_options.transfer_mode)
+            .With("micro_batches", options.micro_batches)
+        << "serving";
     std::cout << "listening " << server.address << std::endl;
 
     const int signal = process::WaitForTerminationSignal();
-    std::cerr << "decode: signal " << signal << ", stopping\n";
+    SPLITMOE_LOG(INFO, "decode").With("signal", signal) << "stopping";
     membership.reset();  // deregister: the router sends nothing new here
     server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     actor.Stop();  // before the transport: the cache lives in its region

@@ -1,4 +1,5 @@
 #include "expert_service/placement_loader.h"
+#include "common/base/log.h"
 
 #include <iostream>
 #include <memory>
@@ -103,7 +104,8 @@ void PlacementLoader::Loop() {
         std::lock_guard<std::mutex> lock(held->mu);
         held->wanted.erase(id);
         held->retiring.erase(id);
-        std::cerr << "expert " << shard << ": placement " << id << " retired\n";
+        SPLITMOE_LOG(INFO, "expert").With("shard", shard).With("placement", id)
+            << "placement retired";
       }});
     }
     if (load.empty() || now < retry_after) continue;
@@ -112,8 +114,8 @@ void PlacementLoader::Loop() {
       absl::StatusOr<std::unique_ptr<ExpertShard>> shard = ExpertShard::LoadPlaced(
           model_dir_, spec_, PlacementFilter(*p, spec_, n_routed_experts_));
       if (!shard.ok()) {
-        std::cerr << "expert " << spec_.shard << ": cannot load placement " << p->id() << ": "
-                  << shard.status() << " (retrying in 1 s)\n";
+        SPLITMOE_LOG(ERROR, "expert").With("shard", spec_.shard).With("placement", p->id())
+            << "cannot load placement (retrying in 1 s): " << shard.status();
         retry_after = absl::Now() + absl::Seconds(1);
         break;
       }
@@ -124,10 +126,11 @@ void PlacementLoader::Loop() {
         std::lock_guard<std::mutex> lock(held_->mu);
         held_->wanted[p->id()] = absl::Now();
       }
-      std::cerr << "expert " << spec_.shard << ": placement " << p->id() << " loaded ("
-                << (bytes >> 20) << " MiB in "
-                << absl::FormatDuration(absl::Trunc(absl::Now() - start, absl::Milliseconds(1)))
-                << ")\n";
+      SPLITMOE_LOG(INFO, "expert").With("shard", spec_.shard).With("placement", p->id())
+              .With("mib", bytes >> 20)
+              .With("took", absl::FormatDuration(
+                                absl::Trunc(absl::Now() - start, absl::Milliseconds(1))))
+          << "placement loaded";
     }
   }
 }

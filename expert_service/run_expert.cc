@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "common/base/log.h"
 #include "absl/strings/str_cat.h"
 
 #include "common/base/status_macros.h"
@@ -89,7 +90,8 @@ absl::Status RunExpert(const ExpertOptions& options) {
   }
   std::cout << "listening " << server.address << std::endl;
   const int signal = process::WaitForTerminationSignal();
-  std::cerr << "expert " << options.shard.shard << ": signal " << signal << ", stopping\n";
+  SPLITMOE_LOG(INFO, "expert").With("shard", options.shard.shard).With("signal", signal)
+      << "stopping";
   // Drain: deregister first, so the router publishes a table without this replica and the
   // attention workers send it nothing new; wait until that table has reached this process too
   // (the workers get it on the same kind of stream) and nothing has arrived for 100 ms, and
@@ -117,8 +119,9 @@ absl::Status RunExpert(const ExpertOptions& options) {
   }
   placements.reset();
   table.reset();
-  std::cerr << "expert " << options.shard.shard << ": drained (" << ingress.in_flight()
-            << " batches in flight)\n";
+  SPLITMOE_LOG(INFO, "expert").With("shard", options.shard.shard)
+          .With("batches_in_flight", ingress.in_flight())
+      << "drained";
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   // The actor's last answers still go out through `ucx`, which therefore stops after it.
   actor.Stop();

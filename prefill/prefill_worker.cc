@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "common/base/log.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/engine/batch_decoder.h"
@@ -269,8 +270,9 @@ void PrefillActor::ReleaseAsWriter(const v1::LatentDestination& d, const std::st
   grpc::Status st = DecodeStub(d.decode_address())->Release(&ctx, release, &released);
   if (!st.ok()) {
     // The decode worker reclaims the blocks at the reservation's deadline anyway.
-    std::cerr << "prefill: release of reservation " << d.reservation_id() << " at "
-              << d.decode_address() << " failed: " << st.error_message() << "\n";
+    SPLITMOE_LOG(WARNING, "prefill").With("reservation", d.reservation_id())
+            .With("decode", d.decode_address())
+        << "release of the reservation failed: " << st.error_message();
   }
 }
 

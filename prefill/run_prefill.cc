@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/expert_plane/attention_side.h"
@@ -56,7 +57,7 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
         rpc::Membership::Start(rpc::RouterAddresses(options.router), request, load));
     std::cout << "listening " << server.address << std::endl;
     const int signal = process::WaitForTerminationSignal();
-    std::cerr << "prefill: signal " << signal << ", stopping\n";
+    SPLITMOE_LOG(INFO, "prefill").With("signal", signal) << "stopping";
     membership.reset();
     server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     actor.Stop();

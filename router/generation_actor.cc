@@ -3,6 +3,7 @@
 #include <iostream>
 #include <random>
 
+#include "common/base/log.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -229,8 +230,8 @@ void GenerationActor::Handle(TokenStreamDown m, Ctx& ctx) {
   if (w == nullptr || w->stream != m.stream) return;  // an old stream, or the worker left
   w->stream_up = false;
   w->stream_ctx.reset();
-  std::cerr << "router: token stream of decode worker " << m.worker_id << " ended: " << m.status
-            << "\n";
+  SPLITMOE_LOG(WARNING, "router").With("worker", m.worker_id).With("status", m.status)
+      << "a decode worker's token stream ended";
   // Sequences on it cannot be followed any more.
   std::vector<uint64_t> affected;
   for (auto& [serial, r] : requests_) {
@@ -637,9 +638,9 @@ void GenerationActor::Failover(Request& r, const absl::Status& why,
   }
   ++r.failovers;
   gauges_->request_failovers.fetch_add(1);
-  std::cerr << "router: request " << r.request.request_id() << " moves on (failover "
-            << r.failovers << ", " << r.generated.size() << " tokens produced): " << why.message()
-            << "\n";
+  SPLITMOE_LOG(WARNING, "router").With("request", r.request.request_id())
+          .With("failover", r.failovers).With("tokens_produced", r.generated.size())
+      << "request moves to other workers: " << why.message();
   ReleaseAttempt(r, absl::StrCat("failover: ", why.message()));
   if (!failed_worker.empty()) r.failed_workers.push_back(failed_worker);
   // A new attempt with its own id: nothing of the old one (a late reply, a token event, a
@@ -740,8 +741,9 @@ void GenerationActor::ReleaseOnDecode(const std::string& worker_id,
                               [call, worker_id](grpc::Status s) {
                                 // UNAVAILABLE: the worker is gone, and its blocks with it.
                                 if (!s.ok() && s.error_code() != grpc::StatusCode::UNAVAILABLE) {
-                                  std::cerr << "router: release on decode worker " << worker_id
-                                            << " failed: " << s.error_message() << "\n";
+                                  SPLITMOE_LOG(WARNING, "router").With("worker", worker_id)
+                                      << "release on the decode worker failed: "
+                                      << s.error_message();
                                 }
                               });
 }

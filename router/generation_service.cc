@@ -120,9 +120,9 @@ absl::Status ParseRawRequest(const grpc::ByteBuffer& raw, google::protobuf::Mess
 
 int32_t EffectiveMaxTokens(const v1::GenerateRequest& r, size_t prompt_tokens,
                            const model::ModelConfig& config) {
-  if (r.stop().max_tokens() != 0) return r.stop().max_tokens();
-  // Unset: what the context leaves (at least 1, so that a full prompt is refused by the check
-  // naming the context rather than by one about max_tokens).
+  if (r.stop().max_tokens() != 0 || !r.stop().context_max_tokens()) return r.stop().max_tokens();
+  // What the context leaves (at least 1, so that a full prompt is refused by the check naming
+  // the context rather than by one about max_tokens).
   const int64_t left = config.max_position_embeddings - static_cast<int64_t>(prompt_tokens);
   return static_cast<int32_t>(std::clamp<int64_t>(left, 1, std::numeric_limits<int32_t>::max()));
 }

@@ -41,8 +41,8 @@ absl::StatusOr<std::vector<int32_t>> ValidateGenerateRequest(const v1::GenerateR
                                                              const model::ModelConfig& config,
                                                              const tokenizer::Tokenizer* tokenizer);
 
-// The number of tokens `r` may generate: its stop.max_tokens, or when 0 (unset) what the
-// context leaves after the prompt.
+// The number of tokens `r` may generate: its stop.max_tokens, or with max_tokens 0 and
+// stop.context_max_tokens what the context leaves after the prompt.
 int32_t EffectiveMaxTokens(const v1::GenerateRequest& r, size_t prompt_tokens,
                            const model::ModelConfig& config);
 

@@ -360,6 +360,7 @@ absl::StatusOr<ApiRequest> ParseRequest(Endpoint endpoint, absl::string_view bod
     g.mutable_sampling()->set_top_k(static_cast<int32_t>(top_k));
     g.mutable_sampling()->set_seed(seed);
     g.mutable_stop()->set_max_tokens(static_cast<int32_t>(max_tokens));
+    g.mutable_stop()->set_context_max_tokens(max_tokens == 0);
     for (const std::string& s : stop) g.mutable_stop()->add_stop(s);
     *g.mutable_stop()->mutable_stop_token_ids() = stop_token_ids.ids();
     g.mutable_stop()->set_ignore_eos(ignore_eos);

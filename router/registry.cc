@@ -5,6 +5,7 @@
 #include <iostream>
 #include <set>
 
+#include "common/base/log.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/base/mix64.h"
@@ -140,9 +141,9 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
         (placement_.id() != 0 || next_placement_.id() != 0)) {
       // A placement was computed for the shards there were; with another one it may no longer
       // fit (its mode, a device limit that now binds): back to the default placement.
-      std::cerr << "router: shard " << r.shard() << " joined; placement "
-                << std::max(placement_.id(), next_placement_.id())
-                << " was made for fewer shards: back to the default placement\n";
+      SPLITMOE_LOG(WARNING, "router").With("shard", r.shard())
+              .With("placement", std::max(placement_.id(), next_placement_.id()))
+          << "a shard joined that the placement was not made for: back to the default placement";
       placement_.Clear();
       next_placement_.Clear();
       shard_tokens_at_switch_.clear();
@@ -324,8 +325,8 @@ bool WorkerRegistry::MaybeSwitchPlacement() {
   for (int32_t shard : used) {
     if (!served.count(shard)) return false;
   }
-  std::cerr << "router: placement " << next_placement_.id() << " loaded by every expert replica: "
-            << "switching the routing table to it\n";
+  SPLITMOE_LOG(INFO, "router").With("placement", next_placement_.id())
+      << "placement loaded by every expert replica: switching the routing table to it";
   placement_ = std::move(next_placement_);
   next_placement_.Clear();
   shard_tokens_at_switch_ = ShardTokens();

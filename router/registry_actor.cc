@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "common/base/log.h"
 #include "absl/strings/str_cat.h"
 
 namespace splitmoe::router {
@@ -44,7 +45,8 @@ void RegistryActor::Handle(AttachWorker m) {
 
 void RegistryActor::Handle(WorkerConnectionLost m) {
   if (!registry_.ConnectionLost(m.worker_id)) return;
-  std::cerr << "router: worker " << m.worker_id << " lost its connection: out of service\n";
+  SPLITMOE_LOG(WARNING, "router").With("worker", m.worker_id)
+      << "worker lost its connection: out of service";
   PublishTable(absl::Now());
   PublishServing();
 }
@@ -69,7 +71,8 @@ void RegistryActor::Handle(SweepWorkers, runtime::Context<Message>& ctx) {
   const absl::Time now = absl::Now();
   std::vector<std::string> lost = registry_.Sweep(now);
   for (const std::string& id : lost) {
-    std::cerr << "router: worker " << id << " stopped heartbeating: out of service\n";
+    SPLITMOE_LOG(WARNING, "router").With("worker", id)
+        << "worker stopped heartbeating: out of service";
   }
   registry_.CloseBalancingWindow();
   PublishTable(now);

@@ -12,6 +12,7 @@
 #include <memory>
 #include <utility>
 
+#include "common/base/log.h"
 #include "nlohmann/json.hpp"
 
 #include "absl/strings/str_cat.h"
@@ -259,7 +260,7 @@ absl::Status RunRouter(const RouterOptions& options) {
   if (!metrics_url.empty()) std::cout << "metrics " << metrics_url << std::endl;
 
   const int signal = process::WaitForTerminationSignal();
-  std::cerr << "router: signal " << signal << ", stopping\n";
+  SPLITMOE_LOG(INFO, "router").With("signal", signal) << "stopping";
   if (http != nullptr) http->Stop();
   server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (internal.server) {

@@ -17,7 +17,7 @@ fi
 PROMPT=${PROMPT:-"The capital of France is"}
 
 LOG=$(mktemp)
-"$BIN" up --model "$MODEL_DIR" --prefill 1 --decode 1 --experts 2 >"$LOG" &
+"$BIN" up --model "$MODEL_DIR" --prefill 1 --decode 1 --experts 2 --http-port 0 >"$LOG" &
 UP=$!
 trap 'kill -TERM $UP 2>/dev/null || true; wait $UP 2>/dev/null || true; rm -f "$LOG"' EXIT
 for _ in $(seq 1 1200); do
@@ -25,7 +25,8 @@ for _ in $(seq 1 1200); do
   kill -0 $UP 2>/dev/null || { echo "splitmoe up failed" >&2; exit 1; }
   sleep 0.1
 done
-ENDPOINT=$(sed -n 's/^ready grpc=//p' "$LOG")
+ENDPOINT=$(sed -n 's/^ready grpc=\([^ ]*\).*/\1/p' "$LOG")
+HTTP=$(sed -n 's/^ready .*http=\([^ ]*\).*/\1/p' "$LOG")
 [ -n "$ENDPOINT" ] || { echo "splitmoe up did not become ready" >&2; exit 1; }
 echo "cluster ready at $ENDPOINT"
 echo "prompt: $PROMPT"
@@ -36,5 +37,15 @@ echo "--- single-process engine (splitmoe generate --model $MODEL_DIR)"
 SINGLE=$("$BIN" generate --model "$MODEL_DIR" --prompt "$PROMPT" --max-tokens 24 --json)
 echo "$SINGLE"
 [ "$CLUSTER" = "$SINGLE" ] && echo "identical" || echo "note: the outputs differ (see above)"
+echo "--- the OpenAI-compatible HTTP API ($HTTP/v1/chat/completions)"
+/usr/bin/python3 - "$HTTP" "$(basename "$MODEL_DIR")" <<'PY'
+import json, sys, urllib.request
+url, model = sys.argv[1], sys.argv[2]
+body = {"model": model, "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 12, "temperature": 0}
+req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                             headers={"Content-Type": "application/json"})
+print(json.dumps(json.load(urllib.request.urlopen(req, timeout=60)), ensure_ascii=False))
+PY
 echo "--- cluster status"
 "$BIN" status --endpoint "$ENDPOINT"

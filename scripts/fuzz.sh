@@ -24,6 +24,8 @@ ALL_TARGETS=(
   generate_request_fuzz:8192
   decode_actor_fuzz:2048
   prefill_request_fuzz:4096
+  openai_request_fuzz:8192
+  jinja_fuzz:16384
 )
 if [ $# -gt 0 ]; then
   targets=()
@@ -64,7 +66,7 @@ for t in "${targets[@]}"; do
   cp -r "tests/fuzz/corpus/$name/." "$corpus/"
   dict=()
   case $name in
-    config_fuzz | safetensors_fuzz | tokenizer_load_fuzz) dict=(-dict=tests/fuzz/json.dict) ;;
+    config_fuzz | safetensors_fuzz | tokenizer_load_fuzz | openai_request_fuzz) dict=(-dict=tests/fuzz/json.dict) ;;
   esac
   log=$work/$name/log
   echo "fuzz: $name for ${SECONDS_EACH}s (max_len $max_len)"

@@ -9,7 +9,7 @@ APT_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libucx-dev ucx-utils libgtest-dev libgmock-dev libbenchmark-dev libboost-dev
   prometheus-cpp-dev prometheus
-  nlohmann-json3-dev libpcre2-dev libopenblas-dev libdnnl-dev libgoogle-glog-dev
+  nlohmann-json3-dev libpcre2-dev libopenblas-dev libdnnl-dev
   python3-torch python3-numpy python3-grpcio python3-protobuf python3-matplotlib python3-yaml
   # scripts/fuzz.sh: clang with libFuzzer (libclang_rt.fuzzer*.a is in libclang-rt-14-dev, only
   # recommended by clang-14, so named here for --no-install-recommends).

@@ -15,6 +15,7 @@
 #include <iostream>
 #include <mutex>
 
+#include "common/base/log.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
@@ -209,7 +210,7 @@ T& Get(Builder builder, const std::string& name, const std::string& help, const 
     auto& family = builder.Name(name).Help(help).Register(*GetState().registry);
     return family.Add(labels, std::forward<Args>(args)...);
   } catch (const std::exception& e) {
-    std::cerr << "metrics: cannot make " << name << ": " << e.what() << "\n";
+    SPLITMOE_LOG(ERROR, "metrics").With("metric", name) << "cannot make the metric: " << e.what();
     std::abort();
   }
 }

@@ -7,6 +7,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/base/log.h"
 #include "common/base/file.h"
 #include "common/base/status_macros.h"
 #include "common/model/numeric.h"
@@ -145,6 +147,7 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadFloat(const std::string& name
   ConvertToFloat(info.dtype, loc.file->Data(info).data(), info.numel(), out.data());
   bytes_read_ += info.nbytes;
   consumed_.insert(name);
+  LogProgress();
   const std::string scale_name = name + "_scale_inv";
   if (info.dtype == DType::kF8E4M3) {
     if (shape.size() != 2) {
@@ -194,7 +197,32 @@ absl::StatusOr<std::vector<float>> Checkpoint::LoadScales(const std::string& nam
                  scales.data());
   bytes_read_ += sloc.info->nbytes;
   consumed_.insert(scale_name);
+  LogProgress();
   return scales;
+}
+
+uint64_t Checkpoint::total_bytes() const {
+  if (total_bytes_ == 0) {
+    std::set<std::string> files;
+    for (const auto& [tensor, file] : weight_map_) files.insert(file);
+    for (const std::string& f : files) {
+      std::error_code ec;
+      const uintmax_t size = std::filesystem::file_size(std::filesystem::path(dir_) / f, ec);
+      if (!ec) total_bytes_ += size;
+    }
+  }
+  return total_bytes_;
+}
+
+void Checkpoint::LogProgress(bool final) {
+  const absl::Time now = absl::Now();
+  if (!final && now - last_progress_ < absl::Seconds(2)) return;
+  last_progress_ = now;
+  SPLITMOE_LOG(INFO, "model")
+          .With("tensors", absl::StrCat(consumed_.size(), "/", names_.size()))
+          .With("bytes", absl::StrCat(bytes_read_, "/", total_bytes()))
+          .With("seconds", absl::StrFormat("%.1f", absl::ToDoubleSeconds(now - load_started_)))
+      << (final ? "weights loaded" : "loading weights");
 }
 
 absl::StatusOr<ResidentDType> ParseResidentDType(absl::string_view name) {
@@ -230,6 +258,7 @@ absl::StatusOr<Matrix> Checkpoint::LoadMatrix(const std::string& name, int64_t r
       m.keep = loc.file;  // the mapping lives as long as any weight viewing it
       bytes_read_ += info.nbytes;
       consumed_.insert(name);
+      LogProgress();
       return m;
     }
     // Other dtypes (F32, F16) and shape errors take the fp32 path, which reports them.

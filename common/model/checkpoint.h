@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "absl/strings/string_view.h"
 #include "common/model/config.h"
 #include "common/model/safetensors.h"
@@ -66,6 +68,11 @@ class Checkpoint {
   uint64_t bytes_read() const { return bytes_read_; }
   // Number of shard files opened so far.
   size_t files_opened() const { return files_.size(); }
+  // Bytes of the checkpoint's weight files (the total bytes_read() is a part of).
+  uint64_t total_bytes() const;
+  // Logs how much is loaded so far (tensors and bytes, of the checkpoint's), at most every 2 s
+  // unless `final`; long loads say where they are.
+  void LogProgress(bool final = false);
 
  private:
   struct Located {
@@ -87,6 +94,9 @@ class Checkpoint {
   std::map<std::string, std::shared_ptr<const SafetensorsFile>> files_;
   std::set<std::string> consumed_;
   uint64_t bytes_read_ = 0;
+  absl::Time load_started_ = absl::Now();
+  absl::Time last_progress_ = absl::Now();
+  mutable uint64_t total_bytes_ = 0;  // computed on first use
 };
 
 }  // namespace splitmoe::model

@@ -272,6 +272,7 @@ absl::StatusOr<ModelWeights> LoadWeights(Checkpoint& ckpt, const LoadOptions& op
                                         absl::StrCat("loading MTP module ", k)));
     }
   }
+  ckpt.LogProgress(/*final=*/true);
   return w;
 }
 

@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "common/base/log.h"
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc.h"
 #include "common/rpc/security.h"
@@ -107,11 +108,11 @@ void Registration::HeartbeatLoop() {
       const absl::Status status = RegisterOnce();
       if (status.ok()) {
         Reattach();
-        std::cerr << "registered with router " << router_address_ << " as " << worker_id()
-                  << "\n";
+        SPLITMOE_LOG(INFO, "membership").With("router", router_address_).With("worker", worker_id())
+            << "registered with the router";
       } else if (Final(status) && status.code() != refused) {
-        std::cerr << "router " << router_address_ << " refused this worker: " << status.message()
-                  << "\n";
+        SPLITMOE_LOG(ERROR, "membership").With("router", router_address_)
+            << "the router refused this worker: " << status.message();
       }
       refused = status.code();
       lock.lock();
@@ -131,7 +132,9 @@ void Registration::HeartbeatLoop() {
     v1::HeartbeatResponse response;
     grpc::Status status = stub_->Heartbeat(&context, beat, &response);
     if (status.ok() && !response.known()) {
-      std::cerr << "router forgot worker " << beat.worker_id() << ": registering again\n";
+      SPLITMOE_LOG(WARNING, "membership").With("router", router_address_)
+              .With("worker", beat.worker_id())
+          << "the router forgot this worker: registering again";
       if (RegisterOnce().ok()) Reattach();
     } else if (status.ok() && attach_->done()) {
       Reattach();  // the router knows us but the stream broke (e.g. it could not open)

@@ -1,5 +1,7 @@
 #include "common/runtime/actor.h"
 
+#include "common/base/log.h"
+
 #include <cstdlib>
 #include <string>
 
@@ -21,8 +23,8 @@ CurrentActorScope::CurrentActorScope(const void* actor) : previous_(current_acto
 CurrentActorScope::~CurrentActorScope() { current_actor = previous_; }
 
 void FatalBug(absl::string_view message) {
-  LOG(FATAL) << "splitmoe::runtime: " << std::string(message);
-  std::abort();  // LOG(FATAL) does not return; this tells the compiler so
+  SPLITMOE_LOG(ERROR, "runtime") << "fatal bug: " << message;
+  std::abort();
 }
 
 }  // namespace splitmoe::runtime::internal

@@ -34,10 +34,13 @@ void CheckAccepted(const v1::GenerateRequest& r, const std::vector<int32_t>& pro
     FUZZ_CHECK(static_cast<int>(prompt.size()) == r.token_ids().ids_size(),
                "the prompt is not the request's ids");
   }
-  FUZZ_CHECK(r.stop().max_tokens() > 0, "accepted max_tokens " << r.stop().max_tokens());
+  // With context_max_tokens, max_tokens 0 is what the context leaves (the handler writes that
+  // into the request).
+  const int32_t max_tokens = splitmoe::router::EffectiveMaxTokens(r, prompt.size(), config);
+  FUZZ_CHECK(max_tokens > 0, "accepted max_tokens " << max_tokens);
   FUZZ_CHECK(
-      static_cast<int64_t>(prompt.size()) + r.stop().max_tokens() <= config.max_position_embeddings,
-      prompt.size() << " prompt tokens + max_tokens " << r.stop().max_tokens()
+      static_cast<int64_t>(prompt.size()) + max_tokens <= config.max_position_embeddings,
+      prompt.size() << " prompt tokens + max_tokens " << max_tokens
                     << " accepted past the context");
   const v1::SamplingParams& s = r.sampling();
   FUZZ_CHECK(std::isfinite(s.temperature()) && s.temperature() >= 0, "temperature accepted");

@@ -1,6 +1,6 @@
 // The router's side of chat: a Generate request's `messages` rendered through the model's own
 // chat template (DeepSeek-V3's, from the real tokenizer_config.json) and tokenised without
-// adding BOS; max_tokens 0 meaning "up to the context".
+// adding BOS; context_max_tokens meaning "up to the context".
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "router/generation_service.h"
@@ -70,6 +70,7 @@ TEST_F(ChatPromptTest, GenerateRequestWithMessagesIsTheRenderedPromptsIds) {
   config.max_position_embeddings = 4096;
   v1::GenerateRequest r;
   *r.mutable_messages()->add_messages() = Message("user", "Hello!");
+  r.mutable_stop()->set_max_tokens(16);
   absl::StatusOr<std::vector<int32_t>> ids = ValidateGenerateRequest(r, config, tokenizer_.get());
   ASSERT_TRUE(ids.ok()) << ids.status();
   absl::StatusOr<std::vector<int32_t>> expected =
@@ -78,8 +79,14 @@ TEST_F(ChatPromptTest, GenerateRequestWithMessagesIsTheRenderedPromptsIds) {
   EXPECT_EQ(*ids, *expected);
   EXPECT_EQ(ids->front(), tokenizer_->bos_id());  // once: the template writes it
   EXPECT_NE((*ids)[1], tokenizer_->bos_id());
-  // max_tokens unset: what the context leaves.
+  // max_tokens 0 is refused unless context_max_tokens asks for what the context leaves.
+  EXPECT_EQ(EffectiveMaxTokens(r, ids->size(), config), 16);
+  r.mutable_stop()->set_max_tokens(0);
+  EXPECT_EQ(EffectiveMaxTokens(r, ids->size(), config), 0);
+  EXPECT_FALSE(ValidateGenerateRequest(r, config, tokenizer_.get()).ok());
+  r.mutable_stop()->set_context_max_tokens(true);
   EXPECT_EQ(EffectiveMaxTokens(r, ids->size(), config), 4096 - static_cast<int32_t>(ids->size()));
+  EXPECT_TRUE(ValidateGenerateRequest(r, config, tokenizer_.get()).ok());
   r.mutable_stop()->set_max_tokens(7);
   EXPECT_EQ(EffectiveMaxTokens(r, ids->size(), config), 7);
 

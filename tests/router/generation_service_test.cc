@@ -154,7 +154,7 @@ TEST_F(GenerationServiceTest, ValidRequestsStillStreamThroughTheRawMethod) {
     grpc::Status s = reader->Finish();
     EXPECT_TRUE(s.ok()) << s.error_message();
   }
-  request.mutable_stop()->set_max_tokens(-1);  // 0 is "unset": up to the context
+  request.mutable_stop()->set_max_tokens(0);
   {
     grpc::ClientContext ctx;
     auto reader = stub->Generate(&ctx, request);

@@ -139,10 +139,12 @@ TEST(OpenAiApiTest, ChatMessagesToolsAndLimits) {
   EXPECT_EQ(g.logprobs(), 3);
   EXPECT_THAT(r->id, ::testing::StartsWith("chatcmpl-"));
 
-  // Without a limit a chat generates up to the context (0 on the wire).
+  EXPECT_FALSE(g.stop().context_max_tokens());
+  // Without a limit a chat generates up to the context.
   auto open = Parse(Endpoint::kChat, {{"messages", {{{"role", "user"}, {"content", "hi"}}}}});
   ASSERT_TRUE(open.ok());
   EXPECT_EQ(open->generates[0].stop().max_tokens(), 0);
+  EXPECT_TRUE(open->generates[0].stop().context_max_tokens());
   EXPECT_EQ(open->top_logprobs, -1);
 
   for (const json& bad :

@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/engine/engine.h"
 #include "common/model/checkpoint.h"
@@ -524,6 +525,8 @@ constexpr char kUsage[] =
          "  (prefill, decode, expert: --advertise-host HOST registers HOST:PORT instead of the\n"
          "   bound address, e.g. a pod IP behind --listen 0.0.0.0:PORT; every role:\n"
          "   --metrics-listen HOST:PORT serves Prometheus /metrics and /health there)\n"
+         "  (every command: --log-level debug|info|warning|error and --log-format text|json, or\n"
+         "   SPLITMOE_LOG_LEVEL / SPLITMOE_LOG_FORMAT: one key=value or JSON line per record)\n"
          "  (router, prefill, decode, expert, scale, rebalance: --tls-cert F --tls-key F --tls-ca F\n"
          "   or --cluster-token-file F close the internal plane; generate, score, status, scale,\n"
          "   bench: --api-key KEY or SPLITMOE_API_KEY at the public port)\n"
@@ -626,6 +629,43 @@ absl::Status TakeSecurityFlags(const std::string& cmd, std::vector<char*>* args)
   return splitmoe::rpc::ConfigureInternalSecurity(options);
 }
 
+// Takes --log-level and --log-format (every command) out of argv and configures the logger.
+absl::Status TakeLogFlags(std::vector<char*>* args) {
+  SPLITMOE_RETURN_IF_ERROR(splitmoe::log::ConfigureFromEnvironment());
+  std::string level, format;
+  std::vector<char*> rest;
+  for (size_t i = 0; i < args->size(); ++i) {
+    const std::string a = (*args)[i];
+    std::string* target = nullptr;
+    std::string value;
+    for (const auto& [name, dest] : {std::pair<const char*, std::string*>{"--log-level", &level},
+                                     {"--log-format", &format}}) {
+      if (a == name || absl::StartsWith(a, absl::StrCat(name, "="))) {
+        target = dest;
+        if (a == name) {
+          if (i + 1 >= args->size()) {
+            return absl::InvalidArgumentError(absl::StrCat(name, " needs a value"));
+          }
+          value = (*args)[++i];
+        } else {
+          value = a.substr(std::string(name).size() + 1);
+        }
+      }
+    }
+    if (target != nullptr && i >= 2) {
+      *target = value;
+      continue;
+    }
+    rest.push_back((*args)[i]);
+  }
+  *args = std::move(rest);
+  SPLITMOE_RETURN_IF_ERROR(splitmoe::log::Configure(level, format));
+  // Children (`up`'s cluster) log the same way.
+  if (!level.empty()) ::setenv("SPLITMOE_LOG_LEVEL", level.c_str(), 1);
+  if (!format.empty()) ::setenv("SPLITMOE_LOG_FORMAT", format.c_str(), 1);
+  return absl::OkStatus();
+}
+
 }  // namespace
 }  // namespace splitmoe::cli
 
@@ -633,14 +673,23 @@ int main(int argc, char** raw_argv) {
   using namespace splitmoe::cli;
   if (argc < 2) return Usage();
   const std::string cmd = raw_argv[1];
+  absl::Status status;
   for (int i = 2; i < argc; ++i) {
     const std::string a = raw_argv[i];
     if (a == "--help" || a == "-h") return SubcommandHelp(cmd) ? 0 : Usage();
   }
-  absl::Status status;
   std::vector<char*> args(raw_argv, raw_argv + argc);
   const bool long_running =
       cmd == "router" || cmd == "expert" || cmd == "prefill" || cmd == "decode" || cmd == "up";
+  // The logger: SPLITMOE_LOG_LEVEL / SPLITMOE_LOG_FORMAT, then --log-level / --log-format. The
+  // one-shot commands (generate, score, inspect, ...) print results that scripts read, often with
+  // stderr merged in: they log warnings and errors only unless asked for more.
+  if (!long_running) (void)splitmoe::log::Configure("warning", "");
+  status = TakeLogFlags(&args);
+  if (!status.ok()) {
+    std::cerr << "error: " << status.ToString() << "\n";
+    return 2;
+  }
   // Before any thread exists (making credentials starts gRPC's threads): SIGINT/SIGTERM are then
   // taken only by the waiting main thread, never by a thread that would die of them.
   if (long_running) splitmoe::process::BlockTerminationSignals();
