@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/chat/chat_template.h"
 #include "nlohmann/json.hpp"
+#include "common/base/json_text.h"
 #include "common/base/status_macros.h"
 #include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
@@ -165,6 +166,9 @@ absl::StatusOr<std::string> ChatPromptText(const v1::ChatMessages& chat,
   options.bos_token = special(tokenizer.bos_id());
   options.eos_token = special(tokenizer.eos_id());
   if (!chat.tools_json().empty()) {
+    if (JsonNesting(chat.tools_json()) > 64) {
+      return absl::InvalidArgumentError("messages.tools_json nests deeper than 64 levels");
+    }
     options.tools = nlohmann::ordered_json::parse(chat.tools_json(), nullptr, false);
     if (options.tools.is_discarded() || !options.tools.is_array()) {
       return absl::InvalidArgumentError("messages.tools_json is not a JSON list");

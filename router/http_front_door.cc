@@ -6,6 +6,7 @@
 #include <boost/beast/http.hpp>
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <list>
 #include <mutex>
 #include <optional>
@@ -17,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/rpc/security.h"
 #include "nlohmann/json.hpp"
@@ -89,6 +91,7 @@ class GenerateCall final : public grpc::ClientReadReactor<v1::GenerateEvent> {
     bool release = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;
       ctx_.TryCancel();
       if (!read_pending_ && !hold_released_) release = hold_released_ = true;
     }
@@ -109,6 +112,9 @@ class GenerateCall final : public grpc::ClientReadReactor<v1::GenerateEvent> {
   std::mutex mu_;
   bool read_pending_ = false;
   bool hold_released_ = false;
+  // Set by Cancel: a read that still completes with an event (it was done before the cancel
+  // reached it) is dropped and the hold released, since nobody will ask for the next one.
+  bool cancelled_ = false;
   std::shared_ptr<GenerateCall> self_;
 };
 
@@ -121,8 +127,7 @@ class HttpFrontDoor::Impl {
         stub_(v1::Generation::NewStub(channel_)),
         tokenizer_(tokenizer),
         readiness_(std::move(readiness)),
-        seed_(std::random_device{}() ^ static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))),
-        acceptor_(ioc_) {}
+        seed_(std::random_device{}() ^ static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()))) {}
 
   absl::Status Listen();
   void Run();
@@ -155,7 +160,10 @@ class HttpFrontDoor::Impl {
   bool stopped_ = false;
   std::string address_;
   net::io_context ioc_;
-  tcp::acceptor acceptor_;
+  // The acceptor's operations and its close (Stop) run on one strand.
+  net::strand<net::io_context::executor_type> accept_strand_{net::make_strand(ioc_)};
+  tcp::acceptor acceptor_{accept_strand_};
+  net::steady_timer accept_retry_{accept_strand_};
   std::optional<net::executor_work_guard<net::io_context::executor_type>> work_;
   std::vector<std::thread> threads_;
 };
@@ -174,9 +182,12 @@ class Session : public std::enable_shared_from_this<Session> {
   void Start() {
     net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->ReadRequest(); });
   }
-  // From any thread: close the connection and cancel its calls.
-  void Shutdown() {
-    net::post(stream_.get_executor(), [self = shared_from_this()] { self->Close(); });
+  // From any thread: close the connection and cancel its calls; then `done`.
+  void Shutdown(std::function<void()> done) {
+    net::post(stream_.get_executor(), [self = shared_from_this(), done = std::move(done)] {
+      self->Close();
+      done();
+    });
   }
   // From a call's reactor (any thread).
   void PostEvent(size_t index, uint64_t generation, v1::GenerateEvent event) {
@@ -219,6 +230,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void OnRequest(beast::error_code ec) {
+    if (closed_) return;  // closed (hang-up, Stop) while the request was read
     stream_.expires_never();
     if (ec == http::error::body_limit) {
       keep_alive_ = false;
@@ -252,7 +264,8 @@ class Session : public std::enable_shared_from_this<Session> {
     } else {
       authorization_.clear();
     }
-    const bool get = req.method() == http::verb::get;
+    head_ = req.method() == http::verb::head;
+    const bool get = req.method() == http::verb::get || head_;
     const bool post = req.method() == http::verb::post;
     if (path == "/health") {
       if (!get) return ReplyError(405, "", "use GET /health");
@@ -294,6 +307,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void StartGeneration(openai::ApiRequest request) {
+    if (closed_) return;
     gen_ = std::make_unique<Generation>();
     gen_->serial = ++generation_serial_;
     gen_->request = std::move(request);
@@ -302,7 +316,11 @@ class Session : public std::enable_shared_from_this<Session> {
     const size_t n = gen_->request.generates.size();
     gen_->done.assign(n, false);
     std::vector<std::pair<std::string, std::string>> metadata;
-    if (!authorization_.empty()) metadata.emplace_back("authorization", authorization_);
+    // Only when keys are asked for (then it was checked to be exactly "Bearer <a key>"): any
+    // other header value could hold bytes gRPC refuses in metadata.
+    if (rpc::ApiKeysRequired() && !authorization_.empty()) {
+      metadata.emplace_back("authorization", authorization_);
+    }
     if (!peer_host_.empty()) metadata.emplace_back("x-splitmoe-http-client", peer_host_);
     for (size_t i = 0; i < n; ++i) {
       auto call = std::make_shared<GenerateCall>(i, gen_->serial, shared_from_this(),
@@ -374,9 +392,11 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void Reply(int status, absl::string_view content_type, absl::string_view body) {
+    // A HEAD request gets the headers a GET would (RFC 9110 9.3.2), no body.
     Send(absl::StrCat(StatusLine(status), "Content-Type: ", content_type,
                       "\r\nContent-Length: ", body.size(), "\r\nConnection: ",
-                      keep_alive_ ? "keep-alive" : "close", "\r\n\r\n", body));
+                      keep_alive_ ? "keep-alive" : "close", "\r\n\r\n",
+                      head_ ? absl::string_view() : body));
     EndResponse();
   }
   void ReplyApiError(const openai::ApiError& error) {
@@ -422,6 +442,10 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void OnWritten(beast::error_code ec) {
     writing_ = false;
+    if (closed_) {
+      out_.clear();  // the write's buffer was kept for it until now
+      return;
+    }
     stream_.expires_never();
     if (ec) {
       Close();
@@ -441,9 +465,7 @@ class Session : public std::enable_shared_from_this<Session> {
     // Every call of a finished response has ended or is cancelled (a failed one).
     gen_.reset();
     if (!keep_alive_) {
-      beast::error_code ignored;
-      stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
-      Close();
+      Linger();
       return;
     }
     if (watching_) {
@@ -453,6 +475,32 @@ class Session : public std::enable_shared_from_this<Session> {
       return;
     }
     ReadRequest();
+  }
+
+  // The last response is out and the connection ends: stop sending, then read and discard what
+  // the client still sends (a body we refused) for a moment, so that closing does not reset the
+  // connection before the client has read the response (RFC 9112 9.6).
+  void Linger() {
+    lingering_ = true;
+    beast::error_code ignored;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    stream_.expires_after(std::chrono::seconds(2));
+    Drain(16 << 20);
+  }
+  void Drain(size_t budget) {
+    if (closed_ || watching_) {
+      if (!closed_) {  // the watch read is still pending: cancel it, then close
+        beast::error_code ignored;
+        stream_.socket().cancel(ignored);
+      }
+      return;
+    }
+    buffer_.consume(buffer_.size());
+    stream_.async_read_some(buffer_.prepare(65536),
+                            [self = shared_from_this(), budget](beast::error_code ec, size_t n) {
+                              if (ec || n >= budget) return self->Close();
+                              self->Drain(budget - n);
+                            });
   }
 
   // While a request runs: a read that completes only if the client sends more (kept for the
@@ -468,6 +516,10 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void OnPeerRead(beast::error_code ec, size_t n) {
     watching_ = false;
+    if (lingering_) {  // Linger cancelled this read to drain instead
+      if (ec && ec != net::error::operation_aborted) return Close();
+      return Drain(16 << 20);
+    }
     if (!ec) buffer_.commit(n);
     if (resume_after_watch_ && (!ec || ec == net::error::operation_aborted)) {
       resume_after_watch_ = false;
@@ -488,10 +540,15 @@ class Session : public std::enable_shared_from_this<Session> {
     if (gen_ != nullptr) {
       for (auto& call : gen_->calls) call->Cancel();
     }
-    out_.clear();
     beast::error_code ignored;
     stream_.socket().shutdown(tcp::socket::shutdown_both, ignored);
     stream_.close();
+    // A write in progress still reads its buffer (the front): it goes when the write completes.
+    if (writing_ && !out_.empty()) {
+      out_.erase(out_.begin() + 1, out_.end());
+    } else {
+      out_.clear();
+    }
   }
 
   beast::tcp_stream stream_;
@@ -504,6 +561,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool writing_ = false;
   bool response_complete_ = false;
   bool keep_alive_ = true;
+  bool head_ = false;
+  bool lingering_ = false;
   bool closed_ = false;
   bool watching_ = false;
   bool resume_after_watch_ = false;
@@ -517,10 +576,11 @@ void GenerateCall::OnReadDone(bool ok) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     read_pending_ = false;
-    if (ok) {
+    if (ok && !cancelled_) {
       event.Swap(&event_);
-    } else if (!hold_released_) {
-      release = hold_released_ = true;
+    } else {
+      ok = false;
+      if (!hold_released_) release = hold_released_ = true;
     }
   }
   if (ok) session_->PostEvent(index_, generation_, std::move(event));
@@ -586,16 +646,27 @@ void HttpFrontDoor::Impl::Accept() {
   acceptor_.async_accept(net::make_strand(ioc_), [this](beast::error_code ec,
                                                         tcp::socket socket) {
     if (ec == net::error::operation_aborted || !acceptor_.is_open()) return;
-    if (!ec) {
+    if (ec) {
+      // Out of descriptors and the like: say so and try again shortly, not in a busy loop.
+      SPLITMOE_LOG(WARNING, "http") << "accept failed: " << ec.message();
+      accept_retry_.expires_after(std::chrono::milliseconds(100));
+      accept_retry_.async_wait([this](beast::error_code wait) {
+        if (!wait && acceptor_.is_open()) Accept();
+      });
+      return;
+    }
+    {
       if (connections_.load() >= options_.max_connections) {
         // Over the cap: a 503 and close, rather than a silent reset.
-        static constexpr char kBusy[] =
+        static constexpr char kBusyBody[] =
+            "{\"error\":{\"message\":\"too many connections\",\"type\":\"server_error\","
+            "\"param\":null,\"code\":\"too_many_connections\"}}";
+        const std::string busy = absl::StrCat(
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            "Connection: close\r\nContent-Length: 107\r\n\r\n"
-            "{\"error\":{\"message\":\"too many connections\",\"type\":\"server_error\",\"param\":"
-            "null,\"code\":\"too_many_connections\"}}";
+            "Connection: close\r\nContent-Length: ",
+            sizeof(kBusyBody) - 1, "\r\n\r\n", kBusyBody);
         beast::error_code ignored;
-        net::write(socket, net::buffer(kBusy, sizeof(kBusy) - 1), ignored);
+        net::write(socket, net::buffer(busy), ignored);
         socket.close(ignored);
       } else {
         auto session = std::make_shared<Session>(std::move(socket), this);
@@ -620,17 +691,28 @@ void HttpFrontDoor::Impl::Stop() {
     stopped_ = true;
     sessions.swap(sessions_);
   }
-  net::post(ioc_, [this] {
+  net::post(accept_strand_, [this] {
     beast::error_code ignored;
     acceptor_.close(ignored);
+    accept_retry_.cancel();
   });
+  // Every session closed (its calls cancelled) first; then the calls end before the threads go
+  // (their last callbacks post to the sessions' strands).
+  std::atomic<int> closing{0};
   for (auto& weak : sessions) {
-    if (auto s = weak.lock()) s->Shutdown();
+    if (auto s = weak.lock()) {
+      closing.fetch_add(1);
+      s->Shutdown([&closing] { closing.fetch_sub(1); });
+    }
   }
-  // The calls end (cancelled) before the threads go: their last callbacks post here.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (calls_in_flight_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+  while ((closing.load() > 0 || calls_in_flight_.load() > 0) &&
+         std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (closing.load() > 0 || calls_in_flight_.load() > 0) {
+    SPLITMOE_LOG(ERROR, "http").With("calls", calls_in_flight_.load())
+        << "calls still open 10 s after stopping";
   }
   work_.reset();
   ioc_.stop();

@@ -1,5 +1,6 @@
 #include "router/openai_api.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -8,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "common/base/json_text.h"
 #include "common/base/mix64.h"
 #include "common/base/status_macros.h"
 #include "common/engine/request_check.h"
@@ -16,6 +18,9 @@ namespace splitmoe::router::openai {
 namespace {
 
 using nlohmann::json;
+
+// JSON nested deeper than this is refused before parsing (common/base/json_text.h).
+constexpr int kMaxNesting = 64;
 
 absl::Status Bad(absl::string_view param, absl::string_view what) {
   return absl::InvalidArgumentError(absl::StrCat("'", param, "' ", what));
@@ -241,6 +246,10 @@ std::string Dump(const json& value) {
 
 absl::StatusOr<ApiRequest> ParseRequest(Endpoint endpoint, absl::string_view body_text,
                                         const Defaults& defaults, uint64_t random_seed) {
+  if (JsonNesting(std::string_view(body_text.data(), body_text.size())) > kMaxNesting) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the request body nests arrays and objects deeper than ", kMaxNesting));
+  }
   const json body = json::parse(body_text, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
     return absl::InvalidArgumentError("the request body is not valid JSON");
@@ -279,7 +288,8 @@ absl::StatusOr<ApiRequest> ParseRequest(Endpoint endpoint, absl::string_view bod
   SPLITMOE_RETURN_IF_ERROR(Unsupported(body, "logit_bias", json::object(), ""));
   if (!Absent(body, "response_format")) {
     const json& f = body["response_format"];
-    if (!f.is_object() || f.value("type", json()) != "text") {
+    auto type = f.is_object() ? f.find("type") : f.end();
+    if (!f.is_object() || type == f.end() || !type->is_string() || *type != "text") {
       return Bad("response_format", "may only be {\"type\": \"text\"}");
     }
   }

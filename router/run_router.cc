@@ -229,7 +229,13 @@ absl::Status RunRouter(const RouterOptions& options) {
   if (!options.metrics_listen.empty()) {
     SPLITMOE_ASSIGN_OR_RETURN(metrics_url, metrics::Serve(options.metrics_listen));
   }
-  // Health follows readiness from here on (NOT_SERVING until the cluster can serve).
+  // Health follows readiness from here on (NOT_SERVING until the cluster can serve), and stops
+  // following it before the server (which owns the health service) goes, also on an early
+  // return below.
+  struct DetachHealth {
+    std::shared_ptr<Readiness> readiness;
+    ~DetachHealth() { readiness->AttachHealth(nullptr, {}); }
+  } detach_health{readiness};
   std::vector<std::string> always_serving = {"splitmoe.v1.ClusterInfo", "grpc.health.v1.Health"};
   if (!internal.server) always_serving.push_back("splitmoe.v1.Registry");
   readiness->AttachHealth(server.server->GetHealthCheckService(), always_serving);

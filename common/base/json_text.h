@@ -9,6 +9,7 @@
 #define SPLITMOE_COMMON_BASE_JSON_TEXT_H_
 
 #include <string>
+#include <string_view>
 
 #include "nlohmann/json.hpp"
 
@@ -57,6 +58,34 @@ inline std::string JsonForError(const nlohmann::json& v) {
   std::string out;
   json_text_internal::Append(v, 0, &out);
   return out;
+}
+
+// The deepest nesting of arrays and objects in JSON text `text` (brackets inside strings
+// ignored), without parsing it: nlohmann parses iteratively but copies and dumps recursively, so
+// text from a client is refused past a depth before anything deep reaches the stack.
+inline int JsonNesting(std::string_view text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > deepest) deepest = depth;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
 }
 
 }  // namespace splitmoe

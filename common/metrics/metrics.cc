@@ -160,6 +160,9 @@ class MetricsServer {
         response.set(http::field::content_type, "text/plain");
         response.body() = "ok\n";
       } else {
+        // Anything else is answered and the connection closed (a HEAD would not expect the
+        // body, so the connection could not be reused).
+        response.keep_alive(false);
         response.result(get ? http::status::not_found : http::status::method_not_allowed);
         response.set(http::field::content_type, "text/plain");
         response.body() = "GET /metrics or /health\n";
@@ -180,14 +183,22 @@ class MetricsServer {
 
   void Accept() {
     acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
-      if (!acceptor_.is_open()) return;
-      if (!ec) std::make_shared<Connection>(std::move(socket))->Read();
+      if (!acceptor_.is_open() || ec == net::error::operation_aborted) return;
+      if (ec) {  // out of descriptors and the like: try again shortly, not in a busy loop
+        retry_.expires_after(std::chrono::milliseconds(100));
+        retry_.async_wait([this](boost::system::error_code e) {
+          if (!e) Accept();
+        });
+        return;
+      }
+      std::make_shared<Connection>(std::move(socket))->Read();
       Accept();
     });
   }
 
   net::io_context ioc_;
   tcp::acceptor acceptor_{ioc_};
+  net::steady_timer retry_{ioc_};
   std::thread thread_;
 };
 

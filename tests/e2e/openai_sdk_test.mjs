@@ -289,6 +289,32 @@ try {
     assert.fail(`still busy: ${JSON.stringify(status)}`);
   });
 
+  await check("a client that hangs up on a request that does not stream frees it too", async () => {
+    const cancelled = async () => {
+      const status = JSON.parse(execFileSync(bin, ["status", "--endpoint", grpcAddress, "--json"],
+                                  { env: { ...env, SPLITMOE_API_KEY: "sk-test-key" } }));
+      const metrics = await (await fetch(status.metrics_url)).text();
+      const line = metrics.split("\n").find((l) => l.startsWith("splitmoe_requests_total") &&
+                                                  l.includes('outcome="cancelled"'));
+      return line ? Number(line.split(" ").pop()) : 0;
+    };
+    const before = await cancelled();
+    for (let attempt = 0; attempt < 5; ++attempt) {
+      const controller = new AbortController();
+      const pending = client.completions.create(
+        { model: modelName, prompt: "Tell me a long story", max_tokens: 150, temperature: 0,
+          ignore_eos: true },
+        { signal: controller.signal });
+      setTimeout(() => controller.abort(), 15);
+      await pending.then(() => null, (e) => assert.match(`${e.name} ${e.message}`, /Abort/i));
+      for (let i = 0; i < 50; ++i) {
+        if ((await cancelled()) > before) return;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    assert.fail("no aborted request was counted cancelled");
+  });
+
   await check("many streams at once", async () => {
     const prompt = "Count with me:";
     const ref = engineText(prompt, 6);

@@ -97,6 +97,16 @@ TEST(OpenAiApiTest, RefusesWhatItCannotHonourNamingTheField) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.body.dump();
     EXPECT_THAT(r.status().message(), HasSubstr(c.mention)) << c.body.dump();
   }
+  const std::string deep = "{\"prompt\": " + std::string(100000, '[') + std::string(100000, ']') + "}";
+  auto too_deep = ParseRequest(Endpoint::kCompletions, deep, TestDefaults(), 1);
+  EXPECT_THAT(too_deep.status().message(), HasSubstr("deeper than 64"));
+  // Brackets inside strings do not count.
+  EXPECT_TRUE(ParseRequest(Endpoint::kCompletions,
+                           "{\"prompt\": \"" + std::string(1000, '[') + "\"}", TestDefaults(), 1)
+                  .ok());
+  auto format = Parse(Endpoint::kCompletions,
+                      {{"prompt", "x"}, {"response_format", {{"type", {1, 2}}}}});
+  EXPECT_THAT(format.status().message(), HasSubstr("'response_format'"));
   auto bad_json = ParseRequest(Endpoint::kCompletions, "{\"prompt\": ", TestDefaults(), 1);
   EXPECT_THAT(bad_json.status().message(), HasSubstr("not valid JSON"));
   auto other = Parse(Endpoint::kCompletions, {{"model", "gpt-4"}, {"prompt", "x"}});
