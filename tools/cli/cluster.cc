@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
 #include "common/process/subprocess.h"
@@ -501,7 +502,7 @@ absl::Status UpCommand(int argc, char** argv) {
       if (child.process != nullptr && !child.process->Poll())
         child.process->Terminate(absl::Seconds(2));
       response->add_stopped(child.name);
-      std::cerr << "up: " << child.name << " drained (scale)\n";
+      SPLITMOE_LOG(INFO, "up").With("child", child.name) << "drained (scale)";
     }
     for (auto it = surplus.rbegin(); it != surplus.rend(); ++it)
       children.erase(children.begin() + static_cast<std::ptrdiff_t>(*it));
@@ -514,7 +515,7 @@ absl::Status UpCommand(int argc, char** argv) {
   while (true) {
     const int signal = process::WaitForTerminationSignalFor(absl::Milliseconds(100));
     if (signal != 0) {
-      std::cerr << "up: signal " << signal << ", stopping the cluster\n";
+      SPLITMOE_LOG(INFO, "up").With("signal", signal) << "stopping the cluster";
       launcher.Close();  // every Scale call is answered, so the server's shutdown cannot wait
       for (LauncherService::Call& call : launcher.Take()) {
         call.reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the cluster is stopping"));
@@ -537,18 +538,21 @@ absl::Status UpCommand(int argc, char** argv) {
           // A child that served for a minute starts its back-off afresh.
           if (now - child.started_at > absl::Minutes(1)) child.backoff = absl::Seconds(1);
           child.restart_at = now + child.backoff;
-          std::cerr << "up: " << child.name << " (pid " << child.process->pid() << ") " << *exit
-                    << "; restarting it in " << absl::FormatDuration(child.backoff) << "\n";
+          SPLITMOE_LOG(WARNING, "up").With("child", child.name)
+                  .With("pid", child.process->pid())
+                  .With("restart_in", absl::FormatDuration(child.backoff))
+              << "child " << *exit << ": restarting it";
           child.backoff = std::min(child.backoff * 2, absl::Seconds(30));
         }
       } else if (now >= child.restart_at) {
         child.restart_at = absl::InfiniteFuture();
         absl::StatusOr<std::string> line = launch(child);
         if (line.ok()) {
-          std::cerr << "up: " << child.name << " restarted (pid " << child.process->pid()
-                    << "), listening " << *line << "\n";
+          SPLITMOE_LOG(INFO, "up").With("child", child.name).With("pid", child.process->pid())
+                  .With("listening", *line)
+              << "child restarted";
         } else {
-          std::cerr << "up: " << line.status().message() << "\n";
+          SPLITMOE_LOG(ERROR, "up").With("child", child.name) << line.status().message();
         }
       }
     }
@@ -800,8 +804,8 @@ absl::Status OnEachEndpoint(
         i + 1 == endpoints.size()) {
       return status;
     }
-    std::cerr << "router " << endpoints[i] << ": " << status.message() << "; trying "
-              << endpoints[i + 1] << "\n";
+    SPLITMOE_LOG(WARNING, "client").With("router", endpoints[i]).With("next", endpoints[i + 1])
+        << status.message();
   }
   return status;
 }
