@@ -24,12 +24,13 @@ if [ "${SPLITMOE_SANITIZE:-1}" != "0" ]; then
       -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined"
   fi
   cmake --build build-asan -j "${SPLITMOE_JOBS:-2}"
-  # The benchmark smoke runs are timing, not correctness, and the chaos soak is a long run of
-  # the same code the e2e tests cover: neither is repeated under the sanitizers.
+  # The benchmark smoke runs are timing, not correctness, and the chaos soak and the multi-host
+  # test (label slow) are long runs of the same code the e2e tests cover: none is repeated under
+  # the sanitizers.
   # Leaks inside third-party libraries only are suppressed (scripts/lsan.supp says which and why).
   # shellcheck disable=SC2086
   (cd build-asan && LSAN_OPTIONS="suppressions=$PWD/../scripts/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}" \
-     ctest --output-on-failure -j 2 -LE "bench|soak" ${CTEST_ARGS:-})
+     ctest --output-on-failure -j 2 -LE "bench|soak|slow" ${CTEST_ARGS:-})
 fi
 
 # ThreadSanitizer on the tests whose threads are ours: the actor runtime (mailboxes, actor
