@@ -203,6 +203,29 @@ try {
     }
   });
 
+  await check("splitmoe chat (the terminal client) streams the same replies, turn by turn",
+              async () => {
+    const turns = ["Hello!", "And in 日本語?"];
+    const out = execFileSync(bin, ["chat", "--endpoint", grpcAddress, "--max-tokens", "8"],
+                             { env: { ...env, SPLITMOE_API_KEY: "sk-test-key" },
+                               input: turns.join("\n") + "\n" }).toString();
+    // Each reply is the engine's on the conversation so far, rendered by the oracle.
+    const messages = [];
+    let expected = "";
+    for (const turn of turns) {
+      messages.push({ role: "user", content: turn });
+      const ids = jsTokenizer.encode(render(messages), { add_special_tokens: false });
+      const reply = engine(ids, 8).text;
+      expected += reply + "\n";
+      messages.push({ role: "assistant", content: reply });
+    }
+    assert.equal(out, expected);
+    // The same in process (--model): the engine on the router's rendering.
+    const local = execFileSync(bin, ["chat", "--model", model, "--max-tokens", "8"],
+                               { env, input: turns.join("\n") + "\n" }).toString();
+    assert.equal(local, expected);
+  });
+
   await check("chat without max_tokens runs to the context", async () => {
     const messages = conversations[0];
     const ids = jsTokenizer.encode(render(messages), { add_special_tokens: false });
