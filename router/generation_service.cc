@@ -15,6 +15,7 @@
 #include "common/chat/chat_template.h"
 #include "nlohmann/json.hpp"
 #include "common/base/json_text.h"
+#include "common/base/utf8.h"
 #include "common/base/status_macros.h"
 #include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
@@ -29,40 +30,7 @@ constexpr size_t kMaxRequestIdBytes = 256;
 
 // Strictly well-formed UTF-8 (no overlongs, surrogates or code points above U+10FFFF): what
 // protobuf requires of a proto3 string.
-bool IsValidUtf8(absl::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto b0 = static_cast<unsigned char>(s[i]);
-    if (b0 < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t n;
-    unsigned char lo = 0x80, hi = 0xbf;  // the allowed range of the second byte
-    if (b0 >= 0xc2 && b0 <= 0xdf) {
-      n = 2;
-    } else if (b0 >= 0xe0 && b0 <= 0xef) {
-      n = 3;
-      if (b0 == 0xe0) lo = 0xa0;
-      if (b0 == 0xed) hi = 0x9f;
-    } else if (b0 >= 0xf0 && b0 <= 0xf4) {
-      n = 4;
-      if (b0 == 0xf0) lo = 0x90;
-      if (b0 == 0xf4) hi = 0x8f;
-    } else {
-      return false;
-    }
-    if (i + n > s.size()) return false;
-    const auto b1 = static_cast<unsigned char>(s[i + 1]);
-    if (b1 < lo || b1 > hi) return false;
-    for (size_t k = 2; k < n; ++k) {
-      const auto b = static_cast<unsigned char>(s[i + k]);
-      if (b < 0x80 || b > 0xbf) return false;
-    }
-    i += n;
-  }
-  return true;
-}
+bool IsValidUtf8(absl::string_view s) { return utf8::FindInvalidUtf8(s) == utf8::kAllValid; }
 
 // The first string field of `fields` (the wire format of a `type` message, read without any
 // checks) that is not valid UTF-8, as a dotted path ("text", "stop.stop"); empty when none is.

@@ -8,6 +8,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/base/utf8.h"
 
 namespace splitmoe::log {
 namespace {
@@ -66,50 +67,13 @@ std::string TextValue(absl::string_view v) {
   return out + "\"";
 }
 
-// The length of the valid UTF-8 sequence at s[i] (0 when it is not one).
-size_t Utf8Length(absl::string_view s, size_t i) {
-  const auto b0 = static_cast<unsigned char>(s[i]);
-  size_t n = 0;
-  unsigned char lo = 0x80, hi = 0xbf;
-  if (b0 >= 0xc2 && b0 <= 0xdf) {
-    n = 2;
-  } else if (b0 >= 0xe0 && b0 <= 0xef) {
-    n = 3;
-    if (b0 == 0xe0) lo = 0xa0;
-    if (b0 == 0xed) hi = 0x9f;
-  } else if (b0 >= 0xf0 && b0 <= 0xf4) {
-    n = 4;
-    if (b0 == 0xf0) lo = 0x90;
-    if (b0 == 0xf4) hi = 0x8f;
-  } else {
-    return 0;
-  }
-  if (i + n > s.size()) return 0;
-  const auto b1 = static_cast<unsigned char>(s[i + 1]);
-  if (b1 < lo || b1 > hi) return 0;
-  for (size_t k = 2; k < n; ++k) {
-    const auto b = static_cast<unsigned char>(s[i + k]);
-    if (b < 0x80 || b > 0xbf) return 0;
-  }
-  return n;
-}
-
-std::string JsonString(absl::string_view v) {
+std::string JsonString(absl::string_view raw) {
+  // UTF-8 passes through; an ill-formed sequence becomes U+FFFD, so the line stays JSON.
+  std::string v;
+  utf8::AppendUtf8Lossy(raw, /*final=*/true, &v);
   std::string out = "\"";
   for (size_t i = 0; i < v.size(); ++i) {
     const char c = v[i];
-    if (static_cast<unsigned char>(c) >= 0x80) {
-      // UTF-8 passes through; a byte that is not part of a valid sequence becomes U+FFFD, so
-      // the line stays JSON.
-      const size_t n = Utf8Length(v, i);
-      if (n == 0) {
-        out += "\\ufffd";
-      } else {
-        out.append(v.data() + i, n);
-        i += n - 1;
-      }
-      continue;
-    }
     switch (c) {
       case '"':
         out += "\\\"";

@@ -21,9 +21,9 @@ TEST(LogTest, JsonLinesEscapeAndKeepUtf8) {
             "\\\"failed\\\"\\t日本\",\"n\":\"3\"}");
   EXPECT_EQ(FormatRecord(Level::kDebug, "c", std::string("\x01", 1), {}, Format::kJson, "t"),
             "{\"ts\":\"t\",\"level\":\"debug\",\"component\":\"c\",\"msg\":\"\\u0001\"}");
-  // A byte that is not UTF-8 becomes U+FFFD: the line stays JSON.
+  // Ill-formed UTF-8 becomes U+FFFD (one per maximal ill-formed part): the line stays JSON.
   EXPECT_EQ(FormatRecord(Level::kInfo, "c", "a\xff\xc3", {}, Format::kJson, "t"),
-            "{\"ts\":\"t\",\"level\":\"info\",\"component\":\"c\",\"msg\":\"a\\ufffd\\ufffd\"}");
+            "{\"ts\":\"t\",\"level\":\"info\",\"component\":\"c\",\"msg\":\"a\xEF\xBF\xBD\xEF\xBF\xBD\"}");
 }
 
 TEST(LogTest, LevelsAndBadNames) {

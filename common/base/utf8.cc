@@ -1,8 +1,8 @@
-#include "common/tokenizer/internal/utf8.h"
+#include "common/base/utf8.h"
 
 #include <cstdint>
 
-namespace splitmoe::tokenizer::internal {
+namespace splitmoe::utf8 {
 namespace {
 
 enum class SeqKind { kValid, kInvalid, kTruncated };
@@ -140,4 +140,4 @@ bool IsWhiteSpace(char32_t cp) {
          cp == 0x2028 || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000;
 }
 
-}  // namespace splitmoe::tokenizer::internal
+}  // namespace splitmoe::utf8
