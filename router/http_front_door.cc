@@ -20,6 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "common/base/log.h"
 #include "common/base/status_macros.h"
+#include "common/base/tcp_listen.h"
 #include "common/rpc/security.h"
 #include "nlohmann/json.hpp"
 #include "splitmoe/v1/generation.grpc.pb.h"
@@ -597,40 +598,7 @@ void GenerateCall::OnDone(const grpc::Status& status) {
 }
 
 absl::Status HttpFrontDoor::Impl::Listen() {
-  const std::string& listen = options_.listen;
-  const size_t colon = listen.rfind(':');
-  uint32_t port = 0;
-  if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) ||
-      port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--http-listen: '", listen, "' is not HOST:PORT"));
-  }
-  std::string host = listen.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-    host = host.substr(1, host.size() - 2);
-  }
-  beast::error_code ec;
-  tcp::resolver resolver(ioc_);
-  auto results = resolver.resolve(host.empty() ? "0.0.0.0" : host, std::to_string(port),
-                                  tcp::resolver::passive, ec);
-  if (ec || results.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--http-listen: cannot resolve '", host, "': ", ec.message()));
-  }
-  const tcp::endpoint endpoint = results.begin()->endpoint();
-  acceptor_.open(endpoint.protocol(), ec);
-  if (!ec) acceptor_.set_option(net::socket_base::reuse_address(true), ec);
-  if (!ec) acceptor_.bind(endpoint, ec);
-  if (!ec) acceptor_.listen(net::socket_base::max_listen_connections, ec);
-  if (ec) {
-    return absl::UnavailableError(
-        absl::StrCat("--http-listen: cannot listen on ", listen, ": ", ec.message()));
-  }
-  const tcp::endpoint bound = acceptor_.local_endpoint(ec);
-  const std::string bound_host = bound.address().is_v6()
-                                     ? absl::StrCat("[", bound.address().to_string(), "]")
-                                     : bound.address().to_string();
-  address_ = absl::StrCat(bound_host, ":", bound.port());
+  SPLITMOE_ASSIGN_OR_RETURN(address_, ListenTcp(acceptor_, options_.listen, "--http-listen"));
   return absl::OkStatus();
 }
 

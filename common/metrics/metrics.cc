@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
+#include "common/base/tcp_listen.h"
 #include "common/rpc/rpc.h"
 
 namespace splitmoe::metrics {
@@ -91,41 +92,11 @@ class MetricsServer {
   }
 
   absl::StatusOr<std::string> Start(const std::string& listen) {
-    const size_t colon = listen.rfind(':');
-    uint32_t port = 0;
-    if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) ||
-        port > 65535) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--metrics-listen: '", listen, "' is not HOST:PORT"));
-    }
-    std::string host = listen.substr(0, colon);
-    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
-      host = host.substr(1, host.size() - 2);
-    }
-    boost::system::error_code ec;
-    tcp::resolver resolver(ioc_);
-    auto results = resolver.resolve(host.empty() ? "0.0.0.0" : host, std::to_string(port),
-                                    tcp::resolver::passive, ec);
-    if (ec || results.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--metrics-listen: cannot resolve '", host, "': ", ec.message()));
-    }
-    const tcp::endpoint endpoint = results.begin()->endpoint();
-    acceptor_.open(endpoint.protocol(), ec);
-    if (!ec) acceptor_.set_option(net::socket_base::reuse_address(true), ec);
-    if (!ec) acceptor_.bind(endpoint, ec);
-    if (!ec) acceptor_.listen(net::socket_base::max_listen_connections, ec);
-    if (ec) {
-      return absl::UnavailableError(
-          absl::StrCat("--metrics-listen: cannot listen on ", listen, ": ", ec.message()));
-    }
-    const tcp::endpoint bound = acceptor_.local_endpoint(ec);
+    SPLITMOE_ASSIGN_OR_RETURN(std::string address,
+                              ListenTcp(acceptor_, listen, "--metrics-listen"));
     Accept();
     thread_ = std::thread([this] { ioc_.run(); });
-    const std::string bound_host = bound.address().is_v6()
-                                       ? absl::StrCat("[", bound.address().to_string(), "]")
-                                       : bound.address().to_string();
-    return absl::StrCat(bound_host, ":", bound.port());
+    return address;
   }
 
  private:
