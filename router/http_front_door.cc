@@ -233,6 +233,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void OnRequest(beast::error_code ec) {
     if (closed_) return;  // closed (hang-up, Stop) while the request was read
     stream_.expires_never();
+    head_ = false;  // set by Handle for a HEAD request; an unreadable one gets its body
     if (ec == http::error::body_limit) {
       keep_alive_ = false;
       ReplyError(413, "request_too_large",
