@@ -419,6 +419,11 @@ absl::Status Status(int argc, char** argv) {
   }
   std::cout << "workers: " << status.workers_size()
             << ", requests in flight: " << status.requests_in_flight() << "\n";
+  std::cout << "ready: "
+            << (status.ready() ? "yes" : absl::StrCat("no (", status.not_ready_reason(), ")"));
+  if (!status.http_url().empty()) std::cout << ", http " << status.http_url();
+  if (!status.metrics_url().empty()) std::cout << ", metrics " << status.metrics_url();
+  std::cout << "\n";
   // Resident weights: the expert services together hold the routed experts once; every
   // attention worker (prefill, decode) holds the attention side.
   uint64_t expert_bytes = 0;
