@@ -34,50 +34,20 @@
 #include "common/chat/jinja.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/command.h"
 
 namespace splitmoe::chat {
 namespace {
 
 using Json = nlohmann::ordered_json;
 namespace fs = std::filesystem;
+using ::splitmoe::testing::ReadFile;
+using ::splitmoe::testing::RunCommand;
+using ::splitmoe::testing::ShellQuote;
 
 std::string SourceDir() {
   const char* dir = std::getenv("SPLITMOE_SOURCE_DIR");
   return dir ? dir : ".";
-}
-
-std::string ReadFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string ShellQuote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) {
-    if (c == '\'') {
-      out += "'\\''";
-    } else {
-      out += c;
-    }
-  }
-  return out + "'";
-}
-
-absl::StatusOr<std::string> RunCommand(const std::string& command) {
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (pipe == nullptr) return absl::InternalError(absl::StrCat("popen failed: ", command));
-  std::string out;
-  char buffer[1 << 16];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
-  const int status = ::pclose(pipe);
-  if (status != 0) {
-    return absl::InternalError(absl::StrCat("`", command, "` exited with status ",
-                                            WIFEXITED(status) ? WEXITSTATUS(status) : status));
-  }
-  return out;
 }
 
 // The oracle's command line, or why it cannot run (then the test is skipped).

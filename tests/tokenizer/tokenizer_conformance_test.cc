@@ -37,6 +37,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/tokenizer/tokenizer_test_util.h"
+#include "tests/testing/command.h"
 
 namespace splitmoe::tokenizer {
 namespace {
@@ -46,41 +47,9 @@ using ::splitmoe::tokenizer::testing::RealTokenizer;
 using ::splitmoe::tokenizer::testing::SourceDir;
 
 namespace fs = std::filesystem;
-
-std::string ShellQuote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) {
-    if (c == '\'') {
-      out += "'\\''";
-    } else {
-      out += c;
-    }
-  }
-  return out + "'";
-}
-
-// Runs `command` through the shell; returns its stdout, or an error with its exit status.
-absl::StatusOr<std::string> RunCommand(const std::string& command) {
-  FILE* pipe = ::popen(command.c_str(), "r");
-  if (pipe == nullptr) return absl::InternalError(absl::StrCat("popen failed: ", command));
-  std::string out;
-  char buffer[1 << 16];
-  size_t n;
-  while ((n = std::fread(buffer, 1, sizeof(buffer), pipe)) > 0) out.append(buffer, n);
-  const int status = ::pclose(pipe);
-  if (status != 0) {
-    return absl::InternalError(absl::StrCat("`", command, "` exited with status ",
-                                            WIFEXITED(status) ? WEXITSTATUS(status) : status));
-  }
-  return out;
-}
-
-std::string ReadFile(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using ::splitmoe::testing::ReadFile;
+using ::splitmoe::testing::RunCommand;
+using ::splitmoe::testing::ShellQuote;
 
 // Encodes `strings` with the JS oracle.
 absl::StatusOr<std::vector<std::vector<int32_t>>> RunOracle(
