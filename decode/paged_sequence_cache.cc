@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 
@@ -26,7 +27,7 @@ float* PagedSequenceCache::Row(int64_t layer, int64_t position) {
     return row.data();
   }
   const BlockTable* table = cache_->Find(id_);
-  return reinterpret_cast<float*>(cache_->RowPointer(*table, layer, position));
+  return reinterpret_cast<float*>(cache_->RowPointer(*table, layer + layer_offset_, position));
 }
 
 void PagedSequenceCache::RowsWritten(int64_t layer) {
@@ -34,7 +35,8 @@ void PagedSequenceCache::RowsWritten(int64_t layer) {
   const BlockTable* table = cache_->Find(id_);
   for (auto it = staged_.lower_bound({layer, 0}); it != staged_.end() && it->first.first == layer;) {
     if (table != nullptr)
-      (void)cache_->StoreRow(*table, it->first.first, it->first.second, it->second.data());
+      (void)cache_->StoreRow(*table, it->first.first + layer_offset_, it->first.second,
+                            it->second.data());
     it = staged_.erase(it);
   }
 }
@@ -54,7 +56,8 @@ kernels::LatentBlocks PagedSequenceCache::View(int64_t layer, int64_t keys) {
   const int64_t blocks = cache_->BlocksFor(view.keys);
   for (int64_t b = 0; b < blocks; ++b) {
     view.blocks.push_back(cache_->arena_base() +
-                          cache_->LayerSlabOffset(table->blocks[static_cast<size_t>(b)], layer));
+                          cache_->LayerSlabOffset(table->blocks[static_cast<size_t>(b)],
+                                                    layer + layer_offset_));
   }
   return view;
 }
@@ -64,7 +67,7 @@ const float* PagedSequenceCache::LayerRows(int64_t layer, int64_t keys) {
   scratch_.resize(static_cast<size_t>(keys * dim));
   RowsWritten(layer);
   const BlockTable* table = cache_->Find(id_);
-  if (table != nullptr && keys > 0) (void)cache_->GatherLayer(*table, layer, keys, scratch_.data());
+  if (table != nullptr && keys > 0) (void)cache_->GatherLayer(*table, layer + layer_offset_, keys, scratch_.data());
   return scratch_.data();
 }
 
@@ -72,10 +75,18 @@ void PagedSequenceCache::Commit(int64_t new_length) {
   if (bf16()) {
     const BlockTable* table = cache_->Find(id_);
     for (const auto& [key, row] : staged_)
-      if (table != nullptr) (void)cache_->StoreRow(*table, key.first, key.second, row.data());
+      if (table != nullptr)
+        (void)cache_->StoreRow(*table, key.first + layer_offset_, key.second, row.data());
     staged_.clear();
   }
   length_ = new_length;
+}
+
+void PagedSequenceCache::Truncate(int64_t length) {
+  length_ = std::min(length_, length);
+  for (auto it = staged_.begin(); it != staged_.end();) {
+    it = it->first.second >= length_ ? staged_.erase(it) : std::next(it);
+  }
 }
 
 }  // namespace splitmoe::decode

@@ -24,8 +24,12 @@ namespace splitmoe::decode {
 class PagedSequenceCache : public engine::SequenceCache {
  public:
   // `stored_tokens`: rows already written for every layer (e.g. by a prefill worker's puts).
-  PagedSequenceCache(PagedLatentCache* cache, SequenceId id, int64_t stored_tokens)
-      : cache_(cache), id_(id), length_(stored_tokens) {}
+  // `layer_offset`: layer l of this view is layer l + layer_offset of the blocks — the MTP
+  // module's view of a sequence (its one layer after the main layers, with a length of its own)
+  // shares the sequence's blocks with the main layers' view.
+  PagedSequenceCache(PagedLatentCache* cache, SequenceId id, int64_t stored_tokens,
+                     int64_t layer_offset = 0)
+      : cache_(cache), id_(id), length_(stored_tokens), layer_offset_(layer_offset) {}
 
   int64_t latent_dim() const override { return cache_->layout().latent_dim; }
   int64_t length() const override { return length_; }
@@ -35,6 +39,7 @@ class PagedSequenceCache : public engine::SequenceCache {
   kernels::LatentBlocks View(int64_t layer, int64_t keys) override;
   const float* LayerRows(int64_t layer, int64_t keys) override;
   void Commit(int64_t new_length) override;
+  void Truncate(int64_t length) override;
 
   SequenceId id() const { return id_; }
 
@@ -44,6 +49,7 @@ class PagedSequenceCache : public engine::SequenceCache {
   PagedLatentCache* cache_;
   SequenceId id_;
   int64_t length_;
+  int64_t layer_offset_;
   std::vector<float> scratch_;                                        // gathered rows of one layer
   std::map<std::pair<int64_t, int64_t>, std::vector<float>> staged_;  // bf16: (layer, pos) -> row
 };

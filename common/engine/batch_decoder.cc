@@ -58,6 +58,60 @@ absl::Status CheckPrompt(const model::ModelConfig& c, absl::Span<const int32_t> 
   return absl::OkStatus();
 }
 
+// After a round's main pass: the rows of its items with an MTP cache run through MTP module 0
+// (row p reads token p + 1, so a prompt's last row waits for its first generated token), and
+// each such item keeps the main hidden state of its prompt's last position. A failure fails
+// those items only.
+void RunMtpRound(Transformer& transformer, std::vector<PrefillItem>& items,
+                 const std::vector<size_t>& round, const std::vector<SequenceChunk>& batch,
+                 const std::vector<float>& hidden, const std::vector<int64_t>& base, size_t begin,
+                 AttentionForm form, const BatchLayerDoneFn& on_layer_done) {
+  const int64_t h = transformer.config().hidden_size;
+  std::vector<size_t> mtp_items;
+  std::vector<int64_t> mtp_count;
+  std::vector<SequenceChunk> mtp_batch;
+  std::vector<float> mtp_hidden;
+  int64_t row = 0;
+  for (size_t r = 0; r < round.size(); ++r) {
+    PrefillItem& item = items[round[r]];
+    const auto n = static_cast<int64_t>(batch[r].tokens.size());
+    if (item.status.ok() && item.mtp_cache != nullptr) {
+      const auto size = static_cast<int64_t>(item.prompt.size());
+      const auto first = static_cast<int64_t>(begin);
+      if (first + n == size) {
+        item.last_hidden.assign(hidden.begin() + (row + n - 1) * h,
+                                hidden.begin() + (row + n) * h);
+      }
+      const int64_t count = std::min(n, size - 1 - first);
+      if (count > 0 && item.mtp_cache->length() != base[round[r]] + first) {
+        item.status = absl::InternalError(absl::StrCat(
+            "the MTP cache holds ", item.mtp_cache->length(), " rows, expected ",
+            base[round[r]] + first));
+      } else if (count > 0) {
+        mtp_items.push_back(round[r]);
+        mtp_count.push_back(count);
+        mtp_batch.push_back({item.prompt.subspan(begin + 1, static_cast<size_t>(count)),
+                             item.mtp_cache});
+        mtp_hidden.insert(mtp_hidden.end(), hidden.begin() + row * h,
+                          hidden.begin() + (row + count) * h);
+      }
+    }
+    row += n;
+  }
+  if (mtp_batch.empty()) return;
+  absl::Status status =
+      transformer.MtpForward(0, mtp_batch, mtp_hidden.data(), form, /*mtp_logits=*/nullptr);
+  for (size_t m = 0; m < mtp_items.size(); ++m) {
+    PrefillItem& item = items[mtp_items[m]];
+    if (!status.ok()) {
+      item.status = Annotate(status, "MTP module");
+    } else if (on_layer_done) {
+      item.status = on_layer_done(mtp_items[m], transformer.config().num_hidden_layers,
+                                  static_cast<int64_t>(begin), mtp_count[m]);
+    }
+  }
+}
+
 // Round k of a group runs chunk k (tokens [k * chunk_tokens, ...)) of every prompt that long,
 // at position base + k * chunk_tokens of its cache. Returns the forward pass's error when it is
 // not the items' own (those stay in their statuses); items already failed are left out.
@@ -103,6 +157,7 @@ absl::Status RunRound(Transformer& transformer, std::vector<PrefillItem>& items,
     }
     return forward;
   }
+  RunMtpRound(transformer, items, round, batch, hidden, base, begin, form, on_layer_done);
   std::vector<float> logits(static_cast<size_t>(transformer.config().vocab_size));
   int64_t row = 0;
   for (size_t r = 0; r < round.size(); ++r) {
@@ -136,6 +191,7 @@ absl::Status PrefillGroup(Transformer& transformer, std::vector<PrefillItem>& it
                           AttentionForm form, const BatchLayerDoneFn& on_layer_done,
                           int64_t chunk_tokens, PingPong* overlap) {
   int64_t rounds = 0;
+  bool pipelined = true;
   std::vector<int64_t> base(items.size(), 0);  // each cache's length before the prompt
   for (size_t i = 0; i < items.size(); ++i) {
     PrefillItem& item = items[i];
@@ -146,13 +202,25 @@ absl::Status PrefillGroup(Transformer& transformer, std::vector<PrefillItem>& it
     if (item.prompt_top_logprobs >= 0) item.prompt_logprobs.assign(item.prompt.size(), std::nullopt);
     if (!item.status.ok()) continue;
     base[i] = item.cache->length();
+    if (item.mtp_cache != nullptr) {
+      if (transformer.mtp_modules() == 0) {
+        item.status = absl::FailedPreconditionError("speculative decoding: the model has no MTP module");
+        continue;
+      }
+      if (item.mtp_cache->length() != base[i]) {
+        item.status = absl::InvalidArgumentError(absl::StrCat(
+            "the MTP cache holds ", item.mtp_cache->length(), " rows, the cache ", base[i]));
+        continue;
+      }
+      pipelined = false;  // a round's MTP rows need the round before them
+    }
     // All of the prompt's room now: no cache grows (and moves its rows) while another round's
     // latents are in flight from it.
     item.status = item.cache->Reserve(base[i] + static_cast<int64_t>(item.prompt.size()));
     rounds = std::max(rounds, (static_cast<int64_t>(item.prompt.size()) + chunk_tokens - 1) /
                                   chunk_tokens);
   }
-  if (overlap == nullptr || rounds < 2) {
+  if (overlap == nullptr || rounds < 2 || !pipelined) {
     for (int64_t k = 0; k < rounds; ++k) {
       SPLITMOE_RETURN_IF_ERROR(
           RunRound(transformer, items, base, k, chunk_tokens, form, on_layer_done, nullptr));
@@ -224,6 +292,16 @@ absl::Status BatchDecoder::Add(DecodeSequence s) {
   if (running_.count(s.id))
     return absl::InvalidArgumentError(absl::StrCat("sequence ", s.id, " already running"));
   SPLITMOE_RETURN_IF_ERROR(Check(s));
+  if (s.mtp_cache != nullptr &&
+      static_cast<int64_t>(s.mtp_hidden.size()) !=
+          static_cast<int64_t>(s.mtp_tokens.size()) * transformer_->config().hidden_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sequence ", s.id, ": ", s.mtp_hidden.size(), " hidden values for ", s.mtp_tokens.size(),
+        " waiting MTP rows of ", transformer_->config().hidden_size));
+  }
+  if (s.mtp_cache != nullptr && transformer_->mtp_modules() == 0) {
+    return absl::FailedPreconditionError("speculative decoding: the model has no MTP module");
+  }
   running_.emplace(s.id, std::move(s));
   return absl::OkStatus();
 }
@@ -235,6 +313,16 @@ absl::Status BatchDecoder::Check(const DecodeSequence& s) {
   }
   if (s.generated >= s.max_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("sequence ", s.id, " is already complete"));
+  }
+  if (s.mtp_cache != nullptr) {
+    const auto waiting = static_cast<int64_t>(s.mtp_tokens.size());
+    if (waiting == 0 || s.mtp_tokens.back() != s.next_token ||
+        s.mtp_cache->length() + waiting != s.cache->length() || s.mtp_hidden.empty() ||
+        s.mtp_hidden.size() % static_cast<size_t>(waiting) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", s.id, ": its MTP cache (", s.mtp_cache->length(), " rows, ", waiting,
+          " waiting) does not follow its cache of ", s.cache->length()));
+    }
   }
   return absl::OkStatus();
 }
@@ -248,54 +336,157 @@ absl::StatusOr<DecodeSequence> BatchDecoder::Remove(const std::string& id) {
   return s;
 }
 
-absl::Status BatchDecoder::Compute(absl::Span<const SequenceChunk> batch, float* logits) {
-  std::vector<float> hidden;
-  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, AttentionForm::kAbsorbed, &hidden));
-  transformer_->Logits(hidden.data(), static_cast<int64_t>(batch.size()), logits);
+absl::Status BatchDecoder::Compute(absl::Span<const SequenceChunk> batch, float* hidden,
+                                   float* logits) {
+  std::vector<float> h;
+  SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, AttentionForm::kAbsorbed, &h));
+  std::copy(h.begin(), h.end(), hidden);
+  transformer_->Logits(h.data(), static_cast<int64_t>(h.size()) / transformer_->config().hidden_size,
+                       logits);
+  return absl::OkStatus();
+}
+
+absl::Status BatchDecoder::Draft(const std::vector<int64_t>& budget,
+                                 std::vector<std::vector<int32_t>>* drafts) {
+  const int64_t hidden = transformer_->config().hidden_size;
+  const int64_t vocab = transformer_->config().vocab_size;
+  const SamplingParams greedy;
+  std::vector<DecodeSequence*> seqs;
+  for (auto& [id, s] : running_) seqs.push_back(&s);
+  // The module's own hidden state at each drafting sequence's last drafted position.
+  std::vector<std::vector<float>> chained(seqs.size());
+  const int64_t rounds = budget.empty() ? 0 : *std::max_element(budget.begin(), budget.end());
+  for (int64_t round = 0; round < rounds; ++round) {
+    std::vector<size_t> who;
+    std::vector<SequenceChunk> batch;
+    std::vector<float> main_hidden;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (budget[i] <= round) continue;
+      DecodeSequence& s = *seqs[i];
+      who.push_back(i);
+      if (round == 0) {
+        // The rows the module has not seen, the last of them next_token's.
+        batch.push_back({s.mtp_tokens, s.mtp_cache.get()});
+        main_hidden.insert(main_hidden.end(), s.mtp_hidden.begin(), s.mtp_hidden.end());
+      } else {
+        batch.push_back({absl::MakeConstSpan(&(*drafts)[i].back(), 1), s.mtp_cache.get()});
+        main_hidden.insert(main_hidden.end(), chained[i].begin(), chained[i].end());
+      }
+    }
+    std::vector<float> logits, block_hidden;
+    SPLITMOE_RETURN_IF_ERROR(Annotate(
+        transformer_->MtpForward(0, batch, main_hidden.data(), AttentionForm::kAbsorbed, &logits,
+                                 &block_hidden),
+        "drafting with the MTP module"));
+    int64_t row = -1;
+    for (size_t w = 0; w < who.size(); ++w) {
+      row += static_cast<int64_t>(batch[w].tokens.size());  // each sequence's last row
+      const size_t i = who[w];
+      (*drafts)[i].push_back(SampleToken(
+          absl::MakeConstSpan(logits.data() + row * vocab, static_cast<size_t>(vocab)), greedy, 0));
+      chained[i].assign(block_hidden.begin() + row * hidden, block_hidden.begin() + (row + 1) * hidden);
+      if (round == 0) {
+        seqs[i]->mtp_tokens.clear();
+        seqs[i]->mtp_hidden.clear();
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<DecodedToken>> BatchDecoder::Step() {
   std::vector<DecodedToken> out;
   if (running_.empty()) return out;
-  const int64_t vocab = transformer_->config().vocab_size;
-  std::vector<std::vector<int32_t>> inputs;
-  std::vector<SequenceChunk> batch;
-  inputs.reserve(running_.size());
+  const model::ModelConfig& c = transformer_->config();
+  const int64_t vocab = c.vocab_size, hidden_size = c.hidden_size;
+  const size_t n = running_.size();
+  // Drafts per sequence: K, less than what it may still emit, within the context.
+  std::vector<int64_t> budget(n, 0), mtp_keep(n, 0), length(n, 0);
+  size_t i = 0;
   for (auto& [id, s] : running_) {
-    inputs.push_back({s.next_token});
-    batch.push_back({inputs.back(), s.cache.get()});
+    length[i] = s.cache->length();
+    if (draft_tokens_ > 0 && s.mtp_cache != nullptr) {
+      budget[i] = std::max<int64_t>(0, std::min({draft_tokens_, s.max_tokens - s.generated - 1,
+                                                c.max_position_embeddings - 1 - length[i]}));
+      // What the module's cache keeps after this step: every row up to next_token's.
+      mtp_keep[i] = s.mtp_cache->length() + static_cast<int64_t>(s.mtp_tokens.size());
+    }
+    ++i;
   }
-  std::vector<float> logits(static_cast<size_t>(running_.size()) * vocab);
+  std::vector<std::vector<int32_t>> drafts(n);
+  SPLITMOE_RETURN_IF_ERROR(Draft(budget, &drafts));
+  std::vector<std::vector<int32_t>> inputs(n);
+  std::vector<SequenceChunk> batch;
+  std::vector<int64_t> first_row(n + 1, 0);
+  i = 0;
+  for (auto& [id, s] : running_) {
+    inputs[i].push_back(s.next_token);
+    inputs[i].insert(inputs[i].end(), drafts[i].begin(), drafts[i].end());
+    batch.push_back({inputs[i], s.cache.get()});
+    first_row[i + 1] = first_row[i] + static_cast<int64_t>(inputs[i].size());
+    ++i;
+  }
+  const int64_t rows = first_row[n];
+  std::vector<float> hidden(static_cast<size_t>(rows * hidden_size));
+  std::vector<float> logits(static_cast<size_t>(rows * vocab));
   if (overlap_ != nullptr && batch.size() >= 2) {
     // Two micro-batches in ping-pong; each sequence's numbers do not depend on the split.
     const size_t half = batch.size() / 2;
+    const int64_t split = first_row[half];
     const absl::Span<const SequenceChunk> all(batch);
     absl::Status a, b;
-    overlap_->Run([&] { a = Compute(all.subspan(0, half), logits.data()); },
-                  [&] { b = Compute(all.subspan(half), logits.data() + half * vocab); });
+    overlap_->Run(
+        [&] { a = Compute(all.subspan(0, half), hidden.data(), logits.data()); },
+        [&] {
+          b = Compute(all.subspan(half), hidden.data() + split * hidden_size,
+                      logits.data() + split * vocab);
+        });
     SPLITMOE_RETURN_IF_ERROR(a);
     SPLITMOE_RETURN_IF_ERROR(b);
   } else {
-    SPLITMOE_RETURN_IF_ERROR(Compute(batch, logits.data()));
+    SPLITMOE_RETURN_IF_ERROR(Compute(batch, hidden.data(), logits.data()));
   }
-  size_t row = 0;
-  for (auto it = running_.begin(); it != running_.end(); ++row) {
+  i = 0;
+  for (auto it = running_.begin(); it != running_.end(); ++i) {
     DecodeSequence& s = it->second;
-    absl::Span<const float> l(logits.data() + row * vocab, static_cast<size_t>(vocab));
-    const int64_t position = s.prompt_tokens + s.generated;
-    const int32_t token = SampleToken(l, s.sampling, position);
-    ++s.generated;
-    DecodedToken t;
-    t.id = s.id;
-    t.token = token;
-    if (s.logprobs >= 0) t.logprob = ComputeLogprob(l, token, s.logprobs);
-    t.finish_reason = FinishReason(token, s.generated, s.max_tokens, eos_token_id_, s.ignore_eos,
-                                   s.stop_token_ids);
-    t.finished = !t.finish_reason.empty();
-    s.next_token = token;
-    out.push_back(std::move(t));
-    if (out.back().finished) {
+    // Position by position: the token one-token decoding samples there; the draft stands while
+    // it equals that token.
+    int64_t emitted = 0;
+    bool finished = false;
+    for (size_t j = 0; j < inputs[i].size() && !finished; ++j) {
+      const int64_t row = first_row[i] + static_cast<int64_t>(j);
+      absl::Span<const float> l(logits.data() + row * vocab, static_cast<size_t>(vocab));
+      const int64_t position = s.prompt_tokens + s.generated;
+      const int32_t token = SampleToken(l, s.sampling, position);
+      ++s.generated;
+      ++emitted;
+      DecodedToken t;
+      t.id = s.id;
+      t.token = token;
+      if (s.logprobs >= 0) t.logprob = ComputeLogprob(l, token, s.logprobs);
+      t.finish_reason = FinishReason(token, s.generated, s.max_tokens, eos_token_id_,
+                                     s.ignore_eos, s.stop_token_ids);
+      t.finished = finished = !t.finish_reason.empty();
+      s.next_token = token;
+      if (s.mtp_cache != nullptr) {
+        s.mtp_tokens.push_back(token);
+        s.mtp_hidden.insert(s.mtp_hidden.end(), hidden.begin() + row * hidden_size,
+                            hidden.begin() + (row + 1) * hidden_size);
+      }
+      out.push_back(std::move(t));
+      const bool accepted = j < drafts[i].size() && token == drafts[i][j];
+      if (accepted) ++stats_.accepted;
+      if (!accepted) break;
+    }
+    // The rows of rejected drafts go; the module keeps only rows the main model confirmed.
+    s.cache->Truncate(length[i] + emitted);
+    if (s.mtp_cache != nullptr && budget[i] > 0) s.mtp_cache->Truncate(mtp_keep[i]);
+    if (budget[i] > 0) {
+      stats_.drafted += budget[i];
+      ++stats_.verify_passes;
+      stats_.emitted += emitted;
+    }
+    if (finished) {
       finished_.push_back(std::move(s));
       it = running_.erase(it);
     } else {

@@ -42,6 +42,33 @@ struct DecodeSequence {
   bool ignore_eos = false;
   int64_t logprobs = -1;  // < 0: none
   std::unique_ptr<SequenceCache> cache;
+  // Speculative decoding (BatchDecoder's draft_tokens > 0): MTP module 0's cache, or null to
+  // decode this sequence one token a step. The module's row at position p reads token p+1 and
+  // the main model's final-normed hidden state at p; rows it has not consumed yet wait in
+  // `mtp_tokens` / `mtp_hidden` ([mtp_tokens.size(), hidden]), so that
+  // mtp_cache->length() + mtp_tokens.size() == cache->length() and the last of `mtp_tokens` is
+  // `next_token`. After a prefill: the prompt's rows but the last in the module's cache
+  // (PrefillItem::mtp_cache), and {first token} / {the prompt's last hidden state} waiting.
+  std::unique_ptr<SequenceCache> mtp_cache;
+  std::vector<int32_t> mtp_tokens;
+  std::vector<float> mtp_hidden;
+};
+
+// What speculative decoding did: draft tokens proposed and accepted, verification passes, and
+// tokens emitted by them (accepted drafts plus one token of the main model per pass).
+struct SpeculativeStats {
+  int64_t drafted = 0;
+  int64_t accepted = 0;
+  int64_t verify_passes = 0;
+  int64_t emitted = 0;
+  double acceptance_rate() const {
+    return drafted == 0 ? 0.0 : static_cast<double>(accepted) / static_cast<double>(drafted);
+  }
+  // Tokens per verification pass of a sequence (1.0: no gain).
+  double tokens_per_pass() const {
+    return verify_passes == 0 ? 0.0
+                              : static_cast<double>(emitted) / static_cast<double>(verify_passes);
+  }
 };
 
 struct DecodedToken {
@@ -56,8 +83,24 @@ class BatchDecoder {
  public:
   // With `overlap`, a step of two or more sequences runs as two micro-batches in ping-pong
   // (overlap.h): one's attention while the other's experts work. It must outlive the decoder.
-  BatchDecoder(Transformer* transformer, int64_t eos_token_id, PingPong* overlap = nullptr)
-      : transformer_(transformer), eos_token_id_(eos_token_id), overlap_(overlap) {}
+  //
+  // With `draft_tokens` K > 0 (speculative decoding with the model's MTP module), a step drafts
+  // up to K tokens per sequence that has an MTP cache — the module run K times, chained on its
+  // own hidden state, each draft its argmax — then verifies them in ONE forward pass of the main
+  // model over the K + 1 positions [next_token, d1..dK]. Position by position the main model's
+  // token is sampled exactly as one-token decoding samples it (same logits, same
+  // CounterUniform(seed, position)); the draft is accepted while it equals that token, and the
+  // first token that differs (or the one after the last draft) is emitted too. This is the
+  // standard rejection rule for a deterministic draft (accept d with probability
+  // min(1, p(d) / q(d)) = p(d), else sample from p without d) realised with the sampler's own
+  // uniform, so greedy AND seeded outputs are the tokens one-token decoding produces. The main
+  // and MTP caches are rolled back past the first rejection.
+  BatchDecoder(Transformer* transformer, int64_t eos_token_id, PingPong* overlap = nullptr,
+               int64_t draft_tokens = 0)
+      : transformer_(transformer),
+        eos_token_id_(eos_token_id),
+        overlap_(overlap),
+        draft_tokens_(draft_tokens) {}
 
   // Joins the batch at the next Step(). InvalidArgument for a duplicate id or a sequence that is
   // already done (generated >= max_tokens) or whose cache does not hold its prompt.
@@ -73,14 +116,21 @@ class BatchDecoder {
   std::vector<DecodeSequence> TakeFinished();
 
   size_t running() const { return running_.size(); }
+  int64_t draft_tokens() const { return draft_tokens_; }
+  const SpeculativeStats& speculative_stats() const { return stats_; }
 
  private:
-  // Forward and Logits of `batch` into logits [batch.size(), vocab].
-  absl::Status Compute(absl::Span<const SequenceChunk> batch, float* logits);
+  // Forward and Logits of `batch` into hidden [rows, hidden] and logits [rows, vocab].
+  absl::Status Compute(absl::Span<const SequenceChunk> batch, float* hidden, float* logits);
+  // Drafts for every sequence with a positive entry in `budget` (aligned with running_):
+  // drafts[i] gets budget[i] tokens. Consumes the sequences' waiting MTP rows.
+  absl::Status Draft(const std::vector<int64_t>& budget, std::vector<std::vector<int32_t>>* drafts);
 
   Transformer* transformer_;
   int64_t eos_token_id_;
   PingPong* overlap_;
+  int64_t draft_tokens_;
+  SpeculativeStats stats_;
   std::map<std::string, DecodeSequence> running_;  // ordered: batch order is deterministic
   std::vector<DecodeSequence> finished_;
 };
@@ -112,10 +162,16 @@ struct PrefillItem {
   SamplingParams sampling;
   int64_t logprobs = -1;             // < 0: none
   int64_t prompt_top_logprobs = -1;  // < 0: no prompt logprobs
+  // MTP module 0's cache (speculative decoding), as long as `cache` before the prompt, or null.
+  // The prompt's rows but the last are run through the module into it (row p reads token p+1
+  // and the main model's hidden state at p), after each round's main pass; `on_layer_done`
+  // hears of them as layer num_hidden_layers. Such a prompt's rounds are not pipelined.
+  SequenceCache* mtp_cache = nullptr;
   // Results.
   absl::Status status;               // the item's own failure (a hook error, a bad prompt)
   DecodedToken first;
   std::vector<std::optional<TokenLogprob>> prompt_logprobs;
+  std::vector<float> last_hidden;  // with mtp_cache: the main hidden state at the last position
 };
 // After a layer of a round: item `item`'s rows [first, first + count) are in its cache. An error
 // stops that item only (its status), the others go on.

@@ -34,6 +34,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
                        " ids but config.json's vocab_size is ", engine->config_.vocab_size));
     }
   }
+  if (options.draft_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("draft tokens must be >= 0, got ", options.draft_tokens));
+  }
+  if (options.draft_tokens > 0 && engine->weights_.mtp.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "speculative decoding needs the model's MTP module; ", model_dir,
+        " ships none (config num_nextn_predict_layers ", engine->config_.num_nextn_predict_layers,
+        ")"));
+  }
   engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_);
   engine->transformer_ =
       std::make_unique<Transformer>(engine->config_, engine->weights_, engine->moe_.get());
@@ -118,10 +128,17 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
   // The serving path with one sequence: the prefill worker's PrefillFirstToken, then the decode
   // worker's BatchDecoder, so the engine and the cluster sample, stop and score in one place.
   auto cache = std::make_unique<LatentCache>(config_.num_hidden_layers, config_.latent_dim());
-  SPLITMOE_ASSIGN_OR_RETURN(
-      DecodedToken first, PrefillFirstToken(*transformer_, request.prompt, cache.get(),
-                                            request.sampling, request.logprobs,
-                                            options_.prefill_form));
+  std::unique_ptr<LatentCache> mtp_cache;
+  if (options_.draft_tokens > 0) mtp_cache = std::make_unique<LatentCache>(1, config_.latent_dim());
+  std::vector<PrefillItem> prefill(1);
+  prefill[0].prompt = request.prompt;
+  prefill[0].cache = cache.get();
+  prefill[0].mtp_cache = mtp_cache.get();
+  prefill[0].sampling = request.sampling;
+  prefill[0].logprobs = request.logprobs;
+  SPLITMOE_RETURN_IF_ERROR(PrefillBatch(*transformer_, prefill, options_.prefill_form));
+  SPLITMOE_RETURN_IF_ERROR(prefill[0].status);
+  DecodedToken first = std::move(prefill[0].first);
   first.finish_reason = FinishReason(first.token, 1, request.max_tokens, config_.eos_token_id,
                                      request.ignore_eos, request.stop_token_ids);
   first.finished = !first.finish_reason.empty();
@@ -147,7 +164,7 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
   SPLITMOE_ASSIGN_OR_RETURN(bool done, emit(first));
   if (done) return result;
 
-  BatchDecoder decoder(transformer_.get(), config_.eos_token_id);
+  BatchDecoder decoder(transformer_.get(), config_.eos_token_id, nullptr, options_.draft_tokens);
   DecodeSequence sequence;
   sequence.id = "generate";
   sequence.prompt_tokens = static_cast<int64_t>(request.prompt.size());
@@ -159,13 +176,20 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
   sequence.ignore_eos = request.ignore_eos;
   sequence.logprobs = request.logprobs;
   sequence.cache = std::move(cache);
+  if (mtp_cache != nullptr) {
+    sequence.mtp_cache = std::move(mtp_cache);
+    sequence.mtp_tokens = {first.token};
+    sequence.mtp_hidden = std::move(prefill[0].last_hidden);
+  }
   SPLITMOE_RETURN_IF_ERROR(decoder.Add(std::move(sequence)));
   while (!done && decoder.running() > 0) {
     SPLITMOE_ASSIGN_OR_RETURN(std::vector<DecodedToken> step, decoder.Step());
     for (const DecodedToken& t : step) {
+      if (done) break;  // a stop string ended it: the step's later tokens are not the output
       SPLITMOE_ASSIGN_OR_RETURN(done, emit(t));
     }
   }
+  result.speculative = decoder.speculative_stats();
   return result;
 }
 

@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/engine/batch_decoder.h"
 #include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
 #include "common/engine/transformer.h"
@@ -36,6 +37,9 @@ struct EngineOptions {
   model::ResidentDType weights = model::ResidentDType::kCheckpoint;
   // Pack weights for oneDNN (faster GEMMs, see bench/blas_choice_bench.cc); off: plain OpenBLAS.
   bool pack_weights = true;
+  // Speculative decoding with the model's MTP module: K draft tokens per verification pass
+  // (BatchDecoder); 0: off. Needs the module (load_mtp and a checkpoint that ships it).
+  int64_t draft_tokens = 0;
 };
 
 struct ScoreResult {
@@ -63,6 +67,7 @@ struct GenerateResult {
   std::string text;
   std::vector<TokenLogprob> logprobs;
   std::string finish_reason;  // "length" | "stop"
+  SpeculativeStats speculative;  // with EngineOptions::draft_tokens > 0
 };
 
 // Called as tokens are produced: the new token and the text that became final with it.

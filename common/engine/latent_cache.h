@@ -9,6 +9,7 @@
 #ifndef SPLITMOE_COMMON_ENGINE_LATENT_CACHE_H_
 #define SPLITMOE_COMMON_ENGINE_LATENT_CACHE_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -38,6 +39,9 @@ class SequenceCache {
   virtual const float* LayerRows(int64_t layer, int64_t keys) = 0;
   // Every layer has been written up to `new_length`.
   virtual void Commit(int64_t new_length) = 0;
+  // Forgets every row at or past `length` (<= length()), in every layer: speculative decoding
+  // rolls back the rows of rejected draft tokens. The room stays reserved.
+  virtual void Truncate(int64_t length) = 0;
 };
 
 class LatentCache : public SequenceCache {
@@ -65,6 +69,7 @@ class LatentCache : public SequenceCache {
   }
   static constexpr int64_t kViewBlockTokens = 64;
   void Commit(int64_t new_length) override { length_ = new_length; }
+  void Truncate(int64_t length) override { length_ = std::min(length_, length); }
 
   // Grows every layer to hold `tokens` rows; existing rows are kept.
   void EnsureCapacity(int64_t tokens) {

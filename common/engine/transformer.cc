@@ -568,7 +568,8 @@ void Transformer::Logits(const float* hidden, int64_t rows, float* logits) const
 
 absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> batch,
                                      const float* main_hidden, AttentionForm form,
-                                     std::vector<float>* mtp_logits) {
+                                     std::vector<float>* mtp_logits,
+                                     std::vector<float>* block_hidden) {
   if (k < 0 || k >= mtp_modules()) {
     return absl::FailedPreconditionError(
         absl::StrCat("MTP module ", k, " is not loaded (", mtp_modules(), " present)"));
@@ -601,6 +602,8 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
   for (const SequenceChunk& chunk : batch) {
     chunk.cache->Commit(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
   }
+  if (block_hidden != nullptr) *block_hidden = h;
+  if (mtp_logits == nullptr) return absl::OkStatus();
   SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
       device_, {h.data(), rows, hidden, 0, m.head_norm.data(), eps, h.data(), 0}));
   mtp_logits->resize(static_cast<size_t>(rows * c.vocab_size));

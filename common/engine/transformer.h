@@ -168,10 +168,15 @@ class Transformer {
   // MTP module k. For each chunk row at position p, `next_tokens` holds token p+1 and
   // `main_hidden` the main model's final-normed hidden state at p (rows in batch order, as
   // Forward produced). The chunks' caches are the module's own (one layer). mtp_logits
-  // [total_rows, vocab] predict the token at p+2.
+  // [total_rows, vocab] predict the token at p+2. `block_hidden`, when given, receives the
+  // module's hidden states [total_rows, hidden] before its head's norm: what a chained draft
+  // feeds the module as the "main hidden state" of the next position (speculative decoding
+  // with one module drafts K tokens this way, as vLLM and SGLang do). Null `mtp_logits`: the
+  // head is not run (a prefill only fills the module's cache).
   absl::Status MtpForward(int64_t k, absl::Span<const SequenceChunk> batch,
                           const float* main_hidden, AttentionForm form,
-                          std::vector<float>* mtp_logits);
+                          std::vector<float>* mtp_logits,
+                          std::vector<float>* block_hidden = nullptr);
   int64_t mtp_modules() const { return static_cast<int64_t>(weights_.mtp.size()); }
 
  private:

@@ -32,12 +32,15 @@ float UniformPm1(uint64_t stream, uint64_t index) {
 }
 
 // The values of one tensor: uniform with the given standard deviation around `center`.
-std::vector<float> TensorValues(const TensorSpec& spec, uint64_t seed, float center, float stddev) {
+std::vector<float> TensorValues(const TensorSpec& spec, uint64_t seed, float center, float stddev,
+                                const std::map<std::string, std::string>& shares) {
   int64_t numel = 1;
   for (int64_t d : spec.shape) numel *= d;
-  // MTP embeddings are the main embeddings, as DeepSeek-V3 ships them.
+  // MTP embeddings are the main embeddings, as DeepSeek-V3 ships them; `shares` maps other
+  // tensors to the ones they copy (the agreeing MTP module's head and head norm).
   std::string stream_name = spec.name;
   if (absl::EndsWith(spec.name, ".embed_tokens.weight")) stream_name = "model.embed_tokens.weight";
+  if (auto it = shares.find(spec.name); it != shares.end()) stream_name = it->second;
   const uint64_t stream = HashName(stream_name, seed);
   std::vector<float> v(static_cast<size_t>(numel));
   const float half_width = stddev * std::sqrt(3.0f);
@@ -47,8 +50,8 @@ std::vector<float> TensorValues(const TensorSpec& spec, uint64_t seed, float cen
 }
 
 // Standard deviation (and centre) of each kind of tensor.
-void Distribution(const TensorSpec& spec, const ModelConfig& c, double logit_scale, float* center,
-                  float* stddev) {
+void Distribution(const TensorSpec& spec, const ModelConfig& c, double logit_scale,
+                  double output_scale, float* center, float* stddev) {
   const std::string& n = spec.name;
   *center = 0.0f;
   if (absl::EndsWith(n, "norm.weight") || absl::EndsWith(n, "layernorm.weight")) {
@@ -66,7 +69,7 @@ void Distribution(const TensorSpec& spec, const ModelConfig& c, double logit_sca
     const double fan_in = static_cast<double>(spec.shape.back());
     const bool output_proj =
         absl::EndsWith(n, "o_proj.weight") || absl::EndsWith(n, "down_proj.weight");
-    *stddev = static_cast<float>((output_proj ? 0.5 : 1.0) / std::sqrt(fan_in));
+    *stddev = static_cast<float>((output_proj ? 0.5 * output_scale : 1.0) / std::sqrt(fan_in));
   }
 }
 
@@ -197,6 +200,13 @@ TinyModelOptions BenchModelOptions() {
 absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_dir,
                             const std::string& tokenizer_dir) {
   SPLITMOE_ASSIGN_OR_RETURN(ModelConfig c, TinyModelConfig(o));
+  if (o.mtp_draft != "random" && o.mtp_draft != "agree") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("mtp draft must be random or agree, got '", o.mtp_draft, "'"));
+  }
+  if (o.mtp_draft == "agree" && c.num_nextn_predict_layers == 0) {
+    return absl::InvalidArgumentError("an agreeing MTP module needs an MTP layer (--mtp 1)");
+  }
   if (o.shards < 1 || o.shards > kMaxTinyShards) {
     return absl::InvalidArgumentError(
         absl::StrCat("shards must be in [1, ", kMaxTinyShards, "], got ", o.shards));
@@ -232,10 +242,24 @@ absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_di
     return o.shards == 1 ? std::string("model.safetensors")
                          : absl::StrFormat("model-%05d-of-%05d.safetensors", i + 1, o.shards);
   };
+  const bool agree = o.mtp_draft == "agree";
+  std::map<std::string, std::string> shares;
+  for (int64_t k = 0; agree && k < c.num_nextn_predict_layers; ++k) {
+    const std::string p = absl::StrCat("model.layers.", c.num_hidden_layers + k, ".");
+    shares[p + "shared_head.head.weight"] = "lm_head.weight";
+    shares[p + "shared_head.norm.weight"] = "model.norm.weight";
+  }
   for (const TensorSpec& s : specs) {
     float center, stddev;
-    Distribution(s, c, o.logit_scale, &center, &stddev);
-    std::vector<float> values = TensorValues(s, o.seed, center, stddev);
+    Distribution(s, c, o.logit_scale, agree ? 0.05 : 1.0, &center, &stddev);
+    std::vector<float> values = TensorValues(s, o.seed, center, stddev, shares);
+    if (agree && absl::EndsWith(s.name, ".enorm.weight")) {
+      std::fill(values.begin(), values.end(), 1.0f);
+    } else if (agree && absl::EndsWith(s.name, ".eh_proj.weight")) {
+      // [hidden, 2 * hidden]: the normed embedding passes, the hidden state does not.
+      std::fill(values.begin(), values.end(), 0.0f);
+      for (int64_t r = 0; r < c.hidden_size; ++r) values[static_cast<size_t>(r * 2 * c.hidden_size + r)] = 1.0f;
+    }
     size_t shard = std::min<size_t>(static_cast<size_t>(written * static_cast<uint64_t>(o.shards) /
                                                         std::max<uint64_t>(total_bytes, 1)),
                                     shards.size() - 1);

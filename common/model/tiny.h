@@ -49,6 +49,12 @@ struct TinyModelOptions {
   int64_t topk_group = 0;
   int64_t max_position_embeddings = 0;
   double logit_scale = 12.0;  // std of the logits, in units of the normed hidden state
+  // The MTP module: "random" (the default; its drafts rarely match the main model, which shows
+  // the cost of speculative decoding) or "agree": a model whose next token depends mostly on
+  // the current one (every o_proj and down_proj scaled by 1/20) and an MTP module that predicts
+  // exactly that from the token it reads (enorm all ones, eh_proj = [I 0], shared_head.norm and
+  // .head = the main final norm and lm_head), so most drafts are accepted.
+  std::string mtp_draft = "random";
 };
 
 // The writer generates every tensor in memory before writing: a model whose BF16 weights exceed

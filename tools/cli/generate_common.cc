@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 
 namespace splitmoe::cli {
@@ -51,7 +52,35 @@ void PrintGenerateJson(const engine::GenerateResult& r) {
                         {"text", r.text},
                         {"logprobs", lps},
                         {"finish_reason", r.finish_reason}};
+  if (r.speculative.verify_passes > 0) {
+    const engine::SpeculativeStats& st = r.speculative;
+    out["speculative"] = {{"drafted", st.drafted},
+                          {"accepted", st.accepted},
+                          {"acceptance_rate", st.acceptance_rate()},
+                          {"verify_passes", st.verify_passes},
+                          {"tokens_per_pass", st.tokens_per_pass()}};
+  }
   std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+}
+
+absl::StatusOr<int64_t> DraftTokensFromFlags(const Flags& f) {
+  const std::string mode = f.Get("speculative", "none");
+  if (mode != "none" && mode != "mtp") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--speculative must be mtp or none, got '", mode, "'"));
+  }
+  if (mode == "none") {
+    if (f.Has("draft-tokens")) {
+      return absl::InvalidArgumentError("--draft-tokens needs --speculative mtp");
+    }
+    return 0;
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t k, f.GetInt("draft-tokens", kDefaultDraftTokens));
+  if (k < 1 || k > kMaxDraftTokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--draft-tokens must be in [1, ", kMaxDraftTokens, "], got ", k));
+  }
+  return k;
 }
 
 }  // namespace splitmoe::cli

@@ -29,6 +29,12 @@ nlohmann::json LogprobJson(const engine::TokenLogprob& lp);
 // {"tokens", "text", "logprobs", "finish_reason"} on one line.
 void PrintGenerateJson(const engine::GenerateResult& r);
 
+// --speculative mtp|none and --draft-tokens K (generate, decode, up): K draft tokens per
+// verification pass, 0 when speculative decoding is off (the default).
+inline constexpr int64_t kDefaultDraftTokens = 2;
+inline constexpr int64_t kMaxDraftTokens = 16;
+absl::StatusOr<int64_t> DraftTokensFromFlags(const Flags& f);
+
 }  // namespace splitmoe::cli
 
 #endif  // SPLITMOE_TOOLS_CLI_GENERATE_COMMON_H_

@@ -75,7 +75,8 @@ absl::Status MakeTiny(int argc, char** argv) {
                                     "topk-groups",
                                     "max-position",
                                     "tokenizer-dir",
-                                    "logit-scale"},
+                                    "logit-scale",
+                                    "mtp-draft"},
                                    {"fp8", "no-tokenizer"}));
   if (!f.Has("out")) return absl::InvalidArgumentError("make-tiny needs --out DIR");
   model::TinyModelOptions o;
@@ -104,6 +105,7 @@ absl::Status MakeTiny(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(o.topk_group, f.GetInt("topk-groups", 0));
   SPLITMOE_ASSIGN_OR_RETURN(o.max_position_embeddings, f.GetInt("max-position", 0));
   SPLITMOE_ASSIGN_OR_RETURN(o.logit_scale, f.GetDouble("logit-scale", o.logit_scale));
+  o.mtp_draft = f.Get("mtp-draft", o.mtp_draft);
   // DeepSeek-V3's tokenizer has 128818 ids: a model with a smaller vocabulary gets none (unless a
   // tokenizer is named explicitly), so no encoded prompt can hold an id the model lacks.
   constexpr int64_t kDeepSeekV3TokenizerIds = 128818;
@@ -236,7 +238,7 @@ absl::Status Generate(int argc, char** argv) {
       f.Parse(argc, argv, 2,
               {"model", "endpoint", "api-key", "prompt", "prompt-tokens", "max-tokens", "temperature", "top-p",
                "top-k", "seed", "logprobs", "stop", "stop-token-ids", "attention", "device",
-               "precision", "weights"},
+               "precision", "weights", "speculative", "draft-tokens"},
               {"json", "ignore-eos"}));
   if (f.Has("endpoint") && !f.Has("model")) return GenerateRemote(f);
   if (f.Has("model") == f.Has("endpoint")) {
@@ -247,6 +249,7 @@ absl::Status Generate(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(options.weights,
                             model::ParseResidentDType(f.Get("weights", "checkpoint")));
+  SPLITMOE_ASSIGN_OR_RETURN(options.draft_tokens, DraftTokensFromFlags(f));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
   SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateRequest req,
                             GenerateRequestFromFlags(f, eng->tokenizer()));
@@ -504,12 +507,15 @@ constexpr char kUsage[] =
          "[flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
+         "            [--mtp-draft random|agree]   (agree: an MTP module whose drafts mostly hold)\n"
          "  inspect   --model DIR [--weights checkpoint|fp32] [--json]\n"
          "  score     --model DIR (--prompt TEXT | --prompt-tokens IDS) [--top-logprobs K] [--mtp] "
          "--json\n"
          "  generate  --model DIR (--prompt TEXT | --prompt-tokens IDS) [--max-tokens N] "
          "[--temperature T]\n"
          "            [--top-p P] [--top-k K] [--seed S] [--logprobs K] [--stop STR]... [--json]\n"
+         "            [--speculative mtp [--draft-tokens K]]   (the MTP module drafts K tokens,\n"
+         "            default 2, the model verifies them in one pass; the same tokens, faster)\n"
          "            (score/generate: --endpoint HOST:PORT instead of --model asks a cluster;\n"
          "             generate --device cuda:N [--precision fp32|bf16] runs the engine on a GPU)\n"
          "  chat      (--endpoint HOST:PORT | --model DIR) [--system TEXT] [--max-tokens N]\n"
