@@ -192,6 +192,7 @@ void BM_NarrowGemm(benchmark::State& state) {
 }
 BENCHMARK(BM_NarrowGemm)
     ->ArgsProduct({{1, 8}, {1024}, {512, 32768}, {kBf16, kFp8}})
+    ->ArgsProduct({{2, 3, 4}, {1024}, {32768}, {kBf16}})  // a speculative verification pass
     ->Args({128, 1024, 2816, kBf16})
     ->Args({48, 1024, 512, kBf16})  // a routed expert's share of a 512-token prefill
     ->Args({48, 512, 1024, kBf16})

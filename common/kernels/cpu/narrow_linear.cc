@@ -134,13 +134,11 @@ SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + c);
 #pragma GCC unroll 4
     for (int j = 0; j < R; ++j) {
-      if constexpr (MB == 1) {
-        // One row of x: pure streaming. Ask for the weight a few lines ahead (each line is
-        // asked for twice in bf16, four times in fp8; the repeats cost nothing).
-        _mm_prefetch(reinterpret_cast<const char*>(rows[j]) +
-                         (c + kPrefetchValues) * model::WeightDTypeBytes(D),
-                     _MM_HINT_T0);
-      }
+      // Ask for the weight a few lines ahead (each line is asked for twice in bf16, four times
+      // in fp8; the repeats cost nothing).
+      _mm_prefetch(reinterpret_cast<const char*>(rows[j]) +
+                       (c + kPrefetchValues) * model::WeightDTypeBytes(D),
+                   _MM_HINT_T0);
       const __m512 wv = LoadW<D>(rows[j], srows[j], c, static_cast<__mmask16>(0xffff));
 #pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
