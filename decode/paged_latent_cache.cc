@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/base/mix64.h"
 #include "common/model/numeric.h"
 
 namespace splitmoe::decode {
@@ -78,13 +79,146 @@ absl::StatusOr<PagedLatentCache> PagedLatentCache::Create(const PagedLatentCache
   return cache;
 }
 
-BlockId PagedLatentCache::TakeBlock(SequenceId owner, uint64_t* generation) {
-  const BlockId block = free_.front();
-  free_.pop_front();
+BlockId PagedLatentCache::TakeBlock(uint64_t* generation) {
+  BlockId block;
+  if (!free_.empty()) {
+    block = free_.front();
+    free_.pop_front();
+  } else {
+    // Evict the least recently kept published block: its rows go, as a freed block's do.
+    block = lru_.begin()->second;
+    lru_.erase(lru_.begin());
+    BlockState& evicted = blocks_[static_cast<size_t>(block)];
+    index_.erase(evicted.key);
+    evicted.key = evicted.parent = 0;
+    evicted.tokens.clear();
+    ++evicted.generation;
+    ++evicted_;
+  }
   BlockState& state = blocks_[static_cast<size_t>(block)];
-  state.owner = owner;
+  state.refs = 1;
   *generation = state.generation;
   return block;
+}
+
+std::vector<BlockKey> PagedLatentCache::PrefixKeys(absl::Span<const int32_t> tokens,
+                                                   int64_t block_tokens) {
+  std::vector<BlockKey> keys;
+  if (block_tokens <= 0) return keys;
+  BlockKey parent = 0;
+  for (size_t begin = 0; begin + static_cast<size_t>(block_tokens) <= tokens.size();
+       begin += static_cast<size_t>(block_tokens)) {
+    uint64_t h = Mix64(parent ^ 0x6a09e667f3bcc909ULL);
+    for (size_t i = begin; i < begin + static_cast<size_t>(block_tokens); ++i) {
+      h = Mix64(h ^ static_cast<uint32_t>(tokens[i]));
+    }
+    if (h == 0) h = 1;  // 0 means "no key"
+    keys.push_back(h);
+    parent = h;
+  }
+  return keys;
+}
+
+std::vector<BlockId> PagedLatentCache::MatchLocked(absl::Span<const int32_t> prompt,
+                                                   int64_t limit) const {
+  const int64_t t = layout_.block_tokens;
+  const std::vector<BlockKey> keys =
+      PrefixKeys(prompt.subspan(0, static_cast<size_t>(std::clamp<int64_t>(
+                                       limit, 0, static_cast<int64_t>(prompt.size())))),
+                 t);
+  std::vector<BlockId> match;
+  BlockKey parent = 0;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    auto it = index_.find(keys[i]);
+    if (it == index_.end()) break;
+    const BlockState& state = blocks_[static_cast<size_t>(it->second)];
+    // The key is a hash: the stored tokens and parent decide.
+    const auto tokens = prompt.subspan(i * static_cast<size_t>(t), static_cast<size_t>(t));
+    if (state.parent != parent ||
+        !std::equal(tokens.begin(), tokens.end(), state.tokens.begin(), state.tokens.end())) {
+      break;
+    }
+    match.push_back(it->second);
+    parent = keys[i];
+  }
+  return match;
+}
+
+int64_t PagedLatentCache::CachedPrefixTokens(absl::Span<const int32_t> prompt,
+                                             int64_t limit) const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return static_cast<int64_t>(MatchLocked(prompt, limit).size()) * layout_.block_tokens;
+}
+
+absl::StatusOr<Reservation> PagedLatentCache::ReserveWithPrefix(absl::Span<const int32_t> prompt,
+                                                                int64_t tokens,
+                                                                int64_t extra_tokens) {
+  if (tokens < static_cast<int64_t>(prompt.size()) || extra_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot reserve ", tokens, " + ", extra_tokens,
+                                                   " tokens for a prompt of ", prompt.size()));
+  }
+  const int64_t need = BlocksFor(tokens + extra_tokens);
+  std::lock_guard<std::mutex> lock(*mu_);
+  const std::vector<BlockId> shared =
+      MatchLocked(prompt, static_cast<int64_t>(prompt.size()) - 1);
+  // Kept blocks about to be shared are not evictable room.
+  int64_t kept_shared = 0;
+  for (BlockId b : shared) kept_shared += blocks_[static_cast<size_t>(b)].refs == 0 ? 1 : 0;
+  const int64_t fresh = need - static_cast<int64_t>(shared.size());
+  if (fresh > AvailableLocked() - kept_shared) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "latent cache full: ", tokens + extra_tokens, " tokens need ", fresh, " blocks beyond ",
+        shared.size(), " cached, ", AvailableLocked() - kept_shared, " of ", num_blocks_,
+        " free"));
+  }
+  const int64_t matchable = std::max<int64_t>(0, static_cast<int64_t>(prompt.size()) - 1);
+  prefix_queried_ += matchable / layout_.block_tokens * layout_.block_tokens;
+  prefix_hit_ += static_cast<int64_t>(shared.size()) * layout_.block_tokens;
+  BlockTable table;
+  table.id = next_id_++;
+  table.length = tokens;
+  for (BlockId b : shared) {
+    BlockState& state = blocks_[static_cast<size_t>(b)];
+    if (state.refs++ == 0) lru_.erase({state.kept_at, b});
+    table.blocks.push_back(b);
+    table.generations.push_back(state.generation);
+  }
+  for (int64_t i = 0; i < fresh; ++i) {
+    uint64_t generation = 0;
+    table.blocks.push_back(TakeBlock(&generation));
+    table.generations.push_back(generation);
+  }
+  Reservation reservation{table.id, tokens,
+                          static_cast<int64_t>(shared.size()) * layout_.block_tokens,
+                          table.blocks, table.generations};
+  tables_.emplace(table.id, std::move(table));
+  return reservation;
+}
+
+absl::Status PagedLatentCache::Publish(SequenceId id, absl::Span<const int32_t> tokens) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  auto it = tables_.find(id);
+  if (it == tables_.end()) {
+    return absl::NotFoundError(absl::StrCat("no latent cache sequence ", id));
+  }
+  const BlockTable& table = it->second;
+  const int64_t t = layout_.block_tokens;
+  const int64_t rows = std::min<int64_t>(static_cast<int64_t>(tokens.size()), table.length);
+  const std::vector<BlockKey> keys = PrefixKeys(tokens.subspan(0, static_cast<size_t>(rows)), t);
+  BlockKey parent = 0;
+  for (size_t i = 0; i < keys.size() && i < table.blocks.size(); ++i) {
+    BlockState& state = blocks_[static_cast<size_t>(table.blocks[i])];
+    // Another block may hold this key (the same rows): the chain goes on through it.
+    if (state.key == 0 && index_.count(keys[i]) == 0) {
+      state.key = keys[i];
+      state.parent = parent;
+      state.tokens.assign(tokens.begin() + static_cast<int64_t>(i) * t,
+                          tokens.begin() + static_cast<int64_t>(i + 1) * t);
+      index_[keys[i]] = table.blocks[i];
+    }
+    parent = keys[i];
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Reservation> PagedLatentCache::Reserve(int64_t tokens, int64_t extra_tokens) {
@@ -94,7 +228,7 @@ absl::StatusOr<Reservation> PagedLatentCache::Reserve(int64_t tokens, int64_t ex
   }
   const int64_t need = BlocksFor(tokens + extra_tokens);
   std::lock_guard<std::mutex> lock(*mu_);
-  const auto free_blocks = static_cast<int64_t>(free_.size());
+  const int64_t free_blocks = AvailableLocked();
   if (need > free_blocks) {
     return absl::ResourceExhaustedError(absl::StrCat("latent cache full: ", tokens + extra_tokens,
                                                      " tokens need ", need, " blocks, ",
@@ -107,10 +241,10 @@ absl::StatusOr<Reservation> PagedLatentCache::Reserve(int64_t tokens, int64_t ex
   table.generations.reserve(static_cast<size_t>(need));
   for (int64_t i = 0; i < need; ++i) {
     uint64_t generation = 0;
-    table.blocks.push_back(TakeBlock(table.id, &generation));
+    table.blocks.push_back(TakeBlock(&generation));
     table.generations.push_back(generation);
   }
-  Reservation reservation{table.id, tokens, table.blocks, table.generations};
+  Reservation reservation{table.id, tokens, 0, table.blocks, table.generations};
   tables_.emplace(table.id, std::move(table));
   return reservation;
 }
@@ -137,7 +271,7 @@ absl::Status PagedLatentCache::ValidateLocked(const Reservation& reservation) co
           absl::StrCat("reservation ", reservation.id, " names block ", b, " of ", num_blocks_));
     }
     const BlockState& state = blocks_[static_cast<size_t>(b)];
-    if (state.owner != reservation.id || state.generation != reservation.generations[i]) {
+    if (state.refs == 0 || state.generation != reservation.generations[i]) {
       return absl::FailedPreconditionError(absl::StrCat(
           "reservation ", reservation.id, ": block ", b, " was released since (generation ",
           reservation.generations[i], ", now ", state.generation, ")"));
@@ -161,16 +295,47 @@ absl::StatusOr<int64_t> PagedLatentCache::AppendToken(SequenceId id) {
   BlockTable& table = it->second;
   const int64_t position = table.length;
   if (position == static_cast<int64_t>(table.blocks.size()) * layout_.block_tokens) {
-    if (free_.empty()) {
+    if (AvailableLocked() == 0) {
       return absl::ResourceExhaustedError(
           absl::StrCat("latent cache full: sequence ", id, " needs a block for token ", position));
     }
     uint64_t generation = 0;
-    table.blocks.push_back(TakeBlock(id, &generation));
+    table.blocks.push_back(TakeBlock(&generation));
     table.generations.push_back(generation);
   }
   table.length = position + 1;
   return position;
+}
+
+absl::Status PagedLatentCache::Grow(SequenceId id, int64_t tokens) {
+  std::lock_guard<std::mutex> lock(*mu_);
+  auto it = tables_.find(id);
+  if (it == tables_.end()) {
+    return absl::NotFoundError(absl::StrCat("no latent cache sequence ", id));
+  }
+  BlockTable& table = it->second;
+  if (tokens <= table.length) return absl::OkStatus();
+  const int64_t have = static_cast<int64_t>(table.blocks.size());
+  const int64_t need = BlocksFor(tokens) - have;
+  if (need > AvailableLocked()) {
+    return absl::ResourceExhaustedError(absl::StrCat("latent cache full: sequence ", id,
+                                                     " needs ", need, " blocks for ", tokens,
+                                                     " tokens, ", AvailableLocked(), " free"));
+  }
+  for (int64_t b = 0; b < need; ++b) {
+    uint64_t generation = 0;
+    table.blocks.push_back(TakeBlock(&generation));
+    table.generations.push_back(generation);
+  }
+  table.length = tokens;
+  return absl::OkStatus();
+}
+
+int64_t PagedLatentCache::BlocksToGrow(SequenceId id, int64_t tokens) const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  auto it = tables_.find(id);
+  if (it == tables_.end()) return 0;
+  return std::max<int64_t>(0, BlocksFor(tokens) - static_cast<int64_t>(it->second.blocks.size()));
 }
 
 absl::Status PagedLatentCache::Release(SequenceId id) {
@@ -183,11 +348,19 @@ absl::Status PagedLatentCache::ReleaseLocked(SequenceId id) {
   if (it == tables_.end()) {
     return absl::NotFoundError(absl::StrCat("no latent cache sequence ", id));
   }
-  for (BlockId b : it->second.blocks) {
-    BlockState& state = blocks_[static_cast<size_t>(b)];
-    state.owner = 0;
-    ++state.generation;
-    free_.push_back(b);
+  // Deepest block first: a chain's later blocks are kept with older stamps, so they are evicted
+  // before the blocks they follow.
+  const std::vector<BlockId>& blocks = it->second.blocks;
+  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) {
+    BlockState& state = blocks_[static_cast<size_t>(*b)];
+    if (--state.refs > 0) continue;  // another sequence shares it
+    if (state.key != 0) {
+      state.kept_at = ++clock_;
+      lru_.insert({state.kept_at, *b});
+    } else {
+      ++state.generation;
+      free_.push_back(*b);
+    }
   }
   tables_.erase(it);
   return absl::OkStatus();
@@ -201,7 +374,27 @@ absl::Status PagedLatentCache::Release(const Reservation& reservation) {
 
 int64_t PagedLatentCache::blocks_free() const {
   std::lock_guard<std::mutex> lock(*mu_);
-  return static_cast<int64_t>(free_.size());
+  return AvailableLocked();
+}
+
+int64_t PagedLatentCache::blocks_cached() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return static_cast<int64_t>(lru_.size());
+}
+
+int64_t PagedLatentCache::prefix_tokens_queried() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return prefix_queried_;
+}
+
+int64_t PagedLatentCache::prefix_tokens_hit() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return prefix_hit_;
+}
+
+int64_t PagedLatentCache::blocks_evicted() const {
+  std::lock_guard<std::mutex> lock(*mu_);
+  return evicted_;
 }
 
 int64_t PagedLatentCache::sequences() const {

@@ -20,6 +20,16 @@
 // As a second line, freed blocks are reused in FIFO order, so a just-released block is the last
 // to be handed out again.
 //
+// Prefix cache: a block whose rows are final (every slot written, for tokens known) can be
+// published under a key — a hash chain over the tokens its rows hold and the blocks before it
+// (PrefixKeys). When its last holder releases it, a published block is not freed but kept,
+// evictable, with its rows and its generation: a later reservation whose prompt starts with the
+// same tokens shares it in place (ReserveWithPrefix; reference counted, never written again) and
+// only the rest is computed. Kept blocks are evicted least recently used first, the deepest
+// block of a chain before the ones it follows, when a block is needed and none is free; an
+// evicted block's generation is incremented as a freed one's is. Matches compare the stored
+// tokens and parent, not only the 64-bit key, so a hash collision can never share wrong rows.
+//
 // Threading: the bookkeeping (Reserve, Validate, Find, AppendToken, Release, the counts) is
 // guarded by a mutex, because the decode actor reserves and releases while its executor runs a
 // step over the running sequences. A sequence's table and rows are used by one thread at a time
@@ -50,11 +60,14 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <set>
+#include <utility>
 #include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 
 namespace splitmoe::decode {
 
@@ -112,10 +125,16 @@ struct PagedLatentCacheOptions {
   int64_t arena_bytes = 0;
 };
 
+// Key of a full block in a prefix chain (PrefixKeys); 0 is never a key.
+using BlockKey = uint64_t;
+
 // What Reserve() grants, as a value that can be shipped to a remote writer.
 struct Reservation {
   SequenceId id = 0;
   int64_t tokens = 0;                 // tokens reserved (the sequence's length after Reserve)
+  // ReserveWithPrefix: leading tokens whose rows the shared cached blocks already hold (a
+  // multiple of block_tokens); the writer writes from here on only.
+  int64_t cached_tokens = 0;
   std::vector<BlockId> blocks;        // token t: blocks[t / block_tokens], slot t % block_tokens
   std::vector<uint64_t> generations;  // aligned with blocks: each block's generation when granted
 };
@@ -146,6 +165,27 @@ class PagedLatentCache {
   // are free.
   absl::StatusOr<Reservation> Reserve(int64_t tokens, int64_t extra_tokens = 0);
 
+  // The key of every full block of `tokens` (block i holds tokens [i * T, (i + 1) * T)), each
+  // chained on the one before: equal keys mean equal token prefixes (up to a 64-bit hash, which
+  // matches verify).
+  static std::vector<BlockKey> PrefixKeys(absl::Span<const int32_t> tokens, int64_t block_tokens);
+
+  // Leading tokens of `prompt` whose rows are cached here: a multiple of block_tokens, at most
+  // `limit` (a prefill must compute at least the last prompt token, so callers pass size - 1).
+  int64_t CachedPrefixTokens(absl::Span<const int32_t> prompt, int64_t limit) const;
+
+  // As Reserve, but the sequence starts with the cached blocks of the longest cached prefix of
+  // `prompt` (at most prompt.size() - 1 tokens, whole blocks), shared in place; fresh blocks
+  // follow. `tokens` >= prompt.size() is the sequence's length. All or nothing.
+  absl::StatusOr<Reservation> ReserveWithPrefix(absl::Span<const int32_t> prompt, int64_t tokens,
+                                                int64_t extra_tokens = 0);
+
+  // Publishes the sequence's full blocks that hold rows of `tokens` (its first tokens, whose rows
+  // are final in every layer) under their prefix keys, so they outlive the sequence. A block
+  // already published, or whose key another block holds, stays as it is. NotFound for an unknown
+  // id.
+  absl::Status Publish(SequenceId id, absl::Span<const int32_t> tokens);
+
   // OK iff the reservation's sequence is live and none of its blocks has been released since it
   // was granted (FailedPrecondition otherwise, naming the first stale block).
   absl::Status Validate(const Reservation& reservation) const;
@@ -158,6 +198,13 @@ class PagedLatentCache {
   // free block when the last one is full. NotFound for an unknown id; ResourceExhausted (length
   // unchanged) when no block is free.
   absl::StatusOr<int64_t> AppendToken(SequenceId id);
+
+  // Gives the sequence slots up to `tokens` (its length becomes max(length, tokens)), taking the
+  // blocks that needs, all or nothing: NotFound for an unknown id; ResourceExhausted (nothing
+  // taken) when too few blocks are free. How a decode step's room is made before it runs.
+  absl::Status Grow(SequenceId id, int64_t tokens);
+  // Blocks Grow(id, tokens) would take (0 when the sequence has room or is unknown).
+  int64_t BlocksToGrow(SequenceId id, int64_t tokens) const;
 
   // Frees all blocks of the sequence (each block's generation is incremented). NotFound for an
   // unknown id.
@@ -197,6 +244,14 @@ class PagedLatentCache {
   int64_t bytes_used() const { return blocks_used() * layout_.block_bytes(); }
   int64_t bytes_free() const { return blocks_free() * layout_.block_bytes(); }
   int64_t sequences() const;
+  // Published blocks that no sequence holds: kept for later prompts, evicted when needed. They
+  // count as free in blocks_free().
+  int64_t blocks_cached() const;
+  // Prefix-cache counters: tokens asked for by ReserveWithPrefix (every full block of the
+  // matchable part) and tokens found; blocks evicted.
+  int64_t prefix_tokens_queried() const;
+  int64_t prefix_tokens_hit() const;
+  int64_t blocks_evicted() const;
   // Blocks needed for `tokens` tokens.
   int64_t BlocksFor(int64_t tokens) const {
     return (tokens + layout_.block_tokens - 1) / layout_.block_tokens;
@@ -209,13 +264,22 @@ class PagedLatentCache {
     void operator()(uint8_t* p) const;
   };
   struct BlockState {
-    SequenceId owner = 0;  // 0: free
+    int32_t refs = 0;  // sequences holding it; 0: free, or kept (published)
     uint64_t generation = 0;
+    // Published: its key, the key of the block before it (0 for the first) and its tokens.
+    BlockKey key = 0;
+    BlockKey parent = 0;
+    std::vector<int32_t> tokens;
+    uint64_t kept_at = 0;  // lru_ entry while kept
   };
 
   PagedLatentCache() = default;
-  // Takes one block from the free list for `owner` (the caller checked there is one).
-  BlockId TakeBlock(SequenceId owner, uint64_t* generation);
+  // Takes one block for a new holder: from the free list, else the least recently kept
+  // published block is evicted (the caller checked there is one of either).
+  BlockId TakeBlock(uint64_t* generation);
+  int64_t AvailableLocked() const { return static_cast<int64_t>(free_.size() + lru_.size()); }
+  // The cached blocks of the longest cached prefix of `prompt`, at most `limit` tokens.
+  std::vector<BlockId> MatchLocked(absl::Span<const int32_t> prompt, int64_t limit) const;
   absl::Status ValidateLocked(const Reservation& reservation) const;
   absl::Status ReleaseLocked(SequenceId id);
 
@@ -225,6 +289,10 @@ class PagedLatentCache {
   uint8_t* base_ = nullptr;
   std::vector<BlockState> blocks_;  // [num_blocks]
   std::deque<BlockId> free_;        // FIFO: the least recently freed block is reused first
+  std::set<std::pair<uint64_t, BlockId>> lru_;   // kept published blocks, by kept_at
+  std::unordered_map<BlockKey, BlockId> index_;  // published blocks by key
+  uint64_t clock_ = 0;
+  int64_t prefix_queried_ = 0, prefix_hit_ = 0, evicted_ = 0;
   // Guards blocks_, free_, tables_ and next_id_ (a pointer, so the cache stays movable).
   std::unique_ptr<std::mutex> mu_ = std::make_unique<std::mutex>();
   std::unordered_map<SequenceId, BlockTable> tables_;

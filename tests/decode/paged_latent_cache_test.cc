@@ -338,5 +338,135 @@ TEST(PagedLatentCacheTest, RandomisedAllocFreeNeverOwnsABlockTwice) {
   EXPECT_EQ(cache.blocks_used(), 0);
 }
 
+// ---- the prefix cache: published blocks kept, shared in place, evicted deepest-first ----
+
+std::vector<int32_t> Tokens(std::initializer_list<int32_t> t) { return t; }
+
+TEST(PrefixCacheTest, KeysChainOverWholeBlocks) {
+  const auto a = PagedLatentCache::PrefixKeys(Tokens({1, 2, 3, 4, 5, 6, 7, 8, 9, 10}), 4);
+  const auto b = PagedLatentCache::PrefixKeys(Tokens({1, 2, 3, 4, 5, 6, 0, 8}), 4);
+  const auto c = PagedLatentCache::PrefixKeys(Tokens({9, 2, 3, 4, 5, 6, 7, 8}), 4);
+  ASSERT_EQ(a.size(), 2u);  // the partial third block has no key
+  ASSERT_EQ(b.size(), 2u);
+  EXPECT_EQ(a[0], b[0]);
+  EXPECT_NE(a[1], b[1]);
+  EXPECT_NE(a[1], c[1]) << "the second block's key depends on the first block";
+  for (BlockKey k : a) EXPECT_NE(k, 0u);
+}
+
+TEST(PrefixCacheTest, PublishedBlocksOutliveTheirSequenceAndAreSharedInPlace) {
+  PagedLatentCache cache = MakeCache(SmallOptions(LatentDType::kFloat32, 8));
+  const std::vector<int32_t> prompt = {5, 6, 7, 8, 9, 10, 11, 12, 13, 14};  // 2 blocks + 2
+  auto first = cache.ReserveWithPrefix(prompt, 10, 2);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->cached_tokens, 0);
+  EXPECT_EQ(first->blocks.size(), 3u);
+  const BlockTable* table = cache.Find(first->id);
+  ASSERT_NE(table, nullptr);
+  float row[5] = {1, 2, 3, 4, 5};
+  ASSERT_TRUE(cache.StoreRow(*table, 2, 5, row).ok());  // layer 2, token 5 (block 1)
+  ASSERT_TRUE(cache.Publish(first->id, prompt).ok());
+  ASSERT_TRUE(cache.Release(first->id).ok());
+  EXPECT_EQ(cache.blocks_cached(), 2);       // the two full blocks
+  EXPECT_EQ(cache.blocks_free(), 8);         // kept blocks still count as room
+  EXPECT_EQ(cache.blocks_used(), 0);
+  // The same prompt with another ending: the two blocks are shared, the rest is fresh.
+  const std::vector<int32_t> again = {5, 6, 7, 8, 9, 10, 11, 12, 99};
+  EXPECT_EQ(cache.CachedPrefixTokens(again, 8), 8);
+  auto second = cache.ReserveWithPrefix(again, 9, 4);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->cached_tokens, 8);
+  ASSERT_EQ(second->blocks.size(), 4u);
+  EXPECT_EQ(second->blocks[0], first->blocks[0]);
+  EXPECT_EQ(second->blocks[1], first->blocks[1]);
+  EXPECT_EQ(second->generations[1], first->generations[1]) << "kept rows keep their generation";
+  EXPECT_TRUE(cache.Validate(*second).ok());
+  std::vector<float> rows(6 * 5);
+  ASSERT_TRUE(cache.GatherLayer(*cache.Find(second->id), 2, 6, rows.data()).ok());
+  EXPECT_EQ(rows[5 * 5 + 4], 5.0f) << "the shared block holds the first sequence's rows";
+  EXPECT_EQ(cache.blocks_cached(), 0);
+  // A third sequence shares them too; releasing one keeps them held by the other.
+  auto third = cache.ReserveWithPrefix(again, 9, 0);
+  ASSERT_TRUE(third.ok());
+  EXPECT_EQ(third->cached_tokens, 8);
+  ASSERT_TRUE(cache.Release(second->id).ok());
+  EXPECT_TRUE(cache.Validate(*third).ok());
+  EXPECT_EQ(cache.blocks_cached(), 0);
+  ASSERT_TRUE(cache.Release(third->id).ok());
+  EXPECT_EQ(cache.blocks_cached(), 2);
+  EXPECT_EQ(cache.prefix_tokens_hit(), 16);
+  EXPECT_EQ(cache.prefix_tokens_queried(), 8 + 8 + 8);
+}
+
+TEST(PrefixCacheTest, AtLeastOneTokenIsLeftToComputeAndMismatchesStopTheMatch) {
+  PagedLatentCache cache = MakeCache(SmallOptions(LatentDType::kFloat32, 8));
+  const std::vector<int32_t> p = {1, 2, 3, 4, 5, 6, 7, 8};
+  auto r = cache.ReserveWithPrefix(p, 8, 0);
+  ASSERT_TRUE(r.ok());
+  ASSERT_TRUE(cache.Publish(r->id, p).ok());
+  ASSERT_TRUE(cache.Release(r->id).ok());
+  // The whole prompt is cached, but its last token must be computed: one block shared.
+  EXPECT_EQ(cache.CachedPrefixTokens(p, 7), 4);
+  auto same = cache.ReserveWithPrefix(p, 8, 0);
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(same->cached_tokens, 4);
+  ASSERT_TRUE(cache.Release(same->id).ok());
+  // A different first block matches nothing, even where the second block's tokens agree.
+  EXPECT_EQ(cache.CachedPrefixTokens(Tokens({0, 2, 3, 4, 5, 6, 7, 8, 9}), 8), 0);
+  EXPECT_EQ(cache.CachedPrefixTokens(Tokens({1, 2, 3, 4, 5, 6, 7, 0, 9}), 8), 4);
+}
+
+TEST(PrefixCacheTest, EvictionTakesTheLeastRecentlyKeptDeepestBlockFirstAndFences) {
+  PagedLatentCache cache = MakeCache(SmallOptions(LatentDType::kFloat32, 4));
+  const std::vector<int32_t> p = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13};  // 3 full blocks
+  auto r = cache.ReserveWithPrefix(p, 13, 0);  // 4 blocks: the whole cache
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(cache.Publish(r->id, p).ok());
+  ASSERT_TRUE(cache.Release(r->id).ok());
+  EXPECT_EQ(cache.blocks_cached(), 3);
+  EXPECT_EQ(cache.blocks_free(), 4);
+  // Two blocks for an unrelated sequence: one free block, then the deepest kept block goes.
+  auto other = cache.Reserve(6, 0);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(cache.blocks_evicted(), 1);
+  EXPECT_EQ(cache.CachedPrefixTokens(p, 12), 8) << "blocks 0 and 1 are still cached";
+  const BlockId evicted = r->blocks[2];
+  EXPECT_NE(cache.generation(evicted), r->generations[2]) << "an evicted block is fenced";
+  // Everything needed: every kept block is evicted, nothing shared is lost.
+  ASSERT_TRUE(cache.Release(other->id).ok());
+  auto all = cache.Reserve(16, 0);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(cache.blocks_cached(), 0);
+  EXPECT_EQ(cache.CachedPrefixTokens(p, 12), 0);
+  EXPECT_EQ(cache.Reserve(1, 0).status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(cache.Release(all->id).ok());
+  EXPECT_EQ(cache.blocks_free(), 4);
+}
+
+TEST(PrefixCacheTest, BlocksBeingSharedAreNotRoomAndDuplicatesAreNotKept) {
+  PagedLatentCache cache = MakeCache(SmallOptions(LatentDType::kFloat32, 4));
+  const std::vector<int32_t> p = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  auto a = cache.ReserveWithPrefix(p, 9, 0);  // 3 blocks
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(cache.Publish(a->id, p).ok());
+  ASSERT_TRUE(cache.Release(a->id).ok());
+  EXPECT_EQ(cache.blocks_cached(), 2);
+  // 2 shared + 2 fresh = the whole cache: the kept blocks it shares cannot also be evicted.
+  auto b = cache.ReserveWithPrefix(p, 9, 7);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->cached_tokens, 8);
+  EXPECT_EQ(cache.blocks_free(), 0);
+  // A third sharer needs one fresh block and none is free.
+  EXPECT_EQ(cache.ReserveWithPrefix(p, 9, 0).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(cache.Release(b->id).ok());
+  // The same prompt published twice: the second copy's blocks are not kept.
+  auto c = cache.Reserve(9, 0);  // fresh blocks, no sharing
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(cache.Publish(c->id, p).ok());
+  ASSERT_TRUE(cache.Release(c->id).ok());
+  EXPECT_EQ(cache.blocks_cached(), 2);
+}
+
 }  // namespace
 }  // namespace splitmoe::decode
