@@ -34,7 +34,8 @@ DecodeActor::DecodeActor(engine::Transformer* transformer, PagedLatentCache cach
       options_(std::move(options)),
       gauge_(std::move(gauge)),
       overlap_(options_.micro_batches >= 2 ? std::make_unique<engine::PingPong>() : nullptr),
-      decoder_(transformer, transformer->config().eos_token_id, overlap_.get()),
+      decoder_(transformer, transformer->config().eos_token_id, overlap_.get(),
+               options_.draft_tokens),
       executor_(std::move(executor)) {
   PublishLoad();
 }
@@ -71,7 +72,25 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
         " blocks, this worker's whole cache has ", cache_.num_blocks())));
     return;
   }
-  absl::StatusOr<Reservation> reservation = cache_.Reserve(r.prompt_tokens(), r.max_tokens());
+  // Admission by a token budget: the prompt and a margin now, and one free block left per live
+  // sequence for the blocks they take as they decode.
+  int64_t extra = r.max_tokens();
+  if (!options_.reserve_upfront) {
+    const int64_t margin = options_.reserve_margin_tokens > 0 ? options_.reserve_margin_tokens
+                                                              : cache_.layout().block_tokens;
+    extra = std::min<int64_t>(r.max_tokens(), margin);
+    const int64_t headroom = static_cast<int64_t>(held_.size());
+    const int64_t blocks = cache_.BlocksFor(static_cast<int64_t>(r.prompt_tokens()) + extra);
+    if (cache_.blocks_free() < blocks + headroom) {
+      m.reply(absl::ResourceExhaustedError(absl::StrCat(
+          "latent cache full: ", r.prompt_tokens(), " + ", extra, " tokens need ", blocks,
+          " blocks and ", headroom, " stay free for the ", held_.size(),
+          " sequences here; ", cache_.blocks_free(), " free")));
+      PublishLoad();
+      return;
+    }
+  }
+  absl::StatusOr<Reservation> reservation = cache_.Reserve(r.prompt_tokens(), extra);
   if (!reservation.ok()) {
     m.reply(reservation.status());
     PublishLoad();
@@ -94,10 +113,12 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
   d->set_generation(Fence(*reservation));
   d->set_timeout_ms(static_cast<int32_t>(absl::ToInt64Milliseconds(timeout)));
   d->set_transfer_mode(options_.transfer_mode);
+  d->set_mtp_layer(options_.draft_tokens > 0);
   for (BlockId b : reservation->blocks) d->add_blocks(b);
 
   Held held;
   held.request_id = r.request_id();
+  held.arrival_us = r.arrival_us() > 0 ? r.arrival_us() : absl::ToUnixMicros(absl::Now());
   held.reclaim = ctx.ScheduleAfter(timeout + options_.reclaim_grace,
                                    ReclaimReservation{reservation->id});
   held.reservation = std::move(*reservation);
@@ -240,7 +261,22 @@ void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
   if (fence.ok()) fence = engine::ValidateSamplingParams(seq.sampling);
   if (fence.ok()) {
     seq.cache = std::make_unique<PagedSequenceCache>(&cache_, id, seq.prompt_tokens);
-    fence = engine::BatchDecoder::Check(seq);
+    const model::ModelConfig& c = transformer_->config();
+    // The writer filled the MTP module's layer (every prompt row but the last) and sent the
+    // last hidden state: this sequence speculates. Otherwise it decodes one token a step.
+    if (options_.draft_tokens > 0 && r.mtp_hidden_size() > 0) {
+      if (r.mtp_hidden_size() != c.hidden_size) {
+        fence = absl::InvalidArgumentError(absl::StrCat(
+            "start: ", r.mtp_hidden_size(), " MTP hidden values, the model's hidden size is ",
+            c.hidden_size));
+      } else {
+        seq.mtp_cache = std::make_unique<PagedSequenceCache>(
+            &cache_, id, seq.prompt_tokens - 1, /*layer_offset=*/c.num_hidden_layers);
+        seq.mtp_tokens = {seq.next_token};
+        seq.mtp_hidden.assign(r.mtp_hidden().begin(), r.mtp_hidden().end());
+      }
+    }
+    if (fence.ok()) fence = engine::BatchDecoder::Check(seq);
   }
   if (fence.ok()) joining_.push_back(std::move(seq));  // joins at the next step
   if (!fence.ok()) {
@@ -293,7 +329,10 @@ void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
       if (it != by_request_.end()) StopNow(it->second, absl::StrCat("error: ", added.message()), ctx);
     }
   }
+  MakeRoom(ctx);
+  PublishLoad();
   if (decoder_.running() == 0) return;
+  max_running_ = std::max(max_running_, static_cast<int32_t>(decoder_.running()));
   stepping_ = true;
   // The decoder and its sequences' caches belong to the step until StepDone.
   executor_->Run([this, self = ctx.self()] { self.Send(StepDone{decoder_.Step()}); });
@@ -301,6 +340,7 @@ void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
 
 void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
   stepping_ = false;
+  speculative_ = decoder_.speculative_stats();  // the step is over: the decoder is ours again
   std::map<uint64_t, std::string> stopping;
   stopping.swap(stopping_);
   absl::StatusOr<std::vector<engine::DecodedToken>>& step = m.tokens;
@@ -361,6 +401,37 @@ void DecodeActor::Handle(ReclaimReservation m, runtime::Context<Message>& ctx) {
       << "reservation never started or confirmed by its writer: reclaiming its blocks";
   Free(m.reservation_id, ctx);
   PublishLoad();
+}
+
+void DecodeActor::MakeRoom(runtime::Context<Message>& ctx) {
+  struct Need {
+    uint64_t id;
+    int64_t arrival_us;
+    int64_t tokens;
+  };
+  std::vector<Need> needs;
+  for (const auto& [request_id, tokens] : decoder_.NextStepTokens()) {
+    auto it = by_request_.find(request_id);
+    if (it == by_request_.end()) continue;
+    needs.push_back({it->second, held_.at(it->second).arrival_us, tokens});
+  }
+  // Oldest first; the victims are taken from the back.
+  std::sort(needs.begin(), needs.end(), [](const Need& a, const Need& b) {
+    return a.arrival_us != b.arrival_us ? a.arrival_us < b.arrival_us : a.id < b.id;
+  });
+  size_t end = needs.size();
+  for (size_t i = 0; i < end; ++i) {
+    while (!cache_.Grow(needs[i].id, needs[i].tokens).ok()) {
+      // No block left: the sequence that arrived last gives its blocks back (perhaps this one).
+      const uint64_t victim = needs[--end].id;
+      ++preemptions_;
+      SPLITMOE_LOG(INFO, "decode").With("request", held_.at(victim).request_id)
+              .With("blocks_free", cache_.blocks_free())
+          << "cache full: sequence preempted (its router prefills it again)";
+      StopNow(victim, "preempted", ctx);
+      if (victim == needs[i].id) break;
+    }
+  }
 }
 
 void DecodeActor::Free(uint64_t id, runtime::Context<Message>& ctx) {
@@ -442,6 +513,11 @@ void DecodeActor::PublishLoad() {
   load.set_tokens_processed(tokens_generated_);
   load.set_sequences_running(running);  // the decoder is the step's while one runs
   if (overlap_ != nullptr) load.set_micro_batch_overlaps(overlap_->handoffs());
+  load.set_draft_tokens_proposed(static_cast<uint64_t>(speculative_.drafted));
+  load.set_draft_tokens_accepted(static_cast<uint64_t>(speculative_.accepted));
+  load.set_verify_passes(static_cast<uint64_t>(speculative_.verify_passes));
+  load.set_preemptions(preemptions_);
+  load.set_max_sequences_running(max_running_);
   gauge_->Set(std::move(load));
 }
 

@@ -119,6 +119,15 @@ struct DecodeActorOptions {
   absl::Duration default_reservation_timeout = absl::Seconds(30);
   // 2: a step of two or more sequences runs as two micro-batches in ping-pong; 1: one batch.
   int micro_batches = 1;
+  // Speculative decoding (BatchDecoder): K draft tokens per verification pass, 0: off. The
+  // cache's layout then has the MTP module's layer after the model's (num_hidden_layers + 1).
+  int64_t draft_tokens = 0;
+  // The cache grows: a reservation takes the prompt plus `reserve_margin_tokens` (0: one block),
+  // a running sequence takes blocks as it decodes, and when none is free the sequence that
+  // arrived last is preempted (its router re-prefills it). With `reserve_upfront` a reservation
+  // takes prompt + max_tokens at once, as before (nothing is ever preempted).
+  bool reserve_upfront = false;
+  int64_t reserve_margin_tokens = 0;
 };
 
 // The router that owns a request: its internal id is "<router id>-<serial>" (empty: no '-').
@@ -156,6 +165,7 @@ class DecodeActor {
     runtime::TimerId reclaim;
     std::string release_reason;
     std::string writer;  // who was sent the destination (Release.writer_id), when known
+    int64_t arrival_us = 0;  // priority: the request that arrived last is preempted first
   };
   static constexpr size_t kMaxGoneWriters = 1024;
 
@@ -168,6 +178,9 @@ class DecodeActor {
   void StopNow(uint64_t id, const std::string& reason, runtime::Context<Message>& ctx);
   void Emit(v1::TokenEvent event);
   void ScheduleStep(runtime::Context<Message>& ctx);
+  // Before a step: every running sequence gets the blocks its next step writes; when the cache
+  // has none left, the sequences that arrived last are preempted until the rest fit.
+  void MakeRoom(runtime::Context<Message>& ctx);
   void PublishLoad();
 
   engine::Transformer* transformer_;
@@ -187,6 +200,9 @@ class DecodeActor {
   bool step_scheduled_ = false;
   std::vector<AddTokenSink> sinks_;
   uint64_t latent_tokens_ = 0, latent_bytes_ = 0, tokens_generated_ = 0;
+  engine::SpeculativeStats speculative_;  // the decoder's, copied when a step is done
+  uint64_t preemptions_ = 0;
+  int32_t max_running_ = 0;
   // Last: destroyed first, so a step still running finishes while what it uses exists.
   std::unique_ptr<runtime::Executor> executor_;
 };

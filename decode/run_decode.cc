@@ -2,6 +2,7 @@
 
 #include <iostream>
 
+#include "absl/strings/str_cat.h"
 #include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
@@ -23,12 +24,18 @@ absl::Status RunDecode(const DecodeOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<expert_plane::AttentionSide> side,
       expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe,
-                                      options.weights));
+                                      options.weights, /*load_mtp=*/options.draft_tokens > 0));
   const model::ModelConfig& c = side->config();
+  if (options.draft_tokens > 0 && side->transformer().mtp_modules() == 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "decode: --speculative mtp needs the model's MTP module; ", options.model_dir,
+        " ships none"));
+  }
 
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
                             transfer::UcxTransport::Create({.name = "decode"}));
-  PagedLatentLayout layout{.num_layers = c.num_hidden_layers,
+  // With speculative decoding, MTP module 0's latents are one more layer after the model's.
+  PagedLatentLayout layout{.num_layers = c.num_hidden_layers + (options.draft_tokens > 0 ? 1 : 0),
                            .latent_dim = c.latent_dim(),
                            .block_tokens = options.block_tokens,
                            .dtype = options.cache_dtype};
@@ -51,6 +58,9 @@ absl::Status RunDecode(const DecodeOptions& options) {
   actor_options.transfer_mode = transfer::UcxTlsDescription();
   actor_options.reclaim_grace = options.reclaim_grace;
   actor_options.micro_batches = options.micro_batches;
+  actor_options.draft_tokens = options.draft_tokens;
+  actor_options.reserve_upfront = options.reserve_upfront;
+  actor_options.reserve_margin_tokens = options.reserve_margin_tokens;
   auto gauge = std::make_shared<LoadGauge>();
   {
     runtime::Actor<DecodeActor> actor(
@@ -88,6 +98,8 @@ absl::Status RunDecode(const DecodeOptions& options) {
             .With("cache_dtype", layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")
             .With("transfer", actor_options.transfer_mode)
             .With("micro_batches", options.micro_batches)
+            .With("draft_tokens", options.draft_tokens)
+            .With("reserve", options.reserve_upfront ? "upfront" : "grow")
         << "serving";
     std::cout << "listening " << server.address << std::endl;
 

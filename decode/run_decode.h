@@ -32,6 +32,13 @@ struct DecodeOptions {
   // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention
   // while the other's experts compute); 1: one batch.
   int micro_batches = 1;
+  // Speculative decoding with the MTP module (`--speculative mtp --draft-tokens K`): K drafts
+  // per verification pass; 0: off. The cache then keeps the module's latents as one more layer.
+  int64_t draft_tokens = 0;
+  // `--reserve-upfront`: reservations take prompt + max_tokens (nothing is preempted); otherwise
+  // prompt + `--reserve-margin-tokens` (0: one block) and the cache grows (DecodeActorOptions).
+  bool reserve_upfront = false;
+  int64_t reserve_margin_tokens = 0;
 };
 
 absl::Status RunDecode(const DecodeOptions& options);

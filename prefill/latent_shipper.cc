@@ -24,7 +24,8 @@ void LatentShipper::Done(absl::Status status) {
 }
 
 void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64_t first,
-                              int64_t count) {
+                              int64_t count, int64_t remote_layer) {
+  if (remote_layer < 0) remote_layer = layer;
   const int64_t dim = layout_.latent_dim, block = layout_.block_tokens,
                 vbytes = layout_.value_bytes();
   int64_t position = first;
@@ -32,11 +33,12 @@ void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64
   while (position < end) {
     const int64_t block_index = position / block, slot = position % block;
     const int64_t n = std::min(end - position, block - slot);  // rows that fit in this block
-    if (block_index >= static_cast<int64_t>(blocks_.size())) {
+    if (block_index >= static_cast<int64_t>(blocks_.size()) || remote_layer >= layout_.num_layers) {
       std::lock_guard<std::mutex> lock(mu_);
       if (first_error_.ok()) {
         first_error_ = absl::OutOfRangeError(absl::StrCat(
-            "position ", position, " lies beyond the ", blocks_.size(), " reserved blocks"));
+            "position ", position, " of layer ", remote_layer, " lies beyond the ",
+            blocks_.size(), " reserved blocks of ", layout_.num_layers, " layers"));
       }
       return;
     }
@@ -54,7 +56,7 @@ void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64
       }
     }
     const uint64_t offset =
-        static_cast<uint64_t>(layout_.RowOffset(blocks_[block_index], layer, slot));
+        static_cast<uint64_t>(layout_.RowOffset(blocks_[block_index], remote_layer, slot));
     const void* data;
     size_t bytes;
     {

@@ -17,10 +17,12 @@ namespace {
 // The remote layout named by a destination, checked against this worker's model.
 absl::StatusOr<decode::PagedLatentLayout> LayoutOf(const v1::LatentDestination& d,
                                                    const model::ModelConfig& c) {
-  if (d.layers() != c.num_hidden_layers || d.latent_dim() != c.latent_dim()) {
+  const int64_t layers = c.num_hidden_layers + (d.mtp_layer() ? 1 : 0);
+  if (d.layers() != layers || d.latent_dim() != c.latent_dim()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "destination cache has ", d.layers(), " layers x ", d.latent_dim(),
-        " values, this model ", c.num_hidden_layers, " x ", c.latent_dim()));
+        "destination cache has ", d.layers(), " layers x ", d.latent_dim(), " values",
+        d.mtp_layer() ? " (the MTP module's included)" : "", ", this model ", layers, " x ",
+        c.latent_dim()));
   }
   if (d.dtype_bytes() != 4 && d.dtype_bytes() != 2) {
     return absl::InvalidArgumentError(
@@ -44,6 +46,8 @@ struct PrefillActor::Job {
   std::vector<int32_t> prompt;
   engine::SamplingParams sampling;
   std::unique_ptr<engine::LatentCache> local;
+  std::unique_ptr<engine::LatentCache> local_mtp;  // the destination wants the MTP layer
+  std::vector<float> last_hidden;                  // for the MTP module's first draft
   std::unique_ptr<LatentShipper> shipper;
   absl::Time deadline = absl::InfiniteFuture();
   absl::Status status;
@@ -149,6 +153,10 @@ absl::Status PrefillActor::Prepare(Job& job) {
       transport_, peer, std::move(remote), layout,
       std::vector<decode::BlockId>(d.blocks().begin(), d.blocks().end()));
   if (d.timeout_ms() > 0) job.deadline = job.message.received + absl::Milliseconds(d.timeout_ms());
+  // Without the module the main layers go alone: the decode worker decodes one token a step.
+  if (d.mtp_layer() && transformer_->mtp_modules() > 0) {
+    job.local_mtp = std::make_unique<engine::LatentCache>(1, c.latent_dim());
+  }
   return absl::OkStatus();
 }
 
@@ -160,6 +168,7 @@ void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
     engine::PrefillItem item;
     item.prompt = job->prompt;
     item.cache = job->local.get();
+    item.mtp_cache = job->local_mtp.get();
     item.sampling = job->sampling;
     const v1::PrefillRequest& req = job->message.request;
     item.logprobs = req.sampling().logprobs() > 0 ? req.sampling().logprobs() : -1;
@@ -181,7 +190,11 @@ void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
           return absl::DeadlineExceededError(absl::StrCat(
               "prefill passed its transfer deadline of ", job.destination().timeout_ms(), " ms"));
         }
-        job.shipper->ShipLayer(*job.local, layer, from, count);
+        if (layer == transformer_->config().num_hidden_layers) {  // the MTP module's rows
+          job.shipper->ShipLayer(*job.local_mtp, 0, from, count, layer);
+        } else {
+          job.shipper->ShipLayer(*job.local, layer, from, count);
+        }
         return absl::OkStatus();
       },
       /*chunk_tokens=*/256, overlap_.get());
@@ -189,6 +202,7 @@ void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
     running[i]->status = items[i].status;
     running[i]->first = std::move(items[i].first);
     running[i]->prompt_logprobs = std::move(items[i].prompt_logprobs);
+    running[i]->last_hidden = std::move(items[i].last_hidden);
   }
 }
 
@@ -231,6 +245,9 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Conclude(Job& job, uint64_t* b
   *start.mutable_prompt() = req.prompt();
   start.set_first_token(job.first.token);
   *start.mutable_sampling() = s;
+  if (job.local_mtp != nullptr) {
+    start.mutable_mtp_hidden()->Assign(job.last_hidden.begin(), job.last_hidden.end());
+  }
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   v1::StartResponse started;

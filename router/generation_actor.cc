@@ -331,6 +331,7 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
   call->request.set_request_id(r.internal_id);
   call->request.set_prompt_tokens(static_cast<int32_t>(r.prompt.size() + r.generated.size()));
   call->request.set_max_tokens(RemainingTokens(r));
+  call->request.set_arrival_us(absl::ToUnixMicros(r.received));
   call->request.set_timeout_ms(
       static_cast<int32_t>(absl::ToInt64Milliseconds(options_.prefill_timeout)));
   decode->decode->async()->Reserve(
@@ -517,8 +518,11 @@ void GenerationActor::Handle(DecodeTokenEvent m, Ctx& ctx) {
     DetachDecode(r);  // the decode worker already freed everything
     const absl::Status why = absl::UnavailableError(absl::StrCat(
         "decode worker ", m.worker_id, " stopped the sequence: ", e.finish_reason()));
-    // A failed step (its experts or the worker failing) moves on; a cancel does not.
-    if (absl::StartsWith(e.finish_reason(), "error")) {
+    // A failed step (its experts or the worker failing) moves on; a cancel does not; a
+    // preempted sequence (the worker's cache could not grow) is admitted again.
+    if (e.finish_reason() == "preempted") {
+      Requeue(r, ctx);
+    } else if (absl::StartsWith(e.finish_reason(), "error")) {
       Failover(r, why, m.worker_id, ctx);
     } else {
       FinishWithError(r, why);
@@ -643,10 +647,35 @@ void GenerationActor::Failover(Request& r, const absl::Status& why,
       << "request moves to other workers: " << why.message();
   ReleaseAttempt(r, absl::StrCat("failover: ", why.message()));
   if (!failed_worker.empty()) r.failed_workers.push_back(failed_worker);
+  NewAttempt(r);
+  // At once the first time; then a short back-off, so a cluster still noticing a death is not
+  // asked again and again.
+  ctx.ScheduleAfter(absl::Milliseconds(50) * (r.failovers - 1), RetryAdmission{r.serial});
+}
+
+void GenerationActor::Requeue(Request& r, Ctx& ctx) {
+  if (r.preemptions >= kMaxPreemptions || r.stream->closed() || RemainingTokens(r) <= 0) {
+    FinishWithError(r, absl::ResourceExhaustedError(absl::StrCat(
+                           "preempted ", r.preemptions, " times: the decode caches are too small "
+                           "for the load")));
+    return;
+  }
+  ++r.preemptions;
+  gauges_->request_preemptions.fetch_add(1);
+  SPLITMOE_LOG(INFO, "router").With("request", r.request.request_id())
+          .With("preemption", r.preemptions).With("tokens_produced", r.generated.size())
+      << "sequence preempted by its decode worker: admitted again";
+  ReleaseAttempt(r, "preempted");
+  NewAttempt(r);
+  ctx.ScheduleAfter(absl::Milliseconds(10), RetryAdmission{r.serial});
+}
+
+void GenerationActor::NewAttempt(Request& r) {
   // A new attempt with its own id: nothing of the old one (a late reply, a token event, a
   // release) can touch it.
+  ++r.attempts;
   by_internal_id_.erase(r.internal_id);
-  r.internal_id = absl::StrCat(router_tag_, "-", r.serial, ".", r.failovers);
+  r.internal_id = absl::StrCat(router_tag_, "-", r.serial, ".", r.attempts);
   by_internal_id_[r.internal_id] = r.serial;
   r.stage = Stage::kAdmitting;
   r.writer.clear();
@@ -656,9 +685,6 @@ void GenerationActor::Failover(Request& r, const absl::Status& why,
   r.decode_tried.clear();
   r.too_small.clear();
   r.admission_deadline = absl::Now() + options_.admission_timeout;
-  // At once the first time; then a short back-off, so a cluster still noticing a death is not
-  // asked again and again.
-  ctx.ScheduleAfter(absl::Milliseconds(50) * (r.failovers - 1), RetryAdmission{r.serial});
 }
 
 void GenerationActor::ReportWritersGone(const std::vector<std::string>& writers) {

@@ -100,6 +100,8 @@ struct FrontDoorGauges {
   std::atomic<int32_t> requests_in_flight{0};
   // Requests moved to other workers after a worker failed (each move counted).
   std::atomic<uint64_t> request_failovers{0};
+  // Requests admitted again after a decode worker preempted them (its cache could not grow).
+  std::atomic<uint64_t> request_preemptions{0};
 
   // Where the router serves its metrics and HTTP API (set once they listen).
   void SetUrls(std::string metrics_url, std::string http_url) {
@@ -196,6 +198,8 @@ class GenerationActor {
     // far and the workers that failed this request (chosen again only when nothing else serves).
     std::vector<int32_t> generated;
     int32_t failovers = 0;
+    int32_t preemptions = 0;
+    int32_t attempts = 0;  // names each attempt's internal id
     std::vector<std::string> failed_workers;
   };
 
@@ -205,6 +209,12 @@ class GenerationActor {
   // the error is the request's own fault.
   void Failover(Request& r, const absl::Status& why, const std::string& failed_worker,
                 runtime::Context<Message>& ctx);
+  // A decode worker preempted `r` (its cache could not grow): admitted again from what it has
+  // produced, as a failover is, without counting as one (at most kMaxPreemptions times).
+  void Requeue(Request& r, runtime::Context<Message>& ctx);
+  // The next attempt's internal id and a clean admission state.
+  void NewAttempt(Request& r);
+  static constexpr int32_t kMaxPreemptions = 100;
   // Releases what the current attempt holds on workers (reservation or running sequence,
   // prefill call), as Abandon does, without forgetting the request.
   void ReleaseAttempt(Request& r, const std::string& reason);

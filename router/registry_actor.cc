@@ -56,6 +56,7 @@ void RegistryActor::Handle(GetClusterStatus m) {
   if (gauges_ != nullptr) {
     status.set_requests_in_flight(gauges_->requests_in_flight.load());
     status.set_request_failovers(gauges_->request_failovers.load());
+    status.set_request_preemptions(gauges_->request_preemptions.load());
     auto [metrics_url, http_url] = gauges_->Urls();
     status.set_metrics_url(metrics_url);
     status.set_http_url(http_url);

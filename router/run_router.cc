@@ -81,6 +81,12 @@ std::vector<metrics::Handle> RouterMetrics(std::shared_ptr<FrontDoorGauges> gaug
         return std::vector<Sample>{{{}, double(gauges->request_failovers.load())}};
       }));
   h.push_back(metrics::AddScrapeFamily(
+      "splitmoe_request_preemptions_total",
+      "Requests admitted again after a decode worker preempted them (its cache was full)",
+      Kind::kCounter, [gauges] {
+        return std::vector<Sample>{{{}, double(gauges->request_preemptions.load())}};
+      }));
+  h.push_back(metrics::AddScrapeFamily(
       "splitmoe_ready", "1 when the cluster can serve (a worker of every role, every shard)",
       Kind::kGauge,
       [readiness] { return std::vector<Sample>{{{}, readiness->ready() ? 1.0 : 0.0}}; }));

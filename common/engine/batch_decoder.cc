@@ -346,6 +346,21 @@ absl::Status BatchDecoder::Compute(absl::Span<const SequenceChunk> batch, float*
   return absl::OkStatus();
 }
 
+int64_t BatchDecoder::DraftBudget(const DecodeSequence& s) const {
+  if (draft_tokens_ <= 0 || s.mtp_cache == nullptr) return 0;
+  return std::max<int64_t>(
+      0, std::min({draft_tokens_, s.max_tokens - s.generated - 1,
+                   transformer_->config().max_position_embeddings - 1 - s.cache->length()}));
+}
+
+std::vector<std::pair<std::string, int64_t>> BatchDecoder::NextStepTokens() const {
+  std::vector<std::pair<std::string, int64_t>> out;
+  for (const auto& [id, s] : running_) {
+    out.emplace_back(id, s.cache->length() + 1 + DraftBudget(s));
+  }
+  return out;
+}
+
 absl::Status BatchDecoder::Draft(const std::vector<int64_t>& budget,
                                  std::vector<std::vector<int32_t>>* drafts) {
   const int64_t hidden = transformer_->config().hidden_size;
@@ -406,8 +421,7 @@ absl::StatusOr<std::vector<DecodedToken>> BatchDecoder::Step() {
   for (auto& [id, s] : running_) {
     length[i] = s.cache->length();
     if (draft_tokens_ > 0 && s.mtp_cache != nullptr) {
-      budget[i] = std::max<int64_t>(0, std::min({draft_tokens_, s.max_tokens - s.generated - 1,
-                                                c.max_position_embeddings - 1 - length[i]}));
+      budget[i] = DraftBudget(s);
       // What the module's cache keeps after this step: every row up to next_token's.
       mtp_keep[i] = s.mtp_cache->length() + static_cast<int64_t>(s.mtp_tokens.size());
     }

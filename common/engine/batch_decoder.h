@@ -21,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -117,11 +118,17 @@ class BatchDecoder {
 
   size_t running() const { return running_.size(); }
   int64_t draft_tokens() const { return draft_tokens_; }
+  // For every running sequence, the tokens its cache must hold for the next Step(): its length,
+  // next_token's row and its drafts. A cache that grows on demand (the decode worker's) is
+  // given that room before the step, so no step fails for want of a block.
+  std::vector<std::pair<std::string, int64_t>> NextStepTokens() const;
   const SpeculativeStats& speculative_stats() const { return stats_; }
 
  private:
   // Forward and Logits of `batch` into hidden [rows, hidden] and logits [rows, vocab].
   absl::Status Compute(absl::Span<const SequenceChunk> batch, float* hidden, float* logits);
+  // Drafts the next step gives `s`: K, less than it may still emit, within the context.
+  int64_t DraftBudget(const DecodeSequence& s) const;
   // Drafts for every sequence with a positive entry in `budget` (aligned with running_):
   // drafts[i] gets budget[i] tokens. Consumes the sequences' waiting MTP rows.
   absl::Status Draft(const std::vector<int64_t>& budget, std::vector<std::vector<int32_t>>* drafts);

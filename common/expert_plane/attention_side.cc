@@ -8,13 +8,13 @@ namespace splitmoe::expert_plane {
 
 absl::StatusOr<std::unique_ptr<AttentionSide>> AttentionSide::Load(
     const std::string& model_dir, const std::string& router_address,
-    DirectMoeOptions moe_options, model::ResidentDType weights) {
+    DirectMoeOptions moe_options, model::ResidentDType weights, bool load_mtp) {
   auto side = std::unique_ptr<AttentionSide>(new AttentionSide());
   SPLITMOE_ASSIGN_OR_RETURN(auto ckpt, model::Checkpoint::Open(model_dir));
   side->config_ = ckpt->config();
   model::LoadOptions options;
   options.routed_experts = false;
-  options.mtp = false;  // the cluster does not serve MTP: its weights would only take memory
+  options.mtp = load_mtp;  // only for speculative decoding: otherwise it only takes memory
   options.resident = weights;
   SPLITMOE_ASSIGN_OR_RETURN(side->weights_, model::LoadWeights(*ckpt, options));
   SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&side->weights_));

@@ -6,6 +6,9 @@
 // the worker's compute actor; not thread-safe.
 //
 //   SPLITMOE_ASSIGN_OR_RETURN(auto side, AttentionSide::Load(dir, router, {.dtype = bf16}));
+// With `load_mtp`, the MTP modules' attention side too (speculative decoding: the decode worker
+// drafts with it, the prefill worker fills its cache); their routed experts are the expert
+// services', as the main layers'.
 //   side->transformer().Forward(...);
 #ifndef SPLITMOE_COMMON_EXPERT_PLANE_ATTENTION_SIDE_H_
 #define SPLITMOE_COMMON_EXPERT_PLANE_ATTENTION_SIDE_H_
@@ -27,7 +30,8 @@ class AttentionSide {
   static absl::StatusOr<std::unique_ptr<AttentionSide>> Load(const std::string& model_dir,
                                                              const std::string& router_address,
                                                              DirectMoeOptions moe_options,
-                                                             model::ResidentDType weights);
+                                                             model::ResidentDType weights,
+                                                             bool load_mtp = false);
 
   const model::ModelConfig& config() const { return config_; }
   engine::Transformer& transformer() { return *transformer_; }

@@ -207,6 +207,10 @@ absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_di
   if (o.mtp_draft == "agree" && c.num_nextn_predict_layers == 0) {
     return absl::InvalidArgumentError("an agreeing MTP module needs an MTP layer (--mtp 1)");
   }
+  if (o.expert_skew < 0 || (o.expert_skew > 0 && c.topk_method != TopkMethod::kNoauxTc)) {
+    return absl::InvalidArgumentError(
+        "expert skew must be >= 0, and needs the v3 style (e_score_correction_bias)");
+  }
   if (o.shards < 1 || o.shards > kMaxTinyShards) {
     return absl::InvalidArgumentError(
         absl::StrCat("shards must be in [1, ", kMaxTinyShards, "], got ", o.shards));
@@ -253,6 +257,10 @@ absl::Status WriteTinyModel(const TinyModelOptions& o, const std::string& out_di
     float center, stddev;
     Distribution(s, c, o.logit_scale, agree ? 0.05 : 1.0, &center, &stddev);
     std::vector<float> values = TensorValues(s, o.seed, center, stddev, shares);
+    if (o.expert_skew > 0 && absl::EndsWith(s.name, "e_score_correction_bias")) {
+      for (int64_t e = 0; e < std::min<int64_t>(c.num_experts_per_tok, c.n_routed_experts); ++e)
+        values[static_cast<size_t>(e)] += static_cast<float>(o.expert_skew);
+    }
     if (agree && absl::EndsWith(s.name, ".enorm.weight")) {
       std::fill(values.begin(), values.end(), 1.0f);
     } else if (agree && absl::EndsWith(s.name, ".eh_proj.weight")) {

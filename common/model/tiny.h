@@ -55,6 +55,11 @@ struct TinyModelOptions {
   // exactly that from the token it reads (enorm all ones, eh_proj = [I 0], shared_head.norm and
   // .head = the main final norm and lm_head), so most drafts are accepted.
   std::string mtp_draft = "random";
+  // > 0 (v3 style): e_score_correction_bias of the first num_experts_per_tok experts raised by
+  // this much, so every token routes to the same experts (selection only; the gate weights are
+  // the unbiased scores). It models a large batch, whose pass reads every expert anyway: a
+  // speculative verification pass's extra rows then read no extra expert weights.
+  double expert_skew = 0.0;
 };
 
 // The writer generates every tensor in memory before writing: a model whose BF16 weights exceed

@@ -29,6 +29,14 @@ class DecodeActorTest : public ::testing::TestWithParam<int> {
     auto e = engine::Engine::Load(testing::TinyModel("decode_actor"));
     ASSERT_TRUE(e.ok()) << e.status();
     engine_ = std::move(*e);
+    MakeActor(/*reserve_upfront=*/true);
+  }
+
+  // A fresh actor over a fresh cache of 12 blocks. The fencing tests reserve prompt + max_tokens
+  // up front; the growth test lets the cache grow and preempt.
+  void MakeActor(bool reserve_upfront) {
+    actor_.reset();
+    events_.clear();
     const auto& c = engine_->config();
     PagedLatentCacheOptions options;
     options.layout = {c.num_hidden_layers, c.latent_dim(), kBlockTokens, LatentDType::kFloat32};
@@ -41,6 +49,7 @@ class DecodeActorTest : public ::testing::TestWithParam<int> {
     DecodeActorOptions actor_options;
     actor_options.reclaim_grace = absl::Seconds(1);
     actor_options.micro_batches = GetParam();
+    actor_options.reserve_upfront = reserve_upfront;
     auto executor = std::make_unique<runtime::ManualExecutor>();
     executor_ = executor.get();
     actor_ = std::make_unique<runtime::Actor<DecodeActor>>(
@@ -367,6 +376,86 @@ TEST_P(DecodeActorTest, ReleasingARunningSequenceStopsItAndTellsTheRouter) {
   EXPECT_TRUE(events_.back().finished());
   EXPECT_EQ(events_.back().finish_reason(), "cancelled");
   EXPECT_EQ(executor_->queued(), 0u);
+}
+
+// The cache grows: reservations take the prompt and one block, sequences take blocks as they
+// decode, and when none is left the sequence that arrived last is preempted ("preempted" to its
+// router, its blocks freed at once) while the others decode on, exactly as the engine does.
+TEST_P(DecodeActorTest, TheCacheGrowsAndTheLastArrivalIsPreempted) {
+  MakeActor(/*reserve_upfront=*/false);
+  constexpr int kMax = 120;  // 20 + 120 tokens: 9 of the 12 blocks, so one sequence always fits
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<v1::LatentDestination> dests;
+  std::vector<int32_t> firsts;
+  EXPECT_EQ(Reserve("never", 20, 200).status().code(), absl::StatusCode::kOutOfRange);
+  for (int i = 0; i < 3; ++i) {
+    std::vector<int32_t> prompt(20);
+    for (int t = 0; t < 20; ++t) prompt[t] = (t * 31 + i * 7) % 500;
+    v1::ReserveRequest r;
+    r.set_request_id("g" + std::to_string(i));
+    r.set_prompt_tokens(20);
+    r.set_max_tokens(kMax);
+    r.set_timeout_ms(1000);
+    r.set_arrival_us(1000 + i);  // g0 arrived first
+    absl::StatusOr<v1::LatentDestination> d = absl::UnknownError("no reply");
+    actor_->Send(ReserveBlocks{r, [&d](absl::StatusOr<v1::ReserveResponse> resp) {
+                                 d = resp.ok() ? absl::StatusOr<v1::LatentDestination>(
+                                                     resp->destination())
+                                               : resp.status();
+                               }});
+    scheduler_.RunUntilIdle();
+    ASSERT_TRUE(d.ok()) << d.status();
+    EXPECT_EQ(d->blocks_size(), 3);  // 20 + 16 tokens, not 20 + 120
+    prompts.push_back(prompt);
+    dests.push_back(*d);
+    firsts.push_back(WritePrompt(*d, prompt, 2).token);
+  }
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 9);
+  // Admission keeps a block free per live sequence: 3 free, 2 needed + 3 kept.
+  EXPECT_EQ(Reserve("late", 10, 5).status().code(), absl::StatusCode::kResourceExhausted);
+  std::vector<absl::Status> started(3, absl::UnknownError("no reply"));
+  for (int i = 0; i < 3; ++i) {
+    v1::StartRequest r;
+    r.set_request_id("g" + std::to_string(i));
+    r.set_reservation_id(dests[i].reservation_id());
+    r.set_generation(dests[i].generation());
+    *r.mutable_prompt() = {prompts[i].begin(), prompts[i].end()};
+    r.set_first_token(firsts[i]);
+    r.mutable_sampling()->set_max_tokens(kMax);
+    r.mutable_sampling()->set_ignore_eos(true);
+    r.mutable_sampling()->set_logprobs(2);
+    actor_->Send(StartSequence{r, [&started, i](absl::Status s) { started[i] = s; }});
+  }
+  Settle();
+  for (const absl::Status& s : started) ASSERT_TRUE(s.ok()) << s;
+  std::map<std::string, std::vector<int32_t>> tokens;
+  std::map<std::string, std::string> ended;
+  for (const v1::TokenEvent& e : events_) {
+    if (e.token() >= 0) tokens[e.request_id()].push_back(e.token());
+    if (e.finished()) ended[e.request_id()] = e.finish_reason();
+  }
+  // 3 x 140 tokens do not fit in 12 x 16: the later arrivals were preempted, the first never.
+  EXPECT_EQ(ended["g0"], "length");
+  EXPECT_EQ(ended["g2"], "preempted");
+  EXPECT_GE(gauge_->Get().preemptions(), 1u);
+  EXPECT_EQ(gauge_->Get().max_sequences_running(), 3);
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);  // every block came back
+  EXPECT_EQ(gauge_->Get().sequences_running(), 0);
+  // What each produced before it ended is what the engine produces (a preempted one's tokens
+  // are a prefix: its router prefills prompt + them again and goes on).
+  for (int i = 0; i < 3; ++i) {
+    engine::GenerateRequest r;
+    r.prompt = prompts[i];
+    r.max_tokens = kMax;
+    r.ignore_eos = true;
+    auto want = engine_->Generate(r, nullptr);
+    ASSERT_TRUE(want.ok());
+    const auto& mine = tokens["g" + std::to_string(i)];
+    ASSERT_LE(mine.size() + 1, want->tokens.size());
+    for (size_t j = 0; j < mine.size(); ++j)
+      EXPECT_EQ(mine[j], want->tokens[j + 1]) << "sequence " << i << " token " << j;
+    if (i == 0) EXPECT_EQ(mine.size() + 1, want->tokens.size());  // the prefill's first token
+  }
 }
 
 TEST_P(DecodeActorTest, ASequenceStartedDuringAStepJoinsTheNextOne) {

@@ -1104,6 +1104,84 @@ TEST(MicroBatchTest, PingPongClustersEqualTheEngineWhileAReplicaDies) {
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 
+// Speculative decoding across the cluster: the prefill worker fills the MTP module's layer of
+// the decode cache and sends the last hidden state; the decode worker drafts with the module
+// (its routed experts on the expert services, as a main layer's) and verifies. Outputs equal
+// the engine's one-token decoding, in ping-pong micro-batches, while an expert replica dies.
+TEST(SpeculativeServingTest, MtpClustersEqualTheEngineAndAcceptDrafts) {
+  const std::string model = testing::TinyModel("speculative", [](model::TinyModelOptions& o) {
+    o.mtp_draft = "agree";
+  });
+  auto e = engine::Engine::Load(model);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto cluster = Cluster::Up(model, {"--experts", "2", "--expert-replicas", "2",
+                                     "--micro-batches", "2", "--block-tokens", "16",
+                                     "--cache-blocks", "300", "--speculative", "mtp",
+                                     "--draft-tokens", "3"});
+  ASSERT_NE(cluster, nullptr);
+  const std::vector<pid_t> pool = ChildrenMatching(cluster->up->pid(), {" expert ", " --shard 0 "});
+  ASSERT_EQ(pool.size(), 2u);
+  std::vector<Case> cases = MixedCases((*e)->config().vocab_size, 12, 53);
+  for (Case& c : cases) c.max_tokens = std::max(c.max_tokens, 30);
+  std::thread killer([&] {
+    absl::SleepFor(absl::Milliseconds(500));
+    ::kill(pool[1], SIGKILL);
+  });
+  ExpectConcurrentEqualsEngine(*cluster, **e, cases);
+  killer.join();
+  ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  absl::SleepFor(absl::Milliseconds(300));  // the last heartbeats carry the counters
+  const uint64_t proposed = cluster->Sum(
+      v1::WORKER_ROLE_DECODE, [](const v1::WorkerLoad& l) { return l.draft_tokens_proposed(); });
+  const uint64_t accepted = cluster->Sum(
+      v1::WORKER_ROLE_DECODE, [](const v1::WorkerLoad& l) { return l.draft_tokens_accepted(); });
+  std::printf("speculative: %llu of %llu drafts accepted\n",
+              static_cast<unsigned long long>(accepted), static_cast<unsigned long long>(proposed));
+  EXPECT_GT(proposed, 0u);
+  EXPECT_GT(accepted * 2, proposed) << "an agreeing module has most drafts accepted";
+  // The prefill worker sent the MTP layer too: every prompt row but the last, per request.
+  const auto& c = (*e)->config();
+  uint64_t rows = 0;
+  for (const Case& k : cases) rows += c.num_hidden_layers * k.prompt.size() + k.prompt.size() - 1;
+  const uint64_t row_bytes = static_cast<uint64_t>(c.latent_dim() * 4);
+  EXPECT_EQ(cluster->SumOnceEqual(v1::WORKER_ROLE_PREFILL,
+                                  [](const v1::WorkerLoad& l) { return l.latent_bytes_sent(); },
+                                  rows * row_bytes),
+            rows * row_bytes);
+  EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+}
+
+// A cache that grows, under pressure: 24 blocks of 16 tokens hold three requests of 20 + 100
+// tokens reserved up front; growing, more run at once, the last arrivals are preempted when the
+// blocks run out and their routers prefill them again (prompt + what they produced), and every
+// request still equals the engine, none fails.
+TEST(CacheGrowthTest, UnderPressureEveryRequestEqualsTheEngineAndMoreRunAtOnce) {
+  const std::string model = testing::TinyModel("growth");
+  auto e = engine::Engine::Load(model);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto cluster = Cluster::Up(model, {"--block-tokens", "16", "--cache-blocks", "24"});
+  ASSERT_NE(cluster, nullptr);
+  std::vector<Case> cases = MixedCases((*e)->config().vocab_size, 10, 91);
+  for (Case& c : cases) {
+    c.prompt.resize(std::min<size_t>(c.prompt.size(), 24));
+    c.max_tokens = 100;
+  }
+  ExpectConcurrentEqualsEngine(*cluster, **e, cases);
+  ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  absl::SleepFor(absl::Milliseconds(300));  // the last heartbeats carry the counters
+  const v1::ClusterStatusResponse status = cluster->Status();
+  int32_t most = 0;
+  for (const auto& w : status.workers()) {
+    if (w.role() == v1::WORKER_ROLE_DECODE) most = std::max(most, w.load().max_sequences_running());
+  }
+  std::printf("cache growth: at most %d sequences at once, %llu requests preempted\n", most,
+              static_cast<unsigned long long>(status.request_preemptions()));
+  EXPECT_GT(most, 3) << "no more sequences ran than reserving prompt + max_tokens allows";
+  EXPECT_GT(status.request_preemptions(), 0u) << "the pressure never preempted anything";
+  EXPECT_EQ(status.request_failovers(), 0u);
+  EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+}
+
 // ---- expert pools: 2 shards x 2 replicas, direct dispatch, failover, elasticity ----
 
 class ExpertPoolTest : public ::testing::Test {

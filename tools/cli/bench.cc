@@ -23,7 +23,9 @@
 #include "common/rpc/security.h"
 #include "nlohmann/json.hpp"
 #include "splitmoe/v1/generation.grpc.pb.h"
+#include "splitmoe/v1/internal.grpc.pb.h"
 #include "tools/cli/flags.h"
+#include "tools/cli/generate_common.h"
 
 namespace splitmoe::cli {
 namespace {
@@ -34,6 +36,7 @@ struct Workload {
   int64_t prompt_tokens = 128;
   int64_t max_tokens = 32;
   uint64_t seed = 1;
+  int64_t draft_tokens = 0;  // --model with --speculative mtp
 };
 
 // One request's timeline, in ms from its own start.
@@ -83,6 +86,52 @@ absl::StatusOr<int64_t> RemoteVocab(v1::Generation::Stub& stub) {
   return info.vocab_size();
 }
 
+// The cluster's status (ClusterInfo, the public port), for the counters a run moved.
+absl::StatusOr<v1::ClusterStatusResponse> ClusterCounters(const std::string& endpoint,
+                                                          const std::string& api_key) {
+  auto stub = v1::ClusterInfo::NewStub(rpc::PublicChannel(endpoint, api_key));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::ClusterStatusResponse status;
+  SPLITMOE_RETURN_IF_ERROR(
+      rpc::FromGrpcStatus(stub->ClusterStatus(&ctx, v1::ClusterStatusRequest(), &status)));
+  return status;
+}
+
+// What the cluster did during a run: preemptions and failovers (deltas), and the most sequences
+// a decode worker ran in one step (its high-water mark since it started).
+nlohmann::json ClusterDelta(const v1::ClusterStatusResponse& before,
+                            const v1::ClusterStatusResponse& after) {
+  int32_t most = 0;
+  uint64_t preempted = 0, drafted = 0, accepted = 0;
+  auto decode_sums = [](const v1::ClusterStatusResponse& s, uint64_t* p, uint64_t* d, uint64_t* a) {
+    for (const auto& w : s.workers()) {
+      if (w.role() != v1::WORKER_ROLE_DECODE) continue;
+      *p += w.load().preemptions();
+      *d += w.load().draft_tokens_proposed();
+      *a += w.load().draft_tokens_accepted();
+    }
+  };
+  uint64_t p0 = 0, d0 = 0, a0 = 0;
+  decode_sums(before, &p0, &d0, &a0);
+  decode_sums(after, &preempted, &drafted, &accepted);
+  for (const auto& w : after.workers()) {
+    if (w.role() == v1::WORKER_ROLE_DECODE) most = std::max(most, w.load().max_sequences_running());
+  }
+  nlohmann::json out = {
+      {"request_preemptions", after.request_preemptions() - before.request_preemptions()},
+      {"request_failovers", after.request_failovers() - before.request_failovers()},
+      {"sequences_preempted", preempted - p0},
+      {"max_sequences_running", most}};
+  if (drafted > d0) {
+    out["draft_tokens_proposed"] = drafted - d0;
+    out["draft_tokens_accepted"] = accepted - a0;
+    out["acceptance_rate"] =
+        static_cast<double>(accepted - a0) / static_cast<double>(drafted - d0);
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<Sample>> RunEndpoint(const std::string& endpoint,
                                                 const std::string& api_key, const Workload& w,
                                                 double* wall_s) {
@@ -127,10 +176,12 @@ absl::StatusOr<std::vector<Sample>> RunEndpoint(const std::string& endpoint,
 // since the last decode step are prefilled together, then every live sequence decodes one token
 // per step (continuous batching).
 absl::StatusOr<std::vector<Sample>> RunModel(const std::string& dir, const Workload& w,
-                                             double* wall_s) {
-  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Engine> e, engine::Engine::Load(dir));
+                                             double* wall_s, engine::SpeculativeStats* speculative) {
+  engine::EngineOptions options;
+  options.draft_tokens = w.draft_tokens;
+  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<engine::Engine> e, engine::Engine::Load(dir, options));
   const model::ModelConfig& c = e->config();
-  engine::BatchDecoder decoder(&e->transformer(), c.eos_token_id);
+  engine::BatchDecoder decoder(&e->transformer(), c.eos_token_id, nullptr, w.draft_tokens);
   std::vector<Sample> samples(static_cast<size_t>(w.requests));
   std::vector<absl::Time> started(static_cast<size_t>(w.requests));
   std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(w.requests));
@@ -156,14 +207,18 @@ absl::StatusOr<std::vector<Sample>> RunModel(const std::string& dir, const Workl
   while (done < w.requests) {
     if (!waiting.empty()) {
       std::vector<engine::PrefillItem> items;
-      std::vector<std::unique_ptr<engine::LatentCache>> caches;
+      std::vector<std::unique_ptr<engine::LatentCache>> caches, mtp_caches;
       std::vector<int64_t> ids(waiting.begin(), waiting.end());
       waiting.clear();
       for (int64_t i : ids) {
         caches.push_back(std::make_unique<engine::LatentCache>(c.num_hidden_layers, c.latent_dim()));
+        mtp_caches.push_back(w.draft_tokens > 0
+                                 ? std::make_unique<engine::LatentCache>(1, c.latent_dim())
+                                 : nullptr);
         engine::PrefillItem item;
         item.prompt = prompts[static_cast<size_t>(i)];
         item.cache = caches.back().get();
+        item.mtp_cache = mtp_caches.back().get();
         items.push_back(std::move(item));
       }
       SPLITMOE_RETURN_IF_ERROR(
@@ -185,6 +240,11 @@ absl::StatusOr<std::vector<Sample>> RunModel(const std::string& dir, const Workl
         seq.max_tokens = w.max_tokens;
         seq.ignore_eos = true;
         seq.cache = std::move(caches[k]);
+        if (mtp_caches[k] != nullptr) {
+          seq.mtp_cache = std::move(mtp_caches[k]);
+          seq.mtp_tokens = {seq.next_token};
+          seq.mtp_hidden = std::move(items[k].last_hidden);
+        }
         SPLITMOE_RETURN_IF_ERROR(decoder.Add(std::move(seq)));
       }
       admit();
@@ -200,6 +260,7 @@ absl::StatusOr<std::vector<Sample>> RunModel(const std::string& dir, const Workl
     admit();
   }
   *wall_s = absl::ToDoubleSeconds(absl::Now() - start);
+  *speculative = decoder.speculative_stats();
   return samples;
 }
 
@@ -209,7 +270,8 @@ absl::Status BenchCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
                                    {"model", "endpoint", "concurrency", "requests",
-                                    "prompt-tokens", "max-tokens", "json", "seed", "api-key"},
+                                    "prompt-tokens", "max-tokens", "json", "seed", "api-key",
+                                    "speculative", "draft-tokens"},
                                    {}));
   if (f.Has("model") == f.Has("endpoint")) {
     return absl::InvalidArgumentError("bench needs exactly one of --model DIR and --endpoint HOST:PORT");
@@ -221,6 +283,12 @@ absl::Status BenchCommand(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(w.max_tokens, f.GetInt("max-tokens", 32));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   w.seed = static_cast<uint64_t>(seed);
+  SPLITMOE_ASSIGN_OR_RETURN(w.draft_tokens, DraftTokensFromFlags(f));
+  if (w.draft_tokens > 0 && !f.Has("model")) {
+    return absl::InvalidArgumentError(
+        "bench: --speculative applies to --model; a cluster speculates when its decode workers "
+        "do (up --speculative mtp)");
+  }
   if (w.concurrency < 1 || w.concurrency > 4096 || w.requests < 1 || w.requests > 1000000 ||
       w.prompt_tokens < 1 || w.max_tokens < 1) {
     return absl::InvalidArgumentError(
@@ -228,9 +296,14 @@ absl::Status BenchCommand(int argc, char** argv) {
         "--max-tokens >= 1");
   }
   double wall_s = 0;
+  engine::SpeculativeStats speculative;
+  const std::string api_key = rpc::ClientApiKey(f.Get("api-key"));
+  absl::StatusOr<v1::ClusterStatusResponse> before =
+      f.Has("endpoint") ? ClusterCounters(f.Get("endpoint"), api_key)
+                        : absl::UnimplementedError("no cluster");
   absl::StatusOr<std::vector<Sample>> samples =
-      f.Has("model") ? RunModel(f.Get("model"), w, &wall_s)
-                     : RunEndpoint(f.Get("endpoint"), rpc::ClientApiKey(f.Get("api-key")), w, &wall_s);
+      f.Has("model") ? RunModel(f.Get("model"), w, &wall_s, &speculative)
+                     : RunEndpoint(f.Get("endpoint"), api_key, w, &wall_s);
   if (!samples.ok()) return samples.status();
   std::vector<double> ttft, tpot, e2e;
   int64_t tokens = 0, errors = 0;
@@ -263,6 +336,18 @@ absl::Status BenchCommand(int argc, char** argv) {
       {"tpot_ms", Percentiles(tpot)},
       {"e2e_ms", Percentiles(e2e)}};
   if (errors > 0) out["first_error"] = first_error;
+  if (before.ok()) {
+    absl::SleepFor(absl::Milliseconds(500));  // the workers' last heartbeats carry the counters
+    absl::StatusOr<v1::ClusterStatusResponse> after = ClusterCounters(f.Get("endpoint"), api_key);
+    if (after.ok()) out["cluster"] = ClusterDelta(*before, *after);
+  }
+  if (w.draft_tokens > 0) {
+    out["speculative"] = {{"draft_tokens", w.draft_tokens},
+                          {"drafted", speculative.drafted},
+                          {"accepted", speculative.accepted},
+                          {"acceptance_rate", speculative.acceptance_rate()},
+                          {"tokens_per_pass", speculative.tokens_per_pass()}};
+  }
   std::printf("%s %s: %lld requests x (%lld prompt + %lld new tokens), concurrency %lld\n",
               out["mode"].get<std::string>().c_str(), out["target"].get<std::string>().c_str(),
               static_cast<long long>(w.requests), static_cast<long long>(w.prompt_tokens),
@@ -274,6 +359,20 @@ absl::Status BenchCommand(int argc, char** argv) {
     std::printf("%-8s p50 %8.1f  p90 %8.1f  p99 %8.1f  mean %8.1f\n", key,
                 out[key]["p50"].get<double>(), out[key]["p90"].get<double>(),
                 out[key]["p99"].get<double>(), out[key]["mean"].get<double>());
+  }
+  if (w.draft_tokens > 0) {
+    std::printf("speculative K=%lld: %lld of %lld drafts accepted (%.2f), %.2f tokens per pass\n",
+                static_cast<long long>(w.draft_tokens), static_cast<long long>(speculative.accepted),
+                static_cast<long long>(speculative.drafted), speculative.acceptance_rate(),
+                speculative.tokens_per_pass());
+  }
+  if (out.contains("cluster")) {
+    const nlohmann::json& k = out["cluster"];
+    std::printf("cluster: at most %d sequences in a decode step, %llu requests preempted, %llu "
+                "failovers\n",
+                k["max_sequences_running"].get<int>(),
+                static_cast<unsigned long long>(k["request_preemptions"].get<uint64_t>()),
+                static_cast<unsigned long long>(k["request_failovers"].get<uint64_t>()));
   }
   if (errors > 0) std::printf("first error: %s\n", first_error.c_str());
   if (f.Has("json")) {

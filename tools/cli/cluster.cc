@@ -1,4 +1,5 @@
 #include "tools/cli/cluster.h"
+#include "tools/cli/generate_common.h"
 
 #include <unistd.h>
 
@@ -143,8 +144,9 @@ absl::Status DecodeCommand(int argc, char** argv) {
                                    {"model", "listen", "router", "metrics-listen", "cache-blocks", "block-tokens",
                                     "cache-dtype", "wire-dtype", "reclaim-grace-ms",
                                     "moe-transport", "expert-deadline-ms", "micro-batches",
-                                    "busy-poll-us", "weights"},
-                                   {}));
+                                    "busy-poll-us", "weights", "speculative", "draft-tokens",
+                                    "reserve-margin-tokens"},
+                                   {"reserve-upfront"}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
   }
@@ -166,6 +168,12 @@ absl::Status DecodeCommand(int argc, char** argv) {
   if (grace < 0) return absl::InvalidArgumentError("--reclaim-grace-ms must be >= 0");
   o.reclaim_grace = absl::Milliseconds(grace);
   SPLITMOE_ASSIGN_OR_RETURN(o.micro_batches, MicroBatchesFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(o.draft_tokens, DraftTokensFromFlags(f));
+  o.reserve_upfront = f.Has("reserve-upfront");
+  SPLITMOE_ASSIGN_OR_RETURN(o.reserve_margin_tokens, f.GetInt("reserve-margin-tokens", 0));
+  if (o.reserve_margin_tokens < 0) {
+    return absl::InvalidArgumentError("--reserve-margin-tokens must be >= 0");
+  }
   return decode::RunDecode(o);
 }
 
@@ -216,9 +224,10 @@ absl::Status UpCommand(int argc, char** argv) {
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
        "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers", "weights",
-       "http-port", "served-model-name"},
-      {"tls"}));
+       "http-port", "served-model-name", "speculative", "draft-tokens", "reserve-margin-tokens"},
+      {"tls", "reserve-upfront"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
+  SPLITMOE_RETURN_IF_ERROR(DraftTokensFromFlags(f).status());
   if (f.Has("weights")) {
     SPLITMOE_RETURN_IF_ERROR(model::ParseResidentDType(f.Get("weights")).status());
   }
@@ -419,8 +428,10 @@ absl::Status UpCommand(int argc, char** argv) {
                                      "--listen", host + ":0", "--metrics-listen", host + ":0"};
     for (const char* flag : {"cache-blocks", "block-tokens", "cache-dtype", "wire-dtype",
                              "moe-transport", "expert-deadline-ms", "micro-batches",
-                             "busy-poll-us", "weights"})
+                             "busy-poll-us", "weights", "speculative", "draft-tokens",
+                             "reserve-margin-tokens"})
       pass(args, flag);
+    if (f.Has("reserve-upfront")) args.push_back("--reserve-upfront");
     security(args, "decode");
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
     if (!r.ok()) return fail(r.status());

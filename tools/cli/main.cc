@@ -18,6 +18,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/base/log.h"
 #include "common/base/status_macros.h"
@@ -76,7 +77,8 @@ absl::Status MakeTiny(int argc, char** argv) {
                                     "max-position",
                                     "tokenizer-dir",
                                     "logit-scale",
-                                    "mtp-draft"},
+                                    "mtp-draft",
+                                    "expert-skew"},
                                    {"fp8", "no-tokenizer"}));
   if (!f.Has("out")) return absl::InvalidArgumentError("make-tiny needs --out DIR");
   model::TinyModelOptions o;
@@ -106,6 +108,7 @@ absl::Status MakeTiny(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(o.max_position_embeddings, f.GetInt("max-position", 0));
   SPLITMOE_ASSIGN_OR_RETURN(o.logit_scale, f.GetDouble("logit-scale", o.logit_scale));
   o.mtp_draft = f.Get("mtp-draft", o.mtp_draft);
+  SPLITMOE_ASSIGN_OR_RETURN(o.expert_skew, f.GetDouble("expert-skew", 0.0));
   // DeepSeek-V3's tokenizer has 128818 ids: a model with a smaller vocabulary gets none (unless a
   // tokenizer is named explicitly), so no encoded prompt can hold an id the model lacks.
   constexpr int64_t kDeepSeekV3TokenizerIds = 128818;
@@ -446,6 +449,8 @@ absl::Status Status(int argc, char** argv) {
                                                         r.bias_updates(), " updates")
                                          : std::string("off"))
             << ", failovers " << r.failovers() << "\n";
+  std::cout << "requests moved after a worker failed " << status.request_failovers()
+            << ", admitted again after a preemption " << status.request_preemptions() << "\n";
   std::cout << "MoE batch parts sent over ucx " << r.expert_parts_ucx() << ", over grpc "
             << r.expert_parts_grpc() << "\n";
   std::cout << "placement " << (r.placement_id() == 0 ? std::string("default (contiguous)")
@@ -481,10 +486,19 @@ absl::Status Status(int argc, char** argv) {
                 << load.cache_blocks_free() << " free";
       if (load.cache_blocks_quarantined() > 0)
         std::cout << " (" << load.cache_blocks_quarantined() << " awaiting their writer)";
-      std::cout << "  sequences " << load.sequences_running();
+      std::cout << "  sequences " << load.sequences_running() << " (most "
+                << load.max_sequences_running() << ")";
+      if (load.preemptions() > 0) std::cout << "  preemptions " << load.preemptions();
     }
     if (load.micro_batch_overlaps() > 0)
       std::cout << "  micro-batch overlaps " << load.micro_batch_overlaps();
+    if (load.draft_tokens_proposed() > 0) {
+      std::cout << "  drafts accepted " << load.draft_tokens_accepted() << "/"
+                << load.draft_tokens_proposed() << " ("
+                << absl::StrFormat("%.2f", static_cast<double>(load.draft_tokens_accepted()) /
+                                               static_cast<double>(load.draft_tokens_proposed()))
+                << ")";
+    }
     if (w.role() != v1::WORKER_ROLE_EXPERT) {
       std::cout << "  in flight " << load.requests_in_flight();
       const uint64_t moved =
@@ -508,6 +522,7 @@ constexpr char kUsage[] =
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
          "            [--mtp-draft random|agree]   (agree: an MTP module whose drafts mostly hold)\n"
+         "            [--expert-skew B]   (every token routes to the same experts)\n"
          "  inspect   --model DIR [--weights checkpoint|fp32] [--json]\n"
          "  score     --model DIR (--prompt TEXT | --prompt-tokens IDS) [--top-logprobs K] [--mtp] "
          "--json\n"
@@ -526,6 +541,7 @@ constexpr char kUsage[] =
          "            (and the roles' flags; --routers N: N routers, each worker registered with\n"
          "            every one; prints ready grpc=A,B,... [http=URL,...])\n"
          "            [--tls | --cluster-token-file F] [--api-keys FILE]   (a closed cluster)\n"
+         "            [--speculative mtp [--draft-tokens K]]   (decode workers draft with MTP)\n"
          "  router    --model DIR [--listen HOST:PORT] [--internal-listen HOST:PORT] [--api-keys FILE]\n"
          "            [--max-message-bytes N] [--max-streams-per-client N] [--max-devices M]\n"
          "            [--heartbeat-ms MS] [--http-listen HOST:PORT] [--http-threads N]\n"
@@ -546,6 +562,9 @@ constexpr char kUsage[] =
          "  decode    --model DIR --router HOST:PORT[,...] [--listen HOST:PORT] [--cache-blocks N]\n"
          "            [--block-tokens T] [--cache-dtype fp32|bf16] [--wire-dtype fp32|bf16]\n"
          "            [--micro-batches 1|2]  (2: two micro-batches in ping-pong; default 1)\n"
+         "            [--speculative mtp [--draft-tokens K]]  (MTP drafts, verified in one pass)\n"
+         "            [--reserve-margin-tokens N] [--reserve-upfront]  (the cache grows as sequences\n"
+         "            decode, the last arrival preempted when full; upfront: prompt + max_tokens)\n"
          "  expert    --model DIR --router HOST:PORT[,...] --shard S --num-shards N\n"
          "  status    --endpoint HOST:PORT [--json]\n"
          "  scale     --endpoint HOST:PORT --shard K --replicas R   (a cluster started by up)\n"
