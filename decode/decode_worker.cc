@@ -72,15 +72,19 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
         " blocks, this worker's whole cache has ", cache_.num_blocks())));
     return;
   }
-  // Admission by a token budget: the prompt and a margin now, and one free block left per live
-  // sequence for the blocks they take as they decode.
+  const absl::Span<const int32_t> prompt(r.prompt().data(), static_cast<size_t>(r.prompt_size()));
+  // Admission by a token budget: the prompt (less its cached prefix) and a margin now, and one
+  // free block left per live sequence for the blocks they take as they decode.
   int64_t extra = r.max_tokens();
   if (!options_.reserve_upfront) {
     const int64_t margin = options_.reserve_margin_tokens > 0 ? options_.reserve_margin_tokens
                                                               : cache_.layout().block_tokens;
     extra = std::min<int64_t>(r.max_tokens(), margin);
     const int64_t headroom = static_cast<int64_t>(held_.size());
-    const int64_t blocks = cache_.BlocksFor(static_cast<int64_t>(r.prompt_tokens()) + extra);
+    const int64_t cached =
+        options_.prefix_cache ? cache_.CachedPrefixTokens(prompt, r.prompt_size() - 1) : 0;
+    const int64_t blocks = cache_.BlocksFor(static_cast<int64_t>(r.prompt_tokens()) + extra) -
+                           cache_.BlocksFor(cached);
     if (cache_.blocks_free() < blocks + headroom) {
       m.reply(absl::ResourceExhaustedError(absl::StrCat(
           "latent cache full: ", r.prompt_tokens(), " + ", extra, " tokens need ", blocks,
@@ -90,7 +94,16 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
       return;
     }
   }
-  absl::StatusOr<Reservation> reservation = cache_.Reserve(r.prompt_tokens(), extra);
+  if (r.prompt_size() != 0 && r.prompt_size() != r.prompt_tokens()) {
+    m.reply(absl::InvalidArgumentError(absl::StrCat("reserve: ", r.prompt_size(),
+                                                    " prompt ids for ", r.prompt_tokens(),
+                                                    " prompt tokens")));
+    return;
+  }
+  absl::StatusOr<Reservation> reservation =
+      options_.prefix_cache && r.prompt_size() > 0
+          ? cache_.ReserveWithPrefix(prompt, r.prompt_tokens(), extra)
+          : cache_.Reserve(r.prompt_tokens(), extra);
   if (!reservation.ok()) {
     m.reply(reservation.status());
     PublishLoad();
@@ -114,6 +127,7 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
   d->set_timeout_ms(static_cast<int32_t>(absl::ToInt64Milliseconds(timeout)));
   d->set_transfer_mode(options_.transfer_mode);
   d->set_mtp_layer(options_.draft_tokens > 0);
+  d->set_cached_tokens(static_cast<int32_t>(reservation->cached_tokens));
   for (BlockId b : reservation->blocks) d->add_blocks(b);
 
   Held held;
@@ -288,9 +302,13 @@ void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
   ctx.CancelTimer(held.reclaim);
   held.reclaim = runtime::TimerId();
   held.state = State::kRunning;
-  latent_tokens_ += static_cast<uint64_t>(r.prompt_size());
-  latent_bytes_ += static_cast<uint64_t>(r.prompt_size()) * cache_.layout().num_layers *
-                   cache_.layout().row_bytes();
+  held.tokens.assign(r.prompt().begin(), r.prompt().end());
+  held.tokens.push_back(r.first_token());
+  // What the writer put: the prompt's rows past the cached prefix (shared in place).
+  const uint64_t written =
+      static_cast<uint64_t>(r.prompt_size() - held.reservation.cached_tokens);
+  latent_tokens_ += written;
+  latent_bytes_ += written * cache_.layout().num_layers * cache_.layout().row_bytes();
   ScheduleStep(ctx);
   PublishLoad();
   m.reply(absl::OkStatus());
@@ -366,6 +384,9 @@ void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
   for (engine::DecodedToken& t : *step) {
     if (stopped.count(t.id)) continue;  // stopped during the step: its token is not sent
     ++tokens_generated_;
+    if (auto r = by_request_.find(t.id); r != by_request_.end()) {
+      held_.at(r->second).tokens.push_back(t.token);
+    }
     v1::TokenEvent event;
     event.set_request_id(t.id);
     event.set_token(t.token);
@@ -376,7 +397,9 @@ void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
   }
   for (engine::DecodeSequence& done : decoder_.TakeFinished()) {
     auto it = by_request_.find(done.id);
-    done.cache.reset();  // the view goes before its blocks
+    const int64_t rows = done.cache->length();
+    done.cache.reset();  // the views go before their blocks
+    done.mtp_cache.reset();
     if (it == by_request_.end()) continue;
     const uint64_t id = it->second;
     auto stop = stopping.find(id);
@@ -384,7 +407,7 @@ void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
       StopNow(id, stop->second, ctx);  // finished and stopped in the same step: the stop wins
       stopping.erase(stop);
     } else {
-      Free(id, ctx);
+      FreeRunning(id, rows, ctx);
     }
   }
   for (const auto& [id, reason] : stopping) StopNow(id, reason, ctx);
@@ -434,6 +457,17 @@ void DecodeActor::MakeRoom(runtime::Context<Message>& ctx) {
   }
 }
 
+void DecodeActor::FreeRunning(uint64_t id, int64_t rows, runtime::Context<Message>& ctx) {
+  auto it = held_.find(id);
+  if (it == held_.end()) return;
+  if (options_.prefix_cache && rows > 0) {
+    const std::vector<int32_t>& tokens = it->second.tokens;
+    (void)cache_.Publish(id, absl::MakeConstSpan(tokens).subspan(
+                                 0, std::min(tokens.size(), static_cast<size_t>(rows))));
+  }
+  Free(id, ctx);
+}
+
 void DecodeActor::Free(uint64_t id, runtime::Context<Message>& ctx) {
   auto it = held_.find(id);
   if (it == held_.end()) return;
@@ -464,14 +498,20 @@ void DecodeActor::StopNow(uint64_t id, const std::string& reason, runtime::Conte
   {
     auto j = std::find_if(joining_.begin(), joining_.end(),
                           [&](const engine::DecodeSequence& s) { return s.id == request_id; });
+    int64_t rows = -1;  // rows its cache holds, when it ran
     if (j != joining_.end()) {
       joining_.erase(j);  // its cache view goes here, before its blocks
     } else {
       absl::StatusOr<engine::DecodeSequence> seq = decoder_.Remove(request_id);
-      // `seq` (its cache view) is destroyed here, before its blocks are freed.
+      if (seq.ok()) rows = seq->cache->length();
+      // `seq` (its cache views) is destroyed here, before its blocks are freed.
+    }
+    if (rows >= 0) {
+      FreeRunning(id, rows, ctx);  // a preempted sequence's own prefix is found when it returns
+    } else {
+      Free(id, ctx);
     }
   }
-  Free(id, ctx);
   v1::TokenEvent event;
   event.set_request_id(request_id);
   event.set_finished(true);
@@ -517,6 +557,10 @@ void DecodeActor::PublishLoad() {
   load.set_draft_tokens_accepted(static_cast<uint64_t>(speculative_.accepted));
   load.set_verify_passes(static_cast<uint64_t>(speculative_.verify_passes));
   load.set_preemptions(preemptions_);
+  load.set_prefix_tokens_queried(static_cast<uint64_t>(cache_.prefix_tokens_queried()));
+  load.set_prefix_tokens_hit(static_cast<uint64_t>(cache_.prefix_tokens_hit()));
+  load.set_cache_blocks_cached(static_cast<int32_t>(cache_.blocks_cached()));
+  load.set_cache_blocks_evicted(static_cast<uint64_t>(cache_.blocks_evicted()));
   load.set_max_sequences_running(max_running_);
   gauge_->Set(std::move(load));
 }

@@ -128,6 +128,9 @@ struct DecodeActorOptions {
   // takes prompt + max_tokens at once, as before (nothing is ever preempted).
   bool reserve_upfront = false;
   int64_t reserve_margin_tokens = 0;
+  // Prefix cache (PagedLatentCache): a finished (or stopped) sequence's full blocks are kept,
+  // and a reservation whose prompt starts with cached tokens shares them in place.
+  bool prefix_cache = true;
 };
 
 // The router that owns a request: its internal id is "<router id>-<serial>" (empty: no '-').
@@ -166,11 +169,16 @@ class DecodeActor {
     std::string release_reason;
     std::string writer;  // who was sent the destination (Release.writer_id), when known
     int64_t arrival_us = 0;  // priority: the request that arrived last is preempted first
+    // Running: prompt + tokens generated so far (the prefix cache keys its rows by them).
+    std::vector<int32_t> tokens;
   };
   static constexpr size_t kMaxGoneWriters = 1024;
 
   // Frees the blocks of `id` and forgets it (its timer cancelled).
   void Free(uint64_t id, runtime::Context<Message>& ctx);
+  // A running sequence ends with `rows` rows in its cache: with the prefix cache, its full
+  // blocks are published (kept for later prompts) first; then Free.
+  void FreeRunning(uint64_t id, int64_t rows, runtime::Context<Message>& ctx);
   // Stops a running sequence (out of the batch) and frees it; `reason` goes to the routers.
   // While a step is in flight, a sequence of that step is stopped when it is done.
   void StopRunning(uint64_t id, const std::string& reason, runtime::Context<Message>& ctx);

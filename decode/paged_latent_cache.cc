@@ -8,7 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/base/mix64.h"
+#include "common/base/prefix_keys.h"
 #include "common/model/numeric.h"
 
 namespace splitmoe::decode {
@@ -103,20 +103,7 @@ BlockId PagedLatentCache::TakeBlock(uint64_t* generation) {
 
 std::vector<BlockKey> PagedLatentCache::PrefixKeys(absl::Span<const int32_t> tokens,
                                                    int64_t block_tokens) {
-  std::vector<BlockKey> keys;
-  if (block_tokens <= 0) return keys;
-  BlockKey parent = 0;
-  for (size_t begin = 0; begin + static_cast<size_t>(block_tokens) <= tokens.size();
-       begin += static_cast<size_t>(block_tokens)) {
-    uint64_t h = Mix64(parent ^ 0x6a09e667f3bcc909ULL);
-    for (size_t i = begin; i < begin + static_cast<size_t>(block_tokens); ++i) {
-      h = Mix64(h ^ static_cast<uint32_t>(tokens[i]));
-    }
-    if (h == 0) h = 1;  // 0 means "no key"
-    keys.push_back(h);
-    parent = h;
-  }
-  return keys;
+  return splitmoe::PrefixKeys(tokens, block_tokens);
 }
 
 std::vector<BlockId> PagedLatentCache::MatchLocked(absl::Span<const int32_t> prompt,

@@ -61,6 +61,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
   actor_options.draft_tokens = options.draft_tokens;
   actor_options.reserve_upfront = options.reserve_upfront;
   actor_options.reserve_margin_tokens = options.reserve_margin_tokens;
+  actor_options.prefix_cache = options.prefix_cache;
   auto gauge = std::make_shared<LoadGauge>();
   {
     runtime::Actor<DecodeActor> actor(
@@ -100,6 +101,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
             .With("micro_batches", options.micro_batches)
             .With("draft_tokens", options.draft_tokens)
             .With("reserve", options.reserve_upfront ? "upfront" : "grow")
+            .With("prefix_cache", options.prefix_cache)
         << "serving";
     std::cout << "listening " << server.address << std::endl;
 

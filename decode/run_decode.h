@@ -39,6 +39,7 @@ struct DecodeOptions {
   // prompt + `--reserve-margin-tokens` (0: one block) and the cache grows (DecodeActorOptions).
   bool reserve_upfront = false;
   int64_t reserve_margin_tokens = 0;
+  bool prefix_cache = true;  // `--no-prefix-cache` turns it off
 };
 
 absl::Status RunDecode(const DecodeOptions& options);

@@ -1,11 +1,15 @@
 #include "prefill/prefill_worker.h"
 
+#include <condition_variable>
+#include <cstring>
 #include <iostream>
+#include <mutex>
 
 #include "common/base/log.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/engine/batch_decoder.h"
+#include "common/model/numeric.h"
 #include "common/rpc/rpc.h"
 #include "common/rpc/security.h"
 #include "prefill/latent_shipper.h"
@@ -48,6 +52,7 @@ struct PrefillActor::Job {
   std::unique_ptr<engine::LatentCache> local;
   std::unique_ptr<engine::LatentCache> local_mtp;  // the destination wants the MTP layer
   std::vector<float> last_hidden;                  // for the MTP module's first draft
+  int64_t cached = 0;  // prompt rows already in the destination (prefix cache), read back
   std::unique_ptr<LatentShipper> shipper;
   absl::Time deadline = absl::InfiniteFuture();
   absl::Status status;
@@ -103,7 +108,7 @@ BatchDone PrefillActor::RunJobs() {
     done.results.push_back(Conclude(*job, &bytes_put));
     done.latent_bytes += bytes_put;
     if (done.results.back().ok() && job->ship() && done.results.back()->finish_reason().empty()) {
-      done.latent_tokens += static_cast<uint64_t>(job->prompt.size());
+      done.latent_tokens += static_cast<uint64_t>(job->prompt.size() - job->cached);
     }
   }
   return done;
@@ -120,6 +125,65 @@ void PrefillActor::Handle(BatchDone m, runtime::Context<Message>& ctx) {
   PublishLoad();  // before the replies: a caller that sees its reply sees these counters too
   for (size_t i = 0; i < jobs.size(); ++i) jobs[i]->message.reply(std::move(m.results[i]));
   if (!pending_.empty() && !batch_scheduled_) batch_scheduled_ = ctx.self().Send(RunBatch{});
+}
+
+absl::Status PrefillActor::ReadCachedPrefix(Job& job, const decode::PagedLatentLayout& layout,
+                                            transfer::PeerId peer,
+                                            const transfer::RegionDescriptor& remote) {
+  const v1::LatentDestination& d = job.destination();
+  const model::ModelConfig& c = transformer_->config();
+  const int64_t cached = d.cached_tokens(), t = layout.block_tokens;
+  if (cached < 0 || cached % t != 0 || cached >= static_cast<int64_t>(job.prompt.size()) ||
+      cached / t > d.blocks_size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "destination says ", cached, " prompt tokens are cached: not a whole number of ", t,
+        "-token blocks below the prompt's ", job.prompt.size(), " within its ", d.blocks_size(),
+        " blocks"));
+  }
+  // A block is contiguous across layers: one get per block.
+  const int64_t blocks = cached / t, block_bytes = layout.block_bytes();
+  std::vector<uint8_t> staged(static_cast<size_t>(blocks * block_bytes));
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t left = blocks;
+  absl::Status first;
+  for (int64_t b = 0; b < blocks; ++b) {
+    transport_->Get(peer, staged.data() + b * block_bytes, static_cast<size_t>(block_bytes),
+                    remote, static_cast<uint64_t>(layout.LayerSlabOffset(d.blocks(b), 0)),
+                    [&](absl::Status s) {
+                      std::lock_guard<std::mutex> lock(mu);
+                      if (!s.ok() && first.ok()) first = s;
+                      if (--left == 0) cv.notify_all();
+                    });
+  }
+  {
+    // Every get ends (done, failed, past the transport's operation timeout, or shut down).
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return left == 0; });
+  }
+  SPLITMOE_RETURN_IF_ERROR(Annotate(first, "reading the cached prefix from the decode worker"));
+  auto widen = [&](int64_t layer, engine::LatentCache& into, int64_t into_layer) {
+    into.EnsureCapacity(cached);
+    for (int64_t p = 0; p < cached; ++p) {
+      const uint8_t* row = staged.data() + (p / t) * block_bytes + layer * layout.layer_slab_bytes() +
+                           (p % t) * layout.row_bytes();
+      float* out = into.Row(into_layer, p);
+      if (layout.dtype == decode::LatentDType::kFloat32) {
+        std::memcpy(out, row, static_cast<size_t>(layout.row_bytes()));
+      } else {
+        for (int64_t v = 0; v < layout.latent_dim; ++v) {
+          uint16_t bits;
+          std::memcpy(&bits, row + 2 * v, 2);
+          out[v] = model::Bf16ToFloat(bits);
+        }
+      }
+    }
+    into.Commit(cached);
+  };
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) widen(layer, *job.local, layer);
+  if (job.local_mtp != nullptr) widen(c.num_hidden_layers, *job.local_mtp, 0);
+  job.cached = cached;
+  return absl::OkStatus();
 }
 
 absl::Status PrefillActor::Prepare(Job& job) {
@@ -150,12 +214,15 @@ absl::Status PrefillActor::Prepare(Job& job) {
                                     .size_bytes = d.region_bytes(),
                                     .rkey = d.rkey()};
   job.shipper = std::make_unique<LatentShipper>(
-      transport_, peer, std::move(remote), layout,
+      transport_, peer, remote, layout,
       std::vector<decode::BlockId>(d.blocks().begin(), d.blocks().end()));
   if (d.timeout_ms() > 0) job.deadline = job.message.received + absl::Milliseconds(d.timeout_ms());
   // Without the module the main layers go alone: the decode worker decodes one token a step.
   if (d.mtp_layer() && transformer_->mtp_modules() > 0) {
     job.local_mtp = std::make_unique<engine::LatentCache>(1, c.latent_dim());
+  }
+  if (d.cached_tokens() != 0) {
+    SPLITMOE_RETURN_IF_ERROR(ReadCachedPrefix(job, layout, peer, remote));
   }
   return absl::OkStatus();
 }
@@ -166,7 +233,8 @@ void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
   for (auto& job : jobs) {
     if (!job->status.ok()) continue;
     engine::PrefillItem item;
-    item.prompt = job->prompt;
+    // The cached prefix's rows are in the local caches already: only the rest is computed.
+    item.prompt = absl::MakeConstSpan(job->prompt).subspan(static_cast<size_t>(job->cached));
     item.cache = job->local.get();
     item.mtp_cache = job->local_mtp.get();
     item.sampling = job->sampling;
@@ -190,6 +258,7 @@ void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
           return absl::DeadlineExceededError(absl::StrCat(
               "prefill passed its transfer deadline of ", job.destination().timeout_ms(), " ms"));
         }
+        from += job.cached;  // positions in the item's prompt -> in the sequence
         if (layer == transformer_->config().num_hidden_layers) {  // the MTP module's rows
           job.shipper->ShipLayer(*job.local_mtp, 0, from, count, layer);
         } else {

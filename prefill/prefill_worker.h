@@ -78,6 +78,10 @@ class PrefillActor {
   struct Job;
   // Checks the request and connects its shipper; the job's status says why not.
   absl::Status Prepare(Job& job);
+  // The destination's cached prefix (LatentDestination.cached_tokens rows, every layer) read
+  // back from the decode worker into the job's local caches, which then start at that length.
+  absl::Status ReadCachedPrefix(Job& job, const decode::PagedLatentLayout& layout,
+                                transfer::PeerId peer, const transfer::RegionDescriptor& remote);
   // The executor's part: prepare, prefill, conclude every job of `batch_`.
   BatchDone RunJobs();
   // Prefills every prepared job together, shipping latents layer by layer.

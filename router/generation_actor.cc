@@ -6,6 +6,7 @@
 #include "common/base/log.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/base/prefix_keys.h"
 #include "absl/strings/str_format.h"
 #include "common/rpc/rpc.h"
 #include "common/rpc/security.h"
@@ -160,6 +161,64 @@ GenerationActor::Worker* GenerationActor::LeastLoaded(v1::WorkerRole role,
   return best;
 }
 
+namespace {
+
+// A request may start from a cached prefix unless its prompt logprobs are still to come (they
+// need every prompt position computed).
+bool PrefixEligibleRequest(bool first_token_done, int32_t prompt_logprobs) {
+  return first_token_done || prompt_logprobs <= 0;
+}
+
+}  // namespace
+
+bool GenerationActor::PrefixEligible(const Request& r) {
+  return PrefixEligibleRequest(r.first_token_done, r.request.prompt_logprobs());
+}
+
+GenerationActor::Worker* GenerationActor::PickDecode(const Request& r,
+                                                     const std::vector<std::string>& exclude) {
+  Worker* least = Preferred(v1::WORKER_ROLE_DECODE, exclude, r.failed_workers);
+  if (least == nullptr || !PrefixEligible(r)) return least;
+  std::vector<int32_t> tokens = r.prompt;
+  tokens.insert(tokens.end(), r.generated.begin(), r.generated.end());
+  Worker* best = nullptr;
+  size_t best_match = 0;
+  for (auto& [id, w] : workers_) {
+    if (w.info.role != v1::WORKER_ROLE_DECODE || w.leaving || !w.stream_up ||
+        w.block_tokens <= 0 || w.in_flight > least->in_flight + kPrefixLoadSlack) {
+      continue;
+    }
+    if (std::find(exclude.begin(), exclude.end(), id) != exclude.end()) continue;
+    if (std::find(r.failed_workers.begin(), r.failed_workers.end(), id) != r.failed_workers.end())
+      continue;
+    // At most prompt - 1 tokens can be shared (the last one is computed).
+    const std::vector<uint64_t> keys = PrefixKeys(
+        absl::MakeConstSpan(tokens).subspan(0, tokens.empty() ? 0 : tokens.size() - 1),
+        w.block_tokens);
+    size_t match = 0;
+    while (match < keys.size() && w.prefix_keys.count(keys[match])) ++match;
+    if (match > best_match ||
+        (match == best_match && best != nullptr && w.in_flight < best->in_flight)) {
+      best = &w;
+      best_match = match;
+    }
+  }
+  return best_match > 0 ? best : least;
+}
+
+void GenerationActor::NotePrefix(Worker& w, const std::vector<int32_t>& tokens) {
+  if (w.block_tokens <= 0) return;
+  for (uint64_t key : PrefixKeys(tokens, w.block_tokens)) {
+    ++w.prefix_keys[key];
+    w.prefix_order.push_back(key);
+  }
+  while (w.prefix_order.size() > kMaxPrefixKeysPerWorker) {
+    auto it = w.prefix_keys.find(w.prefix_order.front());
+    if (it != w.prefix_keys.end() && --it->second == 0) w.prefix_keys.erase(it);
+    w.prefix_order.pop_front();
+  }
+}
+
 GenerationActor::Worker* GenerationActor::Preferred(v1::WorkerRole role,
                                                     const std::vector<std::string>& exclude,
                                                     const std::vector<std::string>& avoid) {
@@ -292,9 +351,15 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
     SendPrefill(r, ctx);
     return;
   }
+  // First come, first served: while requests wait for cache blocks, a new one waits behind
+  // them (only the head of the queue asks the decode workers).
+  if (!waiting_.empty() && waiting_.front() != r.serial) {
+    Enqueue(r, ctx);
+    return;
+  }
   std::vector<std::string> exclude = r.decode_tried;
   exclude.insert(exclude.end(), r.too_small.begin(), r.too_small.end());
-  Worker* decode = Preferred(v1::WORKER_ROLE_DECODE, exclude, r.failed_workers);
+  Worker* decode = PickDecode(r, exclude);
   if (decode == nullptr) {
     if (LeastLoaded(v1::WORKER_ROLE_DECODE, {}) == nullptr) {
       FinishWithError(r, absl::UnavailableError("no decode worker is serving"));
@@ -316,8 +381,12 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
       return;
     }
     r.decode_tried.clear();
-    ctx.ScheduleAfter(absl::Milliseconds(20), RetryAdmission{r.serial});
+    Enqueue(r, ctx);
     return;
+  }
+  if (!waiting_.empty() && waiting_.front() == r.serial) {
+    waiting_.pop_front();
+    KickQueue(ctx);  // the next one may fit too
   }
   r.decode_worker = decode->info.id;
   ++decode->in_flight;
@@ -332,6 +401,10 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
   call->request.set_prompt_tokens(static_cast<int32_t>(r.prompt.size() + r.generated.size()));
   call->request.set_max_tokens(RemainingTokens(r));
   call->request.set_arrival_us(absl::ToUnixMicros(r.received));
+  if (PrefixEligible(r)) {
+    call->request.mutable_prompt()->Add(r.prompt.begin(), r.prompt.end());
+    call->request.mutable_prompt()->Add(r.generated.begin(), r.generated.end());
+  }
   call->request.set_timeout_ms(
       static_cast<int32_t>(absl::ToInt64Milliseconds(options_.prefill_timeout)));
   decode->decode->async()->Reserve(
@@ -345,12 +418,44 @@ void GenerationActor::Admit(Request& r, Ctx& ctx) {
       });
 }
 
+void GenerationActor::Enqueue(Request& r, Ctx& ctx) {
+  if (std::find(waiting_.begin(), waiting_.end(), r.serial) == waiting_.end()) {
+    // One that already waited at the head, was preempted or has started streaming goes back to
+    // the front: it came before everything behind it.
+    if (r.waited || r.preemptions > 0 || r.first_token_done) {
+      waiting_.push_front(r.serial);
+    } else {
+      waiting_.push_back(r.serial);
+    }
+    r.waited = true;
+  }
+  KickQueue(ctx);
+}
+
+void GenerationActor::KickQueue(Ctx& ctx) {
+  while (!waiting_.empty()) {
+    auto it = requests_.find(waiting_.front());
+    if (it != requests_.end() && it->second.stage == Stage::kAdmitting) break;
+    waiting_.pop_front();  // gone, or admitted by another path
+  }
+  if (waiting_.empty() || queue_kick_scheduled_) return;
+  queue_kick_scheduled_ = true;
+  ctx.ScheduleAfter(absl::Milliseconds(20), RetryAdmission{0, /*queue_kick=*/true});
+}
+
 void GenerationActor::Handle(RetryAdmission m, Ctx& ctx) {
+  if (m.queue_kick) {  // the queue's head asks again
+    queue_kick_scheduled_ = false;
+    while (!waiting_.empty() && !requests_.count(waiting_.front())) waiting_.pop_front();
+    if (waiting_.empty()) return;
+    m.serial = waiting_.front();
+  }
   auto it = requests_.find(m.serial);
   if (it != requests_.end() && it->second.stage == Stage::kAdmitting &&
       it->second.decode_worker.empty() && it->second.prefill_worker.empty()) {
     Admit(it->second, ctx);
   }
+  if (m.queue_kick) KickQueue(ctx);  // the head may have finished (its deadline): the next one
 }
 
 void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
@@ -417,6 +522,12 @@ void GenerationActor::Handle(ReserveDone m, Ctx& ctx) {
   ++w->in_flight;
   r.decode_worker = m.worker_id;
   r.destination = m.result->destination();
+  if (PrefixEligible(r)) {
+    w->block_tokens = r.destination->block_tokens();
+    std::vector<int32_t> tokens = r.prompt;
+    tokens.insert(tokens.end(), r.generated.begin(), r.generated.end());
+    NotePrefix(*w, tokens);
+  }
   r.destination->set_decode_worker_id(m.worker_id);
   r.destination->set_decode_address(w->info.address);
   SendPrefill(r, ctx);

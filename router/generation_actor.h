@@ -20,12 +20,14 @@
 #define SPLITMOE_ROUTER_GENERATION_ACTOR_H_
 
 #include <atomic>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <utility>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <variant>
 #include <vector>
 
@@ -66,6 +68,7 @@ struct ReserveDone {
 };
 struct RetryAdmission {
   uint64_t serial = 0;
+  bool queue_kick = false;  // the admission queue's timer: its head (whatever it is now) asks
 };
 struct PrefillDone {
   uint64_t serial = 0;
@@ -121,7 +124,7 @@ struct FrontDoorGauges {
 
 struct GenerationOptions {
   // How long a request may wait for cache blocks before RESOURCE_EXHAUSTED.
-  absl::Duration admission_timeout = absl::Seconds(30);
+  absl::Duration admission_timeout = absl::Minutes(10);
   // Deadline of a prompt's prefill and its latent transfer (Reserve's timeout).
   absl::Duration prefill_timeout = absl::Seconds(60);
   // A decoding request with no new token for this long fails (UNAVAILABLE): its decode worker
@@ -168,6 +171,11 @@ class GenerationActor {
     uint64_t stream = 0;
     bool stream_up = false;
     bool leaving = false;  // out of service: its requests are moving away
+    // Decode workers: the prefix blocks this router sent there (a guess at what its prefix
+    // cache holds: the worker may have evicted them), keys in the order sent, bounded.
+    int64_t block_tokens = 0;  // its cache's, from its first reservation
+    std::unordered_map<uint64_t, int32_t> prefix_keys;
+    std::deque<uint64_t> prefix_order;
   };
   enum class Stage { kAdmitting, kPrefilling, kDecoding };
   struct Request {
@@ -200,6 +208,7 @@ class GenerationActor {
     int32_t failovers = 0;
     int32_t preemptions = 0;
     int32_t attempts = 0;  // names each attempt's internal id
+    bool waited = false;   // has been in the admission queue
     std::vector<std::string> failed_workers;
   };
 
@@ -214,6 +223,11 @@ class GenerationActor {
   void Requeue(Request& r, runtime::Context<Message>& ctx);
   // The next attempt's internal id and a clean admission state.
   void NewAttempt(Request& r);
+  // No decode worker has blocks for `r` now: it waits in the admission queue (first come, first
+  // served; only the head asks the decode workers, every 20 ms), up to the admission timeout.
+  void Enqueue(Request& r, runtime::Context<Message>& ctx);
+  // Drops finished heads and schedules the head's next try (once).
+  void KickQueue(runtime::Context<Message>& ctx);
   static constexpr int32_t kMaxPreemptions = 100;
   // Releases what the current attempt holds on workers (reservation or running sequence,
   // prefill call), as Abandon does, without forgetting the request.
@@ -246,6 +260,16 @@ class GenerationActor {
   // LeastLoaded avoiding `avoid` when anything else serves.
   Worker* Preferred(v1::WorkerRole role, const std::vector<std::string>& exclude,
                     const std::vector<std::string>& avoid);
+  // The decode worker for `r`: the one that likely holds the longest cached prefix of what the
+  // prefill will run (prompt + generated), unless it is busier than the least loaded by more
+  // than kPrefixLoadSlack requests; the least loaded otherwise (as Preferred).
+  Worker* PickDecode(const Request& r, const std::vector<std::string>& exclude);
+  // Whether `r` may start from a cached prefix (not while its prompt logprobs are to come).
+  static bool PrefixEligible(const Request& r);
+  // Remembers that `tokens`' whole blocks went to decode worker `w`.
+  void NotePrefix(Worker& w, const std::vector<int32_t>& tokens);
+  static constexpr int32_t kPrefixLoadSlack = 4;
+  static constexpr size_t kMaxPrefixKeysPerWorker = size_t{1} << 16;
 
   const model::ModelConfig& config_;
   const tokenizer::Tokenizer* tokenizer_;
@@ -254,6 +278,8 @@ class GenerationActor {
   std::map<std::string, Worker> workers_;  // by worker id
   std::map<uint64_t, Request> requests_;   // by serial
   std::map<std::string, uint64_t> by_public_id_, by_internal_id_;
+  std::deque<uint64_t> waiting_;  // the admission queue, by serial
+  bool queue_kick_scheduled_ = false;
   uint64_t next_stream_ = 1;
   std::string router_tag_;  // prefix of internal ids
 };

@@ -37,7 +37,7 @@ struct RouterOptions {
   std::string launcher_address;
   // Front door: how long a request may wait for decode cache blocks, and the deadline of a
   // prompt's prefill and latent transfer.
-  absl::Duration admission_timeout = absl::Seconds(30);
+  absl::Duration admission_timeout = absl::Minutes(10);
   absl::Duration prefill_timeout = absl::Seconds(60);
   // The OpenAI-compatible HTTP front door (router/http_front_door.h): HOST:PORT, empty for none;
   // it prints "http HOST:PORT" once serving.

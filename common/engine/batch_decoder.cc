@@ -174,8 +174,9 @@ absl::Status RunRound(Transformer& transformer, std::vector<PrefillItem>& items,
     if (item.status.ok() && begin + n == item.prompt.size()) {
       transformer.Logits(hidden.data() + (row + static_cast<int64_t>(n) - 1) * h, 1,
                          logits.data());
-      item.first.token =
-          SampleToken(logits, item.sampling, static_cast<int64_t>(item.prompt.size()));
+      // The position after the prompt in the sequence (a cached prefix comes before it).
+      item.first.token = SampleToken(logits, item.sampling,
+                                     base[round[r]] + static_cast<int64_t>(item.prompt.size()));
       if (item.logprobs >= 0) item.first.logprob = ComputeLogprob(logits, item.first.token, item.logprobs);
     }
     row += static_cast<int64_t>(n);

@@ -39,6 +39,8 @@ constexpr unsigned kAmFlushReply = 13;    // FlushReplyHeader
 constexpr unsigned kAmNotify = 14;        // NotifyHeader + payload
 constexpr unsigned kAmMessage = 15;       // MessageHeader + payload, sent with a reply endpoint
 constexpr unsigned kAmHello = 16;         // HelloHeader + the sender's worker address
+constexpr unsigned kAmGetRequest = 17;    // GetRequestHeader, sent with a reply endpoint
+constexpr unsigned kAmGetReply = 18;      // GetReplyHeader + the bytes read
 
 struct PutHeader {
   uint64_t source_id;
@@ -53,6 +55,16 @@ struct FlushRequestHeader {
 struct FlushReplyHeader {
   uint64_t flush_seq;
   uint64_t rejected_puts;  // cumulative, from this source
+};
+struct GetRequestHeader {
+  uint64_t source_id;
+  uint64_t get_seq;
+  uint64_t remote_addr;
+  uint64_t bytes;
+};
+struct GetReplyHeader {
+  uint64_t get_seq;
+  uint64_t refused;  // 1: the range lies outside the target's registered regions
 };
 struct NotifyHeader {
   uint64_t source_id;
@@ -273,6 +285,30 @@ class UcxTransport::Impl {
     if (!posted) (*shared_done)(ShutDownError());
   }
 
+  void Get(PeerId peer, void* local, size_t bytes, const RegionDescriptor& remote,
+           uint64_t offset, DoneCallback done) {
+    if (offset > remote.size_bytes || bytes > remote.size_bytes - offset) {
+      done(absl::InvalidArgumentError(
+          Prefix(absl::StrCat("Get: ", bytes, " bytes at offset ", offset,
+                              " are outside the remote region of ", remote.size_bytes, " bytes"))));
+      return;
+    }
+    if (bytes == 0) {
+      done(absl::OkStatus());
+      return;
+    }
+    if (local == nullptr) {
+      done(absl::InvalidArgumentError(Prefix("Get: null local buffer")));
+      return;
+    }
+    auto shared_done = std::make_shared<DoneCallback>(std::move(done));
+    bool posted = Post([this, peer, local, bytes, addr = remote.remote_addr + offset,
+                        rkey = remote.rkey, owner = remote.worker_address, shared_done]() mutable {
+      DoGet(peer, local, bytes, addr, rkey, owner, std::move(*shared_done));
+    });
+    if (!posted) (*shared_done)(ShutDownError());
+  }
+
   void Flush(PeerId peer, DoneCallback done) {
     auto shared_done = std::make_shared<DoneCallback>(std::move(done));
     if (!Post([this, peer, shared_done] { DoFlush(peer, std::move(*shared_done)); })) {
@@ -375,7 +411,9 @@ class UcxTransport::Impl {
  private:
   // One in-flight UCX request or one Flush awaiting its acknowledgement.
   enum class OpKind {
-    kPut, kFlush, kEpFlush, kNotify, kInternalSend, kRecv, kClose, kMessage, kRecvMessage
+    kPut, kFlush, kEpFlush, kNotify, kInternalSend, kRecv, kClose, kMessage, kRecvMessage,
+    kGet,      // an RMA get, or an active-message get waiting for its reply (get_seq != 0)
+    kGetRecv,  // a get reply's rendezvous data being received into the get's buffer
   };
   struct Op {
     Impl* impl = nullptr;
@@ -391,6 +429,8 @@ class UcxTransport::Impl {
     std::string payload;            // notification or message payload; must outlive the request
     Message message;                // kRecvMessage: what is being received
     std::vector<ucp_rkey_h> rkeys;  // kClose: destroyed when the close completes
+    void* local = nullptr;          // kGet / kGetRecv: where the bytes go
+    uint64_t get_seq = 0;           // kGet (active messages) / kGetRecv
     void* request = nullptr;
     bool orphaned = false;  // reported already; freed when UCX lets go of it
   };
@@ -559,7 +599,9 @@ class UcxTransport::Impl {
     for (const Handler& h :
          {Handler{kAmPut, &Impl::OnPutAm}, Handler{kAmFlushRequest, &Impl::OnFlushRequestAm},
           Handler{kAmFlushReply, &Impl::OnFlushReplyAm}, Handler{kAmNotify, &Impl::OnNotifyAm},
-          Handler{kAmMessage, &Impl::OnMessageAm}, Handler{kAmHello, &Impl::OnHelloAm}}) {
+          Handler{kAmMessage, &Impl::OnMessageAm}, Handler{kAmHello, &Impl::OnHelloAm},
+          Handler{kAmGetRequest, &Impl::OnGetRequestAm},
+          Handler{kAmGetReply, &Impl::OnGetReplyAm}}) {
       ucp_am_handler_param_t hp{};
       hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
                       UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
@@ -838,6 +880,21 @@ class UcxTransport::Impl {
         }
         return;
       }
+      case OpKind::kGet: {  // RMA get completed (an active-message get finishes by its reply)
+        absl::Status status = status_for("get");
+        if (status.ok()) bytes_got_ += op->bytes;
+        PeerId id = op->peer;
+        FinishOp(op, status);
+        if (!status.ok()) FailPeer(id, status);
+        return;
+      }
+      case OpKind::kGetRecv: {
+        const uint64_t seq = op->get_seq;
+        FinishOp(op, absl::OkStatus());
+        FinishGet(seq, ucs == UCS_OK ? absl::OkStatus()
+                                     : FromUcs(ucs, Prefix("receiving a get reply")));
+        return;
+      }
       case OpKind::kClose: {
         for (ucp_rkey_h rkey : op->rkeys) ucp_rkey_destroy(rkey);
         op->rkeys.clear();
@@ -920,6 +977,12 @@ class UcxTransport::Impl {
     }
     for (uint64_t seq : flushes) FinishFlush(seq, status);
     CloseEndpoint(*p, /*force=*/true);
+    // Active-message gets waiting for a reply hold no UCX request: finished, not orphaned.
+    std::vector<uint64_t> gets;
+    for (auto& [seq, op] : get_waiters_) {
+      if (op->peer == id) gets.push_back(seq);
+    }
+    for (uint64_t seq : gets) FinishGet(seq, status);
     std::vector<Op*> remaining;
     for (auto& [ptr, op] : ops_) {
       if (op->peer == id && op->kind != OpKind::kClose && !op->orphaned) remaining.push_back(ptr);
@@ -996,6 +1059,50 @@ class UcxTransport::Impl {
     ucp_request_param_t param = SendParam(op);
     HandleNbx(op, ucp_am_send_nbx(p->ep, kAmPut, op->header.data(), op->header.size(), local, bytes,
                                   &param));
+  }
+
+  void DoGet(PeerId id, void* local, size_t bytes, uint64_t remote_addr, const std::string& rkey,
+             const std::string& owner, DoneCallback done) {
+    Peer* p = UsablePeer(id, done);
+    if (p == nullptr) return;
+    if (!owner.empty() && owner != p->address) {
+      done(absl::InvalidArgumentError(Prefix(
+          absl::StrCat("Get: the region descriptor belongs to another worker than peer ", id))));
+      return;
+    }
+    Op* op = NewOp(OpKind::kGet, id, std::move(done));
+    op->bytes = bytes;
+    op->local = local;
+    if (p->path == PutPath::kRma) {
+      absl::StatusOr<ucp_rkey_h> key = GetRkey(*p, rkey);
+      if (!key.ok()) {
+        FinishOp(op, key.status());
+        return;
+      }
+      ucp_request_param_t param = SendParam(op);
+      HandleNbx(op, ucp_get_nbx(p->ep, local, bytes, remote_addr, *key, &param));
+      return;
+    }
+    // Active messages: ask; the reply (OnGetReplyAm) carries the bytes and finishes `op`.
+    op->get_seq = next_get_seq_++;
+    get_waiters_[op->get_seq] = op;
+    Op* request = NewOp(OpKind::kInternalSend, id, nullptr);
+    request->header = HeaderBytes(GetRequestHeader{source_id_, op->get_seq, remote_addr, bytes});
+    ucp_request_param_t param = SendParam(request);
+    param.op_attr_mask |= UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_REPLY | UCP_AM_SEND_FLAG_EAGER;
+    HandleNbx(request, ucp_am_send_nbx(p->ep, kAmGetRequest, request->header.data(),
+                                       request->header.size(), nullptr, 0, &param));
+  }
+
+  // Finishes the active-message get `seq` (if it still waits) with `status`.
+  void FinishGet(uint64_t seq, absl::Status status) {
+    auto it = get_waiters_.find(seq);
+    if (it == get_waiters_.end()) return;
+    Op* op = it->second;
+    get_waiters_.erase(it);
+    if (status.ok()) bytes_got_ += op->bytes;
+    FinishOp(op, std::move(status));
   }
 
   void DoFlush(PeerId id, DoneCallback done) {
@@ -1197,6 +1304,70 @@ class UcxTransport::Impl {
     return UCS_OK;
   }
 
+  // Target side of an active-message get: the bytes straight from the registered region (which
+  // outlives the send), or a refusal.
+  static ucs_status_t OnGetRequestAm(void* arg, const void* header, size_t header_length,
+                                     void* /*data*/, size_t /*length*/,
+                                     const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    GetRequestHeader h{};
+    if (!ParseHeader(header, header_length, h)) return UCS_OK;
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) == 0) return UCS_OK;
+    ucp_ep_h reply_ep = param->reply_ep;
+    self->pending_actions_.push_back([self, reply_ep, h] {
+      if (self->closing_) return;
+      PeerId peer = 0;
+      ucp_ep_h ep = self->ReplyEndpoint(h.source_id, reply_ep, &peer);
+      if (ep == nullptr) return;  // the reader is gone
+      void* source = self->FindRegionRange(h.remote_addr, h.bytes);
+      Op* op = self->NewOp(OpKind::kInternalSend, 0, nullptr);
+      op->header = HeaderBytes(GetReplyHeader{h.get_seq, source == nullptr ? 1u : 0u});
+      ucp_request_param_t p = self->SendParam(op);
+      self->HandleNbx(op, ucp_am_send_nbx(ep, kAmGetReply, op->header.data(), op->header.size(),
+                                          source, source == nullptr ? 0 : h.bytes, &p));
+    });
+    return UCS_OK;
+  }
+
+  static ucs_status_t OnGetReplyAm(void* arg, const void* header, size_t header_length,
+                                   void* data, size_t length, const ucp_am_recv_param_t* param) {
+    auto* self = static_cast<Impl*>(arg);
+    const bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+    GetReplyHeader h{};
+    if (!ParseHeader(header, header_length, h)) return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;
+    auto it = self->get_waiters_.find(h.get_seq);
+    if (it == self->get_waiters_.end()) return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;  // failed
+    Op* get = it->second;
+    if (h.refused != 0 || length != get->bytes) {
+      self->FinishGet(h.get_seq,
+                      h.refused != 0
+                          ? absl::InvalidArgumentError(self->Prefix(absl::StrCat(
+                                "peer ", get->peer, " refused a get of ", get->bytes,
+                                " bytes: outside its registered regions")))
+                          : absl::DataLossError(self->Prefix(absl::StrCat(
+                                "get reply of ", length, " bytes, ", get->bytes, " asked"))));
+      return rndv ? UCS_ERR_INVALID_PARAM : UCS_OK;
+    }
+    if (!rndv) {
+      std::memcpy(get->local, data, length);
+      self->FinishGet(h.get_seq, absl::OkStatus());
+      return UCS_OK;
+    }
+    // Rendezvous: received straight into the get's buffer, started outside this callback.
+    Op* op = self->NewOp(OpKind::kGetRecv, 0, nullptr);
+    op->get_seq = h.get_seq;
+    op->bytes = length;
+    void* local = get->local;
+    self->pending_actions_.push_back([self, op, data, local, length] {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+      p.cb.recv_am = &Impl::OnRecvComplete;
+      p.user_data = op;
+      self->HandleNbx(op, ucp_am_recv_data_nbx(self->worker_, data, local, length, &p));
+    });
+    return UCS_INPROGRESS;
+  }
+
   static ucs_status_t OnNotifyAm(void* arg, const void* header, size_t header_length, void* data,
                                  size_t length, const ucp_am_recv_param_t* param) {
     auto* self = static_cast<Impl*>(arg);
@@ -1368,6 +1539,7 @@ class UcxTransport::Impl {
     ops_.clear();
     live_ops_ = 0;
     flush_waiters_.clear();
+    get_waiters_.clear();
     for (auto& [base, record] : regions_) ucp_mem_unmap(context_, record.memh);
     regions_.clear();
     region_base_by_id_.clear();
@@ -1425,6 +1597,9 @@ class UcxTransport::Impl {
   std::atomic<int64_t> rma_peers_{0};
   std::atomic<int64_t> am_peers_{0};
   std::atomic<uint64_t> bytes_put_{0};
+  std::atomic<uint64_t> bytes_got_{0};
+  std::map<uint64_t, Op*> get_waiters_;  // active-message gets by get_seq (progress thread)
+  uint64_t next_get_seq_ = 1;
   std::atomic<uint64_t> bytes_received_{0};
   std::atomic<uint64_t> puts_completed_{0};
   std::atomic<uint64_t> puts_failed_{0};
@@ -1477,6 +1652,10 @@ void UcxTransport::Put(PeerId peer, const void* local, size_t bytes, const Regio
   impl_->Put(peer, local, bytes, remote, remote_offset, std::move(done));
 }
 void UcxTransport::Flush(PeerId peer, DoneCallback done) { impl_->Flush(peer, std::move(done)); }
+void UcxTransport::Get(PeerId peer, void* local, size_t bytes, const RegionDescriptor& remote,
+                       uint64_t remote_offset, DoneCallback done) {
+  impl_->Get(peer, local, bytes, remote, remote_offset, std::move(done));
+}
 void UcxTransport::SendNotification(PeerId peer, uint32_t tag, absl::string_view payload,
                                     DoneCallback done) {
   impl_->SendNotification(peer, tag, payload, std::move(done));

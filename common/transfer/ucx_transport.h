@@ -191,6 +191,13 @@ class UcxTransport {
            uint64_t remote_offset, DoneCallback done);
   // OK once every earlier Put to `peer` has landed in the target's memory.
   void Flush(PeerId peer, DoneCallback done);
+  // Reads remote's region at [remote_offset, remote_offset + bytes) into local[0, bytes), which
+  // must stay valid until `done`; OK means the bytes are in `local`. One-sided (ucp_get) on the
+  // RMA path; on the active-message path a request the target answers from its registered
+  // regions (InvalidArgument when the range lies outside them). A prefill worker reads a cached
+  // prompt prefix's latents out of a decode worker's cache this way.
+  void Get(PeerId peer, void* local, size_t bytes, const RegionDescriptor& remote,
+           uint64_t remote_offset, DoneCallback done);
   // Sends (tag, payload) to the peer's notification handler. `payload` is copied; at most
   // kMaxNotificationBytes.
   void SendNotification(PeerId peer, uint32_t tag, absl::string_view payload, DoneCallback done);

@@ -102,14 +102,15 @@ class DecodeActorTest : public ::testing::TestWithParam<int> {
 
   // What a prefill worker does: runs the prompt and puts every layer's rows into the blocks.
   engine::DecodedToken WritePrompt(const v1::LatentDestination& d,
-                                   const std::vector<int32_t>& prompt, int64_t logprobs) {
+                                   const std::vector<int32_t>& prompt, int64_t logprobs,
+                                   size_t from = 0) {
     const auto& c = engine_->config();
     engine::LatentCache local(c.num_hidden_layers, c.latent_dim());
     auto first = engine::PrefillFirstToken(engine_->transformer(), prompt, &local, {}, logprobs,
                                            engine::AttentionForm::kAbsorbed);
     EXPECT_TRUE(first.ok()) << first.status();
     for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-      for (size_t p = 0; p < prompt.size(); ++p) {
+      for (size_t p = from; p < prompt.size(); ++p) {  // rows before `from` are shared
         const int64_t block = d.blocks(static_cast<int>(p / kBlockTokens));
         std::memcpy(arena_ + layout_.RowOffset(static_cast<BlockId>(block), layer,
                                                static_cast<int64_t>(p % kBlockTokens)),
@@ -456,6 +457,65 @@ TEST_P(DecodeActorTest, TheCacheGrowsAndTheLastArrivalIsPreempted) {
       EXPECT_EQ(mine[j], want->tokens[j + 1]) << "sequence " << i << " token " << j;
     if (i == 0) EXPECT_EQ(mine.size() + 1, want->tokens.size());  // the prefill's first token
   }
+}
+
+// The prefix cache: a finished sequence's full blocks are kept; a reservation whose prompt ids
+// start with the same tokens shares them in place (the writer writes only the rest), and decodes
+// exactly as the engine does. A reservation without ids shares nothing.
+TEST_P(DecodeActorTest, AFinishedSequencesBlocksAreSharedByTheNextPrompt) {
+  MakeActor(/*reserve_upfront=*/false);
+  auto reserve = [&](const std::string& id, const std::vector<int32_t>& prompt, bool with_ids) {
+    v1::ReserveRequest r;
+    r.set_request_id(id);
+    r.set_prompt_tokens(static_cast<int32_t>(prompt.size()));
+    r.set_max_tokens(4);
+    r.set_timeout_ms(1000);
+    if (with_ids) r.mutable_prompt()->Add(prompt.begin(), prompt.end());
+    absl::StatusOr<v1::LatentDestination> d = absl::UnknownError("no reply");
+    actor_->Send(ReserveBlocks{r, [&d](absl::StatusOr<v1::ReserveResponse> resp) {
+                                 d = resp.ok() ? absl::StatusOr<v1::LatentDestination>(
+                                                     resp->destination())
+                                               : resp.status();
+                               }});
+    scheduler_.RunUntilIdle();
+    return d;
+  };
+  std::vector<int32_t> a(40);
+  for (int t = 0; t < 40; ++t) a[t] = (t * 13 + 5) % 500;
+  auto da = reserve("a", a, true);
+  ASSERT_TRUE(da.ok()) << da.status();
+  EXPECT_EQ(da->cached_tokens(), 0);
+  engine::DecodedToken first = WritePrompt(*da, a, 2);
+  ASSERT_TRUE(Start("a", *da, a, first.token, 4, da->generation()).ok());  // runs to the end
+  EXPECT_EQ(gauge_->Get().cache_blocks_cached(), 2);  // 43 rows: two whole blocks kept
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
+  // b shares a's first 36 tokens: two blocks (32 tokens) are shared, the rest written.
+  std::vector<int32_t> b(a.begin(), a.begin() + 36);
+  b.push_back(7);
+  auto db = reserve("b", b, true);
+  ASSERT_TRUE(db.ok()) << db.status();
+  EXPECT_EQ(db->cached_tokens(), 32);
+  EXPECT_EQ(db->blocks(0), da->blocks(0));
+  EXPECT_EQ(db->blocks(1), da->blocks(1));
+  events_.clear();
+  engine::DecodedToken first_b = WritePrompt(*db, b, 2, /*from=*/32);
+  ASSERT_TRUE(Start("b", *db, b, first_b.token, 4, db->generation()).ok());
+  engine::GenerateRequest r;
+  r.prompt = b;
+  r.max_tokens = 4;
+  r.ignore_eos = true;
+  auto want = engine_->Generate(r, nullptr);
+  ASSERT_TRUE(want.ok());
+  std::vector<int32_t> got = {first_b.token};
+  for (const v1::TokenEvent& e : events_) got.push_back(e.token());
+  EXPECT_EQ(got, want->tokens);
+  EXPECT_EQ(gauge_->Get().prefix_tokens_hit(), 32u);
+  // Without the ids nothing is shared.
+  auto dc = reserve("c", b, false);
+  ASSERT_TRUE(dc.ok());
+  EXPECT_EQ(dc->cached_tokens(), 0);
+  ASSERT_TRUE(Release(dc->reservation_id(), true).ok());
+  EXPECT_EQ(gauge_->Get().cache_blocks_used(), 0);
 }
 
 TEST_P(DecodeActorTest, ASequenceStartedDuringAStepJoinsTheNextOne) {

@@ -1182,6 +1182,79 @@ TEST(CacheGrowthTest, UnderPressureEveryRequestEqualsTheEngineAndMoreRunAtOnce) 
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 
+// The prefix cache: requests sharing a 100-token system prompt. The first computes it all; the
+// decode worker keeps its blocks when it finishes; the router sends the next ones there; their
+// prefill reads the cached rows back (UCX gets, the MTP layer too) and computes only the rest;
+// the decode worker shares the blocks in place. Every output equals the engine's (which has no
+// cache), the hits are counted, and the prefill ships only the uncached rows.
+TEST(PrefixCacheTest, SharedSystemPromptsHitAndEqualTheEngine) {
+  const std::string model = testing::TinyModel("prefix", [](model::TinyModelOptions& o) {
+    o.mtp_draft = "agree";
+  });
+  auto e = engine::Engine::Load(model);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto cluster = Cluster::Up(model, {"--block-tokens", "16", "--cache-blocks", "200",
+                                     "--decode", "2", "--speculative", "mtp"});
+  ASSERT_NE(cluster, nullptr);
+  std::mt19937_64 rng(5);
+  const int64_t vocab = (*e)->config().vocab_size;
+  std::vector<int32_t> system;
+  for (int i = 0; i < 100; ++i) system.push_back(static_cast<int32_t>(rng() % vocab));
+  std::vector<Case> cases;
+  for (int i = 0; i < 9; ++i) {
+    Case c;
+    c.prompt = system;
+    for (int t = 0; t < 3 + i; ++t) c.prompt.push_back(static_cast<int32_t>(rng() % vocab));
+    c.max_tokens = 12;
+    c.logprobs = 2;
+    if (i % 3 == 2) c.sampling = {.temperature = 0.9, .top_p = 0.95, .top_k = 0, .seed = rng()};
+    cases.push_back(c);
+  }
+  // The first alone (it fills the cache), then the rest at once.
+  ExpectConcurrentEqualsEngine(*cluster, **e, {cases[0]});
+  ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  ExpectConcurrentEqualsEngine(*cluster, **e, std::vector<Case>(cases.begin() + 1, cases.end()));
+  ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  absl::SleepFor(absl::Milliseconds(300));  // the last heartbeats carry the counters
+  const uint64_t hit = cluster->Sum(v1::WORKER_ROLE_DECODE, [](const v1::WorkerLoad& l) {
+    return l.prefix_tokens_hit();
+  });
+  const uint64_t queried = cluster->Sum(v1::WORKER_ROLE_DECODE, [](const v1::WorkerLoad& l) {
+    return l.prefix_tokens_queried();
+  });
+  const uint64_t tokens_sent = cluster->Sum(v1::WORKER_ROLE_PREFILL, [](const v1::WorkerLoad& l) {
+    return l.latent_tokens();
+  });
+  uint64_t prompt_tokens = 0;
+  for (const Case& c : cases) prompt_tokens += c.prompt.size();
+  std::printf("prefix cache: %llu of %llu looked-up prompt tokens hit; the prefill shipped %llu of "
+              "%llu prompt tokens\n",
+              static_cast<unsigned long long>(hit), static_cast<unsigned long long>(queried),
+              static_cast<unsigned long long>(tokens_sent),
+              static_cast<unsigned long long>(prompt_tokens));
+  // 96 of the 100 shared tokens are whole blocks. A request hits them unless the router sent
+  // it to the other decode worker (the one holding them was busier by more than the slack);
+  // that worker then holds them too. What hit was not shipped, exactly.
+  EXPECT_EQ(hit % 96, 0u);
+  EXPECT_GE(hit, 2u * 96u);
+  EXPECT_EQ(queried, 9u * 96u) << "every request looks its whole blocks up";
+  EXPECT_EQ(tokens_sent, prompt_tokens - hit);
+  // Now both decode workers hold the prefix, and the cluster is idle: one at a time, every
+  // request hits, wherever it goes.
+  for (int i = 0; i < 4; ++i) {
+    Case c = cases[static_cast<size_t>(i)];
+    c.prompt.push_back(static_cast<int32_t>(rng() % vocab));
+    ExpectConcurrentEqualsEngine(*cluster, **e, {c});
+    ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(cluster->Sum(v1::WORKER_ROLE_DECODE,
+                         [](const v1::WorkerLoad& l) { return l.prefix_tokens_hit(); }) -
+                hit,
+            4u * 96u);
+  EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
+}
+
 // ---- expert pools: 2 shards x 2 replicas, direct dispatch, failover, elasticity ----
 
 class ExpertPoolTest : public ::testing::Test {

@@ -445,6 +445,27 @@ class UcxTransportTest : public ::testing::Test {
     std::printf("  TRANSFER_BANDWIDTH tls=%s path=%s warm_best=%.2f GiB/s\n",
                 ExpectedTls().empty() ? "default" : ExpectedTls().c_str(),
                 std::string(PutPathName(info_.put_path)).c_str(), best);
+    // The last run's bytes read back with gets: small (eager) and large (rendezvous) ones, at
+    // unaligned offsets, the way a prefill worker reads a cached prefix back.
+    std::vector<char> back(data.size(), 0);
+    auto gets = std::make_shared<Completions>(3);
+    const auto g0 = Clock::now();
+    initiator_->Get(peer_, back.data(), 100, remote_, 4096 + 8, gets->Callback());
+    initiator_->Get(peer_, back.data() + 100, 5000, remote_, 4096 + 8 + 100, gets->Callback());
+    initiator_->Get(peer_, back.data() + 5100, data.size() - 5100, remote_, 4096 + 8 + 5100,
+                    gets->Callback());
+    ASSERT_TRUE(gets->Wait(15000)) << gets->remaining() << " gets never completed";
+    const double get_s = std::chrono::duration<double>(Clock::now() - g0).count();
+    EXPECT_TRUE(gets->FirstError().ok()) << gets->FirstError();
+    EXPECT_TRUE(back == data) << "the bytes read back differ from the bytes put";
+    std::printf("  16 MiB get over %s (%s path): %.2f ms = %.2f GiB/s\n",
+                ExpectedTls().empty() ? "default" : ExpectedTls().c_str(),
+                std::string(PutPathName(info_.put_path)).c_str(), get_s * 1e3, gib / get_s);
+    // Outside the descriptor: refused inline.
+    absl::Status outside = absl::UnknownError("not called");
+    initiator_->Get(peer_, back.data(), 16, remote_, remote_.size_bytes - 8,
+                    [&](absl::Status st) { outside = st; });
+    EXPECT_EQ(outside.code(), absl::StatusCode::kInvalidArgument) << outside;
     TransportStats stats = initiator_->Stats();
     EXPECT_GE(stats.bytes_put, 3 * data.size() + warm.size());
     std::printf("  capabilities: %s\n", initiator_->Capabilities().Summary().c_str());
@@ -515,6 +536,28 @@ TEST_F(UcxTransportTest, TargetRefusesActiveMessagePutsOutsideItsRegions) {
   std::vector<char> data(1 << 20);
   FillRandom(data, 7);
   PutFlushVerify(data, 0, 256 << 10, 7);
+}
+
+TEST_F(UcxTransportTest, TargetRefusesActiveMessageGetsOutsideItsRegions) {
+  ASSERT_NO_FATAL_FAILURE(
+      MakeInitiator({.name = "initiator", .put_path = PutPath::kActiveMessage}));
+  RegionDescriptor lying = remote_;
+  lying.remote_addr += remote_.size_bytes + (1 << 20);
+  std::vector<char> buf(4096);
+  absl::Status refused = WaitOne([&](DoneCallback cb) {
+    initiator_->Get(peer_, buf.data(), buf.size(), lying, 0, std::move(cb));
+  });
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  // The peer is still fine: honest puts land and read back.
+  std::vector<char> data(1 << 20);
+  FillRandom(data, 9);
+  PutFlushVerify(data, 0, 256 << 10, 9);
+  std::vector<char> back(data.size());
+  absl::Status got = WaitOne([&](DoneCallback cb) {
+    initiator_->Get(peer_, back.data(), back.size(), remote_, 0, std::move(cb));
+  });
+  EXPECT_TRUE(got.ok()) << got;
+  EXPECT_TRUE(back == data);
 }
 
 TEST_F(UcxTransportTest, DeadPeerFailsWithinTheOperationTimeout) {

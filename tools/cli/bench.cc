@@ -37,6 +37,7 @@ struct Workload {
   int64_t max_tokens = 32;
   uint64_t seed = 1;
   int64_t draft_tokens = 0;  // --model with --speculative mtp
+  int64_t shared_prefix_tokens = 0;  // every prompt starts with the same this many tokens
 };
 
 // One request's timeline, in ms from its own start.
@@ -54,7 +55,9 @@ std::vector<int32_t> Prompt(const Workload& w, int64_t i, int64_t vocab) {
   std::vector<int32_t> p;
   const auto range = static_cast<uint64_t>(std::max<int64_t>(1, std::min<int64_t>(vocab, 32000)));
   for (int64_t t = 0; t < w.prompt_tokens; ++t) {
-    const uint64_t h = Mix64(w.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i) * 1000003ull +
+    // The first shared_prefix_tokens are every request's (a system prompt); the rest its own.
+    const uint64_t who = t < w.shared_prefix_tokens ? ~uint64_t{0} : static_cast<uint64_t>(i);
+    const uint64_t h = Mix64(w.seed * 0x9E3779B97F4A7C15ull + who * 1000003ull +
                                    static_cast<uint64_t>(t));
     p.push_back(static_cast<int32_t>(h % range));
   }
@@ -103,18 +106,24 @@ absl::StatusOr<v1::ClusterStatusResponse> ClusterCounters(const std::string& end
 nlohmann::json ClusterDelta(const v1::ClusterStatusResponse& before,
                             const v1::ClusterStatusResponse& after) {
   int32_t most = 0;
-  uint64_t preempted = 0, drafted = 0, accepted = 0;
-  auto decode_sums = [](const v1::ClusterStatusResponse& s, uint64_t* p, uint64_t* d, uint64_t* a) {
+  struct Sums {
+    uint64_t preempted = 0, drafted = 0, accepted = 0, queried = 0, hit = 0;
+  };
+  auto decode_sums = [](const v1::ClusterStatusResponse& s) {
+    Sums x;
     for (const auto& w : s.workers()) {
       if (w.role() != v1::WORKER_ROLE_DECODE) continue;
-      *p += w.load().preemptions();
-      *d += w.load().draft_tokens_proposed();
-      *a += w.load().draft_tokens_accepted();
+      x.preempted += w.load().preemptions();
+      x.drafted += w.load().draft_tokens_proposed();
+      x.accepted += w.load().draft_tokens_accepted();
+      x.queried += w.load().prefix_tokens_queried();
+      x.hit += w.load().prefix_tokens_hit();
     }
+    return x;
   };
-  uint64_t p0 = 0, d0 = 0, a0 = 0;
-  decode_sums(before, &p0, &d0, &a0);
-  decode_sums(after, &preempted, &drafted, &accepted);
+  const Sums s0 = decode_sums(before), s1 = decode_sums(after);
+  const uint64_t p0 = s0.preempted, d0 = s0.drafted, a0 = s0.accepted;
+  const uint64_t preempted = s1.preempted, drafted = s1.drafted, accepted = s1.accepted;
   for (const auto& w : after.workers()) {
     if (w.role() == v1::WORKER_ROLE_DECODE) most = std::max(most, w.load().max_sequences_running());
   }
@@ -122,7 +131,12 @@ nlohmann::json ClusterDelta(const v1::ClusterStatusResponse& before,
       {"request_preemptions", after.request_preemptions() - before.request_preemptions()},
       {"request_failovers", after.request_failovers() - before.request_failovers()},
       {"sequences_preempted", preempted - p0},
-      {"max_sequences_running", most}};
+      {"max_sequences_running", most},
+      {"prefix_tokens_queried", s1.queried - s0.queried},
+      {"prefix_tokens_hit", s1.hit - s0.hit},
+      {"prefix_hit_rate", s1.queried > s0.queried ? static_cast<double>(s1.hit - s0.hit) /
+                                                        static_cast<double>(s1.queried - s0.queried)
+                                                  : 0.0}};
   if (drafted > d0) {
     out["draft_tokens_proposed"] = drafted - d0;
     out["draft_tokens_accepted"] = accepted - a0;
@@ -271,7 +285,7 @@ absl::Status BenchCommand(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(f.Parse(argc, argv, 2,
                                    {"model", "endpoint", "concurrency", "requests",
                                     "prompt-tokens", "max-tokens", "json", "seed", "api-key",
-                                    "speculative", "draft-tokens"},
+                                    "speculative", "draft-tokens", "shared-prefix-tokens"},
                                    {}));
   if (f.Has("model") == f.Has("endpoint")) {
     return absl::InvalidArgumentError("bench needs exactly one of --model DIR and --endpoint HOST:PORT");
@@ -284,6 +298,10 @@ absl::Status BenchCommand(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(int64_t seed, f.GetInt("seed", 1));
   w.seed = static_cast<uint64_t>(seed);
   SPLITMOE_ASSIGN_OR_RETURN(w.draft_tokens, DraftTokensFromFlags(f));
+  SPLITMOE_ASSIGN_OR_RETURN(w.shared_prefix_tokens, f.GetInt("shared-prefix-tokens", 0));
+  if (w.shared_prefix_tokens < 0 || w.shared_prefix_tokens > w.prompt_tokens) {
+    return absl::InvalidArgumentError("bench: --shared-prefix-tokens must be in [0, --prompt-tokens]");
+  }
   if (w.draft_tokens > 0 && !f.Has("model")) {
     return absl::InvalidArgumentError(
         "bench: --speculative applies to --model; a cluster speculates when its decode workers "
@@ -325,6 +343,7 @@ absl::Status BenchCommand(int argc, char** argv) {
       {"requests", w.requests},
       {"prompt_tokens", w.prompt_tokens},
       {"max_tokens", w.max_tokens},
+      {"shared_prefix_tokens", w.shared_prefix_tokens},
       {"seed", w.seed},
       {"errors", errors},
       {"output_tokens", tokens},
@@ -368,6 +387,9 @@ absl::Status BenchCommand(int argc, char** argv) {
   }
   if (out.contains("cluster")) {
     const nlohmann::json& k = out["cluster"];
+    std::printf("cluster: prefix cache hit %llu of %llu looked-up prompt tokens\n",
+                static_cast<unsigned long long>(k["prefix_tokens_hit"].get<uint64_t>()),
+                static_cast<unsigned long long>(k["prefix_tokens_queried"].get<uint64_t>()));
     std::printf("cluster: at most %d sequences in a decode step, %llu requests preempted, %llu "
                 "failovers\n",
                 k["max_sequences_running"].get<int>(),

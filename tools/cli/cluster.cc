@@ -146,7 +146,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
                                     "moe-transport", "expert-deadline-ms", "micro-batches",
                                     "busy-poll-us", "weights", "speculative", "draft-tokens",
                                     "reserve-margin-tokens"},
-                                   {"reserve-upfront"}));
+                                   {"reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
   }
@@ -170,6 +170,7 @@ absl::Status DecodeCommand(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(o.micro_batches, MicroBatchesFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(o.draft_tokens, DraftTokensFromFlags(f));
   o.reserve_upfront = f.Has("reserve-upfront");
+  o.prefix_cache = !f.Has("no-prefix-cache");
   SPLITMOE_ASSIGN_OR_RETURN(o.reserve_margin_tokens, f.GetInt("reserve-margin-tokens", 0));
   if (o.reserve_margin_tokens < 0) {
     return absl::InvalidArgumentError("--reserve-margin-tokens must be >= 0");
@@ -225,7 +226,7 @@ absl::Status UpCommand(int argc, char** argv) {
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
        "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers", "weights",
        "http-port", "served-model-name", "speculative", "draft-tokens", "reserve-margin-tokens"},
-      {"tls", "reserve-upfront"}));
+      {"tls", "reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   SPLITMOE_RETURN_IF_ERROR(DraftTokensFromFlags(f).status());
   if (f.Has("weights")) {
@@ -432,6 +433,7 @@ absl::Status UpCommand(int argc, char** argv) {
                              "reserve-margin-tokens"})
       pass(args, flag);
     if (f.Has("reserve-upfront")) args.push_back("--reserve-upfront");
+    if (f.Has("no-prefix-cache")) args.push_back("--no-prefix-cache");
     security(args, "decode");
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
     if (!r.ok()) return fail(r.status());

@@ -320,7 +320,7 @@ absl::Status Router(int argc, char** argv) {
   o.bias_update_rate = static_cast<float>(rate);
   o.launcher_address = f.Get("launcher");
   o.bias_bound = static_cast<float>(bound);
-  SPLITMOE_ASSIGN_OR_RETURN(int64_t admission, f.GetInt("admission-timeout-ms", 30000));
+  SPLITMOE_ASSIGN_OR_RETURN(int64_t admission, f.GetInt("admission-timeout-ms", 600000));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t prefill, f.GetInt("prefill-timeout-ms", 60000));
   if (admission <= 0 || prefill <= 0 || prefill > 600000) {
     return absl::InvalidArgumentError(
@@ -565,6 +565,8 @@ constexpr char kUsage[] =
          "            [--speculative mtp [--draft-tokens K]]  (MTP drafts, verified in one pass)\n"
          "            [--reserve-margin-tokens N] [--reserve-upfront]  (the cache grows as sequences\n"
          "            decode, the last arrival preempted when full; upfront: prompt + max_tokens)\n"
+         "            [--no-prefix-cache]  (finished sequences' blocks are kept and shared in place\n"
+         "            by prompts that start with the same tokens; on by default)\n"
          "  expert    --model DIR --router HOST:PORT[,...] --shard S --num-shards N\n"
          "  status    --endpoint HOST:PORT [--json]\n"
          "  scale     --endpoint HOST:PORT --shard K --replicas R   (a cluster started by up)\n"
@@ -572,6 +574,8 @@ constexpr char kUsage[] =
          "            (EPLB from the observed loads, applied live)\n"
          "  bench     (--model DIR | --endpoint HOST:PORT) [--concurrency C] [--requests N]\n"
          "            [--prompt-tokens P] [--max-tokens T] [--seed S] [--json FILE]\n"
+         "            [--shared-prefix-tokens N]  (every prompt starts with the same N tokens)\n"
+         "            [--speculative mtp [--draft-tokens K]]  (--model: the engine speculates)\n"
          "  (--router A,B: the worker registers with every router and follows the first live\n"
          "   one's routing table; --endpoint A,B: generate, score and status try the next router\n"
          "   when one is unreachable)\n";
