@@ -5,6 +5,8 @@
 
 #include <signal.h>
 
+#include <cstdlib>
+
 #include <iostream>
 #include <mutex>
 #include <memory>
@@ -229,6 +231,11 @@ absl::Status UpCommand(int argc, char** argv) {
       {"tls", "reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   SPLITMOE_RETURN_IF_ERROR(DraftTokensFromFlags(f).status());
+  // Every child shares this host's cores: an OpenMP pool that spins while its process waits
+  // for another (a decode step for its experts) takes the cores that process needs. Measured
+  // here (docs/capacity.md): with spinning pools a one-client cluster decodes 4x slower. The
+  // children's pools sleep instead, unless the caller chose a policy.
+  ::setenv("OMP_WAIT_POLICY", "PASSIVE", /*overwrite=*/0);
   if (f.Has("weights")) {
     SPLITMOE_RETURN_IF_ERROR(model::ParseResidentDType(f.Get("weights")).status());
   }

@@ -38,6 +38,7 @@
 #include "tools/cli/cluster.h"
 #include "tools/cli/flags.h"
 #include "tools/cli/generate_common.h"
+#include "tools/cli/plan.h"
 
 namespace splitmoe::cli {
 namespace {
@@ -517,7 +518,7 @@ absl::Status Status(int argc, char** argv) {
 // lines), then notes shared by several ("  (...").
 constexpr char kUsage[] =
     "usage: splitmoe <make-tiny|inspect|score|generate|chat|up|router|prefill|decode|expert|\n"
-         "                status|scale|rebalance|bench> "
+         "                status|scale|rebalance|bench|plan> "
          "[flags]\n"
          "  make-tiny --out DIR [--style v3|v2|v2-greedy] [--fp8] [--seed N] [--shards N] [--mtp "
          "N]\n"
@@ -576,6 +577,11 @@ constexpr char kUsage[] =
          "            [--prompt-tokens P] [--max-tokens T] [--seed S] [--json FILE]\n"
          "            [--shared-prefix-tokens N]  (every prompt starts with the same N tokens)\n"
          "            [--speculative mtp [--draft-tokens K]]  (--model: the engine speculates)\n"
+         "  plan      (--model DIR | --config FILE) --hardware FILE [--prefill P] [--decode D]\n"
+         "            [--experts E] [--expert-replicas R] [--batch B] [--micro-batches 1|2]\n"
+         "            [--max-devices M] [--prompt-tokens N] [--output-tokens N] [--json]\n"
+         "            [--target-tpot-ms T --devices N [--top K]]   (the capacity model;\n"
+         "            docs/capacity.md; hardware files in deploy/hardware/)\n"
          "  (--router A,B: the worker registers with every router and follows the first live\n"
          "   one's routing table; --endpoint A,B: generate, score and status try the next router\n"
          "   when one is unreachable)\n";
@@ -753,6 +759,8 @@ int main(int argc, char** raw_argv) {
     status = RebalanceCommand(argc, argv);
   } else if (cmd == "bench") {
     status = BenchCommand(argc, argv);
+  } else if (cmd == "plan") {
+    status = PlanCommand(argc, argv);
   } else if (cmd == "status") {
     status = Status(argc, argv);
   } else if (long_running) {
