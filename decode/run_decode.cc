@@ -26,16 +26,18 @@ absl::Status RunDecode(const DecodeOptions& options) {
       expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe,
                                       options.weights, /*load_mtp=*/options.draft_tokens > 0));
   const model::ModelConfig& c = side->config();
-  if (options.draft_tokens > 0 && side->transformer().mtp_modules() == 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "decode: --speculative mtp needs the model's MTP module; ", options.model_dir,
-        " ships none"));
+  int64_t draft_tokens = options.draft_tokens;
+  if (draft_tokens > 0 && side->transformer().mtp_modules() == 0) {
+    SPLITMOE_LOG(WARNING, "decode").With("model", options.model_dir)
+        << "--speculative mtp asked for, but the model ships no MTP module: decoding one token "
+           "a step";
+    draft_tokens = 0;
   }
 
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
                             transfer::UcxTransport::Create({.name = "decode"}));
   // With speculative decoding, MTP module 0's latents are one more layer after the model's.
-  PagedLatentLayout layout{.num_layers = c.num_hidden_layers + (options.draft_tokens > 0 ? 1 : 0),
+  PagedLatentLayout layout{.num_layers = c.num_hidden_layers + (draft_tokens > 0 ? 1 : 0),
                            .latent_dim = c.latent_dim(),
                            .block_tokens = options.block_tokens,
                            .dtype = options.cache_dtype};
@@ -58,7 +60,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
   actor_options.transfer_mode = transfer::UcxTlsDescription();
   actor_options.reclaim_grace = options.reclaim_grace;
   actor_options.micro_batches = options.micro_batches;
-  actor_options.draft_tokens = options.draft_tokens;
+  actor_options.draft_tokens = draft_tokens;
   actor_options.reserve_upfront = options.reserve_upfront;
   actor_options.reserve_margin_tokens = options.reserve_margin_tokens;
   actor_options.prefix_cache = options.prefix_cache;
@@ -99,7 +101,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
             .With("cache_dtype", layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")
             .With("transfer", actor_options.transfer_mode)
             .With("micro_batches", options.micro_batches)
-            .With("draft_tokens", options.draft_tokens)
+            .With("draft_tokens", draft_tokens)
             .With("reserve", options.reserve_upfront ? "upfront" : "grow")
             .With("prefix_cache", options.prefix_cache)
         << "serving";

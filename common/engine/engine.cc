@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/base/file.h"
+#include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/engine/batch_decoder.h"
 #include "common/kernels/cpu_ops.h"
@@ -39,10 +40,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
         absl::StrCat("draft tokens must be >= 0, got ", options.draft_tokens));
   }
   if (options.draft_tokens > 0 && engine->weights_.mtp.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "speculative decoding needs the model's MTP module; ", model_dir,
-        " ships none (config num_nextn_predict_layers ", engine->config_.num_nextn_predict_layers,
-        ")"));
+    // The same tokens either way: decode one token a step, and say so.
+    SPLITMOE_LOG(WARNING, "engine").With("model", model_dir)
+            .With("num_nextn_predict_layers", engine->config_.num_nextn_predict_layers)
+        << "speculative decoding asked for, but the model ships no MTP module: decoding one "
+           "token a step";
+    engine->options_.draft_tokens = 0;
   }
   engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_);
   engine->transformer_ =
