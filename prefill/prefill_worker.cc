@@ -297,6 +297,7 @@ absl::StatusOr<v1::PrefillResponse> PrefillActor::Conclude(Job& job, uint64_t* b
     if (lp) *entry->mutable_logprob() = rpc::ToProto(*lp);
   }
   response.set_latent_bytes_written(*bytes_put);
+  response.set_cached_tokens(static_cast<int32_t>(job.cached));
   const std::string finish = engine::FinishReason(
       job.first.token, 1, s.max_tokens(), transformer_->config().eos_token_id, s.ignore_eos(),
       std::vector<int32_t>(s.stop_token_ids().begin(), s.stop_token_ids().end()));

@@ -676,6 +676,9 @@ bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogpro
   if (first != nullptr && r.request.prompt_logprobs() > 0) {
     *event.mutable_prompt_logprobs() = first->prompt_logprobs();
   }
+  if (first != nullptr && r.completion_tokens == 1) {  // the public prompt's prefill
+    r.cached_prompt_tokens = std::min(first->cached_tokens(), static_cast<int32_t>(r.prompt.size()));
+  }
   const bool finished = last || stopped;
   if (finished) {
     event.set_finished(true);
@@ -684,6 +687,7 @@ bool GenerationActor::EmitToken(Request& r, int32_t token, const v1::TokenLogpro
     v1::Usage* usage = event.mutable_usage();
     usage->set_prompt_tokens(static_cast<int32_t>(r.prompt.size()));
     usage->set_completion_tokens(r.completion_tokens);
+    usage->set_cached_prompt_tokens(r.cached_prompt_tokens);
     usage->set_time_to_first_token_ms(absl::ToDoubleMilliseconds(r.first_token_at - r.received));
     usage->set_total_time_ms(absl::ToDoubleMilliseconds(now - r.received));
   }

@@ -200,6 +200,7 @@ class GenerationActor {
     std::vector<v1::TokenEvent> buffered;  // decode events that overtook the prefill reply
     std::unique_ptr<tokenizer::TextStream> text;
     int32_t completion_tokens = 0;
+    int32_t cached_prompt_tokens = 0;  // of the first attempt's prompt (usage)
     absl::Time first_token_at;
     absl::Time last_token_at;
     // Every token emitted so far (a failover re-prefills prompt + generated), the failovers so

@@ -550,6 +550,7 @@ std::vector<std::string> ResponseBuilder::Add(size_t index, const v1::GenerateEv
         event.finish_reason() == v1::FINISH_REASON_LENGTH ? "length" : "stop";
     choice.prompt_tokens = event.usage().prompt_tokens();
     choice.completion_tokens = event.usage().completion_tokens();
+    choice.cached_tokens = event.usage().cached_prompt_tokens();
     json frame = ChunkFrame();
     json c = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", choice.finish_reason}};
     if (chat) {
@@ -564,14 +565,16 @@ std::vector<std::string> ResponseBuilder::Add(size_t index, const v1::GenerateEv
 }
 
 json ResponseBuilder::Usage() const {
-  int64_t prompt = 0, completion = 0;
+  int64_t prompt = 0, completion = 0, cached = 0;
   for (const Choice& c : choices_) {
     prompt += c.prompt_tokens;
     completion += c.completion_tokens;
+    cached += c.cached_tokens;
   }
   return {{"prompt_tokens", prompt},
           {"completion_tokens", completion},
-          {"total_tokens", prompt + completion}};
+          {"total_tokens", prompt + completion},
+          {"prompt_tokens_details", {{"cached_tokens", cached}}}};
 }
 
 std::string ResponseBuilder::UsageChunk() const {

@@ -96,6 +96,7 @@ class ResponseBuilder {
     int64_t text_offset = 0;
     int32_t prompt_tokens = 0;
     int32_t completion_tokens = 0;
+    int32_t cached_tokens = 0;
   };
   nlohmann::json ChunkFrame() const;
   nlohmann::json LogprobsOf(Choice& choice, const v1::GenerateEvent& event) const;

@@ -1247,11 +1247,19 @@ TEST(PrefixCacheTest, SharedSystemPromptsHitAndEqualTheEngine) {
     ExpectConcurrentEqualsEngine(*cluster, **e, {c});
     ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
   }
+  // The client sees what was served from the cache (OpenAI: prompt_tokens_details).
+  Case again = cases[5];
+  again.prompt.push_back(7);
+  const Outcome usage = Generate(*cluster->generation, ToRequest(again, "usage-check"));
+  ASSERT_TRUE(usage.status.ok()) << usage.status.error_message();
+  EXPECT_EQ(usage.usage.cached_prompt_tokens(), 96);
+  EXPECT_EQ(usage.usage.prompt_tokens(), static_cast<int32_t>(again.prompt.size()));
+  ASSERT_EQ(cluster->WaitIdle(absl::Seconds(5)), "");
   absl::SleepFor(absl::Milliseconds(300));
   EXPECT_EQ(cluster->Sum(v1::WORKER_ROLE_DECODE,
                          [](const v1::WorkerLoad& l) { return l.prefix_tokens_hit(); }) -
                 hit,
-            4u * 96u);
+            5u * 96u);
   EXPECT_EQ(cluster->up->Terminate(absl::Seconds(20)), "exited with code 0");
 }
 
