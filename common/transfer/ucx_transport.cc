@@ -263,33 +263,22 @@ class UcxTransport::Impl {
 
   void Put(PeerId peer, const void* local, size_t bytes, const RegionDescriptor& remote,
            uint64_t offset, DoneCallback done) {
-    if (offset > remote.size_bytes || bytes > remote.size_bytes - offset) {
-      done(absl::InvalidArgumentError(
-          Prefix(absl::StrCat("Put: ", bytes, " bytes at offset ", offset,
-                              " are outside the remote region of ", remote.size_bytes, " bytes"))));
-      return;
-    }
-    if (bytes == 0) {
-      done(absl::OkStatus());
-      return;
-    }
-    if (local == nullptr) {
-      done(absl::InvalidArgumentError(Prefix("Put: null local buffer")));
-      return;
-    }
-    auto shared_done = std::make_shared<DoneCallback>(std::move(done));
-    bool posted = Post([this, peer, local, bytes, addr = remote.remote_addr + offset,
-                        rkey = remote.rkey, owner = remote.worker_address, shared_done]() mutable {
-      DoPut(peer, local, bytes, addr, rkey, owner, std::move(*shared_done));
-    });
-    if (!posted) (*shared_done)(ShutDownError());
+    PostRma("Put", peer, local, bytes, remote, offset, std::move(done), &Impl::DoPut);
   }
 
   void Get(PeerId peer, void* local, size_t bytes, const RegionDescriptor& remote,
            uint64_t offset, DoneCallback done) {
+    PostRma("Get", peer, local, bytes, remote, offset, std::move(done), &Impl::DoGet);
+  }
+
+  // Put and Get: the range checked against the descriptor (refused inline), then `run` on the
+  // progress thread.
+  template <typename Local, typename Run>
+  void PostRma(const char* what, PeerId peer, Local* local, size_t bytes,
+               const RegionDescriptor& remote, uint64_t offset, DoneCallback done, Run run) {
     if (offset > remote.size_bytes || bytes > remote.size_bytes - offset) {
       done(absl::InvalidArgumentError(
-          Prefix(absl::StrCat("Get: ", bytes, " bytes at offset ", offset,
+          Prefix(absl::StrCat(what, ": ", bytes, " bytes at offset ", offset,
                               " are outside the remote region of ", remote.size_bytes, " bytes"))));
       return;
     }
@@ -298,13 +287,14 @@ class UcxTransport::Impl {
       return;
     }
     if (local == nullptr) {
-      done(absl::InvalidArgumentError(Prefix("Get: null local buffer")));
+      done(absl::InvalidArgumentError(Prefix(absl::StrCat(what, ": null local buffer"))));
       return;
     }
     auto shared_done = std::make_shared<DoneCallback>(std::move(done));
     bool posted = Post([this, peer, local, bytes, addr = remote.remote_addr + offset,
-                        rkey = remote.rkey, owner = remote.worker_address, shared_done]() mutable {
-      DoGet(peer, local, bytes, addr, rkey, owner, std::move(*shared_done));
+                        rkey = remote.rkey, owner = remote.worker_address, shared_done,
+                        run]() mutable {
+      (this->*run)(peer, local, bytes, addr, rkey, owner, std::move(*shared_done));
     });
     if (!posted) (*shared_done)(ShutDownError());
   }

@@ -70,13 +70,17 @@ class DecodeActorTest : public ::testing::TestWithParam<int> {
     }
   }
 
+  // `arrival_us` 0: now; `ids`, when given, are the prompt's token ids (prefix matching).
   absl::StatusOr<v1::LatentDestination> Reserve(const std::string& id, int prompt, int max_tokens,
-                                                int timeout_ms = 1000) {
+                                                int timeout_ms = 1000, int64_t arrival_us = 0,
+                                                const std::vector<int32_t>* ids = nullptr) {
     v1::ReserveRequest r;
     r.set_request_id(id);
     r.set_prompt_tokens(prompt);
     r.set_max_tokens(max_tokens);
     r.set_timeout_ms(timeout_ms);
+    r.set_arrival_us(arrival_us);
+    if (ids != nullptr) r.mutable_prompt()->Add(ids->begin(), ids->end());
     absl::StatusOr<v1::LatentDestination> out = absl::UnknownError("no reply");
     actor_->Send(ReserveBlocks{r, [&out](absl::StatusOr<v1::ReserveResponse> resp) {
                                  if (resp.ok()) {
@@ -392,20 +396,8 @@ TEST_P(DecodeActorTest, TheCacheGrowsAndTheLastArrivalIsPreempted) {
   for (int i = 0; i < 3; ++i) {
     std::vector<int32_t> prompt(20);
     for (int t = 0; t < 20; ++t) prompt[t] = (t * 31 + i * 7) % 500;
-    v1::ReserveRequest r;
-    r.set_request_id("g" + std::to_string(i));
-    r.set_prompt_tokens(20);
-    r.set_max_tokens(kMax);
-    r.set_timeout_ms(1000);
-    r.set_arrival_us(1000 + i);  // g0 arrived first
-    absl::StatusOr<v1::LatentDestination> d = absl::UnknownError("no reply");
-    actor_->Send(ReserveBlocks{r, [&d](absl::StatusOr<v1::ReserveResponse> resp) {
-                                 d = resp.ok() ? absl::StatusOr<v1::LatentDestination>(
-                                                     resp->destination())
-                                               : resp.status();
-                               }});
-    scheduler_.RunUntilIdle();
-    ASSERT_TRUE(d.ok()) << d.status();
+    auto d = Reserve("g" + std::to_string(i), 20, kMax, 1000, /*arrival_us=*/1000 + i);
+    ASSERT_TRUE(d.ok()) << d.status();  // g0 arrived first
     EXPECT_EQ(d->blocks_size(), 3);  // 20 + 16 tokens, not 20 + 120
     prompts.push_back(prompt);
     dests.push_back(*d);
@@ -465,20 +457,7 @@ TEST_P(DecodeActorTest, TheCacheGrowsAndTheLastArrivalIsPreempted) {
 TEST_P(DecodeActorTest, AFinishedSequencesBlocksAreSharedByTheNextPrompt) {
   MakeActor(/*reserve_upfront=*/false);
   auto reserve = [&](const std::string& id, const std::vector<int32_t>& prompt, bool with_ids) {
-    v1::ReserveRequest r;
-    r.set_request_id(id);
-    r.set_prompt_tokens(static_cast<int32_t>(prompt.size()));
-    r.set_max_tokens(4);
-    r.set_timeout_ms(1000);
-    if (with_ids) r.mutable_prompt()->Add(prompt.begin(), prompt.end());
-    absl::StatusOr<v1::LatentDestination> d = absl::UnknownError("no reply");
-    actor_->Send(ReserveBlocks{r, [&d](absl::StatusOr<v1::ReserveResponse> resp) {
-                                 d = resp.ok() ? absl::StatusOr<v1::LatentDestination>(
-                                                     resp->destination())
-                                               : resp.status();
-                               }});
-    scheduler_.RunUntilIdle();
-    return d;
+    return Reserve(id, static_cast<int>(prompt.size()), 4, 1000, 0, with_ids ? &prompt : nullptr);
   };
   std::vector<int32_t> a(40);
   for (int t = 0; t < 40; ++t) a[t] = (t * 13 + 5) % 500;
