@@ -444,14 +444,21 @@ void DecodeActor::MakeRoom(runtime::Context<Message>& ctx) {
   });
   size_t end = needs.size();
   for (size_t i = 0; i < end; ++i) {
-    while (!cache_.Grow(needs[i].id, needs[i].tokens).ok()) {
+    for (absl::Status grown = cache_.Grow(needs[i].id, needs[i].tokens); !grown.ok();
+         grown = cache_.Grow(needs[i].id, needs[i].tokens)) {
+      if (grown.code() != absl::StatusCode::kResourceExhausted) {  // not expected: this one ends
+        StopNow(needs[i].id, absl::StrCat("error: ", grown.message()), ctx);
+        break;
+      }
       // No block left: the sequence that arrived last gives its blocks back (perhaps this one).
       const uint64_t victim = needs[--end].id;
-      ++preemptions_;
-      SPLITMOE_LOG(INFO, "decode").With("request", held_.at(victim).request_id)
-              .With("blocks_free", cache_.blocks_free())
-          << "cache full: sequence preempted (its router prefills it again)";
-      StopNow(victim, "preempted", ctx);
+      if (auto v = held_.find(victim); v != held_.end()) {
+        ++preemptions_;
+        SPLITMOE_LOG(INFO, "decode").With("request", v->second.request_id)
+                .With("blocks_free", cache_.blocks_free())
+            << "cache full: sequence preempted (its router prefills it again)";
+        StopNow(victim, "preempted", ctx);
+      }
       if (victim == needs[i].id) break;
     }
   }
