@@ -580,7 +580,7 @@ constexpr char kUsage[] =
          "  plan      (--model DIR | --config FILE) --hardware FILE [--prefill P] [--decode D]\n"
          "            [--experts E] [--expert-replicas R] [--batch B] [--micro-batches 1|2]\n"
          "            [--max-devices M] [--prompt-tokens N] [--output-tokens N] [--json]\n"
-         "            [--target-tpot-ms T --devices N [--top K]]   (the capacity model;\n"
+         "            [--target-tpot-ms T --devices N (<= 256) [--top K]]   (the capacity model;\n"
          "            docs/capacity.md; hardware files in deploy/hardware/)\n"
          "  (--router A,B: the worker registers with every router and follows the first live\n"
          "   one's routing table; --endpoint A,B: generate, score and status try the next router\n"
