@@ -72,6 +72,12 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
         " blocks, this worker's whole cache has ", cache_.num_blocks())));
     return;
   }
+  if (r.prompt_size() != 0 && r.prompt_size() != r.prompt_tokens()) {
+    m.reply(absl::InvalidArgumentError(absl::StrCat("reserve: ", r.prompt_size(),
+                                                    " prompt ids for ", r.prompt_tokens(),
+                                                    " prompt tokens")));
+    return;
+  }
   const absl::Span<const int32_t> prompt(r.prompt().data(), static_cast<size_t>(r.prompt_size()));
   // Admission by a token budget: the prompt (less its cached prefix) and a margin now, and one
   // free block left per live sequence for the blocks they take as they decode.
@@ -93,12 +99,6 @@ void DecodeActor::Handle(ReserveBlocks m, runtime::Context<Message>& ctx) {
       PublishLoad();
       return;
     }
-  }
-  if (r.prompt_size() != 0 && r.prompt_size() != r.prompt_tokens()) {
-    m.reply(absl::InvalidArgumentError(absl::StrCat("reserve: ", r.prompt_size(),
-                                                    " prompt ids for ", r.prompt_tokens(),
-                                                    " prompt tokens")));
-    return;
   }
   absl::StatusOr<Reservation> reservation =
       options_.prefix_cache && r.prompt_size() > 0
