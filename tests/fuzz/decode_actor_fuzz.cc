@@ -1,7 +1,8 @@
 // Fuzzes the decode worker's request handling: the input is a program of Decode requests
 // (Reserve, Start, Release, Cancel, WritersGone) and scheduling steps (deliver messages, run a
 // decode step, move the virtual clock) played against a DecodeActor on the manual scheduler,
-// with the tiny model (512-token vocabulary, 64-token context, 12 blocks of 16 tokens). The
+// with the tiny model (512-token vocabulary, 64-token context, 12 blocks of 16 tokens), the cache
+// reserved up front or grown per step, the prefix cache on or off. The
 // worker's request checks live inside its handlers (DecodeActor::Handle), so they are reached
 // through the actor, as the gRPC service reaches them. Fields are mostly drawn near the values
 // that pass the checks (the ids, generations and sizes of granted reservations) and sometimes
@@ -9,11 +10,13 @@
 //
 // Checked on every run: each request is answered exactly once and never with INTERNAL (a
 // handler that dropped a reply); a granted reservation holds distinct blocks of the cache,
-// enough for prompt + max_tokens; token events are for started requests and hold vocabulary
+// enough for prompt + max_tokens (up front) or the prompt and the margin (grown), and a cached
+// prefix shorter than the prompt; token events are for started requests and hold vocabulary
 // ids; and after releasing everything and letting every deadline pass, every block is free again
 // and nothing is running, reserved or quarantined.
 #include <fuzzer/FuzzedDataProvider.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <set>
@@ -59,6 +62,12 @@ class Harness {
     decode::DecodeActorOptions actor_options;
     actor_options.reclaim_grace = absl::Seconds(1);
     actor_options.micro_batches = in.ConsumeBool() ? 2 : 1;
+    actor_options.reserve_upfront = in.ConsumeBool();
+    actor_options.reserve_margin_tokens = in.ConsumeIntegralInRange(0, 40);
+    actor_options.prefix_cache = in.ConsumeBool();
+    margin_ = actor_options.reserve_upfront ? 0
+              : actor_options.reserve_margin_tokens > 0 ? actor_options.reserve_margin_tokens
+                                                        : kBlockTokens;
     auto executor = std::make_unique<runtime::ManualExecutor>();
     executor_ = executor.get();
     actor_ = std::make_unique<runtime::Actor<decode::DecodeActor>>(
@@ -173,6 +182,10 @@ class Harness {
     static const char* const kWriters[] = {"", "w0", "w1"};
     return kWriters[in_.ConsumeIntegralInRange<size_t>(0, std::size(kWriters) - 1)];
   }
+  // Token i of one of three prompts that share their first 20 ids.
+  int32_t Token(int32_t family, int32_t i) const {
+    return static_cast<int32_t>((i < 20 ? i : i * (family + 2)) % vocab_);
+  }
   // Near what the checks accept, sometimes anything.
   int32_t Small(int32_t lo, int32_t hi) {
     return in_.ConsumeIntegralInRange(0, 7) == 0 ? in_.ConsumeIntegral<int32_t>()
@@ -201,6 +214,14 @@ class Harness {
     r.set_request_id(RequestId());
     r.set_prompt_tokens(Small(0, 70));
     r.set_max_tokens(Small(0, 70));
+    // The prompt's ids (the prefix cache's key) most often, from a few shared prefixes.
+    if (in_.ConsumeIntegralInRange(0, 3) != 0 && r.prompt_tokens() >= 0 && r.prompt_tokens() <= 70) {
+      const int32_t family = in_.ConsumeIntegralInRange(0, 2);
+      const int32_t count = in_.ConsumeIntegralInRange(0, 7) == 0
+                                ? in_.ConsumeIntegralInRange(0, 70)
+                                : r.prompt_tokens();
+      for (int32_t i = 0; i < count; ++i) r.add_prompt(Token(family, i));
+    }
     r.set_timeout_ms(in_.ConsumeBool() ? Small(0, 2000) : decode::kMaxReservationTimeoutMs);
     Send(decode::ReserveBlocks{r, [this, r](absl::StatusOr<v1::ReserveResponse> response) {
                                  ++answered_;
@@ -218,8 +239,17 @@ class Harness {
     const int64_t tokens = int64_t{r.prompt_tokens()} + r.max_tokens();
     FUZZ_CHECK(tokens <= TinyEngine().config().max_position_embeddings,
                "granted past the context: " << r.ShortDebugString());
-    FUZZ_CHECK(d.blocks_size() * kBlockTokens >= tokens,
-               d.blocks_size() << " blocks for " << tokens << " tokens");
+    FUZZ_CHECK(r.prompt_size() == 0 || r.prompt_size() == r.prompt_tokens(),
+               "granted with " << r.prompt_size() << " ids for " << r.prompt_tokens());
+    // Up front: the whole sequence; growing: the prompt and the margin (more comes per step).
+    const int64_t covered =
+        int64_t{r.prompt_tokens()} + (margin_ == 0 ? r.max_tokens()
+                                                   : std::min<int64_t>(r.max_tokens(), margin_));
+    FUZZ_CHECK(d.blocks_size() * kBlockTokens >= covered,
+               d.blocks_size() << " blocks for " << covered << " tokens");
+    FUZZ_CHECK(d.cached_tokens() >= 0 && d.cached_tokens() < r.prompt_tokens() &&
+                   (r.prompt_size() > 0 || d.cached_tokens() == 0),
+               "cached " << d.cached_tokens() << " of " << r.ShortDebugString());
     std::set<int64_t> blocks;
     for (int64_t b : d.blocks()) {
       FUZZ_CHECK(b >= 0 && b < kNumBlocks, "block " << b << " outside the cache");
@@ -237,7 +267,8 @@ class Harness {
     r.set_reservation_id(g != nullptr ? g->id : in_.ConsumeIntegral<uint64_t>());
     r.set_generation(own ? g->generation : in_.ConsumeIntegral<uint64_t>());
     const int32_t prompt = own && in_.ConsumeBool() ? g->prompt : in_.ConsumeIntegralInRange(0, 70);
-    for (int32_t i = 0; i < prompt; ++i) r.add_prompt(i % static_cast<int32_t>(vocab_));
+    const int32_t family = in_.ConsumeIntegralInRange(0, 2);
+    for (int32_t i = 0; i < prompt; ++i) r.add_prompt(Token(family, i));
     r.set_first_token(Small(0, static_cast<int32_t>(vocab_)));
     v1::SamplingParamsInternal* s = r.mutable_sampling();
     s->set_temperature(Real(0.7));
@@ -285,6 +316,7 @@ class Harness {
 
   FuzzedDataProvider& in_;
   int64_t vocab_ = 0;
+  int64_t margin_ = 0;  // tokens past the prompt a reservation covers (0: all of max_tokens)
   runtime::ManualScheduler scheduler_;           // before the actor: destroyed after it
   runtime::ManualExecutor* executor_ = nullptr;  // owned by the actor
   std::shared_ptr<decode::LoadGauge> gauge_;
