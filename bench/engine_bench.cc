@@ -204,6 +204,9 @@ BENCHMARK(BM_NarrowGemm)
 
 void BM_Prefill(benchmark::State& state) {
   engine::Engine& e = BenchEngine(state.range(0));
+  // Third argument: 0 the engine's default (auto: the expanded form for a prompt), 1 absorbed.
+  const engine::AttentionForm form =
+      state.range(2) == 1 ? engine::AttentionForm::kAbsorbed : engine::AttentionForm::kAuto;
   const auto& c = e.config();
   std::vector<int32_t> prompt(state.range(1));
   for (size_t i = 0; i < prompt.size(); ++i)
@@ -212,7 +215,7 @@ void BM_Prefill(benchmark::State& state) {
   for (auto _ : state) {
     engine::LatentCache cache(c.num_hidden_layers, c.latent_dim());
     std::vector<engine::SequenceChunk> batch = {{prompt, &cache}};
-    if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok())
+    if (!e.transformer().Forward(batch, form, &hidden).ok())
       state.SkipWithError("forward");
     e.transformer().Logits(hidden.data() + (prompt.size() - 1) * c.hidden_size, 1, logits.data());
   }
@@ -245,10 +248,11 @@ void BM_Prefill(benchmark::State& state) {
         gflop_per_token * static_cast<double>(prompt.size()) * state.iterations() / g_peak_gflops,
         benchmark::Counter::kIsRate);
   }
-  state.SetLabel(ModeName(state.range(0)));
+  state.SetLabel(absl::StrCat(ModeName(state.range(0)), state.range(2) == 1 ? " absorbed" : ""));
 }
 BENCHMARK(BM_Prefill)
-    ->ArgsProduct({{kFp32, kBf16, kFp8}, {32, 128, 512}})
+    ->ArgsProduct({{kFp32, kBf16, kFp8}, {32, 128, 512}, {0}})
+    ->Args({kBf16, 512, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
@@ -264,7 +268,7 @@ void BM_Decode(benchmark::State& state) {
     for (int64_t i = 0; i < context; ++i)
       prompt[i] = static_cast<int32_t>((i * 31 + b * 17) % c.vocab_size);
     std::vector<engine::SequenceChunk> one = {{prompt, caches.back().get()}};
-    if (!e.transformer().Forward(one, engine::AttentionForm::kAbsorbed, &hidden).ok())
+    if (!e.transformer().Forward(one, engine::AttentionForm::kAuto, &hidden).ok())
       state.SkipWithError("prefill");
   }
   std::vector<std::vector<int32_t>> next(batch_size, std::vector<int32_t>{42});

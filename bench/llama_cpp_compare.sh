@@ -117,7 +117,7 @@ for ((r = 1; r <= rounds; r++)); do
     l="$(load)"
     log "round $r: splitmoe $dt (W=$w) (load $l)"
     OMP_NUM_THREADS="$threads" "$engine_bench" \
-      --benchmark_filter="^BM_(Prefill/$w/512|Decode/$w/[18])/" --benchmark_min_time=1 \
+      --benchmark_filter="^BM_(Prefill/$w/512/0|Decode/$w/[18])/" --benchmark_min_time=1 \
       --benchmark_min_warmup_time=1 \
       --benchmark_counters_tabular=true --benchmark_repetitions="$repeats" \
       --benchmark_out="$out/splitmoe_${dt}_r$r.json" --benchmark_out_format=json >&2

@@ -238,7 +238,7 @@ int Main(int reps, int shards, std::string dir, const std::string& expert_cpus,
         items[0].prompt = prompt;
         items[0].cache = &cache;
         absl::Time t0 = absl::Now();
-        absl::Status s = engine::PrefillBatch(remote, items, engine::AttentionForm::kAbsorbed,
+        absl::Status s = engine::PrefillBatch(remote, items, engine::AttentionForm::kAuto,
                                               nullptr, kChunk, piped ? &overlap : nullptr);
         const double ms = absl::ToDoubleMilliseconds(absl::Now() - t0);
         if (!s.ok() || !items[0].status.ok()) {

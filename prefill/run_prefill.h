@@ -23,7 +23,7 @@ struct PrefillOptions {
   // The expert data plane: wire dtype, per-batch deadlines, failover.
   expert_plane::DirectMoeOptions moe;
   model::ResidentDType weights = model::ResidentDType::kCheckpoint;  // `--weights`
-  engine::AttentionForm form = engine::AttentionForm::kAbsorbed;
+  engine::AttentionForm form = engine::AttentionForm::kAuto;
   // Prompts that arrive together are prefilled together up to this many tokens.
   int64_t batch_tokens = 2048;
   // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention

@@ -31,7 +31,7 @@ namespace splitmoe::engine {
 
 struct EngineOptions {
   // Attention form of prompt passes; decode always uses the absorbed form over the latents.
-  AttentionForm prefill_form = AttentionForm::kAbsorbed;
+  AttentionForm prefill_form = AttentionForm::kAuto;
   bool load_mtp = true;
   // Weights in the checkpoint's dtype (BF16/FP8, widened as read) or widened to fp32 at load.
   model::ResidentDType weights = model::ResidentDType::kCheckpoint;

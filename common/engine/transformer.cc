@@ -30,15 +30,6 @@ int64_t StartOf(const SequenceChunk& chunk) {
   return chunk.start >= 0 ? chunk.start : chunk.cache->length();
 }
 
-// Softmax of each row of scores [rows, keys] over its first valid[r] keys; the rest get 0.
-void CausalSoftmax(float* scores, int64_t rows, int64_t keys, const int64_t* valid) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = scores + r * keys;
-    kernels::SoftmaxInPlace(s, valid[r]);
-    std::fill(s + valid[r], s + keys, 0.0f);
-  }
-}
-
 }  // namespace
 
 namespace {
@@ -83,6 +74,20 @@ std::vector<float>& HeadRowsScratch() {
   thread_local std::vector<float> buffer;
   return buffer;
 }
+
+// A thread's buffers for the expanded attention: one head's keys and values, one query tile's
+// scores. Grow, never shrink.
+struct ExpandedScratch {
+  std::vector<float> kv, scores;
+};
+ExpandedScratch& ThreadExpandedScratch() {
+  thread_local ExpandedScratch scratch;
+  return scratch;
+}
+
+// Query rows per tile of the expanded attention: a tile attends only the keys its last row may
+// see, so a prompt's causal half of the score matrix is mostly skipped.
+constexpr int64_t kQueryTile = 64;
 
 // Whether a projection of `rows` rows runs as a kernels::GroupedLinear task.
 bool Grouped(const model::Matrix& w, int64_t rows) {
@@ -257,6 +262,26 @@ absl::Status PackLayer(model::LayerWeights* l) {
 
 }  // namespace
 
+bool ExpandedAttentionIsCheaper(const model::ModelConfig& c, int64_t n, int64_t start) {
+  if (n <= 1) return false;
+  const double heads = static_cast<double>(c.num_attention_heads);
+  const double kvr = static_cast<double>(c.kv_lora_rank);
+  const double dn = static_cast<double>(c.qk_nope_head_dim), dv = static_cast<double>(c.v_head_dim);
+  const double qk = static_cast<double>(c.qk_head_dim()), lat = static_cast<double>(c.latent_dim());
+  double tiled_pairs = 0.0;  // (query, key) pairs the expanded form computes
+  for (int64_t t0 = 0; t0 < n; t0 += kQueryTile) {
+    const int64_t tn = std::min(kQueryTile, n - t0);
+    tiled_pairs += static_cast<double>(tn) * static_cast<double>(start + t0 + tn);
+  }
+  const double nn = static_cast<double>(n);
+  const double pairs = nn * static_cast<double>(start) + nn * (nn + 1) / 2;
+  const double absorbed = nn * heads * 2 * kvr * (dn + dv) + 2 * pairs * heads * 2 * (lat + kvr);
+  const double expanded = static_cast<double>(start + n) * heads * 2 * kvr * (dn + dv) +
+                          tiled_pairs * heads * 2 * (qk + dv);
+  return expanded < absorbed;
+}
+
+
 absl::Status PackForInference(model::ModelWeights* w) {
   kernels::SetBlasThreads(1);
   for (auto& layer : w->layers) SPLITMOE_RETURN_IF_ERROR(PackLayer(&layer));
@@ -371,9 +396,19 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
     }
   };
 
-  // Attention into o [rows, heads, dv].
+  // Attention into o [rows, heads, dv], each chunk in the form asked for (kAuto: the cheaper
+  // one for that chunk, ExpandedAttentionIsCheaper). Rows of expanded chunks that the absorbed pass
+  // also computes (a batch with both) are overwritten by the expanded pass after it.
+  std::vector<char> expanded(batch.size(), 0);
+  int64_t expanded_rows = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
+    expanded[i] = form == AttentionForm::kNaive ||
+                  (form == AttentionForm::kAuto && ExpandedAttentionIsCheaper(c, n, StartOf(batch[i])));
+    if (expanded[i]) expanded_rows += n;
+  }
   std::vector<float> o(static_cast<size_t>(rows * heads * dv));
-  if (form == AttentionForm::kAbsorbed) {
+  if (expanded_rows < rows) {
     // qf [rows, heads, lat] = [q_nope @ W_UK[h], q_pe], every row of the batch at once.
     std::vector<float> qf(static_cast<size_t>(rows * heads * lat));
     std::vector<kernels::LinearTask> tasks;
@@ -401,7 +436,7 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
     for (const SequenceChunk& chunk : batch) {
       const int64_t n = static_cast<int64_t>(chunk.tokens.size());
       const int64_t start = StartOf(chunk);
-      if (n > 0) {
+      if (n > 0 && !expanded[static_cast<size_t>(&chunk - batch.data())]) {
         sequences.push_back({chunk.cache->View(cache_layer, start + n), row, n, start});
       }
       row += n;
@@ -430,42 +465,52 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
                       heads * dv);
       });
     }
-  } else {
+  }
+  if (expanded_rows > 0) {
+    // The expanded form, chunk by chunk, the heads side by side (one per thread at a time):
+    // head h's keys and values for every cached position, kvh [keys, dn + dv] =
+    // c_kv @ [W_UK[h]; W_UV[h]]^T, then its queries in tiles of kQueryTile rows, each against
+    // only the keys it may see (causal), as two GEMMs (scores, then values). Nothing of another
+    // head is held: a thread's buffers are one head's keys and one tile's scores.
     row = 0;
-    for (const SequenceChunk& chunk : batch) {
+    for (size_t i = 0; i < batch.size(); ++i) {
+      const SequenceChunk& chunk = batch[i];
       const int64_t n = static_cast<int64_t>(chunk.tokens.size());
       const int64_t start = StartOf(chunk);
       const int64_t keys = start + n;
+      if (n == 0 || !expanded[i]) {
+        row += n;
+        continue;
+      }
       const float* latents = chunk.cache->LayerRows(cache_layer, keys);  // [keys, lat]
       const float* qc = q.data() + row * heads * qk;
       float* oc = o.data() + row * heads * dv;
-      // Expand every key: kvfull [keys, heads * (dn + dv)] = c_kv @ kv_b_proj^T.
-      const int64_t kvw = heads * (dn + dv);
-      std::vector<float> kvfull(static_cast<size_t>(keys * kvw));
-      if (kvb.narrow()) {
-        std::vector<float> ckv(static_cast<size_t>(keys * kvr));
-        for (int64_t s = 0; s < keys; ++s)
-          std::memcpy(&ckv[s * kvr], latents + s * lat, kvr * sizeof(float));
-        kernels::Linear(ckv.data(), keys, kvb, kvfull.data());
-      } else {
-        kernels::Gemm(false, true, keys, kvw, kvr, 1.0f, latents, lat, kvb.data.data(), kvr, 0.0f,
-                      kvfull.data(), kvw);
-      }
-      std::vector<float> k(static_cast<size_t>(keys * qk));
-      std::vector<float> scores(static_cast<size_t>(n * keys));
-      std::vector<int64_t> valid(static_cast<size_t>(n));
-      for (int64_t t = 0; t < n; ++t) valid[t] = start + t + 1;
-      for (int64_t h = 0; h < heads; ++h) {
-        for (int64_t s = 0; s < keys; ++s) {
-          std::memcpy(&k[s * qk], &kvfull[s * kvw + h * (dn + dv)], dn * sizeof(float));
-          std::memcpy(&k[s * qk + dn], latents + s * lat + kvr, dr * sizeof(float));
+      kernels::ParallelFor(heads, [&](int64_t h) {
+        ExpandedScratch& scratch = ThreadExpandedScratch();
+        scratch.kv.resize(static_cast<size_t>(std::max<int64_t>(
+            static_cast<int64_t>(scratch.kv.size()), keys * (dn + dv))));
+        float* kvh = scratch.kv.data();
+        kernels::Gemm(false, true, keys, dn + dv, kvr, 1.0f, latents, lat,
+                      head_rows(h * (dn + dv), dn + dv), kvr, 0.0f, kvh, dn + dv);
+        for (int64_t t0 = 0; t0 < n; t0 += kQueryTile) {
+          const int64_t tn = std::min(kQueryTile, n - t0), seen = start + t0 + tn;
+          scratch.scores.resize(static_cast<size_t>(std::max<int64_t>(
+              static_cast<int64_t>(scratch.scores.size()), tn * seen)));
+          float* sc = scratch.scores.data();
+          const float* qt = qc + t0 * heads * qk + h * qk;
+          kernels::Gemm(false, true, tn, seen, dn, softmax_scale_, qt, heads * qk, kvh, dn + dv,
+                        0.0f, sc, seen);
+          kernels::Gemm(false, true, tn, seen, dr, softmax_scale_, qt + dn, heads * qk,
+                        latents + kvr, lat, 1.0f, sc, seen);
+          for (int64_t t = 0; t < tn; ++t) {
+            const int64_t valid = start + t0 + t + 1;
+            kernels::SoftmaxInPlace(sc + t * seen, valid);
+            std::fill(sc + t * seen + valid, sc + (t + 1) * seen, 0.0f);
+          }
+          kernels::Gemm(false, false, tn, dv, seen, 1.0f, sc, seen, kvh + dn, dn + dv, 0.0f,
+                        oc + t0 * heads * dv + h * dv, heads * dv);
         }
-        kernels::Gemm(false, true, n, keys, qk, softmax_scale_, qc + h * qk, heads * qk, k.data(),
-                      qk, 0.0f, scores.data(), keys);
-        CausalSoftmax(scores.data(), n, keys, valid.data());
-        kernels::Gemm(false, false, n, dv, keys, 1.0f, scores.data(), keys,
-                      kvfull.data() + h * (dn + dv) + dn, kvw, 0.0f, oc + h * dv, heads * dv);
-      }
+      });
       row += n;
     }
   }

@@ -9,7 +9,8 @@
 // A forward call takes a batch of sequence chunks: each chunk is some new tokens of one
 // sequence, starting at that sequence's cache length (a whole prompt for prefill, one token for
 // decode). Projections and experts run over all rows of the batch at once; so does the absorbed
-// attention; the naive form (prefill) runs per chunk. Not thread-safe: one caller at a time (the owner of the sequences' caches).
+// attention (decode); the expanded ("naive") form, which prompts take under kAuto, runs per
+// chunk, its heads side by side. Not thread-safe: one caller at a time (the owner of the sequences' caches).
 //
 //   LocalMoeExecutor moe(config, weights);
 //   Transformer model(config, weights, &moe);
@@ -122,7 +123,17 @@ absl::Status PackForInference(model::ModelWeights* weights);
 enum class AttentionForm {
   kAbsorbed,  // W_UK folded into the query, attention over the latents, W_UV after (decode)
   kNaive,     // K and V expanded from the latents per head (what prefill does in the reference)
+  kAuto,      // per chunk, the form that costs less: expanded for prompts, absorbed for decode
 };
+
+// Whether a chunk of n new tokens after `start` cached ones costs less in the expanded form
+// (every key expanded per head, then attention at qk + v_head_dim per query and key, queries in
+// causal tiles) than in the absorbed one (queries and outputs absorbed per row, then attention
+// at latent_dim + kv_lora_rank per query and key). The absorbed attention kernel runs at about
+// half the GEMMs' rate on the CPU (docs/performance.md), so its attention term counts twice.
+// Decode rows (n = 1) are always absorbed; a prompt of more than a few dozen tokens is
+// expanded, as DeepSeek's and the peers' prefill does. What AttentionForm::kAuto picks.
+bool ExpandedAttentionIsCheaper(const model::ModelConfig& c, int64_t n, int64_t start);
 
 struct SequenceChunk {
   absl::Span<const int32_t> tokens;  // new tokens; the first sits at position `start`

@@ -121,6 +121,66 @@ TEST_P(TransformerTest, BatchingChunksDoesNotChangeResults) {
   EXPECT_LT(MaxAbsDiff(got_b, lb), 1e-4);
 }
 
+// The expanded form in query tiles (a prompt of several tiles, a chunk after cached rows) and
+// kAuto's two forms in one batch (a prompt expanded beside a decode row absorbed) give the
+// absorbed form's logits.
+TEST_P(TransformerTest, ExpandedTilesAndMixedFormsAgreeWithAbsorbed) {
+  auto e = LoadEngine(ModelDir());
+  const auto& c = e->config();
+  auto tokens = Prompt(150, c.vocab_size, 6);
+  const auto full = AllLogits(*e, tokens, AttentionForm::kAbsorbed);
+  EXPECT_LT(MaxAbsDiff(AllLogits(*e, tokens, AttentionForm::kNaive), full), 2e-4);
+
+  // 70 tokens, then 80 more after them, both expanded.
+  LatentCache cache(c.num_hidden_layers, c.latent_dim());
+  std::vector<int32_t> head(tokens.begin(), tokens.begin() + 70), tail(tokens.begin() + 70, tokens.end());
+  std::vector<float> hidden;
+  std::vector<SequenceChunk> first = {{head, &cache}}, second = {{tail, &cache}};
+  SPLITMOE_ASSERT_OK(e->transformer().Forward(first, AttentionForm::kNaive, &hidden));
+  SPLITMOE_ASSERT_OK(e->transformer().Forward(second, AttentionForm::kNaive, &hidden));
+  std::vector<float> logits(tail.size() * c.vocab_size);
+  e->transformer().Logits(hidden.data(), static_cast<int64_t>(tail.size()), logits.data());
+  EXPECT_LT(MaxAbsDiff(logits, std::vector<float>(full.begin() + 70 * c.vocab_size, full.end())),
+            2e-4);
+
+  // One kAuto batch: a decode row of a 21-token sequence (absorbed), then the 150-token prompt
+  // (expanded).
+  ASSERT_FALSE(ExpandedAttentionIsCheaper(c, 1, 20));
+  ASSERT_TRUE(ExpandedAttentionIsCheaper(c, 150, 0));
+  auto other = Prompt(21, c.vocab_size, 7);
+  const auto other_full = AllLogits(*e, other, AttentionForm::kAbsorbed);
+  LatentCache oc(c.num_hidden_layers, c.latent_dim()), pc(c.num_hidden_layers, c.latent_dim());
+  std::vector<int32_t> other_head(other.begin(), other.begin() + 20), other_last = {other[20]};
+  std::vector<SequenceChunk> prefill = {{other_head, &oc}};
+  SPLITMOE_ASSERT_OK(e->transformer().Forward(prefill, AttentionForm::kAbsorbed, &hidden));
+  std::vector<SequenceChunk> mixed = {{other_last, &oc}, {tokens, &pc}};
+  SPLITMOE_ASSERT_OK(e->transformer().Forward(mixed, AttentionForm::kAuto, &hidden));
+  logits.resize((1 + tokens.size()) * c.vocab_size);
+  e->transformer().Logits(hidden.data(), static_cast<int64_t>(1 + tokens.size()), logits.data());
+  EXPECT_LT(MaxAbsDiff(std::vector<float>(logits.begin(), logits.begin() + c.vocab_size),
+                       std::vector<float>(other_full.end() - c.vocab_size, other_full.end())),
+            2e-4);
+  EXPECT_LT(MaxAbsDiff(std::vector<float>(logits.begin() + c.vocab_size, logits.end()), full), 2e-4);
+}
+
+// kAuto at DeepSeek-V3's shapes: decode rows and short drafts absorbed, prompts expanded, a short
+// chunk after a long cached prefix absorbed.
+TEST(AttentionFormTest, AutoPicksExpandedForPromptsAndAbsorbedForDecode) {
+  model::ModelConfig v3;
+  v3.num_attention_heads = 128;
+  v3.kv_lora_rank = 512;
+  v3.qk_nope_head_dim = 128;
+  v3.qk_rope_head_dim = 64;
+  v3.v_head_dim = 128;
+  EXPECT_FALSE(ExpandedAttentionIsCheaper(v3, 1, 0));
+  EXPECT_FALSE(ExpandedAttentionIsCheaper(v3, 1, 4096));
+  EXPECT_FALSE(ExpandedAttentionIsCheaper(v3, 4, 4096));  // a verification pass of 3 drafts
+  EXPECT_TRUE(ExpandedAttentionIsCheaper(v3, 512, 0));
+  EXPECT_TRUE(ExpandedAttentionIsCheaper(v3, 4096, 0));
+  EXPECT_TRUE(ExpandedAttentionIsCheaper(v3, 512, 4096));
+  EXPECT_FALSE(ExpandedAttentionIsCheaper(v3, 16, 16384));  // a short suffix after a cached prefix
+}
+
 INSTANTIATE_TEST_SUITE_P(Styles, TransformerTest,
                          ::testing::Values("v3", "v2", "v2-greedy", "v3_fp8"));
 

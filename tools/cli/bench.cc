@@ -236,7 +236,7 @@ absl::StatusOr<std::vector<Sample>> RunModel(const std::string& dir, const Workl
         items.push_back(std::move(item));
       }
       SPLITMOE_RETURN_IF_ERROR(
-          engine::PrefillBatch(e->transformer(), items, engine::AttentionForm::kAbsorbed));
+          engine::PrefillBatch(e->transformer(), items, engine::AttentionForm::kAuto));
       for (size_t k = 0; k < ids.size(); ++k) {
         const int64_t i = ids[k];
         SPLITMOE_RETURN_IF_ERROR(items[k].status);

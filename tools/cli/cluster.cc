@@ -128,11 +128,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   o.metrics_listen = f.Get("metrics-listen");
   o.router = f.Get("router");
   SPLITMOE_ASSIGN_OR_RETURN(o.moe, MoeFlags(f));
-  const std::string form = f.Get("attention", "absorbed");
-  if (form != "absorbed" && form != "naive") {
-    return absl::InvalidArgumentError("--attention must be absorbed or naive");
-  }
-  o.form = form == "naive" ? engine::AttentionForm::kNaive : engine::AttentionForm::kAbsorbed;
+  SPLITMOE_ASSIGN_OR_RETURN(o.form, AttentionFormFromFlags(f));
   SPLITMOE_ASSIGN_OR_RETURN(o.batch_tokens, f.GetInt("batch-tokens", o.batch_tokens));
   if (o.batch_tokens <= 0) return absl::InvalidArgumentError("--batch-tokens must be > 0");
   SPLITMOE_ASSIGN_OR_RETURN(o.micro_batches, MicroBatchesFlag(f));

@@ -63,6 +63,15 @@ void PrintGenerateJson(const engine::GenerateResult& r) {
   std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
 }
 
+absl::StatusOr<engine::AttentionForm> AttentionFormFromFlags(const Flags& f) {
+  const std::string form = f.Get("attention", "auto");
+  if (form == "auto") return engine::AttentionForm::kAuto;
+  if (form == "absorbed") return engine::AttentionForm::kAbsorbed;
+  if (form == "naive") return engine::AttentionForm::kNaive;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--attention must be auto, absorbed or naive, got '", form, "'"));
+}
+
 absl::StatusOr<int64_t> DraftTokensFromFlags(const Flags& f) {
   const std::string mode = f.Get("speculative", "none");
   if (mode != "none" && mode != "mtp") {

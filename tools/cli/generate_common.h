@@ -35,6 +35,10 @@ inline constexpr int64_t kDefaultDraftTokens = 2;
 inline constexpr int64_t kMaxDraftTokens = 16;
 absl::StatusOr<int64_t> DraftTokensFromFlags(const Flags& f);
 
+// --attention auto|absorbed|naive: the form of prompt passes (engine::AttentionForm; auto, the
+// default, picks the cheaper form per chunk: expanded for prompts, absorbed for decode).
+absl::StatusOr<engine::AttentionForm> AttentionFormFromFlags(const Flags& f);
+
 }  // namespace splitmoe::cli
 
 #endif  // SPLITMOE_TOOLS_CLI_GENERATE_COMMON_H_

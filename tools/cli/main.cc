@@ -197,13 +197,6 @@ absl::Status Inspect(int argc, char** argv) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<engine::AttentionForm> FormFlag(const Flags& f) {
-  std::string form = f.Get("attention", "absorbed");
-  if (form == "absorbed") return engine::AttentionForm::kAbsorbed;
-  if (form == "naive") return engine::AttentionForm::kNaive;
-  return absl::InvalidArgumentError("--attention must be absorbed or naive");
-}
-
 absl::Status Score(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
@@ -216,7 +209,7 @@ absl::Status Score(int argc, char** argv) {
     return absl::InvalidArgumentError("score needs --model DIR or --endpoint HOST:PORT");
   }
   engine::EngineOptions options;
-  SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, AttentionFormFromFlags(f));
   SPLITMOE_ASSIGN_OR_RETURN(options.weights,
                             model::ParseResidentDType(f.Get("weights", "checkpoint")));
   SPLITMOE_ASSIGN_OR_RETURN(auto eng, engine::Engine::Load(f.Get("model"), options));
@@ -250,7 +243,7 @@ absl::Status Generate(int argc, char** argv) {
   }
   if (f.Get("device", "cpu") != "cpu") return GenerateOnDevice(f, f.Get("device"));
   engine::EngineOptions options;
-  SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, FormFlag(f));
+  SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, AttentionFormFromFlags(f));
   SPLITMOE_ASSIGN_OR_RETURN(options.weights,
                             model::ParseResidentDType(f.Get("weights", "checkpoint")));
   SPLITMOE_ASSIGN_OR_RETURN(options.draft_tokens, DraftTokensFromFlags(f));
