@@ -3,7 +3,9 @@
 #include <cmath>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "common/kernels/cpu_ops.h"
 
 #include <atomic>
@@ -39,6 +41,22 @@ absl::Status CheckDevice(const Device& device, absl::string_view op) {
 std::string DeviceName(const Device& device) {
   return device.backend == Backend::kCpu ? std::string("cpu")
                                          : absl::StrCat("cuda:", device.index);
+}
+
+absl::StatusOr<Device> ParseDevice(absl::string_view name) {
+  Device device;
+  if (name == "cpu") return device;
+  int index = -1;
+  absl::string_view digits = name;
+  if (!absl::ConsumePrefix(&digits, "cuda:") || digits.empty() || digits.size() > 4 ||
+      digits.find_first_not_of("0123456789") != absl::string_view::npos ||
+      !absl::SimpleAtoi(digits, &index)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device must be cpu or cuda:N (N a device index), got '", name, "'"));
+  }
+  device.backend = Backend::kCuda;
+  device.index = index;
+  return device;
 }
 
 bool BackendAvailable(Backend backend) {

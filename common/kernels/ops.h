@@ -22,6 +22,8 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "common/model/tensor.h"
 
 namespace splitmoe::kernels {
@@ -40,6 +42,10 @@ struct Device {
 
 // "cpu" or "cuda:N".
 std::string DeviceName(const Device& device);
+// The inverse of DeviceName (the `--device` flag): "cpu", or "cuda:N" with N a device index
+// >= 0 (no stream or handle yet: the caller creates them on that device). Anything else:
+// InvalidArgument naming what was given.
+absl::StatusOr<Device> ParseDevice(absl::string_view name);
 // Whether this process has the backend: the CPU always, CUDA once EnableCudaOps() ran.
 bool BackendAvailable(Backend backend);
 

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 #ifdef SPLITMOE_OPS_CUDA
@@ -55,6 +57,24 @@ struct Inputs {
   }();
   std::vector<float> lx = Random(9 * 130, 7);
 };
+
+TEST(OpsTest, ParseDeviceIsTheInverseOfDeviceName) {
+  for (const char* name : {"cpu", "cuda:0", "cuda:3", "cuda:1234"}) {
+    absl::StatusOr<Device> d = ParseDevice(name);
+    ASSERT_TRUE(d.ok()) << name << ": " << d.status();
+    EXPECT_EQ(DeviceName(*d), name);
+  }
+  EXPECT_EQ(ParseDevice("cuda:7")->backend, Backend::kCuda);
+  EXPECT_EQ(ParseDevice("cuda:7")->index, 7);
+  EXPECT_EQ(ParseDevice("cpu")->backend, Backend::kCpu);
+  for (const char* bad : {"", "gpu", "cuda", "cuda:", "cuda:-1", "cuda:+1", "cuda:1x", "CPU",
+                          "cuda: 1", "cuda:99999", "cpu:0", "cuda:0 "}) {
+    absl::StatusOr<Device> d = ParseDevice(bad);
+    ASSERT_FALSE(d.ok()) << "'" << bad << "' was taken";
+    EXPECT_EQ(d.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(d.status().message()), ::testing::HasSubstr(absl::StrCat("'", bad, "'")));
+  }
+}
 
 TEST(OpsTest, RmsNormMatchesItsDefinitionStridedAndInPlace) {
   Inputs in;

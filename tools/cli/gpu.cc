@@ -3,9 +3,9 @@
 #include <iostream>
 #include <string>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
+#include "common/kernels/ops.h"
 #include "common/tokenizer/tokenizer.h"
 #include "tools/cli/cluster.h"
 #include "tools/cli/generate_common.h"
@@ -16,11 +16,8 @@
 namespace splitmoe::cli {
 
 absl::Status GenerateOnDevice(const Flags& f, const std::string& device) {
-  int index = 0;
-  if (device.rfind("cuda:", 0) != 0 || !absl::SimpleAtoi(device.substr(5), &index) || index < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device must be cpu or cuda:N, got '", device, "'"));
-  }
+  SPLITMOE_ASSIGN_OR_RETURN(kernels::Device parsed, kernels::ParseDevice(device));
+  const int index = parsed.index;
 #ifndef SPLITMOE_HAVE_CUDA
   return absl::FailedPreconditionError(
       "this splitmoe was built without a CUDA toolkit: --device cuda:N is not available");

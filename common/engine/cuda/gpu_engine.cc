@@ -19,14 +19,8 @@ namespace {
 
 namespace cu = kernels::cuda;
 
-absl::Status Cuda(cudaError_t err, const char* what) {
-  if (err == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(err)));
-}
-absl::Status Blas(cublasStatus_t s, const char* what) {
-  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(s)));
-}
+constexpr auto Cuda = cu::CudaError;
+constexpr auto Blas = cu::CublasError;
 
 constexpr int64_t kChunk = 256;  // prompt tokens per forward pass, as the CPU engine
 constexpr int64_t kBlockTokens = 64;

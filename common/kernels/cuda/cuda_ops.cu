@@ -9,7 +9,6 @@
 #include "common/kernels/cuda/cuda_ops.h"
 
 namespace splitmoe::kernels::cuda {
-namespace {
 
 absl::Status CudaError(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return absl::OkStatus();
@@ -20,6 +19,8 @@ absl::Status CublasError(cublasStatus_t s, const char* what) {
   if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::InternalError(absl::StrCat(what, ": cuBLAS status ", static_cast<int>(s)));
 }
+
+namespace {
 
 #define SPLITMOE_CUDA_RETURN_IF_ERROR(expr, what)                 \
   do {                                                            \
@@ -680,6 +681,7 @@ absl::Status MoeExpertsImpl(cublasHandle_t handle, const float* x, const int32_t
   std::vector<std::vector<int32_t>> by_expert(static_cast<size_t>(s.n_experts));
   for (int64_t i = 0; i < slots; ++i) {
     const int32_t e = ids[static_cast<size_t>(i)];
+    if (e == kNoExpert) continue;  // an empty slot: contributes nothing (ReduceSlots skips it)
     if (e < 0 || e >= s.n_experts) {
       return absl::InvalidArgumentError(absl::StrCat("MoeExperts: expert id ", e, " out of range"));
     }

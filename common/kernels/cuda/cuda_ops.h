@@ -29,6 +29,10 @@
 
 namespace splitmoe::kernels::cuda {
 
+// A CUDA runtime or cuBLAS result as a Status: OK, or Internal naming `what` and the error.
+absl::Status CudaError(cudaError_t err, const char* what);
+absl::Status CublasError(cublasStatus_t s, const char* what);
+
 // Number of visible CUDA devices; 0 (not an error) when the driver finds none.
 absl::StatusOr<int> DeviceCount();
 // "NVIDIA H200, sm_90, 139 GiB" for device `index`.
@@ -146,7 +150,10 @@ absl::Status MlaDecodeDevice(const float* q, const float* cache, const int32_t* 
 // both BF16 (or fp32 in MoeExpertsF32Device, whose activations then stay fp32), indexed by
 // expert id (device pointers, null for experts this process does not hold: their tokens are
 // skipped). out [tokens, hidden] = sum over each token's experts of weight * expert(x)
-// (deterministic: slot order, no atomics).
+// (deterministic: each token's experts summed in ascending id order, as the CPU's
+// AccumulateExperts, no atomics). A slot holding kNoExpert is empty: a token routed to fewer
+// than top_k experts of this process pads its row with it.
+inline constexpr int32_t kNoExpert = -1;
 struct MoeShape {
   int32_t tokens = 0;
   int32_t hidden = 0;
