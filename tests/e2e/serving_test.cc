@@ -453,19 +453,26 @@ TEST_F(ServingTest, BadInputIsInvalidArgument) {
     EXPECT_FALSE(got.status.error_message().empty()) << what;
     EXPECT_EQ(got.events, 0) << what;
   }
-  // A request id already in flight.
+  // A request id already in flight: the first is streaming (its first event read, far from its
+  // 500 tokens) when the second arrives; then the first is cancelled.
   Case slow;
   slow.prompt = {1, 2, 3};
-  slow.max_tokens = 60;
-  std::thread first([&] {
-    Outcome o = Generate(*cluster_->generation, ToRequest(slow, "same-id"));
-    EXPECT_TRUE(o.status.ok()) << o.status.error_message();
-  });
-  absl::SleepFor(absl::Milliseconds(150));
-  Outcome dup = Generate(*cluster_->generation, ToRequest(slow, "same-id"));
-  first.join();
-  EXPECT_EQ(dup.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_NE(dup.status.error_message().find("in flight"), std::string::npos);
+  slow.max_tokens = 500;
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    auto first = cluster_->generation->Generate(&ctx, ToRequest(slow, "same-id"));
+    v1::GenerateEvent e;
+    ASSERT_TRUE(first->Read(&e));
+    Outcome dup = Generate(*cluster_->generation, ToRequest(slow, "same-id"));
+    EXPECT_EQ(dup.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(dup.status.error_message().find("in flight"), std::string::npos)
+        << dup.status.error_message();
+    ctx.TryCancel();
+    while (first->Read(&e)) {
+    }
+    (void)first->Finish();
+  }
   // Every process still serves.
   const v1::ClusterStatusResponse status = cluster_->Status();
   for (const auto& w : status.workers()) EXPECT_TRUE(w.healthy()) << w.worker_id();
