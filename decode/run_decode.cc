@@ -77,6 +77,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
     request.set_role(v1::WORKER_ROLE_DECODE);
     request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_resident_weight_bytes(side->resident_weight_bytes());
+    request.set_device("cpu");  // the attention workers compute on the CPU so far
     request.set_cache_blocks(static_cast<int32_t>(options.cache_blocks));
     request.set_block_tokens(static_cast<int32_t>(options.block_tokens));
     request.set_ucx_worker_address(transport->WorkerAddress());

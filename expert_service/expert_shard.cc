@@ -1,6 +1,7 @@
 #include "expert_service/expert_shard.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
@@ -8,6 +9,20 @@
 #include "common/model/checkpoint.h"
 
 namespace splitmoe::expert_service {
+namespace {
+
+std::atomic<DeviceExpertsLoader> g_cuda_loader{nullptr};
+
+}  // namespace
+
+void SetCudaExpertsLoader(DeviceExpertsLoader loader) {
+  g_cuda_loader.store(loader, std::memory_order_release);
+}
+
+std::string ShardDeviceName(const ShardSpec& spec) {
+  if (spec.device.backend == kernels::Backend::kCpu) return "cpu";
+  return absl::StrCat(kernels::DeviceName(spec.device), spec.device_bf16 ? " bf16" : " fp32");
+}
 
 std::vector<int32_t> ShardExperts(int64_t n_routed_experts, const ShardSpec& spec) {
   std::vector<int32_t> out;
@@ -37,8 +52,35 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::Load(const std::string
   options.expert_filter = [first, last](int64_t, int64_t e) { return e >= first && e <= last; };
   options.resident = spec.weights;
   SPLITMOE_ASSIGN_OR_RETURN(shard->weights_, model::LoadWeights(*ckpt, options));
-  SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&shard->weights_));
+  SPLITMOE_RETURN_IF_ERROR(shard->Place(spec));
   return shard;
+}
+
+absl::Status ExpertShard::Place(const ShardSpec& spec) {
+  device_name_ = ShardDeviceName(spec);
+  if (spec.device.backend == kernels::Backend::kCpu) return engine::PackForInference(&weights_);
+  const DeviceExpertsLoader loader = g_cuda_loader.load(std::memory_order_acquire);
+  if (loader == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "experts on ", kernels::DeviceName(spec.device),
+        ": this process has no CUDA backend (built without a CUDA toolkit, or a binary that does "
+        "not call EnableCudaExperts()), so only --device cpu is available"));
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(device_, loader(config_, weights_, spec));
+  // The device holds the values now: keep only which experts this shard holds (the matrices
+  // emptied, their mapped checkpoint pages let go), for Compute's checks.
+  auto drop = [](model::LayerWeights& l) {
+    for (auto& e : l.experts) {
+      if (e != nullptr) *e = model::MlpWeights{};
+    }
+  };
+  for (model::LayerWeights& l : weights_.layers) drop(l);
+  for (model::MtpWeights& m : weights_.mtp) drop(m.block);
+  return absl::OkStatus();
+}
+
+uint64_t ExpertShard::resident_bytes() const {
+  return weights_.bytes() + (device_ != nullptr ? device_->resident_bytes() : 0);
 }
 
 absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::LoadPlaced(
@@ -52,7 +94,7 @@ absl::StatusOr<std::unique_ptr<ExpertShard>> ExpertShard::LoadPlaced(
   options.expert_filter = std::move(holds);
   options.resident = spec.weights;
   SPLITMOE_ASSIGN_OR_RETURN(shard->weights_, model::LoadWeights(*ckpt, options));
-  SPLITMOE_RETURN_IF_ERROR(engine::PackForInference(&shard->weights_));
+  SPLITMOE_RETURN_IF_ERROR(shard->Place(spec));
   return shard;
 }
 
@@ -84,9 +126,6 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
                      " hidden values, ", offsets.size(), " offsets, ", expert_ids.size(),
                      " expert ids, ", weights.size(), " weights (hidden_size ", h, ")"));
   }
-  // Group (token, weight) by expert, then the engine's AccumulateExperts (grouped at decode sizes).
-  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(config_.n_routed_experts));
-  std::vector<std::vector<float>> gate(static_cast<size_t>(config_.n_routed_experts));
   for (int64_t t = 0; t < tokens; ++t) {
     if (offsets[t + 1] < offsets[t]) return absl::InvalidArgumentError("offsets decrease");
     for (int32_t i = offsets[t]; i < offsets[t + 1]; ++i) {
@@ -95,6 +134,23 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
         return absl::InvalidArgumentError(
             absl::StrCat("layer ", layer, ": expert ", e, " is not hosted by this shard"));
       }
+      for (int32_t j = offsets[t]; j < i; ++j) {
+        if (expert_ids[j] == e) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("layer ", layer, ": token ", t, " selects expert ", e, " twice"));
+        }
+      }
+    }
+  }
+  if (device_ != nullptr) {
+    return device_->Compute(layer, hidden, tokens, offsets, expert_ids, weights, out);
+  }
+  // Group (token, weight) by expert, then the engine's AccumulateExperts (grouped at decode sizes).
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(config_.n_routed_experts));
+  std::vector<std::vector<float>> gate(static_cast<size_t>(config_.n_routed_experts));
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int32_t i = offsets[t]; i < offsets[t + 1]; ++i) {
+      const int32_t e = expert_ids[i];
       rows[e].push_back(static_cast<int32_t>(t));
       gate[e].push_back(weights[i]);
     }

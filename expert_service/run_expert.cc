@@ -22,6 +22,7 @@ absl::Status RunExpert(const ExpertOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<ExpertShard> shard,
                             ExpertShard::Load(options.model_dir, options.shard));
   const uint64_t resident = shard->resident_bytes();
+  const std::string device = shard->device();
   const int64_t n_routed_experts = shard->config().n_routed_experts;
   std::vector<int32_t> experts = shard->experts();
   // The experts actor owns the shard; the service only posts to it.
@@ -73,6 +74,7 @@ absl::Status RunExpert(const ExpertOptions& options) {
     request.set_shard(options.shard.shard);
     *request.mutable_experts() = {experts.begin(), experts.end()};
     request.set_resident_weight_bytes(resident);
+    request.set_device(device);
     if (ucx != nullptr) {
       request.set_ucx_worker_address(ucx->WorkerAddress());
       request.set_transfer_mode(transfer::UcxTlsDescription());

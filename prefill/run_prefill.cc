@@ -36,6 +36,7 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
     request.set_role(v1::WORKER_ROLE_PREFILL);
     request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_resident_weight_bytes(side->resident_weight_bytes());
+    request.set_device("cpu");  // the attention workers compute on the CPU so far
     request.set_transfer_mode(transfer::UcxTlsDescription());
     request.set_model_fingerprint(side->fingerprint());
     // In flight first: the actor publishes its counters before it replies, so a count that

@@ -164,6 +164,7 @@ absl::StatusOr<v1::RegisterResponse> WorkerRegistry::Register(const v1::Register
   w.status.set_resident_weight_bytes(r.resident_weight_bytes());
   w.status.set_transfer_mode(r.transfer_mode());
   w.status.set_metrics_url(r.metrics_url());
+  w.status.set_device(r.device());
   if (r.role() == v1::WORKER_ROLE_EXPERT) w.ucx_worker_address = r.ucx_worker_address();
   w.last_heartbeat = now;
   v1::RegisterResponse response;

@@ -194,7 +194,10 @@ TEST_P(MoeClusterTest, GenerationThroughTheRouterEqualsTheEngine) {
   // Resident weights: the two expert services together hold exactly the routed experts.
   uint64_t expert_bytes = 0;
   const v1::ClusterStatusResponse status = Status();
-  for (const auto& w : status.workers()) expert_bytes += w.resident_weight_bytes();
+  for (const auto& w : status.workers()) {
+    expert_bytes += w.resident_weight_bytes();
+    EXPECT_EQ(w.device(), "cpu") << w.worker_id();  // registered by the expert service itself
+  }
   // BF16, held in the checkpoint's dtype: 2 bytes a value.
   const uint64_t one = 3ull * c.moe_intermediate_size * c.hidden_size * 2;
   const uint64_t moe_blocks =

@@ -99,6 +99,32 @@ TEST(ExpertShardTest, HoldsOnlyItsExpertsAndRefusesOthers) {
   s = (*shard)->Compute(1, x, 1, offsets, ids, weights, absl::MakeSpan(out));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_FALSE(ExpertShard::Load(dir, {.shard = 2, .num_shards = 2}).ok());
+  // A token selecting one expert twice (the GPU's slot reduction would count it once).
+  const int32_t held = (*shard)->experts().front();
+  ids = {held, held};
+  weights = {0.5f, 0.5f};
+  s = (*shard)->Compute(1, x, 1, offsets, ids, weights, absl::MakeSpan(out));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("twice"), std::string::npos) << s;
+}
+
+TEST(ExpertShardTest, ACudaDeviceWithoutTheCudaBackendIsRefusedByName) {
+  // This test binary does not link expert_service_cuda: no loader is installed.
+  std::string dir = testing::TinyModel("shards", nullptr);
+  ShardSpec spec;
+  spec.device.backend = kernels::Backend::kCuda;
+  spec.device.index = 0;
+  auto shard = ExpertShard::Load(dir, spec);
+  ASSERT_FALSE(shard.ok());
+  EXPECT_EQ(shard.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(shard.status().message().find("cuda:0"), std::string::npos) << shard.status();
+  EXPECT_NE(shard.status().message().find("no CUDA backend"), std::string::npos) << shard.status();
+  EXPECT_EQ(ShardDeviceName(spec), "cuda:0 fp32");
+  spec.device_bf16 = true;
+  EXPECT_EQ(ShardDeviceName(spec), "cuda:0 bf16");
+  auto cpu = ExpertShard::Load(dir, {.shard = 0, .num_shards = 2});
+  ASSERT_TRUE(cpu.ok());
+  EXPECT_EQ((*cpu)->device(), "cpu");
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "common/process/signals.h"
 #include "common/process/subprocess.h"
 #include "common/expert_plane/direct_moe.h"
+#include "common/kernels/ops.h"
 #include "common/rpc/rpc.h"
 #include "common/rpc/security.h"
 #include "decode/run_decode.h"
@@ -112,16 +113,30 @@ absl::StatusOr<absl::Duration> BusyPollFlag(const Flags& f) {
   return absl::Microseconds(us);
 }
 
+// `--device` of an attention worker (prefill, decode): the CPU. Its forward pass on a CUDA
+// device is not built yet (docs/gpu-notes.md): refused by name rather than run on the CPU.
+absl::Status AttentionDeviceFlag(const Flags& f, absl::string_view role) {
+  SPLITMOE_ASSIGN_OR_RETURN(kernels::Device device, kernels::ParseDevice(f.Get("device", "cpu")));
+  if (device.backend == kernels::Backend::kCpu) return absl::OkStatus();
+  return absl::UnimplementedError(absl::StrCat(
+      role, " --device ", kernels::DeviceName(device),
+      ": the attention workers' forward pass runs on the CPU only so far (the expert services "
+      "run on a GPU with `expert --device cuda:N`, or `up --expert-device cuda:N`); see "
+      "docs/gpu-notes.md"));
+}
+
 absl::Status PrefillCommand(int argc, char** argv) {
   Flags f;
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "router", "metrics-listen", "wire-dtype", "attention", "batch-tokens",
-               "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us", "weights"},
+               "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us", "weights",
+               "device"},
               {}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
   }
+  SPLITMOE_RETURN_IF_ERROR(AttentionDeviceFlag(f, "prefill"));
   prefill::PrefillOptions o;
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
@@ -143,11 +158,12 @@ absl::Status DecodeCommand(int argc, char** argv) {
                                     "cache-dtype", "wire-dtype", "reclaim-grace-ms",
                                     "moe-transport", "expert-deadline-ms", "micro-batches",
                                     "busy-poll-us", "weights", "speculative", "draft-tokens",
-                                    "reserve-margin-tokens"},
+                                    "reserve-margin-tokens", "device"},
                                    {"reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
   }
+  SPLITMOE_RETURN_IF_ERROR(AttentionDeviceFlag(f, "decode"));
   decode::DecodeOptions o;
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
@@ -223,9 +239,19 @@ absl::Status UpCommand(int argc, char** argv) {
        "block-tokens", "cache-dtype", "wire-dtype", "heartbeat-ms", "max-devices",
        "prefill-batch-tokens", "bias-update-rate", "bias-bound", "moe-transport",
        "expert-deadline-ms", "micro-batches", "busy-poll-us", "api-keys", "routers", "weights",
-       "http-port", "served-model-name", "speculative", "draft-tokens", "reserve-margin-tokens"},
+       "http-port", "served-model-name", "speculative", "draft-tokens", "reserve-margin-tokens",
+       "device", "expert-device", "precision"},
       {"tls", "reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
+  // --device: every role's device (so far the CPU: the attention workers refuse another);
+  // --expert-device, the expert services' alone, with --precision for a GPU.
+  SPLITMOE_RETURN_IF_ERROR(AttentionDeviceFlag(f, "up"));
+  const std::string expert_device = f.Get("expert-device", f.Get("device", "cpu"));
+  SPLITMOE_ASSIGN_OR_RETURN(kernels::Device parsed_expert_device,
+                            kernels::ParseDevice(expert_device));
+  if (f.Has("precision") && parsed_expert_device.backend == kernels::Backend::kCpu) {
+    return absl::InvalidArgumentError("up: --precision applies to --expert-device cuda:N");
+  }
   SPLITMOE_RETURN_IF_ERROR(DraftTokensFromFlags(f).status());
   // Every child shares this host's cores: an OpenMP pool that spins while its process waits
   // for another (a decode step for its experts) takes the cores that process needs. Measured
@@ -416,6 +442,9 @@ absl::Status UpCommand(int argc, char** argv) {
     pass(args, "moe-transport");
     pass(args, "busy-poll-us");
     pass(args, "weights");
+    args.push_back("--device");
+    args.push_back(expert_device);
+    pass(args, "precision");
     security(args, "expert");
     absl::StatusOr<std::string> started = start(absl::StrCat("expert", s, ".", r), args);
     children.back().shard = s;

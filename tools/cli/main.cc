@@ -29,7 +29,11 @@
 #include "common/process/signals.h"
 #include "common/rpc/rpc.h"
 #include "common/rpc/security.h"
+#include "common/kernels/ops.h"
 #include "expert_service/run_expert.h"
+#ifdef SPLITMOE_HAVE_CUDA
+#include "expert_service/cuda/gpu_experts.h"
+#endif
 #include "google/protobuf/util/json_util.h"
 #include "nlohmann/json.hpp"
 #include "router/run_router.h"
@@ -331,7 +335,7 @@ absl::Status Expert(int argc, char** argv) {
   SPLITMOE_RETURN_IF_ERROR(
       f.Parse(argc, argv, 2,
               {"model", "listen", "router", "shard", "num-shards", "moe-transport", "busy-poll-us",
-               "weights", "metrics-listen"},
+               "weights", "metrics-listen", "device", "precision"},
               {}));
   if (!f.Has("model")) return absl::InvalidArgumentError("expert needs --model DIR");
   expert_service::ExpertOptions o;
@@ -341,9 +345,22 @@ absl::Status Expert(int argc, char** argv) {
   o.router = f.Get("router");
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shard, f.GetInt("shard", 0));
   SPLITMOE_ASSIGN_OR_RETURN(int64_t shards, f.GetInt("num-shards", 1));
-  o.shard = {static_cast<int32_t>(shard), static_cast<int32_t>(shards)};
+  o.shard.shard = static_cast<int32_t>(shard);
+  o.shard.num_shards = static_cast<int32_t>(shards);
   SPLITMOE_ASSIGN_OR_RETURN(o.shard.weights,
                             model::ParseResidentDType(f.Get("weights", "checkpoint")));
+  SPLITMOE_ASSIGN_OR_RETURN(o.shard.device, kernels::ParseDevice(f.Get("device", "cpu")));
+  const std::string precision = f.Get("precision", "fp32");
+  if (precision != "fp32" && precision != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--precision must be fp32 or bf16, got '", precision, "'"));
+  }
+  if (f.Has("precision") && o.shard.device.backend == kernels::Backend::kCpu) {
+    return absl::InvalidArgumentError(
+        "--precision applies to --device cuda:N (on the CPU experts compute in fp32 over "
+        "--weights)");
+  }
+  o.shard.device_bf16 = precision == "bf16";
   const std::string transport = f.Get("moe-transport", "ucx");
   if (transport != "ucx" && transport != "grpc") {
     return absl::InvalidArgumentError("--moe-transport must be ucx or grpc");
@@ -470,7 +487,8 @@ absl::Status Status(int argc, char** argv) {
     std::cout << "  " << w.worker_id() << "  " << v1::WorkerRole_Name(w.role()).substr(12) << "  "
               << w.address() << "  " << (w.healthy() ? "healthy" : "OUT OF SERVICE")
               << "  heartbeat " << static_cast<int64_t>(w.last_heartbeat_age_ms())
-              << " ms ago  weights " << w.resident_weight_bytes() << " B";
+              << " ms ago  weights " << w.resident_weight_bytes() << " B on "
+              << (w.device().empty() ? std::string("cpu") : w.device());
     if (w.role() == v1::WORKER_ROLE_EXPERT) {
       std::cout << "  shard " << w.shard() << " (" << w.experts_size() << " experts)";
     }
@@ -536,6 +554,8 @@ constexpr char kUsage[] =
          "            every one; prints ready grpc=A,B,... [http=URL,...])\n"
          "            [--tls | --cluster-token-file F] [--api-keys FILE]   (a closed cluster)\n"
          "            [--speculative mtp [--draft-tokens K]]   (decode workers draft with MTP)\n"
+         "            [--expert-device cuda:N [--precision fp32|bf16]]   (the expert services on a\n"
+         "            GPU; --device D: every role's, so far cpu only)\n"
          "  router    --model DIR [--listen HOST:PORT] [--internal-listen HOST:PORT] [--api-keys FILE]\n"
          "            [--max-message-bytes N] [--max-streams-per-client N] [--max-devices M]\n"
          "            [--heartbeat-ms MS] [--http-listen HOST:PORT] [--http-threads N]\n"
@@ -543,6 +563,7 @@ constexpr char kUsage[] =
          "            (--http-listen: the OpenAI-compatible HTTP API, /v1/completions,\n"
          "            /v1/chat/completions, /v1/models, /health)\n"
          "            [--bias-update-rate U] [--bias-bound B]\n"
+         "  (prefill, decode: --device cpu; their forward pass on a GPU is not built yet)\n"
          "  (prefill, decode, expert: --advertise-host HOST registers HOST:PORT instead of the\n"
          "   bound address, e.g. a pod IP behind --listen 0.0.0.0:PORT; every role:\n"
          "   --metrics-listen HOST:PORT serves Prometheus /metrics and /health there)\n"
@@ -562,6 +583,8 @@ constexpr char kUsage[] =
          "            [--no-prefix-cache]  (finished sequences' blocks are kept and shared in place\n"
          "            by prompts that start with the same tokens; on by default)\n"
          "  expert    --model DIR --router HOST:PORT[,...] --shard S --num-shards N\n"
+         "            [--device cpu|cuda:N [--precision fp32|bf16]]   (cuda: the shard's experts\n"
+         "            resident on that GPU, each batch as grouped GEMMs; fp32 by default)\n"
          "  status    --endpoint HOST:PORT [--json]\n"
          "  scale     --endpoint HOST:PORT --shard K --replicas R   (a cluster started by up)\n"
          "  rebalance --endpoint HOST:PORT [--redundant-experts N] [--dry-run] [--wait-s S] [--json]\n"
@@ -714,6 +737,9 @@ int main(int argc, char** raw_argv) {
   std::vector<char*> args(raw_argv, raw_argv + argc);
   const bool long_running =
       cmd == "router" || cmd == "expert" || cmd == "prefill" || cmd == "decode" || cmd == "up";
+#ifdef SPLITMOE_HAVE_CUDA
+  splitmoe::expert_service::EnableCudaExperts();  // `expert --device cuda:N`
+#endif
   // The logger: SPLITMOE_LOG_LEVEL / SPLITMOE_LOG_FORMAT, then --log-level / --log-format. The
   // one-shot commands (generate, score, inspect, ...) print results that scripts read, often with
   // stderr merged in: they log warnings and errors only unless asked for more.
