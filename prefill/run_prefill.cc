@@ -19,7 +19,7 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<expert_plane::AttentionSide> side,
       expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe,
-                                      options.weights, /*load_mtp=*/true));
+                                      options.weights, options.load_mtp));
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
                             transfer::UcxTransport::Create({.name = "prefill"}));
   auto gauge = std::make_shared<decode::LoadGauge>();

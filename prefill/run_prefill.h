@@ -29,6 +29,10 @@ struct PrefillOptions {
   // 2: a batch of two or more sequences runs as two micro-batches in ping-pong (one's attention
   // while the other's experts compute); 1: one batch.
   int micro_batches = 1;
+  // Load the MTP modules' attention side, so a destination that asks for the MTP layer
+  // (a speculative decode worker) gets it; `--no-mtp`: not loaded, such a destination gets the
+  // main layers only and its worker decodes one token a step.
+  bool load_mtp = true;
 };
 
 absl::Status RunPrefillWorker(const PrefillOptions& options);

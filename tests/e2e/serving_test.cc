@@ -386,6 +386,21 @@ TEST_F(ServingTest, TextPromptsStopStringsAndPromptLogprobs) {
   EXPECT_FALSE(info.config_json().empty());
 }
 
+// Without --speculative mtp no attention worker holds the MTP module: `up` gives its prefill
+// workers --no-mtp, so they hold what the decode workers hold, byte for byte.
+TEST_F(ServingTest, AttentionWorkersHoldNoMtpWeightsWithoutSpeculation) {
+  ASSERT_GT(engine_->config().num_nextn_predict_layers, 0) << "the test model must have MTP";
+  uint64_t prefill = 0, decode = 0;
+  const v1::ClusterStatusResponse status = cluster_->Status();
+  for (const auto& w : status.workers()) {
+    if (w.role() == v1::WORKER_ROLE_PREFILL) prefill = w.resident_weight_bytes();
+    if (w.role() == v1::WORKER_ROLE_DECODE) decode = w.resident_weight_bytes();
+    EXPECT_EQ(w.device(), "cpu") << w.worker_id();
+  }
+  ASSERT_GT(decode, 0u);
+  EXPECT_EQ(prefill, decode);
+}
+
 TEST_F(ServingTest, BadInputIsInvalidArgument) {
   const int64_t vocab = engine_->config().vocab_size;
   const int64_t context = engine_->config().max_position_embeddings;
@@ -1146,6 +1161,15 @@ TEST(SpeculativeServingTest, MtpClustersEqualTheEngineAndAcceptDrafts) {
               static_cast<unsigned long long>(accepted), static_cast<unsigned long long>(proposed));
   EXPECT_GT(proposed, 0u);
   EXPECT_GT(accepted * 2, proposed) << "an agreeing module has most drafts accepted";
+  // Both attention roles hold the MTP module here (the prefill worker was not given --no-mtp).
+  uint64_t prefill_bytes = 0, decode_bytes = 0;
+  const v1::ClusterStatusResponse status = cluster->Status();
+  for (const auto& w : status.workers()) {
+    if (w.role() == v1::WORKER_ROLE_PREFILL) prefill_bytes = w.resident_weight_bytes();
+    if (w.role() == v1::WORKER_ROLE_DECODE) decode_bytes = w.resident_weight_bytes();
+  }
+  EXPECT_EQ(prefill_bytes, decode_bytes);
+  EXPECT_GT(prefill_bytes, 0u);
   // The prefill worker sent the MTP layer too: every prompt row but the last, per request.
   const auto& c = (*e)->config();
   uint64_t rows = 0;

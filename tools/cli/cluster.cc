@@ -132,7 +132,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
               {"model", "listen", "router", "metrics-listen", "wire-dtype", "attention", "batch-tokens",
                "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us", "weights",
                "device"},
-              {}));
+              {"no-mtp"}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
   }
@@ -148,6 +148,7 @@ absl::Status PrefillCommand(int argc, char** argv) {
   if (o.batch_tokens <= 0) return absl::InvalidArgumentError("--batch-tokens must be > 0");
   SPLITMOE_ASSIGN_OR_RETURN(o.micro_batches, MicroBatchesFlag(f));
   SPLITMOE_ASSIGN_OR_RETURN(o.weights, model::ParseResidentDType(f.Get("weights", "checkpoint")));
+  o.load_mtp = !f.Has("no-mtp");
   return prefill::RunPrefillWorker(o);
 }
 
@@ -481,6 +482,8 @@ absl::Status UpCommand(int argc, char** argv) {
       args.push_back("--batch-tokens");
       args.push_back(f.Get("prefill-batch-tokens"));
     }
+    // Its decode workers draft with MTP or never ask for the module's layer.
+    if (f.Get("speculative") != "mtp") args.push_back("--no-mtp");
     security(args, "prefill");
     absl::StatusOr<std::string> r = start(absl::StrCat("prefill", i), args);
     if (!r.ok()) return fail(r.status());

@@ -574,6 +574,8 @@ constexpr char kUsage[] =
          "   bench: --api-key KEY or SPLITMOE_API_KEY at the public port)\n"
          "  prefill   --model DIR --router HOST:PORT[,...] [--listen HOST:PORT] [--wire-dtype fp32|bf16]\n"
          "            [--expert-deadline-ms MS] [--batch-tokens N] [--micro-batches 1|2]\n"
+         "            [--no-mtp]  (the MTP module not loaded: for decode pools that do not\n"
+         "            speculate; up passes it unless --speculative mtp)\n"
          "  decode    --model DIR --router HOST:PORT[,...] [--listen HOST:PORT] [--cache-blocks N]\n"
          "            [--block-tokens T] [--cache-dtype fp32|bf16] [--wire-dtype fp32|bf16]\n"
          "            [--micro-batches 1|2]  (2: two micro-batches in ping-pong; default 1)\n"
