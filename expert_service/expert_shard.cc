@@ -126,8 +126,15 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
                      " hidden values, ", offsets.size(), " offsets, ", expert_ids.size(),
                      " expert ids, ", weights.size(), " weights (hidden_size ", h, ")"));
   }
+  // Every offset in [0, ids] and non-decreasing before any id is read.
   for (int64_t t = 0; t < tokens; ++t) {
-    if (offsets[t + 1] < offsets[t]) return absl::InvalidArgumentError("offsets decrease");
+    if (offsets[t + 1] < offsets[t] || offsets[t + 1] > static_cast<int32_t>(expert_ids.size())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "expert batch of layer ", layer, ": offsets[", t + 1, "] = ", offsets[t + 1],
+          " after ", offsets[t], " (", expert_ids.size(), " expert ids)"));
+    }
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
     for (int32_t i = offsets[t]; i < offsets[t + 1]; ++i) {
       const int32_t e = expert_ids[i];
       if (e < 0 || e >= config_.n_routed_experts || w->experts[static_cast<size_t>(e)] == nullptr) {

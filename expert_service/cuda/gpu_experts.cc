@@ -110,22 +110,26 @@ class CudaExperts final : public DeviceExperts {
     SPLITMOE_RETURN_IF_ERROR(Reserve(tokens * hidden_, tokens * top_k));
     const size_t x_bytes = static_cast<size_t>(tokens * hidden_) * sizeof(float);
     const size_t slots = ids.size();
-    SPLITMOE_RETURN_IF_ERROR(cu::CudaError(
-        cudaMemcpyAsync(x_, hidden.data(), x_bytes, cudaMemcpyHostToDevice, stream_), "copy in"));
-    SPLITMOE_RETURN_IF_ERROR(cu::CudaError(
-        cudaMemcpyAsync(ids_, ids.data(), slots * sizeof(int32_t), cudaMemcpyHostToDevice, stream_),
-        "copy in"));
-    SPLITMOE_RETURN_IF_ERROR(cu::CudaError(
-        cudaMemcpyAsync(w_, w.data(), slots * sizeof(float), cudaMemcpyHostToDevice, stream_),
-        "copy in"));
+    absl::Status s = cu::CudaError(
+        cudaMemcpyAsync(x_, hidden.data(), x_bytes, cudaMemcpyHostToDevice, stream_), "copy in");
+    if (s.ok()) {
+      s = cu::CudaError(cudaMemcpyAsync(ids_, ids.data(), slots * sizeof(int32_t),
+                                        cudaMemcpyHostToDevice, stream_),
+                        "copy in");
+    }
+    if (s.ok()) {
+      s = cu::CudaError(
+          cudaMemcpyAsync(w_, w.data(), slots * sizeof(float), cudaMemcpyHostToDevice, stream_),
+          "copy in");
+    }
     const Tables& table = layers_[static_cast<size_t>(layer)];
     const cu::MoeShape shape{.tokens = static_cast<int32_t>(tokens),
                              .hidden = static_cast<int32_t>(hidden_),
                              .inter = static_cast<int32_t>(inter_),
                              .top_k = static_cast<int32_t>(top_k),
                              .n_experts = static_cast<int32_t>(n_experts_)};
-    absl::Status s;
-    if (bf16_) {
+    if (!s.ok()) {
+    } else if (bf16_) {
       std::vector<const __nv_bfloat16*> gu(table.gate_up.size()), dn(table.down.size());
       for (size_t e = 0; e < gu.size(); ++e) {
         gu[e] = static_cast<const __nv_bfloat16*>(table.gate_up[e]);
@@ -176,17 +180,14 @@ class CudaExperts final : public DeviceExperts {
       return static_cast<const void*>(p);
     }
     SPLITMOE_ASSIGN_OR_RETURN(void* p, Alloc(n * sizeof(__nv_bfloat16)));
-    float* staging = nullptr;
-    SPLITMOE_RETURN_IF_ERROR(
-        cu::CudaError(cudaMalloc(&staging, n * sizeof(float)), "cudaMalloc (staging)"));
+    // fp32 values staged in the batch buffer x_ (grown to the largest matrix, kept for batches).
+    SPLITMOE_RETURN_IF_ERROR(Grow(&x_, &x_cap_, static_cast<int64_t>(n)));
     absl::Status s = cu::CudaError(
-        cudaMemcpy(staging, host.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+        cudaMemcpy(x_, host.data(), n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
     if (s.ok()) {
-      s = cu::ToBf16Device(staging, static_cast<int64_t>(n), static_cast<__nv_bfloat16*>(p),
-                           stream_);
+      s = cu::ToBf16Device(x_, static_cast<int64_t>(n), static_cast<__nv_bfloat16*>(p), stream_);
     }
     const absl::Status synced = cu::CudaError(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    cudaFree(staging);
     SPLITMOE_RETURN_IF_ERROR(s);
     SPLITMOE_RETURN_IF_ERROR(synced);
     return static_cast<const void*>(p);
@@ -227,21 +228,23 @@ class CudaExperts final : public DeviceExperts {
 
   // The staging buffers hold `x_floats` activations and `slots` selections (grow only).
   absl::Status Reserve(int64_t x_floats, int64_t slots) {
-    auto grow = [](auto** p, int64_t* cap, int64_t want, size_t each) -> absl::Status {
-      if (want <= *cap) return absl::OkStatus();
-      if (*p != nullptr) cudaFree(*p);
-      *p = nullptr;
-      *cap = 0;
-      SPLITMOE_RETURN_IF_ERROR(cu::CudaError(
-          cudaMalloc(reinterpret_cast<void**>(p), static_cast<size_t>(want) * each),
-          "cudaMalloc (batch)"));
-      *cap = want;
-      return absl::OkStatus();
-    };
-    SPLITMOE_RETURN_IF_ERROR(grow(&x_, &x_cap_, x_floats, sizeof(float)));
-    SPLITMOE_RETURN_IF_ERROR(grow(&out_, &out_cap_, x_floats, sizeof(float)));
-    SPLITMOE_RETURN_IF_ERROR(grow(&ids_, &ids_cap_, slots, sizeof(int32_t)));
-    return grow(&w_, &w_cap_, slots, sizeof(float));
+    SPLITMOE_RETURN_IF_ERROR(Grow(&x_, &x_cap_, x_floats));
+    SPLITMOE_RETURN_IF_ERROR(Grow(&out_, &out_cap_, x_floats));
+    SPLITMOE_RETURN_IF_ERROR(Grow(&ids_, &ids_cap_, slots));
+    return Grow(&w_, &w_cap_, slots);
+  }
+  // *p holds at least `want` values (reallocated, contents lost, when it held fewer).
+  template <typename T>
+  static absl::Status Grow(T** p, int64_t* cap, int64_t want) {
+    if (want <= *cap) return absl::OkStatus();
+    if (*p != nullptr) cudaFree(*p);
+    *p = nullptr;
+    *cap = 0;
+    SPLITMOE_RETURN_IF_ERROR(cu::CudaError(
+        cudaMalloc(reinterpret_cast<void**>(p), static_cast<size_t>(want) * sizeof(T)),
+        "cudaMalloc (staging)"));
+    *cap = want;
+    return absl::OkStatus();
   }
 
   int device_ = 0;

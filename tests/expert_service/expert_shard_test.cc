@@ -99,8 +99,17 @@ TEST(ExpertShardTest, HoldsOnlyItsExpertsAndRefusesOthers) {
   s = (*shard)->Compute(1, x, 1, offsets, ids, weights, absl::MakeSpan(out));
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_FALSE(ExpertShard::Load(dir, {.shard = 2, .num_shards = 2}).ok());
-  // A token selecting one expert twice (the GPU's slot reduction would count it once).
   const int32_t held = (*shard)->experts().front();
+  // An offset past the ids, even one a later offset "corrects" (it would be read first).
+  ids = {held, held};
+  offsets = {0, 100, 2};
+  std::vector<float> x2(2 * c.hidden_size, 1.0f), out2(x2.size());
+  weights = {1.0f, 1.0f};
+  s = (*shard)->Compute(1, x2, 2, offsets, ids, weights, absl::MakeSpan(out2));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("offsets[1] = 100"), std::string::npos) << s;
+  offsets = {0, 2};
+  // A token selecting one expert twice (the GPU's slot reduction would count it once).
   ids = {held, held};
   weights = {0.5f, 0.5f};
   s = (*shard)->Compute(1, x, 1, offsets, ids, weights, absl::MakeSpan(out));

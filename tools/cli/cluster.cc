@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "common/base/log.h"
 #include "common/base/status_macros.h"
 #include "common/process/signals.h"
@@ -245,14 +246,26 @@ absl::Status UpCommand(int argc, char** argv) {
       {"tls", "reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
   // --device: every role's device (so far the CPU: the attention workers refuse another);
-  // --expert-device, the expert services' alone, with --precision for a GPU.
+  // --expert-device D[,D...], the expert services' alone (the k-th expert process started on
+  // the k-th device, round robin), with --precision for a GPU.
   SPLITMOE_RETURN_IF_ERROR(AttentionDeviceFlag(f, "up"));
-  const std::string expert_device = f.Get("expert-device", f.Get("device", "cpu"));
-  SPLITMOE_ASSIGN_OR_RETURN(kernels::Device parsed_expert_device,
-                            kernels::ParseDevice(expert_device));
-  if (f.Has("precision") && parsed_expert_device.backend == kernels::Backend::kCpu) {
-    return absl::InvalidArgumentError("up: --precision applies to --expert-device cuda:N");
+  const std::vector<std::string> expert_devices =
+      absl::StrSplit(f.Get("expert-device", f.Get("device", "cpu")), ',');
+  bool any_gpu = false;
+  for (const std::string& d : expert_devices) {
+    SPLITMOE_ASSIGN_OR_RETURN(kernels::Device parsed, kernels::ParseDevice(d));
+    any_gpu = any_gpu || parsed.backend == kernels::Backend::kCuda;
   }
+  if (f.Has("precision")) {
+    if (!any_gpu) {
+      return absl::InvalidArgumentError("up: --precision applies to --expert-device cuda:N");
+    }
+    if (f.Get("precision") != "fp32" && f.Get("precision") != "bf16") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--precision must be fp32 or bf16, got '", f.Get("precision"), "'"));
+    }
+  }
+  int64_t experts_started = 0;
   SPLITMOE_RETURN_IF_ERROR(DraftTokensFromFlags(f).status());
   // Every child shares this host's cores: an OpenMP pool that spins while its process waits
   // for another (a decode step for its experts) takes the cores that process needs. Measured
@@ -444,7 +457,7 @@ absl::Status UpCommand(int argc, char** argv) {
     pass(args, "busy-poll-us");
     pass(args, "weights");
     args.push_back("--device");
-    args.push_back(expert_device);
+    args.push_back(expert_devices[static_cast<size_t>(experts_started++) % expert_devices.size()]);
     pass(args, "precision");
     security(args, "expert");
     absl::StatusOr<std::string> started = start(absl::StrCat("expert", s, ".", r), args);
