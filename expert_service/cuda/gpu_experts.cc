@@ -128,15 +128,14 @@ class CudaExperts final : public DeviceExperts {
                              .inter = static_cast<int32_t>(inter_),
                              .top_k = static_cast<int32_t>(top_k),
                              .n_experts = static_cast<int32_t>(n_experts_)};
-    if (!s.ok()) {
-    } else if (bf16_) {
+    if (s.ok() && bf16_) {
       std::vector<const __nv_bfloat16*> gu(table.gate_up.size()), dn(table.down.size());
       for (size_t e = 0; e < gu.size(); ++e) {
         gu[e] = static_cast<const __nv_bfloat16*>(table.gate_up[e]);
         dn[e] = static_cast<const __nv_bfloat16*>(table.down[e]);
       }
       s = cu::MoeExpertsDevice(blas_, x_, ids_, w_, gu, dn, shape, out_, stream_);
-    } else {
+    } else if (s.ok()) {
       std::vector<const float*> gu(table.gate_up.size()), dn(table.down.size());
       for (size_t e = 0; e < gu.size(); ++e) {
         gu[e] = static_cast<const float*>(table.gate_up[e]);
