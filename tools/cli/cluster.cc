@@ -114,6 +114,15 @@ absl::StatusOr<absl::Duration> BusyPollFlag(const Flags& f) {
   return absl::Microseconds(us);
 }
 
+absl::StatusOr<bool> Bf16PrecisionFlag(const Flags& f) {
+  const std::string precision = f.Get("precision", "fp32");
+  if (precision != "fp32" && precision != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--precision must be fp32 or bf16, got '", precision, "'"));
+  }
+  return precision == "bf16";
+}
+
 // `--device` of an attention worker (prefill, decode): the CPU. Its forward pass on a CUDA
 // device is not built yet (docs/gpu-notes.md): refused by name rather than run on the CPU.
 absl::Status AttentionDeviceFlag(const Flags& f, absl::string_view role) {
@@ -256,14 +265,9 @@ absl::Status UpCommand(int argc, char** argv) {
     SPLITMOE_ASSIGN_OR_RETURN(kernels::Device parsed, kernels::ParseDevice(d));
     any_gpu = any_gpu || parsed.backend == kernels::Backend::kCuda;
   }
-  if (f.Has("precision")) {
-    if (!any_gpu) {
-      return absl::InvalidArgumentError("up: --precision applies to --expert-device cuda:N");
-    }
-    if (f.Get("precision") != "fp32" && f.Get("precision") != "bf16") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--precision must be fp32 or bf16, got '", f.Get("precision"), "'"));
-    }
+  SPLITMOE_RETURN_IF_ERROR(Bf16PrecisionFlag(f).status());
+  if (f.Has("precision") && !any_gpu) {
+    return absl::InvalidArgumentError("up: --precision applies to --expert-device cuda:N");
   }
   int64_t experts_started = 0;
   SPLITMOE_RETURN_IF_ERROR(DraftTokensFromFlags(f).status());

@@ -20,6 +20,9 @@ namespace splitmoe::cli {
 // `--busy-poll-us N` of prefill, decode, expert and up: how long latency-critical threads poll
 // before they sleep (runtime/spin.h); 0 turns polling off.
 absl::StatusOr<absl::Duration> BusyPollFlag(const Flags& f);
+// `--precision fp32|bf16` of a GPU (generate, expert, up): whether it is bf16 (fp32 when not
+// given); anything else InvalidArgument.
+absl::StatusOr<bool> Bf16PrecisionFlag(const Flags& f);
 
 absl::Status PrefillCommand(int argc, char** argv);
 absl::Status DecodeCommand(int argc, char** argv);

@@ -22,10 +22,7 @@ absl::Status GenerateOnDevice(const Flags& f, const std::string& device) {
   return absl::FailedPreconditionError(
       "this splitmoe was built without a CUDA toolkit: --device cuda:N is not available");
 #else
-  const std::string precision = f.Get("precision", "fp32");
-  if (precision != "fp32" && precision != "bf16") {
-    return absl::InvalidArgumentError("--precision must be fp32 or bf16");
-  }
+  SPLITMOE_ASSIGN_OR_RETURN(const bool bf16, Bf16PrecisionFlag(f));
   if (!f.GetAll("stop").empty()) {
     return absl::UnimplementedError("--stop is not supported with --device cuda yet");
   }
@@ -36,8 +33,7 @@ absl::Status GenerateOnDevice(const Flags& f, const std::string& device) {
   SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateRequest req, GenerateRequestFromFlags(f, tok.get()));
   engine::GpuEngineOptions options;
   options.device = index;
-  options.precision =
-      precision == "bf16" ? engine::GpuPrecision::kBf16 : engine::GpuPrecision::kFp32;
+  options.precision = bf16 ? engine::GpuPrecision::kBf16 : engine::GpuPrecision::kFp32;
   SPLITMOE_ASSIGN_OR_RETURN(auto gpu, engine::GpuEngine::Load(dir, options));
   SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateResult r, gpu->Generate(req));
   if (tok != nullptr) {

@@ -350,17 +350,12 @@ absl::Status Expert(int argc, char** argv) {
   SPLITMOE_ASSIGN_OR_RETURN(o.shard.weights,
                             model::ParseResidentDType(f.Get("weights", "checkpoint")));
   SPLITMOE_ASSIGN_OR_RETURN(o.shard.device, kernels::ParseDevice(f.Get("device", "cpu")));
-  const std::string precision = f.Get("precision", "fp32");
-  if (precision != "fp32" && precision != "bf16") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--precision must be fp32 or bf16, got '", precision, "'"));
-  }
+  SPLITMOE_ASSIGN_OR_RETURN(o.shard.device_bf16, cli::Bf16PrecisionFlag(f));
   if (f.Has("precision") && o.shard.device.backend == kernels::Backend::kCpu) {
     return absl::InvalidArgumentError(
         "--precision applies to --device cuda:N (on the CPU experts compute in fp32 over "
         "--weights)");
   }
-  o.shard.device_bf16 = precision == "bf16";
   const std::string transport = f.Get("moe-transport", "ucx");
   if (transport != "ucx" && transport != "grpc") {
     return absl::InvalidArgumentError("--moe-transport must be ucx or grpc");
