@@ -26,7 +26,7 @@ namespace splitmoe::model {
 
 enum class WeightDType : uint8_t { kFloat32, kBFloat16, kFp8E4M3 };
 const char* WeightDTypeName(WeightDType dtype);  // "fp32", "bf16", "fp8_e4m3"
-inline int64_t WeightDTypeBytes(WeightDType dtype) {
+constexpr int64_t WeightDTypeBytes(WeightDType dtype) {
   return dtype == WeightDType::kFloat32 ? 4 : dtype == WeightDType::kBFloat16 ? 2 : 1;
 }
 

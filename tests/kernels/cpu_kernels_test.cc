@@ -143,6 +143,36 @@ TEST_P(NarrowKernelTest, LinearMatchesTheFp32Product) {
   }
 }
 
+// A row's result does not depend on the rows that come with it, wherever the weight is
+// streamed (decode, speculative verification, small batches): each row of x against each weight
+// row is summed in one order by every tile, the one-row streams included. So batch 1 equals
+// batch 8 and a verification pass equals one-token decoding, bit for bit.
+TEST_P(NarrowKernelTest, StreamedRowsAreTheSameBitsAtEveryM) {
+  for (WeightDType dtype : {WeightDType::kBFloat16, WeightDType::kFp8E4M3}) {
+    const int64_t max_m = dtype == WeightDType::kBFloat16 && NarrowKernelsUseAvx512()
+                              ? kBf16StreamMaxRows
+                              : kNarrowStreamMaxRows;
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{301, 1000}, {37, 200}, {6, 16384}}) {
+      NarrowWeight w = MakeWeight(dtype, n, k, static_cast<uint32_t>(n + k));
+      const std::vector<float> x = Activations(max_m * k, 5);
+      std::vector<float> one(static_cast<size_t>(max_m * n));
+      for (int64_t i = 0; i < max_m; ++i) NarrowLinear(x.data() + i * k, 1, w.m, one.data() + i * n);
+      for (int64_t m : {int64_t{2}, int64_t{3}, int64_t{4}, int64_t{7}, int64_t{8}, max_m}) {
+        std::vector<float> y(static_cast<size_t>(m * n));
+        NarrowLinear(x.data(), m, w.m, y.data());
+        ASSERT_EQ(std::memcmp(y.data(), one.data(), y.size() * sizeof(float)), 0)
+            << model::WeightDTypeName(dtype) << " m=" << m << " n=" << n << " k=" << k;
+      }
+      // The same rows as GroupedLinear tasks.
+      std::vector<float> g(static_cast<size_t>(8 * n));
+      const LinearTask task{x.data(), k, 8, &w.m, 0, n, false, g.data(), n};
+      ASSERT_TRUE(GroupedLinear({&task, 1}).ok());
+      ASSERT_EQ(std::memcmp(g.data(), one.data(), g.size() * sizeof(float)), 0)
+          << model::WeightDTypeName(dtype) << " grouped, n=" << n << " k=" << k;
+    }
+  }
+}
+
 TEST_P(NarrowKernelTest, GroupedLinearMatchesTheFp32ProductsInBothForms) {
   // Several tasks in one call, as a decode step issues them: slices of weight rows at offsets
   // that cut fp8 scale blocks, strided x and y, both forms, M from 1 to the streaming limit,

@@ -106,59 +106,64 @@ SPLITMOE_AVX512 void WidenRowAvx512(const Matrix& w, int64_t r, float* out) {
   }
 }
 
-constexpr int64_t kPrefetchValues = 256;  // how far ahead the M = 1 stream asks for its weight
-
 // y[i, j] = x[i, :] . w[r0 + j, :] for j < R, i < MB: R weight rows against MB rows of x, each
-// weight value read once from memory and used MB times while in a register.
+// weight value read once from memory and used MB times while in a register. The tile's rows
+// are read side by side, a pattern the hardware prefetchers follow poorly, so the tile asks for
+// the NEXT tile's bytes (the R rows after these: adjacent in memory) front to back as it goes,
+// one sequential stream a tile ahead: at M = 4-16 this read the weight 1.3-1.7x faster than
+// asking for each row's bytes a few lines ahead (bench/ on the machines of docs/performance.md).
 template <WeightDType D, int R, int MB>
 SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, int64_t r0,
                                 float* y, int64_t ldy) {
   const int64_t k = w.cols;
-  const int64_t row_bytes = k * model::WeightDTypeBytes(D);
+  constexpr int64_t kBytes = model::WeightDTypeBytes(D);
+  const int64_t row_bytes = k * kBytes;
   const uint8_t* rows[R];
   const float* srows[R];
   for (int j = 0; j < R; ++j) {
     rows[j] = w.raw + (r0 + j) * row_bytes;
     srows[j] = D == WeightDType::kFp8E4M3 ? ScaleRow(w, r0 + j) : nullptr;
   }
+  // The next tile, R rows of row_bytes, asked for at R * 16 values' bytes a step: it is all
+  // asked for by the time this tile is done.
+  const char* next = reinterpret_cast<const char*>(w.raw + (r0 + R) * row_bytes);
+  constexpr int64_t kNextBytesPerStep = R * 16 * kBytes;
   // Every loop over R and MB is unrolled so the accumulators live in registers.
   __m512 acc[R][MB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < R; ++j)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_setzero_ps();
   const int64_t full = k / 16 * 16;
   for (int64_t c = 0; c < full; c += 16) {
+#pragma GCC unroll 8
+    for (int64_t b = 0; b < kNextBytesPerStep; b += 64)
+      _mm_prefetch(next + c * R * kBytes + b, _MM_HINT_T0);
     __m512 xv[MB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + c);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
-      // Ask for the weight a few lines ahead (each line is asked for twice in bf16, four times
-      // in fp8; the repeats cost nothing).
-      _mm_prefetch(reinterpret_cast<const char*>(rows[j]) +
-                       (c + kPrefetchValues) * model::WeightDTypeBytes(D),
-                   _MM_HINT_T0);
       const __m512 wv = LoadW<D>(rows[j], srows[j], c, static_cast<__mmask16>(0xffff));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
     }
   }
   if (full < k) {
     const __mmask16 m = TailMask(k - full);
     __m512 xv[MB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_ps(m, x + i * ldx + full);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
       const __m512 wv = LoadW<D>(rows[j], srows[j], full, m);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int j = 0; j < R; ++j)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]);
 }
 
@@ -181,6 +186,48 @@ SPLITMOE_AVX512 void StreamRows(const float* x, int64_t ldx, int64_t m, const Ma
     default:
       break;
   }
+}
+
+// How far ahead of its reads a one-row stream asks for the weight, in bytes.
+constexpr int64_t kRowPrefetchBytes = 1024;
+
+// ya = x . w[ra, :] and yb = x . w[rb, :] for ONE row of x: two weight rows far apart (two
+// halves of a thread's run), each read front to back, 16 values a step into one accumulator
+// each: the same sums, in the same order, as StreamTile's (so a row's result does not depend
+// on how many rows of x came with it: decode at batch 1 equals batch 8 and a speculative
+// verification pass). At M = 1 this read the weight at 1.2-1.6x StreamTile's rate on the
+// machines of docs/performance.md: a tile's rows are 2 KiB apart, within one page, where the
+// prefetchers follow one stream per page; two streams in different pages were ~10% faster
+// than one.
+template <WeightDType D>
+SPLITMOE_AVX512 void StreamRowPair(const float* x, const Matrix& w, int64_t ra, int64_t rb,
+                                   float* ya, float* yb) {
+  const int64_t k = w.cols;
+  constexpr int64_t kBytes = model::WeightDTypeBytes(D);
+  const uint8_t* row_a = w.raw + ra * k * kBytes;
+  const uint8_t* row_b = w.raw + rb * k * kBytes;
+  const float* srow_a = D == WeightDType::kFp8E4M3 ? ScaleRow(w, ra) : nullptr;
+  const float* srow_b = D == WeightDType::kFp8E4M3 ? ScaleRow(w, rb) : nullptr;
+  __m512 acc_a = _mm512_setzero_ps(), acc_b = _mm512_setzero_ps();
+  const int64_t full = k / 16 * 16;
+  for (int64_t c = 0; c < full; c += 16) {
+    // 16 values: half a line of bf16, a quarter of fp8 (the repeats cost nothing).
+    _mm_prefetch(reinterpret_cast<const char*>(row_a + c * kBytes) + kRowPrefetchBytes,
+                 _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row_b + c * kBytes) + kRowPrefetchBytes,
+                 _MM_HINT_T0);
+    const __m512 xv = _mm512_loadu_ps(x + c);
+    acc_a = _mm512_fmadd_ps(LoadW<D>(row_a, srow_a, c, static_cast<__mmask16>(0xffff)), xv, acc_a);
+    acc_b = _mm512_fmadd_ps(LoadW<D>(row_b, srow_b, c, static_cast<__mmask16>(0xffff)), xv, acc_b);
+  }
+  if (full < k) {
+    const __mmask16 m = TailMask(k - full);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + full);
+    acc_a = _mm512_fmadd_ps(LoadW<D>(row_a, srow_a, full, m), xv, acc_a);
+    acc_b = _mm512_fmadd_ps(LoadW<D>(row_b, srow_b, full, m), xv, acc_b);
+  }
+  *ya = _mm512_reduce_add_ps(acc_a);
+  *yb = _mm512_reduce_add_ps(acc_b);
 }
 
 // The transposed product of a 64-column slice: y[i, c] = sum_j x[i, j] * w[r0 + j, c0 + c] for
@@ -239,17 +286,28 @@ SPLITMOE_AVX512 void StreamColsT(const float* x, int64_t ldx, int64_t m, const M
   }
 }
 
-// Weight rows per tile: 4 x 4 accumulators at M >= 4. (8 rows at M = 1 spilled registers for
-// fp8 and read no faster for bf16.)
-constexpr int kStreamRows = 4;
+// Weight rows per tile, against up to 4 rows of x: BF16 6 (24 accumulators; at M = 4-48
+// 5-10% more GFLOP/s than 4 rows, and more than 8 x 3), FP8 4 (its widening needs more
+// registers). M = 1 reads two rows far apart at a time (StreamRowPair).
+template <WeightDType D>
+constexpr int kTileRows = D == WeightDType::kBFloat16 ? 6 : 4;
+// What the threads' runs of rows are multiples of: every dtype's tile.
+constexpr int64_t kStreamRows = 12;
 
 // Weight rows [r0, r1) against every row of x (one thread): y[i, j] = x[i, :] . w[r0 + j, :].
 template <WeightDType D>
 SPLITMOE_AVX512 void StreamRange(const float* x, int64_t ldx, int64_t m, const Matrix& w,
                                  int64_t r0, int64_t r1, float* y, int64_t ldy) {
+  if (m == 1) {  // two streams: the run's halves side by side
+    const int64_t half = (r1 - r0) / 2;
+    for (int64_t r = r0; r < r0 + half; ++r)
+      StreamRowPair<D>(x, w, r, r + half, y + (r - r0), y + (r + half - r0));
+    if ((r1 - r0) % 2 != 0) StreamRows<D, 1>(x, ldx, 1, w, r1 - 1, y + (r1 - 1 - r0), ldy);
+    return;
+  }
+  constexpr int R = kTileRows<D>;
   int64_t r = r0;
-  for (; r + kStreamRows <= r1; r += kStreamRows)
-    StreamRows<D, kStreamRows>(x, ldx, m, w, r, y + (r - r0), ldy);
+  for (; r + R <= r1; r += R) StreamRows<D, R>(x, ldx, m, w, r, y + (r - r0), ldy);
   for (; r < r1; ++r) StreamRows<D, 1>(x, ldx, m, w, r, y + (r - r0), ldy);
 }
 
@@ -261,14 +319,18 @@ SPLITMOE_AVX512 void StreamLinearAvx512(const float* x, int64_t m, const Matrix&
     StreamRange<D>(x, w.cols, m, w, 0, n, y, n);
     return;
   }
-#pragma omp parallel if (!CpuInParallel())
-  {
-    // Contiguous, tile-aligned slices: each thread streams one run of the weight's rows (the
-    // hardware prefetchers follow it; interleaved tiles read 0.8 of this bandwidth).
-    const int64_t threads = CpuTeamSize(), t = CpuTeamThread();
-    const int64_t tiles = (n + kStreamRows - 1) / kStreamRows;
-    const int64_t r0 = std::min(n, tiles * t / threads * kStreamRows);
-    const int64_t r1 = std::min(n, tiles * (t + 1) / threads * kStreamRows);
+  // Contiguous, tile-aligned runs of the weight's rows (the prefetchers follow a run;
+  // interleaved tiles read 0.8 of this bandwidth), about eight per thread of at least 64 KiB,
+  // taken in turn: a thread slowed by another process's work on its core takes fewer, where a
+  // fixed half each left the other thread waiting at the end.
+  const int64_t row_bytes = w.cols * model::WeightDTypeBytes(D);
+  const int64_t threads = CpuThreads();
+  int64_t step = std::max<int64_t>(64 << 10, n * row_bytes / (8 * threads)) / row_bytes;
+  step = std::max<int64_t>(kStreamRows, step / kStreamRows * kStreamRows);
+  const int64_t runs = (n + step - 1) / step;
+#pragma omp parallel for schedule(dynamic, 1) if (runs > 1 && !CpuInParallel())
+  for (int64_t i = 0; i < runs; ++i) {
+    const int64_t r0 = i * step, r1 = std::min(n, r0 + step);
     StreamRange<D>(x, w.cols, m, w, r0, r1, y + r0, n);
   }
 }
