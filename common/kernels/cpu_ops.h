@@ -49,8 +49,11 @@ void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const 
 // gate[i] = silu(gate[i]) * up[i]
 void SiluMul(float* gate, const float* up, int64_t n);
 
-// In place over x[0..n): x = softmax(x). Entries equal to -inf get probability 0.
+// In place over x[0..n): x = softmax(x). Entries equal to -inf get probability 0. The exp is
+// vectorised (within 2 ulp of std::exp; 0 where x - max < -87), the sum taken in double.
 void SoftmaxInPlace(float* x, int64_t n);
+// Tests: out[i] = the softmax's e^x[i] for x[i] <= 0.
+void ExpNonPositiveForTest(const float* x, int64_t n, float* out);
 
 // Rotates consecutive pairs (x[2i], x[2i+1]) by angle pos * inv_freq[i] (DeepSeek's
 // interleaved "complex" RoPE). cos_sin holds [dim/2] (cos, sin) pairs for the position.

@@ -10,6 +10,7 @@
 #include "common/engine/transformer.h"
 #include "common/kernels/cpu/mla_attention.h"
 #include "common/kernels/cpu/narrow_linear.h"
+#include "common/kernels/cpu_ops.h"
 #include "common/model/numeric.h"
 #include "gtest/gtest.h"
 
@@ -350,6 +351,74 @@ PagedLatents MakeLatents(int64_t keys, int64_t lat, int64_t block_tokens, bool b
   }
   for (auto& b : p.blocks) p.view.blocks.push_back(b.data());
   return p;
+}
+
+// Units in the last place between a and b (both finite, same sign).
+int64_t UlpDistance(float a, float b) {
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  return std::abs(static_cast<int64_t>(ia) - static_cast<int64_t>(ib));
+}
+
+TEST(SoftmaxTest, VectorExpIsWithinTwoUlpOfStdExp) {
+  // Every 1/4096 of [-87, 0] and random points, then the edges.
+  std::vector<float> x;
+  for (int64_t i = 0; i <= 87 * 4096; ++i) x.push_back(-static_cast<float>(i) / 4096.0f);
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-87.0f, 0.0f);
+  for (int i = 0; i < 200000; ++i) x.push_back(u(rng));
+  std::vector<float> e(x.size());
+  ExpNonPositiveForTest(x.data(), static_cast<int64_t>(x.size()), e.data());
+  int64_t worst = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float want = std::exp(x[i]);
+    ASSERT_TRUE(std::isfinite(e[i]) && e[i] > 0.0f) << x[i];
+    worst = std::max(worst, UlpDistance(e[i], want));
+    ASSERT_LE(UlpDistance(e[i], want), 2) << "e^" << x[i] << ": " << e[i] << " vs " << want;
+  }
+  RecordProperty("worst_ulp", static_cast<int>(worst));
+  const float edges[] = {0.0f, -0.0f, -87.5f, -1000.0f, -std::numeric_limits<float>::infinity(),
+                         std::nanf("")};
+  float out[6];
+  ExpNonPositiveForTest(edges, 6, out);
+  EXPECT_EQ(out[0], 1.0f);
+  EXPECT_EQ(out[1], 1.0f);
+  EXPECT_EQ(out[2], 0.0f);
+  EXPECT_EQ(out[3], 0.0f);
+  EXPECT_EQ(out[4], 0.0f);
+  EXPECT_TRUE(std::isnan(out[5]));
+}
+
+TEST(SoftmaxTest, MatchesTheDoubleSoftmaxAtEveryLength) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 6.0f);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n = 1; n <= 70; ++n) {
+    std::vector<float> x(static_cast<size_t>(n) + 3, 123.0f);  // 3 guards after the row
+    for (int64_t i = 0; i < n; ++i) x[i] = normal(rng);
+    if (n > 2) x[n / 2] = -inf;  // masked: probability 0
+    double max = -inf, sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) max = std::max<double>(max, x[i]);
+    for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(x[i]) - max);
+    std::vector<float> y = x;
+    SoftmaxInPlace(y.data(), n);
+    double total = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double want = std::exp(static_cast<double>(x[i]) - max) / sum;
+      // x - max is rounded to fp32 first (as by any fp32 softmax): |x - max| ulps of it.
+      const double bound =
+          std::isinf(x[i]) ? 0.0 : (1e-6 + 1.2e-7 * std::fabs(static_cast<double>(x[i]) - max)) * want;
+      EXPECT_NEAR(y[i], want, bound + 1e-30) << "n=" << n << " i=" << i;
+      total += y[i];
+    }
+    EXPECT_NEAR(total, 1.0, 1e-6) << n;
+    if (n > 2) EXPECT_EQ(y[n / 2], 0.0f);
+    for (int j = 0; j < 3; ++j) EXPECT_EQ(y[n + j], 123.0f) << "wrote past the row, n=" << n;
+  }
+  std::vector<float> masked(9, -inf);
+  SoftmaxInPlace(masked.data(), 9);
+  for (float v : masked) EXPECT_EQ(v, 0.0f);
 }
 
 TEST(MlaAttentionTest, BatchedPagedAttentionMatchesTwoPassSoftmax) {
