@@ -113,6 +113,30 @@ TEST_P(NarrowKernelTest, Fp8NanCodesStayNan) {
   }
 }
 
+// An FP8 NaN code (0x7f, 0xff) makes its row's products NaN, on every path (the streaming
+// kernels note NaN codes instead of patching each value), and only its row's.
+TEST_P(NarrowKernelTest, Fp8NanCodesMakeTheirRowsProductsNan) {
+  for (auto [n, k] : {std::pair<int64_t, int64_t>{40, 300}, {300, 1000}}) {
+    NarrowWeight w = MakeWeight(WeightDType::kFp8E4M3, n, k, 11);
+    auto bytes = std::make_shared<std::vector<uint8_t>>(w.m.raw, w.m.raw + n * k + 1);
+    (*bytes)[3 * k + 5] = 0x7f;           // row 3, first block
+    (*bytes)[(n - 2) * k + k - 1] = 0xff;  // the next-to-last row, its last (tail) column
+    w.m.raw = bytes->data();
+    w.m.keep = bytes;
+    for (int64_t m : {1, 2, 3, 4, 8, 16, 17, 64}) {
+      const std::vector<float> x = Activations(m * k, 9);
+      std::vector<float> y(static_cast<size_t>(m * n));
+      NarrowLinear(x.data(), m, w.m, y.data());
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t r = 0; r < n; ++r) {
+          const bool nan_row = r == 3 || r == n - 2;
+          EXPECT_EQ(std::isnan(y[i * n + r]), nan_row) << "m=" << m << " row " << r;
+        }
+      }
+    }
+  }
+}
+
 TEST_P(NarrowKernelTest, LinearMatchesTheFp32Product) {
   // Shapes off every vector width and tile: K not a multiple of 16, N not of 4, M across the
   // streaming (<= 16) and panel paths.

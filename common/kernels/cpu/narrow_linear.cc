@@ -95,6 +95,43 @@ SPLITMOE_AVX512 inline __m512 LoadW(const uint8_t* row, const float* srow, int64
   }
 }
 
+// A weight row as the streaming kernels read it: 16 values at a time, in column order from
+// column 0 (every step once). FP8 takes its block's scale (times 2^8) once per 128 columns and
+// does not patch NaN codes value by value: it notes them (`nan`), and Finish() makes the row's
+// product NaN, which is what the patched values would have summed to (NaN times anything). That
+// is 4 instructions fewer per 16 values, in a loop that is compute-bound for FP8 on 2 cores.
+template <WeightDType D>
+struct RowReader {
+  const uint8_t* row;
+  const float* srow;  // FP8: the row's block scales
+  __m512 scale256;
+  __mmask16 nan = 0;
+
+  RowReader() = default;
+  SPLITMOE_AVX512 RowReader(const Matrix& w, int64_t r)
+      : row(w.raw + r * w.cols * model::WeightDTypeBytes(D)),
+        srow(D == WeightDType::kFp8E4M3 ? ScaleRow(w, r) : nullptr),
+        scale256(_mm512_setzero_ps()) {}
+
+  SPLITMOE_AVX512 inline __m512 Load(int64_t c, __mmask16 m) {
+    if constexpr (D == WeightDType::kBFloat16) {
+      return LoadBf16(row + 2 * c, m);
+    } else {
+      if ((c & (model::kFp8BlockSize - 1)) == 0)
+        scale256 = _mm512_set1_ps(srow[c / model::kFp8BlockSize] * 256.0f);
+      const __m128i b = _mm_maskz_loadu_epi8(m, row + c);
+      __m256i h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8);  // as LoadFp8Over256
+      h = _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(static_cast<short>(0xbfff)));
+      nan |= _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7f)), _mm_set1_epi8(0x7f));
+      return _mm512_mul_ps(_mm512_cvtph_ps(h), scale256);
+    }
+  }
+
+  float Finish(float sum) const {
+    return D == WeightDType::kFp8E4M3 && nan != 0 ? std::numeric_limits<float>::quiet_NaN() : sum;
+  }
+};
+
 template <WeightDType D>
 SPLITMOE_AVX512 void WidenRowAvx512(const Matrix& w, int64_t r, float* out) {
   const int64_t k = w.cols;
@@ -118,12 +155,9 @@ SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, in
   const int64_t k = w.cols;
   constexpr int64_t kBytes = model::WeightDTypeBytes(D);
   const int64_t row_bytes = k * kBytes;
-  const uint8_t* rows[R];
-  const float* srows[R];
-  for (int j = 0; j < R; ++j) {
-    rows[j] = w.raw + (r0 + j) * row_bytes;
-    srows[j] = D == WeightDType::kFp8E4M3 ? ScaleRow(w, r0 + j) : nullptr;
-  }
+  RowReader<D> rows[R];
+#pragma GCC unroll 8
+  for (int j = 0; j < R; ++j) rows[j] = RowReader<D>(w, r0 + j);
   // The next tile, R rows of row_bytes, asked for at R * 16 values' bytes a step: it is all
   // asked for by the time this tile is done.
   const char* next = reinterpret_cast<const char*>(w.raw + (r0 + R) * row_bytes);
@@ -144,7 +178,7 @@ SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(x + i * ldx + c);
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
-      const __m512 wv = LoadW<D>(rows[j], srows[j], c, static_cast<__mmask16>(0xffff));
+      const __m512 wv = rows[j].Load(c, static_cast<__mmask16>(0xffff));
 #pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
     }
@@ -156,7 +190,7 @@ SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, in
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_maskz_loadu_ps(m, x + i * ldx + full);
 #pragma GCC unroll 8
     for (int j = 0; j < R; ++j) {
-      const __m512 wv = LoadW<D>(rows[j], srows[j], full, m);
+      const __m512 wv = rows[j].Load(full, m);
 #pragma GCC unroll 8
       for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wv, xv[i], acc[j][i]);
     }
@@ -164,7 +198,7 @@ SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, in
 #pragma GCC unroll 8
   for (int j = 0; j < R; ++j)
 #pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) y[i * ldy + j] = _mm512_reduce_add_ps(acc[j][i]);
+    for (int i = 0; i < MB; ++i) y[i * ldy + j] = rows[j].Finish(_mm512_reduce_add_ps(acc[j][i]));
 }
 
 // y[i, j] = x[i, :] . w[r0 + j, :] for j < R, i < m.
@@ -204,30 +238,27 @@ SPLITMOE_AVX512 void StreamRowPair(const float* x, const Matrix& w, int64_t ra, 
                                    float* ya, float* yb) {
   const int64_t k = w.cols;
   constexpr int64_t kBytes = model::WeightDTypeBytes(D);
-  const uint8_t* row_a = w.raw + ra * k * kBytes;
-  const uint8_t* row_b = w.raw + rb * k * kBytes;
-  const float* srow_a = D == WeightDType::kFp8E4M3 ? ScaleRow(w, ra) : nullptr;
-  const float* srow_b = D == WeightDType::kFp8E4M3 ? ScaleRow(w, rb) : nullptr;
+  RowReader<D> a(w, ra), b(w, rb);
   __m512 acc_a = _mm512_setzero_ps(), acc_b = _mm512_setzero_ps();
   const int64_t full = k / 16 * 16;
   for (int64_t c = 0; c < full; c += 16) {
     // 16 values: half a line of bf16, a quarter of fp8 (the repeats cost nothing).
-    _mm_prefetch(reinterpret_cast<const char*>(row_a + c * kBytes) + kRowPrefetchBytes,
+    _mm_prefetch(reinterpret_cast<const char*>(a.row + c * kBytes) + kRowPrefetchBytes,
                  _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(row_b + c * kBytes) + kRowPrefetchBytes,
+    _mm_prefetch(reinterpret_cast<const char*>(b.row + c * kBytes) + kRowPrefetchBytes,
                  _MM_HINT_T0);
     const __m512 xv = _mm512_loadu_ps(x + c);
-    acc_a = _mm512_fmadd_ps(LoadW<D>(row_a, srow_a, c, static_cast<__mmask16>(0xffff)), xv, acc_a);
-    acc_b = _mm512_fmadd_ps(LoadW<D>(row_b, srow_b, c, static_cast<__mmask16>(0xffff)), xv, acc_b);
+    acc_a = _mm512_fmadd_ps(a.Load(c, static_cast<__mmask16>(0xffff)), xv, acc_a);
+    acc_b = _mm512_fmadd_ps(b.Load(c, static_cast<__mmask16>(0xffff)), xv, acc_b);
   }
   if (full < k) {
     const __mmask16 m = TailMask(k - full);
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + full);
-    acc_a = _mm512_fmadd_ps(LoadW<D>(row_a, srow_a, full, m), xv, acc_a);
-    acc_b = _mm512_fmadd_ps(LoadW<D>(row_b, srow_b, full, m), xv, acc_b);
+    acc_a = _mm512_fmadd_ps(a.Load(full, m), xv, acc_a);
+    acc_b = _mm512_fmadd_ps(b.Load(full, m), xv, acc_b);
   }
-  *ya = _mm512_reduce_add_ps(acc_a);
-  *yb = _mm512_reduce_add_ps(acc_b);
+  *ya = a.Finish(_mm512_reduce_add_ps(acc_a));
+  *yb = b.Finish(_mm512_reduce_add_ps(acc_b));
 }
 
 // The transposed product of a 64-column slice: y[i, c] = sum_j x[i, j] * w[r0 + j, c0 + c] for
