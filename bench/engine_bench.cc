@@ -136,11 +136,11 @@ double MeasureReadBandwidth(size_t bytes) {
   const size_t buffer = Small() ? kReadBufferBytes / 16 : kReadBufferBytes;
   static std::vector<float> a(buffer / 4, 1.0f);
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  const size_t n = std::min(bytes, buffer) / 4;
+  const size_t n = std::max<size_t>(std::min(bytes, buffer) / 4, 1024);
   const int reps = static_cast<int>(std::max<size_t>(1, buffer / 4 / n));
   // On the kernels' own OpenMP threads: threads of its own would share the cores with that
   // pool's threads, which spin a while after each region (and read ~25% less here).
-  // (kernels::CpuThreads() is 1 in this file: it is built without OpenMP, ParallelFor with.)
+  // (Not kernels::CpuThreads(): this file is built without OpenMP, ParallelFor with it.)
   const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
   std::vector<float> sums(static_cast<size_t>(threads));
   const auto t0 = std::chrono::steady_clock::now();
@@ -164,9 +164,10 @@ double MeasureReadBandwidth(size_t bytes) {
   return static_cast<double>(n * 4) * reps / seconds / 1e9;
 }
 
-// The GEMM peak, and the read rate of `read_bytes` (a figure's working set).
-Limits MeasureLimits(size_t read_bytes = kReadBufferBytes) {
-  return {MeasureGemmPeak(3), MeasureReadBandwidth(read_bytes)};
+// The limits a figure compares with: the GEMM peak (prefill), the read rate of `read_bytes`,
+// its working set (decode at batch 1); 0 for a limit not asked for.
+Limits MeasureLimits(bool gemm, size_t read_bytes) {
+  return {gemm ? MeasureGemmPeak(3) : 0.0, read_bytes > 0 ? MeasureReadBandwidth(read_bytes) : 0.0};
 }
 
 // The mean of the limits taken before and after a figure.
@@ -180,7 +181,7 @@ void BM_PeakSgemm(benchmark::State& state) {
 BENCHMARK(BM_PeakSgemm)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_MemoryRead(benchmark::State& state) {
-  MeasureReadBandwidth(kReadBufferBytes / 16);  // the buffer's first touch, untimed
+  MeasureReadBandwidth(kReadBufferBytes / 16);  // a warm-up (and the buffer's allocation), untimed
   for (auto _ : state) state.counters["GBps"] = MeasureReadBandwidth(kReadBufferBytes);
 }
 BENCHMARK(BM_MemoryRead)->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -266,7 +267,7 @@ void BM_Prefill(benchmark::State& state) {
   for (size_t i = 0; i < prompt.size(); ++i)
     prompt[i] = static_cast<int32_t>((i * 7919 + 11) % c.vocab_size);
   std::vector<float> hidden, logits(c.vocab_size);
-  const Limits before = MeasureLimits();
+  const Limits before = MeasureLimits(/*gemm=*/true, 0);
   for (auto _ : state) {
     engine::LatentCache cache(c.num_hidden_layers, c.latent_dim());
     std::vector<engine::SequenceChunk> batch = {{prompt, &cache}};
@@ -274,7 +275,7 @@ void BM_Prefill(benchmark::State& state) {
       state.SkipWithError("forward");
     e.transformer().Logits(hidden.data() + (prompt.size() - 1) * c.hidden_size, 1, logits.data());
   }
-  const Limits limits = Mean(before, MeasureLimits());
+  const Limits limits = Mean(before, MeasureLimits(/*gemm=*/true, 0));
   state.counters["tokens_per_s"] = benchmark::Counter(
       static_cast<double>(prompt.size()) * state.iterations(), benchmark::Counter::kIsRate);
   // FLOPs per token of the matrices a prompt token multiplies (every projection, the dense MLPs,
@@ -349,8 +350,8 @@ void BM_Decode(benchmark::State& state) {
   std::vector<float> logits(batch_size * c.vocab_size);
   // The read rate compared with is that of a buffer the size of the step's active weights.
   const double active = ActiveWeightBytes(e);
-  const auto read_bytes = static_cast<size_t>(active);
-  const Limits before = MeasureLimits(read_bytes);
+  const size_t read_bytes = batch_size == 1 ? static_cast<size_t>(active) : 0;
+  const Limits before = MeasureLimits(/*gemm=*/false, read_bytes);
   for (auto _ : state) {
     state.PauseTiming();
     for (auto& cache : caches) cache->set_length(context);  // decode always at the same context
@@ -361,7 +362,7 @@ void BM_Decode(benchmark::State& state) {
       state.SkipWithError("decode");
     e.transformer().Logits(hidden.data(), batch_size, logits.data());
   }
-  const Limits limits = Mean(before, MeasureLimits(read_bytes));
+  const Limits limits = Mean(before, MeasureLimits(/*gemm=*/false, read_bytes));
   state.counters["tokens_per_s"] = benchmark::Counter(
       static_cast<double>(batch_size) * state.iterations(), benchmark::Counter::kIsRate);
   state.counters["weight_GB"] = static_cast<double>(e.weights().bytes()) / 1e9;

@@ -118,10 +118,12 @@ TEST_P(NarrowKernelTest, Fp8NanCodesStayNan) {
 TEST_P(NarrowKernelTest, Fp8NanCodesMakeTheirRowsProductsNan) {
   for (auto [n, k] : {std::pair<int64_t, int64_t>{40, 300}, {300, 1000}}) {
     NarrowWeight w = MakeWeight(WeightDType::kFp8E4M3, n, k, 11);
-    auto bytes = std::make_shared<std::vector<uint8_t>>(w.m.raw, w.m.raw + n * k + 1);
-    (*bytes)[3 * k + 5] = 0x7f;           // row 3, first block
-    (*bytes)[(n - 2) * k + k - 1] = 0xff;  // the next-to-last row, its last (tail) column
-    w.m.raw = bytes->data();
+    // A copy, unaligned as MakeWeight's (its byte before raw included).
+    auto bytes = std::make_shared<std::vector<uint8_t>>(w.m.raw - 1, w.m.raw + n * k);
+    uint8_t* codes = bytes->data() + 1;
+    codes[3 * k + 5] = 0x7f;           // row 3, first block
+    codes[(n - 2) * k + k - 1] = 0xff;  // the next-to-last row, its last (tail) column
+    w.m.raw = codes;
     w.m.keep = bytes;
     for (int64_t m : {1, 2, 3, 4, 8, 16, 17, 64}) {
       const std::vector<float> x = Activations(m * k, 9);
@@ -169,15 +171,18 @@ TEST_P(NarrowKernelTest, LinearMatchesTheFp32Product) {
 }
 
 // A row's result does not depend on the rows that come with it, wherever the weight is
-// streamed (decode, speculative verification, small batches): each row of x against each weight
-// row is summed in one order by every tile, the one-row streams included. So batch 1 equals
-// batch 8 and a verification pass equals one-token decoding, bit for bit.
+// streamed (M up to kBf16StreamMaxRows for BF16, kNarrowStreamMaxRows for FP8: decode,
+// speculative verification, small batches): each row of x against each weight row is summed in
+// one order by every tile, the one-row streams included. So batch 1 equals batch 8 and a
+// verification pass equals one-token decoding, bit for bit. (Above those M, the widened panels
+// and oneDNN sum in another order.)
 TEST_P(NarrowKernelTest, StreamedRowsAreTheSameBitsAtEveryM) {
   for (WeightDType dtype : {WeightDType::kBFloat16, WeightDType::kFp8E4M3}) {
     const int64_t max_m = dtype == WeightDType::kBFloat16 && NarrowKernelsUseAvx512()
                               ? kBf16StreamMaxRows
                               : kNarrowStreamMaxRows;
-    for (auto [n, k] : {std::pair<int64_t, int64_t>{301, 1000}, {37, 200}, {6, 16384}}) {
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{301, 1000}, {37, 200}, {6, 16384},
+                        {25, 9}, {40, 264}}) {
       NarrowWeight w = MakeWeight(dtype, n, k, static_cast<uint32_t>(n + k));
       const std::vector<float> x = Activations(max_m * k, 5);
       std::vector<float> one(static_cast<size_t>(max_m * n));
@@ -443,6 +448,21 @@ TEST(SoftmaxTest, MatchesTheDoubleSoftmaxAtEveryLength) {
   std::vector<float> masked(9, -inf);
   SoftmaxInPlace(masked.data(), 9);
   for (float v : masked) EXPECT_EQ(v, 0.0f);
+  // The scalar rules: nothing to do at n = 0; +inf (a max that is not finite) gives zeros; a
+  // NaN entry is skipped by the max and makes every probability NaN.
+  float untouched = 5.0f;
+  SoftmaxInPlace(&untouched, 0);
+  EXPECT_EQ(untouched, 5.0f);
+  for (int64_t n : {3, 11}) {
+    std::vector<float> with_inf(static_cast<size_t>(n), 1.0f);
+    with_inf[1] = inf;
+    SoftmaxInPlace(with_inf.data(), n);
+    for (float v : with_inf) EXPECT_EQ(v, 0.0f) << n;
+    std::vector<float> with_nan(static_cast<size_t>(n), 1.0f);
+    with_nan[n - 1] = std::nanf("");
+    SoftmaxInPlace(with_nan.data(), n);
+    for (float v : with_nan) EXPECT_TRUE(std::isnan(v)) << n;
+  }
 }
 
 TEST(MlaAttentionTest, BatchedPagedAttentionMatchesTwoPassSoftmax) {

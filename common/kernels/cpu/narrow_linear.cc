@@ -158,8 +158,8 @@ SPLITMOE_AVX512 void StreamTile(const float* x, int64_t ldx, const Matrix& w, in
   RowReader<D> rows[R];
 #pragma GCC unroll 8
   for (int j = 0; j < R; ++j) rows[j] = RowReader<D>(w, r0 + j);
-  // The next tile, R rows of row_bytes, asked for at R * 16 values' bytes a step: it is all
-  // asked for by the time this tile is done.
+  // The next tile, R rows of row_bytes, asked for at R * 16 values' bytes a step: all of it
+  // but its last k % 16 columns' bytes by the time this tile is done.
   const char* next = reinterpret_cast<const char*>(w.raw + (r0 + R) * row_bytes);
   constexpr int64_t kNextBytesPerStep = R * 16 * kBytes;
   // Every loop over R and MB is unrolled so the accumulators live in registers.
@@ -228,8 +228,9 @@ constexpr int64_t kRowPrefetchBytes = 1024;
 // ya = x . w[ra, :] and yb = x . w[rb, :] for ONE row of x: two weight rows far apart (two
 // halves of a thread's run), each read front to back, 16 values a step into one accumulator
 // each: the same sums, in the same order, as StreamTile's (so a row's result does not depend
-// on how many rows of x came with it: decode at batch 1 equals batch 8 and a speculative
-// verification pass). At M = 1 this read the weight at 1.2-1.6x StreamTile's rate on the
+// on how many rows of x came with it, up to the streaming bound (kBf16StreamMaxRows BF16,
+// kNarrowStreamMaxRows FP8): decode at batch 1 equals batch 8 and a speculative verification
+// pass). At M = 1 this read the weight at 1.2-1.6x StreamTile's rate on the
 // machines of docs/performance.md: a tile's rows are 2 KiB apart, within one page, where the
 // prefetchers follow one stream per page; two streams in different pages were ~10% faster
 // than one.
