@@ -24,10 +24,10 @@
 #include <filesystem>
 #include <memory>
 #include <numeric>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/engine/engine.h"
+#include "common/kernels/cpu/threads.h"
 #include "common/kernels/cpu_ops.h"
 #include "common/kernels/packed_linear.h"
 #include "common/model/tiny.h"
@@ -140,8 +140,7 @@ double MeasureReadBandwidth(size_t bytes) {
   const int reps = static_cast<int>(std::max<size_t>(1, buffer / 4 / n));
   // On the kernels' own OpenMP threads: threads of its own would share the cores with that
   // pool's threads, which spin a while after each region (and read ~25% less here).
-  // (Not kernels::CpuThreads(): this file is built without OpenMP, ParallelFor with it.)
-  const int64_t threads = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t threads = kernels::CpuThreads();
   std::vector<float> sums(static_cast<size_t>(threads));
   const auto t0 = std::chrono::steady_clock::now();
   for (int rep = 0; rep < reps; ++rep) {
