@@ -112,7 +112,8 @@ double MeasureGemmPeak(int reps) {
 
 // Sums a[begin, end) as the decode kernels read a weight (kernels/cpu/narrow_linear.cc): two
 // streams far apart (the range's halves), 16 floats a step each, asked for 1 KiB ahead. The
-// plain loop read 0.8-0.85 of what those kernels reached, so it would understate the limit.
+// plain loop read 0.8-0.9 of this in stand-alone runs on fresh threads, so it would understate
+// the limit.
 __attribute__((target("avx512f"))) float SumAvx512(const float* a, size_t begin, size_t end) {
   const size_t half = (end - begin) / 2 / 16 * 16;
   const float* p = a + begin;
