@@ -67,16 +67,25 @@ SPLITMOE_AVX512 inline __m512 LoadBf16(const uint8_t* p, __mmask16 m) {
 // E4M3 "fn" to fp32 divided by 2^8, exactly: the byte's magnitude bits moved into an fp16 (sign to
 // bit 15, the 4 exponent and 3 mantissa bits to the fp16's low exponent and high mantissa bits)
 // is the E4M3 value times 2^-8 (the biases are 7 and 15), subnormals included; vcvtph2ps widens it
-// exactly. 0x7f/0xff (NaN in E4M3 "fn") would read as 480/256, so they are set to NaN. Callers
+// exactly. 0x7f/0xff (NaN in E4M3 "fn") read as 480/256 here: LoadFp8Over256 sets them to NaN,
+// the streams note them (RowReader). Callers
 // multiply by the block scale times 2^8 (exact: a power of two), which rounds the same product
 // once, as model::Fp8E4M3ToFloat(code) * scale does.
-SPLITMOE_AVX512 inline __m512 LoadFp8Over256(const uint8_t* p, __mmask16 m) {
-  const __m128i b = _mm_maskz_loadu_epi8(m, p);
+SPLITMOE_AVX512 inline __m512 Fp8CodesOver256(__m128i b) {
   __m256i h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8);  // sign at 15, magnitude at 8..14
   h = _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(static_cast<short>(0xbfff)));
-  const __m512 v = _mm512_cvtph_ps(h);
-  const __mmask16 nan = _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7f)),
-                                            _mm_set1_epi8(0x7f));
+  return _mm512_cvtph_ps(h);
+}
+
+// The lanes of b holding a NaN code (0x7f, 0xff).
+SPLITMOE_AVX512 inline __mmask16 Fp8NanCodes(__m128i b) {
+  return _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7f)), _mm_set1_epi8(0x7f));
+}
+
+SPLITMOE_AVX512 inline __m512 LoadFp8Over256(const uint8_t* p, __mmask16 m) {
+  const __m128i b = _mm_maskz_loadu_epi8(m, p);
+  const __m512 v = Fp8CodesOver256(b);
+  const __mmask16 nan = Fp8NanCodes(b);
   // NaN with the code's sign, as the scalar table gives (0xff is -NaN).
   const __m512 signed_nan = _mm512_or_ps(_mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()),
                                          _mm512_and_ps(v, _mm512_set1_ps(-0.0f)));
@@ -120,10 +129,8 @@ struct RowReader {
       if ((c & (model::kFp8BlockSize - 1)) == 0)
         scale256 = _mm512_set1_ps(srow[c / model::kFp8BlockSize] * 256.0f);
       const __m128i b = _mm_maskz_loadu_epi8(m, row + c);
-      __m256i h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8);  // as LoadFp8Over256
-      h = _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(static_cast<short>(0xbfff)));
-      nan |= _mm_cmpeq_epi8_mask(_mm_and_si128(b, _mm_set1_epi8(0x7f)), _mm_set1_epi8(0x7f));
-      return _mm512_mul_ps(_mm512_cvtph_ps(h), scale256);
+      nan |= Fp8NanCodes(b);
+      return _mm512_mul_ps(Fp8CodesOver256(b), scale256);
     }
   }
 
