@@ -450,7 +450,7 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
     params.q = qf.data();
     params.out = olat.data();
     params.sequences = sequences;
-    SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(params));
+    SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(device_, params));
     if (grouped_heads) {  // every head's W_UV slice, likewise
       tasks.clear();
       for (int64_t h = 0; h < heads; ++h) {
@@ -533,7 +533,7 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
   SPLITMOE_RETURN_IF_ERROR(
       Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows));
   if (order != nullptr) order->after_attention(layer_index);
-  for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
+  SPLITMOE_RETURN_IF_ERROR(kernels::Add(device_, {h, delta.data(), rows * hidden}));
   SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
       device_, {h, rows, hidden, 0, w.post_attention_norm.data(), eps, xn.data(), 0}));
   if (!w.is_moe) {
@@ -555,11 +555,10 @@ absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_inde
     }
     SPLITMOE_RETURN_IF_ERROR(Annotate(routed->Wait(), absl::StrCat("MoE layer ", layer_index)));
     if (!shared.empty()) {
-      for (int64_t i = 0; i < rows * hidden; ++i) delta[i] += shared[i];
+      SPLITMOE_RETURN_IF_ERROR(kernels::Add(device_, {delta.data(), shared.data(), rows * hidden}));
     }
   }
-  for (int64_t i = 0; i < rows * hidden; ++i) h[i] += delta[i];
-  return absl::OkStatus();
+  return kernels::Add(device_, {h, delta.data(), rows * hidden});
 }
 
 absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
@@ -587,10 +586,10 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
   h.assign(static_cast<size_t>(rows * hidden), 0.0f);
   int64_t row = 0;
   for (const SequenceChunk& chunk : batch) {
-    for (int32_t t : chunk.tokens) {
-      kernels::WidenRows(weights_.embed, t, 1, &h[row * hidden]);
-      ++row;
-    }
+    const auto n = static_cast<int64_t>(chunk.tokens.size());
+    SPLITMOE_RETURN_IF_ERROR(kernels::Embed(
+        device_, {chunk.tokens.data(), n, &weights_.embed, nullptr, h.data() + row * hidden}));
+    row += n;
   }
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch,
@@ -631,7 +630,8 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
     for (int32_t t : chunk.tokens) {
       if (t < 0 || t >= c.vocab_size)
         return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
-      kernels::WidenRows(m.embed, t, 1, &cat[row * 2 * hidden]);
+      SPLITMOE_RETURN_IF_ERROR(
+          kernels::Embed(device_, {&t, 1, &m.embed, nullptr, &cat[row * 2 * hidden]}));
       SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
           device_, {&cat[row * 2 * hidden], 1, hidden, 0, m.enorm.data(), eps,
                     &cat[row * 2 * hidden], 0}));

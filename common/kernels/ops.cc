@@ -6,6 +6,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu_ops.h"
 
 #include <atomic>
@@ -192,6 +193,85 @@ absl::Status Linear(const Device& device, const LinearParams& p) {
     return absl::OkStatus();
   }
   return Cuda().linear(device, p);
+}
+
+// ---- Embed
+
+absl::Status Supports(const Device& device, const EmbedParams& p) {
+  if (absl::Status s = CheckDevice(device, "Embed"); !s.ok()) return s;
+  if (p.table == nullptr || p.rows < 0 || p.table->rows <= 0 || p.table->cols <= 0) {
+    return Unsupported(device, "Embed", "need a table of positive shape and rows >= 0");
+  }
+  if (p.rows > 0 && (p.tokens == nullptr || p.out == nullptr)) {
+    return Unsupported(device, "Embed", "null tokens or out");
+  }
+  if (device.backend == Backend::kCpu) {
+    const bool has_values = p.table->narrow() || static_cast<int64_t>(p.table->data.size()) ==
+                                                     p.table->rows * p.table->cols;
+    if (!has_values) {
+      return Unsupported(device, "Embed", "the table holds no rows in host memory");
+    }
+    return absl::OkStatus();
+  }
+  return Cuda().supports_embed(device, p);
+}
+
+absl::Status Embed(const Device& device, const EmbedParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.rows == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) {
+    for (int64_t r = 0; r < p.rows; ++r) {  // all refused before any row is written
+      if (p.tokens[r] < 0 || p.tokens[r] >= p.table->rows) {
+        return Unsupported(device, "Embed",
+                           absl::StrCat("row ", r, ": token id ", p.tokens[r],
+                                        " outside the vocabulary [0, ", p.table->rows, ")"));
+      }
+    }
+    for (int64_t r = 0; r < p.rows; ++r) {
+      WidenRows(*p.table, p.tokens[r], 1, p.out + r * p.table->cols);
+    }
+    return absl::OkStatus();
+  }
+  return Cuda().embed(device, p);
+}
+
+// ---- Add
+
+absl::Status Supports(const Device& device, const AddParams& p) {
+  if (absl::Status s = CheckDevice(device, "Add"); !s.ok()) return s;
+  if (p.n < 0) return Unsupported(device, "Add", absl::StrCat("n must be >= 0, got ", p.n));
+  if (p.n > 0 && (p.h == nullptr || p.delta == nullptr)) {
+    return Unsupported(device, "Add", "null h or delta");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Add(const Device& device, const AddParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.n == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) {
+    for (int64_t i = 0; i < p.n; ++i) p.h[i] += p.delta[i];
+    return absl::OkStatus();
+  }
+  return Cuda().add(device, p);
+}
+
+// ---- MlaAttention
+
+absl::Status Supports(const Device& device, const MlaAttentionParams& p) {
+  if (absl::Status s = CheckDevice(device, "MlaAttention"); !s.ok()) return s;
+  if (absl::Status s = CheckMlaAttention(p); !s.ok()) {
+    return Unsupported(device, "MlaAttention", absl::StripPrefix(s.message(), "MlaAttention: "));
+  }
+  if (device.backend == Backend::kCpu) return absl::OkStatus();
+  return Cuda().supports_mla(device, p);
+}
+
+absl::Status MlaAttention(const Device& device, const MlaAttentionParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.sequences.empty()) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) return MlaAttention(p);
+  return Cuda().mla_attention(device, p);
 }
 
 }  // namespace splitmoe::kernels

@@ -24,6 +24,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/kernels/cpu/mla_attention.h"
 #include "common/model/tensor.h"
 
 namespace splitmoe::kernels {
@@ -93,9 +94,10 @@ absl::Status Supports(const Device& device, const RopeParams& p);
 absl::Status Rope(const Device& device, const RopeParams& p);
 
 // y[m, w.rows] = x[m, w.cols] @ w^T, y overwritten. On the CPU `w` holds the values (fp32,
-// packed, BF16 or FP8 in place). On CUDA `w` gives the shape and `w_device` the values in device
-// memory as `w_device_dtype` (fp32: cuBLAS SGEMM, the reference mode; BF16 weights need BF16
-// activations and run through the GPU engine's own path, so they are refused here for now).
+// packed, BF16 or FP8 in place), activations and accumulation fp32. On CUDA `w` gives the shape
+// and `w_device` the values in device memory as `w_device_dtype`: fp32 runs cuBLAS SGEMM (the
+// reference mode); BF16 rounds x to BF16 for the GEMM's input and accumulates in fp32 (the
+// GPU's bf16 mode, whose drift is measured against fp32, never the reference).
 struct LinearParams {
   const float* x = nullptr;
   int64_t m = 0;
@@ -107,6 +109,39 @@ struct LinearParams {
 absl::Status Supports(const Device& device, const LinearParams& p);
 absl::Status Linear(const Device& device, const LinearParams& p);
 
+// out[r, :] = table[tokens[r], :] as fp32, r < rows. On the CPU `table` holds the rows (any
+// dtype, widened) and a token outside [0, table->rows) is refused before any row is written.
+// On CUDA `table` gives the shape and `table_device` the fp32 rows in device memory; tokens are
+// device memory there, which the host cannot read to check (as Rope's positions): callers pass
+// tokens they checked.
+struct EmbedParams {
+  const int32_t* tokens = nullptr;
+  int64_t rows = 0;
+  const model::Matrix* table = nullptr;
+  const float* table_device = nullptr;
+  float* out = nullptr;
+};
+absl::Status Supports(const Device& device, const EmbedParams& p);
+absl::Status Embed(const Device& device, const EmbedParams& p);
+
+// h[i] += delta[i], i < n (the residual adds).
+struct AddParams {
+  float* h = nullptr;
+  const float* delta = nullptr;
+  int64_t n = 0;
+};
+absl::Status Supports(const Device& device, const AddParams& p);
+absl::Status Add(const Device& device, const AddParams& p);
+
+// Batched MLA attention in the absorbed form over the latents in place, every query row of
+// every sequence at once: kernels/cpu/mla_attention.h's params and semantics (causal within
+// each sequence). On the CPU the blocks are read wherever they lie. On CUDA q, out and every
+// block are device memory and every block lies in `pool` (one layer's paged cache
+// [pool_blocks, block_tokens, latent_dim], the FlashMLA layout, fp32 or BF16), the sequences'
+// rows are 0 .. R-1 in order, and latent_dim = kv_lora_rank + rope_dim is at most 768.
+absl::Status Supports(const Device& device, const MlaAttentionParams& p);
+absl::Status MlaAttention(const Device& device, const MlaAttentionParams& p);
+
 // The implementations of a backend other than the CPU, run after the params were checked (the
 // generic checks here, then the backend's own `supports`). Installed by the backend's library
 // (cuda/ops_cuda.h); process-wide, set once before use.
@@ -116,6 +151,11 @@ struct OpsBackend {
   absl::Status (*swiglu)(const Device&, const SwiGluParams&) = nullptr;
   absl::Status (*rope)(const Device&, const RopeParams&) = nullptr;
   absl::Status (*linear)(const Device&, const LinearParams&) = nullptr;
+  absl::Status (*supports_embed)(const Device&, const EmbedParams&) = nullptr;
+  absl::Status (*embed)(const Device&, const EmbedParams&) = nullptr;
+  absl::Status (*add)(const Device&, const AddParams&) = nullptr;
+  absl::Status (*supports_mla)(const Device&, const MlaAttentionParams&) = nullptr;
+  absl::Status (*mla_attention)(const Device&, const MlaAttentionParams&) = nullptr;
 };
 void SetOpsBackend(Backend backend, const OpsBackend* table);
 

@@ -5,13 +5,16 @@
 // separate ops_cuda_test so a skip reads as a skip).
 #include "common/kernels/ops.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/model/numeric.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -56,6 +59,97 @@ struct Inputs {
     return m;
   }();
   std::vector<float> lx = Random(9 * 130, 7);
+};
+
+// MLA attention's inputs: one layer's pool of latent blocks (the FlashMLA layout) holding three
+// sequences in shuffled blocks — a 5-token prompt, and one decode row each after 70 and 130
+// cached tokens — and their absorbed queries.
+struct MlaCase {
+  static constexpr int64_t kHeads = 3, kRank = 32, kRope = 16, kLat = 48, kBlock = 16,
+                           kPoolBlocks = 24, kRows = 7;
+  struct Seq {
+    int64_t rows, start;
+    std::vector<int32_t> blocks;  // indices into the pool
+  };
+  std::vector<Seq> seqs = {{5, 0, {}}, {1, 70, {}}, {1, 130, {}}};
+  std::vector<float> pool = Random(kPoolBlocks * kBlock * kLat, 11);
+  std::vector<uint16_t> pool_bf16;
+  std::vector<float> q = Random(kRows * kHeads * kLat, 13, 0.5f);
+  std::vector<MlaSequence> storage;
+
+  MlaCase() {
+    std::vector<int32_t> order(kPoolBlocks);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), std::mt19937(12));
+    size_t next = 0;
+    for (Seq& s : seqs) {
+      for (int64_t b = 0; b * kBlock < s.start + s.rows; ++b) s.blocks.push_back(order[next++]);
+    }
+    for (float v : pool) pool_bf16.push_back(model::FloatToBf16(v));
+  }
+  // The params over a pool at `base` (host or device memory) stored as `dtype`.
+  MlaAttentionParams Params(const void* base, LatentStorage dtype, const float* qp, float* out) {
+    const int64_t elem = dtype == LatentStorage::kBFloat16 ? 2 : 4;
+    storage.clear();
+    int64_t row = 0;
+    for (const Seq& s : seqs) {
+      MlaSequence m;
+      m.latents.dtype = dtype;
+      m.latents.block_tokens = kBlock;
+      m.latents.keys = s.start + s.rows;
+      for (int32_t b : s.blocks) {
+        m.latents.blocks.push_back(static_cast<const char*>(base) + b * kBlock * kLat * elem);
+      }
+      m.first_row = row;
+      m.rows = s.rows;
+      m.start = s.start;
+      storage.push_back(std::move(m));
+      row += s.rows;
+    }
+    MlaAttentionParams p;
+    p.heads = kHeads;
+    p.kv_lora_rank = kRank;
+    p.rope_dim = kRope;
+    p.softmax_scale = 0.3f;
+    p.q = qp;
+    p.out = out;
+    p.sequences = storage;
+    p.pool = base;
+    p.pool_blocks = kPoolBlocks;
+    return p;
+  }
+  // Its definition in double: out = softmax(scale * q . k_t, t <= position) @ c_kv.
+  std::vector<float> Reference(bool bf16) const {
+    std::vector<float> out(kRows * kHeads * kRank);
+    int64_t row = 0;
+    for (const Seq& s : seqs) {
+      for (int64_t t = 0; t < s.rows; ++t, ++row) {
+        const int64_t keys = s.start + t + 1;
+        for (int64_t h = 0; h < kHeads; ++h) {
+          const float* qv = &q[(row * kHeads + h) * kLat];
+          auto latent = [&](int64_t key, int64_t i) -> double {
+            const int64_t at = (s.blocks[key / kBlock] * kBlock + key % kBlock) * kLat + i;
+            return bf16 ? model::Bf16ToFloat(pool_bf16[at]) : pool[at];
+          };
+          std::vector<double> w(keys);
+          double top = -1e300, sum = 0;
+          for (int64_t k = 0; k < keys; ++k) {
+            double dot = 0;
+            for (int64_t i = 0; i < kLat; ++i) dot += qv[i] * latent(k, i);
+            w[k] = 0.3 * dot;
+            top = std::max(top, w[k]);
+          }
+          for (double& v : w) sum += (v = std::exp(v - top));
+          for (int64_t i = 0; i < kRank; ++i) {
+            double acc = 0;
+            for (int64_t k = 0; k < keys; ++k) acc += w[k] / sum * latent(k, i);
+            out[(row * kHeads + h) * kRank + i] = static_cast<float>(acc);
+          }
+        }
+      }
+    }
+    return out;
+  }
 };
 
 TEST(OpsTest, ParseDeviceIsTheInverseOfDeviceName) {
@@ -139,6 +233,56 @@ TEST(OpsTest, LinearMatchesItsDefinition) {
   }
 }
 
+TEST(OpsTest, EmbedWidensTheTokensRowsAndRefusesOutsideTheTable) {
+  // A BF16 table held in place (narrow): rows widened exactly.
+  const int64_t rows = 11, cols = 40;
+  std::vector<uint16_t> bits(rows * cols);
+  std::vector<float> widened(rows * cols);
+  std::vector<float> values = Random(rows * cols, 21);
+  for (size_t i = 0; i < bits.size(); ++i) {
+    bits[i] = model::FloatToBf16(values[i]);
+    widened[i] = model::Bf16ToFloat(bits[i]);
+  }
+  model::Matrix table;
+  table.rows = rows;
+  table.cols = cols;
+  table.dtype = model::WeightDType::kBFloat16;
+  table.raw = reinterpret_cast<const uint8_t*>(bits.data());
+  const std::vector<int32_t> tokens = {3, 0, 10, 3};
+  std::vector<float> out(4 * cols, std::nanf(""));
+  ASSERT_TRUE(Embed(Device{}, {tokens.data(), 4, &table, nullptr, out.data()}).ok());
+  for (int64_t r = 0; r < 4; ++r) {
+    for (int64_t c = 0; c < cols; ++c) ASSERT_EQ(out[r * cols + c], widened[tokens[r] * cols + c]);
+  }
+  const std::vector<int32_t> bad = {1, 11};
+  std::vector<float> untouched(2 * cols, 7.0f);
+  const absl::Status s = Embed(Device{}, {bad.data(), 2, &table, nullptr, untouched.data()});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("row 1: token id 11 outside"));
+  EXPECT_EQ(untouched, std::vector<float>(2 * cols, 7.0f));  // nothing written
+}
+
+TEST(OpsTest, AddMatchesItsDefinition) {
+  std::vector<float> h = Random(333, 22), d = Random(333, 23), expect(333);
+  for (size_t i = 0; i < h.size(); ++i) expect[i] = h[i] + d[i];
+  ASSERT_TRUE(Add(Device{}, {h.data(), d.data(), 333}).ok());
+  EXPECT_EQ(h, expect);
+}
+
+TEST(OpsTest, MlaAttentionMatchesItsDefinitionOverShuffledBlocks) {
+  for (LatentStorage dtype : {LatentStorage::kFloat32, LatentStorage::kBFloat16}) {
+    MlaCase c;
+    const bool bf16 = dtype == LatentStorage::kBFloat16;
+    std::vector<float> out(MlaCase::kRows * MlaCase::kHeads * MlaCase::kRank, std::nanf(""));
+    const void* base = bf16 ? static_cast<const void*>(c.pool_bf16.data()) : c.pool.data();
+    ASSERT_TRUE(MlaAttention(Device{}, c.Params(base, dtype, c.q.data(), out.data())).ok());
+    const std::vector<float> ref = c.Reference(bf16);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + std::fabs(ref[i]))) << (bf16 ? "bf16 " : "fp32 ") << i;
+    }
+  }
+}
+
 TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
   Inputs in;
   std::vector<float> out(1000);
@@ -155,6 +299,15 @@ TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
   refused(Rope(Device{}, {out.data(), 1, 1, 96, 70, 32, in.positions.data(), in.inv_freq.data()}),
           "even rope_dim inside each head");
   const int32_t negative = -1;
+  const int32_t* negative_token = &negative;
+  refused(Embed(Device{}, {negative_token, 1, &in.w, nullptr, out.data()}), "token id -1 outside");
+  refused(Add(Device{}, {out.data(), nullptr, 4}), "null h or delta");
+  {
+    MlaCase c;
+    MlaAttentionParams mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
+    c.storage[2].latents.keys = 100;  // holds fewer keys than its row attends
+    refused(MlaAttention(Device{}, mla), "attends 131 keys but its latents hold 100");
+  }
   refused(Rope(Device{}, {out.data(), 1, 1, 96, 64, 32, &negative, in.inv_freq.data()}),
           "position -1");
   model::Matrix empty;
@@ -175,8 +328,28 @@ TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
 #endif
   if (BackendAvailable(Backend::kCuda)) {
     refused(Linear(gpu, LinearParams{in.lx.data(), 1, &in.w, in.w.data.data(),
-                                     model::WeightDType::kBFloat16, out.data()}),
-            "need BF16 activations");
+                                     model::WeightDType::kFp8E4M3, out.data()}),
+            "FP8 is widened to BF16 on upload");
+    refused(Embed(gpu, {negative_token, 1, &in.w, nullptr, out.data()}), "no fp32 table");
+    // MLA on a device: the blocks must be those of one pool (FlashMLA's layout), the rows in
+    // order. Supports reads no block, so host pointers stand in for device ones here.
+    MlaCase c;
+    MlaAttentionParams mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
+    EXPECT_TRUE(Supports(gpu, mla).ok()) << Supports(gpu, mla);
+    mla.pool = nullptr;
+    refused(Supports(gpu, mla), "needs the pool the blocks lie in");
+    mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
+    mla.pool_blocks = 3;
+    refused(Supports(gpu, mla), "is not a block of the pool");
+    mla = c.Params(c.pool.data() + 1, LatentStorage::kFloat32, c.q.data(), out.data());
+    mla.pool = c.pool.data();
+    refused(Supports(gpu, mla), "is not a block of the pool");
+    mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
+    std::swap(c.storage[0], c.storage[1]);
+    refused(Supports(gpu, mla), "rows must be 0 .. R-1 in order");
+    mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
+    mla.rope_dim = 800;
+    refused(Supports(gpu, mla), "> 768");
     refused(SwiGlu(Device{Backend::kCuda, 0, nullptr, nullptr}, {out.data(), out.data(), 4}),
             "needs an index >= 0 and a stream");
     SetOpsBackend(Backend::kCuda, nullptr);  // back to a CPU-only process for the other cases
@@ -277,6 +450,65 @@ TEST_F(CudaOpsTest, CudaLinearEqualsCpu) {
   DeviceBuffer<float> x(in.lx), w(in.w.data), y(std::vector<float>(9 * 70));
   ASSERT_TRUE(Linear(gpu_, LinearParams{x.p, 9, &in.w, w.p, model::WeightDType::kFloat32, y.p}).ok());
   ExpectClose(y.Get(), cpu, 1e-5, "Linear");
+}
+TEST_F(CudaOpsTest, CudaLinearBf16IsWithinBf16RoundingOfCpuFp32) {
+  // The GPU's bf16 mode: weights and activations rounded to BF16, fp32 accumulation. Against
+  // the CPU's fp32 product of the same BF16 weights, the only drift is x's rounding (2^-9
+  // relative per value): bounded here by 1e-2 of the row's norm.
+  Inputs in;
+  std::vector<uint16_t> bits;
+  model::Matrix w = in.w;
+  for (float& v : w.data) {
+    bits.push_back(model::FloatToBf16(v));
+    v = model::Bf16ToFloat(bits.back());
+  }
+  std::vector<float> cpu(9 * 70);
+  ASSERT_TRUE(Linear(Device{}, LinearParams{in.lx.data(), 9, &w, nullptr,
+                                            model::WeightDType::kFloat32, cpu.data()}).ok());
+  DeviceBuffer<float> x(in.lx), y(std::vector<float>(9 * 70));
+  DeviceBuffer<uint16_t> wb(bits);
+  ASSERT_TRUE(Linear(gpu_, LinearParams{x.p, 9, &w, wb.p, model::WeightDType::kBFloat16, y.p}).ok());
+  const std::vector<float> gpu = y.Get();
+  for (int64_t r = 0; r < 9; ++r) {
+    double diff = 0, norm = 0;
+    for (int64_t j = 0; j < 70; ++j) {
+      diff += std::pow(double(gpu[r * 70 + j]) - cpu[r * 70 + j], 2);
+      norm += std::pow(double(cpu[r * 70 + j]), 2);
+    }
+    EXPECT_LE(std::sqrt(diff), 1e-2 * std::sqrt(norm)) << "row " << r;
+  }
+}
+
+TEST_F(CudaOpsTest, CudaEmbedAndAddEqualCpu) {
+  Inputs in;  // in.w as a 70-row fp32 table
+  const std::vector<int32_t> tokens = {69, 0, 5, 5, 31};
+  std::vector<float> cpu(5 * 130);
+  ASSERT_TRUE(Embed(Device{}, {tokens.data(), 5, &in.w, nullptr, cpu.data()}).ok());
+  DeviceBuffer<float> table(in.w.data), out(std::vector<float>(5 * 130));
+  DeviceBuffer<int32_t> t(tokens);
+  ASSERT_TRUE(Embed(gpu_, {t.p, 5, &in.w, table.p, out.p}).ok());
+  ExpectClose(out.Get(), cpu, 0.0, "Embed");
+  std::vector<float> h = in.gate;
+  ASSERT_TRUE(Add(Device{}, {h.data(), in.up.data(), 1000}).ok());
+  DeviceBuffer<float> dh(in.gate), du(in.up);
+  ASSERT_TRUE(Add(gpu_, {dh.p, du.p, 1000}).ok());
+  ExpectClose(dh.Get(), h, 0.0, "Add");
+}
+
+TEST_F(CudaOpsTest, CudaMlaAttentionEqualsCpuOverOnePool) {
+  for (LatentStorage dtype : {LatentStorage::kFloat32, LatentStorage::kBFloat16}) {
+    MlaCase c;
+    const bool bf16 = dtype == LatentStorage::kBFloat16;
+    const size_t n_out = MlaCase::kRows * MlaCase::kHeads * MlaCase::kRank;
+    std::vector<float> cpu(n_out);
+    const void* host = bf16 ? static_cast<const void*>(c.pool_bf16.data()) : c.pool.data();
+    ASSERT_TRUE(MlaAttention(Device{}, c.Params(host, dtype, c.q.data(), cpu.data())).ok());
+    DeviceBuffer<float> pool(c.pool), q(c.q), out(std::vector<float>(n_out, std::nanf("")));
+    DeviceBuffer<uint16_t> pool_bf16(c.pool_bf16);
+    const void* dev = bf16 ? static_cast<const void*>(pool_bf16.p) : pool.p;
+    ASSERT_TRUE(MlaAttention(gpu_, c.Params(dev, dtype, q.p, out.p)).ok());
+    ExpectClose(out.Get(), cpu, 1e-5, bf16 ? "MlaAttention bf16" : "MlaAttention fp32");
+  }
 }
 #else
 TEST(CudaOpsTest, CudaBackendNotBuilt) {

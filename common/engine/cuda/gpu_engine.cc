@@ -11,6 +11,8 @@
 #include "common/engine/batch_decoder.h"
 #include "common/engine/rope.h"
 #include "common/kernels/cuda/cuda_ops.h"
+#include "common/kernels/cuda/ops_cuda.h"
+#include "common/kernels/ops.h"
 #include "common/model/checkpoint.h"
 #include "common/model/weights.h"
 
@@ -25,11 +27,12 @@ constexpr auto Blas = cu::CublasError;
 constexpr int64_t kChunk = 256;  // prompt tokens per forward pass, as the CPU engine
 constexpr int64_t kBlockTokens = 64;
 
-// A weight matrix [rows, cols] on the device, fp32 or BF16.
+// A weight matrix on the device, fp32 or BF16: its shape (`shape.rows` x `shape.cols`, no
+// values on the host) and its values in device memory.
 struct DevMatrix {
+  model::Matrix shape;
   void* data = nullptr;
-  int64_t rows = 0, cols = 0;
-  bool bf16 = false;
+  model::WeightDType dtype = model::WeightDType::kFloat32;
   bool empty() const { return data == nullptr; }
 };
 
@@ -42,7 +45,7 @@ struct DevLayer {
   float* kv_a_norm = nullptr;
   float* kv_b = nullptr;  // fp32 [heads * (nope + v), kv_lora_rank]: the absorbed W_UK / W_UV
   DevMatrix dense_gate, dense_up, dense_down;
-  float* gate = nullptr;       // fp32 [n_routed, hidden]
+  DevMatrix gate;              // fp32 [n_routed, hidden]
   float* gate_bias = nullptr;  // [n_routed] or null
   DevMatrix shared_gate, shared_up, shared_down;
   std::vector<const void*> experts_gate_up, experts_down;  // by expert id
@@ -58,14 +61,15 @@ struct GpuEngine::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   std::vector<void*> owned;
-  float* embed = nullptr;
+  DevMatrix embed;  // fp32
   float* final_norm = nullptr;
   DevMatrix lm_head;
   std::vector<DevLayer> layers;
   float* inv_freq = nullptr;
-  int64_t max_blocks = 0;
-  int32_t* block_tables = nullptr;  // [kChunk, max_blocks], every row the identity
+  int64_t max_blocks = 0;  // cache blocks per layer: the sequence's block b is the pool's block b
+  int32_t* identity_table = nullptr;  // [max_blocks]: the sequence's block table
   float softmax_scale = 1.0f;
+  kernels::Device device;  // cuda:N with this engine's stream and cuBLAS handle
 
   ~Impl() {
     cudaSetDevice(options.device);
@@ -99,16 +103,18 @@ struct GpuEngine::Impl {
     cudaFree(f);
     return b;
   }
-  absl::StatusOr<DevMatrix> Upload(const model::Matrix& m) {
+  // `m` on the device, BF16 in the bf16 mode unless `keep_fp32` (the gate and the embedding).
+  absl::StatusOr<DevMatrix> Upload(const model::Matrix& m, bool keep_fp32 = false) {
     DevMatrix d;
     if (m.empty()) return d;
     if (m.data.empty()) {
       return absl::FailedPreconditionError("GPU upload needs unpacked weights (a packed matrix)");
     }
-    d.rows = m.rows;
-    d.cols = m.cols;
-    d.bf16 = bf16;
-    SPLITMOE_ASSIGN_OR_RETURN(d.data, UploadMatrix(m.data.data(), m.rows, m.cols, bf16));
+    d.shape.rows = m.rows;
+    d.shape.cols = m.cols;
+    const bool as_bf16 = bf16 && !keep_fp32;
+    d.dtype = as_bf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
+    SPLITMOE_ASSIGN_OR_RETURN(d.data, UploadMatrix(m.data.data(), m.rows, m.cols, as_bf16));
     return d;
   }
   absl::StatusOr<float*> UploadVec(const std::vector<float>& v) {
@@ -116,20 +122,14 @@ struct GpuEngine::Impl {
     return UploadF32(v.data(), v.size());
   }
 
-  // y[m, w.rows] = x[m, w.cols] @ w^T, through `scratch` for the bf16 conversion.
+  // y[m, w.rows] = x[m, w.cols] @ w^T (kernels::Linear on this device).
   absl::Status Linear(const float* x, int64_t m, const DevMatrix& w, float* y) {
-    if (!w.bf16) {
-      return cu::GemmF32(blas, x, m, w.cols, static_cast<const float*>(w.data), w.rows, y);
-    }
-    __nv_bfloat16* xb = nullptr;
-    SPLITMOE_RETURN_IF_ERROR(Cuda(
-        cudaMallocAsync(reinterpret_cast<void**>(&xb), std::max<int64_t>(m * w.cols, 8) * 2, stream),
-        "cudaMallocAsync"));
-    absl::Status s = cu::ToBf16Device(x, m * w.cols, xb, stream);
-    if (s.ok()) s = cu::GemmBf16(blas, xb, m, w.cols, static_cast<const __nv_bfloat16*>(w.data),
-                                 w.rows, y);
-    cudaFreeAsync(xb, stream);
-    return s;
+    return kernels::Linear(device, {x, m, &w.shape, w.data, w.dtype, y});
+  }
+  absl::Status RmsNorm(const float* x, int64_t rows, int64_t dim, const float* weight, float* out,
+                       int64_t stride = 0) {
+    return kernels::RmsNorm(device, {x, rows, dim, stride, weight,
+                                     static_cast<float>(config.rms_norm_eps), out, stride});
   }
 
   // Stream-ordered scratch, freed when the forward pass ends.
@@ -160,12 +160,12 @@ struct GpuEngine::Impl {
 
   absl::Status Mlp(const DevMatrix& gate, const DevMatrix& up, const DevMatrix& down,
                    const float* x, int64_t n, float* out, Scratch& scratch) {
-    const int64_t inter = gate.rows;
+    const int64_t inter = gate.shape.rows;
     SPLITMOE_ASSIGN_OR_RETURN(float* g, scratch.Floats(n * inter));
     SPLITMOE_ASSIGN_OR_RETURN(float* u, scratch.Floats(n * inter));
     SPLITMOE_RETURN_IF_ERROR(Linear(x, n, gate, g));
     SPLITMOE_RETURN_IF_ERROR(Linear(x, n, up, u));
-    SPLITMOE_RETURN_IF_ERROR(cu::SiluMulDevice(g, u, n * inter, stream));
+    SPLITMOE_RETURN_IF_ERROR(kernels::SwiGlu(device, {g, u, n * inter}));
     return Linear(g, n, down, out);
   }
 
@@ -176,23 +176,16 @@ struct GpuEngine::Impl {
     const int64_t hidden = c.hidden_size, heads = c.num_attention_heads;
     const int64_t dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim, dv = c.v_head_dim;
     const int64_t qk = c.qk_head_dim(), kvr = c.kv_lora_rank, lat = c.latent_dim();
-    const float eps = static_cast<float>(c.rms_norm_eps);
     Scratch scratch{stream, {}};
     SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_tokens, scratch.Ints(n));
     SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_pos, scratch.Ints(n));
-    SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_lens, scratch.Ints(n));
-    std::vector<int32_t> pos(static_cast<size_t>(n)), lens(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) {
-      pos[i] = static_cast<int32_t>(start + i);
-      lens[i] = static_cast<int32_t>(start + i + 1);
-    }
+    std::vector<int32_t> pos(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) pos[i] = static_cast<int32_t>(start + i);
     SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_tokens, tokens.data(), n * 4,
                                                   cudaMemcpyHostToDevice, stream),
                                   "cudaMemcpyAsync"));
     SPLITMOE_RETURN_IF_ERROR(Cuda(
         cudaMemcpyAsync(d_pos, pos.data(), n * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync"));
-    SPLITMOE_RETURN_IF_ERROR(Cuda(
-        cudaMemcpyAsync(d_lens, lens.data(), n * 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync"));
 
     SPLITMOE_ASSIGN_OR_RETURN(float* h, scratch.Floats(n * hidden));
     SPLITMOE_ASSIGN_OR_RETURN(float* xn, scratch.Floats(n * hidden));
@@ -203,36 +196,45 @@ struct GpuEngine::Impl {
     SPLITMOE_ASSIGN_OR_RETURN(float* olat, scratch.Floats(n * heads * kvr));
     SPLITMOE_ASSIGN_OR_RETURN(float* o, scratch.Floats(n * heads * dv));
     SPLITMOE_ASSIGN_OR_RETURN(float* qa, scratch.Floats(n * std::max<int64_t>(c.q_lora_rank, 1)));
-    cu::MlaShape shape;
-    shape.batch = static_cast<int32_t>(n);
-    shape.heads = static_cast<int32_t>(heads);
-    shape.latent_dim = static_cast<int32_t>(lat);
-    shape.kv_lora_rank = static_cast<int32_t>(kvr);
-    shape.block_tokens = static_cast<int32_t>(kBlockTokens);
-    shape.max_blocks = static_cast<int32_t>(max_blocks);
-    shape.splits = static_cast<int32_t>(std::clamp<int64_t>((start + n) / 512, 1, 64));
-    SPLITMOE_ASSIGN_OR_RETURN(float* ws, scratch.Floats(cu::MlaWorkspaceFloats(shape)));
-    SPLITMOE_RETURN_IF_ERROR(cu::EmbedDevice(embed, d_tokens, n, hidden, h, stream));
+    // The sequence's latents, as blocks of each layer's pool (block b is the pool's block b).
+    std::vector<kernels::MlaSequence> sequence(1);
+    kernels::MlaSequence& seq = sequence[0];
+    seq.latents.dtype = bf16 ? kernels::LatentStorage::kBFloat16 : kernels::LatentStorage::kFloat32;
+    seq.latents.block_tokens = kBlockTokens;
+    seq.latents.keys = start + n;
+    seq.latents.blocks.resize(static_cast<size_t>((start + n + kBlockTokens - 1) / kBlockTokens));
+    seq.rows = n;
+    seq.start = start;
+    kernels::MlaAttentionParams mla;
+    mla.heads = heads;
+    mla.kv_lora_rank = kvr;
+    mla.rope_dim = dr;
+    mla.softmax_scale = softmax_scale;
+    mla.q = qf;
+    mla.out = olat;
+    mla.sequences = sequence;
+    mla.pool_blocks = max_blocks;
+    const int64_t block_bytes = kBlockTokens * lat * (bf16 ? 2 : 4);
+    SPLITMOE_RETURN_IF_ERROR(kernels::Embed(device, {d_tokens, n, &embed.shape,
+                                                     static_cast<const float*>(embed.data), h}));
     const float one = 1.0f, zero = 0.0f;
 
     for (DevLayer& w : layers) {
-      SPLITMOE_RETURN_IF_ERROR(cu::RmsNormDevice(h, n, hidden, w.input_norm, eps, xn, stream));
+      SPLITMOE_RETURN_IF_ERROR(RmsNorm(h, n, hidden, w.input_norm, xn));
       // Queries and the new latents.
       if (c.q_lora_rank > 0) {
         SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.q_a_proj, qa));
-        SPLITMOE_RETURN_IF_ERROR(
-            cu::RmsNormDevice(qa, n, c.q_lora_rank, w.q_a_norm, eps, qa, stream));
+        SPLITMOE_RETURN_IF_ERROR(RmsNorm(qa, n, c.q_lora_rank, w.q_a_norm, qa));
         SPLITMOE_RETURN_IF_ERROR(Linear(qa, n, w.q_b_proj, q));
       } else {
         SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.q_proj, q));
       }
       SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.kv_a_proj, kv));
-      SPLITMOE_RETURN_IF_ERROR(
-          cu::RmsNormStridedDevice(kv, n, kvr, lat, w.kv_a_norm, eps, kv, lat, stream));
-      SPLITMOE_RETURN_IF_ERROR(cu::RopeDevice(kv, n, 1, lat, kvr, dr, d_pos, inv_freq, stream));
-      SPLITMOE_RETURN_IF_ERROR(cu::RopeDevice(q, n, heads, qk, dn, dr, d_pos, inv_freq, stream));
-      SPLITMOE_RETURN_IF_ERROR(cu::StoreLatentsDevice(kv, n, lat, start, block_tables, kBlockTokens,
-                                                      w.cache, bf16, stream));
+      SPLITMOE_RETURN_IF_ERROR(RmsNorm(kv, n, kvr, w.kv_a_norm, kv, lat));
+      SPLITMOE_RETURN_IF_ERROR(kernels::Rope(device, {kv, n, 1, lat, kvr, dr, d_pos, inv_freq}));
+      SPLITMOE_RETURN_IF_ERROR(kernels::Rope(device, {q, n, heads, qk, dn, dr, d_pos, inv_freq}));
+      SPLITMOE_RETURN_IF_ERROR(cu::StoreLatentsDevice(kv, n, lat, start, identity_table,
+                                                      kBlockTokens, w.cache, bf16, stream));
       // Absorbed queries qf [n, heads, lat] = [q_nope @ W_UK[h], q_pe].
       SPLITMOE_RETURN_IF_ERROR(Blas(
           cublasSgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(kvr),
@@ -246,16 +248,13 @@ struct GpuEngine::Impl {
                             dr * sizeof(float), static_cast<size_t>(n * heads),
                             cudaMemcpyDeviceToDevice, stream),
           "q_pe copy"));
-      // Attention over the cache: prompt position i sees the cache up to itself.
-      if (bf16) {
-        SPLITMOE_RETURN_IF_ERROR(cu::MlaDecodeDevice(
-            qf, static_cast<const __nv_bfloat16*>(w.cache), block_tables, d_lens, shape,
-            softmax_scale, ws, olat, stream));
-      } else {
-        SPLITMOE_RETURN_IF_ERROR(cu::MlaDecodeDevice(qf, static_cast<const float*>(w.cache),
-                                                     block_tables, d_lens, shape, softmax_scale,
-                                                     ws, olat, stream));
+      // Attention over the cache (kernels::MlaAttention): prompt position i sees the cache up
+      // to itself.
+      mla.pool = w.cache;
+      for (size_t b = 0; b < seq.latents.blocks.size(); ++b) {
+        seq.latents.blocks[b] = static_cast<const char*>(w.cache) + b * block_bytes;
       }
+      SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(device, mla));
       // o [n, heads, dv] = olat[h] @ W_UV[h]^T, then o_proj.
       SPLITMOE_RETURN_IF_ERROR(Blas(
           cublasSgemmStridedBatched(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dv),
@@ -265,9 +264,9 @@ struct GpuEngine::Impl {
                                     static_cast<int>(heads * dv), dv, static_cast<int>(heads)),
           "apply W_UV"));
       SPLITMOE_RETURN_IF_ERROR(Linear(o, n, w.o_proj, delta));
-      SPLITMOE_RETURN_IF_ERROR(cu::AddDevice(h, delta, n * hidden, stream));
+      SPLITMOE_RETURN_IF_ERROR(kernels::Add(device, {h, delta, n * hidden}));
 
-      SPLITMOE_RETURN_IF_ERROR(cu::RmsNormDevice(h, n, hidden, w.post_norm, eps, xn, stream));
+      SPLITMOE_RETURN_IF_ERROR(RmsNorm(h, n, hidden, w.post_norm, xn));
       if (!w.is_moe) {
         SPLITMOE_RETURN_IF_ERROR(Mlp(w.dense_gate, w.dense_up, w.dense_down, xn, n, delta, scratch));
       } else {
@@ -275,7 +274,7 @@ struct GpuEngine::Impl {
         SPLITMOE_ASSIGN_OR_RETURN(float* scores, scratch.Floats(n * experts));
         SPLITMOE_ASSIGN_OR_RETURN(int32_t* chosen, scratch.Ints(n * k));
         SPLITMOE_ASSIGN_OR_RETURN(float* weights, scratch.Floats(n * k));
-        SPLITMOE_RETURN_IF_ERROR(cu::GemmF32(blas, xn, n, hidden, w.gate, experts, scores));
+        SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.gate, scores));
         SPLITMOE_RETURN_IF_ERROR(cu::ScoresDevice(
             scores, n, experts, c.scoring_func == model::ScoringFunc::kSigmoid, stream));
         cu::GateParams p;
@@ -311,14 +310,14 @@ struct GpuEngine::Impl {
           SPLITMOE_ASSIGN_OR_RETURN(float* shared, scratch.Floats(n * hidden));
           SPLITMOE_RETURN_IF_ERROR(
               Mlp(w.shared_gate, w.shared_up, w.shared_down, xn, n, shared, scratch));
-          SPLITMOE_RETURN_IF_ERROR(cu::AddDevice(delta, shared, n * hidden, stream));
+          SPLITMOE_RETURN_IF_ERROR(kernels::Add(device, {delta, shared, n * hidden}));
         }
       }
-      SPLITMOE_RETURN_IF_ERROR(cu::AddDevice(h, delta, n * hidden, stream));
+      SPLITMOE_RETURN_IF_ERROR(kernels::Add(device, {h, delta, n * hidden}));
     }
     // The last row: final norm, output head, logits to the host.
     float* last = h + (n - 1) * hidden;
-    SPLITMOE_RETURN_IF_ERROR(cu::RmsNormDevice(last, 1, hidden, final_norm, eps, xn, stream));
+    SPLITMOE_RETURN_IF_ERROR(RmsNorm(last, 1, hidden, final_norm, xn));
     SPLITMOE_ASSIGN_OR_RETURN(float* d_logits, scratch.Floats(c.vocab_size));
     SPLITMOE_RETURN_IF_ERROR(Linear(xn, 1, lm_head, d_logits));
     logits->resize(static_cast<size_t>(c.vocab_size));
@@ -350,6 +349,8 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Load(const std::string& mo
   SPLITMOE_RETURN_IF_ERROR(Cuda(cudaStreamCreate(&impl->stream), "cudaStreamCreate"));
   SPLITMOE_RETURN_IF_ERROR(Blas(cublasCreate(&impl->blas), "cublasCreate"));
   SPLITMOE_RETURN_IF_ERROR(Blas(cublasSetStream(impl->blas, impl->stream), "cublasSetStream"));
+  kernels::EnableCudaOps();
+  impl->device = {kernels::Backend::kCuda, options.device, impl->stream, impl->blas};
   // fp32 means fp32: no TF32 or reduced-precision shortcut inside SGEMM (the bf16 mode keeps the
   // default math, which is faster for its BF16 GEMMs).
   if (!impl->bf16) {
@@ -370,18 +371,18 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Load(const std::string& mo
   load.resident = model::ResidentDType::kFloat32;
   SPLITMOE_ASSIGN_OR_RETURN(model::ModelWeights w, model::LoadWeights(*ckpt, load));
   Impl& d = *impl;
-  SPLITMOE_ASSIGN_OR_RETURN(d.embed, d.UploadF32(w.embed.data.data(), w.embed.data.size()));
+  SPLITMOE_ASSIGN_OR_RETURN(d.embed, d.Upload(w.embed, /*keep_fp32=*/true));
   SPLITMOE_ASSIGN_OR_RETURN(d.final_norm, d.UploadVec(w.final_norm));
   SPLITMOE_ASSIGN_OR_RETURN(d.lm_head, d.Upload(w.lm_head));
   RopeTable rope(c);
   SPLITMOE_ASSIGN_OR_RETURN(d.inv_freq, d.UploadVec(rope.inv_freq()));
   d.softmax_scale = static_cast<float>(c.SoftmaxScale());
   d.max_blocks = (options.max_context + kBlockTokens - 1) / kBlockTokens;
-  std::vector<int32_t> tables(static_cast<size_t>(kChunk * d.max_blocks));
-  for (size_t i = 0; i < tables.size(); ++i) tables[i] = static_cast<int32_t>(i % d.max_blocks);
-  SPLITMOE_ASSIGN_OR_RETURN(void* t, d.Alloc(tables.size() * sizeof(int32_t)));
-  d.block_tables = static_cast<int32_t*>(t);
-  SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpy(t, tables.data(), tables.size() * sizeof(int32_t),
+  std::vector<int32_t> table(static_cast<size_t>(d.max_blocks));
+  for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<int32_t>(i);
+  SPLITMOE_ASSIGN_OR_RETURN(void* t, d.Alloc(table.size() * sizeof(int32_t)));
+  d.identity_table = static_cast<int32_t*>(t);
+  SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpy(t, table.data(), table.size() * sizeof(int32_t),
                                            cudaMemcpyHostToDevice),
                                 "cudaMemcpy"));
   const size_t cache_bytes = static_cast<size_t>(d.max_blocks * kBlockTokens * c.latent_dim()) *
@@ -405,7 +406,7 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Load(const std::string& mo
       SPLITMOE_ASSIGN_OR_RETURN(dl.dense_up, d.Upload(l.dense.up));
       SPLITMOE_ASSIGN_OR_RETURN(dl.dense_down, d.Upload(l.dense.down));
     } else {
-      SPLITMOE_ASSIGN_OR_RETURN(dl.gate, d.UploadF32(l.gate.data.data(), l.gate.data.size()));
+      SPLITMOE_ASSIGN_OR_RETURN(dl.gate, d.Upload(l.gate, /*keep_fp32=*/true));
       SPLITMOE_ASSIGN_OR_RETURN(dl.gate_bias, d.UploadVec(l.gate_bias));
       SPLITMOE_ASSIGN_OR_RETURN(dl.shared_gate, d.Upload(l.shared.gate));
       SPLITMOE_ASSIGN_OR_RETURN(dl.shared_up, d.Upload(l.shared.up));

@@ -53,6 +53,12 @@ struct MlaAttentionParams {
   const float* q = nullptr;  // [total rows, heads, kv_lora_rank + rope_dim]
   float* out = nullptr;      // [total rows, heads, kv_lora_rank]
   absl::Span<const MlaSequence> sequences;
+  // The pool every block lies in: one layer's cache [pool_blocks, block_tokens, latent_dim]
+  // (FlashMLA's layout, where a block is named by its index in the pool). The CPU reads blocks
+  // wherever they are and ignores it; a device backend (kernels/ops.h) needs it and derives
+  // each sequence's block table from its block pointers.
+  const void* pool = nullptr;
+  int64_t pool_blocks = 0;
 };
 
 // InvalidArgument naming the first bad field (and the sequence), else OK.

@@ -3,7 +3,12 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
+#include "common/base/status_macros.h"
 #include "common/kernels/cuda/cuda_ops.h"
 #include "common/kernels/ops.h"
 
@@ -15,13 +20,64 @@ cudaStream_t StreamOf(const Device& d) { return static_cast<cudaStream_t>(d.stre
 absl::Status SupportsLinear(const Device& device, const LinearParams& p) {
   const std::string where = absl::StrCat("Linear on ", DeviceName(device), ": ");
   if (p.w_device == nullptr) return absl::InvalidArgumentError(where + "no weight in device memory");
-  if (p.w_device_dtype != model::WeightDType::kFloat32) {
+  if (p.w_device_dtype != model::WeightDType::kFloat32 &&
+      p.w_device_dtype != model::WeightDType::kBFloat16) {
     return absl::InvalidArgumentError(absl::StrCat(
         where, model::WeightDTypeName(p.w_device_dtype),
-        " device weights need BF16 activations (the GPU engine's bf16 mode), not this fp32 "
-        "entry"));
+        " device weights: the GPU holds fp32 or BF16 (FP8 is widened to BF16 on upload, "
+        "cuda::DequantFp8Device)"));
   }
   if (device.blas == nullptr) return absl::InvalidArgumentError(where + "no cuBLAS handle");
+  return absl::OkStatus();
+}
+
+absl::Status SupportsEmbed(const Device& device, const EmbedParams& p) {
+  if (p.table_device == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Embed on ", DeviceName(device), ": no fp32 table in device memory"));
+  }
+  return absl::OkStatus();
+}
+
+// Every block of every sequence in `pool`, at a whole block from its start: the FlashMLA layout,
+// where the kernel names a block by its index.
+absl::Status SupportsMla(const Device& device, const MlaAttentionParams& p) {
+  const std::string where = absl::StrCat("MlaAttention on ", DeviceName(device), ": ");
+  const int64_t lat = p.kv_lora_rank + p.rope_dim;
+  if (lat > 768) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, "latent_dim ", lat, " > 768, the most the kernel holds per lane"));
+  }
+  if (p.pool == nullptr || p.pool_blocks <= 0) {
+    return absl::InvalidArgumentError(
+        where + "needs the pool the blocks lie in (pool, pool_blocks: the FlashMLA layout)");
+  }
+  int64_t row = 0;
+  for (size_t i = 0; i < p.sequences.size(); ++i) {
+    const MlaSequence& s = p.sequences[i];
+    const LatentBlocks& l = s.latents;
+    const LatentBlocks& first = p.sequences[0].latents;
+    if (l.dtype != first.dtype || l.block_tokens != first.block_tokens) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "sequence ", i, " differs from sequence 0 in block size or dtype (one pool)"));
+    }
+    if (s.first_row != row) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "sequence ", i, " starts at row ", s.first_row, ", not ", row,
+          ": the sequences' rows must be 0 .. R-1 in order"));
+    }
+    row += s.rows;
+    const int64_t elem = l.dtype == LatentStorage::kBFloat16 ? 2 : 4;
+    const int64_t block_bytes = l.block_tokens * lat * elem;
+    for (int64_t b = 0; b * l.block_tokens < s.start + s.rows; ++b) {
+      const std::ptrdiff_t off = static_cast<const char*>(l.blocks[static_cast<size_t>(b)]) -
+                                 static_cast<const char*>(p.pool);
+      if (off < 0 || off % block_bytes != 0 || off / block_bytes >= p.pool_blocks) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, "sequence ", i, " block ", b, " is not a block of the pool"));
+      }
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -42,8 +98,96 @@ absl::Status RopeCuda(const Device& device, const RopeParams& p) {
 }
 
 absl::Status LinearCuda(const Device& device, const LinearParams& p) {
-  return cuda::GemmF32(static_cast<cublasHandle_t>(device.blas), p.x, p.m, p.w->cols,
-                       static_cast<const float*>(p.w_device), p.w->rows, p.y);
+  auto blas = static_cast<cublasHandle_t>(device.blas);
+  if (p.w_device_dtype == model::WeightDType::kFloat32) {
+    return cuda::GemmF32(blas, p.x, p.m, p.w->cols, static_cast<const float*>(p.w_device),
+                         p.w->rows, p.y);
+  }
+  // BF16: x rounded to BF16 in stream-ordered scratch, fp32 accumulation.
+  __nv_bfloat16* xb = nullptr;
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(
+      cudaMallocAsync(reinterpret_cast<void**>(&xb),
+                      static_cast<size_t>(p.m * p.w->cols) * sizeof(__nv_bfloat16),
+                      StreamOf(device)),
+      "cudaMallocAsync"));
+  absl::Status s = cuda::ToBf16Device(p.x, p.m * p.w->cols, xb, StreamOf(device));
+  if (s.ok()) {
+    s = cuda::GemmBf16(blas, xb, p.m, p.w->cols, static_cast<const __nv_bfloat16*>(p.w_device),
+                       p.w->rows, p.y);
+  }
+  (void)cudaFreeAsync(xb, StreamOf(device));
+  return s;
+}
+
+absl::Status EmbedCuda(const Device& device, const EmbedParams& p) {
+  return cuda::EmbedDevice(p.table_device, p.tokens, p.rows, p.table->cols, p.out,
+                           StreamOf(device));
+}
+
+absl::Status AddCuda(const Device& device, const AddParams& p) {
+  return cuda::AddDevice(p.h, p.delta, p.n, StreamOf(device));
+}
+
+// One kernel batch entry per query row: its sequence's block table (block indices in the pool)
+// and the keys it sees (causal), built on the host and copied with the workspace's allocation.
+absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
+  cudaStream_t stream = StreamOf(device);
+  const LatentBlocks& first = p.sequences[0].latents;
+  const int64_t lat = p.kv_lora_rank + p.rope_dim, bt = first.block_tokens;
+  const bool bf16 = first.dtype == LatentStorage::kBFloat16;
+  const int64_t block_bytes = bt * lat * (bf16 ? 2 : 4);
+  int64_t rows = 0, max_blocks = 1, max_keys = 1;
+  for (const MlaSequence& s : p.sequences) {
+    rows += s.rows;
+    max_blocks = std::max(max_blocks, (s.start + s.rows + bt - 1) / bt);
+    max_keys = std::max(max_keys, s.start + s.rows);
+  }
+  std::vector<int32_t> ints(static_cast<size_t>(rows * (max_blocks + 1)), 0);
+  int32_t* table = ints.data();
+  int32_t* lens = ints.data() + rows * max_blocks;
+  for (const MlaSequence& s : p.sequences) {
+    const int64_t blocks = (s.start + s.rows + bt - 1) / bt;
+    for (int64_t t = 0; t < s.rows; ++t) {
+      const int64_t r = s.first_row + t;
+      lens[r] = static_cast<int32_t>(s.start + t + 1);
+      for (int64_t b = 0; b < blocks; ++b) {
+        table[r * max_blocks + b] = static_cast<int32_t>(
+            (static_cast<const char*>(s.latents.blocks[static_cast<size_t>(b)]) -
+             static_cast<const char*>(p.pool)) / block_bytes);
+      }
+    }
+  }
+  cuda::MlaShape shape;
+  shape.batch = static_cast<int32_t>(rows);
+  shape.heads = static_cast<int32_t>(p.heads);
+  shape.latent_dim = static_cast<int32_t>(lat);
+  shape.kv_lora_rank = static_cast<int32_t>(p.kv_lora_rank);
+  shape.block_tokens = static_cast<int32_t>(bt);
+  shape.max_blocks = static_cast<int32_t>(max_blocks);
+  shape.splits = static_cast<int32_t>(std::clamp<int64_t>(max_keys / 512, 1, 64));
+  const size_t ws_bytes = static_cast<size_t>(cuda::MlaWorkspaceFloats(shape)) * sizeof(float);
+  const size_t int_bytes = ints.size() * sizeof(int32_t);
+  char* scratch = nullptr;
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(
+      cudaMallocAsync(reinterpret_cast<void**>(&scratch), ws_bytes + int_bytes, stream),
+      "cudaMallocAsync"));
+  auto* d_ints = reinterpret_cast<int32_t*>(scratch + ws_bytes);
+  // From pageable memory: the call returns once `ints` is staged, so it may go after.
+  absl::Status s = cuda::CudaError(
+      cudaMemcpyAsync(d_ints, ints.data(), int_bytes, cudaMemcpyHostToDevice, stream),
+      "cudaMemcpyAsync");
+  auto* ws = reinterpret_cast<float*>(scratch);
+  if (s.ok() && bf16) {
+    s = cuda::MlaDecodeDevice(p.q, static_cast<const __nv_bfloat16*>(p.pool), d_ints,
+                              d_ints + rows * max_blocks, shape, p.softmax_scale, ws, p.out,
+                              stream);
+  } else if (s.ok()) {
+    s = cuda::MlaDecodeDevice(p.q, static_cast<const float*>(p.pool), d_ints,
+                              d_ints + rows * max_blocks, shape, p.softmax_scale, ws, p.out,
+                              stream);
+  }
+  (void)cudaFreeAsync(scratch, stream);
+  return s;
 }
 
 const OpsBackend kCudaOps = {
@@ -52,6 +196,11 @@ const OpsBackend kCudaOps = {
     .swiglu = SwiGluCuda,
     .rope = RopeCuda,
     .linear = LinearCuda,
+    .supports_embed = SupportsEmbed,
+    .embed = EmbedCuda,
+    .add = AddCuda,
+    .supports_mla = SupportsMla,
+    .mla_attention = MlaCuda,
 };
 
 }  // namespace
