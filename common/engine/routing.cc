@@ -57,16 +57,8 @@ class TopKSelector {
 
 void GateScores(const model::ModelConfig& config, const float* x, int64_t rows,
                 const model::Matrix& gate, float* scores) {
-  const int64_t n = gate.rows;
   kernels::Linear(x, rows, gate, scores);
-  for (int64_t t = 0; t < rows; ++t) {
-    float* s = scores + t * n;
-    if (config.scoring_func == model::ScoringFunc::kSoftmax) {
-      kernels::SoftmaxInPlace(s, n);
-    } else {
-      for (int64_t e = 0; e < n; ++e) s[e] = 1.0f / (1.0f + std::exp(-s[e]));
-    }
-  }
+  kernels::ScoreRows(scores, rows, gate.rows, config.scoring_func == model::ScoringFunc::kSigmoid);
 }
 
 namespace {

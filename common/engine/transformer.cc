@@ -69,12 +69,6 @@ void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t h
 
 namespace {
 
-// A thread's buffer for one head's widened kv_b_proj rows; grows, never shrinks.
-std::vector<float>& HeadRowsScratch() {
-  thread_local std::vector<float> buffer;
-  return buffer;
-}
-
 // A thread's buffers for the expanded attention: one head's keys and values, one query tile's
 // scores. Grow, never shrink.
 struct ExpandedScratch {
@@ -206,13 +200,14 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
   const int64_t n = config_.n_routed_experts, hidden = config_.hidden_size;
   std::vector<std::vector<int32_t>> token_rows(static_cast<size_t>(n));
   std::vector<std::vector<float>> token_weights(static_cast<size_t>(n));
-  const auto k = static_cast<size_t>(config_.num_experts_per_tok);
-  std::vector<int32_t> experts(k);
-  std::vector<float> weights(k);
+  const int64_t k = config_.num_experts_per_tok;
+  std::vector<int32_t> experts(static_cast<size_t>(rows * k));
+  std::vector<float> weights(static_cast<size_t>(rows * k));
+  SPLITMOE_RETURN_IF_ERROR(kernels::SelectExperts(
+      kernels::Device{}, {&config_, scores, w.gate_bias.empty() ? nullptr : w.gate_bias.data(),
+                          rows, experts.data(), weights.data()}));
   for (int64_t t = 0; t < rows; ++t) {
-    SelectExpertsInto(config_, absl::MakeConstSpan(scores + t * n, static_cast<size_t>(n)),
-                      w.gate_bias, experts.data(), weights.data());
-    for (size_t i = 0; i < k; ++i) {
+    for (int64_t i = t * k; i < (t + 1) * k; ++i) {
       token_rows[experts[i]].push_back(static_cast<int32_t>(t));
       token_weights[experts[i]].push_back(weights[i]);
     }
@@ -372,29 +367,8 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
   SPLITMOE_RETURN_IF_ERROR(kernels::Rope(
       device_, {q.data(), rows, heads, qk, dn, dr, positions.data(), rope_.inv_freq().data()}));
 
-  // kv_b_proj [heads * (dn + dv), kvr]: per head W_UK (dn rows) then W_UV (dv rows). fp32
-  // weights are read where they are. Narrow ones at decode sizes are streamed in place
-  // (kernels::GroupedLinear); at prefill sizes each head's rows are widened once, on the thread
-  // that runs that head's GEMMs, the heads side by side.
+  // kv_b_proj [heads * (dn + dv), kvr]: per head W_UK (dn rows) then W_UV (dv rows).
   const model::Matrix& kvb = w.kv_b_proj;
-  const bool grouped_heads = Grouped(kvb, rows);
-  const bool parallel_heads = kvb.narrow() && !grouped_heads;
-  // A head's rows as fp32: in place, or widened into the calling thread's buffer (one head's
-  // rows at a time, so it stays in cache; never the whole matrix).
-  auto head_rows = [&](int64_t first, int64_t count) -> const float* {
-    if (!kvb.narrow()) return kvb.data.data() + first * kvr;
-    std::vector<float>& buffer = HeadRowsScratch();
-    if (static_cast<int64_t>(buffer.size()) < count * kvr) buffer.resize(static_cast<size_t>(count * kvr));
-    kernels::WidenRows(kvb, first, count, buffer.data());
-    return buffer.data();
-  };
-  auto for_heads = [&](const std::function<void(int64_t)>& body) {
-    if (parallel_heads) {
-      kernels::ParallelFor(heads, body);
-    } else {
-      for (int64_t h = 0; h < heads; ++h) body(h);
-    }
-  };
 
   // Attention into o [rows, heads, dv], each chunk in the form asked for (kAuto: the cheaper
   // one for that chunk, ExpandedAttentionIsCheaper). Rows of expanded chunks that the absorbed pass
@@ -411,24 +385,9 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
   if (expanded_rows < rows) {
     // qf [rows, heads, lat] = [q_nope @ W_UK[h], q_pe], every row of the batch at once.
     std::vector<float> qf(static_cast<size_t>(rows * heads * lat));
-    std::vector<kernels::LinearTask> tasks;
-    if (grouped_heads) {
-      for (int64_t h = 0; h < heads; ++h) {
-        tasks.push_back({q.data() + h * qk, heads * qk, rows, &kvb, h * (dn + dv), dn,
-                         /*transposed=*/true, qf.data() + h * lat, heads * lat});
-      }
-      SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
-    }
-    for_heads([&](int64_t h) {
-      if (!grouped_heads) {
-        kernels::Gemm(false, false, rows, kvr, dn, 1.0f, q.data() + h * qk, heads * qk,
-                      head_rows(h * (dn + dv), dn), kvr, 0.0f, qf.data() + h * lat, heads * lat);
-      }
-      for (int64_t t = 0; t < rows; ++t) {
-        std::memcpy(&qf[(t * heads + h) * lat + kvr], &q[(t * heads + h) * qk + dn],
-                    dr * sizeof(float));
-      }
-    });
+    using Kind = kernels::MlaProjectParams::Kind;
+    SPLITMOE_RETURN_IF_ERROR(kernels::MlaProject(
+        device_, {Kind::kAbsorbQuery, q.data(), rows, heads, dn, dr, dv, &kvb, nullptr, qf.data()}));
     // One batched call over every sequence's latents, read in place.
     std::vector<kernels::MlaSequence> sequences;
     sequences.reserve(batch.size());
@@ -451,20 +410,9 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
     params.out = olat.data();
     params.sequences = sequences;
     SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(device_, params));
-    if (grouped_heads) {  // every head's W_UV slice, likewise
-      tasks.clear();
-      for (int64_t h = 0; h < heads; ++h) {
-        tasks.push_back({olat.data() + h * kvr, heads * kvr, rows, &kvb, h * (dn + dv) + dn, dv,
-                         /*transposed=*/false, o.data() + h * dv, heads * dv});
-      }
-      SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
-    } else {
-      for_heads([&](int64_t h) {
-        kernels::Gemm(false, true, rows, dv, kvr, 1.0f, olat.data() + h * kvr, heads * kvr,
-                      head_rows(h * (dn + dv) + dn, dv), kvr, 0.0f, o.data() + h * dv,
-                      heads * dv);
-      });
-    }
+    SPLITMOE_RETURN_IF_ERROR(kernels::MlaProject(
+        device_,
+        {Kind::kApplyValue, olat.data(), rows, heads, dn, dr, dv, &kvb, nullptr, o.data()}));
   }
   if (expanded_rows > 0) {
     // The expanded form, chunk by chunk, the heads side by side (one per thread at a time):
@@ -491,7 +439,7 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
             static_cast<int64_t>(scratch.kv.size()), keys * (dn + dv))));
         float* kvh = scratch.kv.data();
         kernels::Gemm(false, true, keys, dn + dv, kvr, 1.0f, latents, lat,
-                      head_rows(h * (dn + dv), dn + dv), kvr, 0.0f, kvh, dn + dv);
+                      kernels::WidenedRows(kvb, h * (dn + dv), dn + dv), kvr, 0.0f, kvh, dn + dv);
         for (int64_t t0 = 0; t0 < n; t0 += kQueryTile) {
           const int64_t tn = std::min(kQueryTile, n - t0), seen = start + t0 + tn;
           scratch.scores.resize(static_cast<size_t>(std::max<int64_t>(

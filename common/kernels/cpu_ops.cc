@@ -153,6 +153,17 @@ void ExpNonPositiveForTest(const float* x, int64_t n, float* out) {
 #endif
 }
 
+void ScoreRows(float* x, int64_t rows, int64_t n, bool sigmoid) {
+  for (int64_t t = 0; t < rows; ++t) {
+    float* s = x + t * n;
+    if (!sigmoid) {
+      SoftmaxInPlace(s, n);
+    } else {
+      for (int64_t e = 0; e < n; ++e) s[e] = 1.0f / (1.0f + std::exp(-s[e]));
+    }
+  }
+}
+
 void SoftmaxInPlace(float* x, int64_t n) {
 #ifdef __AVX2__
   // The max (NaNs skipped, as x > max ? x : max does), then e^(x - max) summed in double, 8

@@ -52,6 +52,9 @@ void SiluMul(float* gate, const float* up, int64_t n);
 // In place over x[0..n): x = softmax(x). Entries equal to -inf get probability 0. The exp is
 // vectorised (within 2 ulp of std::exp; 0 where x - max < -87), the sum taken in double.
 void SoftmaxInPlace(float* x, int64_t n);
+// Each row of x [rows, n] in place: SoftmaxInPlace, or the logistic sigmoid 1 / (1 + e^-x)
+// (a MoE gate's scores under DeepSeek's scoring_func).
+void ScoreRows(float* x, int64_t rows, int64_t n, bool sigmoid);
 // Tests: out[i] = the softmax's e^x[i] for x[i] <= 0.
 void ExpNonPositiveForTest(const float* x, int64_t n, float* out);
 

@@ -1,12 +1,16 @@
 #include "common/kernels/ops.h"
 
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <vector>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "common/engine/routing.h"
 #include "common/kernels/cpu/narrow_linear.h"
+#include "common/kernels/cpu/threads.h"
 #include "common/kernels/cpu_ops.h"
 
 #include <atomic>
@@ -272,6 +276,162 @@ absl::Status MlaAttention(const Device& device, const MlaAttentionParams& p) {
   if (p.sequences.empty()) return absl::OkStatus();
   if (device.backend == Backend::kCpu) return MlaAttention(p);
   return Cuda().mla_attention(device, p);
+}
+
+// ---- Scores
+
+absl::Status Supports(const Device& device, const ScoresParams& p) {
+  if (absl::Status s = CheckDevice(device, "Scores"); !s.ok()) return s;
+  if (p.rows < 0 || p.n <= 0) {
+    return Unsupported(device, "Scores",
+                       absl::StrCat(p.rows, " rows of ", p.n, ": need rows >= 0, n > 0"));
+  }
+  if (p.rows > 0 && p.x == nullptr) return Unsupported(device, "Scores", "null x");
+  return absl::OkStatus();
+}
+
+absl::Status Scores(const Device& device, const ScoresParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.rows == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) {
+    ScoreRows(p.x, p.rows, p.n, p.sigmoid);
+    return absl::OkStatus();
+  }
+  return Cuda().scores(device, p);
+}
+
+// ---- SelectExperts
+
+absl::Status Supports(const Device& device, const SelectExpertsParams& p) {
+  if (absl::Status s = CheckDevice(device, "SelectExperts"); !s.ok()) return s;
+  if (p.config == nullptr) return Unsupported(device, "SelectExperts", "no model config");
+  const model::ModelConfig& c = *p.config;
+  const int64_t n = c.n_routed_experts, k = c.num_experts_per_tok;
+  if (n <= 0 || k <= 0 || k > n || p.rows < 0) {
+    return Unsupported(device, "SelectExperts",
+                       absl::StrCat(p.rows, " tokens choosing ", k, " of ", n,
+                                    " experts: need 0 < k <= experts, rows >= 0"));
+  }
+  if (c.UsesGroups() && (c.n_group <= 0 || n % c.n_group != 0 || c.topk_group <= 0 ||
+                         c.topk_group > c.n_group || k > c.topk_group * (n / c.n_group))) {
+    return Unsupported(device, "SelectExperts",
+                       absl::StrCat(n, " experts in ", c.n_group, " groups keeping ",
+                                    c.topk_group, " cannot give ", k, " experts"));
+  }
+  if (p.rows > 0 && (p.scores == nullptr || p.experts == nullptr || p.weights == nullptr)) {
+    return Unsupported(device, "SelectExperts", "null scores, experts or weights");
+  }
+  if (device.backend == Backend::kCuda && c.UsesGroups() && c.n_group > 64) {
+    return Unsupported(device, "SelectExperts",
+                       absl::StrCat(c.n_group, " groups: the kernel holds at most 64"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SelectExperts(const Device& device, const SelectExpertsParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.rows == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) {
+    const model::ModelConfig& c = *p.config;
+    const auto n = static_cast<size_t>(c.n_routed_experts);
+    const int64_t k = c.num_experts_per_tok;
+    const absl::Span<const float> bias =
+        p.bias == nullptr ? absl::Span<const float>() : absl::MakeConstSpan(p.bias, n);
+    for (int64_t r = 0; r < p.rows; ++r) {
+      engine::SelectExpertsInto(c, absl::MakeConstSpan(p.scores + r * c.n_routed_experts, n),
+                                bias, p.experts + r * k, p.weights + r * k);
+    }
+    return absl::OkStatus();
+  }
+  return Cuda().select_experts(device, p);
+}
+
+// ---- MlaProject
+
+absl::Status Supports(const Device& device, const MlaProjectParams& p) {
+  if (absl::Status s = CheckDevice(device, "MlaProject"); !s.ok()) return s;
+  const model::Matrix* w = p.kv_b;
+  if (w == nullptr || p.rows < 0 || p.heads <= 0 || p.nope_dim <= 0 || p.rope_dim < 0 ||
+      p.v_dim <= 0 || w->rows != p.heads * (p.nope_dim + p.v_dim) || w->cols <= 0) {
+    return Unsupported(
+        device, "MlaProject",
+        absl::StrCat("kv_b_proj ", w == nullptr ? 0 : w->rows, " x ", w == nullptr ? 0 : w->cols,
+                     " for ", p.heads, " heads of ", p.nope_dim, " + ", p.v_dim,
+                     " rows: need heads * (nope_dim + v_dim) rows"));
+  }
+  if (p.rows > 0 && (p.x == nullptr || p.out == nullptr)) {
+    return Unsupported(device, "MlaProject", "null x or out");
+  }
+  if (device.backend == Backend::kCpu) {
+    const bool has_values =
+        w->narrow() || static_cast<int64_t>(w->data.size()) == w->rows * w->cols;
+    if (!has_values) {
+      return Unsupported(device, "MlaProject", "kv_b_proj holds no values in host memory");
+    }
+    return absl::OkStatus();
+  }
+  return Cuda().supports_mla_project(device, p);
+}
+
+namespace {
+
+// The CPU side: narrow weights at decode sizes stream every head's slice in one GroupedLinear;
+// at prefill sizes the heads run side by side, each widening its own slice once.
+absl::Status MlaProjectCpu(const MlaProjectParams& p) {
+  const model::Matrix& kvb = *p.kv_b;
+  const int64_t heads = p.heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim;
+  const int64_t kvr = kvb.cols, qk = dn + dr, lat = kvr + dr, rows = p.rows;
+  const bool grouped = kvb.narrow() && rows <= kNarrowStreamMaxRows;
+  const bool parallel_heads = kvb.narrow() && !grouped;
+  auto for_heads = [&](const std::function<void(int64_t)>& body) {
+    if (parallel_heads) {
+      ParallelFor(heads, body);
+    } else {
+      for (int64_t h = 0; h < heads; ++h) body(h);
+    }
+  };
+  std::vector<LinearTask> tasks;
+  if (p.kind == MlaProjectParams::Kind::kAbsorbQuery) {
+    if (grouped) {
+      for (int64_t h = 0; h < heads; ++h) {
+        tasks.push_back({p.x + h * qk, heads * qk, rows, &kvb, h * (dn + dv), dn,
+                         /*transposed=*/true, p.out + h * lat, heads * lat});
+      }
+      if (absl::Status s = GroupedLinear(tasks); !s.ok()) return s;
+    }
+    for_heads([&](int64_t h) {
+      if (!grouped) {
+        Gemm(false, false, rows, kvr, dn, 1.0f, p.x + h * qk, heads * qk,
+             WidenedRows(kvb, h * (dn + dv), dn), kvr, 0.0f, p.out + h * lat, heads * lat);
+      }
+      for (int64_t t = 0; t < rows; ++t) {
+        std::memcpy(p.out + (t * heads + h) * lat + kvr, p.x + (t * heads + h) * qk + dn,
+                    static_cast<size_t>(dr) * sizeof(float));
+      }
+    });
+    return absl::OkStatus();
+  }
+  if (grouped) {
+    for (int64_t h = 0; h < heads; ++h) {
+      tasks.push_back({p.x + h * kvr, heads * kvr, rows, &kvb, h * (dn + dv) + dn, dv,
+                       /*transposed=*/false, p.out + h * dv, heads * dv});
+    }
+    return GroupedLinear(tasks);
+  }
+  for_heads([&](int64_t h) {
+    Gemm(false, true, rows, dv, kvr, 1.0f, p.x + h * kvr, heads * kvr,
+         WidenedRows(kvb, h * (dn + dv) + dn, dv), kvr, 0.0f, p.out + h * dv, heads * dv);
+  });
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status MlaProject(const Device& device, const MlaProjectParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.rows == 0) return absl::OkStatus();
+  if (device.backend == Backend::kCpu) return MlaProjectCpu(p);
+  return Cuda().mla_project(device, p);
 }
 
 }  // namespace splitmoe::kernels

@@ -25,6 +25,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/kernels/cpu/mla_attention.h"
+#include "common/model/config.h"
 #include "common/model/tensor.h"
 
 namespace splitmoe::kernels {
@@ -142,6 +143,58 @@ absl::Status Add(const Device& device, const AddParams& p);
 absl::Status Supports(const Device& device, const MlaAttentionParams& p);
 absl::Status MlaAttention(const Device& device, const MlaAttentionParams& p);
 
+// The absorbed MLA's two per-head products with kv_b_proj [heads * (nope_dim + v_dim),
+// kv_lora_rank], whose rows are per head W_UK (nope_dim rows) then W_UV (v_dim rows):
+//   kAbsorbQuery: out [rows, heads, kv_lora_rank + rope_dim] = [q_nope[h] @ W_UK[h], q_pe[h]]
+//                 from x = q [rows, heads, nope_dim + rope_dim] (the query MlaAttention takes);
+//   kApplyValue:  out [rows, heads, v_dim] = x[h] @ W_UV[h]^T from x = MlaAttention's output
+//                 [rows, heads, kv_lora_rank].
+// On the CPU `kv_b` holds the values (fp32 read in place; BF16/FP8 streamed at decode sizes,
+// else each head's rows widened once on the thread that runs that head). On CUDA `kv_b` gives
+// the shape and `kv_b_device` the fp32 values in device memory (strided-batched SGEMM).
+struct MlaProjectParams {
+  enum class Kind { kAbsorbQuery, kApplyValue };
+  Kind kind = Kind::kAbsorbQuery;
+  const float* x = nullptr;
+  int64_t rows = 0;
+  int64_t heads = 0;
+  int64_t nope_dim = 0;
+  int64_t rope_dim = 0;
+  int64_t v_dim = 0;
+  const model::Matrix* kv_b = nullptr;
+  const float* kv_b_device = nullptr;
+  float* out = nullptr;
+};
+absl::Status Supports(const Device& device, const MlaProjectParams& p);
+absl::Status MlaProject(const Device& device, const MlaProjectParams& p);
+
+// Each row of x [rows, n] in place: softmax (entries of -inf get 0), or the logistic sigmoid
+// when `sigmoid` — a MoE gate's scores under DeepSeek's scoring_func.
+struct ScoresParams {
+  float* x = nullptr;
+  int64_t rows = 0;
+  int64_t n = 0;
+  bool sigmoid = false;
+};
+absl::Status Supports(const Device& device, const ScoresParams& p);
+absl::Status Scores(const Device& device, const ScoresParams& p);
+
+// Expert selection for `rows` tokens with DeepSeek's semantics (engine/routing.h
+// SelectExperts: greedy, group-limited or noaux_tc, the bias for the choice only, ties to the
+// lower index, then GateWeights): experts/weights [rows, num_experts_per_tok], in selection
+// order. `scores` [rows, n_routed_experts] are the gate's (Scores); `bias` [n_routed_experts]
+// (added for the choice under noaux_tc, ignored otherwise) or null (none).
+struct SelectExpertsParams {
+  const model::ModelConfig* config = nullptr;
+  const float* scores = nullptr;
+  const float* bias = nullptr;
+  int64_t rows = 0;
+  int32_t* experts = nullptr;
+  float* weights = nullptr;
+};
+absl::Status Supports(const Device& device, const SelectExpertsParams& p);
+absl::Status SelectExperts(const Device& device, const SelectExpertsParams& p);
+
 // The implementations of a backend other than the CPU, run after the params were checked (the
 // generic checks here, then the backend's own `supports`). Installed by the backend's library
 // (cuda/ops_cuda.h); process-wide, set once before use.
@@ -156,6 +209,10 @@ struct OpsBackend {
   absl::Status (*add)(const Device&, const AddParams&) = nullptr;
   absl::Status (*supports_mla)(const Device&, const MlaAttentionParams&) = nullptr;
   absl::Status (*mla_attention)(const Device&, const MlaAttentionParams&) = nullptr;
+  absl::Status (*scores)(const Device&, const ScoresParams&) = nullptr;
+  absl::Status (*select_experts)(const Device&, const SelectExpertsParams&) = nullptr;
+  absl::Status (*supports_mla_project)(const Device&, const MlaProjectParams&) = nullptr;
+  absl::Status (*mla_project)(const Device&, const MlaProjectParams&) = nullptr;
 };
 void SetOpsBackend(Backend backend, const OpsBackend* table);
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/engine/routing.h"
 #include "common/model/numeric.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -152,6 +153,80 @@ struct MlaCase {
   }
 };
 
+// Gate configurations of every selection mode: V2's group-limited softmax gate and V3's
+// noaux_tc sigmoid gate with a bias (64 experts, 8 groups), and a greedy one.
+std::vector<model::ModelConfig> GateConfigs() {
+  model::ModelConfig v3;
+  v3.n_routed_experts = 64;
+  v3.num_experts_per_tok = 8;
+  v3.n_group = 8;
+  v3.topk_group = 4;
+  v3.topk_method = model::TopkMethod::kNoauxTc;
+  v3.scoring_func = model::ScoringFunc::kSigmoid;
+  v3.norm_topk_prob = true;
+  v3.routed_scaling_factor = 2.5;
+  model::ModelConfig v2 = v3;
+  v2.topk_method = model::TopkMethod::kGroupLimitedGreedy;
+  v2.scoring_func = model::ScoringFunc::kSoftmax;
+  v2.norm_topk_prob = false;
+  v2.num_experts_per_tok = 6;
+  v2.topk_group = 3;
+  v2.routed_scaling_factor = 16.0;
+  model::ModelConfig greedy = v2;
+  greedy.topk_method = model::TopkMethod::kGreedy;
+  greedy.n_group = 1;
+  greedy.topk_group = 1;
+  return {v3, v2, greedy};
+}
+
+// A BF16 weight held in place (a narrow model::Matrix), and its values as fp32.
+struct Bf16Weight {
+  std::vector<uint16_t> bits;
+  model::Matrix m;       // narrow: reads `bits`
+  model::Matrix widened; // fp32, the same values
+  Bf16Weight(int64_t rows, int64_t cols, uint32_t seed, float scale) {
+    const std::vector<float> values = Random(rows * cols, seed, scale);
+    widened.rows = m.rows = rows;
+    widened.cols = m.cols = cols;
+    for (float v : values) {
+      bits.push_back(model::FloatToBf16(v));
+      widened.data.push_back(model::Bf16ToFloat(bits.back()));
+    }
+    m.dtype = model::WeightDType::kBFloat16;
+    m.raw = reinterpret_cast<const uint8_t*>(bits.data());
+  }
+};
+
+// kv_b_proj's per-head products by their definition, in double: kAbsorbQuery gives
+// [q_nope[h] @ W_UK[h], q_pe[h]], kApplyValue x[h] @ W_UV[h]^T.
+std::vector<float> MlaProjectReference(const MlaProjectParams& p, const std::vector<float>& kvb) {
+  const int64_t H = p.heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim, kvr = p.kv_b->cols;
+  const bool q = p.kind == MlaProjectParams::Kind::kAbsorbQuery;
+  const int64_t in = q ? dn + dr : kvr, outw = q ? kvr + dr : dv;
+  std::vector<float> out(p.rows * H * outw);
+  for (int64_t t = 0; t < p.rows; ++t) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* x = p.x + (t * H + h) * in;
+      float* o = out.data() + (t * H + h) * outw;
+      if (q) {
+        for (int64_t c = 0; c < kvr; ++c) {
+          double acc = 0;
+          for (int64_t r = 0; r < dn; ++r) acc += double(x[r]) * kvb[(h * (dn + dv) + r) * kvr + c];
+          o[c] = static_cast<float>(acc);
+        }
+        for (int64_t i = 0; i < dr; ++i) o[kvr + i] = x[dn + i];
+      } else {
+        for (int64_t r = 0; r < dv; ++r) {
+          double acc = 0;
+          for (int64_t c = 0; c < kvr; ++c) acc += double(x[c]) * kvb[(h * (dn + dv) + dn + r) * kvr + c];
+          o[r] = static_cast<float>(acc);
+        }
+      }
+    }
+  }
+  return out;
+}
+
 TEST(OpsTest, ParseDeviceIsTheInverseOfDeviceName) {
   for (const char* name : {"cpu", "cuda:0", "cuda:3", "cuda:1234"}) {
     absl::StatusOr<Device> d = ParseDevice(name);
@@ -283,6 +358,74 @@ TEST(OpsTest, MlaAttentionMatchesItsDefinitionOverShuffledBlocks) {
   }
 }
 
+TEST(OpsTest, ScoresAreASoftmaxOrASigmoidPerRow) {
+  const std::vector<float> x = Random(3 * 50, 24, 3.0f);
+  for (bool sigmoid : {false, true}) {
+    std::vector<float> s = x;
+    ASSERT_TRUE(Scores(Device{}, {s.data(), 3, 50, sigmoid}).ok());
+    for (int64_t r = 0; r < 3; ++r) {
+      double top = -1e300, sum = 0;
+      for (int64_t e = 0; e < 50; ++e) top = std::max(top, double(x[r * 50 + e]));
+      for (int64_t e = 0; e < 50; ++e) sum += std::exp(x[r * 50 + e] - top);
+      for (int64_t e = 0; e < 50; ++e) {
+        const double v = x[r * 50 + e];
+        const double want = sigmoid ? 1.0 / (1.0 + std::exp(-v)) : std::exp(v - top) / sum;
+        ASSERT_NEAR(s[r * 50 + e], want, 1e-6) << sigmoid << " " << r << "," << e;
+      }
+    }
+  }
+}
+
+TEST(OpsTest, SelectExpertsIsEachRowsSelectionWithTheBias) {
+  for (const model::ModelConfig& c : GateConfigs()) {
+    const int64_t rows = 9, n = c.n_routed_experts, k = c.num_experts_per_tok;
+    std::vector<float> scores = Random(rows * n, 25);
+    ScoresParams sp{scores.data(), rows, n, c.scoring_func == model::ScoringFunc::kSigmoid};
+    ASSERT_TRUE(Scores(Device{}, sp).ok());
+    const std::vector<float> bias = Random(n, 26, 0.5f);
+    std::vector<int32_t> experts(rows * k, -7);
+    std::vector<float> weights(rows * k);
+    ASSERT_TRUE(SelectExperts(Device{}, {&c, scores.data(), bias.data(), rows, experts.data(),
+                                         weights.data()}).ok());
+    for (int64_t r = 0; r < rows; ++r) {
+      const engine::ExpertChoice want = engine::SelectExperts(
+          c, absl::MakeConstSpan(scores.data() + r * n, n), c.HasScoreBias()
+                                                               ? absl::MakeConstSpan(bias)
+                                                               : absl::Span<const float>());
+      EXPECT_EQ(std::vector<int32_t>(experts.begin() + r * k, experts.begin() + (r + 1) * k),
+                want.experts) << "row " << r;
+      EXPECT_EQ(std::vector<float>(weights.begin() + r * k, weights.begin() + (r + 1) * k),
+                want.weights) << "row " << r;
+    }
+  }
+}
+
+TEST(OpsTest, MlaProjectIsEachHeadsProductWithItsSliceOfKvB) {
+  // 4 heads, nope 24, rope 8, v 20, rank 48; fp32 and BF16 weights, at a decode size (3 rows:
+  // the streamed path for BF16) and a prefill size (40 rows: the heads side by side).
+  const int64_t H = 4, dn = 24, dr = 8, dv = 20, kvr = 48;
+  Bf16Weight kvb(H * (dn + dv), kvr, 31, 0.2f);
+  using Kind = MlaProjectParams::Kind;
+  for (const model::Matrix* w : {&kvb.widened, &kvb.m}) {
+    for (int64_t rows : {3, 40}) {
+      for (Kind kind : {Kind::kAbsorbQuery, Kind::kApplyValue}) {
+        const int64_t in = kind == Kind::kAbsorbQuery ? dn + dr : kvr;
+        const int64_t outw = kind == Kind::kAbsorbQuery ? kvr + dr : dv;
+        const std::vector<float> x = Random(rows * H * in, 32);
+        std::vector<float> out(rows * H * outw, std::nanf(""));
+        const MlaProjectParams p{kind, x.data(), rows, H, dn, dr, dv, w, nullptr, out.data()};
+        ASSERT_TRUE(MlaProject(Device{}, p).ok());
+        const std::vector<float> ref = MlaProjectReference(p, kvb.widened.data);
+        for (size_t i = 0; i < ref.size(); ++i) {
+          ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + std::fabs(ref[i])))
+              << (w->narrow() ? "bf16" : "fp32") << " rows " << rows << " kind "
+              << static_cast<int>(kind) << " at " << i;
+        }
+      }
+    }
+  }
+}
+
 TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
   Inputs in;
   std::vector<float> out(1000);
@@ -302,6 +445,20 @@ TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
   const int32_t* negative_token = &negative;
   refused(Embed(Device{}, {negative_token, 1, &in.w, nullptr, out.data()}), "token id -1 outside");
   refused(Add(Device{}, {out.data(), nullptr, 4}), "null h or delta");
+  refused(Scores(Device{}, {out.data(), 2, 0, false}), "need rows >= 0, n > 0");
+  refused(MlaProject(Device{}, {MlaProjectParams::Kind::kApplyValue, out.data(), 1, 3, 4, 2, 5,
+                                &in.w, nullptr, out.data()}),
+          "need heads * (nope_dim + v_dim) rows");
+  {
+    model::ModelConfig c = GateConfigs()[0];
+    std::vector<int32_t> chosen(8);
+    refused(SelectExperts(Device{}, {nullptr, out.data(), nullptr, 1, chosen.data(), out.data()}),
+            "no model config");
+    c.topk_group = 1;  // one group of 8 experts cannot give 9
+    c.num_experts_per_tok = 9;
+    refused(SelectExperts(Device{}, {&c, out.data(), nullptr, 1, chosen.data(), out.data()}),
+            "cannot give 9 experts");
+  }
   {
     MlaCase c;
     MlaAttentionParams mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
@@ -508,6 +665,46 @@ TEST_F(CudaOpsTest, CudaMlaAttentionEqualsCpuOverOnePool) {
     const void* dev = bf16 ? static_cast<const void*>(pool_bf16.p) : pool.p;
     ASSERT_TRUE(MlaAttention(gpu_, c.Params(dev, dtype, q.p, out.p)).ok());
     ExpectClose(out.Get(), cpu, 1e-5, bf16 ? "MlaAttention bf16" : "MlaAttention fp32");
+  }
+}
+TEST_F(CudaOpsTest, CudaScoresAndSelectExpertsEqualCpu) {
+  for (const model::ModelConfig& c : GateConfigs()) {
+    const int64_t rows = 33, n = c.n_routed_experts, k = c.num_experts_per_tok;
+    const bool sigmoid = c.scoring_func == model::ScoringFunc::kSigmoid;
+    const std::vector<float> logits = Random(rows * n, 27, 2.0f), bias = Random(n, 28, 0.5f);
+    std::vector<float> scores = logits;
+    ASSERT_TRUE(Scores(Device{}, {scores.data(), rows, n, sigmoid}).ok());
+    DeviceBuffer<float> d_scores(logits);
+    ASSERT_TRUE(Scores(gpu_, {d_scores.p, rows, n, sigmoid}).ok());
+    ExpectClose(d_scores.Get(), scores, 1e-6, sigmoid ? "Scores sigmoid" : "Scores softmax");
+    // The selection from the same (CPU) scores: the same experts, weights within rounding.
+    std::vector<int32_t> experts(rows * k);
+    std::vector<float> weights(rows * k);
+    ASSERT_TRUE(SelectExperts(Device{}, {&c, scores.data(), bias.data(), rows, experts.data(),
+                                         weights.data()}).ok());
+    DeviceBuffer<float> s(scores), b(bias), w(std::vector<float>(rows * k));
+    DeviceBuffer<int32_t> e(std::vector<int32_t>(rows * k, -1));
+    ASSERT_TRUE(SelectExperts(gpu_, {&c, s.p, b.p, rows, e.p, w.p}).ok());
+    EXPECT_EQ(e.Get(), experts);
+    ExpectClose(w.Get(), weights, 1e-6, "SelectExperts weights");
+  }
+}
+TEST_F(CudaOpsTest, CudaMlaProjectEqualsCpu) {
+  const int64_t H = 4, dn = 24, dr = 8, dv = 20, kvr = 48, rows = 5;
+  Bf16Weight kvb(H * (dn + dv), kvr, 31, 0.2f);
+  DeviceBuffer<float> w(kvb.widened.data);
+  using Kind = MlaProjectParams::Kind;
+  for (Kind kind : {Kind::kAbsorbQuery, Kind::kApplyValue}) {
+    const int64_t in = kind == Kind::kAbsorbQuery ? dn + dr : kvr;
+    const int64_t outw = kind == Kind::kAbsorbQuery ? kvr + dr : dv;
+    const std::vector<float> x = Random(rows * H * in, 33);
+    std::vector<float> cpu(rows * H * outw);
+    ASSERT_TRUE(MlaProject(Device{}, {kind, x.data(), rows, H, dn, dr, dv, &kvb.widened, nullptr,
+                                      cpu.data()}).ok());
+    DeviceBuffer<float> dx(x), out(std::vector<float>(rows * H * outw, std::nanf("")));
+    ASSERT_TRUE(MlaProject(gpu_, {kind, dx.p, rows, H, dn, dr, dv, &kvb.widened, w.p, out.p}).ok());
+    ExpectClose(out.Get(), cpu, 1e-5,
+                kind == Kind::kAbsorbQuery ? "MlaProject W_UK" : "MlaProject W_UV");
   }
 }
 #else

@@ -43,7 +43,7 @@ struct DevLayer {
   DevMatrix q_proj, q_a_proj, q_b_proj, kv_a_proj, o_proj;
   float* q_a_norm = nullptr;
   float* kv_a_norm = nullptr;
-  float* kv_b = nullptr;  // fp32 [heads * (nope + v), kv_lora_rank]: the absorbed W_UK / W_UV
+  DevMatrix kv_b;  // fp32 [heads * (nope + v), kv_lora_rank]: the absorbed W_UK / W_UV
   DevMatrix dense_gate, dense_up, dense_down;
   DevMatrix gate;              // fp32 [n_routed, hidden]
   float* gate_bias = nullptr;  // [n_routed] or null
@@ -217,7 +217,7 @@ struct GpuEngine::Impl {
     const int64_t block_bytes = kBlockTokens * lat * (bf16 ? 2 : 4);
     SPLITMOE_RETURN_IF_ERROR(kernels::Embed(device, {d_tokens, n, &embed.shape,
                                                      static_cast<const float*>(embed.data), h}));
-    const float one = 1.0f, zero = 0.0f;
+    using Kind = kernels::MlaProjectParams::Kind;
 
     for (DevLayer& w : layers) {
       SPLITMOE_RETURN_IF_ERROR(RmsNorm(h, n, hidden, w.input_norm, xn));
@@ -236,18 +236,9 @@ struct GpuEngine::Impl {
       SPLITMOE_RETURN_IF_ERROR(cu::StoreLatentsDevice(kv, n, lat, start, identity_table,
                                                       kBlockTokens, w.cache, bf16, stream));
       // Absorbed queries qf [n, heads, lat] = [q_nope @ W_UK[h], q_pe].
-      SPLITMOE_RETURN_IF_ERROR(Blas(
-          cublasSgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(kvr),
-                                    static_cast<int>(n), static_cast<int>(dn), &one, w.kv_b,
-                                    static_cast<int>(kvr), (dn + dv) * kvr, q,
-                                    static_cast<int>(heads * qk), qk, &zero, qf,
-                                    static_cast<int>(heads * lat), lat, static_cast<int>(heads)),
-          "absorb W_UK"));
-      SPLITMOE_RETURN_IF_ERROR(Cuda(
-          cudaMemcpy2DAsync(qf + kvr, lat * sizeof(float), q + dn, qk * sizeof(float),
-                            dr * sizeof(float), static_cast<size_t>(n * heads),
-                            cudaMemcpyDeviceToDevice, stream),
-          "q_pe copy"));
+      SPLITMOE_RETURN_IF_ERROR(kernels::MlaProject(
+          device, {Kind::kAbsorbQuery, q, n, heads, dn, dr, dv, &w.kv_b.shape,
+                   static_cast<const float*>(w.kv_b.data), qf}));
       // Attention over the cache (kernels::MlaAttention): prompt position i sees the cache up
       // to itself.
       mla.pool = w.cache;
@@ -256,13 +247,9 @@ struct GpuEngine::Impl {
       }
       SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(device, mla));
       // o [n, heads, dv] = olat[h] @ W_UV[h]^T, then o_proj.
-      SPLITMOE_RETURN_IF_ERROR(Blas(
-          cublasSgemmStridedBatched(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dv),
-                                    static_cast<int>(n), static_cast<int>(kvr), &one,
-                                    w.kv_b + dn * kvr, static_cast<int>(kvr), (dn + dv) * kvr,
-                                    olat, static_cast<int>(heads * kvr), kvr, &zero, o,
-                                    static_cast<int>(heads * dv), dv, static_cast<int>(heads)),
-          "apply W_UV"));
+      SPLITMOE_RETURN_IF_ERROR(kernels::MlaProject(
+          device, {Kind::kApplyValue, olat, n, heads, dn, dr, dv, &w.kv_b.shape,
+                   static_cast<const float*>(w.kv_b.data), o}));
       SPLITMOE_RETURN_IF_ERROR(Linear(o, n, w.o_proj, delta));
       SPLITMOE_RETURN_IF_ERROR(kernels::Add(device, {h, delta, n * hidden}));
 
@@ -275,19 +262,10 @@ struct GpuEngine::Impl {
         SPLITMOE_ASSIGN_OR_RETURN(int32_t* chosen, scratch.Ints(n * k));
         SPLITMOE_ASSIGN_OR_RETURN(float* weights, scratch.Floats(n * k));
         SPLITMOE_RETURN_IF_ERROR(Linear(xn, n, w.gate, scores));
-        SPLITMOE_RETURN_IF_ERROR(cu::ScoresDevice(
-            scores, n, experts, c.scoring_func == model::ScoringFunc::kSigmoid, stream));
-        cu::GateParams p;
-        p.n_experts = static_cast<int32_t>(experts);
-        p.top_k = static_cast<int32_t>(k);
-        p.n_group = static_cast<int32_t>(c.n_group);
-        p.topk_group = static_cast<int32_t>(c.topk_group);
-        p.use_groups = c.UsesGroups();
-        p.top2_group_score = c.topk_method == model::TopkMethod::kNoauxTc;
-        p.norm_topk_prob = c.norm_topk_prob;
-        p.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
-        SPLITMOE_RETURN_IF_ERROR(cu::SelectExpertsDevice(
-            scores, c.HasScoreBias() ? w.gate_bias : nullptr, n, p, chosen, weights, stream));
+        SPLITMOE_RETURN_IF_ERROR(kernels::Scores(
+            device, {scores, n, experts, c.scoring_func == model::ScoringFunc::kSigmoid}));
+        SPLITMOE_RETURN_IF_ERROR(
+            kernels::SelectExperts(device, {&c, scores, w.gate_bias, n, chosen, weights}));
         cu::MoeShape ms{.tokens = static_cast<int32_t>(n),
                         .hidden = static_cast<int32_t>(hidden),
                         .inter = static_cast<int32_t>(c.moe_intermediate_size),
@@ -399,8 +377,7 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Load(const std::string& mo
     SPLITMOE_ASSIGN_OR_RETURN(dl.o_proj, d.Upload(l.attn.o_proj));
     SPLITMOE_ASSIGN_OR_RETURN(dl.q_a_norm, d.UploadVec(l.attn.q_a_norm));
     SPLITMOE_ASSIGN_OR_RETURN(dl.kv_a_norm, d.UploadVec(l.attn.kv_a_norm));
-    SPLITMOE_ASSIGN_OR_RETURN(dl.kv_b, d.UploadF32(l.attn.kv_b_proj.data.data(),
-                                                   l.attn.kv_b_proj.data.size()));
+    SPLITMOE_ASSIGN_OR_RETURN(dl.kv_b, d.Upload(l.attn.kv_b_proj, /*keep_fp32=*/true));
     if (!l.is_moe) {
       SPLITMOE_ASSIGN_OR_RETURN(dl.dense_gate, d.Upload(l.dense.gate));
       SPLITMOE_ASSIGN_OR_RETURN(dl.dense_up, d.Upload(l.dense.up));

@@ -451,6 +451,16 @@ bool NarrowKernelsUseAvx512() { return UseAvx512().load(std::memory_order_relaxe
 
 void SetNarrowKernelsAvx512ForTest(bool use) { UseAvx512().store(use && DetectAvx512()); }
 
+const float* WidenedRows(const model::Matrix& w, int64_t row0, int64_t nrows) {
+  if (!w.narrow()) return w.data.data() + row0 * w.cols;
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < nrows * w.cols) {
+    buffer.resize(static_cast<size_t>(nrows * w.cols));
+  }
+  WidenRows(w, row0, nrows, buffer.data());
+  return buffer.data();
+}
+
 void WidenRows(const Matrix& w, int64_t row0, int64_t nrows, float* out) {
   if (!w.narrow()) {
     std::memcpy(out, w.data.data() + row0 * w.cols,

@@ -29,6 +29,10 @@ namespace splitmoe::kernels {
 // out[nrows, w.cols] = w[row0 : row0 + nrows, :] as fp32. Any weight (fp32, bf16, fp8; not a
 // packed one).
 void WidenRows(const model::Matrix& w, int64_t row0, int64_t nrows, float* out);
+// w's rows [row0, row0 + nrows) as fp32 [nrows, w.cols]: in place for an fp32 weight, else
+// widened into the calling thread's buffer (grows, never shrinks), valid until that thread's
+// next call. One head's slice of kv_b_proj, read by the thread that runs its GEMMs.
+const float* WidenedRows(const model::Matrix& w, int64_t row0, int64_t nrows);
 
 // y[m, w.rows] = x[m, w.cols] @ w^T for a narrow weight (w.narrow()). y is overwritten.
 void NarrowLinear(const float* x, int64_t m, const model::Matrix& w, float* y);

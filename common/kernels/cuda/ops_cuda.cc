@@ -128,6 +128,63 @@ absl::Status AddCuda(const Device& device, const AddParams& p) {
   return cuda::AddDevice(p.h, p.delta, p.n, StreamOf(device));
 }
 
+absl::Status ScoresCuda(const Device& device, const ScoresParams& p) {
+  return cuda::ScoresDevice(p.x, p.rows, p.n, p.sigmoid, StreamOf(device));
+}
+
+absl::Status SelectExpertsCuda(const Device& device, const SelectExpertsParams& p) {
+  const model::ModelConfig& c = *p.config;
+  cuda::GateParams g;
+  g.n_experts = static_cast<int32_t>(c.n_routed_experts);
+  g.top_k = static_cast<int32_t>(c.num_experts_per_tok);
+  g.n_group = static_cast<int32_t>(c.n_group);
+  g.topk_group = static_cast<int32_t>(c.topk_group);
+  g.use_groups = c.UsesGroups();
+  g.top2_group_score = c.topk_method == model::TopkMethod::kNoauxTc;
+  g.norm_topk_prob = c.norm_topk_prob;
+  g.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+  return cuda::SelectExpertsDevice(p.scores, c.HasScoreBias() ? p.bias : nullptr, p.rows, g,
+                                   p.experts, p.weights, StreamOf(device));
+}
+
+absl::Status SupportsMlaProject(const Device& device, const MlaProjectParams& p) {
+  const std::string where = absl::StrCat("MlaProject on ", DeviceName(device), ": ");
+  if (p.kv_b_device == nullptr) return absl::InvalidArgumentError(where + "no fp32 kv_b_proj in device memory");
+  if (device.blas == nullptr) return absl::InvalidArgumentError(where + "no cuBLAS handle");
+  return absl::OkStatus();
+}
+
+// Every head's product as one strided-batched SGEMM (head h's slice of kv_b_proj starts at
+// h * (nope_dim + v_dim) rows); column-major views of the row-major buffers.
+absl::Status MlaProjectCuda(const Device& device, const MlaProjectParams& p) {
+  auto blas = static_cast<cublasHandle_t>(device.blas);
+  const int64_t heads = p.heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim;
+  const int64_t kvr = p.kv_b->cols, qk = dn + dr, lat = kvr + dr;
+  const float one = 1.0f, zero = 0.0f;
+  if (p.kind == MlaProjectParams::Kind::kAbsorbQuery) {
+    SPLITMOE_RETURN_IF_ERROR(cuda::CublasError(
+        cublasSgemmStridedBatched(blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(kvr),
+                                  static_cast<int>(p.rows), static_cast<int>(dn), &one,
+                                  p.kv_b_device, static_cast<int>(kvr), (dn + dv) * kvr, p.x,
+                                  static_cast<int>(heads * qk), qk, &zero, p.out,
+                                  static_cast<int>(heads * lat), lat, static_cast<int>(heads)),
+        "MlaProject: q_nope @ W_UK"));
+    if (dr == 0) return absl::OkStatus();
+    return cuda::CudaError(
+        cudaMemcpy2DAsync(p.out + kvr, lat * sizeof(float), p.x + dn, qk * sizeof(float),
+                          dr * sizeof(float), static_cast<size_t>(p.rows * heads),
+                          cudaMemcpyDeviceToDevice, StreamOf(device)),
+        "MlaProject: q_pe");
+  }
+  return cuda::CublasError(
+      cublasSgemmStridedBatched(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(dv),
+                                static_cast<int>(p.rows), static_cast<int>(kvr), &one,
+                                p.kv_b_device + dn * kvr, static_cast<int>(kvr), (dn + dv) * kvr,
+                                p.x, static_cast<int>(heads * kvr), kvr, &zero, p.out,
+                                static_cast<int>(heads * dv), dv, static_cast<int>(heads)),
+      "MlaProject: x @ W_UV^T");
+}
+
 // One kernel batch entry per query row: its sequence's block table (block indices in the pool)
 // and the keys it sees (causal), built on the host and copied with the workspace's allocation.
 absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
@@ -201,6 +258,10 @@ const OpsBackend kCudaOps = {
     .add = AddCuda,
     .supports_mla = SupportsMla,
     .mla_attention = MlaCuda,
+    .scores = ScoresCuda,
+    .select_experts = SelectExpertsCuda,
+    .supports_mla_project = SupportsMlaProject,
+    .mla_project = MlaProjectCuda,
 };
 
 }  // namespace
