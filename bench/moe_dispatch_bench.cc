@@ -39,6 +39,7 @@
 #include "common/engine/overlap.h"
 #include "common/engine/routing.h"
 #include "common/expert_plane/direct_moe.h"
+#include "common/kernels/cpu/experts.h"
 #include "common/expert_plane/routing_table_watcher.h"
 #include "common/process/subprocess.h"
 
@@ -172,7 +173,7 @@ int Main(int reps, int shards, std::string dir, const std::string& expert_cpus,
       std::vector<int32_t> idx(static_cast<size_t>(rows));
       for (int64_t r = 0; r < rows; ++r) idx[static_cast<size_t>(r)] = static_cast<int32_t>(r);
       if (c.n_shared_experts > 0) {
-        engine::AccumulateExpert(shared, x.data() + first * h, h, idx,
+        kernels::AccumulateExpert(shared, x.data() + first * h, h, idx,
                                  std::vector<float>(static_cast<size_t>(rows), 1.0f), s.data());
       }
       return routed->Wait();

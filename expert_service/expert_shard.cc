@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/engine/transformer.h"
+#include "common/kernels/ops.h"
 #include "common/model/checkpoint.h"
 
 namespace splitmoe::expert_service {
@@ -149,25 +150,35 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
       }
     }
   }
-  if (device_ != nullptr) {
-    return device_->Compute(layer, hidden, tokens, offsets, expert_ids, weights, out);
-  }
-  // Group (token, weight) by expert, then the engine's AccumulateExperts (grouped at decode sizes).
-  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(config_.n_routed_experts));
-  std::vector<std::vector<float>> gate(static_cast<size_t>(config_.n_routed_experts));
+  // [tokens, top_k] slots, a token with fewer experts here padded with empty ones: what
+  // kernels::RoutedExperts takes on every device.
+  int64_t top_k = 0;
+  for (int64_t t = 0; t < tokens; ++t) top_k = std::max<int64_t>(top_k, offsets[t + 1] - offsets[t]);
+  std::vector<int32_t> slots(static_cast<size_t>(tokens * top_k), kernels::kNoExpertSlot);
+  std::vector<float> slot_weights(static_cast<size_t>(tokens * top_k), 0.0f);
   for (int64_t t = 0; t < tokens; ++t) {
     for (int32_t i = offsets[t]; i < offsets[t + 1]; ++i) {
-      const int32_t e = expert_ids[i];
-      rows[e].push_back(static_cast<int32_t>(t));
-      gate[e].push_back(weights[i]);
+      slots[static_cast<size_t>(t * top_k + (i - offsets[t]))] = expert_ids[i];
+      slot_weights[static_cast<size_t>(t * top_k + (i - offsets[t]))] = weights[i];
     }
   }
-  std::fill(out.begin(), out.end(), 0.0f);
-  std::vector<engine::ExpertRows> selected;
-  for (int32_t e = 0; e < config_.n_routed_experts; ++e) {
-    if (!rows[e].empty()) selected.push_back({w->experts[static_cast<size_t>(e)].get(), rows[e], gate[e]});
+  if (device_ != nullptr) {
+    return device_->Compute(layer, hidden, tokens, top_k, slots, slot_weights, out);
   }
-  return engine::AccumulateExperts(selected, hidden.data(), h, out.data());
+  std::vector<const model::MlpWeights*> held;
+  held.reserve(w->experts.size());
+  for (const auto& e : w->experts) held.push_back(e.get());
+  kernels::RoutedExpertsParams p;
+  p.x = hidden.data();
+  p.tokens = tokens;
+  p.hidden = h;
+  p.inter = config_.moe_intermediate_size;
+  p.top_k = top_k;
+  p.experts = slots.data();
+  p.weights = slot_weights.data();
+  p.host = held;
+  p.out = out.data();
+  return kernels::RoutedExperts(kernels::Device{}, p);
 }
 
 }  // namespace splitmoe::expert_service

@@ -46,15 +46,15 @@ struct ShardSpec {
 // "cpu", or "cuda:N fp32" / "cuda:N bf16": what a shard of `spec` reports as its device.
 std::string ShardDeviceName(const ShardSpec& spec);
 
-// A shard's experts resident on an accelerator. Compute has ExpertShard::Compute's contract,
-// on a batch ExpertShard::Compute has already checked; it may be called from several threads.
+// A shard's experts resident on an accelerator. Compute runs kernels::RoutedExperts on a batch
+// ExpertShard::Compute has already checked, its choice as [tokens, top_k] slots (a token with
+// fewer experts here padded with kernels::kNoExpertSlot); it may be called from several threads.
 class DeviceExperts {
  public:
   virtual ~DeviceExperts() = default;
   virtual absl::Status Compute(int64_t layer, absl::Span<const float> hidden, int64_t tokens,
-                               absl::Span<const int32_t> offsets,
-                               absl::Span<const int32_t> expert_ids,
-                               absl::Span<const float> weights, absl::Span<float> out) = 0;
+                               int64_t top_k, absl::Span<const int32_t> slot_experts,
+                               absl::Span<const float> slot_weights, absl::Span<float> out) = 0;
   // Bytes of weights resident on the device.
   virtual uint64_t resident_bytes() const = 0;
 };

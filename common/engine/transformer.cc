@@ -34,41 +34,6 @@ int64_t StartOf(const SequenceChunk& chunk) {
 
 namespace {
 
-// ys[r] = expert(x[rows[r]]) for r < rows.size(); ys [rows.size(), hidden].
-void RunExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
-               absl::Span<const int32_t> rows, float* ys) {
-  const auto n = static_cast<int64_t>(rows.size());
-  const int64_t inter = expert.gate.rows;
-  for (int64_t i = 0; i < n; ++i)
-    std::memcpy(ys + i * hidden, x + rows[i] * hidden, hidden * sizeof(float));
-  std::vector<float> g(static_cast<size_t>(n * inter)), u(static_cast<size_t>(n * inter));
-  kernels::Linear(ys, n, expert.gate, g.data());
-  kernels::Linear(ys, n, expert.up, u.data());
-  kernels::SiluMul(g.data(), u.data(), n * inter);
-  kernels::Linear(g.data(), n, expert.down, ys);
-}
-
-// out[rows[r]] += weight[r] * ys[r].
-void AddWeighted(absl::Span<const int32_t> rows, absl::Span<const float> weight, const float* ys,
-                 int64_t hidden, float* out) {
-  for (size_t r = 0; r < rows.size(); ++r) {
-    float* o = out + rows[r] * hidden;
-    const float* y = ys + static_cast<int64_t>(r) * hidden;
-    for (int64_t j = 0; j < hidden; ++j) o[j] += weight[r] * y[j];
-  }
-}
-
-}  // namespace
-
-void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
-                      absl::Span<const int32_t> rows, absl::Span<const float> weight, float* out) {
-  std::vector<float> ys(rows.size() * static_cast<size_t>(hidden));
-  RunExpert(expert, x, hidden, rows, ys.data());
-  AddWeighted(rows, weight, ys.data(), hidden, out);
-}
-
-namespace {
-
 // A thread's buffers for the expanded attention: one head's keys and values, one query tile's
 // scores. Grow, never shrink.
 struct ExpandedScratch {
@@ -83,107 +48,10 @@ ExpandedScratch& ThreadExpandedScratch() {
 // see, so a prompt's causal half of the score matrix is mostly skipped.
 constexpr int64_t kQueryTile = 64;
 
-// Whether a projection of `rows` rows runs as a kernels::GroupedLinear task.
-bool Grouped(const model::Matrix& w, int64_t rows) {
-  return w.narrow() && rows <= kernels::kNarrowStreamMaxRows;
-}
-
-kernels::LinearTask Task(const float* x, int64_t ldx, int64_t m, const model::Matrix& w, float* y,
-                         int64_t ldy) {
-  return {x, ldx, m, &w, 0, w.rows, false, y, ldy};
-}
+using kernels::Grouped;
+using kernels::Task;
 
 }  // namespace
-
-absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float* x,
-                               int64_t hidden, float* out) {
-  bool grouped = !experts.empty();
-  int64_t total = 0;
-  for (const ExpertRows& e : experts) {
-    const auto n = static_cast<int64_t>(e.rows.size());
-    grouped = grouped && Grouped(e.expert->gate, n) && Grouped(e.expert->up, n) &&
-              Grouped(e.expert->down, n) && e.expert->gate.rows == experts[0].expert->gate.rows;
-    total += n;
-  }
-  if (!grouped) {
-    bool narrow = true;
-    for (const ExpertRows& e : experts) {
-      narrow = narrow && e.expert->gate.narrow() && e.expert->up.narrow() && e.expert->down.narrow();
-    }
-    // Side by side only where there are experts enough to keep every thread busy; else one
-    // expert at a time, each over all the threads.
-    if (!narrow || static_cast<int64_t>(experts.size()) < 2 * kernels::CpuThreads()) {
-      for (const ExpertRows& e : experts) {
-        if (!e.rows.empty()) AccumulateExpert(*e.expert, x, hidden, e.rows, e.weight, out);
-      }
-      return absl::OkStatus();
-    }
-    // Prefill over narrow weights: experts side by side, each on one thread (its weight panels
-    // widened once, its GEMMs on that thread), into their own rows of ys; then the weighted
-    // sums in expert order, the same sums as one expert at a time. In waves of at most
-    // kWaveFloats outputs, so a long batch holds a bounded buffer.
-    constexpr int64_t kWaveFloats = int64_t{16} << 20;  // 64 MiB
-    std::vector<float> ys;
-    size_t begin = 0;
-    while (begin < experts.size()) {
-      size_t end = begin;
-      std::vector<int64_t> first = {0};
-      while (end < experts.size() &&
-             (end == begin ||
-              (first.back() + static_cast<int64_t>(experts[end].rows.size())) * hidden <=
-                  kWaveFloats)) {
-        first.push_back(first.back() + static_cast<int64_t>(experts[end].rows.size()));
-        ++end;
-      }
-      ys.resize(static_cast<size_t>(first.back() * hidden));
-      kernels::ParallelFor(static_cast<int64_t>(end - begin), [&](int64_t i) {
-        const ExpertRows& e = experts[begin + static_cast<size_t>(i)];
-        if (!e.rows.empty()) RunExpert(*e.expert, x, hidden, e.rows, ys.data() + first[i] * hidden);
-      });
-      for (size_t i = begin; i < end; ++i) {
-        AddWeighted(experts[i].rows, experts[i].weight, ys.data() + first[i - begin] * hidden,
-                    hidden, out);
-      }
-      begin = end;
-    }
-    return absl::OkStatus();
-  }
-  const int64_t inter = experts[0].expert->gate.rows;
-  std::vector<float> xs(static_cast<size_t>(total * hidden));
-  std::vector<float> g(static_cast<size_t>(total * inter)), u(static_cast<size_t>(total * inter));
-  std::vector<kernels::LinearTask> tasks;
-  tasks.reserve(2 * experts.size());
-  int64_t off = 0;
-  for (const ExpertRows& e : experts) {
-    const auto n = static_cast<int64_t>(e.rows.size());
-    if (n == 0) continue;
-    for (int64_t i = 0; i < n; ++i)
-      std::memcpy(xs.data() + (off + i) * hidden, x + e.rows[i] * hidden, hidden * sizeof(float));
-    tasks.push_back(
-        Task(xs.data() + off * hidden, hidden, n, e.expert->gate, g.data() + off * inter, inter));
-    tasks.push_back(
-        Task(xs.data() + off * hidden, hidden, n, e.expert->up, u.data() + off * inter, inter));
-    off += n;
-  }
-  SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
-  kernels::SiluMul(g.data(), u.data(), total * inter);
-  tasks.clear();
-  off = 0;
-  for (const ExpertRows& e : experts) {
-    const auto n = static_cast<int64_t>(e.rows.size());
-    if (n == 0) continue;
-    tasks.push_back(
-        Task(g.data() + off * inter, inter, n, e.expert->down, xs.data() + off * hidden, hidden));
-    off += n;
-  }
-  SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(tasks));
-  off = 0;
-  for (const ExpertRows& e : experts) {
-    AddWeighted(e.rows, e.weight, xs.data() + off * hidden, hidden, out);
-    off += static_cast<int64_t>(e.rows.size());
-  }
-  return absl::OkStatus();
-}
 
 std::unique_ptr<MoeExecutor::Pending> LocalMoeExecutor::Start(int64_t layer, const float* x,
                                                               const float* scores, int64_t rows,
@@ -197,33 +65,27 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
       layer < config_.num_hidden_layers
           ? weights_.layers[static_cast<size_t>(layer)]
           : weights_.mtp[static_cast<size_t>(layer - config_.num_hidden_layers)].block;
-  const int64_t n = config_.n_routed_experts, hidden = config_.hidden_size;
-  std::vector<std::vector<int32_t>> token_rows(static_cast<size_t>(n));
-  std::vector<std::vector<float>> token_weights(static_cast<size_t>(n));
   const int64_t k = config_.num_experts_per_tok;
   std::vector<int32_t> experts(static_cast<size_t>(rows * k));
   std::vector<float> weights(static_cast<size_t>(rows * k));
+  const kernels::Device cpu;
   SPLITMOE_RETURN_IF_ERROR(kernels::SelectExperts(
-      kernels::Device{}, {&config_, scores, w.gate_bias.empty() ? nullptr : w.gate_bias.data(),
-                          rows, experts.data(), weights.data()}));
-  for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t i = t * k; i < (t + 1) * k; ++i) {
-      token_rows[experts[i]].push_back(static_cast<int32_t>(t));
-      token_weights[experts[i]].push_back(weights[i]);
-    }
-  }
-  std::fill(out, out + rows * hidden, 0.0f);
-  std::vector<ExpertRows> selected;
-  for (int64_t e = 0; e < n; ++e) {
-    if (token_rows[e].empty()) continue;
-    const model::MlpWeights* expert = w.experts[static_cast<size_t>(e)].get();
-    if (expert == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("layer ", layer, ": routed expert ", e, " is not loaded in this process"));
-    }
-    selected.push_back({expert, token_rows[e], token_weights[e]});
-  }
-  return AccumulateExperts(selected, x, hidden, out);
+      cpu, {&config_, scores, w.gate_bias.empty() ? nullptr : w.gate_bias.data(), rows,
+            experts.data(), weights.data()}));
+  std::vector<const model::MlpWeights*> held;
+  held.reserve(w.experts.size());
+  for (const auto& e : w.experts) held.push_back(e.get());
+  kernels::RoutedExpertsParams p;
+  p.x = x;
+  p.tokens = rows;
+  p.hidden = config_.hidden_size;
+  p.inter = config_.moe_intermediate_size;
+  p.top_k = k;
+  p.experts = experts.data();
+  p.weights = weights.data();
+  p.host = held;
+  p.out = out;
+  return Annotate(kernels::RoutedExperts(cpu, p), absl::StrCat("layer ", layer, " in this process"));
 }
 
 namespace {

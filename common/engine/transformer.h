@@ -90,27 +90,6 @@ class LocalMoeExecutor : public MoeExecutor {
   const model::ModelWeights& weights_;
 };
 
-// Runs `expert` on `rows` rows of x and adds weight[r] * expert(x[r]) to out[index[r]].
-void AccumulateExpert(const model::MlpWeights& expert, const float* x, int64_t hidden,
-                      absl::Span<const int32_t> rows, absl::Span<const float> weight, float* out);
-
-// One expert's share of a MoE layer: the rows of x routed to it and their gate weights.
-struct ExpertRows {
-  const model::MlpWeights* expert = nullptr;
-  absl::Span<const int32_t> rows;
-  absl::Span<const float> weight;
-};
-
-// AccumulateExpert for every expert of a layer. Where every expert holds narrow (BF16/FP8)
-// weights and none has more than kernels::kNarrowStreamMaxRows rows (decode), all their gate and
-// up projections run as one kernels::GroupedLinear, then all their down projections as another:
-// two parallel regions for the layer instead of three per expert. Narrow weights with more rows
-// and experts enough for every thread (prefill) run side by side, one expert per thread, in
-// waves of bounded output. Otherwise one expert at a time over all the threads. Every path adds
-// the experts' outputs in the order given, so the results are the same sums.
-absl::Status AccumulateExperts(absl::Span<const ExpertRows> experts, const float* x,
-                               int64_t hidden, float* out);
-
 // Packs, for oneDNN, every weight the forward pass only uses through kernels::Linear (all
 // projections, experts, gate, output heads; not the embeddings nor kv_b_proj, whose per-head
 // slices are read directly) and releases their plain copies. Call once after loading, before

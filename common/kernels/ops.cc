@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "common/engine/routing.h"
+#include "common/kernels/cpu/experts.h"
 #include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu/threads.h"
 #include "common/kernels/cpu_ops.h"
@@ -381,7 +382,7 @@ absl::Status MlaProjectCpu(const MlaProjectParams& p) {
   const model::Matrix& kvb = *p.kv_b;
   const int64_t heads = p.heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim;
   const int64_t kvr = kvb.cols, qk = dn + dr, lat = kvr + dr, rows = p.rows;
-  const bool grouped = kvb.narrow() && rows <= kNarrowStreamMaxRows;
+  const bool grouped = Grouped(kvb, rows);
   const bool parallel_heads = kvb.narrow() && !grouped;
   auto for_heads = [&](const std::function<void(int64_t)>& body) {
     if (parallel_heads) {
@@ -432,6 +433,75 @@ absl::Status MlaProject(const Device& device, const MlaProjectParams& p) {
   if (p.rows == 0) return absl::OkStatus();
   if (device.backend == Backend::kCpu) return MlaProjectCpu(p);
   return Cuda().mla_project(device, p);
+}
+
+// ---- RoutedExperts
+
+absl::Status Supports(const Device& device, const RoutedExpertsParams& p) {
+  if (absl::Status s = CheckDevice(device, "RoutedExperts"); !s.ok()) return s;
+  if (p.tokens < 0 || p.hidden <= 0 || p.inter <= 0 || p.top_k < 0) {
+    return Unsupported(device, "RoutedExperts",
+                       absl::StrCat(p.tokens, " tokens of ", p.hidden, " values, ", p.top_k,
+                                    " slots, inter ", p.inter,
+                                    ": need tokens >= 0, top_k >= 0, hidden and inter > 0"));
+  }
+  if (p.tokens > 0 && (p.x == nullptr || p.out == nullptr ||
+                       (p.top_k > 0 && (p.experts == nullptr || p.weights == nullptr)))) {
+    return Unsupported(device, "RoutedExperts", "null x, out, experts or weights");
+  }
+  if (device.backend == Backend::kCpu) {
+    for (size_t e = 0; e < p.host.size(); ++e) {
+      const model::MlpWeights* w = p.host[e];
+      if (w != nullptr && (w->gate.rows != p.inter || w->gate.cols != p.hidden ||
+                           w->up.rows != p.inter || w->up.cols != p.hidden ||
+                           w->down.rows != p.hidden || w->down.cols != p.inter)) {
+        return Unsupported(device, "RoutedExperts",
+                           absl::StrCat("expert ", e, " is not a ", p.hidden, " -> ", p.inter,
+                                        " -> ", p.hidden, " MLP"));
+      }
+    }
+    return absl::OkStatus();
+  }
+  return Cuda().supports_routed_experts(device, p);
+}
+
+absl::Status RoutedExperts(const Device& device, const RoutedExpertsParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.tokens == 0) return absl::OkStatus();
+  if (device.backend != Backend::kCpu) return Cuda().routed_experts(device, p);
+  // Every slot checked before anything is computed; then (token, weight) grouped by expert, in
+  // ascending id order, so each token's experts are added in that order.
+  const auto n = static_cast<int64_t>(p.host.size());
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(n));
+  std::vector<std::vector<float>> gate(static_cast<size_t>(n));
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    for (int64_t i = t * p.top_k; i < (t + 1) * p.top_k; ++i) {
+      const int32_t e = p.experts[i];
+      if (e == kNoExpertSlot) continue;
+      if (e < 0 || e >= n || p.host[static_cast<size_t>(e)] == nullptr) {
+        return Unsupported(device, "RoutedExperts",
+                           absl::StrCat("token ", t, ": expert ", e, " is not held (", n,
+                                        " experts by id)"));
+      }
+      for (int64_t j = t * p.top_k; j < i; ++j) {
+        if (p.experts[j] == e) {
+          return Unsupported(device, "RoutedExperts",
+                             absl::StrCat("token ", t, " names expert ", e, " twice"));
+        }
+      }
+      rows[static_cast<size_t>(e)].push_back(static_cast<int32_t>(t));
+      gate[static_cast<size_t>(e)].push_back(p.weights[i]);
+    }
+  }
+  std::fill(p.out, p.out + p.tokens * p.hidden, 0.0f);
+  std::vector<ExpertRows> selected;
+  for (int64_t e = 0; e < n; ++e) {
+    if (!rows[static_cast<size_t>(e)].empty()) {
+      selected.push_back({p.host[static_cast<size_t>(e)], rows[static_cast<size_t>(e)],
+                          gate[static_cast<size_t>(e)]});
+    }
+  }
+  return AccumulateExperts(selected, p.x, p.hidden, p.out);
 }
 
 }  // namespace splitmoe::kernels

@@ -25,8 +25,10 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/kernels/cpu/mla_attention.h"
+#include "absl/types/span.h"
 #include "common/model/config.h"
 #include "common/model/tensor.h"
+#include "common/model/weights.h"
 
 namespace splitmoe::kernels {
 
@@ -195,6 +197,36 @@ struct SelectExpertsParams {
 absl::Status Supports(const Device& device, const SelectExpertsParams& p);
 absl::Status SelectExperts(const Device& device, const SelectExpertsParams& p);
 
+// The routed experts of one MoE layer: out [tokens, hidden] = sum over each token's slots of
+// weight * expert(x[token]), expert(x) = down(silu(gate x) * up x), with experts/weights
+// [tokens, top_k] (a token's choice; kNoExpertSlot marks an empty slot, as a shard pads a token
+// with fewer of its experts). Each token's experts are added in ascending id order, with no
+// atomics, so every backend and batch gives the same sums. A token naming one expert twice is
+// refused where the host can read the slots (the CPU).
+// Experts are indexed by id, null where not held. On the CPU `host[e]` (fp32, packed, BF16 or
+// FP8 in place); a slot naming an expert outside [0, host.size()) or not held is refused. On
+// CUDA `gate_up_device[e]` [2 * inter, hidden] (gate_proj rows, then up_proj rows) and
+// `down_device[e]` [hidden, inter] in `device_dtype` (fp32, or BF16 with BF16 activations at
+// the GEMMs' inputs); slots are device memory there, which the host cannot read: slots naming
+// an expert not held are skipped, so callers check them first (ExpertShard does).
+inline constexpr int32_t kNoExpertSlot = -1;
+struct RoutedExpertsParams {
+  const float* x = nullptr;
+  int64_t tokens = 0;
+  int64_t hidden = 0;
+  int64_t inter = 0;
+  int64_t top_k = 0;
+  const int32_t* experts = nullptr;
+  const float* weights = nullptr;
+  absl::Span<const model::MlpWeights* const> host;
+  absl::Span<const void* const> gate_up_device;
+  absl::Span<const void* const> down_device;
+  model::WeightDType device_dtype = model::WeightDType::kFloat32;
+  float* out = nullptr;
+};
+absl::Status Supports(const Device& device, const RoutedExpertsParams& p);
+absl::Status RoutedExperts(const Device& device, const RoutedExpertsParams& p);
+
 // The implementations of a backend other than the CPU, run after the params were checked (the
 // generic checks here, then the backend's own `supports`). Installed by the backend's library
 // (cuda/ops_cuda.h); process-wide, set once before use.
@@ -213,6 +245,8 @@ struct OpsBackend {
   absl::Status (*select_experts)(const Device&, const SelectExpertsParams&) = nullptr;
   absl::Status (*supports_mla_project)(const Device&, const MlaProjectParams&) = nullptr;
   absl::Status (*mla_project)(const Device&, const MlaProjectParams&) = nullptr;
+  absl::Status (*supports_routed_experts)(const Device&, const RoutedExpertsParams&) = nullptr;
+  absl::Status (*routed_experts)(const Device&, const RoutedExpertsParams&) = nullptr;
 };
 void SetOpsBackend(Backend backend, const OpsBackend* table);
 

@@ -14,6 +14,8 @@
 #include "common/base/status_macros.h"
 #include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cuda/cuda_ops.h"
+#include "common/kernels/cuda/ops_cuda.h"
+#include "common/kernels/ops.h"
 #include "expert_service/expert_shard.h"
 
 namespace splitmoe::expert_service {
@@ -56,6 +58,7 @@ class CudaExperts final : public DeviceExperts {
     SPLITMOE_RETURN_IF_ERROR(cu::CudaError(cudaStreamCreate(&d->stream_), "cudaStreamCreate"));
     SPLITMOE_RETURN_IF_ERROR(cu::CublasError(cublasCreate(&d->blas_), "cublasCreate"));
     SPLITMOE_RETURN_IF_ERROR(cu::CublasError(cublasSetStream(d->blas_, d->stream_), "cublasSetStream"));
+    kernels::EnableCudaOps();
     // The reference mode gives fp32 products: no TF32 (cuBLAS's default math may use it).
     if (!d->bf16_) {
       SPLITMOE_RETURN_IF_ERROR(
@@ -86,25 +89,14 @@ class CudaExperts final : public DeviceExperts {
   uint64_t resident_bytes() const override { return bytes_; }
 
   absl::Status Compute(int64_t layer, absl::Span<const float> hidden, int64_t tokens,
-                       absl::Span<const int32_t> offsets, absl::Span<const int32_t> expert_ids,
-                       absl::Span<const float> weights, absl::Span<float> out) override {
+                       int64_t top_k, absl::Span<const int32_t> ids,
+                       absl::Span<const float> w, absl::Span<float> out) override {
     if (layer < 0 || layer >= static_cast<int64_t>(layers_.size()) ||
         layers_[static_cast<size_t>(layer)].gate_up.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer"));
     }
     std::fill(out.begin(), out.end(), 0.0f);
-    int64_t top_k = 0;
-    for (int64_t t = 0; t < tokens; ++t) top_k = std::max<int64_t>(top_k, offsets[t + 1] - offsets[t]);
     if (tokens == 0 || top_k == 0) return absl::OkStatus();
-    // [tokens, top_k] slots, a token with fewer experts here padded with empty ones.
-    std::vector<int32_t> ids(static_cast<size_t>(tokens * top_k), cu::kNoExpert);
-    std::vector<float> w(static_cast<size_t>(tokens * top_k), 0.0f);
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int32_t i = offsets[t]; i < offsets[t + 1]; ++i) {
-        ids[static_cast<size_t>(t * top_k + (i - offsets[t]))] = expert_ids[i];
-        w[static_cast<size_t>(t * top_k + (i - offsets[t]))] = weights[i];
-      }
-    }
     std::lock_guard<std::mutex> lock(mu_);
     SPLITMOE_RETURN_IF_ERROR(cu::CudaError(cudaSetDevice(device_), "cudaSetDevice"));
     SPLITMOE_RETURN_IF_ERROR(Reserve(tokens * hidden_, tokens * top_k));
@@ -123,25 +115,20 @@ class CudaExperts final : public DeviceExperts {
           "copy in");
     }
     const Tables& table = layers_[static_cast<size_t>(layer)];
-    const cu::MoeShape shape{.tokens = static_cast<int32_t>(tokens),
-                             .hidden = static_cast<int32_t>(hidden_),
-                             .inter = static_cast<int32_t>(inter_),
-                             .top_k = static_cast<int32_t>(top_k),
-                             .n_experts = static_cast<int32_t>(n_experts_)};
-    if (s.ok() && bf16_) {
-      std::vector<const __nv_bfloat16*> gu(table.gate_up.size()), dn(table.down.size());
-      for (size_t e = 0; e < gu.size(); ++e) {
-        gu[e] = static_cast<const __nv_bfloat16*>(table.gate_up[e]);
-        dn[e] = static_cast<const __nv_bfloat16*>(table.down[e]);
-      }
-      s = cu::MoeExpertsDevice(blas_, x_, ids_, w_, gu, dn, shape, out_, stream_);
-    } else if (s.ok()) {
-      std::vector<const float*> gu(table.gate_up.size()), dn(table.down.size());
-      for (size_t e = 0; e < gu.size(); ++e) {
-        gu[e] = static_cast<const float*>(table.gate_up[e]);
-        dn[e] = static_cast<const float*>(table.down[e]);
-      }
-      s = cu::MoeExpertsF32Device(blas_, x_, ids_, w_, gu, dn, shape, out_, stream_);
+    if (s.ok()) {
+      kernels::RoutedExpertsParams p;
+      p.x = x_;
+      p.tokens = tokens;
+      p.hidden = hidden_;
+      p.inter = inter_;
+      p.top_k = top_k;
+      p.experts = ids_;
+      p.weights = w_;
+      p.gate_up_device = table.gate_up;
+      p.down_device = table.down;
+      p.device_dtype = bf16_ ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
+      p.out = out_;
+      s = kernels::RoutedExperts(kernels::Device{kernels::Backend::kCuda, device_, stream_, blas_}, p);
     }
     if (s.ok()) {
       s = cu::CudaError(

@@ -9,6 +9,7 @@
 
 #include "common/engine/transformer.h"
 #include "common/kernels/cpu/mla_attention.h"
+#include "common/kernels/cpu/experts.h"
 #include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu_ops.h"
 #include "common/model/numeric.h"
@@ -292,8 +293,8 @@ TEST_P(NarrowKernelTest, GroupedLinearRefusesWhatItDoesNotRun) {
   }
 }
 
-// engine::AccumulateExperts over narrow experts equals adding one expert at a time
-// (engine::AccumulateExpert), bit for bit, on each of its paths: decode sizes (grouped), prefill
+// AccumulateExperts over narrow experts equals adding one expert at a time
+// (AccumulateExpert), bit for bit, on each of its paths: decode sizes (grouped), prefill
 // sizes with experts enough for every thread (side by side), few experts (one at a time).
 TEST_P(NarrowKernelTest, AccumulateExpertsEqualsOneExpertAtATime) {
   const int64_t hidden = 256, inter = 128;
@@ -320,15 +321,15 @@ TEST_P(NarrowKernelTest, AccumulateExpertsEqualsOneExpertAtATime) {
           weights[e].push_back(0.25f + 0.5f * static_cast<float>(rng() % 100) / 100.0f);
         }
       }
-      std::vector<engine::ExpertRows> selected;
+      std::vector<ExpertRows> selected;
       std::vector<float> expected(static_cast<size_t>(tokens * hidden), 0.0f);
       for (size_t e = 0; e < used; ++e) {
         if (rows[e].empty()) continue;
         selected.push_back({&experts[e], rows[e], weights[e]});
-        engine::AccumulateExpert(experts[e], x.data(), hidden, rows[e], weights[e], expected.data());
+        AccumulateExpert(experts[e], x.data(), hidden, rows[e], weights[e], expected.data());
       }
       std::vector<float> got(static_cast<size_t>(tokens * hidden), 0.0f);
-      ASSERT_TRUE(engine::AccumulateExperts(selected, x.data(), hidden, got.data()).ok());
+      ASSERT_TRUE(AccumulateExperts(selected, x.data(), hidden, got.data()).ok());
       for (size_t i = 0; i < got.size(); ++i) {
         ASSERT_EQ(std::memcmp(&got[i], &expected[i], 4), 0)
             << model::WeightDTypeName(dtype) << " tokens=" << tokens << " experts=" << used

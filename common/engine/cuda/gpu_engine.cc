@@ -266,24 +266,19 @@ struct GpuEngine::Impl {
             device, {scores, n, experts, c.scoring_func == model::ScoringFunc::kSigmoid}));
         SPLITMOE_RETURN_IF_ERROR(
             kernels::SelectExperts(device, {&c, scores, w.gate_bias, n, chosen, weights}));
-        cu::MoeShape ms{.tokens = static_cast<int32_t>(n),
-                        .hidden = static_cast<int32_t>(hidden),
-                        .inter = static_cast<int32_t>(c.moe_intermediate_size),
-                        .top_k = static_cast<int32_t>(k),
-                        .n_experts = static_cast<int32_t>(experts)};
-        if (bf16) {
-          std::vector<const __nv_bfloat16*> gu, dn_;
-          for (const void* p2 : w.experts_gate_up) gu.push_back(static_cast<const __nv_bfloat16*>(p2));
-          for (const void* p2 : w.experts_down) dn_.push_back(static_cast<const __nv_bfloat16*>(p2));
-          SPLITMOE_RETURN_IF_ERROR(
-              cu::MoeExpertsDevice(blas, xn, chosen, weights, gu, dn_, ms, delta, stream));
-        } else {
-          std::vector<const float*> gu, dn_;
-          for (const void* p2 : w.experts_gate_up) gu.push_back(static_cast<const float*>(p2));
-          for (const void* p2 : w.experts_down) dn_.push_back(static_cast<const float*>(p2));
-          SPLITMOE_RETURN_IF_ERROR(
-              cu::MoeExpertsF32Device(blas, xn, chosen, weights, gu, dn_, ms, delta, stream));
-        }
+        kernels::RoutedExpertsParams routed;
+        routed.x = xn;
+        routed.tokens = n;
+        routed.hidden = hidden;
+        routed.inter = c.moe_intermediate_size;
+        routed.top_k = k;
+        routed.experts = chosen;
+        routed.weights = weights;
+        routed.gate_up_device = w.experts_gate_up;
+        routed.down_device = w.experts_down;
+        routed.device_dtype = bf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
+        routed.out = delta;
+        SPLITMOE_RETURN_IF_ERROR(kernels::RoutedExperts(device, routed));
         if (!w.shared_gate.empty()) {
           SPLITMOE_ASSIGN_OR_RETURN(float* shared, scratch.Floats(n * hidden));
           SPLITMOE_RETURN_IF_ERROR(

@@ -58,6 +58,17 @@ struct LinearTask {
   int64_t ldy = 0;
 };
 
+// Whether a product of `rows` rows of x with w runs as a GroupedLinear task: a narrow weight at
+// decode sizes.
+inline bool Grouped(const model::Matrix& w, int64_t rows) {
+  return w.narrow() && rows <= kNarrowStreamMaxRows;
+}
+// The task y[m, w.rows] = x[m, w.cols] @ w^T over all of w.
+inline LinearTask Task(const float* x, int64_t ldx, int64_t m, const model::Matrix& w, float* y,
+                       int64_t ldy) {
+  return {x, ldx, m, &w, 0, w.rows, false, y, ldy};
+}
+
 // Whether GroupedLinear runs this task: a narrow weight (BF16 or FP8), at most
 // kNarrowStreamMaxRows rows of x, rows and strides within the weight and the buffers.
 bool GroupedLinearSupports(const LinearTask& task);

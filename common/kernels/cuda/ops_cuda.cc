@@ -185,6 +185,43 @@ absl::Status MlaProjectCuda(const Device& device, const MlaProjectParams& p) {
       "MlaProject: x @ W_UV^T");
 }
 
+absl::Status SupportsRoutedExperts(const Device& device, const RoutedExpertsParams& p) {
+  const std::string where = absl::StrCat("RoutedExperts on ", DeviceName(device), ": ");
+  if (p.gate_up_device.size() != p.down_device.size() || p.gate_up_device.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, p.gate_up_device.size(), " gate_up and ", p.down_device.size(),
+        " down experts in device memory: need the same number, at least one"));
+  }
+  if (p.device_dtype != model::WeightDType::kFloat32 &&
+      p.device_dtype != model::WeightDType::kBFloat16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, model::WeightDTypeName(p.device_dtype), " experts: the GPU holds fp32 or BF16"));
+  }
+  if (device.blas == nullptr) return absl::InvalidArgumentError(where + "no cuBLAS handle");
+  return absl::OkStatus();
+}
+
+absl::Status RoutedExpertsCuda(const Device& device, const RoutedExpertsParams& p) {
+  const cuda::MoeShape shape{.tokens = static_cast<int32_t>(p.tokens),
+                             .hidden = static_cast<int32_t>(p.hidden),
+                             .inter = static_cast<int32_t>(p.inter),
+                             .top_k = static_cast<int32_t>(p.top_k),
+                             .n_experts = static_cast<int32_t>(p.gate_up_device.size())};
+  auto blas = static_cast<cublasHandle_t>(device.blas);
+  if (p.device_dtype == model::WeightDType::kBFloat16) {
+    std::vector<const __nv_bfloat16*> gu, dn;
+    for (const void* w : p.gate_up_device) gu.push_back(static_cast<const __nv_bfloat16*>(w));
+    for (const void* w : p.down_device) dn.push_back(static_cast<const __nv_bfloat16*>(w));
+    return cuda::MoeExpertsDevice(blas, p.x, p.experts, p.weights, gu, dn, shape, p.out,
+                                  StreamOf(device));
+  }
+  std::vector<const float*> gu, dn;
+  for (const void* w : p.gate_up_device) gu.push_back(static_cast<const float*>(w));
+  for (const void* w : p.down_device) dn.push_back(static_cast<const float*>(w));
+  return cuda::MoeExpertsF32Device(blas, p.x, p.experts, p.weights, gu, dn, shape, p.out,
+                                   StreamOf(device));
+}
+
 // One kernel batch entry per query row: its sequence's block table (block indices in the pool)
 // and the keys it sees (causal), built on the host and copied with the workspace's allocation.
 absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
@@ -247,6 +284,8 @@ absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
   return s;
 }
 
+static_assert(cuda::kNoExpert == kNoExpertSlot, "one empty-slot marker");
+
 const OpsBackend kCudaOps = {
     .supports_linear = SupportsLinear,
     .rms_norm = RmsNormCuda,
@@ -262,6 +301,8 @@ const OpsBackend kCudaOps = {
     .select_experts = SelectExpertsCuda,
     .supports_mla_project = SupportsMlaProject,
     .mla_project = MlaProjectCuda,
+    .supports_routed_experts = SupportsRoutedExperts,
+    .routed_experts = RoutedExpertsCuda,
 };
 
 }  // namespace
