@@ -201,14 +201,14 @@ absl::Status SelectExperts(const Device& device, const SelectExpertsParams& p);
 // weight * expert(x[token]), expert(x) = down(silu(gate x) * up x), with experts/weights
 // [tokens, top_k] (a token's choice; kNoExpertSlot marks an empty slot, as a shard pads a token
 // with fewer of its experts). Each token's experts are added in ascending id order, with no
-// atomics, so every backend and batch gives the same sums. A token naming one expert twice is
-// refused where the host can read the slots (the CPU).
-// Experts are indexed by id, null where not held. On the CPU `host[e]` (fp32, packed, BF16 or
-// FP8 in place); a slot naming an expert outside [0, host.size()) or not held is refused. On
-// CUDA `gate_up_device[e]` [2 * inter, hidden] (gate_proj rows, then up_proj rows) and
-// `down_device[e]` [hidden, inter] in `device_dtype` (fp32, or BF16 with BF16 activations at
-// the GEMMs' inputs); slots are device memory there, which the host cannot read: slots naming
-// an expert not held are skipped, so callers check them first (ExpertShard does).
+// atomics: on a backend, a token's result does not depend on the batch around it. (The CPU and
+// CUDA GEMMs sum in different orders, so the backends agree to rounding, not to the bit.)
+// Experts are indexed by id, null where not held: on the CPU `host[e]` (fp32, packed, BF16 or
+// FP8 in place); on CUDA `gate_up_device[e]` [2 * inter, hidden] (gate_proj rows, then up_proj
+// rows) and `down_device[e]` [hidden, inter] in `device_dtype` (fp32, or BF16 with BF16
+// activations at the GEMMs' inputs). Every backend refuses, before computing, a slot naming an
+// expert out of range or not held, or a token naming one expert twice (CUDA reads the slots
+// back to the host: they decide the grouping).
 inline constexpr int32_t kNoExpertSlot = -1;
 struct RoutedExpertsParams {
   const float* x = nullptr;

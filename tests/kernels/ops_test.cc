@@ -64,17 +64,18 @@ struct Inputs {
   std::vector<float> lx = Random(9 * 130, 7);
 };
 
-// MLA attention's inputs: one layer's pool of latent blocks (the FlashMLA layout) holding three
-// sequences in shuffled blocks — a 5-token prompt, and one decode row each after 70 and 130
-// cached tokens — and their absorbed queries.
+// MLA attention's inputs: one layer's pool of latent blocks (the FlashMLA layout) holding four
+// sequences in shuffled blocks — a 5-token prompt, and one decode row each after 70, 130 and
+// 1100 cached tokens (long enough that a device splits its context) — and their absorbed
+// queries.
 struct MlaCase {
   static constexpr int64_t kHeads = 3, kRank = 32, kRope = 16, kLat = 48, kBlock = 16,
-                           kPoolBlocks = 24, kRows = 7;
+                           kPoolBlocks = 96, kRows = 8;
   struct Seq {
     int64_t rows, start;
     std::vector<int32_t> blocks;  // indices into the pool
   };
-  std::vector<Seq> seqs = {{5, 0, {}}, {1, 70, {}}, {1, 130, {}}};
+  std::vector<Seq> seqs = {{5, 0, {}}, {1, 70, {}}, {1, 130, {}}, {1, 1100, {}}};
   std::vector<float> pool = Random(kPoolBlocks * kBlock * kLat, 11);
   std::vector<uint16_t> pool_bf16;
   std::vector<float> q = Random(kRows * kHeads * kLat, 13, 0.5f);
@@ -612,7 +613,7 @@ TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
   if (BackendAvailable(Backend::kCuda)) {
     refused(Linear(gpu, LinearParams{in.lx.data(), 1, &in.w, in.w.data.data(),
                                      model::WeightDType::kFp8E4M3, out.data()}),
-            "FP8 is widened to BF16 on upload");
+            "FP8 checkpoints are widened, then rounded to BF16");
     refused(Embed(gpu, {negative_token, 1, &in.w, nullptr, out.data()}), "no fp32 table");
     // MLA on a device: the blocks must be those of one pool (FlashMLA's layout), the rows in
     // order. Supports reads no block, so host pointers stand in for device ones here.
@@ -633,6 +634,13 @@ TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
     mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
     mla.rope_dim = 800;
     refused(Supports(gpu, mla), "> 768");
+    mla = c.Params(c.pool.data(), LatentStorage::kFloat32, c.q.data(), out.data());
+    const int32_t table[1] = {0};
+    mla.device_block_table = table;
+    refused(Supports(gpu, mla), "needs its seq_lens and a width > 0");
+    mla.device_seq_lens = table;
+    mla.device_table_width = 9;
+    refused(Supports(gpu, mla), "needs more blocks than the device table's width 9");
     refused(SwiGlu(Device{Backend::kCuda, 0, nullptr, nullptr}, {out.data(), out.data(), 4}),
             "needs an index >= 0 and a stream");
     SetOpsBackend(Backend::kCuda, nullptr);  // back to a CPU-only process for the other cases
@@ -685,7 +693,13 @@ class CudaOpsTest : public ::testing::Test {
     double worst = 0;
     for (size_t i = 0; i < cpu.size(); ++i) {
       if (std::isnan(cpu[i])) continue;
-      worst = std::max(worst, std::fabs(double(gpu[i]) - cpu[i]) / (1.0 + std::fabs(cpu[i])));
+      const double d = std::fabs(double(gpu[i]) - cpu[i]) / (1.0 + std::fabs(cpu[i]));
+      if (!(d <= tol)) {  // NaN (an unwritten, poisoned value) fails too
+        ADD_FAILURE() << what << ": value " << i << " is " << gpu[i] << " on the GPU, " << cpu[i]
+                      << " on the CPU";
+        return;
+      }
+      worst = std::max(worst, d);
     }
     EXPECT_LE(worst, tol) << what;
     std::printf("%s: max relative difference GPU vs CPU %.3g\n", what.c_str(), worst);
@@ -791,6 +805,25 @@ TEST_F(CudaOpsTest, CudaMlaAttentionEqualsCpuOverOnePool) {
     const void* dev = bf16 ? static_cast<const void*>(pool_bf16.p) : pool.p;
     ASSERT_TRUE(MlaAttention(gpu_, c.Params(dev, dtype, q.p, out.p)).ok());
     ExpectClose(out.Get(), cpu, 1e-5, bf16 ? "MlaAttention bf16" : "MlaAttention fp32");
+    // The same with the caller's block table on the device (what the GPU engine passes).
+    int64_t width = 0;
+    for (const MlaCase::Seq& sq : c.seqs) width = std::max<int64_t>(width, sq.blocks.size());
+    std::vector<int32_t> table(MlaCase::kRows * width, 0), lens;
+    int64_t row = 0;
+    for (const MlaCase::Seq& sq : c.seqs) {
+      for (int64_t t = 0; t < sq.rows; ++t, ++row) {
+        lens.push_back(static_cast<int32_t>(sq.start + t + 1));
+        std::copy(sq.blocks.begin(), sq.blocks.end(), table.begin() + row * width);
+      }
+    }
+    DeviceBuffer<int32_t> d_table(table), d_lens(lens);
+    DeviceBuffer<float> out2(std::vector<float>(n_out, std::nanf("")));
+    MlaAttentionParams given = c.Params(dev, dtype, q.p, out2.p);
+    given.device_block_table = d_table.p;
+    given.device_seq_lens = d_lens.p;
+    given.device_table_width = width;
+    ASSERT_TRUE(MlaAttention(gpu_, given).ok());
+    ExpectClose(out2.Get(), cpu, 1e-5, "MlaAttention, the caller's table");
   }
 }
 TEST_F(CudaOpsTest, CudaScoresAndSelectExpertsEqualCpu) {

@@ -103,7 +103,8 @@ struct GpuEngine::Impl {
     cudaFree(f);
     return b;
   }
-  // `m` on the device, BF16 in the bf16 mode unless `keep_fp32` (the gate and the embedding).
+  // `m` on the device, BF16 in the bf16 mode unless `keep_fp32` (the embedding, the gate and
+  // kv_b_proj, which stay fp32 in both modes).
   absl::StatusOr<DevMatrix> Upload(const model::Matrix& m, bool keep_fp32 = false) {
     DevMatrix d;
     if (m.empty()) return d;
@@ -181,6 +182,22 @@ struct GpuEngine::Impl {
     SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_pos, scratch.Ints(n));
     std::vector<int32_t> pos(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) pos[i] = static_cast<int32_t>(start + i);
+    // The attention's block table, one for every layer (the same blocks of each layer's pool):
+    // row i sees blocks 0 .. and keys [0, start + i].
+    const int64_t blocks = (start + n + kBlockTokens - 1) / kBlockTokens;
+    std::vector<int32_t> table(static_cast<size_t>(n * blocks)), lens(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      lens[i] = static_cast<int32_t>(start + i + 1);
+      for (int64_t b = 0; b < blocks; ++b) table[i * blocks + b] = static_cast<int32_t>(b);
+    }
+    SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_table, scratch.Ints(n * blocks));
+    SPLITMOE_ASSIGN_OR_RETURN(int32_t* d_lens, scratch.Ints(n));
+    SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_table, table.data(), table.size() * 4,
+                                                  cudaMemcpyHostToDevice, stream),
+                                  "cudaMemcpyAsync"));
+    SPLITMOE_RETURN_IF_ERROR(Cuda(
+        cudaMemcpyAsync(d_lens, lens.data(), n * 4, cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync"));
     SPLITMOE_RETURN_IF_ERROR(Cuda(cudaMemcpyAsync(d_tokens, tokens.data(), n * 4,
                                                   cudaMemcpyHostToDevice, stream),
                                   "cudaMemcpyAsync"));
@@ -214,6 +231,9 @@ struct GpuEngine::Impl {
     mla.out = olat;
     mla.sequences = sequence;
     mla.pool_blocks = max_blocks;
+    mla.device_block_table = d_table;
+    mla.device_seq_lens = d_lens;
+    mla.device_table_width = blocks;
     const int64_t block_bytes = kBlockTokens * lat * (bf16 ? 2 : 4);
     SPLITMOE_RETURN_IF_ERROR(kernels::Embed(device, {d_tokens, n, &embed.shape,
                                                      static_cast<const float*>(embed.data), h}));

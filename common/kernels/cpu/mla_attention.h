@@ -59,6 +59,13 @@ struct MlaAttentionParams {
   // each sequence's block table from its block pointers.
   const void* pool = nullptr;
   int64_t pool_blocks = 0;
+  // Optional, for a device backend: each query row's block table [rows, device_table_width]
+  // (indices into the pool) and key count [rows] in device memory (FlashMLA's block_table and
+  // seq_lens), when the caller keeps them (one table serves every layer of a step). Null: the
+  // backend derives them from the blocks and copies them per call. The CPU ignores them.
+  const int32_t* device_block_table = nullptr;
+  const int32_t* device_seq_lens = nullptr;
+  int64_t device_table_width = 0;
 };
 
 // InvalidArgument naming the first bad field (and the sequence), else OK.

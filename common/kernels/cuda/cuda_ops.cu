@@ -682,8 +682,19 @@ absl::Status MoeExpertsImpl(cublasHandle_t handle, const float* x, const int32_t
   for (int64_t i = 0; i < slots; ++i) {
     const int32_t e = ids[static_cast<size_t>(i)];
     if (e == kNoExpert) continue;  // an empty slot: contributes nothing (ReduceSlots skips it)
-    if (e < 0 || e >= s.n_experts) {
-      return absl::InvalidArgumentError(absl::StrCat("MoeExperts: expert id ", e, " out of range"));
+    const int64_t t = i / s.top_k;
+    // The CPU's checks (kernels::RoutedExperts): every id held, none twice in a token (the
+    // slot reduction would count a repeated expert once).
+    if (e < 0 || e >= s.n_experts || gate_up[e] == nullptr || down[e] == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("MoeExperts: token ", t, ": expert ", e,
+                                                     " is not held (", s.n_experts,
+                                                     " experts by id)"));
+    }
+    for (int64_t j = t * s.top_k; j < i; ++j) {
+      if (ids[static_cast<size_t>(j)] == e) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("MoeExperts: token ", t, " names expert ", e, " twice"));
+      }
     }
     by_expert[static_cast<size_t>(e)].push_back(static_cast<int32_t>(i));
   }

@@ -148,11 +148,13 @@ absl::Status MlaDecodeDevice(const float* q, const float* cache, const int32_t* 
 // received. x [tokens, hidden] fp32; choice: experts/weights [tokens, top_k] (device);
 // gate_up[e]: [2 * inter, hidden] (gate_proj rows, then up_proj rows); down[e]: [hidden, inter],
 // both BF16 (or fp32 in MoeExpertsF32Device, whose activations then stay fp32), indexed by
-// expert id (device pointers, null for experts this process does not hold: their tokens are
-// skipped). out [tokens, hidden] = sum over each token's experts of weight * expert(x)
+// expert id (device pointers, null for experts this process does not hold: no slot may name
+// them). out [tokens, hidden] = sum over each token's experts of weight * expert(x)
 // (deterministic: each token's experts summed in ascending id order, as the CPU's
 // AccumulateExperts, no atomics). A slot holding kNoExpert is empty: a token routed to fewer
-// than top_k experts of this process pads its row with it.
+// than top_k experts of this process pads its row with it. The slots are read back to the host
+// (they decide the grouping) and checked as the CPU checks them: an id out of range or not held
+// here, or named twice by one token, is refused before any GEMM.
 inline constexpr int32_t kNoExpert = -1;
 struct MoeShape {
   int32_t tokens = 0;

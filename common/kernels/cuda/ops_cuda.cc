@@ -17,6 +17,24 @@ namespace {
 
 cudaStream_t StreamOf(const Device& d) { return static_cast<cudaStream_t>(d.stream); }
 
+// The device's cuBLAS handle, bound to its stream: an op's kernels and GEMMs run in one order.
+absl::StatusOr<cublasHandle_t> BlasOn(const Device& d) {
+  auto blas = static_cast<cublasHandle_t>(d.blas);
+  SPLITMOE_RETURN_IF_ERROR(cuda::CublasError(cublasSetStream(blas, StreamOf(d)), "cublasSetStream"));
+  return blas;
+}
+
+// Frees a host vector once `stream` has passed this point (a copy out of it enqueued before has
+// then read it): the copies below read pageable memory, which the runtime may read after
+// cudaMemcpyAsync returns. On failure to enqueue, waits for the stream instead.
+void FreeAfter(cudaStream_t stream, std::vector<int32_t>* host) {
+  auto release = [](void* p) { delete static_cast<std::vector<int32_t>*>(p); };
+  if (cudaLaunchHostFunc(stream, release, host) != cudaSuccess) {
+    (void)cudaStreamSynchronize(stream);
+    delete host;
+  }
+}
+
 absl::Status SupportsLinear(const Device& device, const LinearParams& p) {
   const std::string where = absl::StrCat("Linear on ", DeviceName(device), ": ");
   if (p.w_device == nullptr) return absl::InvalidArgumentError(where + "no weight in device memory");
@@ -24,8 +42,8 @@ absl::Status SupportsLinear(const Device& device, const LinearParams& p) {
       p.w_device_dtype != model::WeightDType::kBFloat16) {
     return absl::InvalidArgumentError(absl::StrCat(
         where, model::WeightDTypeName(p.w_device_dtype),
-        " device weights: the GPU holds fp32 or BF16 (FP8 is widened to BF16 on upload, "
-        "cuda::DequantFp8Device)"));
+        " device weights: the GPU holds fp32 or BF16 (FP8 checkpoints are widened, then "
+        "rounded to BF16, on upload)"));
   }
   if (device.blas == nullptr) return absl::InvalidArgumentError(where + "no cuBLAS handle");
   return absl::OkStatus();
@@ -52,6 +70,11 @@ absl::Status SupportsMla(const Device& device, const MlaAttentionParams& p) {
     return absl::InvalidArgumentError(
         where + "needs the pool the blocks lie in (pool, pool_blocks: the FlashMLA layout)");
   }
+  if ((p.device_block_table == nullptr) != (p.device_seq_lens == nullptr) ||
+      (p.device_block_table != nullptr && p.device_table_width <= 0)) {
+    return absl::InvalidArgumentError(
+        where + "a device block table needs its seq_lens and a width > 0, or neither");
+  }
   int64_t row = 0;
   for (size_t i = 0; i < p.sequences.size(); ++i) {
     const MlaSequence& s = p.sequences[i];
@@ -67,6 +90,12 @@ absl::Status SupportsMla(const Device& device, const MlaAttentionParams& p) {
           ": the sequences' rows must be 0 .. R-1 in order"));
     }
     row += s.rows;
+    if (p.device_block_table != nullptr &&
+        (s.start + s.rows + l.block_tokens - 1) / l.block_tokens > p.device_table_width) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, "sequence ", i, " needs more blocks than the device table's width ",
+          p.device_table_width));
+    }
     const int64_t elem = l.dtype == LatentStorage::kBFloat16 ? 2 : 4;
     const int64_t block_bytes = l.block_tokens * lat * elem;
     for (int64_t b = 0; b * l.block_tokens < s.start + s.rows; ++b) {
@@ -98,7 +127,7 @@ absl::Status RopeCuda(const Device& device, const RopeParams& p) {
 }
 
 absl::Status LinearCuda(const Device& device, const LinearParams& p) {
-  auto blas = static_cast<cublasHandle_t>(device.blas);
+  SPLITMOE_ASSIGN_OR_RETURN(cublasHandle_t blas, BlasOn(device));
   if (p.w_device_dtype == model::WeightDType::kFloat32) {
     return cuda::GemmF32(blas, p.x, p.m, p.w->cols, static_cast<const float*>(p.w_device),
                          p.w->rows, p.y);
@@ -157,7 +186,7 @@ absl::Status SupportsMlaProject(const Device& device, const MlaProjectParams& p)
 // Every head's product as one strided-batched SGEMM (head h's slice of kv_b_proj starts at
 // h * (nope_dim + v_dim) rows); column-major views of the row-major buffers.
 absl::Status MlaProjectCuda(const Device& device, const MlaProjectParams& p) {
-  auto blas = static_cast<cublasHandle_t>(device.blas);
+  SPLITMOE_ASSIGN_OR_RETURN(cublasHandle_t blas, BlasOn(device));
   const int64_t heads = p.heads, dn = p.nope_dim, dr = p.rope_dim, dv = p.v_dim;
   const int64_t kvr = p.kv_b->cols, qk = dn + dr, lat = kvr + dr;
   const float one = 1.0f, zero = 0.0f;
@@ -207,7 +236,13 @@ absl::Status RoutedExpertsCuda(const Device& device, const RoutedExpertsParams& 
                              .inter = static_cast<int32_t>(p.inter),
                              .top_k = static_cast<int32_t>(p.top_k),
                              .n_experts = static_cast<int32_t>(p.gate_up_device.size())};
-  auto blas = static_cast<cublasHandle_t>(device.blas);
+  if (p.top_k == 0) {  // no slots: nothing routed here (the grouped GEMM wants top_k > 0)
+    return cuda::CudaError(cudaMemsetAsync(p.out, 0,
+                                           static_cast<size_t>(p.tokens * p.hidden) * sizeof(float),
+                                           StreamOf(device)),
+                           "cudaMemsetAsync");
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(cublasHandle_t blas, BlasOn(device));
   if (p.device_dtype == model::WeightDType::kBFloat16) {
     std::vector<const __nv_bfloat16*> gu, dn;
     for (const void* w : p.gate_up_device) gu.push_back(static_cast<const __nv_bfloat16*>(w));
@@ -223,7 +258,8 @@ absl::Status RoutedExpertsCuda(const Device& device, const RoutedExpertsParams& 
 }
 
 // One kernel batch entry per query row: its sequence's block table (block indices in the pool)
-// and the keys it sees (causal), built on the host and copied with the workspace's allocation.
+// and the keys it sees (causal) — the caller's, when it keeps them on the device, else built
+// here and copied with the workspace's allocation.
 absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
   cudaStream_t stream = StreamOf(device);
   const LatentBlocks& first = p.sequences[0].latents;
@@ -236,49 +272,56 @@ absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
     max_blocks = std::max(max_blocks, (s.start + s.rows + bt - 1) / bt);
     max_keys = std::max(max_keys, s.start + s.rows);
   }
-  std::vector<int32_t> ints(static_cast<size_t>(rows * (max_blocks + 1)), 0);
-  int32_t* table = ints.data();
-  int32_t* lens = ints.data() + rows * max_blocks;
-  for (const MlaSequence& s : p.sequences) {
-    const int64_t blocks = (s.start + s.rows + bt - 1) / bt;
-    for (int64_t t = 0; t < s.rows; ++t) {
-      const int64_t r = s.first_row + t;
-      lens[r] = static_cast<int32_t>(s.start + t + 1);
-      for (int64_t b = 0; b < blocks; ++b) {
-        table[r * max_blocks + b] = static_cast<int32_t>(
-            (static_cast<const char*>(s.latents.blocks[static_cast<size_t>(b)]) -
-             static_cast<const char*>(p.pool)) / block_bytes);
-      }
-    }
-  }
+  const bool given = p.device_block_table != nullptr;
+  const int64_t width = given ? p.device_table_width : max_blocks;
   cuda::MlaShape shape;
   shape.batch = static_cast<int32_t>(rows);
   shape.heads = static_cast<int32_t>(p.heads);
   shape.latent_dim = static_cast<int32_t>(lat);
   shape.kv_lora_rank = static_cast<int32_t>(p.kv_lora_rank);
   shape.block_tokens = static_cast<int32_t>(bt);
-  shape.max_blocks = static_cast<int32_t>(max_blocks);
+  shape.max_blocks = static_cast<int32_t>(width);
   shape.splits = static_cast<int32_t>(std::clamp<int64_t>(max_keys / 512, 1, 64));
   const size_t ws_bytes = static_cast<size_t>(cuda::MlaWorkspaceFloats(shape)) * sizeof(float);
-  const size_t int_bytes = ints.size() * sizeof(int32_t);
+  const size_t int_bytes = given ? 0 : static_cast<size_t>(rows * (width + 1)) * sizeof(int32_t);
   char* scratch = nullptr;
   SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(
       cudaMallocAsync(reinterpret_cast<void**>(&scratch), ws_bytes + int_bytes, stream),
       "cudaMallocAsync"));
-  auto* d_ints = reinterpret_cast<int32_t*>(scratch + ws_bytes);
-  // From pageable memory: the call returns once `ints` is staged, so it may go after.
-  absl::Status s = cuda::CudaError(
-      cudaMemcpyAsync(d_ints, ints.data(), int_bytes, cudaMemcpyHostToDevice, stream),
-      "cudaMemcpyAsync");
   auto* ws = reinterpret_cast<float*>(scratch);
+  const int32_t* table = p.device_block_table;
+  const int32_t* lens = p.device_seq_lens;
+  absl::Status s;
+  if (!given) {
+    auto* ints = new std::vector<int32_t>(static_cast<size_t>(rows * (width + 1)), 0);
+    int32_t* host_table = ints->data();
+    int32_t* host_lens = ints->data() + rows * width;
+    for (const MlaSequence& q : p.sequences) {
+      const int64_t blocks = (q.start + q.rows + bt - 1) / bt;
+      for (int64_t t = 0; t < q.rows; ++t) {
+        const int64_t r = q.first_row + t;
+        host_lens[r] = static_cast<int32_t>(q.start + t + 1);
+        for (int64_t b = 0; b < blocks; ++b) {
+          host_table[r * width + b] = static_cast<int32_t>(
+              (static_cast<const char*>(q.latents.blocks[static_cast<size_t>(b)]) -
+               static_cast<const char*>(p.pool)) / block_bytes);
+        }
+      }
+    }
+    auto* d_ints = reinterpret_cast<int32_t*>(scratch + ws_bytes);
+    s = cuda::CudaError(
+        cudaMemcpyAsync(d_ints, ints->data(), int_bytes, cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync");
+    FreeAfter(stream, ints);
+    table = d_ints;
+    lens = d_ints + rows * width;
+  }
   if (s.ok() && bf16) {
-    s = cuda::MlaDecodeDevice(p.q, static_cast<const __nv_bfloat16*>(p.pool), d_ints,
-                              d_ints + rows * max_blocks, shape, p.softmax_scale, ws, p.out,
-                              stream);
+    s = cuda::MlaDecodeDevice(p.q, static_cast<const __nv_bfloat16*>(p.pool), table, lens, shape,
+                              p.softmax_scale, ws, p.out, stream);
   } else if (s.ok()) {
-    s = cuda::MlaDecodeDevice(p.q, static_cast<const float*>(p.pool), d_ints,
-                              d_ints + rows * max_blocks, shape, p.softmax_scale, ws, p.out,
-                              stream);
+    s = cuda::MlaDecodeDevice(p.q, static_cast<const float*>(p.pool), table, lens, shape,
+                              p.softmax_scale, ws, p.out, stream);
   }
   (void)cudaFreeAsync(scratch, stream);
   return s;
