@@ -95,15 +95,6 @@ void RmsNorm(const float* x, int64_t rows, int64_t dim, int64_t x_stride, const 
   }
 }
 
-void SiluMul(float* gate, const float* up, int64_t n) {
-  // Element by element, so splitting it across threads changes no result.
-#pragma omp parallel for schedule(static) if (n >= (1 << 16) && !CpuInParallel())
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
-  }
-}
-
 namespace {
 
 #ifdef __AVX2__
@@ -141,6 +132,34 @@ inline __m256i LaneMask(int64_t left) {
 #endif
 
 }  // namespace
+
+void SiluMul(float* gate, const float* up, int64_t n) {
+  // Element by element, so splitting it across threads changes no result.
+#ifdef __AVX2__
+  // silu(g) = g * sigmoid(g), sigmoid(g) = (g < 0 ? e : 1) / (1 + e) with e = e^-|g| (the
+  // vectorised exp of a non-positive value): the same function as g / (1 + e^-g), computed
+  // without overflow, 8 lanes at a time (a serial libm exp took ~3% of a 512-token prefill).
+  // Infinities and NaN give what the scalar form gives.
+  const int64_t blocks = (n + 7) / 8;
+#pragma omp parallel for schedule(static) if (n >= (1 << 16) && !CpuInParallel())
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256i m = LaneMask(n - b * 8);
+    const __m256 g = _mm256_maskload_ps(gate + b * 8, m);
+    const __m256 u = _mm256_maskload_ps(up + b * 8, m);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 e = ExpNonPositive(_mm256_or_ps(g, _mm256_set1_ps(-0.0f)));  // e^-|g|
+    const __m256 num = _mm256_blendv_ps(one, e, g);  // by g's sign bit
+    const __m256 silu = _mm256_div_ps(_mm256_mul_ps(g, num), _mm256_add_ps(one, e));
+    _mm256_maskstore_ps(gate + b * 8, m, _mm256_mul_ps(silu, u));
+  }
+#else
+#pragma omp parallel for schedule(static) if (n >= (1 << 16) && !CpuInParallel())
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+#endif
+}
 
 void ExpNonPositiveForTest(const float* x, int64_t n, float* out) {
 #ifdef __AVX2__

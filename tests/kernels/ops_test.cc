@@ -361,6 +361,27 @@ TEST(OpsTest, SwiGluMatchesItsDefinition) {
     const double a = in.gate[i];
     ASSERT_NEAR(g[i], a / (1.0 + std::exp(-a)) * in.up[i], 1e-5 * (1 + std::fabs(g[i]))) << i;
   }
+  // Every length's tail, gates far out on both sides (e^-|g| below fp32's normal range past
+  // 87), within 4 ulp of the double definition.
+  for (int64_t n = 1; n <= 19; ++n) {
+    std::vector<float> gate = Random(n, 50 + static_cast<uint32_t>(n), 40.0f), up = Random(n, 51);
+    gate[0] = n % 2 == 0 ? 95.0f : -95.0f;
+    std::vector<float> out = gate;
+    ASSERT_TRUE(SwiGlu(Device{}, {out.data(), up.data(), n}).ok());
+    for (int64_t i = 0; i < n; ++i) {
+      const double a = gate[i], want = a / (1.0 + std::exp(-a)) * up[i];
+      ASSERT_NEAR(out[i], want, 4 * std::numeric_limits<float>::epsilon() * std::fabs(want) + 1e-37)
+          << "n " << n << " at " << i << ", gate " << gate[i];
+    }
+  }
+  // The special values: what g / (1 + e^-g) * up gives.
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> special = {inf, -0.0f, 0.0f, std::nanf("")}, ones(4, 1.0f);
+  ASSERT_TRUE(SwiGlu(Device{}, {special.data(), ones.data(), 4}).ok());
+  EXPECT_EQ(special[0], inf);
+  EXPECT_EQ(special[1], 0.0f);
+  EXPECT_EQ(special[2], 0.0f);
+  EXPECT_TRUE(std::isnan(special[3]));
 }
 
 TEST(OpsTest, RopeRotatesInterleavedPairsOfEveryHead) {
