@@ -165,9 +165,7 @@ absl::Status ExpertShard::Compute(int64_t layer, absl::Span<const float> hidden,
   if (device_ != nullptr) {
     return device_->Compute(layer, hidden, tokens, top_k, slots, slot_weights, out);
   }
-  std::vector<const model::MlpWeights*> held;
-  held.reserve(w->experts.size());
-  for (const auto& e : w->experts) held.push_back(e.get());
+  const std::vector<const model::MlpWeights*> held = w->HeldExperts();
   kernels::RoutedExpertsParams p;
   p.x = hidden.data();
   p.tokens = tokens;

@@ -72,9 +72,7 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
   SPLITMOE_RETURN_IF_ERROR(kernels::SelectExperts(
       cpu, {&config_, scores, w.gate_bias.empty() ? nullptr : w.gate_bias.data(), rows,
             experts.data(), weights.data()}));
-  std::vector<const model::MlpWeights*> held;
-  held.reserve(w.experts.size());
-  for (const auto& e : w.experts) held.push_back(e.get());
+  const std::vector<const model::MlpWeights*> held = w.HeldExperts();
   kernels::RoutedExpertsParams p;
   p.x = x;
   p.tokens = rows;

@@ -53,6 +53,13 @@ struct LayerWeights {
   MlpWeights shared;             // [n_shared * moe_inter] wide; empty when n_shared == 0
   // Routed experts by global id; null where this process does not hold the expert.
   std::vector<std::unique_ptr<MlpWeights>> experts;
+  // The same, as the pointers kernels::RoutedExperts takes.
+  std::vector<const MlpWeights*> HeldExperts() const {
+    std::vector<const MlpWeights*> held;
+    held.reserve(experts.size());
+    for (const auto& e : experts) held.push_back(e.get());
+    return held;
+  }
 };
 
 // DeepSeek-V3 multi-token prediction module k: predicts token t+2+k.
