@@ -1,10 +1,10 @@
 // GpuEngine: the single-process engine's forward pass on one CUDA device, built from the op
 // interface (common/kernels/ops.h) on a cuda:N Device — the entries the CPU Transformer calls on
-// the CPU — plus its own latent stores (common/kernels/cuda/cuda_ops.h). Same math as engine::Transformer in its absorbed form
-// (RMSNorm, MLA with the latent cache, dense SwiGLU, DeepSeekMoE with group-limited selection
-// and the bias for selection only, final norm, output head); sampling and logprobs run on the
-// host with engine::SampleToken / ComputeLogprob on the device's logits, so a seeded request
-// samples like the CPU engine.
+// the CPU — plus its own latent stores (common/kernels/cuda/cuda_ops.h). Same math as
+// engine::Transformer in its absorbed form (RMSNorm, MLA with the latent cache, dense SwiGLU,
+// DeepSeekMoE with group-limited selection and the bias for selection only, final norm, output
+// head); sampling and logprobs run on the host with engine::SampleToken / ComputeLogprob on
+// the device's logits, so a seeded request samples like the CPU engine.
 //
 // Two precisions:
 //   kFp32: weights and activations fp32, SGEMM (no TF32), fp32 latent cache — the mode that must
