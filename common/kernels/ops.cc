@@ -273,9 +273,11 @@ absl::Status Supports(const Device& device, const MlaAttentionParams& p) {
 }
 
 absl::Status MlaAttention(const Device& device, const MlaAttentionParams& p) {
+  // The CPU kernel checks its params itself (CheckMlaAttention, a walk over every block): not
+  // twice per layer and step.
+  if (device.backend == Backend::kCpu) return MlaAttention(p);
   if (absl::Status s = Supports(device, p); !s.ok()) return s;
   if (p.sequences.empty()) return absl::OkStatus();
-  if (device.backend == Backend::kCpu) return MlaAttention(p);
   return Cuda().mla_attention(device, p);
 }
 

@@ -701,7 +701,7 @@ absl::Status MoeExpertsImpl(cublasHandle_t handle, const float* x, const int32_t
   int64_t max_rows = 0;
   for (const auto& rows : by_expert) max_rows = std::max<int64_t>(max_rows, rows.size());
 
-  // Scratch: slot outputs (zeroed: experts not held here contribute nothing), per-expert rows.
+  // Scratch: slot outputs (zeroed: empty slots contribute nothing), per-expert rows.
   float *slot_out = nullptr, *h = nullptr, *y = nullptr, *row_w = nullptr;
   W *xe = nullptr, *act = nullptr;
   int32_t *token_index = nullptr, *slot_index = nullptr;
@@ -724,7 +724,7 @@ absl::Status MoeExpertsImpl(cublasHandle_t handle, const float* x, const int32_t
   std::vector<float> wt;
   for (int32_t e = 0; st.ok() && e < s.n_experts; ++e) {
     const auto& rows = by_expert[static_cast<size_t>(e)];
-    if (rows.empty() || gate_up[e] == nullptr || down[e] == nullptr) continue;
+    if (rows.empty()) continue;  // every named expert is held: checked above
     const int64_t n = static_cast<int64_t>(rows.size());
     tok.assign(rows.size(), 0);
     slot.assign(rows.begin(), rows.end());
