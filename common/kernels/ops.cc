@@ -1,8 +1,11 @@
 #include "common/kernels/ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -13,6 +16,7 @@
 #include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu/threads.h"
 #include "common/kernels/cpu_ops.h"
+#include "common/model/numeric.h"
 
 #include <atomic>
 
@@ -504,6 +508,146 @@ absl::Status RoutedExperts(const Device& device, const RoutedExpertsParams& p) {
     }
   }
   return AccumulateExperts(selected, p.x, p.hidden, p.out);
+}
+
+// ---- Memory and streams
+
+absl::StatusOr<std::unique_ptr<DeviceContext>> DeviceContext::Open(const Device& requested,
+                                                                    bool exact_fp32) {
+  Device device = requested;
+  device.stream = nullptr;
+  device.blas = nullptr;
+  if (device.backend == Backend::kCpu) return std::unique_ptr<DeviceContext>(new DeviceContext(device));
+  if (!BackendAvailable(device.backend)) {
+    return CheckDevice(device, "DeviceContext::Open");  // Unimplemented, saying why
+  }
+  if (device.index < 0) return Unsupported(device, "DeviceContext::Open", "negative index");
+  if (absl::Status s = Cuda().open(&device, exact_fp32); !s.ok()) return s;
+  return std::unique_ptr<DeviceContext>(new DeviceContext(device));
+}
+
+DeviceContext::~DeviceContext() {
+  // A process that turned its backend off since (tests do) can no longer close it: leak.
+  const OpsBackend* cuda = g_cuda.load(std::memory_order_acquire);
+  if (device_.backend == Backend::kCuda && cuda != nullptr) cuda->close(device_);
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    this->~DeviceBuffer();
+    device_ = other.device_;
+    data_ = std::exchange(other.data_, nullptr);
+    bytes_ = std::exchange(other.bytes_, 0);
+  }
+  return *this;
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (data_ == nullptr) return;
+  if (device_.backend == Backend::kCpu) {
+    std::free(data_);
+  } else if (const OpsBackend* cuda = g_cuda.load(std::memory_order_acquire); cuda != nullptr) {
+    cuda->free(device_, data_);
+  }  // else: the backend was turned off since (tests do); leak rather than call into nothing
+  data_ = nullptr;
+}
+
+absl::StatusOr<DeviceBuffer> Allocate(const Device& device, size_t bytes) {
+  if (absl::Status s = CheckDevice(device, "Allocate"); !s.ok()) return s;
+  DeviceBuffer buffer;
+  buffer.device_ = device;
+  buffer.bytes_ = bytes;
+  const size_t rounded = std::max<size_t>(64, (bytes + 63) / 64 * 64);
+  if (device.backend == Backend::kCpu) {
+    buffer.data_ = std::aligned_alloc(64, rounded);
+    if (buffer.data_ == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("Allocate on cpu: ", bytes, " bytes"));
+    }
+    std::memset(buffer.data_, 0, rounded);
+    return buffer;
+  }
+  absl::StatusOr<void*> data = Cuda().allocate(device, rounded);
+  if (!data.ok()) return data.status();
+  buffer.data_ = *data;
+  return buffer;
+}
+
+absl::Status CopyToDevice(const Device& device, void* dst, const void* src, size_t bytes) {
+  if (absl::Status s = CheckDevice(device, "CopyToDevice"); !s.ok()) return s;
+  if (bytes == 0) return absl::OkStatus();
+  if (dst == nullptr || src == nullptr) return Unsupported(device, "CopyToDevice", "null pointer");
+  if (device.backend == Backend::kCpu) {
+    std::memmove(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  return Cuda().copy_to_device(device, dst, src, bytes);
+}
+
+absl::Status CopyToHost(const Device& device, void* dst, const void* src, size_t bytes) {
+  if (absl::Status s = CheckDevice(device, "CopyToHost"); !s.ok()) return s;
+  if (bytes == 0) return absl::OkStatus();
+  if (dst == nullptr || src == nullptr) return Unsupported(device, "CopyToHost", "null pointer");
+  if (device.backend == Backend::kCpu) {
+    std::memmove(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  return Cuda().copy_to_host(device, dst, src, bytes);
+}
+
+absl::Status Synchronize(const Device& device) {
+  if (absl::Status s = CheckDevice(device, "Synchronize"); !s.ok()) return s;
+  if (device.backend == Backend::kCpu) return absl::OkStatus();
+  return Cuda().synchronize(device);
+}
+
+// ---- StoreLatents
+
+absl::Status Supports(const Device& device, const StoreLatentsParams& p) {
+  if (absl::Status s = CheckDevice(device, "StoreLatents"); !s.ok()) return s;
+  if (p.n < 0 || p.latent_dim <= 0 || p.start < 0 || p.block_tokens <= 0 || p.pool_blocks <= 0) {
+    return Unsupported(device, "StoreLatents",
+                       absl::StrCat(p.n, " rows of ", p.latent_dim, " from position ", p.start,
+                                    " into ", p.pool_blocks, " blocks of ", p.block_tokens,
+                                    ": need n >= 0, latent_dim > 0, start >= 0, blocks > 0"));
+  }
+  if (p.n > 0 && (p.rows == nullptr || p.block_table == nullptr || p.pool == nullptr)) {
+    return Unsupported(device, "StoreLatents", "null rows, block_table or pool");
+  }
+  const int64_t needed = (p.start + p.n + p.block_tokens - 1) / p.block_tokens;
+  if (p.n > 0 && needed > p.table_blocks) {
+    return Unsupported(device, "StoreLatents",
+                       absl::StrCat("positions up to ", p.start + p.n - 1, " need ", needed,
+                                    " blocks; the table has ", p.table_blocks));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status StoreLatents(const Device& device, const StoreLatentsParams& p) {
+  if (absl::Status s = Supports(device, p); !s.ok()) return s;
+  if (p.n == 0) return absl::OkStatus();
+  if (device.backend != Backend::kCpu) return Cuda().store_latents(device, p);
+  const int64_t first = p.start / p.block_tokens, last = (p.start + p.n - 1) / p.block_tokens;
+  for (int64_t b = first; b <= last; ++b) {
+    if (p.block_table[b] < 0 || p.block_table[b] >= p.pool_blocks) {
+      return Unsupported(device, "StoreLatents",
+                         absl::StrCat("table entry ", b, " is block ", p.block_table[b],
+                                      ", outside the pool's ", p.pool_blocks));
+    }
+  }
+  for (int64_t r = 0; r < p.n; ++r) {
+    const int64_t pos = p.start + r;
+    const int64_t slot = int64_t{p.block_table[pos / p.block_tokens]} * p.block_tokens +
+                         pos % p.block_tokens;
+    const float* src = p.rows + r * p.latent_dim;
+    if (p.dtype == LatentStorage::kFloat32) {
+      std::memcpy(static_cast<float*>(p.pool) + slot * p.latent_dim, src,
+                  static_cast<size_t>(p.latent_dim) * sizeof(float));
+    } else {
+      uint16_t* dst = static_cast<uint16_t*>(p.pool) + slot * p.latent_dim;
+      for (int64_t i = 0; i < p.latent_dim; ++i) dst[i] = model::FloatToBf16(src[i]);
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace splitmoe::kernels

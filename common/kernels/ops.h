@@ -18,8 +18,11 @@
 #ifndef SPLITMOE_COMMON_KERNELS_OPS_H_
 #define SPLITMOE_COMMON_KERNELS_OPS_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -227,6 +230,80 @@ struct RoutedExpertsParams {
 absl::Status Supports(const Device& device, const RoutedExpertsParams& p);
 absl::Status RoutedExperts(const Device& device, const RoutedExpertsParams& p);
 
+// ---- Memory and streams of a device (host memory for the CPU)
+
+// A device ready to run ops: for CUDA, the device made current and its own stream and cuBLAS
+// handle (bound to the stream), destroyed with the context after its work is done. `exact_fp32`
+// asks cuBLAS for its pedantic math (no TF32 or reduced-precision shortcut inside SGEMM: the
+// fp32 mode that must match the CPU); off, the BF16 GEMMs take cuBLAS's default, faster math.
+// The CPU needs nothing: its context is the plain Device.
+class DeviceContext {
+ public:
+  static absl::StatusOr<std::unique_ptr<DeviceContext>> Open(const Device& requested,
+                                                             bool exact_fp32);
+  ~DeviceContext();
+  DeviceContext(const DeviceContext&) = delete;
+  DeviceContext& operator=(const DeviceContext&) = delete;
+  const Device& device() const { return device_; }
+
+ private:
+  explicit DeviceContext(const Device& device) : device_(device) {}
+  Device device_;
+};
+
+// `bytes` of a device's memory, zero-filled (so a buffer a kernel only partly writes reads the
+// same on every backend), freed when the buffer goes: on CUDA in stream order on the device's
+// stream, so work enqueued before may still use it. Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  ~DeviceBuffer();
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+
+ private:
+  friend absl::StatusOr<DeviceBuffer> Allocate(const Device& device, size_t bytes);
+  Device device_;
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+absl::StatusOr<DeviceBuffer> Allocate(const Device& device, size_t bytes);
+// Host memory `src` into device memory `dst`, after the device's earlier work; returns once the
+// values are on the device (the host buffer may then go).
+absl::Status CopyToDevice(const Device& device, void* dst, const void* src, size_t bytes);
+// Device memory `src` into host memory `dst`, after the device's earlier work; returns once
+// `dst` holds the values.
+absl::Status CopyToHost(const Device& device, void* dst, const void* src, size_t bytes);
+// Waits for every op enqueued on the device; the first asynchronous error, if any.
+absl::Status Synchronize(const Device& device);
+
+// Rows [n, latent_dim] of fp32 latents written into one layer's paged cache `pool`
+// [pool_blocks, block_tokens, latent_dim] (fp32, or BF16 rounded to nearest even: what the
+// attention then reads), at positions start .. start + n - 1 of a sequence whose blocks are
+// block_table[0 .. table_blocks) (indices into the pool; device memory on CUDA, which the host
+// cannot read to check: its callers pass tables they built). The paged caches' store, as vLLM's
+// reshape_and_cache.
+struct StoreLatentsParams {
+  const float* rows = nullptr;
+  int64_t n = 0;
+  int64_t latent_dim = 0;
+  int64_t start = 0;
+  const int32_t* block_table = nullptr;
+  int64_t table_blocks = 0;
+  int64_t block_tokens = 0;
+  void* pool = nullptr;
+  int64_t pool_blocks = 0;
+  LatentStorage dtype = LatentStorage::kFloat32;
+};
+absl::Status Supports(const Device& device, const StoreLatentsParams& p);
+absl::Status StoreLatents(const Device& device, const StoreLatentsParams& p);
+
 // The implementations of a backend other than the CPU, run after the params were checked (the
 // generic checks here, then the backend's own `supports`). Installed by the backend's library
 // (cuda/ops_cuda.h); process-wide, set once before use.
@@ -247,6 +324,15 @@ struct OpsBackend {
   absl::Status (*mla_project)(const Device&, const MlaProjectParams&) = nullptr;
   absl::Status (*supports_routed_experts)(const Device&, const RoutedExpertsParams&) = nullptr;
   absl::Status (*routed_experts)(const Device&, const RoutedExpertsParams&) = nullptr;
+  absl::Status (*store_latents)(const Device&, const StoreLatentsParams&) = nullptr;
+  // Memory and streams (DeviceContext, DeviceBuffer, the copies).
+  absl::Status (*open)(Device* device, bool exact_fp32) = nullptr;
+  void (*close)(const Device& device) = nullptr;
+  absl::StatusOr<void*> (*allocate)(const Device& device, size_t bytes) = nullptr;
+  void (*free)(const Device& device, void* data) = nullptr;
+  absl::Status (*copy_to_device)(const Device&, void* dst, const void* src, size_t bytes) = nullptr;
+  absl::Status (*copy_to_host)(const Device&, void* dst, const void* src, size_t bytes) = nullptr;
+  absl::Status (*synchronize)(const Device& device) = nullptr;
 };
 void SetOpsBackend(Backend backend, const OpsBackend* table);
 

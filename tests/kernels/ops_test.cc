@@ -574,6 +574,110 @@ TEST(OpsTest, RoutedExpertsSumEachTokensExpertsAndSkipEmptySlots) {
               ::testing::HasSubstr("expert 2 is not a 40 -> 24 -> 40 MLP"));
 }
 
+// StoreLatents' definition, written here: row r to slot table[pos / bt] * bt + pos % bt.
+std::vector<float> StoreReference(const std::vector<float>& pool, const std::vector<float>& rows,
+                                  int64_t lat, int64_t start, const std::vector<int32_t>& table,
+                                  int64_t bt, bool bf16) {
+  std::vector<float> out = pool;
+  for (size_t r = 0; r * lat < rows.size(); ++r) {
+    const int64_t pos = start + static_cast<int64_t>(r);
+    const int64_t slot = int64_t{table[pos / bt]} * bt + pos % bt;
+    for (int64_t i = 0; i < lat; ++i) {
+      const float v = rows[r * lat + i];
+      out[slot * lat + i] = bf16 ? model::Bf16ToFloat(model::FloatToBf16(v)) : v;
+    }
+  }
+  return out;
+}
+
+// The pool's values as fp32, whatever it stores.
+std::vector<float> PoolValues(const void* pool, size_t n, bool bf16) {
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = bf16 ? model::Bf16ToFloat(static_cast<const uint16_t*>(pool)[i])
+                  : static_cast<const float*>(pool)[i];
+  }
+  return out;
+}
+
+TEST(OpsTest, StoreLatentsWritesEachRowThroughTheBlockTable) {
+  const int64_t lat = 24, bt = 4, pool_blocks = 9;
+  const std::vector<int32_t> table = {7, 2, 5, 0, 8};  // shuffled: position order != pool order
+  for (bool bf16 : {false, true}) {
+    for (auto [start, n] : {std::pair<int64_t, int64_t>{0, 1}, {3, 9}, {6, 14}, {19, 1}}) {
+      std::vector<float> rows = Random(static_cast<size_t>(n * lat), 11 + start);
+      const size_t values = static_cast<size_t>(pool_blocks * bt * lat);
+      auto buffer = Allocate(Device{}, values * (bf16 ? 2 : 4));
+      ASSERT_TRUE(buffer.ok()) << buffer.status();
+      EXPECT_EQ(PoolValues(buffer->data(), values, bf16), std::vector<float>(values, 0.0f))
+          << "Allocate zero-fills";
+      StoreLatentsParams p;
+      p.rows = rows.data();
+      p.n = n;
+      p.latent_dim = lat;
+      p.start = start;
+      p.block_table = table.data();
+      p.table_blocks = static_cast<int64_t>(table.size());
+      p.block_tokens = bt;
+      p.pool = buffer->data();
+      p.pool_blocks = pool_blocks;
+      p.dtype = bf16 ? LatentStorage::kBFloat16 : LatentStorage::kFloat32;
+      ASSERT_TRUE(StoreLatents(Device{}, p).ok());
+      EXPECT_EQ(PoolValues(buffer->data(), values, bf16),
+                StoreReference(std::vector<float>(values, 0.0f), rows, lat, start, table, bt, bf16))
+          << "start " << start << ", " << n << " rows, bf16 " << bf16;
+    }
+  }
+  // Refusals: a table too short for the positions, an entry outside the pool.
+  std::vector<float> rows(static_cast<size_t>(8 * lat), 1.0f);
+  std::vector<float> pool(static_cast<size_t>(pool_blocks * bt * lat), 0.0f);
+  StoreLatentsParams p;
+  p.rows = rows.data();
+  p.n = 8;
+  p.latent_dim = lat;
+  p.start = 17;
+  p.block_table = table.data();
+  p.table_blocks = static_cast<int64_t>(table.size());
+  p.block_tokens = bt;
+  p.pool = pool.data();
+  p.pool_blocks = pool_blocks;
+  absl::Status s = StoreLatents(Device{}, p);
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("need 7 blocks; the table has 5")) << s;
+  const std::vector<int32_t> bad = {1, 9};
+  p.start = 0;
+  p.block_table = bad.data();
+  p.table_blocks = 2;
+  s = StoreLatents(Device{}, p);
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("table entry 1 is block 9, outside the pool's 9"))
+      << s;
+  EXPECT_EQ(pool, std::vector<float>(pool.size(), 0.0f)) << "nothing written on a refusal";
+}
+
+TEST(OpsTest, CpuMemoryCopiesRoundTripAndCudaNeedsItsBackend) {
+  auto context = DeviceContext::Open(Device{}, /*exact_fp32=*/true);
+  ASSERT_TRUE(context.ok()) << context.status();
+  const Device& cpu = (*context)->device();
+  EXPECT_EQ(DeviceName(cpu), "cpu");
+  const std::vector<float> host = Random(100, 5);
+  auto buffer = Allocate(cpu, host.size() * sizeof(float));
+  ASSERT_TRUE(buffer.ok());
+  ASSERT_TRUE(CopyToDevice(cpu, buffer->data(), host.data(), host.size() * sizeof(float)).ok());
+  std::vector<float> back(host.size());
+  ASSERT_TRUE(CopyToHost(cpu, back.data(), buffer->data(), back.size() * sizeof(float)).ok());
+  EXPECT_EQ(back, host);
+  EXPECT_TRUE(Synchronize(cpu).ok());
+  DeviceBuffer moved = std::move(*buffer);
+  EXPECT_EQ(buffer->data(), nullptr);
+  EXPECT_EQ(moved.bytes(), host.size() * sizeof(float));
+  if (!BackendAvailable(Backend::kCuda)) {
+    Device gpu;
+    gpu.backend = Backend::kCuda;
+    auto refused = DeviceContext::Open(gpu, true);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnimplemented) << refused.status();
+    EXPECT_THAT(refused.status().message(), ::testing::HasSubstr("EnableCudaOps"));
+  }
+}
+
 TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
   Inputs in;
   std::vector<float> out(1000);
@@ -674,15 +778,15 @@ TEST(OpsTest, CapabilityChecksRefuseWhatTheyName) {
 
 #ifdef SPLITMOE_OPS_CUDA
 template <typename T>
-struct DeviceBuffer {
+struct GpuArray {
   T* p = nullptr;
   size_t n = 0;
-  explicit DeviceBuffer(const std::vector<T>& host) : n(host.size()) {
+  explicit GpuArray(const std::vector<T>& host) : n(host.size()) {
     EXPECT_EQ(cudaMalloc(reinterpret_cast<void**>(&p), std::max<size_t>(n, 1) * sizeof(T)),
               cudaSuccess);
     EXPECT_EQ(cudaMemcpy(p, host.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
   }
-  ~DeviceBuffer() { cudaFree(p); }
+  ~GpuArray() { cudaFree(p); }
   std::vector<T> Get() const {
     std::vector<T> host(n);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -735,7 +839,7 @@ TEST_F(CudaOpsTest, CudaRmsNormEqualsCpu) {
   const int64_t rows = Inputs::kRows, dim = Inputs::kDim, xs = Inputs::kStride;
   std::vector<float> cpu(rows * xs, std::nanf(""));
   ASSERT_TRUE(RmsNorm(Device{}, {in.x.data(), rows, dim, xs, in.weight.data(), 1e-6f, cpu.data(), xs}).ok());
-  DeviceBuffer<float> x(in.x), w(in.weight), out(std::vector<float>(rows * xs, std::nanf("")));
+  GpuArray<float> x(in.x), w(in.weight), out(std::vector<float>(rows * xs, std::nanf("")));
   ASSERT_TRUE(RmsNorm(gpu_, {x.p, rows, dim, xs, w.p, 1e-6f, out.p, xs}).ok());
   ExpectClose(out.Get(), cpu, 1e-5, "RmsNorm");
 }
@@ -744,7 +848,7 @@ TEST_F(CudaOpsTest, CudaSwiGluEqualsCpu) {
   Inputs in;
   std::vector<float> cpu = in.gate;
   ASSERT_TRUE(SwiGlu(Device{}, {cpu.data(), in.up.data(), 1000}).ok());
-  DeviceBuffer<float> g(in.gate), u(in.up);
+  GpuArray<float> g(in.gate), u(in.up);
   ASSERT_TRUE(SwiGlu(gpu_, {g.p, u.p, 1000}).ok());
   ExpectClose(g.Get(), cpu, 1e-5, "SwiGlu");
 }
@@ -754,8 +858,8 @@ TEST_F(CudaOpsTest, CudaRopeEqualsCpu) {
   std::vector<float> cpu = in.heads;
   ASSERT_TRUE(Rope(Device{}, {cpu.data(), Inputs::kRows, 3, 96, 64, 32, in.positions.data(),
                               in.inv_freq.data()}).ok());
-  DeviceBuffer<float> x(in.heads), f(in.inv_freq);
-  DeviceBuffer<int32_t> pos(in.positions);
+  GpuArray<float> x(in.heads), f(in.inv_freq);
+  GpuArray<int32_t> pos(in.positions);
   ASSERT_TRUE(Rope(gpu_, {x.p, Inputs::kRows, 3, 96, 64, 32, pos.p, f.p}).ok());
   ExpectClose(x.Get(), cpu, 1e-5, "Rope");
 }
@@ -765,7 +869,7 @@ TEST_F(CudaOpsTest, CudaLinearEqualsCpu) {
   std::vector<float> cpu(9 * 70);
   ASSERT_TRUE(Linear(Device{}, LinearParams{in.lx.data(), 9, &in.w, nullptr,
                                             model::WeightDType::kFloat32, cpu.data()}).ok());
-  DeviceBuffer<float> x(in.lx), w(in.w.data), y(std::vector<float>(9 * 70));
+  GpuArray<float> x(in.lx), w(in.w.data), y(std::vector<float>(9 * 70));
   ASSERT_TRUE(Linear(gpu_, LinearParams{x.p, 9, &in.w, w.p, model::WeightDType::kFloat32, y.p}).ok());
   ExpectClose(y.Get(), cpu, 1e-5, "Linear");
 }
@@ -783,8 +887,8 @@ TEST_F(CudaOpsTest, CudaLinearBf16IsWithinBf16RoundingOfCpuFp32) {
   std::vector<float> cpu(9 * 70);
   ASSERT_TRUE(Linear(Device{}, LinearParams{in.lx.data(), 9, &w, nullptr,
                                             model::WeightDType::kFloat32, cpu.data()}).ok());
-  DeviceBuffer<float> x(in.lx), y(std::vector<float>(9 * 70));
-  DeviceBuffer<uint16_t> wb(bits);
+  GpuArray<float> x(in.lx), y(std::vector<float>(9 * 70));
+  GpuArray<uint16_t> wb(bits);
   ASSERT_TRUE(Linear(gpu_, LinearParams{x.p, 9, &w, wb.p, model::WeightDType::kBFloat16, y.p}).ok());
   const std::vector<float> gpu = y.Get();
   for (int64_t r = 0; r < 9; ++r) {
@@ -802,13 +906,13 @@ TEST_F(CudaOpsTest, CudaEmbedAndAddEqualCpu) {
   const std::vector<int32_t> tokens = {69, 0, 5, 5, 31};
   std::vector<float> cpu(5 * 130);
   ASSERT_TRUE(Embed(Device{}, {tokens.data(), 5, &in.w, nullptr, cpu.data()}).ok());
-  DeviceBuffer<float> table(in.w.data), out(std::vector<float>(5 * 130));
-  DeviceBuffer<int32_t> t(tokens);
+  GpuArray<float> table(in.w.data), out(std::vector<float>(5 * 130));
+  GpuArray<int32_t> t(tokens);
   ASSERT_TRUE(Embed(gpu_, {t.p, 5, &in.w, table.p, out.p}).ok());
   ExpectClose(out.Get(), cpu, 0.0, "Embed");
   std::vector<float> h = in.gate;
   ASSERT_TRUE(Add(Device{}, {h.data(), in.up.data(), 1000}).ok());
-  DeviceBuffer<float> dh(in.gate), du(in.up);
+  GpuArray<float> dh(in.gate), du(in.up);
   ASSERT_TRUE(Add(gpu_, {dh.p, du.p, 1000}).ok());
   ExpectClose(dh.Get(), h, 0.0, "Add");
 }
@@ -821,8 +925,8 @@ TEST_F(CudaOpsTest, CudaMlaAttentionEqualsCpuOverOnePool) {
     std::vector<float> cpu(n_out);
     const void* host = bf16 ? static_cast<const void*>(c.pool_bf16.data()) : c.pool.data();
     ASSERT_TRUE(MlaAttention(Device{}, c.Params(host, dtype, c.q.data(), cpu.data())).ok());
-    DeviceBuffer<float> pool(c.pool), q(c.q), out(std::vector<float>(n_out, std::nanf("")));
-    DeviceBuffer<uint16_t> pool_bf16(c.pool_bf16);
+    GpuArray<float> pool(c.pool), q(c.q), out(std::vector<float>(n_out, std::nanf("")));
+    GpuArray<uint16_t> pool_bf16(c.pool_bf16);
     const void* dev = bf16 ? static_cast<const void*>(pool_bf16.p) : pool.p;
     ASSERT_TRUE(MlaAttention(gpu_, c.Params(dev, dtype, q.p, out.p)).ok());
     ExpectClose(out.Get(), cpu, 1e-5, bf16 ? "MlaAttention bf16" : "MlaAttention fp32");
@@ -837,8 +941,8 @@ TEST_F(CudaOpsTest, CudaMlaAttentionEqualsCpuOverOnePool) {
         std::copy(sq.blocks.begin(), sq.blocks.end(), table.begin() + row * width);
       }
     }
-    DeviceBuffer<int32_t> d_table(table), d_lens(lens);
-    DeviceBuffer<float> out2(std::vector<float>(n_out, std::nanf("")));
+    GpuArray<int32_t> d_table(table), d_lens(lens);
+    GpuArray<float> out2(std::vector<float>(n_out, std::nanf("")));
     MlaAttentionParams given = c.Params(dev, dtype, q.p, out2.p);
     given.device_block_table = d_table.p;
     given.device_seq_lens = d_lens.p;
@@ -854,7 +958,7 @@ TEST_F(CudaOpsTest, CudaScoresAndSelectExpertsEqualCpu) {
     const std::vector<float> logits = Random(rows * n, 27, 2.0f), bias = Random(n, 28, 0.5f);
     std::vector<float> scores = logits;
     ASSERT_TRUE(Scores(Device{}, {scores.data(), rows, n, sigmoid}).ok());
-    DeviceBuffer<float> d_scores(logits);
+    GpuArray<float> d_scores(logits);
     ASSERT_TRUE(Scores(gpu_, {d_scores.p, rows, n, sigmoid}).ok());
     ExpectClose(d_scores.Get(), scores, 1e-6, sigmoid ? "Scores sigmoid" : "Scores softmax");
     // The selection from the same (CPU) scores: the same experts, weights within rounding.
@@ -862,8 +966,8 @@ TEST_F(CudaOpsTest, CudaScoresAndSelectExpertsEqualCpu) {
     std::vector<float> weights(rows * k);
     ASSERT_TRUE(SelectExperts(Device{}, {&c, scores.data(), bias.data(), rows, experts.data(),
                                          weights.data()}).ok());
-    DeviceBuffer<float> s(scores), b(bias), w(std::vector<float>(rows * k));
-    DeviceBuffer<int32_t> e(std::vector<int32_t>(rows * k, -1));
+    GpuArray<float> s(scores), b(bias), w(std::vector<float>(rows * k));
+    GpuArray<int32_t> e(std::vector<int32_t>(rows * k, -1));
     ASSERT_TRUE(SelectExperts(gpu_, {&c, s.p, b.p, rows, e.p, w.p}).ok());
     EXPECT_EQ(e.Get(), experts);
     ExpectClose(w.Get(), weights, 1e-6, "SelectExperts weights");
@@ -872,7 +976,7 @@ TEST_F(CudaOpsTest, CudaScoresAndSelectExpertsEqualCpu) {
 TEST_F(CudaOpsTest, CudaMlaProjectEqualsCpu) {
   const int64_t H = 4, dn = 24, dr = 8, dv = 20, kvr = 48, rows = 5;
   Bf16Weight kvb(H * (dn + dv), kvr, 31, 0.2f);
-  DeviceBuffer<float> w(kvb.widened.data);
+  GpuArray<float> w(kvb.widened.data);
   using Kind = MlaProjectParams::Kind;
   for (Kind kind : {Kind::kAbsorbQuery, Kind::kApplyValue}) {
     const int64_t in = kind == Kind::kAbsorbQuery ? dn + dr : kvr;
@@ -881,7 +985,7 @@ TEST_F(CudaOpsTest, CudaMlaProjectEqualsCpu) {
     std::vector<float> cpu(rows * H * outw);
     ASSERT_TRUE(MlaProject(Device{}, {kind, x.data(), rows, H, dn, dr, dv, &kvb.widened, nullptr,
                                       cpu.data()}).ok());
-    DeviceBuffer<float> dx(x), out(std::vector<float>(rows * H * outw, std::nanf("")));
+    GpuArray<float> dx(x), out(std::vector<float>(rows * H * outw, std::nanf("")));
     ASSERT_TRUE(MlaProject(gpu_, {kind, dx.p, rows, H, dn, dr, dv, &kvb.widened, w.p, out.p}).ok());
     ExpectClose(out.Get(), cpu, 1e-5,
                 kind == Kind::kAbsorbQuery ? "MlaProject W_UK" : "MlaProject W_UV");
@@ -895,8 +999,8 @@ TEST_F(CudaOpsTest, CudaRoutedExpertsEqualCpu) {
   std::vector<float> cpu(c.tokens * H);
   ASSERT_TRUE(RoutedExperts(Device{}, c.Params(false, cpu.data())).ok());
   for (bool bf16 : {false, true}) {
-    std::vector<std::unique_ptr<DeviceBuffer<float>>> f32;
-    std::vector<std::unique_ptr<DeviceBuffer<uint16_t>>> b16;
+    std::vector<std::unique_ptr<GpuArray<float>>> f32;
+    std::vector<std::unique_ptr<GpuArray<uint16_t>>> b16;
     std::vector<const void*> gate_up, down;
     for (int64_t e = 0; e < ExpertsCase::kExperts; ++e) {
       if (e == 4) {
@@ -911,16 +1015,16 @@ TEST_F(CudaOpsTest, CudaRoutedExpertsEqualCpu) {
         if (bf16) {
           std::vector<uint16_t> bits;
           for (float v : *m) bits.push_back(model::FloatToBf16(v));  // exact: BF16 values
-          b16.push_back(std::make_unique<DeviceBuffer<uint16_t>>(bits));
+          b16.push_back(std::make_unique<GpuArray<uint16_t>>(bits));
           (m == &gu ? gate_up : down).push_back(b16.back()->p);
         } else {
-          f32.push_back(std::make_unique<DeviceBuffer<float>>(*m));
+          f32.push_back(std::make_unique<GpuArray<float>>(*m));
           (m == &gu ? gate_up : down).push_back(f32.back()->p);
         }
       }
     }
-    DeviceBuffer<float> x(c.x), w(c.weights), out(std::vector<float>(c.tokens * H, std::nanf("")));
-    DeviceBuffer<int32_t> slots(c.slots);
+    GpuArray<float> x(c.x), w(c.weights), out(std::vector<float>(c.tokens * H, std::nanf("")));
+    GpuArray<int32_t> slots(c.slots);
     RoutedExpertsParams p = c.Params(false, out.p);
     p.x = x.p;
     p.experts = slots.p;
@@ -943,6 +1047,56 @@ TEST_F(CudaOpsTest, CudaRoutedExpertsEqualCpu) {
       std::printf("RoutedExperts bf16: relative norm difference %.3g\n", std::sqrt(diff / norm));
     }
   }
+}
+TEST_F(CudaOpsTest, CudaStoreLatentsAndCopiesEqualCpu) {
+  const int64_t lat = 576, bt = 64, pool_blocks = 6;
+  const std::vector<int32_t> table = {4, 1, 5};
+  const int64_t start = 50, n = 100;  // crosses two block boundaries
+  const std::vector<float> rows = Random(static_cast<size_t>(n * lat), 17);
+  for (bool bf16 : {false, true}) {
+    const size_t values = static_cast<size_t>(pool_blocks * bt * lat);
+    const size_t bytes = values * (bf16 ? 2 : 4);
+    auto cpu_pool = Allocate(Device{}, bytes);
+    auto gpu_pool = Allocate(gpu_, bytes);
+    auto gpu_rows = Allocate(gpu_, rows.size() * 4);
+    auto gpu_table = Allocate(gpu_, table.size() * 4);
+    ASSERT_TRUE(cpu_pool.ok() && gpu_pool.ok() && gpu_rows.ok() && gpu_table.ok());
+    ASSERT_TRUE(CopyToDevice(gpu_, gpu_rows->data(), rows.data(), rows.size() * 4).ok());
+    ASSERT_TRUE(CopyToDevice(gpu_, gpu_table->data(), table.data(), table.size() * 4).ok());
+    StoreLatentsParams p;
+    p.rows = rows.data();
+    p.n = n;
+    p.latent_dim = lat;
+    p.start = start;
+    p.block_table = table.data();
+    p.table_blocks = 3;
+    p.block_tokens = bt;
+    p.pool = cpu_pool->data();
+    p.pool_blocks = pool_blocks;
+    p.dtype = bf16 ? LatentStorage::kBFloat16 : LatentStorage::kFloat32;
+    ASSERT_TRUE(StoreLatents(Device{}, p).ok());
+    p.rows = gpu_rows->as<float>();
+    p.block_table = gpu_table->as<int32_t>();
+    p.pool = gpu_pool->data();
+    ASSERT_TRUE(StoreLatents(gpu_, p).ok());
+    std::vector<char> back(bytes);
+    ASSERT_TRUE(CopyToHost(gpu_, back.data(), gpu_pool->data(), bytes).ok());
+    EXPECT_EQ(PoolValues(back.data(), values, bf16), PoolValues(cpu_pool->data(), values, bf16))
+        << "bf16 " << bf16 << " (Allocate zero-fills on both)";
+  }
+  ASSERT_TRUE(Synchronize(gpu_).ok());
+}
+
+TEST_F(CudaOpsTest, CudaDeviceContextOpensAndCloses) {
+  Device want;
+  want.backend = Backend::kCuda;
+  auto context = DeviceContext::Open(want, /*exact_fp32=*/true);
+  ASSERT_TRUE(context.ok()) << context.status();
+  EXPECT_NE((*context)->device().stream, nullptr);
+  EXPECT_NE((*context)->device().blas, nullptr);
+  want.index = 4096;
+  EXPECT_EQ(DeviceContext::Open(want, true).status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 #else
 TEST(CudaOpsTest, CudaBackendNotBuilt) {

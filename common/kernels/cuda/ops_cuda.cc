@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -327,6 +328,91 @@ absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
   return s;
 }
 
+absl::Status StoreLatentsCuda(const Device& device, const StoreLatentsParams& p) {
+  return cuda::StoreLatentsDevice(p.rows, p.n, p.latent_dim, p.start, p.block_table,
+                                  p.block_tokens, p.pool, p.dtype == LatentStorage::kBFloat16,
+                                  StreamOf(device));
+}
+
+absl::Status OpenCuda(Device* device, bool exact_fp32) {
+  SPLITMOE_ASSIGN_OR_RETURN(const int count, cuda::DeviceCount());
+  if (device->index >= count) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        DeviceName(*device), " requested, ", count, " CUDA devices visible"));
+  }
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(cudaSetDevice(device->index), "cudaSetDevice"));
+  // Each step's activations come from the stream-ordered pool and go back to it: keep what it
+  // holds rather than handing it to the driver at every synchronisation (the default threshold,
+  // 0), which would map and unmap memory every step.
+  cudaMemPool_t pool = nullptr;
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(cudaDeviceGetDefaultMemPool(&pool, device->index),
+                                           "cudaDeviceGetDefaultMemPool"));
+  uint64_t keep = UINT64_MAX;
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep),
+      "cudaMemPoolSetAttribute"));
+  cudaStream_t stream = nullptr;
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(cudaStreamCreate(&stream), "cudaStreamCreate"));
+  cublasHandle_t blas = nullptr;
+  absl::Status s = cuda::CublasError(cublasCreate(&blas), "cublasCreate");
+  if (s.ok()) s = cuda::CublasError(cublasSetStream(blas, stream), "cublasSetStream");
+  if (s.ok() && exact_fp32) {
+    s = cuda::CublasError(cublasSetMathMode(blas, CUBLAS_PEDANTIC_MATH), "cublasSetMathMode");
+  }
+  if (!s.ok()) {
+    if (blas != nullptr) cublasDestroy(blas);
+    cudaStreamDestroy(stream);
+    return s;
+  }
+  device->stream = stream;
+  device->blas = blas;
+  return absl::OkStatus();
+}
+
+void CloseCuda(const Device& device) {
+  (void)cudaSetDevice(device.index);
+  (void)cudaStreamSynchronize(StreamOf(device));
+  cublasDestroy(static_cast<cublasHandle_t>(device.blas));
+  cudaStreamDestroy(StreamOf(device));
+}
+
+absl::StatusOr<void*> AllocateCuda(const Device& device, size_t bytes) {
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(cudaSetDevice(device.index), "cudaSetDevice"));
+  void* p = nullptr;
+  SPLITMOE_RETURN_IF_ERROR(
+      cuda::CudaError(cudaMallocAsync(&p, bytes, StreamOf(device)), "cudaMallocAsync"));
+  absl::Status s = cuda::CudaError(cudaMemsetAsync(p, 0, bytes, StreamOf(device)), "cudaMemsetAsync");
+  if (!s.ok()) {
+    (void)cudaFreeAsync(p, StreamOf(device));
+    return s;
+  }
+  return p;
+}
+
+void FreeCuda(const Device& device, void* data) {
+  (void)cudaSetDevice(device.index);
+  (void)cudaFreeAsync(data, StreamOf(device));
+}
+
+absl::Status CopyToDeviceCuda(const Device& device, void* dst, const void* src, size_t bytes) {
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, StreamOf(device)),
+      "cudaMemcpyAsync to the device"));
+  // The source is pageable host memory the caller may free on return.
+  return cuda::CudaError(cudaStreamSynchronize(StreamOf(device)), "cudaStreamSynchronize");
+}
+
+absl::Status CopyToHostCuda(const Device& device, void* dst, const void* src, size_t bytes) {
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, StreamOf(device)),
+      "cudaMemcpyAsync to the host"));
+  return cuda::CudaError(cudaStreamSynchronize(StreamOf(device)), "cudaStreamSynchronize");
+}
+
+absl::Status SynchronizeCuda(const Device& device) {
+  return cuda::CudaError(cudaStreamSynchronize(StreamOf(device)), "cudaStreamSynchronize");
+}
+
 static_assert(cuda::kNoExpert == kNoExpertSlot, "one empty-slot marker");
 
 const OpsBackend kCudaOps = {
@@ -346,6 +432,14 @@ const OpsBackend kCudaOps = {
     .mla_project = MlaProjectCuda,
     .supports_routed_experts = SupportsRoutedExperts,
     .routed_experts = RoutedExpertsCuda,
+    .store_latents = StoreLatentsCuda,
+    .open = OpenCuda,
+    .close = CloseCuda,
+    .allocate = AllocateCuda,
+    .free = FreeCuda,
+    .copy_to_device = CopyToDeviceCuda,
+    .copy_to_host = CopyToHostCuda,
+    .synchronize = SynchronizeCuda,
 };
 
 }  // namespace
