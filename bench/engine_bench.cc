@@ -273,7 +273,9 @@ void BM_Prefill(benchmark::State& state) {
     std::vector<engine::SequenceChunk> batch = {{prompt, &cache}};
     if (!e.transformer().Forward(batch, form, &hidden).ok())
       state.SkipWithError("forward");
-    e.transformer().Logits(hidden.data() + (prompt.size() - 1) * c.hidden_size, 1, logits.data());
+    if (!e.transformer().Logits(hidden.data() + (prompt.size() - 1) * c.hidden_size, 1,
+                                logits.data()).ok())
+      state.SkipWithError("logits");
   }
   const Limits limits = Mean(before, MeasureLimits(/*gemm=*/true, 0));
   state.counters["tokens_per_s"] = benchmark::Counter(
@@ -360,7 +362,8 @@ void BM_Decode(benchmark::State& state) {
     state.ResumeTiming();
     if (!e.transformer().Forward(batch, engine::AttentionForm::kAbsorbed, &hidden).ok())
       state.SkipWithError("decode");
-    e.transformer().Logits(hidden.data(), batch_size, logits.data());
+    if (!e.transformer().Logits(hidden.data(), batch_size, logits.data()).ok())
+      state.SkipWithError("logits");
   }
   const Limits limits = Mean(before, MeasureLimits(/*gemm=*/false, read_bytes));
   state.counters["tokens_per_s"] = benchmark::Counter(

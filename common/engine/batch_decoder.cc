@@ -166,14 +166,18 @@ absl::Status RunRound(Transformer& transformer, std::vector<PrefillItem>& items,
     if (item.status.ok() && item.prompt_top_logprobs >= 0) {
       // Row j (position begin + j) predicts the token at begin + j + 1.
       for (size_t j = 0; j < n && begin + j + 1 < item.prompt.size(); ++j) {
-        transformer.Logits(hidden.data() + (row + static_cast<int64_t>(j)) * h, 1, logits.data());
+        item.status = transformer.Logits(hidden.data() + (row + static_cast<int64_t>(j)) * h, 1,
+                                         logits.data());
+        if (!item.status.ok()) break;
         item.prompt_logprobs[begin + j + 1] =
             ComputeLogprob(logits, item.prompt[begin + j + 1], item.prompt_top_logprobs);
       }
     }
     if (item.status.ok() && begin + n == item.prompt.size()) {
-      transformer.Logits(hidden.data() + (row + static_cast<int64_t>(n) - 1) * h, 1,
-                         logits.data());
+      item.status = transformer.Logits(hidden.data() + (row + static_cast<int64_t>(n) - 1) * h,
+                                       1, logits.data());
+    }
+    if (item.status.ok() && begin + n == item.prompt.size()) {
       // The position after the prompt in the sequence (a cached prefix comes before it).
       item.first.token = SampleToken(logits, item.sampling,
                                      base[round[r]] + static_cast<int64_t>(item.prompt.size()));
@@ -342,9 +346,8 @@ absl::Status BatchDecoder::Compute(absl::Span<const SequenceChunk> batch, float*
   std::vector<float> h;
   SPLITMOE_RETURN_IF_ERROR(transformer_->Forward(batch, AttentionForm::kAbsorbed, &h));
   std::copy(h.begin(), h.end(), hidden);
-  transformer_->Logits(h.data(), static_cast<int64_t>(h.size()) / transformer_->config().hidden_size,
-                       logits);
-  return absl::OkStatus();
+  return transformer_->Logits(
+      h.data(), static_cast<int64_t>(h.size()) / transformer_->config().hidden_size, logits);
 }
 
 int64_t BatchDecoder::DraftBudget(const DecodeSequence& s) const {

@@ -22,7 +22,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   load.mtp = options.load_mtp;
   load.resident = options.weights;
   SPLITMOE_ASSIGN_OR_RETURN(engine->weights_, model::LoadWeights(*ckpt, load));
-  if (options.pack_weights) {
+  SPLITMOE_ASSIGN_OR_RETURN(const kernels::Device device, kernels::ParseDevice(options.device));
+  if (device.backend != kernels::Backend::kCpu) {
+    // The device holds the values; the host's stay as loaded (mapped from the checkpoint in its
+    // dtype) and give the shapes.
+    SPLITMOE_RETURN_IF_ERROR(engine->OpenDevice(device));
+  } else if (options.pack_weights) {
     SPLITMOE_RETURN_IF_ERROR(PackForInference(&engine->weights_));  // and OpenBLAS one thread
   }
   SPLITMOE_ASSIGN_OR_RETURN(const bool has_tokenizer,
@@ -47,13 +52,61 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
            "token a step";
     engine->options_.draft_tokens = 0;
   }
-  engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_);
-  engine->transformer_ =
-      std::make_unique<Transformer>(engine->config_, engine->weights_, engine->moe_.get());
+  engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_,
+                                                    engine->device_weights_.get());
+  engine->transformer_ = std::make_unique<Transformer>(
+      engine->config_, engine->weights_, engine->moe_.get(), engine->device_weights_.get());
   return engine;
 }
 
-absl::Status Engine::Prefill(absl::Span<const int32_t> tokens, LatentCache* cache,
+absl::Status Engine::OpenDevice(const kernels::Device& device) {
+  const model::WeightDType dtype = options_.device_weights;
+  if (dtype != model::WeightDType::kFloat32 && dtype != model::WeightDType::kBFloat16) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "weights on ", kernels::DeviceName(device), " are fp32 or bf16, not ",
+        model::WeightDTypeName(dtype)));
+  }
+  if (options_.device_cache_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("device_cache_tokens must be > 0, got ",
+                                                   options_.device_cache_tokens));
+  }
+  SPLITMOE_ASSIGN_OR_RETURN(
+      context_, kernels::DeviceContext::Open(device, dtype == model::WeightDType::kFloat32));
+  const kernels::Device& on = context_->device();
+  SPLITMOE_ASSIGN_OR_RETURN(device_weights_, DeviceWeights::Upload(on, weights_, dtype));
+  LatentPoolOptions pool;
+  pool.layers = config_.num_hidden_layers;
+  pool.latent_dim = config_.latent_dim();
+  pool.block_tokens = 64;
+  pool.blocks = (options_.device_cache_tokens + pool.block_tokens - 1) / pool.block_tokens;
+  pool.dtype = dtype == model::WeightDType::kBFloat16 ? kernels::LatentStorage::kBFloat16
+                                                      : kernels::LatentStorage::kFloat32;
+  SPLITMOE_ASSIGN_OR_RETURN(pool_, LatentPool::Create(on, pool));
+  if (!weights_.mtp.empty()) {
+    pool.layers = 1;
+    SPLITMOE_ASSIGN_OR_RETURN(mtp_pool_, LatentPool::Create(on, pool));
+  }
+  SPLITMOE_LOG(INFO, "engine").With("device", kernels::DeviceName(on))
+          .With("weights", model::WeightDTypeName(dtype))
+          .With("weight_bytes", device_weights_->bytes())
+          .With("cache_bytes", pool_->bytes() + (mtp_pool_ ? mtp_pool_->bytes() : 0))
+      << "the engine's forward pass runs on the device";
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<SequenceCache>> Engine::NewCache(bool mtp) {
+  if (pool_ == nullptr) {
+    return std::unique_ptr<SequenceCache>(std::make_unique<LatentCache>(
+        mtp ? 1 : config_.num_hidden_layers, config_.latent_dim()));
+  }
+  if (mtp && mtp_pool_ == nullptr) {
+    return absl::FailedPreconditionError("the model has no MTP module loaded");
+  }
+  return std::unique_ptr<SequenceCache>(
+      std::make_unique<PooledSequenceCache>(mtp ? mtp_pool_.get() : pool_.get()));
+}
+
+absl::Status Engine::Prefill(absl::Span<const int32_t> tokens, SequenceCache* cache,
                              std::vector<float>* hidden) {
   hidden->clear();
   std::vector<float> chunk_hidden;
@@ -71,15 +124,16 @@ absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, in
   if (tokens.empty()) return absl::InvalidArgumentError("empty prompt");
   if (top_logprobs < 0) return absl::InvalidArgumentError("top_logprobs must be >= 0");
   const int64_t n = static_cast<int64_t>(tokens.size()), vocab = config_.vocab_size;
-  LatentCache cache(config_.num_hidden_layers, config_.latent_dim());
+  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<SequenceCache> cache, NewCache());
   std::vector<float> hidden;
-  SPLITMOE_RETURN_IF_ERROR(Prefill(tokens, &cache, &hidden));
+  SPLITMOE_RETURN_IF_ERROR(Prefill(tokens, cache.get(), &hidden));
   ScoreResult result;
   result.tokens = tokens;
   result.prompt_logprobs.resize(static_cast<size_t>(n));
   std::vector<float> logits(static_cast<size_t>(vocab));
   for (int64_t i = 1; i < n; ++i) {
-    transformer_->Logits(hidden.data() + (i - 1) * config_.hidden_size, 1, logits.data());
+    SPLITMOE_RETURN_IF_ERROR(
+        transformer_->Logits(hidden.data() + (i - 1) * config_.hidden_size, 1, logits.data()));
     result.prompt_logprobs[static_cast<size_t>(i)] =
         ComputeLogprob(logits, tokens[i], top_logprobs);
   }
@@ -88,13 +142,13 @@ absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int32_t>& tokens, in
       return absl::FailedPreconditionError("the model has no MTP module");
     }
     if (n >= 3) {
-      LatentCache mtp_cache(1, config_.latent_dim());
+      SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<SequenceCache> mtp_cache, NewCache(/*mtp=*/true));
       std::vector<float> mtp_logits;
       // Row i (i < n - 2) reads token i+1 and main hidden state i and predicts token i+2.
       for (int64_t begin = 0; begin < n - 2; begin += kPrefillChunkTokens) {
         const int64_t end = std::min(n - 2, begin + kPrefillChunkTokens);
         absl::Span<const int32_t> next(tokens.data() + begin + 1, static_cast<size_t>(end - begin));
-        std::vector<SequenceChunk> mtp_batch = {{next, &mtp_cache}};
+        std::vector<SequenceChunk> mtp_batch = {{next, mtp_cache.get()}};
         SPLITMOE_RETURN_IF_ERROR(transformer_->MtpForward(
             0, mtp_batch, hidden.data() + begin * config_.hidden_size, options_.prefill_form,
             &mtp_logits));
@@ -130,9 +184,11 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
   SPLITMOE_RETURN_IF_ERROR(ValidateRequest(request));
   // The serving path with one sequence: the prefill worker's PrefillFirstToken, then the decode
   // worker's BatchDecoder, so the engine and the cluster sample, stop and score in one place.
-  auto cache = std::make_unique<LatentCache>(config_.num_hidden_layers, config_.latent_dim());
-  std::unique_ptr<LatentCache> mtp_cache;
-  if (options_.draft_tokens > 0) mtp_cache = std::make_unique<LatentCache>(1, config_.latent_dim());
+  SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<SequenceCache> cache, NewCache());
+  std::unique_ptr<SequenceCache> mtp_cache;
+  if (options_.draft_tokens > 0) {
+    SPLITMOE_ASSIGN_OR_RETURN(mtp_cache, NewCache(/*mtp=*/true));
+  }
   std::vector<PrefillItem> prefill(1);
   prefill[0].prompt = request.prompt;
   prefill[0].cache = cache.get();

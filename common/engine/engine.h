@@ -20,6 +20,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/engine/batch_decoder.h"
+#include "common/engine/device_weights.h"
+#include "common/engine/pooled_latent_cache.h"
 #include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
 #include "common/engine/transformer.h"
@@ -40,6 +42,15 @@ struct EngineOptions {
   // Speculative decoding with the model's MTP module: K draft tokens per verification pass
   // (BatchDecoder); 0: off. Needs the module (load_mtp and a checkpoint that ships it).
   int64_t draft_tokens = 0;
+  // Where the forward pass runs: "cpu", or "cuda:N" (kernels::ParseDevice) in a process whose
+  // CUDA backend is enabled (kernels::EnableCudaOps). On a GPU the same Transformer runs on that
+  // device's ops: the weights are uploaded once as `device_weights` (kFloat32: the mode that
+  // must give the CPU's greedy tokens; kBFloat16: the fast mode, whose drift is measured), the
+  // latent caches live in a device pool of `device_cache_tokens` tokens (fp32, or BF16 in the
+  // BF16 mode), prompts attend in the absorbed form, and weights are never packed.
+  std::string device = "cpu";
+  model::WeightDType device_weights = model::WeightDType::kFloat32;
+  int64_t device_cache_tokens = 32768;
 };
 
 struct ScoreResult {
@@ -87,6 +98,12 @@ class Engine {
   // Null when the model directory has no tokenizer.json.
   const tokenizer::Tokenizer* tokenizer() const { return tokenizer_.get(); }
   Transformer& transformer() { return *transformer_; }
+  // Where the forward pass runs (EngineOptions::device).
+  const kernels::Device& device() const { return transformer_->device(); }
+  // An empty latent cache for one sequence on the engine's device: every main layer, or the MTP
+  // module's one (`mtp`). On a GPU its blocks come from the engine's pool (ResourceExhausted
+  // when a Forward needs more than remain).
+  absl::StatusOr<std::unique_ptr<SequenceCache>> NewCache(bool mtp = false);
 
   absl::StatusOr<ScoreResult> Score(const std::vector<int32_t>& tokens, int64_t top_logprobs,
                                     bool with_mtp);
@@ -99,11 +116,17 @@ class Engine {
  private:
   Engine() = default;
   // Runs `tokens` into `cache` chunk by chunk; hidden [tokens, hidden_size] final-normed.
-  absl::Status Prefill(absl::Span<const int32_t> tokens, LatentCache* cache, std::vector<float>* hidden);
+  absl::Status Prefill(absl::Span<const int32_t> tokens, SequenceCache* cache,
+                       std::vector<float>* hidden);
+  absl::Status OpenDevice(const kernels::Device& device);
   EngineOptions options_;
   model::ModelConfig config_;
   model::ModelWeights weights_;
   std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
+  // On a GPU (declared first, so it goes last: the buffers below free on its stream).
+  std::unique_ptr<kernels::DeviceContext> context_;
+  std::unique_ptr<DeviceWeights> device_weights_;
+  std::unique_ptr<LatentPool> pool_, mtp_pool_;
   std::unique_ptr<LocalMoeExecutor> moe_;
   std::unique_ptr<Transformer> transformer_;
 };

@@ -2,7 +2,8 @@
 // exactly latent_dim = kv_lora_rank + qk_rope_head_dim values, the normalised c_kv followed by
 // the rotated RoPE key, and nothing else (K and V are never cached). LatentCache is the
 // contiguous one of the single-process engine; the decode worker's paged cache implements the
-// same interface. Owned by one sequence; not thread-safe.
+// same interface, and so does a sequence's share of a device's pool (pooled_latent_cache.h),
+// which a Transformer on a GPU reads and writes. Owned by one sequence; not thread-safe.
 //
 //   LatentCache cache(config.num_hidden_layers, config.latent_dim());
 //   float* row = cache.Row(layer, position);   // [latent_dim]
@@ -15,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "common/kernels/cpu/mla_attention.h"
+#include "common/kernels/ops.h"
 
 namespace splitmoe::engine {
 
@@ -26,8 +28,23 @@ class SequenceCache {
   virtual int64_t length() const = 0;
   // Makes room for `tokens` in total; may fail (ResourceExhausted) for a bounded cache.
   virtual absl::Status Reserve(int64_t tokens) = 0;
-  // Write target for the latents of a token at `position` >= length(), fp32 [latent_dim].
+  // Write target for the latents of a token at `position` >= length(), fp32 [latent_dim] in
+  // host memory; null for a cache whose rows are not host fp32 (a device's: use Store).
   virtual float* Row(int64_t layer, int64_t position) = 0;
+  // Stores rows [n, latent_dim] of fp32 latents, in the memory of `device`, at positions
+  // start .. start + n - 1 (>= length()) of `layer`, then RowsWritten(layer): how a forward pass
+  // writes a chunk's latents. This default serves host caches (copies through Row()); a
+  // device's cache stores them with kernels::StoreLatents.
+  virtual absl::Status Store(const kernels::Device& device, int64_t layer, int64_t start,
+                             const float* rows, int64_t n);
+  // The pool every block of `layer` lies in, as a device's attention needs them (the FlashMLA
+  // layout, kernels::MlaAttentionParams::pool): {null, 0} for a cache whose blocks lie anywhere
+  // in host memory.
+  struct PoolRef {
+    const void* pool = nullptr;
+    int64_t blocks = 0;
+  };
+  virtual PoolRef Pool(int64_t layer) const { return {}; }
   // The rows of `layer` written through Row() are complete: a cache that stages them (bf16)
   // stores them now, so View and LayerRows see them.
   virtual void RowsWritten(int64_t layer) {}

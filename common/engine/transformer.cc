@@ -59,6 +59,10 @@ std::unique_ptr<MoeExecutor::Pending> LocalMoeExecutor::Start(int64_t layer, con
   return std::make_unique<DonePending>(Compute(layer, x, scores, rows, out));
 }
 
+kernels::Backend LocalMoeExecutor::backend() const {
+  return on_device_ == nullptr ? kernels::Backend::kCpu : on_device_->device().backend;
+}
+
 absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const float* scores,
                                        int64_t rows, float* out) {
   const model::LayerWeights& w =
@@ -66,12 +70,17 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
           ? weights_.layers[static_cast<size_t>(layer)]
           : weights_.mtp[static_cast<size_t>(layer - config_.num_hidden_layers)].block;
   const int64_t k = config_.num_experts_per_tok;
-  std::vector<int32_t> experts(static_cast<size_t>(rows * k));
-  std::vector<float> weights(static_cast<size_t>(rows * k));
-  const kernels::Device cpu;
+  const kernels::Device device = on_device_ == nullptr ? kernels::Device{} : on_device_->device();
+  // The choice [rows, k], in the device's memory.
+  SPLITMOE_ASSIGN_OR_RETURN(kernels::DeviceBuffer experts,
+                            kernels::Allocate(device, static_cast<size_t>(rows * k) * 4));
+  SPLITMOE_ASSIGN_OR_RETURN(kernels::DeviceBuffer weights,
+                            kernels::Allocate(device, static_cast<size_t>(rows * k) * 4));
+  const float* bias = on_device_ != nullptr ? on_device_->Find(w.gate_bias)
+                      : w.gate_bias.empty() ? nullptr
+                                            : w.gate_bias.data();
   SPLITMOE_RETURN_IF_ERROR(kernels::SelectExperts(
-      cpu, {&config_, scores, w.gate_bias.empty() ? nullptr : w.gate_bias.data(), rows,
-            experts.data(), weights.data()}));
+      device, {&config_, scores, bias, rows, experts.as<int32_t>(), weights.as<float>()}));
   const std::vector<const model::MlpWeights*> held = w.HeldExperts();
   kernels::RoutedExpertsParams p;
   p.x = x;
@@ -79,11 +88,23 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
   p.hidden = config_.hidden_size;
   p.inter = config_.moe_intermediate_size;
   p.top_k = k;
-  p.experts = experts.data();
-  p.weights = weights.data();
-  p.host = held;
+  p.experts = experts.as<int32_t>();
+  p.weights = weights.as<float>();
   p.out = out;
-  return Annotate(kernels::RoutedExperts(cpu, p), absl::StrCat("layer ", layer, " in this process"));
+  if (on_device_ == nullptr) {
+    p.host = held;
+  } else {
+    const DeviceWeights::Experts* on = on_device_->FindExperts(w);
+    if (on == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("layer ", layer, ": no routed experts on ", kernels::DeviceName(device)));
+    }
+    p.gate_up_device = on->gate_up;
+    p.down_device = on->down;
+    p.device_dtype = on_device_->matrices();
+  }
+  return Annotate(kernels::RoutedExperts(device, p),
+                  absl::StrCat("layer ", layer, " in this process"));
 }
 
 namespace {
@@ -149,134 +170,243 @@ absl::Status PackForInference(model::ModelWeights* w) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// One step's activations, in the device's memory (zeroed), freed when the step ends (on a GPU in
+// stream order, after the work enqueued on them).
+class Scratch {
+ public:
+  explicit Scratch(const kernels::Device& device) : device_(device) {}
+  template <typename T = float>
+  absl::StatusOr<T*> Get(int64_t n) {
+    SPLITMOE_ASSIGN_OR_RETURN(
+        kernels::DeviceBuffer b,
+        kernels::Allocate(device_, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
+    buffers_.push_back(std::move(b));
+    return buffers_.back().as<T>();
+  }
+
+ private:
+  kernels::Device device_;
+  std::vector<kernels::DeviceBuffer> buffers_;
+};
+
+bool OnCpu(const kernels::Device& d) { return d.backend == kernels::Backend::kCpu; }
+
+}  // namespace
+
+struct Transformer::Pass {
+  Scratch scratch;
+  std::vector<int32_t> tokens, positions;      // every row of the batch, in batch order
+  const int32_t* device_tokens = nullptr;      // the same where the device reads them
+  const int32_t* device_positions = nullptr;
+  explicit Pass(const kernels::Device& d) : scratch(d) {}
+};
+
 Transformer::Transformer(const model::ModelConfig& config, const model::ModelWeights& weights,
-                         MoeExecutor* moe)
+                         MoeExecutor* moe, const DeviceWeights* on_device)
     : config_(config),
       weights_(weights),
       moe_(moe),
+      on_device_(on_device),
+      device_(on_device == nullptr ? kernels::Device{} : on_device->device()),
       rope_(config),
       softmax_scale_(static_cast<float>(config.SoftmaxScale())) {}
+
+absl::Status Transformer::Lin(const float* x, int64_t m, const model::Matrix& w, float* y) const {
+  if (OnCpu(device_)) {
+    kernels::Linear(x, m, w, y);
+    return absl::OkStatus();
+  }
+  const DeviceWeights::Tensor t = on_device_->Find(w);
+  if (t.data == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "a ", w.rows, "x", w.cols, " weight has no copy on ", kernels::DeviceName(device_)));
+  }
+  return kernels::Linear(device_, {x, m, &w, t.data, t.dtype, y});
+}
+
+const float* Transformer::Vec(const std::vector<float>& v) const {
+  if (v.empty()) return nullptr;
+  return OnCpu(device_) ? v.data() : on_device_->Find(v);
+}
+
+absl::Status Transformer::BeginPass(absl::Span<const SequenceChunk> batch, bool mtp, Pass* pass) {
+  const model::ModelConfig& c = config_;
+  if (moe_ != nullptr && moe_->backend() != device_.backend) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the MoE executor's buffers are not in ", kernels::DeviceName(device_),
+        "'s memory: a Transformer on a device needs an executor for that device"));
+  }
+  for (const SequenceChunk& chunk : batch) {
+    const int64_t start = StartOf(chunk);
+    for (size_t i = 0; i < chunk.tokens.size(); ++i) {
+      const int32_t t = chunk.tokens[i];
+      if (t < 0 || t >= c.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
+      }
+      pass->tokens.push_back(t);
+      pass->positions.push_back(static_cast<int32_t>(start + static_cast<int64_t>(i)));
+    }
+    const int64_t end = start + static_cast<int64_t>(chunk.tokens.size());
+    if (end > c.max_position_embeddings) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
+                                                     " tokens exceeds max_position_embeddings ",
+                                                     c.max_position_embeddings));
+    }
+    // An MTP module's cache grows from its own length (its chunks name no start).
+    SPLITMOE_RETURN_IF_ERROR(chunk.cache->Reserve(
+        mtp ? chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()) : end));
+  }
+  if (OnCpu(device_)) {
+    pass->device_tokens = pass->tokens.data();
+    pass->device_positions = pass->positions.data();
+    return absl::OkStatus();
+  }
+  if (inv_freq_.data() == nullptr) {
+    const std::vector<float>& f = rope_.inv_freq();
+    SPLITMOE_ASSIGN_OR_RETURN(inv_freq_, kernels::Allocate(device_, f.size() * sizeof(float)));
+    SPLITMOE_RETURN_IF_ERROR(
+        kernels::CopyToDevice(device_, inv_freq_.data(), f.data(), f.size() * sizeof(float)));
+  }
+  const int64_t rows = static_cast<int64_t>(pass->tokens.size());
+  SPLITMOE_ASSIGN_OR_RETURN(int32_t* ids, pass->scratch.Get<int32_t>(2 * rows));
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::CopyToDevice(device_, ids, pass->tokens.data(), static_cast<size_t>(rows) * 4));
+  SPLITMOE_RETURN_IF_ERROR(kernels::CopyToDevice(device_, ids + rows, pass->positions.data(),
+                                                 static_cast<size_t>(rows) * 4));
+  pass->device_tokens = ids;
+  pass->device_positions = ids + rows;
+  return absl::OkStatus();
+}
 
 absl::Status Transformer::Mlp(const model::MlpWeights& w, const float* x, int64_t rows,
                               float* out) {
   const int64_t inter = w.gate.rows, hidden = w.gate.cols;
-  std::vector<float> g(static_cast<size_t>(rows * inter)), u(static_cast<size_t>(rows * inter));
-  if (Grouped(w.gate, rows) && Grouped(w.up, rows)) {
-    const kernels::LinearTask both[] = {Task(x, hidden, rows, w.gate, g.data(), inter),
-                                        Task(x, hidden, rows, w.up, u.data(), inter)};
+  Scratch scratch(device_);
+  SPLITMOE_ASSIGN_OR_RETURN(float* g, scratch.Get(rows * inter));
+  SPLITMOE_ASSIGN_OR_RETURN(float* u, scratch.Get(rows * inter));
+  if (OnCpu(device_) && Grouped(w.gate, rows) && Grouped(w.up, rows)) {
+    const kernels::LinearTask both[] = {Task(x, hidden, rows, w.gate, g, inter),
+                                        Task(x, hidden, rows, w.up, u, inter)};
     SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(both));
   } else {
-    kernels::Linear(x, rows, w.gate, g.data());
-    kernels::Linear(x, rows, w.up, u.data());
+    SPLITMOE_RETURN_IF_ERROR(Lin(x, rows, w.gate, g));
+    SPLITMOE_RETURN_IF_ERROR(Lin(x, rows, w.up, u));
   }
-  SPLITMOE_RETURN_IF_ERROR(kernels::SwiGlu(device_, {g.data(), u.data(), rows * inter}));
-  kernels::Linear(g.data(), rows, w.down, out);
-  return absl::OkStatus();
+  SPLITMOE_RETURN_IF_ERROR(kernels::SwiGlu(device_, {g, u, rows * inter}));
+  return Lin(g, rows, w.down, out);
 }
 
 absl::Status Transformer::Attention(const model::AttentionWeights& w, const float* x,
                                     int64_t cache_layer, absl::Span<const SequenceChunk> batch,
-                                    AttentionForm form, float* out, int64_t rows) {
+                                    AttentionForm form, const Pass& pass, float* out,
+                                    int64_t rows) {
   const model::ModelConfig& c = config_;
   const int64_t heads = c.num_attention_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
   const int64_t dv = c.v_head_dim, kvr = c.kv_lora_rank, qk = c.qk_head_dim(), lat = c.latent_dim();
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  const bool cpu = OnCpu(device_);
+  const float* inv_freq = cpu ? rope_.inv_freq().data() : inv_freq_.as<const float>();
+  Scratch scratch(device_);
 
-  // Queries q [rows, heads, qk].
-  std::vector<float> q(static_cast<size_t>(rows * heads * qk));
-  // Latents: kv [rows, kv_lora_rank + rope] -> cache rows (normalised c_kv, rotated k_pe).
-  std::vector<float> kv(static_cast<size_t>(rows * lat));
+  // Queries q [rows, heads, qk]; latents kv [rows, kv_lora_rank + rope].
+  SPLITMOE_ASSIGN_OR_RETURN(float* q, scratch.Get(rows * heads * qk));
+  SPLITMOE_ASSIGN_OR_RETURN(float* kv, scratch.Get(rows * lat));
   const int64_t hidden = c.hidden_size;
-  const bool grouped_in = c.q_lora_rank > 0 && Grouped(w.q_a_proj, rows) && Grouped(w.kv_a_proj, rows);
+  const bool grouped_in =
+      cpu && c.q_lora_rank > 0 && Grouped(w.q_a_proj, rows) && Grouped(w.kv_a_proj, rows);
   if (c.q_lora_rank > 0) {
-    std::vector<float> qa(static_cast<size_t>(rows * c.q_lora_rank));
+    SPLITMOE_ASSIGN_OR_RETURN(float* qa, scratch.Get(rows * c.q_lora_rank));
     if (grouped_in) {  // both down-projections of x in one pass
-      const kernels::LinearTask both[] = {
-          Task(x, hidden, rows, w.q_a_proj, qa.data(), c.q_lora_rank),
-          Task(x, hidden, rows, w.kv_a_proj, kv.data(), lat)};
+      const kernels::LinearTask both[] = {Task(x, hidden, rows, w.q_a_proj, qa, c.q_lora_rank),
+                                          Task(x, hidden, rows, w.kv_a_proj, kv, lat)};
       SPLITMOE_RETURN_IF_ERROR(kernels::GroupedLinear(both));
     } else {
-      kernels::Linear(x, rows, w.q_a_proj, qa.data());
+      SPLITMOE_RETURN_IF_ERROR(Lin(x, rows, w.q_a_proj, qa));
     }
     SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
-        device_, {qa.data(), rows, c.q_lora_rank, 0, w.q_a_norm.data(),
-                  static_cast<float>(c.rms_norm_eps), qa.data(), 0}));
-    kernels::Linear(qa.data(), rows, w.q_b_proj, q.data());
+        device_, {qa, rows, c.q_lora_rank, 0, Vec(w.q_a_norm), eps, qa, 0}));
+    SPLITMOE_RETURN_IF_ERROR(Lin(qa, rows, w.q_b_proj, q));
   } else {
-    kernels::Linear(x, rows, w.q_proj, q.data());
+    SPLITMOE_RETURN_IF_ERROR(Lin(x, rows, w.q_proj, q));
   }
-  if (!grouped_in) kernels::Linear(x, rows, w.kv_a_proj, kv.data());
-  std::vector<int32_t> positions(static_cast<size_t>(rows));
+  if (!grouped_in) SPLITMOE_RETURN_IF_ERROR(Lin(x, rows, w.kv_a_proj, kv));
+  // The cached latents, every row at once: c_kv normalised, k_pe rotated; then into each
+  // chunk's cache at its positions.
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::RmsNorm(device_, {kv, rows, kvr, lat, Vec(w.kv_a_norm), eps, kv, lat}));
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::Rope(device_, {kv, rows, 1, lat, kvr, dr, pass.device_positions, inv_freq}));
   int64_t row = 0;
   for (const SequenceChunk& chunk : batch) {
-    const int64_t start = StartOf(chunk);
-    for (int64_t i = 0; i < static_cast<int64_t>(chunk.tokens.size()); ++i, ++row) {
-      positions[static_cast<size_t>(row)] = static_cast<int32_t>(start + i);
-      float* cached = chunk.cache->Row(cache_layer, start + i);
-      const float* kvr_row = kv.data() + row * lat;
-      SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
-          device_, {kvr_row, 1, kvr, 0, w.kv_a_norm.data(), static_cast<float>(c.rms_norm_eps),
-                    cached, 0}));
-      std::memcpy(cached + kvr, kvr_row + kvr, dr * sizeof(float));
-      SPLITMOE_RETURN_IF_ERROR(kernels::Rope(
-          device_, {cached, 1, 1, lat, kvr, dr, &positions[static_cast<size_t>(row)],
-                    rope_.inv_freq().data()}));
-    }
-    chunk.cache->RowsWritten(cache_layer);
+    const int64_t n = static_cast<int64_t>(chunk.tokens.size());
+    SPLITMOE_RETURN_IF_ERROR(
+        chunk.cache->Store(device_, cache_layer, StartOf(chunk), kv + row * lat, n));
+    row += n;
   }
   // The queries' rope part, every row and head at once.
-  SPLITMOE_RETURN_IF_ERROR(kernels::Rope(
-      device_, {q.data(), rows, heads, qk, dn, dr, positions.data(), rope_.inv_freq().data()}));
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::Rope(device_, {q, rows, heads, qk, dn, dr, pass.device_positions, inv_freq}));
 
   // kv_b_proj [heads * (dn + dv), kvr]: per head W_UK (dn rows) then W_UV (dv rows).
   const model::Matrix& kvb = w.kv_b_proj;
+  const float* kvb_device =
+      cpu ? nullptr : static_cast<const float*>(on_device_->Find(kvb).data);
 
   // Attention into o [rows, heads, dv], each chunk in the form asked for (kAuto: the cheaper
-  // one for that chunk, ExpandedAttentionIsCheaper). Rows of expanded chunks that the absorbed pass
-  // also computes (a batch with both) are overwritten by the expanded pass after it.
+  // one for that chunk, ExpandedAttentionIsCheaper; a device runs the absorbed form only).
+  // Rows of expanded chunks that the absorbed pass also computes (a batch with both) are
+  // overwritten by the expanded pass after it.
   std::vector<char> expanded(batch.size(), 0);
   int64_t expanded_rows = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const int64_t n = static_cast<int64_t>(batch[i].tokens.size());
-    expanded[i] = form == AttentionForm::kNaive ||
-                  (form == AttentionForm::kAuto && ExpandedAttentionIsCheaper(c, n, StartOf(batch[i])));
+    expanded[i] = cpu && (form == AttentionForm::kNaive ||
+                          (form == AttentionForm::kAuto &&
+                           ExpandedAttentionIsCheaper(c, n, StartOf(batch[i]))));
     if (expanded[i]) expanded_rows += n;
   }
-  std::vector<float> o(static_cast<size_t>(rows * heads * dv));
+  SPLITMOE_ASSIGN_OR_RETURN(float* o, scratch.Get(rows * heads * dv));
   if (expanded_rows < rows) {
     // qf [rows, heads, lat] = [q_nope @ W_UK[h], q_pe], every row of the batch at once.
-    std::vector<float> qf(static_cast<size_t>(rows * heads * lat));
+    SPLITMOE_ASSIGN_OR_RETURN(float* qf, scratch.Get(rows * heads * lat));
     using Kind = kernels::MlaProjectParams::Kind;
     SPLITMOE_RETURN_IF_ERROR(kernels::MlaProject(
-        device_, {Kind::kAbsorbQuery, q.data(), rows, heads, dn, dr, dv, &kvb, nullptr, qf.data()}));
+        device_, {Kind::kAbsorbQuery, q, rows, heads, dn, dr, dv, &kvb, kvb_device, qf}));
     // One batched call over every sequence's latents, read in place.
     std::vector<kernels::MlaSequence> sequences;
     sequences.reserve(batch.size());
+    SequenceCache::PoolRef pool;
     row = 0;
     for (const SequenceChunk& chunk : batch) {
       const int64_t n = static_cast<int64_t>(chunk.tokens.size());
       const int64_t start = StartOf(chunk);
       if (n > 0 && !expanded[static_cast<size_t>(&chunk - batch.data())]) {
         sequences.push_back({chunk.cache->View(cache_layer, start + n), row, n, start});
+        if (pool.pool == nullptr) pool = chunk.cache->Pool(cache_layer);
       }
       row += n;
     }
-    std::vector<float> olat(static_cast<size_t>(rows * heads * kvr));
+    SPLITMOE_ASSIGN_OR_RETURN(float* olat, scratch.Get(rows * heads * kvr));
     kernels::MlaAttentionParams params;
     params.heads = heads;
     params.kv_lora_rank = kvr;
     params.rope_dim = dr;
     params.softmax_scale = softmax_scale_;
-    params.q = qf.data();
-    params.out = olat.data();
+    params.q = qf;
+    params.out = olat;
     params.sequences = sequences;
+    params.pool = pool.pool;
+    params.pool_blocks = pool.blocks;
     SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(device_, params));
     SPLITMOE_RETURN_IF_ERROR(kernels::MlaProject(
-        device_,
-        {Kind::kApplyValue, olat.data(), rows, heads, dn, dr, dv, &kvb, nullptr, o.data()}));
+        device_, {Kind::kApplyValue, olat, rows, heads, dn, dr, dv, &kvb, kvb_device, o}));
   }
   if (expanded_rows > 0) {
-    // The expanded form, chunk by chunk, the heads side by side (one per thread at a time):
-    // head h's keys and values for every cached position, kvh [keys, dn + dv] =
+    // The expanded form (CPU), chunk by chunk, the heads side by side (one per thread at a
+    // time): head h's keys and values for every cached position, kvh [keys, dn + dv] =
     // c_kv @ [W_UK[h]; W_UV[h]]^T, then its queries in tiles of kQueryTile rows, each against
     // only the keys it may see (causal), as two GEMMs (scores, then values). Nothing of another
     // head is held: a thread's buffers are one head's keys and one tile's scores.
@@ -291,8 +421,8 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
         continue;
       }
       const float* latents = chunk.cache->LayerRows(cache_layer, keys);  // [keys, lat]
-      const float* qc = q.data() + row * heads * qk;
-      float* oc = o.data() + row * heads * dv;
+      const float* qc = q + row * heads * qk;
+      float* oc = o + row * heads * dv;
       kernels::ParallelFor(heads, [&](int64_t h) {
         ExpandedScratch& scratch = ThreadExpandedScratch();
         scratch.kv.resize(static_cast<size_t>(std::max<int64_t>(
@@ -322,51 +452,55 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
       row += n;
     }
   }
-  kernels::Linear(o.data(), rows, w.o_proj, out);
-  return absl::OkStatus();
+  return Lin(o, rows, w.o_proj, out);
 }
 
 absl::Status Transformer::Block(const model::LayerWeights& w, int64_t layer_index,
                                 int64_t cache_layer, absl::Span<const SequenceChunk> batch,
-                                AttentionForm form, float* h, int64_t rows,
+                                AttentionForm form, const Pass& pass, float* h, int64_t rows,
                                 const LayerOrder* order) {
   const model::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  std::vector<float> xn(static_cast<size_t>(rows * hidden)),
-      delta(static_cast<size_t>(rows * hidden));
+  Scratch scratch(device_);
+  SPLITMOE_ASSIGN_OR_RETURN(float* xn, scratch.Get(rows * hidden));
+  SPLITMOE_ASSIGN_OR_RETURN(float* delta, scratch.Get(rows * hidden));
   SPLITMOE_RETURN_IF_ERROR(
-      kernels::RmsNorm(device_, {h, rows, hidden, 0, w.input_norm.data(), eps, xn.data(), 0}));
+      kernels::RmsNorm(device_, {h, rows, hidden, 0, Vec(w.input_norm), eps, xn, 0}));
   if (order != nullptr) SPLITMOE_RETURN_IF_ERROR(order->before_attention(layer_index));
-  SPLITMOE_RETURN_IF_ERROR(
-      Attention(w.attn, xn.data(), cache_layer, batch, form, delta.data(), rows));
+  SPLITMOE_RETURN_IF_ERROR(Attention(w.attn, xn, cache_layer, batch, form, pass, delta, rows));
   if (order != nullptr) order->after_attention(layer_index);
-  SPLITMOE_RETURN_IF_ERROR(kernels::Add(device_, {h, delta.data(), rows * hidden}));
-  SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
-      device_, {h, rows, hidden, 0, w.post_attention_norm.data(), eps, xn.data(), 0}));
+  SPLITMOE_RETURN_IF_ERROR(kernels::Add(device_, {h, delta, rows * hidden}));
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::RmsNorm(device_, {h, rows, hidden, 0, Vec(w.post_attention_norm), eps, xn, 0}));
   if (!w.is_moe) {
-    SPLITMOE_RETURN_IF_ERROR(Mlp(w.dense, xn.data(), rows, delta.data()));
+    SPLITMOE_RETURN_IF_ERROR(Mlp(w.dense, xn, rows, delta));
   } else {
-    std::vector<float> scores(static_cast<size_t>(rows * c.n_routed_experts));
-    GateScores(c, xn.data(), rows, w.gate, scores.data());
-    // The routed experts start first; the shared experts compute while they work.
+    // The gate's scores (softmax or sigmoid, before any bias), then the routed experts start;
+    // the shared experts compute while they work.
+    SPLITMOE_ASSIGN_OR_RETURN(float* scores, scratch.Get(rows * c.n_routed_experts));
+    SPLITMOE_RETURN_IF_ERROR(Lin(xn, rows, w.gate, scores));
+    SPLITMOE_RETURN_IF_ERROR(kernels::Scores(
+        device_, {scores, rows, c.n_routed_experts,
+                  c.scoring_func == model::ScoringFunc::kSigmoid}));
     std::unique_ptr<MoeExecutor::Pending> routed =
-        moe_->Start(layer_index, xn.data(), scores.data(), rows, delta.data());
-    std::vector<float> shared;
+        moe_->Start(layer_index, xn, scores, rows, delta);
+    float* shared = nullptr;
     if (c.n_shared_experts > 0) {
-      shared.resize(static_cast<size_t>(rows * hidden));
-      absl::Status st = Mlp(w.shared, xn.data(), rows, shared.data());
+      absl::StatusOr<float*> buffer = scratch.Get(rows * hidden);
+      absl::Status st = buffer.status();
+      if (st.ok()) st = Mlp(w.shared, xn, rows, shared = *buffer);
       if (!st.ok()) {
         (void)routed->Wait();  // never leave the routed experts running on our buffers
         return st;
       }
     }
     SPLITMOE_RETURN_IF_ERROR(Annotate(routed->Wait(), absl::StrCat("MoE layer ", layer_index)));
-    if (!shared.empty()) {
-      SPLITMOE_RETURN_IF_ERROR(kernels::Add(device_, {delta.data(), shared.data(), rows * hidden}));
+    if (shared != nullptr) {
+      SPLITMOE_RETURN_IF_ERROR(kernels::Add(device_, {delta, shared, rows * hidden}));
     }
   }
-  return kernels::Add(device_, {h, delta.data(), rows * hidden});
+  return kernels::Add(device_, {h, delta, rows * hidden});
 }
 
 absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, AttentionForm form,
@@ -375,33 +509,20 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
   const model::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
   const int64_t rows = TotalRows(batch);
-  for (const SequenceChunk& chunk : batch) {
-    for (int32_t t : chunk.tokens) {
-      if (t < 0 || t >= c.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("token id ", t, " outside the vocabulary [0, ", c.vocab_size, ")"));
-      }
-    }
-    const int64_t end = StartOf(chunk) + static_cast<int64_t>(chunk.tokens.size());
-    if (end > c.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence of ", end,
-                                                     " tokens exceeds max_position_embeddings ",
-                                                     c.max_position_embeddings));
-    }
-    SPLITMOE_RETURN_IF_ERROR(chunk.cache->Reserve(end));
+  Pass pass(device_);
+  SPLITMOE_RETURN_IF_ERROR(BeginPass(batch, /*mtp=*/false, &pass));
+  hidden_out->assign(static_cast<size_t>(rows * hidden), 0.0f);
+  float* h = hidden_out->data();
+  if (!OnCpu(device_)) {
+    SPLITMOE_ASSIGN_OR_RETURN(h, pass.scratch.Get(rows * hidden));
   }
-  std::vector<float>& h = *hidden_out;
-  h.assign(static_cast<size_t>(rows * hidden), 0.0f);
-  int64_t row = 0;
-  for (const SequenceChunk& chunk : batch) {
-    const auto n = static_cast<int64_t>(chunk.tokens.size());
-    SPLITMOE_RETURN_IF_ERROR(kernels::Embed(
-        device_, {chunk.tokens.data(), n, &weights_.embed, nullptr, h.data() + row * hidden}));
-    row += n;
-  }
+  const float* table = OnCpu(device_) ? nullptr
+                                      : static_cast<const float*>(on_device_->Find(weights_.embed).data);
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::Embed(device_, {pass.device_tokens, rows, &weights_.embed, table, h}));
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
     SPLITMOE_RETURN_IF_ERROR(Block(weights_.layers[static_cast<size_t>(layer)], layer, layer, batch,
-                                   form, h.data(), rows, order));
+                                   form, pass, h, rows, order));
     if (on_layer_done) SPLITMOE_RETURN_IF_ERROR(on_layer_done(layer));
   }
   for (const SequenceChunk& chunk : batch) {
@@ -409,13 +530,27 @@ absl::Status Transformer::Forward(absl::Span<const SequenceChunk> batch, Attenti
                                  StartOf(chunk) + static_cast<int64_t>(chunk.tokens.size())));
   }
   SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
-      device_, {h.data(), rows, hidden, 0, weights_.final_norm.data(),
-                static_cast<float>(c.rms_norm_eps), h.data(), 0}));
-  return absl::OkStatus();
+      device_, {h, rows, hidden, 0, Vec(weights_.final_norm), static_cast<float>(c.rms_norm_eps),
+                h, 0}));
+  if (OnCpu(device_)) return absl::OkStatus();
+  return kernels::CopyToHost(device_, hidden_out->data(), h,
+                             static_cast<size_t>(rows * hidden) * sizeof(float));
 }
 
-void Transformer::Logits(const float* hidden, int64_t rows, float* logits) const {
-  kernels::Linear(hidden, rows, weights_.lm_head, logits);
+absl::Status Transformer::Logits(const float* hidden, int64_t rows, float* logits) {
+  if (OnCpu(device_)) {
+    kernels::Linear(hidden, rows, weights_.lm_head, logits);
+    return absl::OkStatus();
+  }
+  const int64_t dim = config_.hidden_size, vocab = weights_.lm_head.rows;
+  Scratch scratch(device_);
+  SPLITMOE_ASSIGN_OR_RETURN(float* x, scratch.Get(rows * dim));
+  SPLITMOE_ASSIGN_OR_RETURN(float* y, scratch.Get(rows * vocab));
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::CopyToDevice(device_, x, hidden, static_cast<size_t>(rows * dim) * sizeof(float)));
+  SPLITMOE_RETURN_IF_ERROR(Lin(x, rows, weights_.lm_head, y));
+  return kernels::CopyToHost(device_, logits, y,
+                             static_cast<size_t>(rows * vocab) * sizeof(float));
 }
 
 absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> batch,
@@ -430,38 +565,48 @@ absl::Status Transformer::MtpForward(int64_t k, absl::Span<const SequenceChunk> 
   const model::ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size, rows = TotalRows(batch);
   const float eps = static_cast<float>(c.rms_norm_eps);
-  std::vector<float> cat(static_cast<size_t>(rows * 2 * hidden));
-  int64_t row = 0;
-  for (const SequenceChunk& chunk : batch) {
-    SPLITMOE_RETURN_IF_ERROR(
-        chunk.cache->Reserve(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size())));
-    for (int32_t t : chunk.tokens) {
-      if (t < 0 || t >= c.vocab_size)
-        return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary"));
-      SPLITMOE_RETURN_IF_ERROR(
-          kernels::Embed(device_, {&t, 1, &m.embed, nullptr, &cat[row * 2 * hidden]}));
-      SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
-          device_, {&cat[row * 2 * hidden], 1, hidden, 0, m.enorm.data(), eps,
-                    &cat[row * 2 * hidden], 0}));
-      SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
-          device_, {main_hidden + row * hidden, 1, hidden, 0, m.hnorm.data(), eps,
-                    &cat[row * 2 * hidden + hidden], 0}));
-      ++row;
-    }
+  const bool cpu = OnCpu(device_);
+  Pass pass(device_);
+  SPLITMOE_RETURN_IF_ERROR(BeginPass(batch, /*mtp=*/true, &pass));
+  // cat [rows, 2 * hidden] = [enorm(embed(next token)), hnorm(main hidden state)].
+  Scratch& scratch = pass.scratch;
+  SPLITMOE_ASSIGN_OR_RETURN(float* embedded, scratch.Get(rows * hidden));
+  SPLITMOE_ASSIGN_OR_RETURN(float* cat, scratch.Get(rows * 2 * hidden));
+  const float* table = cpu ? nullptr : static_cast<const float*>(on_device_->Find(m.embed).data);
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::Embed(device_, {pass.device_tokens, rows, &m.embed, table, embedded}));
+  SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+      device_, {embedded, rows, hidden, 0, Vec(m.enorm), eps, cat, 2 * hidden}));
+  const float* main = main_hidden;
+  if (!cpu) {
+    SPLITMOE_ASSIGN_OR_RETURN(float* on, scratch.Get(rows * hidden));
+    SPLITMOE_RETURN_IF_ERROR(kernels::CopyToDevice(
+        device_, on, main_hidden, static_cast<size_t>(rows * hidden) * sizeof(float)));
+    main = on;
   }
-  std::vector<float> h(static_cast<size_t>(rows * hidden));
-  kernels::Linear(cat.data(), rows, m.eh_proj, h.data());
-  SPLITMOE_RETURN_IF_ERROR(Block(m.block, c.num_hidden_layers + k, 0, batch, form, h.data(), rows));
+  SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
+      device_, {main, rows, hidden, 0, Vec(m.hnorm), eps, cat + hidden, 2 * hidden}));
+  SPLITMOE_ASSIGN_OR_RETURN(float* h, scratch.Get(rows * hidden));
+  SPLITMOE_RETURN_IF_ERROR(Lin(cat, rows, m.eh_proj, h));
+  SPLITMOE_RETURN_IF_ERROR(
+      Block(m.block, c.num_hidden_layers + k, 0, batch, form, pass, h, rows));
   for (const SequenceChunk& chunk : batch) {
     chunk.cache->Commit(chunk.cache->length() + static_cast<int64_t>(chunk.tokens.size()));
   }
-  if (block_hidden != nullptr) *block_hidden = h;
-  if (mtp_logits == nullptr) return absl::OkStatus();
-  SPLITMOE_RETURN_IF_ERROR(kernels::RmsNorm(
-      device_, {h.data(), rows, hidden, 0, m.head_norm.data(), eps, h.data(), 0}));
+  const size_t hidden_bytes = static_cast<size_t>(rows * hidden) * sizeof(float);
+  if (block_hidden != nullptr) {
+    block_hidden->resize(static_cast<size_t>(rows * hidden));
+    SPLITMOE_RETURN_IF_ERROR(kernels::CopyToHost(device_, block_hidden->data(), h, hidden_bytes));
+  }
+  if (mtp_logits == nullptr) return kernels::Synchronize(device_);
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::RmsNorm(device_, {h, rows, hidden, 0, Vec(m.head_norm), eps, h, 0}));
   mtp_logits->resize(static_cast<size_t>(rows * c.vocab_size));
-  kernels::Linear(h.data(), rows, m.head, mtp_logits->data());
-  return absl::OkStatus();
+  if (cpu) return Lin(h, rows, m.head, mtp_logits->data());
+  SPLITMOE_ASSIGN_OR_RETURN(float* y, scratch.Get(rows * c.vocab_size));
+  SPLITMOE_RETURN_IF_ERROR(Lin(h, rows, m.head, y));
+  return kernels::CopyToHost(device_, mtp_logits->data(), y,
+                             mtp_logits->size() * sizeof(float));
 }
 
 }  // namespace splitmoe::engine

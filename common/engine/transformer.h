@@ -1,10 +1,16 @@
-// Transformer: the DeepSeek-V2/V3 forward pass on the CPU in fp32 (weights held in fp32 or their
-// checkpoint dtype, widened as read) — embeddings, MLA (naive or absorbed form over the latent
-// cache; the absorbed form attends every sequence of the batch in one call over the latents in
-// place, kernels/cpu/mla_attention.h), dense SwiGLU and DeepSeekMoE layers, the final norm,
-// the output head and the MTP module — exactly the math of DeepSeek's reference
-// (inference/model.py). Routed experts are reached through a MoeExecutor, so the same code runs
-// with local experts (single-process engine) or remote ones (the cluster).
+// Transformer: the DeepSeek-V2/V3 forward pass, the only one, on every backend of the op
+// interface (kernels/ops.h) — embeddings, MLA (naive or absorbed form over the latent cache;
+// the absorbed form attends every sequence of the batch in one call over the latents in place),
+// dense SwiGLU and DeepSeekMoE layers, the final norm, the output head and the MTP module —
+// exactly the math of DeepSeek's reference (inference/model.py). Routed experts are reached
+// through a MoeExecutor, so the same code runs with local experts (single-process engine) or
+// remote ones (the cluster).
+//
+// On the CPU (the reference) it computes in fp32 from weights held in fp32 or their checkpoint
+// dtype, widened as read. On a GPU it runs the same steps on that device's ops with the
+// weights' device copies (DeviceWeights, fp32 or BF16), activations in device memory and the
+// caches in a device pool (pooled_latent_cache.h); only the absorbed attention form runs there,
+// and the callers' interface stays host memory: tokens in, hidden states and logits out.
 //
 // A forward call takes a batch of sequence chunks: each chunk is some new tokens of one
 // sequence, starting at that sequence's cache length (a whole prompt for prefill, one token for
@@ -29,6 +35,7 @@
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
+#include "common/engine/device_weights.h"
 #include "common/engine/latent_cache.h"
 #include "common/engine/rope.h"
 #include "common/kernels/ops.h"
@@ -54,7 +61,8 @@ class MoeExecutor {
   // out[rows, hidden] = sum over each row's selected experts of gate weight * expert(x[row]).
   // `scores` [rows, n_routed] are the gate scores (after softmax/sigmoid, before any bias).
   // `layer` counts main layers first, then MTP blocks (num_hidden_layers + k). `x` and `scores`
-  // are read before Start returns; `out` must stay valid until Wait returns.
+  // are read before Start returns; `out` must stay valid until Wait returns. The pointers are
+  // in the memory of the Transformer's device, which must be the executor's backend().
   virtual std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores,
                                          int64_t rows, float* out) = 0;
   // Start, then Wait.
@@ -62,6 +70,8 @@ class MoeExecutor {
                              float* out) {
     return Start(layer, x, scores, rows, out)->Wait();
   }
+  // Where x, scores and out live: host memory unless the executor says otherwise.
+  virtual kernels::Backend backend() const { return kernels::Backend::kCpu; }
 };
 
 // A Pending whose work is already done (an executor that computes in Start).
@@ -74,13 +84,17 @@ class DonePending : public MoeExecutor::Pending {
   absl::Status status_;
 };
 
-// Selection and expert compute with experts held in this process (done within Start).
+// Selection and expert compute with experts held in this process (done within Start; on a
+// device, enqueued there within Start). `on_device`: the experts' device copies, for a
+// Transformer on that device; null: the CPU.
 class LocalMoeExecutor : public MoeExecutor {
  public:
-  LocalMoeExecutor(const model::ModelConfig& config, const model::ModelWeights& weights)
-      : config_(config), weights_(weights) {}
+  LocalMoeExecutor(const model::ModelConfig& config, const model::ModelWeights& weights,
+                   const DeviceWeights* on_device = nullptr)
+      : config_(config), weights_(weights), on_device_(on_device) {}
   std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores, int64_t rows,
                                  float* out) override;
+  kernels::Backend backend() const override;
 
  private:
   absl::Status Compute(int64_t layer, const float* x, const float* scores, int64_t rows,
@@ -88,6 +102,7 @@ class LocalMoeExecutor : public MoeExecutor {
 
   const model::ModelConfig& config_;
   const model::ModelWeights& weights_;
+  const DeviceWeights* on_device_;
 };
 
 // Packs, for oneDNN, every weight the forward pass only uses through kernels::Linear (all
@@ -134,10 +149,13 @@ struct LayerOrder {
 
 class Transformer {
  public:
+  // `on_device`: run on that device with those weight copies (they must copy `weights`, and
+  // `moe` must run on that device's backend); null: the CPU.
   Transformer(const model::ModelConfig& config, const model::ModelWeights& weights,
-              MoeExecutor* moe);
+              MoeExecutor* moe, const DeviceWeights* on_device = nullptr);
 
   const model::ModelConfig& config() const { return config_; }
+  const kernels::Device& device() const { return device_; }
 
   // Runs all main layers. hidden_out [total_rows, hidden] holds the final-normed hidden states,
   // rows in batch order. Caches grow by each chunk's token count.
@@ -152,8 +170,8 @@ class Transformer {
                        std::vector<float>* hidden_out, const LayerDoneFn& on_layer_done = nullptr,
                        const LayerOrder* order = nullptr);
 
-  // logits[rows, vocab] = hidden[rows, hidden] @ lm_head^T
-  void Logits(const float* hidden, int64_t rows, float* logits) const;
+  // logits[rows, vocab] = hidden[rows, hidden] @ lm_head^T (host memory both).
+  absl::Status Logits(const float* hidden, int64_t rows, float* logits);
 
   // MTP module k. For each chunk row at position p, `next_tokens` holds token p+1 and
   // `main_hidden` the main model's final-normed hidden state at p (rows in batch order, as
@@ -170,22 +188,30 @@ class Transformer {
   int64_t mtp_modules() const { return static_cast<int64_t>(weights_.mtp.size()); }
 
  private:
+  struct Pass;  // what every layer of one pass shares (positions)
   // One decoder block over h [rows, hidden] in place. `cache_layer` indexes the chunk caches.
   absl::Status Block(const model::LayerWeights& w, int64_t layer_index, int64_t cache_layer,
-                     absl::Span<const SequenceChunk> batch, AttentionForm form, float* h,
-                     int64_t rows, const LayerOrder* order = nullptr);
+                     absl::Span<const SequenceChunk> batch, AttentionForm form, const Pass& pass,
+                     float* h, int64_t rows, const LayerOrder* order = nullptr);
   absl::Status Attention(const model::AttentionWeights& w, const float* x, int64_t cache_layer,
-                 absl::Span<const SequenceChunk> batch, AttentionForm form, float* out,
-                 int64_t rows);
+                         absl::Span<const SequenceChunk> batch, AttentionForm form,
+                         const Pass& pass, float* out, int64_t rows);
   absl::Status Mlp(const model::MlpWeights& w, const float* x, int64_t rows, float* out);
+  // Checks the batch's tokens, reserves its caches' rows, and puts its tokens and positions
+  // where the device reads them. `mtp`: the MTP module's caches (reserved from their length).
+  absl::Status BeginPass(absl::Span<const SequenceChunk> batch, bool mtp, Pass* pass);
+  // y[m, w.rows] = x @ w^T on the device (its copy of `w` there).
+  absl::Status Lin(const float* x, int64_t m, const model::Matrix& w, float* y) const;
+  // A norm vector or bias as the device reads it (null when empty).
+  const float* Vec(const std::vector<float>& v) const;
 
   const model::ModelConfig& config_;
   const model::ModelWeights& weights_;
   MoeExecutor* moe_;
-  // Where the forward pass's ops run (kernels/ops.h): the CPU for now; the CUDA backend of the
-  // same ops is the GPU engine's next step (docs/architecture.md).
-  kernels::Device device_;
+  const DeviceWeights* on_device_;
+  kernels::Device device_;  // where the ops run: the CPU, or on_device_'s device
   RopeTable rope_;
+  kernels::DeviceBuffer inv_freq_;  // rope_'s frequencies on the device (first pass)
   float softmax_scale_;
 };
 

@@ -4,11 +4,16 @@
 // (the PyTorch reference) is golden_test.cc.
 #include "common/engine/transformer.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "common/engine/engine.h"
+#include "common/engine/pooled_latent_cache.h"
 #include "common/kernels/cpu/narrow_linear.h"
 #include "common/kernels/cpu_ops.h"
+#include "common/model/numeric.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_models.h"
 
@@ -46,7 +51,8 @@ std::vector<float> AllLogits(Engine& e, const std::vector<int32_t>& tokens, Atte
   absl::Status s = e.transformer().Forward(batch, form, &hidden);
   EXPECT_TRUE(s.ok()) << s;
   std::vector<float> logits(tokens.size() * c.vocab_size);
-  e.transformer().Logits(hidden.data(), static_cast<int64_t>(tokens.size()), logits.data());
+  EXPECT_TRUE(
+      e.transformer().Logits(hidden.data(), static_cast<int64_t>(tokens.size()), logits.data()).ok());
   return logits;
 }
 
@@ -95,7 +101,7 @@ TEST_P(TransformerTest, IncrementalDecodeEqualsFullRecompute) {
     std::vector<int32_t> one = {tokens[i]};
     std::vector<SequenceChunk> step = {{one, &cache}};
     SPLITMOE_ASSERT_OK(e->transformer().Forward(step, AttentionForm::kAbsorbed, &hidden));
-    e->transformer().Logits(hidden.data(), 1, logits.data());
+    EXPECT_TRUE(e->transformer().Logits(hidden.data(), 1, logits.data()).ok());
     std::vector<float> expect(full.begin() + i * c.vocab_size,
                               full.begin() + (i + 1) * c.vocab_size);
     EXPECT_LT(MaxAbsDiff(logits, expect), 2e-4) << "position " << i;
@@ -114,7 +120,9 @@ TEST_P(TransformerTest, BatchingChunksDoesNotChangeResults) {
   std::vector<float> hidden;
   SPLITMOE_ASSERT_OK(e->transformer().Forward(batch, AttentionForm::kAbsorbed, &hidden));
   std::vector<float> logits((a.size() + b.size()) * c.vocab_size);
-  e->transformer().Logits(hidden.data(), static_cast<int64_t>(a.size() + b.size()), logits.data());
+  EXPECT_TRUE(e->transformer()
+                  .Logits(hidden.data(), static_cast<int64_t>(a.size() + b.size()), logits.data())
+                  .ok());
   std::vector<float> got_a(logits.begin(), logits.begin() + a.size() * c.vocab_size);
   std::vector<float> got_b(logits.begin() + a.size() * c.vocab_size, logits.end());
   EXPECT_LT(MaxAbsDiff(got_a, la), 1e-4);
@@ -139,7 +147,9 @@ TEST_P(TransformerTest, ExpandedTilesAndMixedFormsAgreeWithAbsorbed) {
   SPLITMOE_ASSERT_OK(e->transformer().Forward(first, AttentionForm::kNaive, &hidden));
   SPLITMOE_ASSERT_OK(e->transformer().Forward(second, AttentionForm::kNaive, &hidden));
   std::vector<float> logits(tail.size() * c.vocab_size);
-  e->transformer().Logits(hidden.data(), static_cast<int64_t>(tail.size()), logits.data());
+  EXPECT_TRUE(e->transformer()
+                  .Logits(hidden.data(), static_cast<int64_t>(tail.size()), logits.data())
+                  .ok());
   EXPECT_LT(MaxAbsDiff(logits, std::vector<float>(full.begin() + 70 * c.vocab_size, full.end())),
             2e-4);
 
@@ -156,11 +166,110 @@ TEST_P(TransformerTest, ExpandedTilesAndMixedFormsAgreeWithAbsorbed) {
   std::vector<SequenceChunk> mixed = {{other_last, &oc}, {tokens, &pc}};
   SPLITMOE_ASSERT_OK(e->transformer().Forward(mixed, AttentionForm::kAuto, &hidden));
   logits.resize((1 + tokens.size()) * c.vocab_size);
-  e->transformer().Logits(hidden.data(), static_cast<int64_t>(1 + tokens.size()), logits.data());
+  EXPECT_TRUE(e->transformer()
+                  .Logits(hidden.data(), static_cast<int64_t>(1 + tokens.size()), logits.data())
+                  .ok());
   EXPECT_LT(MaxAbsDiff(std::vector<float>(logits.begin(), logits.begin() + c.vocab_size),
                        std::vector<float>(other_full.end() - c.vocab_size, other_full.end())),
             2e-4);
   EXPECT_LT(MaxAbsDiff(std::vector<float>(logits.begin() + c.vocab_size, logits.end()), full), 2e-4);
+}
+
+// A contiguous cache holding its latents rounded to BF16, as a BF16 pool stores them: the
+// reference a BF16 pool must match to fp32 rounding.
+class Bf16RoundingCache : public LatentCache {
+ public:
+  using LatentCache::LatentCache;
+  absl::Status Store(const kernels::Device& device, int64_t layer, int64_t start,
+                     const float* rows, int64_t n) override {
+    std::vector<float> rounded(rows, rows + n * latent_dim());
+    for (float& v : rounded) v = model::Bf16ToFloat(model::FloatToBf16(v));
+    return LatentCache::Store(device, layer, start, rounded.data(), n);
+  }
+};
+
+// The device-resident cache's code (a pool of blocks shared by sequences, rows stored through
+// block tables, attention over the pool, the expanded form over gathered rows) run on the CPU:
+// two sequences whose blocks interleave in one pool, prefilled in both forms and decoded in one
+// batch, give the contiguous caches' logits (a BF16 pool: those of contiguous caches rounding
+// their latents to BF16).
+// Every block returns to the pool, and a prompt larger than the pool is refused.
+TEST_P(TransformerTest, PooledCachesGiveTheContiguousCachesResults) {
+  auto e = LoadEngine(ModelDir());
+  const auto& c = e->config();
+  const auto a = Prompt(20, c.vocab_size, 8), b = Prompt(33, c.vocab_size, 9);
+  const int64_t steps = 10;
+  // Every row's logits of: a and b prefilled in one batch in `form`, then `steps` decode steps of
+  // both in one batch (teacher-forced: the same tokens for every cache).
+  const auto fed = Prompt(steps, c.vocab_size, 11);
+  auto run = [&](SequenceCache* ca, SequenceCache* cb, AttentionForm form) {
+    std::vector<float> out, hidden, logits;
+    std::vector<SequenceChunk> batch = {{a, ca}, {b, cb}};
+    EXPECT_TRUE(e->transformer().Forward(batch, form, &hidden).ok());
+    logits.resize((a.size() + b.size()) * c.vocab_size);
+    EXPECT_TRUE(e->transformer()
+                    .Logits(hidden.data(), static_cast<int64_t>(a.size() + b.size()), logits.data())
+                    .ok());
+    out = logits;
+    for (int64_t step = 0; step < steps; ++step) {
+      std::vector<int32_t> next_a = {fed[step]}, next_b = {fed[steps - 1 - step]};
+      std::vector<SequenceChunk> decode = {{next_a, ca}, {next_b, cb}};
+      EXPECT_TRUE(e->transformer().Forward(decode, AttentionForm::kAbsorbed, &hidden).ok());
+      logits.resize(2 * c.vocab_size);
+      EXPECT_TRUE(e->transformer().Logits(hidden.data(), 2, logits.data()).ok());
+      out.insert(out.end(), logits.begin(), logits.end());
+    }
+    return out;
+  };
+  for (AttentionForm form : {AttentionForm::kAbsorbed, AttentionForm::kNaive}) {
+    LatentCache la(c.num_hidden_layers, c.latent_dim()), lb(c.num_hidden_layers, c.latent_dim());
+    const std::vector<float> want_fp32 = run(&la, &lb, form);
+    Bf16RoundingCache ra(c.num_hidden_layers, c.latent_dim()),
+        rb(c.num_hidden_layers, c.latent_dim());
+    const std::vector<float> want_bf16 = run(&ra, &rb, form);
+    for (auto dtype : {kernels::LatentStorage::kFloat32, kernels::LatentStorage::kBFloat16}) {
+      const bool bf16 = dtype == kernels::LatentStorage::kBFloat16;
+      const std::vector<float>& want = bf16 ? want_bf16 : want_fp32;
+      LatentPoolOptions o;
+      o.layers = c.num_hidden_layers;
+      o.latent_dim = c.latent_dim();
+      o.blocks = 16;
+      o.block_tokens = 8;
+      o.dtype = dtype;
+      auto pool = LatentPool::Create(kernels::Device{}, o);
+      ASSERT_TRUE(pool.ok()) << pool.status();
+      std::vector<float> got;
+      {
+        PooledSequenceCache taken(pool->get());  // blocks 0-1 held elsewhere: ids start at 2
+        ASSERT_TRUE(taken.Reserve(9).ok());
+        PooledSequenceCache pa(pool->get()), pb(pool->get());
+        got = run(&pa, &pb, form);
+        EXPECT_EQ(pa.length(), static_cast<int64_t>(a.size()) + steps);
+        // a's blocks and b's interleave in the pool once they decode.
+        EXPECT_EQ(pa.blocks().front(), 2);
+        EXPECT_GT(pa.blocks().back(), pb.blocks().front());
+        EXPECT_EQ((*pool)->free_blocks(), 16 - 2 - 4 - 6);
+        // A prompt past the pool's room: refused, and nothing taken.
+        PooledSequenceCache big(pool->get());
+        const auto long_prompt = Prompt(40, c.vocab_size, 10);
+        std::vector<SequenceChunk> too_big = {{long_prompt, &big}};
+        std::vector<float> hidden;
+        const absl::Status s = e->transformer().Forward(too_big, AttentionForm::kAbsorbed, &hidden);
+        EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+        EXPECT_EQ((*pool)->free_blocks(), 4);
+      }
+      EXPECT_EQ((*pool)->free_blocks(), 16) << "every block back";
+      // fp32: the contiguous caches' logits to rounding (blocks of 8, not 64, change the online
+      // softmax's partial sums); BF16: those of caches holding the same rounded latents, to the
+      // BF16 attention kernel's own summation order — far inside the 0.06-0.08 by which
+      // rounding the latents moves the logits of these models.
+      EXPECT_LT(MaxAbsDiff(got, want), bf16 ? 1e-3 : 1e-4)
+          << (bf16 ? "bf16" : "fp32") << " pool, form " << static_cast<int>(form);
+      if (bf16) {
+        EXPECT_GT(MaxAbsDiff(got, want_fp32), 0.0) << "a BF16 pool rounds the latents";
+      }
+    }
+  }
 }
 
 // kAuto at DeepSeek-V3's shapes: decode rows and short drafts absorbed, prompts expanded, a short
@@ -274,6 +383,22 @@ TEST(EngineTest, SeededSamplingIsReproducible) {
     distinct.insert(r->tokens);
   }
   EXPECT_GT(distinct.size(), 1u);  // temperature 1.5 on a tiny model: seeds must matter
+}
+
+// A device this process cannot run on is refused when the engine loads, by name.
+TEST(EngineTest, RefusesADeviceItCannotRun) {
+  const std::string dir = testing::TinyModel("tf_v3", nullptr);
+  EngineOptions options;
+  options.device = "tpu:0";
+  auto bad = Engine::Load(dir, options);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << bad.status();
+  EXPECT_THAT(std::string(bad.status().message()), ::testing::HasSubstr("cpu or cuda:N"));
+  if (!kernels::BackendAvailable(kernels::Backend::kCuda)) {
+    options.device = "cuda:0";
+    auto no_cuda = Engine::Load(dir, options);
+    EXPECT_EQ(no_cuda.status().code(), absl::StatusCode::kUnimplemented) << no_cuda.status();
+    EXPECT_THAT(std::string(no_cuda.status().message()), ::testing::HasSubstr("EnableCudaOps"));
+  }
 }
 
 TEST(EngineTest, RefusesBadRequests) {

@@ -1,14 +1,17 @@
-// The whole engine on a GPU against the CPU engine, on a generated tiny model: in the fp32 mode
-// the greedy tokens must be the CPU engine's and the logprobs within 1e-3; the bf16 mode's drift
+// The engine on a GPU (EngineOptions::device = "cuda:0": the one Transformer on the CUDA ops,
+// weights uploaded, caches in a device pool) against the same engine on the CPU, on generated
+// models: in the fp32 mode the greedy tokens must be the CPU's and the logprobs within 1e-3, with
+// and without MTP speculative decoding and for a prompt scored with MTP; the bf16 mode's drift
 // (token agreement before the first divergence, logprob error) is printed — measured, not
 // asserted beyond the first token. Skipped (not passed) without a CUDA device.
-#include "common/engine/cuda/gpu_engine.h"
+#include "common/engine/engine.h"
 
 #include <cmath>
 #include <cstdio>
 
 #include "absl/time/clock.h"
 #include "common/kernels/cuda/cuda_ops.h"
+#include "common/kernels/cuda/ops_cuda.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_models.h"
 
@@ -22,8 +25,18 @@ class GpuEngineTest : public ::testing::Test {
     if (!n.ok() || *n == 0) {
       GTEST_SKIP() << "no CUDA device on this machine: GPU check owed, run scripts/gpu-check.sh";
     }
+    kernels::EnableCudaOps();
   }
 };
+
+absl::StatusOr<std::unique_ptr<Engine>> OnGpu(const std::string& model, bool bf16,
+                                              int64_t draft_tokens = 0) {
+  EngineOptions options;
+  options.device = "cuda:0";
+  options.device_weights = bf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
+  options.draft_tokens = draft_tokens;
+  return Engine::Load(model, options);
+}
 
 std::vector<GenerateRequest> Requests() {
   std::vector<GenerateRequest> out;
@@ -42,11 +55,11 @@ TEST_F(GpuEngineTest, Fp32ModeGivesTheCpuEnginesGreedyTokens) {
   const std::string model = testing::TinyModel("gpu_engine");
   auto cpu = Engine::Load(model);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  auto gpu = GpuEngine::Load(model, {.device = 0, .precision = GpuPrecision::kFp32});
+  auto gpu = OnGpu(model, /*bf16=*/false);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   for (const GenerateRequest& r : Requests()) {
     auto want = (*cpu)->Generate(r, nullptr);
-    auto got = (*gpu)->Generate(r);
+    auto got = (*gpu)->Generate(r, nullptr);
     ASSERT_TRUE(want.ok() && got.ok()) << got.status();
     EXPECT_EQ(got->tokens, want->tokens) << "prompt of " << r.prompt.size();
     double worst = 0;
@@ -62,13 +75,13 @@ TEST_F(GpuEngineTest, Bf16ModeDriftIsReported) {
   const std::string model = testing::TinyModel("gpu_engine");
   auto cpu = Engine::Load(model);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
-  auto gpu = GpuEngine::Load(model, {.device = 0, .precision = GpuPrecision::kBf16});
+  auto gpu = OnGpu(model, /*bf16=*/true);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   int same = 0, total = 0;
   double worst = 0;
   for (const GenerateRequest& r : Requests()) {
     auto want = (*cpu)->Generate(r, nullptr);
-    auto got = (*gpu)->Generate(r);
+    auto got = (*gpu)->Generate(r, nullptr);
     ASSERT_TRUE(want.ok() && got.ok()) << got.status();
     for (size_t i = 0; i < want->tokens.size(); ++i) {
       ++total;
@@ -83,13 +96,45 @@ TEST_F(GpuEngineTest, Bf16ModeDriftIsReported) {
   EXPECT_GT(same, 0);
 }
 
+// MTP on the GPU: speculative decoding (the module drafting, the main model verifying) gives
+// the CPU's greedy tokens, and a prompt scored with the module gives the CPU's logprobs.
+TEST_F(GpuEngineTest, Fp32MtpSpeculativeDecodingAndScoringEqualCpu) {
+  const std::string model = testing::TinyModel("gpu_engine_mtp", [](model::TinyModelOptions& o) {
+    o.style = "v3";
+  });
+  EngineOptions cpu_options;
+  cpu_options.draft_tokens = 2;
+  auto cpu = Engine::Load(model, cpu_options);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = OnGpu(model, /*bf16=*/false, /*draft_tokens=*/2);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  for (const GenerateRequest& r : Requests()) {
+    auto want = (*cpu)->Generate(r, nullptr);
+    auto got = (*gpu)->Generate(r, nullptr);
+    ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+    EXPECT_EQ(got->tokens, want->tokens) << "prompt of " << r.prompt.size();
+  }
+  const std::vector<int32_t> prompt = Requests()[2].prompt;
+  auto want = (*cpu)->Score(prompt, 2, /*with_mtp=*/true);
+  auto got = (*gpu)->Score(prompt, 2, /*with_mtp=*/true);
+  ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+  ASSERT_EQ(got->mtp_logprobs.size(), want->mtp_logprobs.size());
+  double worst = 0;
+  for (size_t i = 0; i < want->mtp_logprobs.size(); ++i) {
+    worst = std::max(worst, std::fabs(double(got->mtp_logprobs[i].logprob) -
+                                      want->mtp_logprobs[i].logprob));
+  }
+  EXPECT_LT(worst, 1e-3);
+  std::printf("fp32 mode, MTP scoring: max |logprob difference| %.3g\n", worst);
+}
+
 // What users should expect of the bf16 mode on a model with real widths (the engine_bench model:
 // hidden 1024, 64 experts top-6), and one decode step's time in each mode. Printed, not asserted.
 TEST_F(GpuEngineTest, BenchModelBf16DriftAndDecodeStep) {
   const std::string model = testing::TinyModel(
       "gpu_bench", [](model::TinyModelOptions& o) { o = model::BenchModelOptions(); });
-  auto fp32 = GpuEngine::Load(model, {.device = 0, .precision = GpuPrecision::kFp32});
-  auto bf16 = GpuEngine::Load(model, {.device = 0, .precision = GpuPrecision::kBf16});
+  auto fp32 = OnGpu(model, /*bf16=*/false);
+  auto bf16 = OnGpu(model, /*bf16=*/true);
   ASSERT_TRUE(fp32.ok() && bf16.ok());
   int same = 0, total = 0;
   double worst = 0;
@@ -101,7 +146,7 @@ TEST_F(GpuEngineTest, BenchModelBf16DriftAndDecodeStep) {
     absl::StatusOr<GenerateResult> out[2];
     for (int mode = 0; mode < 2; ++mode) {
       const absl::Time start = absl::Now();
-      out[mode] = (mode == 0 ? *fp32 : *bf16)->Generate(r);
+      out[mode] = (mode == 0 ? *fp32 : *bf16)->Generate(r, nullptr);
       ms[mode] += absl::ToDoubleMilliseconds(absl::Now() - start);
       ASSERT_TRUE(out[mode].ok()) << out[mode].status();
     }

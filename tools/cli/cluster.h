@@ -45,8 +45,9 @@ absl::Status ScoreRemote(const Flags& f);
 // `chat --endpoint E | --model DIR`: an interactive terminal chat that streams the replies
 // (stdin lines are user turns; /reset starts over, /exit or end of input quits).
 absl::Status ChatCommand(int argc, char** argv);
-// `generate --device cuda:N`: the engine on a GPU (an error in a build without CUDA).
-absl::Status GenerateOnDevice(const Flags& f, const std::string& device);
+// Makes `--device` runnable in this process: nothing for "cpu"; for "cuda:N" enables the CUDA
+// backend of the ops (FailedPrecondition in a build without CUDA).
+absl::Status EnableDevice(const std::string& device);
 
 }  // namespace splitmoe::cli
 

@@ -1,46 +1,24 @@
-// `splitmoe generate --model DIR --device cuda:N [--precision fp32|bf16]`: the engine on a GPU.
-// In a build without CUDA the flag is refused with a clear error.
-#include <iostream>
-#include <string>
-
+// `--device cuda:N`: this binary's CUDA backend, enabled only when a command asks for a GPU (so
+// a CPU run never loads the CUDA libraries), and refused with a clear error in a build without
+// CUDA.
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
 #include "common/kernels/ops.h"
-#include "common/tokenizer/tokenizer.h"
 #include "tools/cli/cluster.h"
-#include "tools/cli/generate_common.h"
 #ifdef SPLITMOE_HAVE_CUDA
-#include "common/engine/cuda/gpu_engine.h"
+#include "common/kernels/cuda/ops_cuda.h"
 #endif
 
 namespace splitmoe::cli {
 
-absl::Status GenerateOnDevice(const Flags& f, const std::string& device) {
+absl::Status EnableDevice(const std::string& device) {
   SPLITMOE_ASSIGN_OR_RETURN(kernels::Device parsed, kernels::ParseDevice(device));
-  const int index = parsed.index;
+  if (parsed.backend == kernels::Backend::kCpu) return absl::OkStatus();
 #ifndef SPLITMOE_HAVE_CUDA
-  return absl::FailedPreconditionError(
-      "this splitmoe was built without a CUDA toolkit: --device cuda:N is not available");
+  return absl::FailedPreconditionError(absl::StrCat(
+      "this splitmoe was built without a CUDA toolkit: --device ", device, " is not available"));
 #else
-  SPLITMOE_ASSIGN_OR_RETURN(const bool bf16, Bf16PrecisionFlag(f));
-  if (!f.GetAll("stop").empty()) {
-    return absl::UnimplementedError("--stop is not supported with --device cuda yet");
-  }
-  const std::string dir = f.Get("model");
-  std::unique_ptr<tokenizer::Tokenizer> tok;
-  auto loaded = tokenizer::Tokenizer::LoadFromDir(dir);
-  if (loaded.ok()) tok = std::move(*loaded);
-  SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateRequest req, GenerateRequestFromFlags(f, tok.get()));
-  engine::GpuEngineOptions options;
-  options.device = index;
-  options.precision = bf16 ? engine::GpuPrecision::kBf16 : engine::GpuPrecision::kFp32;
-  SPLITMOE_ASSIGN_OR_RETURN(auto gpu, engine::GpuEngine::Load(dir, options));
-  SPLITMOE_ASSIGN_OR_RETURN(engine::GenerateResult r, gpu->Generate(req));
-  if (tok != nullptr) {
-    auto text = tok->Decode(r.tokens, true);
-    if (text.ok()) r.text = *text;
-  }
-  PrintGenerateJson(r);
+  kernels::EnableCudaOps();
   return absl::OkStatus();
 #endif
 }

@@ -245,8 +245,16 @@ absl::Status Generate(int argc, char** argv) {
   if (f.Has("model") == f.Has("endpoint")) {
     return absl::InvalidArgumentError("generate needs --model DIR or --endpoint HOST:PORT");
   }
-  if (f.Get("device", "cpu") != "cpu") return GenerateOnDevice(f, f.Get("device"));
   engine::EngineOptions options;
+  options.device = f.Get("device", "cpu");
+  SPLITMOE_RETURN_IF_ERROR(EnableDevice(options.device));
+  SPLITMOE_ASSIGN_OR_RETURN(const bool bf16, Bf16PrecisionFlag(f));
+  if (f.Has("precision") && options.device == "cpu") {
+    return absl::InvalidArgumentError(
+        "--precision applies to --device cuda:N (on the CPU the engine computes in fp32; "
+        "--weights picks how the weights are held)");
+  }
+  options.device_weights = bf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
   SPLITMOE_ASSIGN_OR_RETURN(options.prefill_form, AttentionFormFromFlags(f));
   SPLITMOE_ASSIGN_OR_RETURN(options.weights,
                             model::ParseResidentDType(f.Get("weights", "checkpoint")));
