@@ -42,6 +42,19 @@ absl::StatusOr<decode::PagedLatentLayout> LayoutOf(const v1::LatentDestination& 
   return layout;
 }
 
+// A prompt's identity across RunPrefill and CancelPrefill: its request id and, with a
+// destination, the reservation and generation (a failover reuses the request id).
+std::string PromptKey(const std::string& request_id, const v1::PrefillRequest& r) {
+  if (!r.has_destination()) return request_id;
+  return absl::StrCat(request_id, "/", r.destination().reservation_id(), "/",
+                      r.destination().generation());
+}
+std::string PromptKey(const v1::CancelPrefillRequest& c) {
+  if (!c.has_destination()) return c.request_id();
+  return absl::StrCat(c.request_id(), "/", c.destination().reservation_id(), "/",
+                      c.destination().generation());
+}
+
 }  // namespace
 
 // One prompt of a batch: its request, its local cache and shipper, and its outcome.
@@ -61,7 +74,10 @@ struct PrefillActor::Job {
 
   bool ship() const { return message.request.has_destination(); }
   const v1::LatentDestination& destination() const { return message.request.destination(); }
-  bool cancelled() const { return message.cancelled && message.cancelled(); }
+  bool cancelled() const {
+    return (message.cancel_requested != nullptr && message.cancel_requested->load()) ||
+           (message.cancelled && message.cancelled());
+  }
 };
 
 PrefillActor::PrefillActor(engine::Transformer* transformer, transfer::UcxTransport* transport,
@@ -79,6 +95,14 @@ PrefillActor::PrefillActor(engine::Transformer* transformer, transfer::UcxTransp
 PrefillActor::~PrefillActor() = default;
 
 void PrefillActor::Handle(RunPrompt m, runtime::Context<Message>& ctx) {
+  const std::string key = PromptKey(m.request.request_id(), m.request);
+  if (cancelled_unseen_.erase(key) > 0) {
+    // Its reservation was released as the writer when the cancel came.
+    m.reply(absl::CancelledError("prefill cancelled before it arrived"));
+    return;
+  }
+  m.cancel_requested = std::make_shared<std::atomic<bool>>(false);
+  live_[key] = m.cancel_requested;
   pending_.push_back(std::move(m));
   if (!batch_scheduled_ && !computing_) batch_scheduled_ = ctx.self().Send(RunBatch{});
 }
@@ -123,8 +147,44 @@ void PrefillActor::Handle(BatchDone m, runtime::Context<Message>& ctx) {
   prompts_ += jobs.size();
   ++batches_;
   PublishLoad();  // before the replies: a caller that sees its reply sees these counters too
-  for (size_t i = 0; i < jobs.size(); ++i) jobs[i]->message.reply(std::move(m.results[i]));
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    live_.erase(PromptKey(jobs[i]->message.request.request_id(), jobs[i]->message.request));
+    jobs[i]->message.reply(std::move(m.results[i]));
+  }
   if (!pending_.empty() && !batch_scheduled_) batch_scheduled_ = ctx.self().Send(RunBatch{});
+}
+
+void PrefillActor::Handle(CancelPrompt m, runtime::Context<Message>& ctx) {
+  const std::string key = PromptKey(m.request);
+  v1::CancelPrefillResponse response;
+  auto it = live_.find(key);
+  if (it != live_.end()) {
+    it->second->store(true);  // it stops at its next layer and releases as the writer
+    response.set_seen(true);
+    m.reply(std::move(response));
+    return;
+  }
+  // Not seen (or already answered, whose release this repeats: releases are idempotent).
+  const absl::Time now = absl::Now();
+  while (!cancelled_order_.empty() &&
+         (cancelled_order_.front().first < now - kCancelledPromptMemory ||
+          cancelled_order_.size() >= kMaxCancelledPrompts)) {
+    auto old = cancelled_unseen_.find(cancelled_order_.front().second);
+    if (old != cancelled_unseen_.end() && old->second == cancelled_order_.front().first) {
+      cancelled_unseen_.erase(old);
+    }
+    cancelled_order_.pop_front();
+  }
+  cancelled_unseen_[key] = now;
+  cancelled_order_.emplace_back(now, key);
+  if (m.request.has_destination()) {
+    // A blocking call to the decode worker: on the executor (which owns the stubs), after the
+    // batch it may be running.
+    executor_->Run([this, destination = m.request.destination(), id = m.request.request_id()] {
+      ReleaseAsWriter(destination, id, "prefill cancelled before it reached the prefill worker");
+    });
+  }
+  m.reply(std::move(response));
 }
 
 absl::Status PrefillActor::ReadCachedPrefix(Job& job, const decode::PagedLatentLayout& layout,
@@ -385,6 +445,23 @@ grpc::ServerUnaryReactor* PrefillService::RunPrefill(grpc::CallbackServerContext
                           if (r.ok()) *response = std::move(*r);
                           reactor->Finish(rpc::ToGrpcStatus(r.status()));
                         }});
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* PrefillService::CancelPrefill(grpc::CallbackServerContext* ctx,
+                                                        const v1::CancelPrefillRequest* request,
+                                                        v1::CancelPrefillResponse* response) {
+  if (grpc::ServerUnaryReactor* refused = rpc::RefuseInternal(ctx)) return refused;
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  if (request->request_id().empty()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "cancel: no request id"));
+    return reactor;
+  }
+  actor_.Send(CancelPrompt{*request,
+                           [reactor, response](absl::StatusOr<v1::CancelPrefillResponse> r) {
+                             if (r.ok()) *response = std::move(*r);
+                             reactor->Finish(rpc::ToGrpcStatus(r.status()));
+                           }});
   return reactor;
 }
 

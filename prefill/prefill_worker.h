@@ -53,11 +53,24 @@ struct RunPrompt {
   std::function<bool()> cancelled;
   absl::Time received;
   runtime::Reply<v1::PrefillResponse> reply;
+  // Set by a CancelPrompt for this prompt (the actor fills it in when the prompt arrives).
+  std::shared_ptr<std::atomic<bool>> cancel_requested;
+};
+
+// Prefill.CancelPrefill: the prompt named by request id and destination stops if queued or
+// running here; if this worker has not seen it, it is refused should it still arrive
+// (remembered for kCancelledPromptMemory) and its reservation is released as the writer now.
+struct CancelPrompt {
+  v1::CancelPrefillRequest request;
+  runtime::Reply<v1::CancelPrefillResponse> reply;
 };
 
 class PrefillActor {
  public:
-  using Message = std::variant<RunPrompt, RunBatch, BatchDone>;
+  using Message = std::variant<RunPrompt, RunBatch, BatchDone, CancelPrompt>;
+  // How long a prompt cancelled before it arrived is remembered (and refused), and how many.
+  static constexpr absl::Duration kCancelledPromptMemory = absl::Minutes(10);
+  static constexpr size_t kMaxCancelledPrompts = 16384;
 
   // `batch_tokens`: prompt tokens prefilled together at most (a longer prompt runs alone).
   // `executor` runs the batches (a ThreadExecutor in the process; Inline or Manual in tests).
@@ -71,6 +84,7 @@ class PrefillActor {
   void Handle(RunPrompt m, runtime::Context<Message>& ctx);
   void Handle(RunBatch m, runtime::Context<Message>& ctx);
   void Handle(BatchDone m, runtime::Context<Message>& ctx);
+  void Handle(CancelPrompt m, runtime::Context<Message>& ctx);
 
   uint64_t batches() const { return batches_; }
 
@@ -107,6 +121,11 @@ class PrefillActor {
   bool computing_ = false;
   std::map<std::string, std::unique_ptr<v1::Decode::Stub>> decode_stubs_;  // the executor's
   uint64_t latent_bytes_sent_ = 0, latent_tokens_ = 0, prompts_ = 0, batches_ = 0;
+  // Prompts queued or in the batch, by PromptKey: their cancel flags.
+  std::map<std::string, std::shared_ptr<std::atomic<bool>>> live_;
+  // Prompts cancelled before they arrived, by PromptKey, oldest first.
+  std::map<std::string, absl::Time> cancelled_unseen_;
+  std::deque<std::pair<absl::Time, std::string>> cancelled_order_;
   // Last: destroyed first, so a batch still running finishes while what it uses exists.
   std::unique_ptr<runtime::Executor> executor_;
 };
@@ -118,6 +137,9 @@ class PrefillService final : public v1::Prefill::CallbackService {
   grpc::ServerUnaryReactor* RunPrefill(grpc::CallbackServerContext* ctx,
                                        const v1::PrefillRequest* request,
                                        v1::PrefillResponse* response) override;
+  grpc::ServerUnaryReactor* CancelPrefill(grpc::CallbackServerContext* ctx,
+                                          const v1::CancelPrefillRequest* request,
+                                          v1::CancelPrefillResponse* response) override;
   int32_t in_flight() const { return in_flight_.load(); }
 
  private:

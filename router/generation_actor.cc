@@ -726,7 +726,14 @@ void GenerationActor::Abandon(Request& r, const std::string& reason) {
 }
 
 void GenerationActor::ReleaseAttempt(Request& r, const std::string& reason) {
-  if (r.prefill_ctx) r.prefill_ctx->TryCancel();  // the prefill worker stops, flushes, releases
+  if (r.prefill_ctx) {
+    // The prefill worker stops, flushes and releases as the writer. The call's cancel does not
+    // reach it when the call itself never did; the cancel by name does, and makes the worker
+    // release (and refuse the prompt, should it still arrive), so the reservation never waits
+    // out its deadline for a writer that will not come.
+    r.prefill_ctx->TryCancel();
+    if (r.destination) CancelOnPrefill(r.prefill_worker, *r.destination, r.internal_id);
+  }
   r.prefill_ctx.reset();
   if (Worker* w = FindWorker(r.prefill_worker)) --w->in_flight;
   r.prefill_worker.clear();
@@ -857,6 +864,30 @@ void GenerationActor::CancelOnDecode(const std::string& worker_id, const std::st
   // INVALID_ARGUMENT (unknown request) is the common answer: nothing was granted.
   w->decode->async()->Cancel(&call->ctx, &call->request, &call->response,
                              [call](grpc::Status) {});
+}
+
+void GenerationActor::CancelOnPrefill(const std::string& worker_id,
+                                      const v1::LatentDestination& destination,
+                                      const std::string& internal_id) {
+  Worker* w = FindWorker(worker_id);
+  if (w == nullptr || w->prefill == nullptr) return;  // gone: WritersGone frees its reservations
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::CancelPrefillRequest request;
+    v1::CancelPrefillResponse response;
+  };
+  auto call = std::make_shared<Call>();
+  call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  call->request.set_request_id(internal_id);
+  *call->request.mutable_destination() = destination;
+  w->prefill->async()->CancelPrefill(
+      &call->ctx, &call->request, &call->response, [call, worker_id](grpc::Status s) {
+        // UNAVAILABLE: the worker is gone; the decode worker frees what it wrote on WritersGone.
+        if (!s.ok() && s.error_code() != grpc::StatusCode::UNAVAILABLE) {
+          SPLITMOE_LOG(WARNING, "router").With("worker", worker_id)
+              << "cancel on the prefill worker failed: " << s.error_message();
+        }
+      });
 }
 
 void GenerationActor::ReleaseOnDecode(const std::string& worker_id,

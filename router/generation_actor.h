@@ -256,6 +256,10 @@ class GenerationActor {
                        const std::string& writer_id, const std::string& reason);
   // Best effort, by request id: a reservation whose grant never reached this router.
   void CancelOnDecode(const std::string& worker_id, const std::string& internal_id);
+  // Best effort, by request id and destination: the prefill worker stops the prompt or, if it
+  // never saw it, releases its reservation as the writer (Prefill.CancelPrefill).
+  void CancelOnPrefill(const std::string& worker_id, const v1::LatentDestination& destination,
+                       const std::string& internal_id);
   Worker* FindWorker(const std::string& id);
   Worker* LeastLoaded(v1::WorkerRole role, const std::vector<std::string>& exclude);
   // LeastLoaded avoiding `avoid` when anything else serves.

@@ -1,14 +1,18 @@
 // The prefill worker's actor on the manual scheduler, its batches on a ManualExecutor: prompts
 // (without a destination: nothing shipped) get the engine's first token and prompt logprobs;
 // prompts that arrive while a batch computes wait and form the next batch; a cancelled or bad
-// prompt fails alone with a clear status. With one batch and with two groups in ping-pong.
+// prompt fails alone with a clear status; a prompt cancelled by name stops if it is here, and if
+// it is not, its reservation is released as the writer at once and the prompt is refused should
+// it arrive. With one batch and with two groups in ping-pong.
 #include "prefill/prefill_worker.h"
 
 #include <map>
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "common/engine/batch_decoder.h"
+#include "common/rpc/rpc.h"
 #include "common/engine/engine.h"
 #include "common/runtime/executor.h"
 #include "common/runtime/manual_scheduler.h"
@@ -17,6 +21,28 @@
 
 namespace splitmoe::prefill {
 namespace {
+
+// A decode worker that records the releases it is sent.
+class RecordingDecode final : public v1::Decode::CallbackService {
+ public:
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx,
+                                    const v1::ReleaseRequest* request,
+                                    v1::ReleaseResponse*) override {
+    absl::MutexLock lock(&mu_);
+    released_.push_back(*request);
+    auto* reactor = ctx->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+  std::vector<v1::ReleaseRequest> released() {
+    absl::MutexLock lock(&mu_);
+    return released_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<v1::ReleaseRequest> released_;
+};
 
 class PrefillActorTest : public ::testing::TestWithParam<int> {
  protected:
@@ -125,6 +151,87 @@ TEST_P(PrefillActorTest, ACancelledOrBadPromptFailsAlone) {
   ExpectEngine({0, 7, 7, 7}, *out[2]);
   EXPECT_FALSE(out[3].ok());
   EXPECT_NE(out[3].status().code(), absl::StatusCode::kUnknown) << out[3].status();
+}
+
+// The router cancels by name beside cancelling the call, which may never have arrived.
+TEST_P(PrefillActorTest, ACancelByNameReleasesAsTheWriterWhetherOrNotThePromptArrived) {
+  RecordingDecode decode;
+  auto server = rpc::StartServer("127.0.0.1:0", {&decode});
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto destination = [&](uint64_t reservation) {
+    v1::LatentDestination d;
+    d.set_decode_address(server->address);
+    d.set_reservation_id(reservation);
+    d.set_generation(3);
+    d.set_layers(static_cast<int32_t>(engine_->config().num_hidden_layers));
+    return d;
+  };
+  auto cancel = [&](const std::string& id, uint64_t reservation) {
+    v1::CancelPrefillRequest c;
+    c.set_request_id(id);
+    *c.mutable_destination() = destination(reservation);
+    auto out = std::make_shared<absl::StatusOr<v1::CancelPrefillResponse>>(
+        absl::UnknownError("no reply"));
+    actor_->Send(CancelPrompt{c, [out](absl::StatusOr<v1::CancelPrefillResponse> r) {
+                                *out = std::move(r);
+                              }});
+    return out;
+  };
+  auto prompt = [&](const std::string& id, uint64_t reservation,
+                    absl::StatusOr<v1::PrefillResponse>* out) {
+    v1::PrefillRequest r;
+    r.set_request_id(id);
+    r.add_prompt(0);
+    r.add_prompt(5);
+    r.mutable_sampling()->set_max_tokens(4);
+    *r.mutable_destination() = destination(reservation);
+    *out = absl::UnknownError("no reply");
+    actor_->Send(RunPrompt{r, nullptr, absl::Now(),
+                           [out](absl::StatusOr<v1::PrefillResponse> resp) { *out = resp; }});
+  };
+
+  // Not seen here: released as the writer now, and refused when it arrives after all.
+  auto unseen = cancel("late", 7);
+  Settle();
+  ASSERT_TRUE(unseen->ok()) << unseen->status();
+  EXPECT_FALSE((*unseen)->seen());
+  ASSERT_EQ(decode.released().size(), 1u);
+  EXPECT_EQ(decode.released()[0].request_id(), "late");
+  EXPECT_EQ(decode.released()[0].reservation_id(), 7u);
+  EXPECT_EQ(decode.released()[0].generation(), 3u);
+  EXPECT_TRUE(decode.released()[0].writer_done());
+  absl::StatusOr<v1::PrefillResponse> late;
+  prompt("late", 7, &late);
+  Settle();
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kCancelled) << late.status();
+  EXPECT_EQ(executor_->queued(), 0u);
+  // The same request id in another attempt (a failover's reservation) is not refused: it runs
+  // (and fails here, its destination unreachable without a transport), releasing as the writer.
+  absl::StatusOr<v1::PrefillResponse> retry;
+  prompt("late", 9, &retry);
+  Settle();
+  EXPECT_NE(retry.status().code(), absl::StatusCode::kCancelled) << retry.status();
+  EXPECT_NE(retry.status().code(), absl::StatusCode::kUnknown) << retry.status();
+
+  // Queued here: flagged, stopped before it computes, released as the writer once.
+  absl::StatusOr<v1::PrefillResponse> queued;
+  prompt("queued", 8, &queued);
+  scheduler_.RunUntilIdle();
+  auto seen = cancel("queued", 8);
+  Settle();
+  ASSERT_TRUE(seen->ok()) << seen->status();
+  EXPECT_TRUE((*seen)->seen());
+  EXPECT_EQ(queued.status().code(), absl::StatusCode::kCancelled) << queued.status();
+  int queued_releases = 0;
+  for (const v1::ReleaseRequest& r : decode.released()) {
+    if (r.request_id() == "queued") {
+      ++queued_releases;
+      EXPECT_EQ(r.reservation_id(), 8u);
+      EXPECT_TRUE(r.writer_done());
+    }
+  }
+  EXPECT_EQ(queued_releases, 1);
+  server->server->Shutdown();
 }
 
 TEST_P(PrefillActorTest, StoppingWithABatchInFlightAnswersEveryPrompt) {

@@ -166,6 +166,19 @@ class FakePrefill final : public v1::Prefill::CallbackService {
     absl::MutexLock lock(&mu_);
     return calls_.at(i).request;
   }
+  grpc::ServerUnaryReactor* CancelPrefill(grpc::CallbackServerContext* ctx,
+                                          const v1::CancelPrefillRequest* request,
+                                          v1::CancelPrefillResponse*) override {
+    absl::MutexLock lock(&mu_);
+    cancels_.push_back(*request);
+    auto* reactor = ctx->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+  std::vector<v1::CancelPrefillRequest> cancels() {
+    absl::MutexLock lock(&mu_);
+    return cancels_;
+  }
   // Answers call `i` with `first_token`.
   void Answer(size_t i, int32_t first_token) {
     absl::MutexLock lock(&mu_);
@@ -182,6 +195,7 @@ class FakePrefill final : public v1::Prefill::CallbackService {
   };
   absl::Mutex mu_;
   std::deque<Call> calls_;
+  std::vector<v1::CancelPrefillRequest> cancels_;
 };
 
 v1::TokenEvent Token(const std::string& request_id, int32_t token, bool last = false) {
@@ -338,6 +352,47 @@ TEST_F(GenerationActorTest, AfterAFailoverTokensThatOvertakeThePrefillReplyWaitF
   // The first attempt's blocks on the dead worker were given back.
   std::vector<std::string> released = first.released();
   EXPECT_NE(std::find(released.begin(), released.end(), first_attempt), released.end());
+}
+
+// A client that goes while its prompt is being prefilled: the router cancels the prefill call
+// and, by name, the prompt on the prefill worker (the call's cancel does not reach a worker the
+// call never reached; the name does, and the worker then releases as the writer), and releases
+// the reservation on the decode worker as not its writer.
+TEST_F(GenerationActorTest, ACancelDuringPrefillCancelsThePromptByNameOnThePrefillWorker) {
+  auto stub = v1::Generation::NewStub(grpc::CreateChannel(front_.address,
+                                                           grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest request;
+  request.set_request_id("gone");
+  request.mutable_token_ids()->add_ids(5);
+  request.mutable_stop()->set_max_tokens(4);
+  grpc::ClientContext client_ctx;
+  std::thread client([&] {
+    auto reader = stub->Generate(&client_ctx, request);
+    v1::GenerateEvent event;
+    while (reader->Read(&event)) {
+    }
+    (void)reader->Finish();
+  });
+  ASSERT_TRUE(PumpUntil([&] { return prefill_.calls() == 1; }));
+  FakeDecode& decode = d1_.reserved().empty() ? d2_ : d1_;
+  ASSERT_EQ(decode.reserved().size(), 1u);
+  const std::string attempt = decode.reserved()[0].request_id();
+  client_ctx.TryCancel();
+  client.join();
+  ASSERT_TRUE(PumpUntil([&] {
+    const std::vector<std::string> released = decode.released();
+    return !prefill_.cancels().empty() &&
+           std::find(released.begin(), released.end(), attempt) != released.end();
+  }));
+  const v1::CancelPrefillRequest cancel = prefill_.cancels()[0];
+  EXPECT_EQ(cancel.request_id(), attempt);
+  EXPECT_EQ(cancel.request_id(), prefill_.request(0).request_id());
+  EXPECT_EQ(cancel.destination().reservation_id(),
+            prefill_.request(0).destination().reservation_id());
+  EXPECT_EQ(cancel.destination().generation(), prefill_.request(0).destination().generation());
+  EXPECT_EQ(cancel.destination().decode_address(),
+            prefill_.request(0).destination().decode_address());
+  prefill_.Answer(0, 10);  // a server reactor ends only when finished, cancelled or not
 }
 
 }  // namespace
