@@ -43,8 +43,15 @@ void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64
       return;
     }
     std::vector<uint8_t> staged(static_cast<size_t>(n * dim * vbytes));
+    // The rows as fp32 on the host, wherever the cache keeps them (a device's: copied out).
+    rows_.resize(static_cast<size_t>(n * dim));
+    if (absl::Status read = cache.ReadRows(layer, position, n, rows_.data()); !read.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (first_error_.ok()) first_error_ = read;
+      return;
+    }
     for (int64_t r = 0; r < n; ++r) {
-      const float* row = cache.Row(layer, position + r);
+      const float* row = rows_.data() + r * dim;
       uint8_t* out = staged.data() + r * dim * vbytes;
       if (layout_.dtype == decode::LatentDType::kBFloat16) {
         for (int64_t v = 0; v < dim; ++v) {

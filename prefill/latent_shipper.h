@@ -1,7 +1,8 @@
 // LatentShipper: a prefill worker's writer into one decode worker's paged latent cache. After
 // the Transformer finishes a layer of a prompt chunk (its on_layer_done hook), ShipLayer copies
-// that layer's new rows out of the local cache (converting to bf16 when the remote cache stores
-// bf16) and puts them into the reserved blocks — one put per block slab touched — while the next
+// that layer's new rows out of the local cache (SequenceCache::ReadRows: from a GPU's pool, a
+// copy to the host, the staged path; converted to bf16 when the remote cache stores bf16)
+// and puts them into the reserved blocks — one put per block slab touched — while the next
 // layer computes. Finish() flushes (every put has landed in the target's memory) and reports the
 // first error; only then may the decode worker be told to start. Only latents cross:
 // bytes_put() == layers x tokens x latent_dim x dtype bytes. Used from the prefill worker's
@@ -61,6 +62,7 @@ class LatentShipper {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::list<std::vector<uint8_t>> staging_;  // kept alive until Finish(): puts read from them
+  std::vector<float> rows_;                   // ShipLayer's rows read out of the cache
   int64_t in_flight_ = 0;
   absl::Status first_error_;
   uint64_t bytes_put_ = 0;

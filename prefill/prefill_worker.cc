@@ -62,8 +62,8 @@ struct PrefillActor::Job {
   RunPrompt message;
   std::vector<int32_t> prompt;
   engine::SamplingParams sampling;
-  std::unique_ptr<engine::LatentCache> local;
-  std::unique_ptr<engine::LatentCache> local_mtp;  // the destination wants the MTP layer
+  std::unique_ptr<engine::SequenceCache> local;
+  std::unique_ptr<engine::SequenceCache> local_mtp;  // the destination wants the MTP layer
   std::vector<float> last_hidden;                  // for the MTP module's first draft
   int64_t cached = 0;  // prompt rows already in the destination (prefix cache), read back
   std::unique_ptr<LatentShipper> shipper;
@@ -83,8 +83,9 @@ struct PrefillActor::Job {
 PrefillActor::PrefillActor(engine::Transformer* transformer, transfer::UcxTransport* transport,
                            std::shared_ptr<decode::LoadGauge> gauge, engine::AttentionForm form,
                            int64_t batch_tokens, int micro_batches,
-                           std::unique_ptr<runtime::Executor> executor)
+                           std::unique_ptr<runtime::Executor> executor, CacheFactory new_cache)
     : transformer_(transformer),
+      new_cache_(std::move(new_cache)),
       transport_(transport),
       gauge_(std::move(gauge)),
       form_(form),
@@ -93,6 +94,13 @@ PrefillActor::PrefillActor(engine::Transformer* transformer, transfer::UcxTransp
       executor_(std::move(executor)) {}
 
 PrefillActor::~PrefillActor() = default;
+
+absl::StatusOr<std::unique_ptr<engine::SequenceCache>> PrefillActor::NewCache(bool mtp) {
+  if (new_cache_) return new_cache_(mtp);
+  const model::ModelConfig& c = transformer_->config();
+  return std::unique_ptr<engine::SequenceCache>(
+      std::make_unique<engine::LatentCache>(mtp ? 1 : c.num_hidden_layers, c.latent_dim()));
+}
 
 void PrefillActor::Handle(RunPrompt m, runtime::Context<Message>& ctx) {
   const std::string key = PromptKey(m.request.request_id(), m.request);
@@ -222,12 +230,13 @@ absl::Status PrefillActor::ReadCachedPrefix(Job& job, const decode::PagedLatentL
     cv.wait(lock, [&] { return left == 0; });
   }
   SPLITMOE_RETURN_IF_ERROR(Annotate(first, "reading the cached prefix from the decode worker"));
-  auto widen = [&](int64_t layer, engine::LatentCache& into, int64_t into_layer) {
-    into.EnsureCapacity(cached);
+  // Each layer's rows as fp32, written into the local cache (wherever it keeps them).
+  std::vector<float> rows(static_cast<size_t>(cached * layout.latent_dim));
+  auto widen = [&](int64_t layer, engine::SequenceCache& into, int64_t into_layer) {
     for (int64_t p = 0; p < cached; ++p) {
       const uint8_t* row = staged.data() + (p / t) * block_bytes + layer * layout.layer_slab_bytes() +
                            (p % t) * layout.row_bytes();
-      float* out = into.Row(into_layer, p);
+      float* out = rows.data() + p * layout.latent_dim;
       if (layout.dtype == decode::LatentDType::kFloat32) {
         std::memcpy(out, row, static_cast<size_t>(layout.row_bytes()));
       } else {
@@ -238,10 +247,18 @@ absl::Status PrefillActor::ReadCachedPrefix(Job& job, const decode::PagedLatentL
         }
       }
     }
-    into.Commit(cached);
+    return into.WriteRows(into_layer, 0, rows.data(), cached);
   };
-  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) widen(layer, *job.local, layer);
-  if (job.local_mtp != nullptr) widen(c.num_hidden_layers, *job.local_mtp, 0);
+  SPLITMOE_RETURN_IF_ERROR(job.local->Reserve(cached));
+  if (job.local_mtp != nullptr) SPLITMOE_RETURN_IF_ERROR(job.local_mtp->Reserve(cached));
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    SPLITMOE_RETURN_IF_ERROR(widen(layer, *job.local, layer));
+  }
+  if (job.local_mtp != nullptr) {
+    SPLITMOE_RETURN_IF_ERROR(widen(c.num_hidden_layers, *job.local_mtp, 0));
+    job.local_mtp->Commit(cached);
+  }
+  job.local->Commit(cached);
   job.cached = cached;
   return absl::OkStatus();
 }
@@ -258,7 +275,7 @@ absl::Status PrefillActor::Prepare(Job& job) {
   SPLITMOE_RETURN_IF_ERROR(engine::ValidateSamplingParams(job.sampling));
   if (req.prompt().empty()) return absl::InvalidArgumentError("empty prompt");
   job.prompt.assign(req.prompt().begin(), req.prompt().end());
-  job.local = std::make_unique<engine::LatentCache>(c.num_hidden_layers, c.latent_dim());
+  SPLITMOE_ASSIGN_OR_RETURN(job.local, NewCache(/*mtp=*/false));
   if (!job.ship()) return absl::OkStatus();
   if (transport_ == nullptr) return absl::FailedPreconditionError("this worker ships no latents");
   const v1::LatentDestination& d = job.destination();
@@ -279,7 +296,7 @@ absl::Status PrefillActor::Prepare(Job& job) {
   if (d.timeout_ms() > 0) job.deadline = job.message.received + absl::Milliseconds(d.timeout_ms());
   // Without the module the main layers go alone: the decode worker decodes one token a step.
   if (d.mtp_layer() && transformer_->mtp_modules() > 0) {
-    job.local_mtp = std::make_unique<engine::LatentCache>(1, c.latent_dim());
+    SPLITMOE_ASSIGN_OR_RETURN(job.local_mtp, NewCache(/*mtp=*/true));
   }
   if (d.cached_tokens() != 0) {
     SPLITMOE_RETURN_IF_ERROR(ReadCachedPrefix(job, layout, peer, remote));

@@ -72,13 +72,19 @@ class PrefillActor {
   static constexpr absl::Duration kCancelledPromptMemory = absl::Minutes(10);
   static constexpr size_t kMaxCancelledPrompts = 16384;
 
+  // A prompt's local latent cache (every main layer, or the MTP module's one), where the
+  // transformer computes: on a GPU, a sequence's share of the device's pool.
+  using CacheFactory =
+      std::function<absl::StatusOr<std::unique_ptr<engine::SequenceCache>>(bool mtp)>;
+
   // `batch_tokens`: prompt tokens prefilled together at most (a longer prompt runs alone).
   // `executor` runs the batches (a ThreadExecutor in the process; Inline or Manual in tests).
-  // `transport` may be null when no prompt names a destination (tests).
+  // `transport` may be null when no prompt names a destination (tests). `new_cache` (called on
+  // the executor; caches are dropped on the actor): null, host LatentCaches.
   PrefillActor(engine::Transformer* transformer, transfer::UcxTransport* transport,
                std::shared_ptr<decode::LoadGauge> gauge, engine::AttentionForm form,
                int64_t batch_tokens, int micro_batches,
-               std::unique_ptr<runtime::Executor> executor);
+               std::unique_ptr<runtime::Executor> executor, CacheFactory new_cache = nullptr);
   ~PrefillActor();  // where Job is complete
 
   void Handle(RunPrompt m, runtime::Context<Message>& ctx);
@@ -107,8 +113,10 @@ class PrefillActor {
   void ReleaseAsWriter(const v1::LatentDestination& d, const std::string& request_id,
                        const std::string& reason);
   void PublishLoad();
+  absl::StatusOr<std::unique_ptr<engine::SequenceCache>> NewCache(bool mtp);
 
   engine::Transformer* transformer_;
+  CacheFactory new_cache_;
   transfer::UcxTransport* transport_;
   std::shared_ptr<decode::LoadGauge> gauge_;
   engine::AttentionForm form_;

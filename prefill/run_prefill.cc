@@ -19,7 +19,8 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
   SPLITMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<expert_plane::AttentionSide> side,
       expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe,
-                                      options.weights, options.load_mtp));
+                                        options.weights, options.load_mtp, options.device,
+                                        options.on_device));
   SPLITMOE_ASSIGN_OR_RETURN(std::unique_ptr<transfer::UcxTransport> transport,
                             transfer::UcxTransport::Create({.name = "prefill"}));
   auto gauge = std::make_shared<decode::LoadGauge>();
@@ -28,7 +29,10 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
         "prefill", std::make_unique<PrefillActor>(
                        &side->transformer(), transport.get(), gauge, options.form,
                        options.batch_tokens, options.micro_batches,
-                       std::make_unique<runtime::ThreadExecutor>("prefill-batch")));
+                       std::make_unique<runtime::ThreadExecutor>("prefill-batch"),
+                       side->on_device() == nullptr
+                           ? PrefillActor::CacheFactory()
+                           : [gpu = side->on_device()](bool mtp) { return gpu->NewCache(mtp); }));
     PrefillService service(actor.ref());
     SPLITMOE_ASSIGN_OR_RETURN(rpc::RunningServer server,
                               rpc::StartServer(options.listen, {&service}));
@@ -36,8 +40,12 @@ absl::Status RunPrefillWorker(const PrefillOptions& options) {
     request.set_role(v1::WORKER_ROLE_PREFILL);
     request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_resident_weight_bytes(side->resident_weight_bytes());
-    request.set_device("cpu");  // the attention workers compute on the CPU so far
-    request.set_transfer_mode(transfer::UcxTlsDescription());
+    request.set_device(side->device_description());
+    // On a GPU the latents are read back to host memory per layer and put from there.
+    request.set_transfer_mode(side->on_device() == nullptr
+                                  ? transfer::UcxTlsDescription()
+                                  : transfer::UcxTlsDescription() +
+                                        ", latents staged through host memory");
     request.set_model_fingerprint(side->fingerprint());
     // In flight first: the actor publishes its counters before it replies, so a count that
     // includes the reply sees them.

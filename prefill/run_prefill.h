@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "common/engine/on_device.h"
 #include "common/engine/transformer.h"
 #include "common/expert_plane/direct_moe.h"
 #include "common/model/checkpoint.h"
@@ -33,6 +34,11 @@ struct PrefillOptions {
   // (a speculative decode worker) gets it; `--no-mtp`: not loaded, such a destination gets the
   // main layers only and its worker decodes one token a step.
   bool load_mtp = true;
+  // `--device cpu|cuda:N`, `--precision fp32|bf16`, `--device-cache-tokens`: on a GPU the
+  // forward pass and the prompts' local caches are there, and latents leave through host
+  // memory (read back per layer, then put over UCX as on the CPU).
+  std::string device = "cpu";
+  engine::OnDeviceOptions on_device;
 };
 
 absl::Status RunPrefillWorker(const PrefillOptions& options);

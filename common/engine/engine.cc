@@ -26,7 +26,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
   if (device.backend != kernels::Backend::kCpu) {
     // The device holds the values; the host's stay as loaded (mapped from the checkpoint in its
     // dtype) and give the shapes.
-    SPLITMOE_RETURN_IF_ERROR(engine->OpenDevice(device));
+    OnDeviceOptions on;
+    on.weights = options.device_weights;
+    on.cache_tokens = options.device_cache_tokens;
+    SPLITMOE_ASSIGN_OR_RETURN(engine->on_device_,
+                              OnDevice::Open(device, engine->config_, engine->weights_, on));
   } else if (options.pack_weights) {
     SPLITMOE_RETURN_IF_ERROR(PackForInference(&engine->weights_));  // and OpenBLAS one thread
   }
@@ -52,58 +56,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const std::string& model_di
            "token a step";
     engine->options_.draft_tokens = 0;
   }
-  engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_,
-                                                    engine->device_weights_.get());
-  engine->transformer_ = std::make_unique<Transformer>(
-      engine->config_, engine->weights_, engine->moe_.get(), engine->device_weights_.get());
+  const DeviceWeights* on = engine->on_device_ ? engine->on_device_->weights() : nullptr;
+  engine->moe_ = std::make_unique<LocalMoeExecutor>(engine->config_, engine->weights_, on);
+  engine->transformer_ =
+      std::make_unique<Transformer>(engine->config_, engine->weights_, engine->moe_.get(), on);
   return engine;
 }
 
-absl::Status Engine::OpenDevice(const kernels::Device& device) {
-  const model::WeightDType dtype = options_.device_weights;
-  if (dtype != model::WeightDType::kFloat32 && dtype != model::WeightDType::kBFloat16) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "weights on ", kernels::DeviceName(device), " are fp32 or bf16, not ",
-        model::WeightDTypeName(dtype)));
-  }
-  if (options_.device_cache_tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("device_cache_tokens must be > 0, got ",
-                                                   options_.device_cache_tokens));
-  }
-  SPLITMOE_ASSIGN_OR_RETURN(
-      context_, kernels::DeviceContext::Open(device, dtype == model::WeightDType::kFloat32));
-  const kernels::Device& on = context_->device();
-  SPLITMOE_ASSIGN_OR_RETURN(device_weights_, DeviceWeights::Upload(on, weights_, dtype));
-  LatentPoolOptions pool;
-  pool.layers = config_.num_hidden_layers;
-  pool.latent_dim = config_.latent_dim();
-  pool.block_tokens = 64;
-  pool.blocks = (options_.device_cache_tokens + pool.block_tokens - 1) / pool.block_tokens;
-  pool.dtype = dtype == model::WeightDType::kBFloat16 ? kernels::LatentStorage::kBFloat16
-                                                      : kernels::LatentStorage::kFloat32;
-  SPLITMOE_ASSIGN_OR_RETURN(pool_, LatentPool::Create(on, pool));
-  if (!weights_.mtp.empty()) {
-    pool.layers = 1;
-    SPLITMOE_ASSIGN_OR_RETURN(mtp_pool_, LatentPool::Create(on, pool));
-  }
-  SPLITMOE_LOG(INFO, "engine").With("device", kernels::DeviceName(on))
-          .With("weights", model::WeightDTypeName(dtype))
-          .With("weight_bytes", device_weights_->bytes())
-          .With("cache_bytes", pool_->bytes() + (mtp_pool_ ? mtp_pool_->bytes() : 0))
-      << "the engine's forward pass runs on the device";
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::unique_ptr<SequenceCache>> Engine::NewCache(bool mtp) {
-  if (pool_ == nullptr) {
-    return std::unique_ptr<SequenceCache>(std::make_unique<LatentCache>(
-        mtp ? 1 : config_.num_hidden_layers, config_.latent_dim()));
-  }
-  if (mtp && mtp_pool_ == nullptr) {
-    return absl::FailedPreconditionError("the model has no MTP module loaded");
-  }
-  return std::unique_ptr<SequenceCache>(
-      std::make_unique<PooledSequenceCache>(mtp ? mtp_pool_.get() : pool_.get()));
+  if (on_device_ != nullptr) return on_device_->NewCache(mtp);
+  return std::unique_ptr<SequenceCache>(std::make_unique<LatentCache>(
+      mtp ? 1 : config_.num_hidden_layers, config_.latent_dim()));
 }
 
 absl::Status Engine::Prefill(absl::Span<const int32_t> tokens, SequenceCache* cache,

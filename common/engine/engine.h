@@ -20,8 +20,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/engine/batch_decoder.h"
-#include "common/engine/device_weights.h"
-#include "common/engine/pooled_latent_cache.h"
+#include "common/engine/on_device.h"
 #include "common/engine/request_check.h"
 #include "common/engine/sampler.h"
 #include "common/engine/transformer.h"
@@ -118,15 +117,12 @@ class Engine {
   // Runs `tokens` into `cache` chunk by chunk; hidden [tokens, hidden_size] final-normed.
   absl::Status Prefill(absl::Span<const int32_t> tokens, SequenceCache* cache,
                        std::vector<float>* hidden);
-  absl::Status OpenDevice(const kernels::Device& device);
   EngineOptions options_;
   model::ModelConfig config_;
   model::ModelWeights weights_;
   std::unique_ptr<tokenizer::Tokenizer> tokenizer_;
-  // On a GPU (declared first, so it goes last: the buffers below free on its stream).
-  std::unique_ptr<kernels::DeviceContext> context_;
-  std::unique_ptr<DeviceWeights> device_weights_;
-  std::unique_ptr<LatentPool> pool_, mtp_pool_;
+  // On a GPU (declared before what computes with it, so it goes after them).
+  std::unique_ptr<OnDevice> on_device_;
   std::unique_ptr<LocalMoeExecutor> moe_;
   std::unique_ptr<Transformer> transformer_;
 };

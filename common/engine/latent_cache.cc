@@ -27,4 +27,17 @@ absl::Status SequenceCache::Store(const kernels::Device& device, int64_t layer, 
   return absl::OkStatus();
 }
 
+absl::Status SequenceCache::ReadRows(int64_t layer, int64_t first, int64_t n, float* out) {
+  if (first < 0 || n < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(n, " latent rows read from position ", first));
+  }
+  const int64_t dim = latent_dim();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = Row(layer, first + i);
+    if (row == nullptr) return absl::InternalError("a host latent cache without host rows");
+    std::memcpy(out + i * dim, row, static_cast<size_t>(dim) * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace splitmoe::engine

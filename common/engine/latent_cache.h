@@ -37,6 +37,15 @@ class SequenceCache {
   // device's cache stores them with kernels::StoreLatents.
   virtual absl::Status Store(const kernels::Device& device, int64_t layer, int64_t start,
                              const float* rows, int64_t n);
+  // Rows [first, first + n) of `layer` (written: stored, or through Row() since) copied out to
+  // host memory as fp32 [n, latent_dim], widened from the cache's dtype: what a prefill worker
+  // ships. This default serves host caches (reads Row()).
+  virtual absl::Status ReadRows(int64_t layer, int64_t first, int64_t n, float* out);
+  // Host fp32 rows [n, latent_dim] written at positions first .. first + n - 1 of `layer` (rows
+  // read back from elsewhere: a cached prefix). This default serves host caches (Store).
+  virtual absl::Status WriteRows(int64_t layer, int64_t first, const float* rows, int64_t n) {
+    return Store(kernels::Device{}, layer, first, rows, n);
+  }
   // The pool every block of `layer` lies in, as a device's attention needs them (the FlashMLA
   // layout, kernels::MlaAttentionParams::pool): {null, 0} for a cache whose blocks lie anywhere
   // in host memory.

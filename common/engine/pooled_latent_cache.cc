@@ -46,9 +46,11 @@ uint64_t LatentPool::bytes() const {
 }
 
 absl::StatusOr<std::vector<int32_t>> LatentPool::Take(int64_t n) {
-  if (n < 0 || n > free_blocks()) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t free = static_cast<int64_t>(free_.size());
+  if (n < 0 || n > free) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "the latent pool on ", kernels::DeviceName(device_), " has ", free_blocks(), " of ",
+        "the latent pool on ", kernels::DeviceName(device_), " has ", free, " of ",
         options_.blocks, " blocks free, ", n, " asked for"));
   }
   std::vector<int32_t> ids(free_.end() - n, free_.end());
@@ -58,6 +60,7 @@ absl::StatusOr<std::vector<int32_t>> LatentPool::Take(int64_t n) {
 }
 
 void LatentPool::Give(absl::Span<const int32_t> ids) {
+  std::lock_guard<std::mutex> lock(mu_);
   for (auto it = ids.rbegin(); it != ids.rend(); ++it) free_.push_back(*it);
 }
 
@@ -119,6 +122,50 @@ absl::Status PooledSequenceCache::Store(const kernels::Device& device, int64_t l
   p.dtype = o.dtype;
   // On the caller's stream: the pass that computed the rows, then the attention that reads them.
   return kernels::StoreLatents(device, p);
+}
+
+absl::Status PooledSequenceCache::ReadRows(int64_t layer, int64_t first, int64_t n, float* out) {
+  const LatentPoolOptions& o = pool_->options();
+  if (layer < 0 || layer >= layers_ || first < 0 || n < 0 ||
+      first + n > reserved_tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat("rows [", first, ", ", first + n, ") of layer ",
+                                                   layer, ": the cache holds ", layers_,
+                                                   " layers of ", reserved_tokens(), " rows"));
+  }
+  const int64_t lat = o.latent_dim, elem = ElementBytes(o.dtype);
+  const char* base = static_cast<const char*>(pool_->layer(PoolLayer(layer)));
+  std::vector<uint16_t> narrow;
+  for (int64_t r = first; r < first + n;) {
+    // The rows of this block, in one copy.
+    const int64_t in_block = std::min(first + n - r, o.block_tokens - r % o.block_tokens);
+    const int64_t slot =
+        int64_t{blocks_[static_cast<size_t>(r / o.block_tokens)]} * o.block_tokens +
+        r % o.block_tokens;
+    const char* src = base + slot * lat * elem;
+    float* dst = out + (r - first) * lat;
+    const size_t values = static_cast<size_t>(in_block * lat);
+    if (o.dtype == kernels::LatentStorage::kFloat32) {
+      SPLITMOE_RETURN_IF_ERROR(
+          kernels::CopyToHost(pool_->device(), dst, src, values * sizeof(float)));
+    } else {
+      narrow.resize(values);
+      SPLITMOE_RETURN_IF_ERROR(
+          kernels::CopyToHost(pool_->device(), narrow.data(), src, values * sizeof(uint16_t)));
+      for (size_t i = 0; i < values; ++i) dst[i] = model::Bf16ToFloat(narrow[i]);
+    }
+    r += in_block;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PooledSequenceCache::WriteRows(int64_t layer, int64_t first, const float* rows,
+                                            int64_t n) {
+  const kernels::Device& device = pool_->device();
+  if (device.backend == kernels::Backend::kCpu) return Store(device, layer, first, rows, n);
+  const size_t bytes = static_cast<size_t>(n * pool_->options().latent_dim) * sizeof(float);
+  SPLITMOE_ASSIGN_OR_RETURN(kernels::DeviceBuffer on, kernels::Allocate(device, bytes));
+  SPLITMOE_RETURN_IF_ERROR(kernels::CopyToDevice(device, on.data(), rows, bytes));
+  return Store(device, layer, first, on.as<float>(), n);
 }
 
 kernels::LatentBlocks PooledSequenceCache::View(int64_t layer, int64_t keys) {

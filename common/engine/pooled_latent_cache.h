@@ -6,7 +6,7 @@
 // table, and attention reads them in place from the pool (kernels::MlaAttention). The same code
 // runs on every backend: on a GPU it is the device-resident cache; on the CPU it runs in host
 // memory, which is how the tests check it without a GPU. Not thread-safe: one owner (the
-// engine or the worker whose sequences these are).
+// engine or the worker whose sequences these are; the pool's free list takes a lock).
 //
 //   SPLITMOE_ASSIGN_OR_RETURN(auto pool, LatentPool::Create(device, {.layers = 61,
 //                                 .latent_dim = 576, .blocks = 4096}));
@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -42,7 +43,10 @@ class LatentPool {
   const kernels::Device& device() const { return device_; }
   const LatentPoolOptions& options() const { return options_; }
   void* layer(int64_t l) const { return layers_[static_cast<size_t>(l)].data(); }
-  int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  int64_t free_blocks() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<int64_t>(free_.size());
+  }
   // Device bytes of every layer's pool.
   uint64_t bytes() const;
   // `n` blocks off the free list, or ResourceExhausted (and none taken).
@@ -55,7 +59,9 @@ class LatentPool {
   kernels::Device device_;
   LatentPoolOptions options_;
   std::vector<kernels::DeviceBuffer> layers_;
-  std::vector<int32_t> free_;  // taken from the back: low ids first
+  mutable std::mutex mu_;      // Take and Give may come from different threads (a worker's
+                               // executor computes with caches its actor drops)
+  std::vector<int32_t> free_;  // taken from the back: low ids first; guarded by mu_
 };
 
 class PooledSequenceCache : public SequenceCache {
@@ -76,6 +82,8 @@ class PooledSequenceCache : public SequenceCache {
   float* Row(int64_t layer, int64_t position) override { return nullptr; }
   absl::Status Store(const kernels::Device& device, int64_t layer, int64_t start,
                      const float* rows, int64_t n) override;
+  absl::Status ReadRows(int64_t layer, int64_t first, int64_t n, float* out) override;
+  absl::Status WriteRows(int64_t layer, int64_t first, const float* rows, int64_t n) override;
   kernels::LatentBlocks View(int64_t layer, int64_t keys) override;
   PoolRef Pool(int64_t layer) const override;
   // On the CPU, rows [0, keys) gathered (widened from BF16) into one fp32 array; on a device,

@@ -109,6 +109,45 @@ absl::Status LocalMoeExecutor::Compute(int64_t layer, const float* x, const floa
 
 namespace {
 
+// A layer of a StagedMoeExecutor: the host's buffers, and where the sum goes on the device.
+class StagedPending : public MoeExecutor::Pending {
+ public:
+  StagedPending(const kernels::Device& device, float* device_out, size_t out_values)
+      : device_(device), device_out_(device_out), out(out_values) {}
+  absl::Status Wait() override {
+    absl::Status s = inner->Wait();
+    if (!s.ok()) return s;
+    return kernels::CopyToDevice(device_, device_out_, out.data(), out.size() * sizeof(float));
+  }
+
+  kernels::Device device_;
+  float* device_out_;
+  std::vector<float> x, scores, out;
+  std::unique_ptr<MoeExecutor::Pending> inner;
+};
+
+}  // namespace
+
+std::unique_ptr<MoeExecutor::Pending> StagedMoeExecutor::Start(int64_t layer, const float* x,
+                                                               const float* scores, int64_t rows,
+                                                               float* out) {
+  const size_t hidden = static_cast<size_t>(rows * config_.hidden_size);
+  const size_t routed = static_cast<size_t>(rows * config_.n_routed_experts);
+  auto pending = std::make_unique<StagedPending>(device_, out, hidden);
+  pending->x.resize(hidden);
+  pending->scores.resize(routed);
+  absl::Status s = kernels::CopyToHost(device_, pending->x.data(), x, hidden * sizeof(float));
+  if (s.ok()) {
+    s = kernels::CopyToHost(device_, pending->scores.data(), scores, routed * sizeof(float));
+  }
+  if (!s.ok()) return std::make_unique<DonePending>(s);
+  pending->inner = host_->Start(layer, pending->x.data(), pending->scores.data(), rows,
+                                pending->out.data());
+  return pending;
+}
+
+namespace {
+
 absl::Status Pack(model::Matrix* m) {
   if (m->data.empty()) return absl::OkStatus();  // absent in this model or this role
   SPLITMOE_ASSIGN_OR_RETURN(m->packed, kernels::PackedLinear::Create(*m));

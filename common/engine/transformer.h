@@ -105,6 +105,25 @@ class LocalMoeExecutor : public MoeExecutor {
   const DeviceWeights* on_device_;
 };
 
+// A host executor (the cluster's, whose experts answer over the network) for a Transformer on a
+// device: a layer's x and scores are copied to the host when it starts and the routed experts'
+// sum back to the device when it ends — staged through host memory, the shared experts
+// computing on the device meanwhile. `host` must outlive it.
+class StagedMoeExecutor : public MoeExecutor {
+ public:
+  StagedMoeExecutor(MoeExecutor* host, const kernels::Device& device,
+                    const model::ModelConfig& config)
+      : host_(host), device_(device), config_(config) {}
+  std::unique_ptr<Pending> Start(int64_t layer, const float* x, const float* scores, int64_t rows,
+                                 float* out) override;
+  kernels::Backend backend() const override { return device_.backend; }
+
+ private:
+  MoeExecutor* host_;
+  kernels::Device device_;
+  const model::ModelConfig& config_;
+};
+
 // Packs, for oneDNN, every weight the forward pass only uses through kernels::Linear (all
 // projections, experts, gate, output heads; not the embeddings nor kv_b_proj, whose per-head
 // slices are read directly) and releases their plain copies. Call once after loading, before

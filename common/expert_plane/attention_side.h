@@ -17,6 +17,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/engine/on_device.h"
 #include "common/engine/transformer.h"
 #include "common/expert_plane/direct_moe.h"
 #include "common/expert_plane/routing_table_watcher.h"
@@ -27,11 +28,13 @@ namespace splitmoe::expert_plane {
 
 class AttentionSide {
  public:
-  static absl::StatusOr<std::unique_ptr<AttentionSide>> Load(const std::string& model_dir,
-                                                             const std::string& router_address,
-                                                             DirectMoeOptions moe_options,
-                                                             model::ResidentDType weights,
-                                                             bool load_mtp = false);
+  // `device`: "cpu", or "cuda:N" (its CUDA backend enabled in this process): the transformer
+  // then runs there (weights uploaded per `on_device`, caches from the device's pool) and the
+  // routed experts' inputs and outputs are staged through host memory (StagedMoeExecutor).
+  static absl::StatusOr<std::unique_ptr<AttentionSide>> Load(
+      const std::string& model_dir, const std::string& router_address,
+      DirectMoeOptions moe_options, model::ResidentDType weights, bool load_mtp = false,
+      const std::string& device = "cpu", const engine::OnDeviceOptions& on_device = {});
 
   const model::ModelConfig& config() const { return config_; }
   engine::Transformer& transformer() { return *transformer_; }
@@ -41,6 +44,12 @@ class AttentionSide {
   uint64_t resident_weight_bytes() const { return weights_.bytes(); }
   // The config.json fingerprint workers register with.
   const std::string& fingerprint() const { return fingerprint_; }
+  // Null on the CPU.
+  engine::OnDevice* on_device() { return on_device_.get(); }
+  // "cpu", or "cuda:0 bf16": as the worker registers its device.
+  std::string device_description() const {
+    return on_device_ != nullptr ? on_device_->Describe() : "cpu";
+  }
 
  private:
   AttentionSide() = default;
@@ -48,7 +57,9 @@ class AttentionSide {
   model::ModelWeights weights_;
   std::string fingerprint_;
   std::unique_ptr<RoutingTableWatcher> watcher_;
+  std::unique_ptr<engine::OnDevice> on_device_;
   std::unique_ptr<DirectMoeExecutor> moe_;
+  std::unique_ptr<engine::StagedMoeExecutor> staged_;  // on a device: moe_, staged
   std::unique_ptr<engine::Transformer> transformer_;
 };
 

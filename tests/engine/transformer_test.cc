@@ -245,6 +245,30 @@ TEST_P(TransformerTest, PooledCachesGiveTheContiguousCachesResults) {
         PooledSequenceCache pa(pool->get()), pb(pool->get());
         got = run(&pa, &pb, form);
         EXPECT_EQ(pa.length(), static_cast<int64_t>(a.size()) + steps);
+        // Rows read back out (what a prefill worker ships) are what the reference cache holds
+        // (layer 0's, which no attention's rounding precedes, to the bit), and rows written in
+        // (a prefix read back from elsewhere) read back the same.
+        LatentCache& ref = bf16 ? static_cast<LatentCache&>(ra) : la;
+        const int64_t lat = c.latent_dim(), keys = pa.length();
+        std::vector<float> rows(static_cast<size_t>(keys * lat));
+        ASSERT_TRUE(pa.ReadRows(0, 0, keys, rows.data()).ok());
+        EXPECT_EQ(rows, std::vector<float>(ref.Layer(0), ref.Layer(0) + keys * lat));
+        for (int64_t layer : {int64_t{0}, c.num_hidden_layers - 1}) {
+          ASSERT_TRUE(pa.ReadRows(layer, 0, keys, rows.data()).ok());
+          std::vector<float> part(static_cast<size_t>(13 * lat));
+          ASSERT_TRUE(pa.ReadRows(layer, 5, 13, part.data()).ok());  // across a block's end
+          EXPECT_EQ(part, std::vector<float>(rows.begin() + 5 * lat, rows.begin() + 18 * lat));
+        }
+        EXPECT_FALSE(pa.ReadRows(0, 0, pa.reserved_tokens() + 1, rows.data()).ok());
+        {
+          PooledSequenceCache copy(pool->get());
+          ASSERT_TRUE(copy.Reserve(keys).ok());
+          ASSERT_TRUE(pa.ReadRows(1, 0, keys, rows.data()).ok());
+          ASSERT_TRUE(copy.WriteRows(1, 0, rows.data(), keys).ok());
+          std::vector<float> back(rows.size());
+          ASSERT_TRUE(copy.ReadRows(1, 0, keys, back.data()).ok());
+          EXPECT_EQ(back, rows);
+        }
         // a's blocks and b's interleave in the pool once they decode.
         EXPECT_EQ(pa.blocks().front(), 2);
         EXPECT_GT(pa.blocks().back(), pb.blocks().front());
@@ -269,6 +293,32 @@ TEST_P(TransformerTest, PooledCachesGiveTheContiguousCachesResults) {
         EXPECT_GT(MaxAbsDiff(got, want_fp32), 0.0) << "a BF16 pool rounds the latents";
       }
     }
+  }
+}
+
+// The staged executor (a host executor behind a Transformer on a device: inputs copied out,
+// the sum copied back) changes nothing but where the buffers are: on the CPU device, the same
+// logits as the executor it wraps, prefill and decode.
+TEST_P(TransformerTest, StagedExecutorGivesItsHostExecutorsResults) {
+  auto e = LoadEngine(ModelDir());
+  const auto& c = e->config();
+  LocalMoeExecutor local(c, e->weights());
+  StagedMoeExecutor staged(&local, kernels::Device{}, c);
+  Transformer through_staging(c, e->weights(), &staged);
+  const auto tokens = Prompt(23, c.vocab_size, 12);
+  for (AttentionForm form : {AttentionForm::kAbsorbed, AttentionForm::kNaive}) {
+    LatentCache want_cache(c.num_hidden_layers, c.latent_dim()),
+        got_cache(c.num_hidden_layers, c.latent_dim());
+    std::vector<float> want, got;
+    std::vector<SequenceChunk> a = {{tokens, &want_cache}}, b = {{tokens, &got_cache}};
+    SPLITMOE_ASSERT_OK(e->transformer().Forward(a, form, &want));
+    SPLITMOE_ASSERT_OK(through_staging.Forward(b, form, &got));
+    EXPECT_EQ(got, want);
+    const std::vector<int32_t> next = {tokens[3]};
+    std::vector<SequenceChunk> da = {{next, &want_cache}}, db = {{next, &got_cache}};
+    SPLITMOE_ASSERT_OK(e->transformer().Forward(da, AttentionForm::kAbsorbed, &want));
+    SPLITMOE_ASSERT_OK(through_staging.Forward(db, AttentionForm::kAbsorbed, &got));
+    EXPECT_EQ(got, want);
   }
 }
 

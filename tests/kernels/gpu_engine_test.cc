@@ -5,6 +5,7 @@
 // (token agreement before the first divergence, logprob error) is printed — measured, not
 // asserted beyond the first token. Skipped (not passed) without a CUDA device.
 #include "common/engine/engine.h"
+#include "common/engine/on_device.h"
 
 #include <cmath>
 #include <cstdio>
@@ -126,6 +127,50 @@ TEST_F(GpuEngineTest, Fp32MtpSpeculativeDecodingAndScoringEqualCpu) {
   }
   EXPECT_LT(worst, 1e-3);
   std::printf("fp32 mode, MTP scoring: max |logprob difference| %.3g\n", worst);
+}
+
+// What a prefill worker on a GPU computes with: the Transformer on cuda:0, its routed experts
+// through a host executor staged in and out (StagedMoeExecutor, as the cluster's remote experts
+// are), its cache from the device's pool and read back per layer as the shipper does: the CPU's
+// hidden states and latents, to fp32 rounding.
+TEST_F(GpuEngineTest, Fp32StagedExpertsAndReadBackLatentsEqualCpu) {
+  const std::string model = testing::TinyModel("gpu_engine");
+  auto cpu = Engine::Load(model);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  const model::ModelConfig& c = (*cpu)->config();
+  EngineOptions unpacked;
+  unpacked.pack_weights = false;  // the host executor reads the experts as loaded
+  auto host = Engine::Load(model, unpacked);
+  ASSERT_TRUE(host.ok()) << host.status();
+  kernels::Device want;
+  want.backend = kernels::Backend::kCuda;
+  auto gpu = OnDevice::Open(want, c, (*host)->weights(), {});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  LocalMoeExecutor experts(c, (*host)->weights());
+  StagedMoeExecutor staged(&experts, (*gpu)->device(), c);
+  Transformer on_gpu(c, (*host)->weights(), &staged, (*gpu)->weights());
+  const std::vector<int32_t> prompt = Requests()[2].prompt;
+  LatentCache cpu_cache(c.num_hidden_layers, c.latent_dim());
+  auto gpu_cache = (*gpu)->NewCache(false);
+  ASSERT_TRUE(gpu_cache.ok()) << gpu_cache.status();
+  std::vector<float> want_hidden, got_hidden;
+  std::vector<SequenceChunk> a = {{prompt, &cpu_cache}}, b = {{prompt, gpu_cache->get()}};
+  ASSERT_TRUE((*cpu)->transformer().Forward(a, AttentionForm::kAbsorbed, &want_hidden).ok());
+  ASSERT_TRUE(on_gpu.Forward(b, AttentionForm::kAbsorbed, &got_hidden).ok());
+  double worst = 0;
+  for (size_t i = 0; i < want_hidden.size(); ++i)
+    worst = std::max(worst, std::fabs(double(got_hidden[i]) - want_hidden[i]));
+  EXPECT_LT(worst, 1e-3);
+  const int64_t n = static_cast<int64_t>(prompt.size()), lat = c.latent_dim();
+  std::vector<float> rows(static_cast<size_t>(n * lat));
+  ASSERT_TRUE((*gpu_cache)->ReadRows(c.num_hidden_layers - 1, 0, n, rows.data()).ok());
+  double worst_latent = 0;
+  for (int64_t i = 0; i < n * lat; ++i)
+    worst_latent = std::max(worst_latent, std::fabs(double(rows[i]) -
+                                                    cpu_cache.Layer(c.num_hidden_layers - 1)[i]));
+  EXPECT_LT(worst_latent, 1e-3);
+  std::printf("fp32 staged experts: max |hidden difference| %.3g, last layer's latents %.3g\n",
+              worst, worst_latent);
 }
 
 // What users should expect of the bf16 mode on a model with real widths (the engine_bench model:

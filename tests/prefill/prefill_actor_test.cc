@@ -14,6 +14,7 @@
 #include "common/engine/batch_decoder.h"
 #include "common/rpc/rpc.h"
 #include "common/engine/engine.h"
+#include "common/engine/pooled_latent_cache.h"
 #include "common/runtime/executor.h"
 #include "common/runtime/manual_scheduler.h"
 #include "gtest/gtest.h"
@@ -232,6 +233,47 @@ TEST_P(PrefillActorTest, ACancelByNameReleasesAsTheWriterWhetherOrNotThePromptAr
   }
   EXPECT_EQ(queued_releases, 1);
   server->server->Shutdown();
+}
+
+// The prompts' local caches from a pool (what a prefill worker on a GPU computes with; here the
+// same code on the CPU): the engine's first tokens and prompt logprobs, and every block back.
+TEST_P(PrefillActorTest, PooledLocalCachesGiveTheEnginesAnswers) {
+  const auto& c = engine_->config();
+  engine::LatentPoolOptions o;
+  o.layers = c.num_hidden_layers;
+  o.latent_dim = c.latent_dim();
+  o.blocks = 8;
+  o.block_tokens = 4;
+  auto pool = engine::LatentPool::Create(kernels::Device{}, o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  engine::LatentPool* p = pool->get();
+  auto executor = std::make_unique<runtime::ManualExecutor>();
+  executor_ = executor.get();
+  actor_ = std::make_unique<runtime::Actor<PrefillActor>>(
+      "prefill",
+      std::make_unique<PrefillActor>(
+          &engine_->transformer(), /*transport=*/nullptr, gauge_,
+          engine::AttentionForm::kAbsorbed, /*batch_tokens=*/2048, GetParam(),
+          std::move(executor),
+          [p](bool) -> absl::StatusOr<std::unique_ptr<engine::SequenceCache>> {
+            return std::make_unique<engine::PooledSequenceCache>(p);
+          }),
+      &scheduler_);
+  const std::vector<std::vector<int32_t>> prompts = {{0, 5, 9, 11, 13}, {0, 100, 200, 300, 7, 8, 9}};
+  std::vector<absl::StatusOr<v1::PrefillResponse>> out(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) Send(prompts[i], &out[i]);
+  Settle();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(out[i].ok()) << out[i].status();
+    ExpectEngine(prompts[i], *out[i]);
+  }
+  // A prompt larger than the pool: refused alone, by name.
+  absl::StatusOr<v1::PrefillResponse> big;
+  Send(std::vector<int32_t>(40, 3), &big);
+  Settle();
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
+  EXPECT_EQ(p->free_blocks(), 8) << "every block back";
+  actor_.reset();  // before the pool
 }
 
 TEST_P(PrefillActorTest, StoppingWithABatchInFlightAnswersEveryPrompt) {

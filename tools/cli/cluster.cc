@@ -123,16 +123,18 @@ absl::StatusOr<bool> Bf16PrecisionFlag(const Flags& f) {
   return precision == "bf16";
 }
 
-// `--device` of an attention worker (prefill, decode): the CPU. Its forward pass on a CUDA
-// device is not built yet (docs/gpu-notes.md): refused by name rather than run on the CPU.
+// `--device` of a decode worker, or of `up` (which starts decode workers): the CPU. A decode
+// worker on a CUDA device needs its paged cache in device memory, registered with UCX (or
+// staged), which is not built yet (docs/gpu-notes.md): refused by name rather than run on the
+// CPU.
 absl::Status AttentionDeviceFlag(const Flags& f, absl::string_view role) {
   SPLITMOE_ASSIGN_OR_RETURN(kernels::Device device, kernels::ParseDevice(f.Get("device", "cpu")));
   if (device.backend == kernels::Backend::kCpu) return absl::OkStatus();
   return absl::UnimplementedError(absl::StrCat(
       role, " --device ", kernels::DeviceName(device),
-      ": the attention workers' forward pass runs on the CPU only so far (the expert services "
-      "run on a GPU with `expert --device cuda:N`, or `up --expert-device cuda:N`); see "
-      "docs/gpu-notes.md"));
+      ": the decode worker runs on the CPU only so far (`prefill --device cuda:N` runs prefill "
+      "on a GPU; the expert services run there with `expert --device cuda:N`, or `up "
+      "--expert-device cuda:N`); see docs/gpu-notes.md"));
 }
 
 absl::Status PrefillCommand(int argc, char** argv) {
@@ -141,13 +143,22 @@ absl::Status PrefillCommand(int argc, char** argv) {
       f.Parse(argc, argv, 2,
               {"model", "listen", "router", "metrics-listen", "wire-dtype", "attention", "batch-tokens",
                "moe-transport", "expert-deadline-ms", "micro-batches", "busy-poll-us", "weights",
-               "device"},
+               "device", "precision", "device-cache-tokens"},
               {"no-mtp"}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("prefill needs --model DIR and --router HOST:PORT");
   }
-  SPLITMOE_RETURN_IF_ERROR(AttentionDeviceFlag(f, "prefill"));
   prefill::PrefillOptions o;
+  o.device = f.Get("device", "cpu");
+  SPLITMOE_RETURN_IF_ERROR(EnableDevice(o.device));
+  SPLITMOE_ASSIGN_OR_RETURN(const bool bf16, Bf16PrecisionFlag(f));
+  if ((f.Has("precision") || f.Has("device-cache-tokens")) && o.device == "cpu") {
+    return absl::InvalidArgumentError(
+        "--precision and --device-cache-tokens apply to --device cuda:N");
+  }
+  o.on_device.weights = bf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
+  SPLITMOE_ASSIGN_OR_RETURN(o.on_device.cache_tokens,
+                            f.GetInt("device-cache-tokens", o.on_device.cache_tokens));
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
   o.metrics_listen = f.Get("metrics-listen");
