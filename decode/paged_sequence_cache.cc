@@ -71,6 +71,15 @@ const float* PagedSequenceCache::LayerRows(int64_t layer, int64_t keys) {
   return scratch_.data();
 }
 
+absl::Status PagedSequenceCache::ReadRows(int64_t layer, int64_t first, int64_t n, float* out) {
+  if (first < 0 || n < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(n, " latent rows read from position ", first));
+  }
+  const float* rows = LayerRows(layer, first + n);
+  std::copy(rows + first * latent_dim(), rows + (first + n) * latent_dim(), out);
+  return absl::OkStatus();
+}
+
 void PagedSequenceCache::Commit(int64_t new_length) {
   if (bf16()) {
     const BlockTable* table = cache_->Find(id_);

@@ -38,6 +38,8 @@ class PagedSequenceCache : public engine::SequenceCache {
   void RowsWritten(int64_t layer) override;
   kernels::LatentBlocks View(int64_t layer, int64_t keys) override;
   const float* LayerRows(int64_t layer, int64_t keys) override;
+  // Stored rows and those staged since (bf16: Row() would stage a new, empty one).
+  absl::Status ReadRows(int64_t layer, int64_t first, int64_t n, float* out) override;
   void Commit(int64_t new_length) override;
   void Truncate(int64_t length) override;
 

@@ -23,8 +23,8 @@ void LatentShipper::Done(absl::Status status) {
   cv_.notify_all();
 }
 
-void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64_t first,
-                              int64_t count, int64_t remote_layer) {
+absl::Status LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer,
+                                      int64_t first, int64_t count, int64_t remote_layer) {
   if (remote_layer < 0) remote_layer = layer;
   const int64_t dim = layout_.latent_dim, block = layout_.block_tokens,
                 vbytes = layout_.value_bytes();
@@ -40,7 +40,7 @@ void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64
             "position ", position, " of layer ", remote_layer, " lies beyond the ",
             blocks_.size(), " reserved blocks of ", layout_.num_layers, " layers"));
       }
-      return;
+      return absl::OkStatus();  // Finish() reports it; the other prompts' puts go on
     }
     std::vector<uint8_t> staged(static_cast<size_t>(n * dim * vbytes));
     // The rows as fp32 on the host, wherever the cache keeps them (a device's: copied out).
@@ -48,7 +48,7 @@ void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64
     if (absl::Status read = cache.ReadRows(layer, position, n, rows_.data()); !read.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
       if (first_error_.ok()) first_error_ = read;
-      return;
+      return read;
     }
     for (int64_t r = 0; r < n; ++r) {
       const float* row = rows_.data() + r * dim;
@@ -79,6 +79,7 @@ void LatentShipper::ShipLayer(engine::SequenceCache& cache, int64_t layer, int64
                     [this](absl::Status s) { Done(std::move(s)); });
     position += n;
   }
+  return absl::OkStatus();
 }
 
 absl::Status LatentShipper::Finish() {

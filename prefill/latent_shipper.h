@@ -42,9 +42,10 @@ class LatentShipper {
 
   // Puts rows [first, first + count) of `layer` (token positions of the sequence) from `cache`,
   // into the remote layer `remote_layer` (-1: the same; the MTP module's one-layer cache goes
-  // to the layer after the model's).
-  void ShipLayer(engine::SequenceCache& cache, int64_t layer, int64_t first, int64_t count,
-                 int64_t remote_layer = -1);
+  // to the layer after the model's). Returns an error when the rows cannot be read out of the
+  // cache (the pass should stop); puts report theirs at Finish().
+  absl::Status ShipLayer(engine::SequenceCache& cache, int64_t layer, int64_t first,
+                         int64_t count, int64_t remote_layer = -1);
   // Flushes and waits for every put; the first error of any put or the flush.
   absl::Status Finish();
 

@@ -337,11 +337,9 @@ void PrefillActor::Compute(std::vector<std::unique_ptr<Job>>& jobs) {
         }
         from += job.cached;  // positions in the item's prompt -> in the sequence
         if (layer == transformer_->config().num_hidden_layers) {  // the MTP module's rows
-          job.shipper->ShipLayer(*job.local_mtp, 0, from, count, layer);
-        } else {
-          job.shipper->ShipLayer(*job.local, layer, from, count);
+          return job.shipper->ShipLayer(*job.local_mtp, 0, from, count, layer);
         }
-        return absl::OkStatus();
+        return job.shipper->ShipLayer(*job.local, layer, from, count);
       },
       /*chunk_tokens=*/256, overlap_.get());
   for (size_t i = 0; i < items.size(); ++i) {

@@ -92,8 +92,14 @@ absl::Status PooledSequenceCache::Reserve(int64_t tokens) {
     table_ = std::move(*table);
     table_capacity_ = capacity;
   }
-  return kernels::CopyToDevice(device, table_.data(), blocks_.data(),
-                               blocks_.size() * sizeof(int32_t));
+  absl::Status copied = kernels::CopyToDevice(device, table_.data(), blocks_.data(),
+                                              blocks_.size() * sizeof(int32_t));
+  if (!copied.ok()) {
+    // The device's table must name exactly blocks_: give the new blocks back.
+    pool_->Give(absl::MakeConstSpan(blocks_).subspan(static_cast<size_t>(have)));
+    blocks_.resize(static_cast<size_t>(have));
+  }
+  return copied;
 }
 
 absl::Status PooledSequenceCache::Store(const kernels::Device& device, int64_t layer,

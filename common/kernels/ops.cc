@@ -534,7 +534,7 @@ DeviceContext::~DeviceContext() {
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   if (this != &other) {
-    this->~DeviceBuffer();
+    Reset();
     device_ = other.device_;
     data_ = std::exchange(other.data_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
@@ -542,7 +542,9 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   return *this;
 }
 
-DeviceBuffer::~DeviceBuffer() {
+DeviceBuffer::~DeviceBuffer() { Reset(); }
+
+void DeviceBuffer::Reset() {
   if (data_ == nullptr) return;
   if (device_.backend == Backend::kCpu) {
     std::free(data_);
@@ -550,6 +552,7 @@ DeviceBuffer::~DeviceBuffer() {
     cuda->free(device_, data_);
   }  // else: the backend was turned off since (tests do); leak rather than call into nothing
   data_ = nullptr;
+  bytes_ = 0;
 }
 
 absl::StatusOr<DeviceBuffer> Allocate(const Device& device, size_t bytes) {

@@ -269,6 +269,7 @@ class DeviceBuffer {
 
  private:
   friend absl::StatusOr<DeviceBuffer> Allocate(const Device& device, size_t bytes);
+  void Reset();  // frees what it holds
   Device device_;
   void* data_ = nullptr;
   size_t bytes_ = 0;

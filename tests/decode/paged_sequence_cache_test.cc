@@ -8,6 +8,7 @@
 
 #include "common/engine/batch_decoder.h"
 #include "common/engine/engine.h"
+#include "common/model/numeric.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_models.h"
 
@@ -108,6 +109,39 @@ TEST(PagedSequenceCacheTest, Bf16BlocksStayClose) {
   EXPECT_GT(max_diff, 0.0);  // bf16 really stored
   EXPECT_LT(max_diff, 0.05);
   EXPECT_EQ(a[0].token, b[0].token);
+}
+
+// Rows read out of a view (what a writer would ship): the stored rows and those staged since, as
+// fp32 — in bf16 both rounded as the blocks hold them — never a fresh empty staging row.
+TEST(PagedSequenceCacheTest, ReadRowsGivesStoredAndStagedRows) {
+  for (LatentDType dtype : {LatentDType::kFloat32, LatentDType::kBFloat16}) {
+    PagedLatentCacheOptions options;
+    options.layout = {2, 8, /*block_tokens=*/4, dtype};
+    options.num_blocks = 8;
+    auto cache = PagedLatentCache::Create(options);
+    ASSERT_TRUE(cache.ok()) << cache.status();
+    auto reservation = cache->Reserve(10);
+    ASSERT_TRUE(reservation.ok()) << reservation.status();
+    PagedSequenceCache view(&*cache, reservation->id, 0);
+    ASSERT_TRUE(view.Reserve(10).ok());
+    std::vector<float> rows(10 * 8);
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = 0.1f * static_cast<float>(i) + 1.0f / 3;
+    ASSERT_TRUE(view.Store(kernels::Device{}, 1, 0, rows.data(), 6).ok());  // stored
+    view.Commit(6);
+    for (int64_t p = 6; p < 10; ++p) {  // written through Row(), not yet stored
+      std::copy(rows.begin() + p * 8, rows.begin() + (p + 1) * 8, view.Row(1, p));
+    }
+    std::vector<float> got(7 * 8, -1.0f);
+    ASSERT_TRUE(view.ReadRows(1, 3, 7, got.data()).ok());
+    for (size_t i = 0; i < got.size(); ++i) {
+      const float want = rows[3 * 8 + i];
+      EXPECT_EQ(got[i], dtype == LatentDType::kBFloat16
+                            ? model::Bf16ToFloat(model::FloatToBf16(want))
+                            : want)
+          << "value " << i;
+    }
+    EXPECT_TRUE(cache->Release(reservation->id).ok());
+  }
 }
 
 }  // namespace

@@ -59,8 +59,8 @@ void ShipAndDecode(LatentDType dtype) {
     auto first = engine::PrefillFirstToken((*e)->transformer(), prompts[i], &local, {}, -1,
                                            engine::AttentionForm::kAbsorbed,
                                            [&](int64_t layer, int64_t from, int64_t count) {
-                                             shipper.ShipLayer(local, layer, from, count);
-                                             return absl::OkStatus();
+                                             return shipper.ShipLayer(local, layer, from,
+                                                                      count);
                                            });
     ASSERT_TRUE(first.ok()) << first.status();
     absl::Status flushed = shipper.Finish();  // data, flush — then the decode side may start

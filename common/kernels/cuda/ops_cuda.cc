@@ -16,10 +16,16 @@
 namespace splitmoe::kernels {
 namespace {
 
-cudaStream_t StreamOf(const Device& d) { return static_cast<cudaStream_t>(d.stream); }
+// The device's stream, with the device made current on the calling thread (ops run on whatever
+// thread computes: an executor, the ping-pong's other pass); cheap when it already is.
+cudaStream_t StreamOf(const Device& d) {
+  (void)cudaSetDevice(d.index);
+  return static_cast<cudaStream_t>(d.stream);
+}
 
 // The device's cuBLAS handle, bound to its stream: an op's kernels and GEMMs run in one order.
 absl::StatusOr<cublasHandle_t> BlasOn(const Device& d) {
+  (void)cudaSetDevice(d.index);
   auto blas = static_cast<cublasHandle_t>(d.blas);
   SPLITMOE_RETURN_IF_ERROR(cuda::CublasError(cublasSetStream(blas, StreamOf(d)), "cublasSetStream"));
   return blas;
