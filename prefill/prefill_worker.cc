@@ -44,15 +44,11 @@ absl::StatusOr<decode::PagedLatentLayout> LayoutOf(const v1::LatentDestination& 
 
 // A prompt's identity across RunPrefill and CancelPrefill: its request id and, with a
 // destination, the reservation and generation (a failover reuses the request id).
-std::string PromptKey(const std::string& request_id, const v1::PrefillRequest& r) {
-  if (!r.has_destination()) return request_id;
-  return absl::StrCat(request_id, "/", r.destination().reservation_id(), "/",
+template <typename Request>  // v1::PrefillRequest or v1::CancelPrefillRequest
+std::string PromptKey(const Request& r) {
+  if (!r.has_destination()) return r.request_id();
+  return absl::StrCat(r.request_id(), "/", r.destination().reservation_id(), "/",
                       r.destination().generation());
-}
-std::string PromptKey(const v1::CancelPrefillRequest& c) {
-  if (!c.has_destination()) return c.request_id();
-  return absl::StrCat(c.request_id(), "/", c.destination().reservation_id(), "/",
-                      c.destination().generation());
 }
 
 }  // namespace
@@ -103,7 +99,7 @@ absl::StatusOr<std::unique_ptr<engine::SequenceCache>> PrefillActor::NewCache(bo
 }
 
 void PrefillActor::Handle(RunPrompt m, runtime::Context<Message>& ctx) {
-  const std::string key = PromptKey(m.request.request_id(), m.request);
+  const std::string key = PromptKey(m.request);
   if (cancelled_unseen_.erase(key) > 0) {
     // Its reservation was released as the writer when the cancel came.
     m.reply(absl::CancelledError("prefill cancelled before it arrived"));
@@ -156,7 +152,7 @@ void PrefillActor::Handle(BatchDone m, runtime::Context<Message>& ctx) {
   ++batches_;
   PublishLoad();  // before the replies: a caller that sees its reply sees these counters too
   for (size_t i = 0; i < jobs.size(); ++i) {
-    live_.erase(PromptKey(jobs[i]->message.request.request_id(), jobs[i]->message.request));
+    live_.erase(PromptKey(jobs[i]->message.request));
     jobs[i]->message.reply(std::move(m.results[i]));
   }
   if (!pending_.empty() && !batch_scheduled_) batch_scheduled_ = ctx.self().Send(RunBatch{});

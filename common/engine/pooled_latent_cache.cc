@@ -196,24 +196,8 @@ SequenceCache::PoolRef PooledSequenceCache::Pool(int64_t layer) const {
 
 const float* PooledSequenceCache::LayerRows(int64_t layer, int64_t keys) {
   if (pool_->device().backend != kernels::Backend::kCpu) return nullptr;
-  const LatentPoolOptions& o = pool_->options();
-  const int64_t lat = o.latent_dim;
-  gathered_.resize(static_cast<size_t>(std::max<int64_t>(keys, 1) * lat));
-  const char* base = static_cast<const char*>(pool_->layer(PoolLayer(layer)));
-  for (int64_t r = 0; r < keys; ++r) {
-    const int64_t slot =
-        int64_t{blocks_[static_cast<size_t>(r / o.block_tokens)]} * o.block_tokens +
-        r % o.block_tokens;
-    float* out = gathered_.data() + r * lat;
-    if (o.dtype == kernels::LatentStorage::kFloat32) {
-      const float* src = reinterpret_cast<const float*>(base) + slot * lat;
-      std::copy(src, src + lat, out);
-    } else {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(base) + slot * lat;
-      for (int64_t i = 0; i < lat; ++i) out[i] = model::Bf16ToFloat(src[i]);
-    }
-  }
-  return gathered_.data();
+  gathered_.resize(static_cast<size_t>(std::max<int64_t>(keys, 1) * pool_->options().latent_dim));
+  return ReadRows(layer, 0, keys, gathered_.data()).ok() ? gathered_.data() : nullptr;
 }
 
 }  // namespace splitmoe::engine

@@ -575,26 +575,31 @@ absl::StatusOr<DeviceBuffer> Allocate(const Device& device, size_t bytes) {
   return buffer;
 }
 
-absl::Status CopyToDevice(const Device& device, void* dst, const void* src, size_t bytes) {
-  if (absl::Status s = CheckDevice(device, "CopyToDevice"); !s.ok()) return s;
+namespace {
+
+// A copy between host and device memory, checked; `backend_copy` is the CUDA table's entry.
+absl::Status Copy(const Device& device, void* dst, const void* src, size_t bytes,
+                  absl::string_view op,
+                  absl::Status (*OpsBackend::*backend_copy)(const Device&, void*, const void*,
+                                                            size_t)) {
+  if (absl::Status s = CheckDevice(device, op); !s.ok()) return s;
   if (bytes == 0) return absl::OkStatus();
-  if (dst == nullptr || src == nullptr) return Unsupported(device, "CopyToDevice", "null pointer");
+  if (dst == nullptr || src == nullptr) return Unsupported(device, op, "null pointer");
   if (device.backend == Backend::kCpu) {
     std::memmove(dst, src, bytes);
     return absl::OkStatus();
   }
-  return Cuda().copy_to_device(device, dst, src, bytes);
+  return (Cuda().*backend_copy)(device, dst, src, bytes);
+}
+
+}  // namespace
+
+absl::Status CopyToDevice(const Device& device, void* dst, const void* src, size_t bytes) {
+  return Copy(device, dst, src, bytes, "CopyToDevice", &OpsBackend::copy_to_device);
 }
 
 absl::Status CopyToHost(const Device& device, void* dst, const void* src, size_t bytes) {
-  if (absl::Status s = CheckDevice(device, "CopyToHost"); !s.ok()) return s;
-  if (bytes == 0) return absl::OkStatus();
-  if (dst == nullptr || src == nullptr) return Unsupported(device, "CopyToHost", "null pointer");
-  if (device.backend == Backend::kCpu) {
-    std::memmove(dst, src, bytes);
-    return absl::OkStatus();
-  }
-  return Cuda().copy_to_host(device, dst, src, bytes);
+  return Copy(device, dst, src, bytes, "CopyToHost", &OpsBackend::copy_to_host);
 }
 
 absl::Status Synchronize(const Device& device) {
