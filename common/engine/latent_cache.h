@@ -48,10 +48,11 @@ class SequenceCache {
   }
   // The pool every block of `layer` lies in, as a device's attention needs them (the FlashMLA
   // layout, kernels::MlaAttentionParams::pool): {null, 0} for a cache whose blocks lie anywhere
-  // in host memory.
+  // in host memory. `block_stride`: values from one block to the next (0: packed).
   struct PoolRef {
     const void* pool = nullptr;
     int64_t blocks = 0;
+    int64_t block_stride = 0;
   };
   virtual PoolRef Pool(int64_t layer) const { return {}; }
   // The rows of `layer` written through Row() are complete: a cache that stages them (bf16)

@@ -439,6 +439,7 @@ absl::Status Transformer::Attention(const model::AttentionWeights& w, const floa
     params.sequences = sequences;
     params.pool = pool.pool;
     params.pool_blocks = pool.blocks;
+    params.pool_block_stride = pool.block_stride;
     SPLITMOE_RETURN_IF_ERROR(kernels::MlaAttention(device_, params));
     SPLITMOE_RETURN_IF_ERROR(kernels::MlaProject(
         device_, {Kind::kApplyValue, olat, rows, heads, dn, dr, dv, &kvb, kvb_device, o}));

@@ -602,10 +602,31 @@ absl::Status CopyToHost(const Device& device, void* dst, const void* src, size_t
   return Copy(device, dst, src, bytes, "CopyToHost", &OpsBackend::copy_to_host);
 }
 
+absl::Status CopyToDeviceAsync(const Device& device, void* dst, const void* src, size_t bytes) {
+  return Copy(device, dst, src, bytes, "CopyToDeviceAsync", &OpsBackend::copy_to_device_async);
+}
+
+absl::Status CopyToHostAsync(const Device& device, void* dst, const void* src, size_t bytes) {
+  return Copy(device, dst, src, bytes, "CopyToHostAsync", &OpsBackend::copy_to_host_async);
+}
+
 absl::Status Synchronize(const Device& device) {
   if (absl::Status s = CheckDevice(device, "Synchronize"); !s.ok()) return s;
   if (device.backend == Backend::kCpu) return absl::OkStatus();
   return Cuda().synchronize(device);
+}
+
+absl::Status PinHost(const Device& device, void* data, size_t bytes) {
+  if (absl::Status s = CheckDevice(device, "PinHost"); !s.ok()) return s;
+  if (data == nullptr || bytes == 0) return Unsupported(device, "PinHost", "no memory named");
+  if (device.backend == Backend::kCpu) return absl::OkStatus();
+  return Cuda().pin_host(device, data, bytes);
+}
+
+void UnpinHost(const Device& device, void* data) {
+  if (device.backend == Backend::kCpu || data == nullptr || !CheckDevice(device, "UnpinHost").ok())
+    return;
+  Cuda().unpin_host(device, data);
 }
 
 // ---- StoreLatents
@@ -620,6 +641,12 @@ absl::Status Supports(const Device& device, const StoreLatentsParams& p) {
   }
   if (p.n > 0 && (p.rows == nullptr || p.block_table == nullptr || p.pool == nullptr)) {
     return Unsupported(device, "StoreLatents", "null rows, block_table or pool");
+  }
+  if (p.pool_block_stride != 0 && p.pool_block_stride < p.block_tokens * p.latent_dim) {
+    return Unsupported(device, "StoreLatents",
+                       absl::StrCat("a block stride of ", p.pool_block_stride,
+                                    " values is less than a block's ",
+                                    p.block_tokens * p.latent_dim));
   }
   const int64_t needed = (p.start + p.n + p.block_tokens - 1) / p.block_tokens;
   if (p.n > 0 && needed > p.table_blocks) {
@@ -642,16 +669,19 @@ absl::Status StoreLatents(const Device& device, const StoreLatentsParams& p) {
                                       ", outside the pool's ", p.pool_blocks));
     }
   }
+  const int64_t stride =
+      p.pool_block_stride != 0 ? p.pool_block_stride : p.block_tokens * p.latent_dim;
   for (int64_t r = 0; r < p.n; ++r) {
     const int64_t pos = p.start + r;
-    const int64_t slot = int64_t{p.block_table[pos / p.block_tokens]} * p.block_tokens +
-                         pos % p.block_tokens;
+    // Values from the pool's start to the row's.
+    const int64_t at = int64_t{p.block_table[pos / p.block_tokens]} * stride +
+                       pos % p.block_tokens * p.latent_dim;
     const float* src = p.rows + r * p.latent_dim;
     if (p.dtype == LatentStorage::kFloat32) {
-      std::memcpy(static_cast<float*>(p.pool) + slot * p.latent_dim, src,
+      std::memcpy(static_cast<float*>(p.pool) + at, src,
                   static_cast<size_t>(p.latent_dim) * sizeof(float));
     } else {
-      uint16_t* dst = static_cast<uint16_t*>(p.pool) + slot * p.latent_dim;
+      uint16_t* dst = static_cast<uint16_t*>(p.pool) + at;
       for (int64_t i = 0; i < p.latent_dim; ++i) dst[i] = model::FloatToBf16(src[i]);
     }
   }

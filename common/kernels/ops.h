@@ -281,8 +281,20 @@ absl::Status CopyToDevice(const Device& device, void* dst, const void* src, size
 // Device memory `src` into host memory `dst`, after the device's earlier work; returns once
 // `dst` holds the values.
 absl::Status CopyToHost(const Device& device, void* dst, const void* src, size_t bytes);
+// As CopyToDevice and CopyToHost, but enqueued on the device's stream: they return at once, and
+// the values land after the device's earlier work and before its later work. Both host buffers
+// must stay valid, and an async copy's host `dst` unread, until Synchronize (or a synchronous
+// copy) returns. They overlap with the host only from page-locked memory (PinHost); from
+// pageable memory CUDA stages them synchronously. On the CPU they copy at once.
+absl::Status CopyToDeviceAsync(const Device& device, void* dst, const void* src, size_t bytes);
+absl::Status CopyToHostAsync(const Device& device, void* dst, const void* src, size_t bytes);
 // Waits for every op enqueued on the device; the first asynchronous error, if any.
 absl::Status Synchronize(const Device& device);
+// Page-locks host memory [data, data + bytes) for the device's copies (cudaHostRegister), so
+// copies from and to it run at the link's rate without a bounce buffer; UnpinHost undoes it.
+// On the CPU both do nothing. The memory must stay allocated until UnpinHost.
+absl::Status PinHost(const Device& device, void* data, size_t bytes);
+void UnpinHost(const Device& device, void* data);
 
 // Rows [n, latent_dim] of fp32 latents written into one layer's paged cache `pool`
 // [pool_blocks, block_tokens, latent_dim] (fp32, or BF16 rounded to nearest even: what the
@@ -301,6 +313,9 @@ struct StoreLatentsParams {
   void* pool = nullptr;
   int64_t pool_blocks = 0;
   LatentStorage dtype = LatentStorage::kFloat32;
+  // Values from one block's start to the next's: 0 means block_tokens * latent_dim (the FlashMLA
+  // layout); at least that (MlaAttentionParams::pool_block_stride).
+  int64_t pool_block_stride = 0;
 };
 absl::Status Supports(const Device& device, const StoreLatentsParams& p);
 absl::Status StoreLatents(const Device& device, const StoreLatentsParams& p);
@@ -333,7 +348,13 @@ struct OpsBackend {
   void (*free)(const Device& device, void* data) = nullptr;
   absl::Status (*copy_to_device)(const Device&, void* dst, const void* src, size_t bytes) = nullptr;
   absl::Status (*copy_to_host)(const Device&, void* dst, const void* src, size_t bytes) = nullptr;
+  absl::Status (*copy_to_device_async)(const Device&, void* dst, const void* src,
+                                       size_t bytes) = nullptr;
+  absl::Status (*copy_to_host_async)(const Device&, void* dst, const void* src,
+                                     size_t bytes) = nullptr;
   absl::Status (*synchronize)(const Device& device) = nullptr;
+  absl::Status (*pin_host)(const Device& device, void* data, size_t bytes) = nullptr;
+  void (*unpin_host)(const Device& device, void* data) = nullptr;
 };
 void SetOpsBackend(Backend backend, const OpsBackend* table);
 

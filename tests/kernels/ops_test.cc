@@ -91,9 +91,25 @@ struct MlaCase {
     }
     for (float v : pool) pool_bf16.push_back(model::FloatToBf16(v));
   }
-  // The params over a pool at `base` (host or device memory) stored as `dtype`.
-  MlaAttentionParams Params(const void* base, LatentStorage dtype, const float* qp, float* out) {
+  // The pool's blocks `stride` values apart (> kBlock * kLat), after `offset` values, the gaps
+  // poisoned with NaN: one layer of a pool that interleaves the layers of each block, as the
+  // decode worker's arena does.
+  template <typename T>
+  static std::vector<T> Strided(const std::vector<T>& packed, int64_t stride, int64_t offset,
+                                T poison) {
+    std::vector<T> out(static_cast<size_t>(kPoolBlocks * stride), poison);
+    for (int64_t b = 0; b < kPoolBlocks; ++b) {
+      std::copy(packed.begin() + b * kBlock * kLat, packed.begin() + (b + 1) * kBlock * kLat,
+                out.begin() + b * stride + offset);
+    }
+    return out;
+  }
+  // The params over a pool at `base` (host or device memory) stored as `dtype`, its blocks
+  // `stride` values apart (0: packed).
+  MlaAttentionParams Params(const void* base, LatentStorage dtype, const float* qp, float* out,
+                            int64_t stride = 0) {
     const int64_t elem = dtype == LatentStorage::kBFloat16 ? 2 : 4;
+    const int64_t step = stride != 0 ? stride : kBlock * kLat;
     storage.clear();
     int64_t row = 0;
     for (const Seq& s : seqs) {
@@ -102,7 +118,7 @@ struct MlaCase {
       m.latents.block_tokens = kBlock;
       m.latents.keys = s.start + s.rows;
       for (int32_t b : s.blocks) {
-        m.latents.blocks.push_back(static_cast<const char*>(base) + b * kBlock * kLat * elem);
+        m.latents.blocks.push_back(static_cast<const char*>(base) + b * step * elem);
       }
       m.first_row = row;
       m.rows = s.rows;
@@ -120,6 +136,7 @@ struct MlaCase {
     p.sequences = storage;
     p.pool = base;
     p.pool_blocks = kPoolBlocks;
+    p.pool_block_stride = stride;
     return p;
   }
   // Its definition in double: out = softmax(scale * q . k_t, t <= position) @ c_kv.
@@ -467,6 +484,20 @@ TEST(OpsTest, MlaAttentionMatchesItsDefinitionOverShuffledBlocks) {
   }
 }
 
+TEST(OpsTest, MlaAttentionReadsOneLayerOfAStridedPool) {
+  MlaCase c;
+  const int64_t block = MlaCase::kBlock * MlaCase::kLat, stride = 3 * block;
+  const std::vector<float> strided = MlaCase::Strided(c.pool, stride, block, std::nanf(""));
+  std::vector<float> out(MlaCase::kRows * MlaCase::kHeads * MlaCase::kRank, std::nanf(""));
+  ASSERT_TRUE(MlaAttention(Device{}, c.Params(strided.data() + block, LatentStorage::kFloat32,
+                                              c.q.data(), out.data(), stride))
+                  .ok());
+  const std::vector<float> ref = c.Reference(false);
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_NEAR(out[i], ref[i], 1e-5 * (1 + std::fabs(ref[i]))) << i;
+  }
+}
+
 TEST(OpsTest, ScoresAreASoftmaxOrASigmoidPerRow) {
   const std::vector<float> x = Random(3 * 50, 24, 3.0f);
   for (bool sigmoid : {false, true}) {
@@ -574,17 +605,19 @@ TEST(OpsTest, RoutedExpertsSumEachTokensExpertsAndSkipEmptySlots) {
               ::testing::HasSubstr("expert 2 is not a 40 -> 24 -> 40 MLP"));
 }
 
-// StoreLatents' definition, written here: row r to slot table[pos / bt] * bt + pos % bt.
+// StoreLatents' definition, written here: row r to value table[pos / bt] * stride +
+// (pos % bt) * lat of the pool (stride 0: bt * lat, the packed blocks).
 std::vector<float> StoreReference(const std::vector<float>& pool, const std::vector<float>& rows,
                                   int64_t lat, int64_t start, const std::vector<int32_t>& table,
-                                  int64_t bt, bool bf16) {
+                                  int64_t bt, bool bf16, int64_t stride = 0) {
   std::vector<float> out = pool;
+  if (stride == 0) stride = bt * lat;
   for (size_t r = 0; r * lat < rows.size(); ++r) {
     const int64_t pos = start + static_cast<int64_t>(r);
-    const int64_t slot = int64_t{table[pos / bt]} * bt + pos % bt;
+    const int64_t at = int64_t{table[pos / bt]} * stride + pos % bt * lat;
     for (int64_t i = 0; i < lat; ++i) {
       const float v = rows[r * lat + i];
-      out[slot * lat + i] = bf16 ? model::Bf16ToFloat(model::FloatToBf16(v)) : v;
+      out[at + i] = bf16 ? model::Bf16ToFloat(model::FloatToBf16(v)) : v;
     }
   }
   return out;
@@ -653,6 +686,40 @@ TEST(OpsTest, StoreLatentsWritesEachRowThroughTheBlockTable) {
   EXPECT_EQ(pool, std::vector<float>(pool.size(), 0.0f)) << "nothing written on a refusal";
 }
 
+TEST(OpsTest, StoreLatentsWritesOneLayerOfAStridedPool) {
+  // Three layers per block, interleaved (the decode worker's arena): layer 1 is written, the
+  // others stay as they were; a stride shorter than a block is refused.
+  const int64_t lat = 24, bt = 4, pool_blocks = 9, stride = 3 * bt * lat;
+  const std::vector<int32_t> table = {7, 2, 5, 0, 8};
+  for (bool bf16 : {false, true}) {
+    const std::vector<float> rows = Random(static_cast<size_t>(10 * lat), 23);
+    const size_t values = static_cast<size_t>(pool_blocks * stride);
+    auto buffer = Allocate(Device{}, values * (bf16 ? 2 : 4));
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    StoreLatentsParams p;
+    p.rows = rows.data();
+    p.n = 10;
+    p.latent_dim = lat;
+    p.start = 3;
+    p.block_table = table.data();
+    p.table_blocks = static_cast<int64_t>(table.size());
+    p.block_tokens = bt;
+    p.pool = static_cast<char*>(buffer->data()) + bt * lat * (bf16 ? 2 : 4);  // layer 1
+    p.pool_blocks = pool_blocks;
+    p.dtype = bf16 ? LatentStorage::kBFloat16 : LatentStorage::kFloat32;
+    p.pool_block_stride = stride;
+    ASSERT_TRUE(StoreLatents(Device{}, p).ok());
+    std::vector<float> want =
+        StoreReference(std::vector<float>(values - bt * lat, 0.0f), rows, lat, 3, table, bt, bf16,
+                       stride);
+    want.insert(want.begin(), static_cast<size_t>(bt * lat), 0.0f);
+    EXPECT_EQ(PoolValues(buffer->data(), values, bf16), want) << "bf16 " << bf16;
+    p.pool_block_stride = bt * lat - 1;
+    EXPECT_THAT(StoreLatents(Device{}, p).message(),
+                ::testing::HasSubstr("a block stride of 95 values is less than a block's 96"));
+  }
+}
+
 TEST(OpsTest, CpuMemoryCopiesRoundTripAndCudaNeedsItsBackend) {
   auto context = DeviceContext::Open(Device{}, /*exact_fp32=*/true);
   ASSERT_TRUE(context.ok()) << context.status();
@@ -666,6 +733,14 @@ TEST(OpsTest, CpuMemoryCopiesRoundTripAndCudaNeedsItsBackend) {
   ASSERT_TRUE(CopyToHost(cpu, back.data(), buffer->data(), back.size() * sizeof(float)).ok());
   EXPECT_EQ(back, host);
   EXPECT_TRUE(Synchronize(cpu).ok());
+  std::vector<float> async_back(host.size());
+  ASSERT_TRUE(CopyToDeviceAsync(cpu, buffer->data(), host.data(), host.size() * 4).ok());
+  ASSERT_TRUE(CopyToHostAsync(cpu, async_back.data(), buffer->data(), host.size() * 4).ok());
+  EXPECT_EQ(async_back, host);  // on the CPU, at once
+  std::vector<float> pinned(64);
+  EXPECT_TRUE(PinHost(cpu, pinned.data(), pinned.size() * sizeof(float)).ok());  // nothing to do
+  UnpinHost(cpu, pinned.data());
+  EXPECT_FALSE(PinHost(cpu, nullptr, 64).ok());
   DeviceBuffer moved = std::move(*buffer);
   EXPECT_EQ(buffer->data(), nullptr);
   EXPECT_EQ(moved.bytes(), host.size() * sizeof(float));
@@ -951,6 +1026,28 @@ TEST_F(CudaOpsTest, CudaMlaAttentionEqualsCpuOverOnePool) {
     ExpectClose(out2.Get(), cpu, 1e-5, "MlaAttention, the caller's table");
   }
 }
+TEST_F(CudaOpsTest, CudaMlaAttentionReadsOneLayerOfAStridedPool) {
+  // The decode worker's arena on a GPU: each block's layers together, so one layer's blocks lie
+  // 3 blocks apart; the gaps are NaN, so a read outside the layer shows.
+  for (LatentStorage dtype : {LatentStorage::kFloat32, LatentStorage::kBFloat16}) {
+    MlaCase c;
+    const bool bf16 = dtype == LatentStorage::kBFloat16;
+    const int64_t block = MlaCase::kBlock * MlaCase::kLat, stride = 3 * block;
+    const size_t n_out = MlaCase::kRows * MlaCase::kHeads * MlaCase::kRank;
+    std::vector<float> cpu(n_out);
+    const void* host = bf16 ? static_cast<const void*>(c.pool_bf16.data()) : c.pool.data();
+    ASSERT_TRUE(MlaAttention(Device{}, c.Params(host, dtype, c.q.data(), cpu.data())).ok());
+    GpuArray<float> pool(MlaCase::Strided(c.pool, stride, block, std::nanf("")));
+    GpuArray<uint16_t> pool_bf16(
+        MlaCase::Strided(c.pool_bf16, stride, block, model::FloatToBf16(std::nanf(""))));
+    GpuArray<float> q(c.q), out(std::vector<float>(n_out, std::nanf("")));
+    const void* layer1 = bf16 ? static_cast<const void*>(pool_bf16.p + block)
+                              : static_cast<const void*>(pool.p + block);
+    ASSERT_TRUE(MlaAttention(gpu_, c.Params(layer1, dtype, q.p, out.p, stride)).ok());
+    ExpectClose(out.Get(), cpu, 1e-5, bf16 ? "strided MlaAttention bf16" : "strided MlaAttention");
+  }
+}
+
 TEST_F(CudaOpsTest, CudaScoresAndSelectExpertsEqualCpu) {
   for (const model::ModelConfig& c : GateConfigs()) {
     const int64_t rows = 33, n = c.n_routed_experts, k = c.num_experts_per_tok;
@@ -1083,6 +1180,26 @@ TEST_F(CudaOpsTest, CudaStoreLatentsAndCopiesEqualCpu) {
     ASSERT_TRUE(CopyToHost(gpu_, back.data(), gpu_pool->data(), bytes).ok());
     EXPECT_EQ(PoolValues(back.data(), values, bf16), PoolValues(cpu_pool->data(), values, bf16))
         << "bf16 " << bf16 << " (Allocate zero-fills on both)";
+    // One layer of a strided pool (two layers per block): the same as the CPU's store.
+    auto cpu_strided = Allocate(Device{}, 2 * bytes);
+    auto gpu_strided = Allocate(gpu_, 2 * bytes);
+    ASSERT_TRUE(cpu_strided.ok() && gpu_strided.ok());
+    const int64_t elem = bf16 ? 2 : 4;
+    p.pool_block_stride = 2 * bt * lat;
+    p.rows = rows.data();
+    p.block_table = table.data();
+    p.pool = static_cast<char*>(cpu_strided->data()) + bt * lat * elem;
+    ASSERT_TRUE(StoreLatents(Device{}, p).ok());
+    p.rows = gpu_rows->as<float>();
+    p.block_table = gpu_table->as<int32_t>();
+    p.pool = static_cast<char*>(gpu_strided->data()) + bt * lat * elem;
+    ASSERT_TRUE(StoreLatents(gpu_, p).ok());
+    std::vector<char> back2(2 * bytes);
+    ASSERT_TRUE(CopyToHost(gpu_, back2.data(), gpu_strided->data(), 2 * bytes).ok());
+    EXPECT_EQ(PoolValues(back2.data(), 2 * values, bf16),
+              PoolValues(cpu_strided->data(), 2 * values, bf16))
+        << "strided, bf16 " << bf16;
+    p.pool_block_stride = 0;
   }
   ASSERT_TRUE(Synchronize(gpu_).ok());
 }
@@ -1094,6 +1211,20 @@ TEST_F(CudaOpsTest, CudaDeviceContextOpensAndCloses) {
   ASSERT_TRUE(context.ok()) << context.status();
   EXPECT_NE((*context)->device().stream, nullptr);
   EXPECT_NE((*context)->device().blas, nullptr);
+  // Page-locked host memory, copied to and from asynchronously: the values are there once the
+  // device is synchronized.
+  const Device& gpu = (*context)->device();
+  std::vector<float> host = Random(4096, 3), back(4096, 0.0f);
+  ASSERT_TRUE(PinHost(gpu, host.data(), host.size() * sizeof(float)).ok());
+  ASSERT_TRUE(PinHost(gpu, back.data(), back.size() * sizeof(float)).ok());
+  auto on = Allocate(gpu, host.size() * sizeof(float));
+  ASSERT_TRUE(on.ok());
+  ASSERT_TRUE(CopyToDeviceAsync(gpu, on->data(), host.data(), host.size() * sizeof(float)).ok());
+  ASSERT_TRUE(CopyToHostAsync(gpu, back.data(), on->data(), back.size() * sizeof(float)).ok());
+  ASSERT_TRUE(Synchronize(gpu).ok());
+  EXPECT_EQ(back, host);
+  UnpinHost(gpu, host.data());
+  UnpinHost(gpu, back.data());
   want.index = 4096;
   EXPECT_EQ(DeviceContext::Open(want, true).status().code(),
             absl::StatusCode::kFailedPrecondition);

@@ -59,6 +59,11 @@ struct MlaAttentionParams {
   // each sequence's block table from its block pointers.
   const void* pool = nullptr;
   int64_t pool_blocks = 0;
+  // Values (of the blocks' dtype) from one block's start to the next's in the pool: 0 means
+  // block_tokens * latent_dim, the FlashMLA layout. More when the pool interleaves other data
+  // between one layer's blocks, as the decode worker's arena does (every layer of a block
+  // together: decode/paged_latent_cache.h).
+  int64_t pool_block_stride = 0;
   // Optional, for a device backend: each query row's block table [rows, device_table_width]
   // (indices into the pool) and key count [rows] in device memory (FlashMLA's block_table and
   // seq_lens), when the caller keeps them (one table serves every layer of a step). Null: the

@@ -101,16 +101,14 @@ __global__ void ScoresKernel(float* x, int64_t n, bool sigmoid) {
 }
 
 __global__ void StoreLatentsKernel(const float* rows, int64_t n, int64_t latent_dim, int64_t start,
-                                   const int32_t* block_table, int64_t block_tokens, void* cache,
-                                   bool bf16) {
+                                   const int32_t* block_table, int64_t block_tokens,
+                                   int64_t block_stride, void* cache, bool bf16) {
   const int64_t total = n * latent_dim;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t pos = start + i / latent_dim, d = i % latent_dim;
-    const int64_t at =
-        (static_cast<int64_t>(block_table[pos / block_tokens]) * block_tokens + pos % block_tokens) *
-            latent_dim +
-        d;
+    const int64_t at = static_cast<int64_t>(block_table[pos / block_tokens]) * block_stride +
+                       (pos % block_tokens) * latent_dim + d;
     if (bf16) {
       static_cast<__nv_bfloat16*>(cache)[at] = __float2bfloat16_rn(rows[i]);
     } else {
@@ -271,9 +269,8 @@ __global__ void MlaDecodeKernel(const float* q, const T* cache, const int32_t* b
     for (int i = threadIdx.x; i < n * s.latent_dim; i += blockDim.x) {
       const int tok = t0 + i / s.latent_dim, d = i % s.latent_dim;
       const int blk = block_table[static_cast<int64_t>(b) * s.max_blocks + tok / s.block_tokens];
-      tile[i] = cache[(static_cast<int64_t>(blk) * s.block_tokens + tok % s.block_tokens) *
-                          s.latent_dim +
-                      d];
+      tile[i] = cache[static_cast<int64_t>(blk) * s.block_stride +
+                      static_cast<int64_t>(tok % s.block_tokens) * s.latent_dim + d];
     }
     __syncthreads();
     if (active) {
@@ -468,14 +465,16 @@ absl::Status ScoresDevice(float* x, int64_t rows, int64_t n, bool sigmoid, cudaS
 }
 
 absl::Status StoreLatentsDevice(const float* rows, int64_t n, int64_t latent_dim, int64_t start,
-                                const int32_t* block_table, int64_t block_tokens, void* cache,
-                                bool bf16, cudaStream_t stream) {
-  if (n < 0 || latent_dim <= 0 || start < 0 || block_tokens <= 0) {
+                                const int32_t* block_table, int64_t block_tokens,
+                                int64_t block_stride, void* cache, bool bf16,
+                                cudaStream_t stream) {
+  if (n < 0 || latent_dim <= 0 || start < 0 || block_tokens <= 0 ||
+      block_stride < block_tokens * latent_dim) {
     return absl::InvalidArgumentError("StoreLatents: bad shape");
   }
   if (n == 0) return absl::OkStatus();
   StoreLatentsKernel<<<Blocks(n * latent_dim, 256), 256, 0, stream>>>(
-      rows, n, latent_dim, start, block_table, block_tokens, cache, bf16);
+      rows, n, latent_dim, start, block_table, block_tokens, block_stride, cache, bf16);
   return Launched("StoreLatentsKernel");
 }
 
@@ -601,7 +600,8 @@ absl::Status MlaDecodeImpl(const float* q, const T* cache, const int32_t* block_
                            float* workspace, float* out, cudaStream_t stream) {
   if (s.batch < 0 || s.heads <= 0 || s.latent_dim <= 0 || s.latent_dim > 32 * kMlaMaxPerLane ||
       s.kv_lora_rank <= 0 || s.kv_lora_rank > s.latent_dim || s.block_tokens <= 0 ||
-      s.max_blocks <= 0 || s.splits < 1 || s.splits > 64) {
+      s.max_blocks <= 0 || s.splits < 1 || s.splits > 64 ||
+      (s.block_stride != 0 && s.block_stride < int64_t{s.block_tokens} * s.latent_dim)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "MlaDecode: bad shape (batch ", s.batch, ", heads ", s.heads, ", latent ", s.latent_dim,
         ", rank ", s.kv_lora_rank, ", block ", s.block_tokens, ", splits ", s.splits, ")"));
@@ -619,8 +619,10 @@ absl::Status MlaDecodeImpl(const float* q, const T* cache, const int32_t* block_
   const dim3 grid(static_cast<unsigned>(s.batch),
                   static_cast<unsigned>((s.heads + kMlaHeadsPerCta - 1) / kMlaHeadsPerCta),
                   static_cast<unsigned>(s.splits));
-  MlaDecodeKernel<T><<<grid, 32 * kMlaHeadsPerCta, smem, stream>>>(q, cache, block_table, seq_lens,
-                                                                    s, softmax_scale, workspace);
+  MlaShape packed = s;  // the kernel reads the stride: 0 names the packed one
+  if (packed.block_stride == 0) packed.block_stride = int64_t{s.block_tokens} * s.latent_dim;
+  MlaDecodeKernel<T><<<grid, 32 * kMlaHeadsPerCta, smem, stream>>>(
+      q, cache, block_table, seq_lens, packed, softmax_scale, workspace);
   absl::Status launched = Launched("MlaDecodeKernel");
   if (!launched.ok()) return launched;
   MlaCombineKernel<<<dim3(static_cast<unsigned>(s.batch), static_cast<unsigned>(s.heads)), 128, 0,

@@ -65,10 +65,12 @@ absl::Status ScoresDevice(float* x, int64_t rows, int64_t n, bool sigmoid, cudaS
 
 // Writes rows [n, latent_dim] (fp32) of one sequence at positions start .. start + n - 1 into a
 // paged cache layer [num_blocks, block_tokens, latent_dim] of fp32 (`bf16` false) or BF16,
-// through the sequence's block table.
+// through the sequence's block table; block b starts `block_stride` values after block b - 1
+// (block_tokens * latent_dim when the layer's blocks are packed).
 absl::Status StoreLatentsDevice(const float* rows, int64_t n, int64_t latent_dim, int64_t start,
-                                const int32_t* block_table, int64_t block_tokens, void* cache,
-                                bool bf16, cudaStream_t stream);
+                                const int32_t* block_table, int64_t block_tokens,
+                                int64_t block_stride, void* cache, bool bf16,
+                                cudaStream_t stream);
 
 // gate[i] = silu(gate[i]) * up[i] for i < n (the SwiGLU of every MLP).
 absl::Status SiluMulDevice(float* gate, const float* up, int64_t n, cudaStream_t stream);
@@ -131,6 +133,7 @@ struct MlaShape {
   int32_t latent_dim = 576;
   int32_t kv_lora_rank = 512;
   int32_t block_tokens = 64;
+  int64_t block_stride = 0;  // values from one block to the next; 0: block_tokens * latent_dim
   int32_t max_blocks = 0;  // columns of block_table
   int32_t splits = 1;      // context splits per (sequence, head group); 1..64
 };

@@ -64,14 +64,26 @@ absl::Status SupportsEmbed(const Device& device, const EmbedParams& p) {
   return absl::OkStatus();
 }
 
-// Every block of every sequence in `pool`, at a whole block from its start: the FlashMLA layout,
-// where the kernel names a block by its index.
+// Values from one block of the pool to the next (MlaAttentionParams::pool_block_stride).
+int64_t BlockStride(const MlaAttentionParams& p, int64_t block_tokens) {
+  return p.pool_block_stride != 0 ? p.pool_block_stride
+                                  : block_tokens * (p.kv_lora_rank + p.rope_dim);
+}
+
+// Every block of every sequence in `pool`, at a whole block stride from its start: the FlashMLA
+// layout (or a strided one), where the kernel names a block by its index.
 absl::Status SupportsMla(const Device& device, const MlaAttentionParams& p) {
   const std::string where = absl::StrCat("MlaAttention on ", DeviceName(device), ": ");
   const int64_t lat = p.kv_lora_rank + p.rope_dim;
   if (lat > 768) {
     return absl::InvalidArgumentError(
         absl::StrCat(where, "latent_dim ", lat, " > 768, the most the kernel holds per lane"));
+  }
+  if (!p.sequences.empty() && p.pool_block_stride != 0 &&
+      p.pool_block_stride < p.sequences[0].latents.block_tokens * lat) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, "a block stride of ", p.pool_block_stride, " values is less than a block's ",
+        p.sequences[0].latents.block_tokens * lat));
   }
   if (p.pool == nullptr || p.pool_blocks <= 0) {
     return absl::InvalidArgumentError(
@@ -104,7 +116,7 @@ absl::Status SupportsMla(const Device& device, const MlaAttentionParams& p) {
           p.device_table_width));
     }
     const int64_t elem = l.dtype == LatentStorage::kBFloat16 ? 2 : 4;
-    const int64_t block_bytes = l.block_tokens * lat * elem;
+    const int64_t block_bytes = BlockStride(p, l.block_tokens) * elem;
     for (int64_t b = 0; b * l.block_tokens < s.start + s.rows; ++b) {
       const std::ptrdiff_t off = static_cast<const char*>(l.blocks[static_cast<size_t>(b)]) -
                                  static_cast<const char*>(p.pool);
@@ -272,7 +284,7 @@ absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
   const LatentBlocks& first = p.sequences[0].latents;
   const int64_t lat = p.kv_lora_rank + p.rope_dim, bt = first.block_tokens;
   const bool bf16 = first.dtype == LatentStorage::kBFloat16;
-  const int64_t block_bytes = bt * lat * (bf16 ? 2 : 4);
+  const int64_t block_bytes = BlockStride(p, bt) * (bf16 ? 2 : 4);
   int64_t rows = 0, max_blocks = 1, max_keys = 1;
   for (const MlaSequence& s : p.sequences) {
     rows += s.rows;
@@ -287,6 +299,7 @@ absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
   shape.latent_dim = static_cast<int32_t>(lat);
   shape.kv_lora_rank = static_cast<int32_t>(p.kv_lora_rank);
   shape.block_tokens = static_cast<int32_t>(bt);
+  shape.block_stride = BlockStride(p, bt);
   shape.max_blocks = static_cast<int32_t>(width);
   shape.splits = static_cast<int32_t>(std::clamp<int64_t>(max_keys / 512, 1, 64));
   const size_t ws_bytes = static_cast<size_t>(cuda::MlaWorkspaceFloats(shape)) * sizeof(float);
@@ -335,9 +348,11 @@ absl::Status MlaCuda(const Device& device, const MlaAttentionParams& p) {
 }
 
 absl::Status StoreLatentsCuda(const Device& device, const StoreLatentsParams& p) {
+  const int64_t stride =
+      p.pool_block_stride != 0 ? p.pool_block_stride : p.block_tokens * p.latent_dim;
   return cuda::StoreLatentsDevice(p.rows, p.n, p.latent_dim, p.start, p.block_table,
-                                  p.block_tokens, p.pool, p.dtype == LatentStorage::kBFloat16,
-                                  StreamOf(device));
+                                  p.block_tokens, stride, p.pool,
+                                  p.dtype == LatentStorage::kBFloat16, StreamOf(device));
 }
 
 absl::Status OpenCuda(Device* device, bool exact_fp32) {
@@ -415,8 +430,36 @@ absl::Status CopyToHostCuda(const Device& device, void* dst, const void* src, si
   return cuda::CudaError(cudaStreamSynchronize(StreamOf(device)), "cudaStreamSynchronize");
 }
 
+absl::Status CopyToDeviceAsyncCuda(const Device& device, void* dst, const void* src,
+                                   size_t bytes) {
+  return cuda::CudaError(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, StreamOf(device)),
+      "cudaMemcpyAsync to the device");
+}
+
+absl::Status CopyToHostAsyncCuda(const Device& device, void* dst, const void* src,
+                                 size_t bytes) {
+  return cuda::CudaError(
+      cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, StreamOf(device)),
+      "cudaMemcpyAsync to the host");
+}
+
 absl::Status SynchronizeCuda(const Device& device) {
   return cuda::CudaError(cudaStreamSynchronize(StreamOf(device)), "cudaStreamSynchronize");
+}
+
+absl::Status PinHostCuda(const Device& device, void* data, size_t bytes) {
+  SPLITMOE_RETURN_IF_ERROR(cuda::CudaError(cudaSetDevice(device.index), "cudaSetDevice"));
+  const cudaError_t e = cudaHostRegister(data, bytes, cudaHostRegisterDefault);
+  // A refusal is not sticky, but it stays the thread's last error, which the next kernel
+  // launch's check would report as its own: clear it.
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return cuda::CudaError(e, "cudaHostRegister");
+}
+
+void UnpinHostCuda(const Device& device, void* data) {
+  (void)cudaSetDevice(device.index);
+  (void)cudaHostUnregister(data);
 }
 
 static_assert(cuda::kNoExpert == kNoExpertSlot, "one empty-slot marker");
@@ -445,7 +488,11 @@ const OpsBackend kCudaOps = {
     .free = FreeCuda,
     .copy_to_device = CopyToDeviceCuda,
     .copy_to_host = CopyToHostCuda,
+    .copy_to_device_async = CopyToDeviceAsyncCuda,
+    .copy_to_host_async = CopyToHostAsyncCuda,
     .synchronize = SynchronizeCuda,
+    .pin_host = PinHostCuda,
+    .unpin_host = UnpinHostCuda,
 };
 
 }  // namespace
