@@ -222,6 +222,7 @@ class UcxTransport::Impl {
   }
 
   const std::string& worker_address() const { return worker_address_; }
+  bool cuda_memory() const { return cuda_memory_; }
   uint64_t source_id() const { return source_id_; }
 
   // ---- Synchronous calls, run on the progress thread ----
@@ -552,6 +553,10 @@ class UcxTransport::Impl {
       context_ = nullptr;
       return FromUcs(s, Prefix("ucp_init"));
     }
+    ucp_context_attr_t attr{};
+    attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+    cuda_memory_ = ucp_context_query(context_, &attr) == UCS_OK &&
+                   (attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
 
     ucp_worker_params_t wparams{};
     wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
@@ -1546,6 +1551,7 @@ class UcxTransport::Impl {
   const TransportOptions options_;
   uint64_t source_id_ = 0;
   std::string worker_address_;  // set before Start returns; immutable afterwards
+  bool cuda_memory_ = false;     // set before Start returns: UCX can move CUDA memory
 
   // Mailbox.
   std::mutex mu_;
@@ -1618,6 +1624,7 @@ UcxTransport::UcxTransport(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) 
 UcxTransport::~UcxTransport() { Shutdown(); }
 void UcxTransport::Shutdown() { impl_->Shutdown(); }
 const std::string& UcxTransport::WorkerAddress() const { return impl_->worker_address(); }
+bool UcxTransport::ReachesCudaMemory() const { return impl_->cuda_memory(); }
 uint64_t UcxTransport::SourceId() const { return impl_->source_id(); }
 absl::StatusOr<Region> UcxTransport::RegisterRegion(size_t size_bytes) {
   return impl_->RegisterRegion(size_bytes);

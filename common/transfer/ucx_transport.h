@@ -171,6 +171,9 @@ class UcxTransport {
 
   // This worker's UCX address; ship it to peers.
   const std::string& WorkerAddress() const;
+  // Whether this UCX build can move CUDA device memory (a CUDA transport: cuda_copy, cuda_ipc,
+  // gdr_copy); Debian's has none.
+  bool ReachesCudaMemory() const;
   // Random per-transport id carried in active-message headers (Notification::source_id).
   uint64_t SourceId() const;
 

@@ -746,6 +746,25 @@ TEST(UcxTransportLocalTest, OversizedMessagesAreRefusedByTheReceiver) {
   EXPECT_EQ(m->source_id, (*a)->SourceId());
 }
 
+// Whether UCX can move CUDA memory, as ucx_info (ucx-utils, installed by scripts/setup.sh) lists
+// this build's memory domains: a CUDA one (cuda_cpy, cuda_ipc, gdr_copy) or none.
+TEST(UcxTransportLocalTest, ReachesCudaMemoryAsUcxInfoListsItsDomains) {
+  FILE* pipe = popen("ucx_info -d 2>/dev/null", "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string listing;
+  char buffer[4096];
+  for (size_t n; (n = fread(buffer, 1, sizeof(buffer), pipe)) > 0;) listing.append(buffer, n);
+  ASSERT_EQ(pclose(pipe), 0) << "ucx_info -d failed";
+  ASSERT_NE(listing.find("Memory domain:"), std::string::npos) << listing;
+  bool cuda_domain = false;
+  for (const char* name : {"Memory domain: cuda", "Memory domain: gdr_copy"}) {
+    cuda_domain = cuda_domain || listing.find(name) != std::string::npos;
+  }
+  absl::StatusOr<std::unique_ptr<UcxTransport>> t = UcxTransport::Create({.name = "solo"});
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->ReachesCudaMemory(), cuda_domain);
+}
+
 TEST(UcxTransportLocalTest, CallsAfterShutdownAreRefused) {
   absl::StatusOr<std::unique_ptr<UcxTransport>> t = UcxTransport::Create({.name = "solo"});
   ASSERT_TRUE(t.ok()) << t.status();
