@@ -23,6 +23,14 @@ namespace {
 // The fence value a reservation is known by: the generation of its first block when granted.
 uint64_t Fence(const Reservation& r) { return r.generations.empty() ? 0 : r.generations[0]; }
 
+// Rows a sequence's caches hold in every layer: the main layers', and the MTP module's (which
+// trails them by the tokens it has not drafted from yet) when it speculates: what its blocks may
+// be published with.
+int64_t RowsInEveryLayer(const engine::DecodeSequence& seq) {
+  int64_t rows = seq.cache->length();
+  if (seq.mtp_cache != nullptr) rows = std::min(rows, seq.mtp_cache->length());
+  return rows;
+}
 
 }  // namespace
 
@@ -273,8 +281,18 @@ void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
   seq.ignore_eos = s.ignore_eos();
   seq.logprobs = s.logprobs() > 0 ? s.logprobs() : -1;
   if (fence.ok()) fence = engine::ValidateSamplingParams(seq.sampling);
+  // The sequence's views of the cache: the host arena's, or its device copy's (whose first
+  // step copies the prompt rows the writer put, past the shared prefix, to the device).
+  DeviceArena* arena = options_.device_arena;
+  const std::shared_ptr<PendingUpload> upload =
+      arena != nullptr ? DeviceArena::UploadFrom(held.reservation.cached_tokens, seq.prompt_tokens)
+                       : nullptr;
+  auto view = [&](int64_t stored, int64_t layer_offset) -> std::unique_ptr<engine::SequenceCache> {
+    if (arena != nullptr) return arena->View(&cache_, id, stored, layer_offset, upload);
+    return std::make_unique<PagedSequenceCache>(&cache_, id, stored, layer_offset);
+  };
   if (fence.ok()) {
-    seq.cache = std::make_unique<PagedSequenceCache>(&cache_, id, seq.prompt_tokens);
+    seq.cache = view(seq.prompt_tokens, 0);
     const model::ModelConfig& c = transformer_->config();
     // The writer filled the MTP module's layer (every prompt row but the last) and sent the
     // last hidden state: this sequence speculates. Otherwise it decodes one token a step.
@@ -284,15 +302,17 @@ void DecodeActor::Handle(StartSequence m, runtime::Context<Message>& ctx) {
             "start: ", r.mtp_hidden_size(), " MTP hidden values, the model's hidden size is ",
             c.hidden_size));
       } else {
-        seq.mtp_cache = std::make_unique<PagedSequenceCache>(
-            &cache_, id, seq.prompt_tokens - 1, /*layer_offset=*/c.num_hidden_layers);
+        seq.mtp_cache = view(seq.prompt_tokens - 1, /*layer_offset=*/c.num_hidden_layers);
         seq.mtp_tokens = {seq.next_token};
         seq.mtp_hidden.assign(r.mtp_hidden().begin(), r.mtp_hidden().end());
       }
     }
     if (fence.ok()) fence = engine::BatchDecoder::Check(seq);
   }
-  if (fence.ok()) joining_.push_back(std::move(seq));  // joins at the next step
+  if (fence.ok()) {
+    held.upload = upload;
+    joining_.push_back(std::move(seq));  // joins at the next step
+  }
   if (!fence.ok()) {
     Free(id, ctx);  // the writer is done (it sent Start after its flush)
     PublishLoad();
@@ -353,7 +373,16 @@ void DecodeActor::Handle(RunStep, runtime::Context<Message>& ctx) {
   max_running_ = std::max(max_running_, static_cast<int32_t>(decoder_.running()));
   stepping_ = true;
   // The decoder and its sequences' caches belong to the step until StepDone.
-  executor_->Run([this, self = ctx.self()] { self.Send(StepDone{decoder_.Step()}); });
+  executor_->Run([this, self = ctx.self()] {
+    absl::StatusOr<std::vector<engine::DecodedToken>> tokens = decoder_.Step();
+    // On a device: no copy into the host arena outlives the step (its blocks may be freed and
+    // written by a prefill worker once the actor hears the step is done).
+    if (options_.device_arena != nullptr) {
+      absl::Status synced = kernels::Synchronize(options_.device_arena->device());
+      if (!synced.ok() && tokens.ok()) tokens = synced;
+    }
+    self.Send(StepDone{std::move(tokens)});
+  });
 }
 
 void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
@@ -397,7 +426,7 @@ void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
   }
   for (engine::DecodeSequence& done : decoder_.TakeFinished()) {
     auto it = by_request_.find(done.id);
-    const int64_t rows = done.cache->length();
+    const int64_t rows = RowsInEveryLayer(done);
     done.cache.reset();  // the views go before their blocks
     done.mtp_cache.reset();
     if (it == by_request_.end()) continue;
@@ -467,7 +496,10 @@ void DecodeActor::MakeRoom(runtime::Context<Message>& ctx) {
 void DecodeActor::FreeRunning(uint64_t id, int64_t rows, runtime::Context<Message>& ctx) {
   auto it = held_.find(id);
   if (it == held_.end()) return;
-  if (options_.prefix_cache && rows > 0) {
+  // On a device, a sequence stopped before its first step never copied its prompt there: its
+  // blocks' device rows are not its rows, so none is published.
+  const bool rows_on_device = it->second.upload == nullptr || it->second.upload->done;
+  if (options_.prefix_cache && rows > 0 && rows_on_device) {
     const std::vector<int32_t>& tokens = it->second.tokens;
     (void)cache_.Publish(id, absl::MakeConstSpan(tokens).subspan(
                                  0, std::min(tokens.size(), static_cast<size_t>(rows))));
@@ -510,7 +542,7 @@ void DecodeActor::StopNow(uint64_t id, const std::string& reason, runtime::Conte
       joining_.erase(j);  // its cache view goes here, before its blocks
     } else {
       absl::StatusOr<engine::DecodeSequence> seq = decoder_.Remove(request_id);
-      if (seq.ok()) rows = seq->cache->length();
+      if (seq.ok()) rows = RowsInEveryLayer(*seq);
       // `seq` (its cache views) is destroyed here, before its blocks are freed.
     }
     if (rows >= 0) {

@@ -47,6 +47,7 @@
 #include "common/runtime/actor.h"
 #include "common/runtime/executor.h"
 #include "common/runtime/reply.h"
+#include "decode/device_arena.h"
 #include "decode/paged_latent_cache.h"
 #include "splitmoe/v1/internal.grpc.pb.h"
 
@@ -131,6 +132,10 @@ struct DecodeActorOptions {
   // Prefix cache (PagedLatentCache): a finished (or stopped) sequence's full blocks are kept,
   // and a reservation whose prompt starts with cached tokens shares them in place.
   bool prefix_cache = true;
+  // A forward pass on a device (`decode --device cuda:N`): the cache's copy there, which the
+  // sequences' views read and write (decode/device_arena.h); null: the pass runs on the CPU
+  // over the host arena. Not owned; outlives the actor.
+  DeviceArena* device_arena = nullptr;
 };
 
 // The router that owns a request: its internal id is "<router id>-<serial>" (empty: no '-').
@@ -171,6 +176,8 @@ class DecodeActor {
     int64_t arrival_us = 0;  // priority: the request that arrived last is preempted first
     // Running: prompt + tokens generated so far (the prefix cache keys its rows by them).
     std::vector<int32_t> tokens;
+    // On a device: its prompt's copy there (done once its first step has run).
+    std::shared_ptr<PendingUpload> upload;
   };
   static constexpr size_t kMaxGoneWriters = 1024;
 

@@ -63,6 +63,10 @@ kernels::LatentBlocks PagedSequenceCache::View(int64_t layer, int64_t keys) {
 }
 
 const float* PagedSequenceCache::LayerRows(int64_t layer, int64_t keys) {
+  return HostRows(layer, keys);
+}
+
+const float* PagedSequenceCache::HostRows(int64_t layer, int64_t keys) {
   const int64_t dim = latent_dim();
   scratch_.resize(static_cast<size_t>(keys * dim));
   RowsWritten(layer);
@@ -75,7 +79,7 @@ absl::Status PagedSequenceCache::ReadRows(int64_t layer, int64_t first, int64_t 
   if (first < 0 || n < 0) {
     return absl::InvalidArgumentError(absl::StrCat(n, " latent rows read from position ", first));
   }
-  const float* rows = LayerRows(layer, first + n);
+  const float* rows = HostRows(layer, first + n);
   std::copy(rows + first * latent_dim(), rows + (first + n) * latent_dim(), out);
   return absl::OkStatus();
 }

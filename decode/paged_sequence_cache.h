@@ -45,13 +45,18 @@ class PagedSequenceCache : public engine::SequenceCache {
 
   SequenceId id() const { return id_; }
 
- private:
+ protected:
   bool bf16() const { return cache_->layout().dtype == LatentDType::kBFloat16; }
+  // Rows [0, keys) of `layer` as the host arena holds them (and those staged), gathered into
+  // one fp32 array, valid until the next call.
+  const float* HostRows(int64_t layer, int64_t keys);
 
   PagedLatentCache* cache_;
   SequenceId id_;
   int64_t length_;
   int64_t layer_offset_;
+
+ private:
   std::vector<float> scratch_;                                        // gathered rows of one layer
   std::map<std::pair<int64_t, int64_t>, std::vector<float>> staged_;  // bf16: (layer, pos) -> row
 };

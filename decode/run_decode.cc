@@ -23,8 +23,11 @@ absl::Status RunDecode(const DecodeOptions& options) {
   }
   SPLITMOE_ASSIGN_OR_RETURN(
       std::unique_ptr<expert_plane::AttentionSide> side,
-      expert_plane::AttentionSide::Load(options.model_dir, options.router, options.moe,
-                                      options.weights, /*load_mtp=*/options.draft_tokens > 0));
+      expert_plane::AttentionSide::Load(
+          options.model_dir, options.router, options.moe, options.weights,
+          /*load_mtp=*/options.draft_tokens > 0, options.device,
+          // The caches are the arena's device copy, not a pool of the device's own.
+          engine::OnDeviceOptions{.weights = options.device_weights, .cache_tokens = 0}));
   const model::ModelConfig& c = side->config();
   int64_t draft_tokens = options.draft_tokens;
   if (draft_tokens > 0 && side->transformer().mtp_modules() == 0) {
@@ -51,13 +54,28 @@ absl::Status RunDecode(const DecodeOptions& options) {
   cache_options.arena = region.base;
   cache_options.arena_bytes = static_cast<int64_t>(region.size_bytes);
   SPLITMOE_ASSIGN_OR_RETURN(PagedLatentCache cache, PagedLatentCache::Create(cache_options));
+  // On a GPU: the arena's copy there (the host arena stays where prefill workers put).
+  std::unique_ptr<DeviceArena> device_arena;
+  if (side->on_device() != nullptr) {
+    SPLITMOE_ASSIGN_OR_RETURN(device_arena,
+                              DeviceArena::Create(side->on_device()->device(), layout,
+                                                  cache.arena_base(), cache.num_blocks()));
+  }
 
   DecodeActorOptions actor_options;
   actor_options.ucx_worker_address = transport->WorkerAddress();
   actor_options.rkey = region.rkey;
   actor_options.remote_base = reinterpret_cast<uint64_t>(region.base);
   actor_options.region_bytes = region.size_bytes;
-  actor_options.transfer_mode = transfer::UcxTlsDescription();
+  actor_options.transfer_mode =
+      device_arena == nullptr
+          ? transfer::UcxTlsDescription()
+          : absl::StrCat(transfer::UcxTlsDescription(), ", latents ", device_arena->Describe(),
+                         transport->ReachesCudaMemory()
+                             ? " (this UCX can reach CUDA memory; puts straight into it are not "
+                               "built)"
+                             : " (this UCX has no CUDA transport)");
+  actor_options.device_arena = device_arena.get();
   actor_options.reclaim_grace = options.reclaim_grace;
   actor_options.micro_batches = options.micro_batches;
   actor_options.draft_tokens = draft_tokens;
@@ -77,7 +95,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
     request.set_role(v1::WORKER_ROLE_DECODE);
     request.set_address(rpc::AdvertisedAddress(server.address));
     request.set_resident_weight_bytes(side->resident_weight_bytes());
-    request.set_device("cpu");  // the attention workers compute on the CPU so far
+    request.set_device(side->device_description());
     request.set_cache_blocks(static_cast<int32_t>(options.cache_blocks));
     request.set_block_tokens(static_cast<int32_t>(options.block_tokens));
     request.set_ucx_worker_address(transport->WorkerAddress());
@@ -101,6 +119,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
             .With("cache_mib", options.cache_blocks * layout.block_bytes() >> 20)
             .With("cache_dtype", layout.dtype == LatentDType::kFloat32 ? "fp32" : "bf16")
             .With("transfer", actor_options.transfer_mode)
+            .With("device", side->device_description())
             .With("micro_batches", options.micro_batches)
             .With("draft_tokens", draft_tokens)
             .With("reserve", options.reserve_upfront ? "upfront" : "grow")
@@ -114,6 +133,7 @@ absl::Status RunDecode(const DecodeOptions& options) {
     server.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     actor.Stop();  // before the transport: the cache lives in its region
   }
+  device_arena.reset();  // unpins the region: before the transport releases it
   transport->Shutdown();
   return absl::OkStatus();
 }

@@ -40,6 +40,11 @@ struct DecodeOptions {
   bool reserve_upfront = false;
   int64_t reserve_margin_tokens = 0;
   bool prefix_cache = true;  // `--no-prefix-cache` turns it off
+  // `--device cpu|cuda:N`, `--precision fp32|bf16`: on a GPU the forward pass runs there over a
+  // device copy of the paged cache (decode/device_arena.h); prompts' latents still land in the
+  // host arena (UCX puts) and are staged to the device.
+  std::string device = "cpu";
+  model::WeightDType device_weights = model::WeightDType::kFloat32;
 };
 
 absl::Status RunDecode(const DecodeOptions& options);

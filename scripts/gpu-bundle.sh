@@ -23,12 +23,13 @@ if [ ! -f "$BUILD_DIR/build.ninja" ]; then
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_CUDA_ARCHITECTURES="${ARCH:-90}" -DSPLITMOE_ENABLE_CUDA=ON
 fi
-cmake --build "$BUILD_DIR" -j "${SPLITMOE_JOBS:-2}" --target cuda_ops_test ops_test gpu_engine_test gpu_experts_test cuda_bench
+cmake --build "$BUILD_DIR" -j "${SPLITMOE_JOBS:-2}" --target cuda_ops_test ops_test gpu_engine_test gpu_experts_test device_arena_test cuda_bench
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/lib" "$stage/third_party"
-for b in tests/cuda_ops_test tests/ops_test tests/gpu_engine_test tests/gpu_experts_test bench/cuda_bench; do
+for b in tests/cuda_ops_test tests/ops_test tests/gpu_engine_test tests/gpu_experts_test \
+  tests/device_arena_test bench/cuda_bench; do
   cp "$BUILD_DIR/$b" "$stage/bin/"
   strip --strip-debug "$stage/bin/$(basename "$b")"
 done

@@ -25,7 +25,7 @@ if [ -f "$here/payload.tar.xz" ]; then
   export SPLITMOE_SOURCE_DIR="$root"
   ops="$root/bin/cuda_ops_test" op_interface="$root/bin/ops_test"
   engine_test="$root/bin/gpu_engine_test" bench="$root/bin/cuda_bench"
-  experts_test="$root/bin/gpu_experts_test"
+  experts_test="$root/bin/gpu_experts_test" arena_test="$root/bin/device_arena_test"
   OUT_DIR=${OUT:-$root/gpu-check}
 else
   cd "$here/.."
@@ -35,11 +35,12 @@ else
       -DCMAKE_CUDA_ARCHITECTURES="${ARCH:-90}" -DSPLITMOE_ENABLE_CUDA=ON
   fi
   # Without a CUDA toolkit the GPU targets do not exist and the build below says so.
-  cmake --build "$BUILD_DIR" -j "$(nproc)" --target cuda_ops_test ops_test gpu_engine_test gpu_experts_test cuda_bench
+  cmake --build "$BUILD_DIR" -j "$(nproc)" --target cuda_ops_test ops_test gpu_engine_test gpu_experts_test device_arena_test cuda_bench
   export SPLITMOE_SOURCE_DIR=$PWD
   ops="$BUILD_DIR/tests/cuda_ops_test" op_interface="$BUILD_DIR/tests/ops_test"
   engine_test="$BUILD_DIR/tests/gpu_engine_test"
   experts_test="$BUILD_DIR/tests/gpu_experts_test"
+  arena_test="$BUILD_DIR/tests/device_arena_test"
   bench="$BUILD_DIR/bench/cuda_bench"
   OUT_DIR=${OUT:-$BUILD_DIR/gpu-check}
 fi
@@ -56,8 +57,12 @@ echo "== the engine on the GPU against the CPU engine"
   tee "$OUT_DIR/gpu_engine_test.log" || status=1
 echo "== an expert shard on the GPU (expert --device cuda:N) against the CPU shard"
 "$experts_test" 2>&1 | tee "$OUT_DIR/gpu_experts_test.log" || status=1
+echo "== the decode worker's path (decode --device cuda:N): its cache's device copy"
+"$arena_test" --gtest_filter=DeviceArenaGpuTest.* 2>&1 | tee "$OUT_DIR/device_arena_test.log" ||
+  status=1
 if grep -q "\[  SKIPPED \]" "$OUT_DIR/cuda_ops_test.log" "$OUT_DIR/ops_test.log" \
-  "$OUT_DIR/gpu_engine_test.log" "$OUT_DIR/gpu_experts_test.log"; then
+  "$OUT_DIR/gpu_engine_test.log" "$OUT_DIR/gpu_experts_test.log" \
+  "$OUT_DIR/device_arena_test.log"; then
   echo "GPU checks were skipped: no usable device" >&2
   status=1
 fi
@@ -66,6 +71,6 @@ echo "== timing"
 echo "== summary"
 grep -hE "^\[  (PASSED|FAILED) |^\[       OK|^\[  FAILED|fp32 mode|bf16 mode|bench model|in norm" \
   "$OUT_DIR/cuda_ops_test.log" "$OUT_DIR/ops_test.log" "$OUT_DIR/gpu_engine_test.log" \
-  "$OUT_DIR/gpu_experts_test.log" || true
+  "$OUT_DIR/gpu_experts_test.log" "$OUT_DIR/device_arena_test.log" || true
 grep -E "^\|" "$OUT_DIR/cuda_bench.log" || true
 exit $status

@@ -16,9 +16,9 @@ absl::StatusOr<std::unique_ptr<OnDevice>> OnDevice::Open(const kernels::Device& 
         "weights on ", kernels::DeviceName(device), " are fp32 or bf16, not ",
         model::WeightDTypeName(dtype)));
   }
-  if (options.cache_tokens <= 0) {
+  if (options.cache_tokens < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("the device cache needs room for tokens, got ", options.cache_tokens));
+        absl::StrCat("the device cache needs room for >= 0 tokens, got ", options.cache_tokens));
   }
   std::unique_ptr<OnDevice> d(new OnDevice());
   d->dtype_ = dtype;
@@ -33,8 +33,12 @@ absl::StatusOr<std::unique_ptr<OnDevice>> OnDevice::Open(const kernels::Device& 
   pool.blocks = (options.cache_tokens + pool.block_tokens - 1) / pool.block_tokens;
   pool.dtype = dtype == model::WeightDType::kBFloat16 ? kernels::LatentStorage::kBFloat16
                                                       : kernels::LatentStorage::kFloat32;
-  SPLITMOE_ASSIGN_OR_RETURN(d->pool_, LatentPool::Create(on, pool));
-  if (!weights.mtp.empty()) {
+  if (options.cache_tokens == 0) {
+    // The caller brings its own caches (the decode worker's arena: decode/device_arena.h).
+  } else {
+    SPLITMOE_ASSIGN_OR_RETURN(d->pool_, LatentPool::Create(on, pool));
+  }
+  if (d->pool_ != nullptr && !weights.mtp.empty()) {
     pool.layers = 1;
     SPLITMOE_ASSIGN_OR_RETURN(d->mtp_pool_, LatentPool::Create(on, pool));
   }
@@ -46,6 +50,11 @@ absl::StatusOr<std::unique_ptr<OnDevice>> OnDevice::Open(const kernels::Device& 
 }
 
 absl::StatusOr<std::unique_ptr<SequenceCache>> OnDevice::NewCache(bool mtp) {
+  if (pool_ == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("no latent pool on ", kernels::DeviceName(device()),
+                     " (opened with cache_tokens 0: its caller brings the caches)"));
+  }
   if (mtp && mtp_pool_ == nullptr) {
     return absl::FailedPreconditionError("no MTP module is loaded on the device");
   }
@@ -59,7 +68,7 @@ std::string OnDevice::Describe() const {
 }
 
 uint64_t OnDevice::cache_bytes() const {
-  return pool_->bytes() + (mtp_pool_ != nullptr ? mtp_pool_->bytes() : 0);
+  return (pool_ != nullptr ? pool_->bytes() : 0) + (mtp_pool_ != nullptr ? mtp_pool_->bytes() : 0);
 }
 
 }  // namespace splitmoe::engine

@@ -29,7 +29,7 @@ struct OnDeviceOptions {
   // the weights' copies and the latent pools (BF16 latents in the BF16 mode).
   model::WeightDType weights = model::WeightDType::kFloat32;
   // Tokens every sequence's cache of the main layers can hold together (and, with MTP weights,
-  // the module's as many).
+  // the module's as many); 0: no pool (NewCache fails), for a caller with caches of its own.
   int64_t cache_tokens = 32768;
 };
 

@@ -75,31 +75,35 @@ absl::Status PooledSequenceCache::Reserve(int64_t tokens) {
   const int64_t bt = pool_->options().block_tokens;
   const int64_t needed = (tokens + bt - 1) / bt;
   const int64_t have = static_cast<int64_t>(blocks_.size());
-  if (needed <= have) return absl::OkStatus();
-  SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> more, pool_->Take(needed - have));
-  blocks_.insert(blocks_.end(), more.begin(), more.end());
-  const kernels::Device& device = pool_->device();
-  if (needed > table_capacity_) {
-    // Room to double, so a decoding sequence re-allocates its table O(log n) times.
-    const int64_t capacity = std::max<int64_t>(needed, 2 * table_capacity_);
-    absl::StatusOr<kernels::DeviceBuffer> table =
-        kernels::Allocate(device, static_cast<size_t>(capacity) * sizeof(int32_t));
-    if (!table.ok()) {
-      pool_->Give(absl::MakeConstSpan(blocks_).subspan(static_cast<size_t>(have)));
-      blocks_.resize(static_cast<size_t>(have));
-      return table.status();
-    }
-    table_ = std::move(*table);
-    table_capacity_ = capacity;
+  if (needed <= have && table_.size() == have) return absl::OkStatus();
+  if (needed > have) {
+    SPLITMOE_ASSIGN_OR_RETURN(std::vector<int32_t> more, pool_->Take(needed - have));
+    blocks_.insert(blocks_.end(), more.begin(), more.end());
   }
-  absl::Status copied = kernels::CopyToDevice(device, table_.data(), blocks_.data(),
-                                              blocks_.size() * sizeof(int32_t));
+  absl::Status copied = table_.Set(pool_->device(), blocks_);
   if (!copied.ok()) {
-    // The device's table must name exactly blocks_: give the new blocks back.
+    // The device's table must name exactly blocks_: give the new blocks back (a later Reserve
+    // sets it again).
     pool_->Give(absl::MakeConstSpan(blocks_).subspan(static_cast<size_t>(have)));
     blocks_.resize(static_cast<size_t>(have));
   }
   return copied;
+}
+
+absl::Status DeviceBlockTable::Set(const kernels::Device& device,
+                                   absl::Span<const int32_t> blocks) {
+  const int64_t n = static_cast<int64_t>(blocks.size());
+  size_ = 0;  // stale until the copy lands
+  if (n > capacity_) {
+    const int64_t capacity = std::max<int64_t>(n, 2 * capacity_);
+    SPLITMOE_ASSIGN_OR_RETURN(
+        buffer_, kernels::Allocate(device, static_cast<size_t>(capacity) * sizeof(int32_t)));
+    capacity_ = capacity;
+  }
+  SPLITMOE_RETURN_IF_ERROR(
+      kernels::CopyToDevice(device, buffer_.data(), blocks.data(), blocks.size() * sizeof(int32_t)));
+  size_ = n;
+  return absl::OkStatus();
 }
 
 absl::Status PooledSequenceCache::Store(const kernels::Device& device, int64_t layer,
@@ -120,8 +124,8 @@ absl::Status PooledSequenceCache::Store(const kernels::Device& device, int64_t l
   p.n = n;
   p.latent_dim = o.latent_dim;
   p.start = start;
-  p.block_table = table_.as<const int32_t>();
-  p.table_blocks = static_cast<int64_t>(blocks_.size());
+  p.block_table = table_.data();
+  p.table_blocks = table_.size();
   p.block_tokens = o.block_tokens;
   p.pool = pool_->layer(PoolLayer(layer));
   p.pool_blocks = o.blocks;

@@ -64,6 +64,21 @@ class LatentPool {
   std::vector<int32_t> free_;  // taken from the back: low ids first; guarded by mu_
 };
 
+// A sequence's block ids in a device's memory (what kernels::StoreLatents reads), copied when
+// they change, with room to double so a decoding sequence re-allocates O(log n) times. After a
+// failed Set it names no block (size 0) rather than stale ones.
+class DeviceBlockTable {
+ public:
+  absl::Status Set(const kernels::Device& device, absl::Span<const int32_t> blocks);
+  const int32_t* data() const { return buffer_.as<const int32_t>(); }
+  int64_t size() const { return size_; }
+
+ private:
+  kernels::DeviceBuffer buffer_;
+  int64_t size_ = 0;
+  int64_t capacity_ = 0;
+};
+
 class PooledSequenceCache : public SequenceCache {
  public:
   // `layer_offset`: layer l of this cache is layer l + layer_offset of the pool, and the cache
@@ -105,8 +120,7 @@ class PooledSequenceCache : public SequenceCache {
   int64_t layers_;
   int64_t length_ = 0;
   std::vector<int32_t> blocks_;   // the sequence's blocks, in position order
-  kernels::DeviceBuffer table_;   // blocks_ in the pool's device memory
-  int64_t table_capacity_ = 0;    // entries table_ holds room for
+  DeviceBlockTable table_;        // blocks_ in the pool's device memory
   std::vector<float> gathered_;   // LayerRows on the CPU
 };
 

@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <map>
+#include <tuple>
 
 #include "common/engine/batch_decoder.h"
 #include "common/engine/engine.h"
@@ -23,7 +24,9 @@ namespace {
 
 constexpr int64_t kBlockTokens = 16;
 
-class DecodeActorTest : public ::testing::TestWithParam<int> {
+// (micro-batches, device): 1 or 2; the host arena's views, or the device arena's on the CPU
+// device (decode/device_arena.h: the code a decode worker on a GPU runs, here in host memory).
+class DecodeActorTest : public ::testing::TestWithParam<std::tuple<int, bool>> {
  protected:
   void SetUp() override {
     auto e = engine::Engine::Load(testing::TinyModel("decode_actor"));
@@ -36,6 +39,7 @@ class DecodeActorTest : public ::testing::TestWithParam<int> {
   // up front; the growth test lets the cache grow and preempt.
   void MakeActor(bool reserve_upfront) {
     actor_.reset();
+    device_arena_.reset();
     events_.clear();
     const auto& c = engine_->config();
     PagedLatentCacheOptions options;
@@ -48,7 +52,13 @@ class DecodeActorTest : public ::testing::TestWithParam<int> {
     gauge_ = std::make_shared<LoadGauge>();
     DecodeActorOptions actor_options;
     actor_options.reclaim_grace = absl::Seconds(1);
-    actor_options.micro_batches = GetParam();
+    actor_options.micro_batches = std::get<0>(GetParam());
+    if (std::get<1>(GetParam())) {
+      auto arena = DeviceArena::Create(kernels::Device{}, layout_, arena_, cache->num_blocks());
+      ASSERT_TRUE(arena.ok()) << arena.status();
+      device_arena_ = std::move(*arena);
+      actor_options.device_arena = device_arena_.get();
+    }
     actor_options.reserve_upfront = reserve_upfront;
     auto executor = std::make_unique<runtime::ManualExecutor>();
     executor_ = executor.get();
@@ -146,6 +156,7 @@ class DecodeActorTest : public ::testing::TestWithParam<int> {
   PagedLatentLayout layout_;
   uint8_t* arena_ = nullptr;
   std::shared_ptr<LoadGauge> gauge_;
+  std::unique_ptr<DeviceArena> device_arena_;  // outlives the actor
   runtime::ManualScheduler scheduler_;
   runtime::ManualExecutor* executor_ = nullptr;  // owned by the actor
   std::unique_ptr<runtime::Actor<DecodeActor>> actor_;
@@ -547,10 +558,12 @@ TEST_P(DecodeActorTest, ASequenceStartedDuringAStepJoinsTheNextOne) {
   EXPECT_EQ(gauge_->Get().sequences_running(), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(MicroBatches, DecodeActorTest, ::testing::Values(1, 2),
-                         [](const ::testing::TestParamInfo<int>& p) {
-                           return p.param == 1 ? std::string("OneBatch")
-                                               : std::string("PingPong");
+INSTANTIATE_TEST_SUITE_P(MicroBatchesAndDevice, DecodeActorTest,
+                         ::testing::Combine(::testing::Values(1, 2), ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<int, bool>>& p) {
+                           return std::string(std::get<0>(p.param) == 1 ? "OneBatch"
+                                                                        : "PingPong") +
+                                  (std::get<1>(p.param) ? "DeviceArena" : "HostArena");
                          });
 
 }  // namespace

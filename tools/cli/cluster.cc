@@ -123,18 +123,17 @@ absl::StatusOr<bool> Bf16PrecisionFlag(const Flags& f) {
   return precision == "bf16";
 }
 
-// `--device` of a decode worker, or of `up` (which starts decode workers): the CPU. A decode
-// worker on a CUDA device needs its paged cache in device memory, registered with UCX (or
-// staged), which is not built yet (docs/gpu-notes.md): refused by name rather than run on the
-// CPU.
-absl::Status AttentionDeviceFlag(const Flags& f, absl::string_view role) {
-  SPLITMOE_ASSIGN_OR_RETURN(kernels::Device device, kernels::ParseDevice(f.Get("device", "cpu")));
-  if (device.backend == kernels::Backend::kCpu) return absl::OkStatus();
-  return absl::UnimplementedError(absl::StrCat(
-      role, " --device ", kernels::DeviceName(device),
-      ": the decode worker runs on the CPU only so far (`prefill --device cuda:N` runs prefill "
-      "on a GPU; the expert services run there with `expert --device cuda:N`, or `up "
-      "--expert-device cuda:N`); see docs/gpu-notes.md"));
+// `--device D[,D...]` (or another flag of that form) of `up`: each device parsed, so a typo is
+// refused before any process starts; `up` hands them out round robin.
+absl::StatusOr<std::vector<std::string>> DeviceList(const std::string& flag,
+                                                    const std::string& value, bool* any_gpu) {
+  std::vector<std::string> devices = absl::StrSplit(value, ',');
+  for (const std::string& d : devices) {
+    absl::StatusOr<kernels::Device> parsed = kernels::ParseDevice(d);
+    if (!parsed.ok()) return Annotate(parsed.status(), absl::StrCat("--", flag));
+    *any_gpu = *any_gpu || parsed->backend == kernels::Backend::kCuda;
+  }
+  return devices;
 }
 
 absl::Status PrefillCommand(int argc, char** argv) {
@@ -159,6 +158,9 @@ absl::Status PrefillCommand(int argc, char** argv) {
   o.on_device.weights = bf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
   SPLITMOE_ASSIGN_OR_RETURN(o.on_device.cache_tokens,
                             f.GetInt("device-cache-tokens", o.on_device.cache_tokens));
+  if (o.on_device.cache_tokens <= 0) {
+    return absl::InvalidArgumentError("--device-cache-tokens must be > 0");
+  }
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
   o.metrics_listen = f.Get("metrics-listen");
@@ -180,13 +182,19 @@ absl::Status DecodeCommand(int argc, char** argv) {
                                     "cache-dtype", "wire-dtype", "reclaim-grace-ms",
                                     "moe-transport", "expert-deadline-ms", "micro-batches",
                                     "busy-poll-us", "weights", "speculative", "draft-tokens",
-                                    "reserve-margin-tokens", "device"},
+                                    "reserve-margin-tokens", "device", "precision"},
                                    {"reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model") || !f.Has("router")) {
     return absl::InvalidArgumentError("decode needs --model DIR and --router HOST:PORT");
   }
-  SPLITMOE_RETURN_IF_ERROR(AttentionDeviceFlag(f, "decode"));
   decode::DecodeOptions o;
+  o.device = f.Get("device", "cpu");
+  SPLITMOE_RETURN_IF_ERROR(EnableDevice(o.device));
+  SPLITMOE_ASSIGN_OR_RETURN(const bool bf16, Bf16PrecisionFlag(f));
+  if (f.Has("precision") && o.device == "cpu") {
+    return absl::InvalidArgumentError("--precision applies to --device cuda:N");
+  }
+  o.device_weights = bf16 ? model::WeightDType::kBFloat16 : model::WeightDType::kFloat32;
   o.model_dir = f.Get("model");
   o.listen = f.Get("listen", o.listen);
   o.metrics_listen = f.Get("metrics-listen");
@@ -265,22 +273,33 @@ absl::Status UpCommand(int argc, char** argv) {
        "device", "expert-device", "precision"},
       {"tls", "reserve-upfront", "no-prefix-cache"}));
   if (!f.Has("model")) return absl::InvalidArgumentError("up needs --model DIR");
-  // --device: every role's device (so far the CPU: the attention workers refuse another);
-  // --expert-device D[,D...], the expert services' alone (the k-th expert process started on
-  // the k-th device, round robin), with --precision for a GPU.
-  SPLITMOE_RETURN_IF_ERROR(AttentionDeviceFlag(f, "up"));
-  const std::vector<std::string> expert_devices =
-      absl::StrSplit(f.Get("expert-device", f.Get("device", "cpu")), ',');
+  // --device D[,D...]: the attention workers' devices (decode workers first, then prefill
+  // workers, the k-th one started on the k-th device, round robin), and the expert services'
+  // unless --expert-device D[,D...] names theirs (round robin too); --precision for every
+  // process on a GPU.
   bool any_gpu = false;
-  for (const std::string& d : expert_devices) {
-    SPLITMOE_ASSIGN_OR_RETURN(kernels::Device parsed, kernels::ParseDevice(d));
-    any_gpu = any_gpu || parsed.backend == kernels::Backend::kCuda;
-  }
+  SPLITMOE_ASSIGN_OR_RETURN(const std::vector<std::string> attention_devices,
+                            DeviceList("device", f.Get("device", "cpu"), &any_gpu));
+  SPLITMOE_ASSIGN_OR_RETURN(
+      const std::vector<std::string> expert_devices,
+      DeviceList("expert-device", f.Get("expert-device", f.Get("device", "cpu")), &any_gpu));
   SPLITMOE_RETURN_IF_ERROR(Bf16PrecisionFlag(f).status());
   if (f.Has("precision") && !any_gpu) {
-    return absl::InvalidArgumentError("up: --precision applies to --expert-device cuda:N");
+    return absl::InvalidArgumentError(
+        "up: --precision applies to --device or --expert-device cuda:N");
   }
-  int64_t experts_started = 0;
+  int64_t experts_started = 0, attention_started = 0;
+  // A process's --device (and --precision, on a GPU).
+  auto place = [&](std::vector<std::string>& args, const std::vector<std::string>& devices,
+                   int64_t& started) {
+    const std::string& device = devices[static_cast<size_t>(started++) % devices.size()];
+    args.push_back("--device");
+    args.push_back(device);
+    if (f.Has("precision") && device != "cpu") {
+      args.push_back("--precision");
+      args.push_back(f.Get("precision"));
+    }
+  };
   SPLITMOE_RETURN_IF_ERROR(DraftTokensFromFlags(f).status());
   // Every child shares this host's cores: an OpenMP pool that spins while its process waits
   // for another (a decode step for its experts) takes the cores that process needs. Measured
@@ -471,9 +490,7 @@ absl::Status UpCommand(int argc, char** argv) {
     pass(args, "moe-transport");
     pass(args, "busy-poll-us");
     pass(args, "weights");
-    args.push_back("--device");
-    args.push_back(expert_devices[static_cast<size_t>(experts_started++) % expert_devices.size()]);
-    pass(args, "precision");
+    place(args, expert_devices, experts_started);
     security(args, "expert");
     absl::StatusOr<std::string> started = start(absl::StrCat("expert", s, ".", r), args);
     children.back().shard = s;
@@ -495,6 +512,7 @@ absl::Status UpCommand(int argc, char** argv) {
       pass(args, flag);
     if (f.Has("reserve-upfront")) args.push_back("--reserve-upfront");
     if (f.Has("no-prefix-cache")) args.push_back("--no-prefix-cache");
+    place(args, attention_devices, attention_started);
     security(args, "decode");
     absl::StatusOr<std::string> r = start(absl::StrCat("decode", i), args);
     if (!r.ok()) return fail(r.status());
@@ -512,6 +530,7 @@ absl::Status UpCommand(int argc, char** argv) {
     }
     // Its decode workers draft with MTP or never ask for the module's layer.
     if (f.Get("speculative") != "mtp") args.push_back("--no-mtp");
+    place(args, attention_devices, attention_started);
     security(args, "prefill");
     absl::StatusOr<std::string> r = start(absl::StrCat("prefill", i), args);
     if (!r.ok()) return fail(r.status());
