@@ -396,9 +396,13 @@ void DecodeActor::Handle(StepDone m, runtime::Context<Message>& ctx) {
     // Every sequence of the step fails; those that joined meanwhile go on.
     std::set<std::string> joined;
     for (const engine::DecodeSequence& seq : joining_) joined.insert(seq.id);
-    for (const auto& [id, held] : held_) {
+    for (auto& [id, held] : held_) {
       if (held.state == State::kRunning && !joined.count(held.request_id) && !stopping.count(id))
         stopping.emplace(id, absl::StrCat("error: ", step.status().message()));
+      // On a device, the step's copies may not have landed: publish none of its sequences.
+      if (options_.device_arena != nullptr && !joined.count(held.request_id)) {
+        held.device_rows_sure = false;
+      }
     }
     for (const auto& [id, reason] : stopping) StopNow(id, reason, ctx);
     ScheduleStep(ctx);
@@ -496,9 +500,11 @@ void DecodeActor::MakeRoom(runtime::Context<Message>& ctx) {
 void DecodeActor::FreeRunning(uint64_t id, int64_t rows, runtime::Context<Message>& ctx) {
   auto it = held_.find(id);
   if (it == held_.end()) return;
-  // On a device, a sequence stopped before its first step never copied its prompt there: its
-  // blocks' device rows are not its rows, so none is published.
-  const bool rows_on_device = it->second.upload == nullptr || it->second.upload->done;
+  // On a device, a sequence stopped before its first step never copied its prompt there (and
+  // one whose step failed there may not have): its blocks' device rows may not be its rows, so
+  // none is published.
+  const bool rows_on_device =
+      it->second.upload == nullptr || (it->second.upload->done && it->second.device_rows_sure);
   if (options_.prefix_cache && rows > 0 && rows_on_device) {
     const std::vector<int32_t>& tokens = it->second.tokens;
     (void)cache_.Publish(id, absl::MakeConstSpan(tokens).subspan(

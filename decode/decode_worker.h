@@ -176,8 +176,10 @@ class DecodeActor {
     int64_t arrival_us = 0;  // priority: the request that arrived last is preempted first
     // Running: prompt + tokens generated so far (the prefix cache keys its rows by them).
     std::vector<int32_t> tokens;
-    // On a device: its prompt's copy there (done once its first step has run).
+    // On a device: its prompt's copy there (done once its first step has enqueued it), and
+    // whether its device rows can be trusted (not after a step that failed on the device).
     std::shared_ptr<PendingUpload> upload;
+    bool device_rows_sure = true;
   };
   static constexpr size_t kMaxGoneWriters = 1024;
 
