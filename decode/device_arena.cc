@@ -173,7 +173,7 @@ absl::Status DeviceSequenceCache::WriteRows(int64_t layer, int64_t first, const 
 kernels::LatentBlocks DeviceSequenceCache::View(int64_t layer, int64_t keys) {
   kernels::LatentBlocks view = PagedSequenceCache::View(layer, keys);
   for (const void*& block : view.blocks) {
-    block = arena_->OnDevice(static_cast<const uint8_t*>(block));
+    block = arena_->DeviceAddress(static_cast<const uint8_t*>(block));
   }
   return view;
 }

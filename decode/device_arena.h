@@ -85,7 +85,9 @@ class DeviceArena {
   uint64_t bytes() const { return buffer_.bytes(); }
   bool pinned() const { return pinned_; }
   // Device address of `host` (a pointer into the host arena): the same offset.
-  const uint8_t* OnDevice(const uint8_t* host) const { return device_base() + (host - host_); }
+  const uint8_t* DeviceAddress(const uint8_t* host) const {
+    return device_base() + (host - host_);
+  }
   uint8_t* device_base() const { return buffer_.as<uint8_t>(); }
   // How prompt latents reach the device, for `status`: "staged through pinned host memory into
   // cuda:0".
